@@ -1,0 +1,1 @@
+"""Reading and writing what users hand us: images, checkpoints, PNG metadata."""

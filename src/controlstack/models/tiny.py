@@ -1,0 +1,155 @@
+"""Tiny, seeded Stable-Diffusion-layout models built offline (for tests, demos and benchmarks).
+
+They have the SD-1.x layout (down blocks with and without cross-attention, an 8x VAE, a CLIP text
+encoder) at a width where a 20-step run takes well under a second on a laptop CPU. A tokenizer is
+built from a byte-level vocabulary (every byte is a token, no merges), so nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2 / CLIP byte -> printable unicode table (the alphabet of CLIP's byte-level BPE)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    bs += list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, [chr(c) for c in cs]))
+
+
+def byte_level_tokenizer(max_length: int = 77, words: list[str] | None = None):
+    """A ``CLIPTokenizer`` over bytes, optionally with whole-word tokens for ``words``.
+
+    Each word in ``words`` becomes one token (its BPE merges are added letter by letter), which is
+    how the world's tokenizer keeps captions short.
+    """
+    from transformers import CLIPTokenizer
+
+    chars = list(bytes_to_unicode().values())
+    vocab: dict[str, int] = {}
+    for c in chars:
+        vocab[c] = len(vocab)
+    for c in chars:
+        vocab[c + "</w>"] = len(vocab)
+    merges: list[tuple[str, str]] = []
+    for word in words or []:
+        symbols = list(word[:-1]) + [word[-1] + "</w>"]
+        while len(symbols) > 1:  # merge left to right: a + b, ab + c, ...
+            pair = (symbols[0], symbols[1])
+            merged = pair[0] + pair[1]
+            if merged not in vocab:
+                merges.append(pair)
+                vocab[merged] = len(vocab)
+            symbols = [merged] + symbols[2:]
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=[" ".join(m) for m in merges], model_max_length=max_length)
+
+
+@dataclass
+class SDComponents:
+    """The four parts of a Stable Diffusion base model."""
+
+    unet: "torch.nn.Module"
+    vae: "torch.nn.Module"
+    text_encoder: "torch.nn.Module"
+    tokenizer: object
+
+
+def tiny_unet(seed: int = 0, block_out_channels=(32, 64), cross_attention_dim: int = 32, sample_size: int = 8):
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    n = len(block_out_channels)
+    return UNet2DConditionModel(
+        sample_size=sample_size,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=tuple(block_out_channels),
+        layers_per_block=2,
+        down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (n - 1),
+        up_block_types=("CrossAttnUpBlock2D",) * (n - 1) + ("UpBlock2D",),
+        cross_attention_dim=cross_attention_dim,
+        attention_head_dim=4,
+        norm_num_groups=8,
+    ).eval()
+
+
+def tiny_vae(seed: int = 0, block_out_channels=(8, 16, 16, 16)):
+    """An ``AutoencoderKL`` with 2**(len(blocks)-1) downsampling (8x by default, as SD)."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    n = len(block_out_channels)
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * n,
+        up_block_types=("UpDecoderBlock2D",) * n,
+        block_out_channels=tuple(block_out_channels),
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=8,
+        sample_size=32,
+    ).eval()
+
+
+def tiny_text_encoder(seed: int = 0, hidden_size: int = 32, vocab_size: int = 514, max_length: int = 77):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    config = CLIPTextConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=max_length,
+        bos_token_id=vocab_size - 2,
+        eos_token_id=vocab_size - 1,
+        pad_token_id=vocab_size - 1,
+        projection_dim=hidden_size,
+    )
+    return CLIPTextModel(config).eval()
+
+
+def tiny_sd(seed: int = 0, max_length: int = 16) -> SDComponents:
+    """A complete tiny SD-1.x-layout model: 8x VAE, 2-level U-Net, 2-layer CLIP text encoder."""
+    tokenizer = byte_level_tokenizer(max_length=max_length)
+    return SDComponents(
+        unet=tiny_unet(seed),
+        vae=tiny_vae(seed + 1),
+        text_encoder=tiny_text_encoder(seed + 2, vocab_size=len(tokenizer), max_length=max_length),
+        tokenizer=tokenizer,
+    )
+
+
+def tiny_controlnet(unet, seed: int = 0, randomize: bool = True, conditioning_channels=(8, 16, 32, 32)):
+    """``ControlNetModel.from_unet``; with ``randomize`` the zero convolutions get small random
+    weights so that the control has a visible effect in tests (a fresh one is an exact no-op).
+
+    ``conditioning_channels`` has one entry per hint-encoder stage: len(channels) - 1 stride-2
+    convs, whose 2**(len - 1) downsampling must match the VAE's (four entries for an 8x VAE).
+    """
+    from diffusers import ControlNetModel
+
+    torch.manual_seed(seed)
+    cn = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=tuple(conditioning_channels))
+    if randomize:
+        g = torch.Generator().manual_seed(seed + 1000)
+        with torch.no_grad():
+            zero_layers = list(cn.controlnet_down_blocks) + [cn.controlnet_mid_block]
+            zero_layers.append(cn.controlnet_cond_embedding.conv_out)
+            for layer in zero_layers:
+                layer.weight.copy_(torch.randn(layer.weight.shape, generator=g) * 0.2)
+                layer.bias.copy_(torch.randn(layer.bias.shape, generator=g) * 0.05)
+    return cn.eval()
