@@ -1,0 +1,1 @@
+"""Minimal Impact ControlNet injection (being written)."""
