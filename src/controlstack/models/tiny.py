@@ -63,6 +63,7 @@ class SDComponents:
     vae: "torch.nn.Module"
     text_encoder: "torch.nn.Module"
     tokenizer: object
+    scheduler_config: dict | None = None  # the model's own noise schedule (None = SD-1.x's)
 
 
 def tiny_unet(seed: int = 0, block_out_channels=(32, 64), cross_attention_dim: int = 32, sample_size: int = 8):

@@ -1,0 +1,148 @@
+"""What a user asks for (:class:`Control`) and what the denoiser runs (:class:`Branch`).
+
+A ``Control`` is validated on construction (the one place user values become trusted values):
+the ControlNet (a bundled name, a path or a ``ControlNetModel``), the condition image, its weight
+-- a float or a strength schedule of keyframes ``[(progress, weight), ...]`` interpolated
+linearly in sampling progress (0 at the first step, 1 at the last) --, the diffusers start/end
+window, an optional region mask and the resize mode.
+
+A ``Branch`` is one prepared control inside one run: the ControlNet runner, the hint features
+computed once (not per step), and the weight / window / mask rules applied to the residuals it
+returns. Masks are resized to each residual's resolution by area averaging, so soft masks stay
+soft and a mask of ones (or zeros) is exactly ones (zeros) at every resolution.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from controlstack.errors import ControlstackError
+from controlstack.injection.base import Residuals
+from controlstack.io.images import RESIZE_MODES, mask_to_array, validate_image
+from controlstack.sampling.loop import Step
+
+Weight = float | Sequence[tuple[float, float]]
+
+
+def validate_weight(weight: Any) -> float | tuple[tuple[float, float], ...]:
+    """A float, or keyframes ``[(progress, weight), ...]`` with progress in [0, 1] ascending."""
+    if isinstance(weight, (int, float)) and not isinstance(weight, bool):
+        if not np.isfinite(weight):
+            raise ControlstackError(f"control weight must be finite, got {weight}")
+        return float(weight)
+    try:
+        frames = tuple((float(p), float(w)) for p, w in weight)
+    except (TypeError, ValueError):
+        raise ControlstackError(
+            f"control weight must be a number or keyframes [(progress, weight), ...], got {weight!r}"
+        )
+    if not frames:
+        raise ControlstackError("control weight schedule is empty; give at least one (progress, weight)")
+    ps = [p for p, _ in frames]
+    if any(not 0.0 <= p <= 1.0 for p in ps) or ps != sorted(ps):
+        raise ControlstackError(f"schedule progress values must be ascending in [0, 1], got {ps}")
+    if not all(np.isfinite(w) for _, w in frames):
+        raise ControlstackError("schedule weights must be finite")
+    return frames
+
+
+def weight_at(weight: float | tuple[tuple[float, float], ...], progress: float) -> float:
+    """The weight at ``progress``: constant, or linear between keyframes (flat outside them)."""
+    if isinstance(weight, float):
+        return weight
+    ps = [p for p, _ in weight]
+    ws = [w for _, w in weight]
+    return float(np.interp(progress, ps, ws))
+
+
+@dataclass
+class Control:
+    """One control: ``Control(model, image, weight=1.0, start=0.0, end=1.0, mask=None)``.
+
+    model        -- a bundled ControlNet name ('canny', 'depth', ...), a path, or a ControlNetModel
+    image        -- the condition (PIL image or array), used as it is unless ``preprocess`` is set
+    weight       -- float, or strength schedule [(progress, weight), ...]
+    start, end   -- active while ``not (i/N < start or (i+1)/N > end)`` (diffusers' rule)
+    mask         -- region (PIL/array, soft allowed) where the control acts; None = everywhere
+    resize_mode  -- just_resize | crop_and_resize | resize_and_fill (to the output size)
+    preprocess   -- run the annotator of the same name (or the named one) on ``image`` first
+    """
+
+    model: Any
+    image: Any
+    weight: Weight = 1.0
+    start: float = 0.0
+    end: float = 1.0
+    mask: Any = None
+    resize_mode: str = "just_resize"
+    preprocess: bool | str = False
+    annotator_params: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.model is None or (isinstance(self.model, str) and not self.model):
+            raise ControlstackError("control model is empty; pass a bundled name, a path or a ControlNetModel")
+        self.image = validate_image(self.image, "control image")
+        self.weight = validate_weight(self.weight)
+        self.start, self.end = float(self.start), float(self.end)
+        if not (0.0 <= self.start <= self.end <= 1.0):
+            raise ControlstackError(
+                f"control window start={self.start}, end={self.end} is invalid; need 0 <= start <= end <= 1"
+            )
+        if self.mask is not None:
+            self.mask = mask_to_array(self.mask, "control mask")
+        if self.resize_mode not in RESIZE_MODES:
+            raise ControlstackError(
+                f"unknown resize mode '{self.resize_mode}'; choose one of {', '.join(RESIZE_MODES)}"
+            )
+
+
+def in_window(start: float, end: float, step: Step) -> bool:
+    """diffusers' ``controlnet_keep`` rule: off iff ``i/N < start or (i+1)/N > end``."""
+    i, n = step.index, step.count
+    return not (i / n < start or (i + 1) / n > end)
+
+
+class Branch:
+    """One control inside one run: a ControlNet runner with its cached hint features."""
+
+    def __init__(self, runner, hint_features: torch.Tensor, weight, start: float, end: float,
+                 mask: np.ndarray | None = None, encoder_hidden_states: torch.Tensor | None = None):
+        self.runner = runner
+        self.hint_features = hint_features          # computed once per run
+        self.weight = weight                        # float or keyframes (validated)
+        self.start, self.end = start, end
+        if mask is not None and float(mask.min()) == 1.0:
+            mask = None  # a mask of ones is no mask: skip the multiply so results are bit-identical
+        self.mask = None if mask is None else torch.from_numpy(np.ascontiguousarray(mask))[None, None]
+        self._masks: dict[tuple[int, int], torch.Tensor] = {}
+        self.encoder_hidden_states = encoder_hidden_states  # own text embedding (Omni task tokens)
+
+    def active(self, step: Step) -> bool:
+        return in_window(self.start, self.end, step)
+
+    def mask_at(self, like: torch.Tensor) -> torch.Tensor:
+        size = tuple(like.shape[-2:])
+        if size not in self._masks:
+            m = self.mask.to(like.device, torch.float32)
+            if m.shape[-2:] != size:
+                m = F.interpolate(m, size=size, mode="area") if size[0] <= m.shape[-2] else \
+                    F.interpolate(m, size=size, mode="bilinear", align_corners=False)
+            self._masks[size] = m.to(like.dtype)
+        return self._masks[size]
+
+    def __call__(self, x, t, encoder_hidden_states, step: Step) -> Residuals:
+        if self.encoder_hidden_states is not None:
+            encoder_hidden_states = self.encoder_hidden_states.expand(x.shape[0], -1, -1)
+        res = self.runner(x, t, encoder_hidden_states, self.hint_features)
+        w = weight_at(self.weight, step.progress)
+        downs = [d * w for d in res.downs]
+        mid = res.mid * w
+        if self.mask is not None:
+            downs = [d * self.mask_at(d) for d in downs]
+            mid = mid * self.mask_at(mid)
+        return Residuals(downs, mid)

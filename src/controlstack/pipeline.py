@@ -1,0 +1,234 @@
+"""The Python API: load models, prepare controls, call the one sampling loop, decode.
+
+``Pipeline.from_pretrained(path_or_None)`` loads a Stable Diffusion base (a diffusers folder or a
+single-file checkpoint; None = the bundled default model) and ``pipe(prompt, controls=[...])``
+generates. Every numerical step follows ``StableDiffusionControlNetPipeline`` (text encoding,
+the latent draw from the seed, the loop, VAE decoding and post-processing), so the same weights,
+seed and scheduler give the same image as diffusers.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from controlstack.control import Branch, Control
+from controlstack.denoiser import ControlledDenoiser
+from controlstack.errors import ControlstackError
+from controlstack.injection import make_injection
+from controlstack.io.images import image_to_tensor, resize_image, to_rgb
+from controlstack.models.runner import ControlNetRunner, UNetRunner
+from controlstack.models.tiny import SDComponents
+from controlstack.sampling import make_scheduler, sample
+
+MAX_SIZE = 4096
+
+
+@dataclass
+class GenerationResult:
+    """Images plus what produced them (the CLI writes ``parameters`` into the PNGs)."""
+
+    images: list
+    parameters: dict
+
+
+class Pipeline:
+    """A base model plus the ControlNets it has loaded (cached by name/path)."""
+
+    def __init__(
+        self,
+        components: SDComponents,
+        controlnets: dict[str, Any] | None = None,
+        name: str = "custom",
+    ):
+        self.unet = components.unet.eval()
+        self.vae = components.vae.eval()
+        self.text_encoder = components.text_encoder.eval()
+        self.tokenizer = components.tokenizer
+        self.scheduler_config = components.scheduler_config
+        self.name = name
+        # name -> ControlNetModel or a zero-argument loader (bundled models load on first use)
+        self.controlnets: dict[str, Any] = dict(controlnets or {})
+        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self._unet_runner = UNetRunner(self.unet)
+
+    # ----------------------------------------------------------------------------- loading
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike | None = None, *, allow_pickle: bool = False,
+                        config: str | os.PathLike | None = None) -> "Pipeline":
+        """A diffusers SD folder or single-file checkpoint; ``None`` = the bundled default model."""
+        from controlstack import assets
+
+        if path is None:
+            return assets.default_pipeline(cls)
+        from controlstack.io.checkpoints import load_base
+
+        components = load_base(path, allow_pickle=allow_pickle, config=config)
+        return cls(components, controlnets=assets.bundled_controlnets(), name=str(path))
+
+    def controlnet(self, model: Any):
+        """Resolve a Control's ``model``: a ControlNetModel, a bundled name, or a path."""
+        if not isinstance(model, (str, os.PathLike)):
+            cn = model
+        elif str(model) in self.controlnets:
+            cn = self.controlnets[str(model)]
+            if callable(cn) and not isinstance(cn, torch.nn.Module):
+                cn = self.controlnets[str(model)] = cn()
+        elif os.path.exists(model):
+            from controlstack.io.checkpoints import load_controlnet
+
+            cn = self.controlnets[str(model)] = load_controlnet(model)
+        else:
+            known = ", ".join(sorted(self.controlnets)) or "none bundled"
+            raise ControlstackError(
+                f"control model '{model}' is neither a bundled ControlNet ({known}) nor an existing path"
+            )
+        _check_compatible(cn, self.unet)
+        return cn.eval()
+
+    # ----------------------------------------------------------------------------- pieces
+    @torch.no_grad()
+    def encode_prompt(self, prompt: str, batch: int) -> torch.Tensor:
+        """CLIP text embedding, as diffusers' ``encode_prompt`` (padding to max length, no clip skip)."""
+        tok = self.tokenizer(
+            [prompt], padding="max_length", max_length=self.tokenizer.model_max_length,
+            truncation=True, return_tensors="pt",
+        )
+        mask = tok.attention_mask if getattr(self.text_encoder.config, "use_attention_mask", False) else None
+        emb = self.text_encoder(tok.input_ids, attention_mask=mask)[0].to(self.text_encoder.dtype)
+        return emb.repeat(1, batch, 1).view(batch, emb.shape[1], -1)
+
+    def prepare_hint(self, control: Control, width: int, height: int) -> torch.Tensor:
+        """Condition image -> (1, 3, H, W) tensor in [0, 1] at the output size."""
+        image = to_rgb(control.image)
+        if control.preprocess:
+            from controlstack import annotators
+            from controlstack.io.images import pixel_perfect_resolution
+
+            name = control.preprocess if isinstance(control.preprocess, str) else str(control.model)
+            params = dict(control.annotator_params)
+            params.setdefault("resolution", pixel_perfect_resolution(image.size, width, height, control.resize_mode))
+            image = to_rgb(annotators.get(name, **params)(image))
+        image = resize_image(image, width, height, control.resize_mode)
+        return image_to_tensor(image)
+
+    def make_branch(self, control: Control, width: int, height: int, batch_emb=None) -> Branch:
+        runner = ControlNetRunner(self.controlnet(control.model))
+        hint = self.prepare_hint(control, width, height).to(runner.dtype)
+        with torch.no_grad():
+            features = runner.embed_hint(hint)  # once per run, not per step
+        expected = (height // self.vae_scale_factor, width // self.vae_scale_factor)
+        if tuple(features.shape[-2:]) != expected:
+            raise ControlstackError(
+                f"ControlNet hint encoder downsamples to {tuple(features.shape[-2:])} but the base's latents "
+                f"are {expected}; the ControlNet was trained for a VAE with another downsampling"
+            )
+        return Branch(runner, features, control.weight, control.start, control.end, control.mask)
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor, generator=None) -> np.ndarray:
+        """VAE decode and diffusers' post-processing -> float array (B, H, W, 3) in [0, 1]."""
+        image = self.vae.decode(latents / self.vae.config.scaling_factor, return_dict=False,
+                                generator=generator)[0]
+        image = (image * 0.5 + 0.5).clamp(0, 1)
+        return image.cpu().permute(0, 2, 3, 1).float().numpy()
+
+    # ----------------------------------------------------------------------------- generate
+    def __call__(
+        self,
+        prompt: str,
+        controls: Sequence[Control] = (),
+        steps: int = 20,
+        cfg: float = 7.5,
+        seed: int | None = 0,
+        width: int = 512,
+        height: int = 512,
+        scheduler: str = "unipc",
+        mode: str = "balanced",
+        negative_prompt: str = "",
+        batch: int = 1,
+        *,
+        mode_options: dict | None = None,
+        eta: float = 0.0,
+        output_type: str = "pil",
+        progress: bool = True,
+        return_result: bool = False,
+    ):
+        """Generate ``batch`` images; returns PIL images (or a float array with output_type='np')."""
+        _validate(prompt, steps, cfg, width, height, batch, self.vae_scale_factor)
+        injection = make_injection(mode, **(mode_options or {}))
+        sched = make_scheduler(scheduler, self.scheduler_config)
+        controls = list(controls)
+        for c in controls:
+            if not isinstance(c, Control):
+                raise ControlstackError(f"controls must be Control objects, got {type(c).__name__}")
+
+        cond = self.encode_prompt(prompt, batch)
+        do_cfg = cfg > 1 and self.unet.config.time_cond_proj_dim is None
+        uncond = self.encode_prompt(negative_prompt or "", batch) if do_cfg else None
+        branches = [self.make_branch(c, width, height) for c in controls]
+
+        generator = torch.Generator("cpu").manual_seed(int(seed)) if seed is not None else None
+        shape = (batch, self.unet.config.in_channels, height // self.vae_scale_factor,
+                 width // self.vae_scale_factor)
+        latents = torch.randn(shape, generator=generator, dtype=self.unet.dtype)
+        denoiser = ControlledDenoiser(self._unet_runner, branches, injection, cond, uncond, cfg)
+        latents = sample(denoiser, sched, latents, steps, generator=generator, eta=eta, progress=progress)
+        images = self.decode(latents, generator)
+        if output_type == "pil":
+            images = [Image.fromarray((im * 255).round().astype("uint8")) for im in images]
+        if not return_result:
+            return images
+        params = {
+            "prompt": prompt, "negative_prompt": negative_prompt, "steps": steps, "cfg": cfg,
+            "seed": seed, "width": width, "height": height, "scheduler": scheduler, "mode": mode,
+            "model": self.name,
+            "controls": [
+                {"model": c.model if isinstance(c.model, str) else type(c.model).__name__,
+                 "weight": c.weight, "start": c.start, "end": c.end,
+                 "mask": c.mask is not None, "resize_mode": c.resize_mode,
+                 "preprocess": c.preprocess}
+                for c in controls
+            ],
+        }
+        return GenerationResult(images, params)
+
+
+def _validate(prompt, steps, cfg, width, height, batch, factor):
+    if not isinstance(prompt, str):
+        raise ControlstackError(f"prompt must be a string, got {type(prompt).__name__}")
+    if not isinstance(steps, int) or steps < 1:
+        raise ControlstackError(f"steps must be a positive integer, got {steps}")
+    if not np.isfinite(cfg) or cfg < 0:
+        raise ControlstackError(f"cfg must be a finite number >= 0, got {cfg}")
+    for name, v in (("width", width), ("height", height)):
+        if not isinstance(v, int) or v < factor or v > MAX_SIZE or v % factor:
+            raise ControlstackError(
+                f"{name} must be a multiple of {factor} between {factor} and {MAX_SIZE}, got {v}"
+            )
+    if not isinstance(batch, int) or batch < 1:
+        raise ControlstackError(f"batch must be a positive integer, got {batch}")
+
+
+def _check_compatible(controlnet, unet):
+    """A ControlNet must match its base's channels, or the sum in every skip fails mid-run."""
+    try:
+        from controlstack.io.checkpoints import check_compatible
+    except ImportError:  # pragma: no cover - only while io/checkpoints.py is being written
+        check_compatible = None
+    if check_compatible is not None:
+        check_compatible(controlnet, unet)
+        return
+    c, u = controlnet.config, unet.config
+    if tuple(c.block_out_channels) != tuple(u.block_out_channels) or c.cross_attention_dim != u.cross_attention_dim:
+        raise ControlstackError(
+            f"ControlNet (channels {tuple(c.block_out_channels)}, cross-attention {c.cross_attention_dim}) does not "
+            f"match the base (channels {tuple(u.block_out_channels)}, cross-attention {u.cross_attention_dim}); "
+            "use a ControlNet trained for this base"
+        )
+

@@ -1,0 +1,78 @@
+"""The one sampling loop (k-diffusion style: it sees a callable, never a model).
+
+Single control, several controls, guess mode / CFG resolution weighting, Minimal Impact and
+OmniControlNet all go through :func:`sample`; what differs between them lives in the denoiser
+passed in (``controlstack.denoiser``) and the injection strategy it holds. The loop reproduces
+``StableDiffusionControlNetPipeline.__call__``'s denoising loop step for step (scale the input,
+predict ε, ``scheduler.step`` with the same ``eta`` / ``generator`` keyword rules), which is what
+makes seeds mean what they mean in diffusers.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+
+@dataclass(frozen=True)
+class Step:
+    """Where the loop is: step ``index`` of ``count`` at scheduler timestep ``timestep``."""
+
+    index: int
+    count: int
+    timestep: torch.Tensor
+
+    @property
+    def progress(self) -> float:
+        """Sampling progress in [0, 1]: 0 at the first step, 1 at the last."""
+        return self.index / (self.count - 1) if self.count > 1 else 0.0
+
+
+Denoiser = Callable[[torch.Tensor, torch.Tensor, Step], torch.Tensor]
+
+
+def step_kwargs(scheduler, generator: torch.Generator | None, eta: float) -> dict:
+    """Keyword arguments ``scheduler.step`` accepts (diffusers' ``prepare_extra_step_kwargs``)."""
+    params = set(inspect.signature(scheduler.step).parameters)
+    kwargs: dict = {}
+    if "eta" in params:
+        kwargs["eta"] = eta
+    if "generator" in params:
+        kwargs["generator"] = generator
+    return kwargs
+
+
+@torch.no_grad()
+def sample(
+    denoiser: Denoiser,
+    scheduler,
+    latents: torch.Tensor,
+    steps: int,
+    *,
+    generator: torch.Generator | None = None,
+    eta: float = 0.0,
+    progress: bool = True,
+    callback: Callable[[Step, torch.Tensor], None] | None = None,
+) -> torch.Tensor:
+    """Denoise ``latents`` (pure noise, *not* yet scaled by ``init_noise_sigma``) in ``steps`` steps.
+
+    ``denoiser(x, t, step) -> ε`` receives the scheduler-scaled input. ``generator`` must be the
+    generator the noise was drawn from: ancestral schedulers keep drawing from it, as diffusers does.
+    """
+    scheduler.set_timesteps(steps, device=latents.device)
+    timesteps = scheduler.timesteps
+    latents = latents * scheduler.init_noise_sigma
+    extra = step_kwargs(scheduler, generator, eta)
+    n = len(timesteps)
+    for i, t in enumerate(tqdm(timesteps, desc="sampling", disable=not progress, leave=False)):
+        step = Step(i, n, t)
+        x = scheduler.scale_model_input(latents, t)
+        eps = denoiser(x, t, step)
+        latents = scheduler.step(eps, t, latents, **extra, return_dict=False)[0]
+        if callback is not None:
+            callback(step, latents)
+    return latents

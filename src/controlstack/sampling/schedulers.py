@@ -1,0 +1,50 @@
+"""Scheduler names users know (sd-webui / ComfyUI) -> diffusers scheduler classes.
+
+Every scheduler is built ``from_config`` of the base model's own scheduler config, exactly as one
+swaps schedulers on a diffusers pipeline (``pipe.scheduler = X.from_config(pipe.scheduler.config)``),
+so a model trained with another noise schedule samples correctly.
+"""
+
+from __future__ import annotations
+
+from controlstack.errors import ControlstackError
+
+# Stable Diffusion 1.x's training schedule (the scheduler_config.json of SD-1.5).
+SD_SCHEDULER_CONFIG = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "clip_sample": False,
+    "set_alpha_to_one": False,
+    "steps_offset": 1,
+    "prediction_type": "epsilon",
+    "timestep_spacing": "leading",
+}
+
+# name -> (diffusers class name, extra config overrides)
+SCHEDULERS: dict[str, tuple[str, dict]] = {
+    "ddim": ("DDIMScheduler", {}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
+    "dpmpp_2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+    "dpmpp_2m_karras": (
+        "DPMSolverMultistepScheduler",
+        {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": True},
+    ),
+    "unipc": ("UniPCMultistepScheduler", {}),
+    "pndm": ("PNDMScheduler", {}),
+    "lms": ("LMSDiscreteScheduler", {}),
+}
+
+
+def make_scheduler(name: str, base_config: dict | None = None):
+    """A fresh diffusers scheduler named ``name``, configured from ``base_config``."""
+    if name not in SCHEDULERS:
+        raise ControlstackError(f"unknown scheduler '{name}'; choose one of {', '.join(SCHEDULERS)}")
+    import diffusers
+
+    cls_name, overrides = SCHEDULERS[name]
+    config = dict(SD_SCHEDULER_CONFIG if base_config is None else base_config)
+    config.update(overrides)
+    return getattr(diffusers, cls_name).from_config(config)

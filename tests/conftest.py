@@ -1,0 +1,41 @@
+"""Shared fixtures: tiny seeded SD-layout models built once per session (no downloads)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+torch.set_num_threads(1)  # xdist runs two workers on two cores
+
+
+@pytest.fixture(scope="session")
+def tiny_components():
+    from controlstack.models.tiny import tiny_sd
+
+    return tiny_sd(seed=0, max_length=16)
+
+
+@pytest.fixture(scope="session")
+def tiny_controlnets(tiny_components):
+    from controlstack.models.tiny import tiny_controlnet
+
+    return [tiny_controlnet(tiny_components.unet, seed=s) for s in (1, 2, 3)]
+
+
+@pytest.fixture(scope="session")
+def hint_images():
+    """Two deterministic 64x64 condition images (a box edge map and a disc)."""
+    a = np.zeros((64, 64, 3), np.uint8)
+    a[16:48, 16] = a[16:48, 47] = a[16, 16:48] = a[47, 16:48] = 255
+    yy, xx = np.mgrid[:64, :64]
+    b = (((yy - 30) ** 2 + (xx - 34) ** 2) < 15**2)[..., None].repeat(3, -1).astype(np.uint8) * 255
+    return [Image.fromarray(a), Image.fromarray(b)]
+
+
+@pytest.fixture(scope="session")
+def pipe(tiny_components):
+    from controlstack import Pipeline
+
+    return Pipeline(tiny_components, name="tiny")
