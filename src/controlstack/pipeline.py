@@ -57,6 +57,11 @@ class Pipeline:
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self._unet_runner = UNetRunner(self.unet)
 
+    @property
+    def native_size(self) -> int:
+        """The image size the base was trained at (U-Net sample size times the VAE factor)."""
+        return int(self.unet.config.sample_size) * self.vae_scale_factor
+
     # ----------------------------------------------------------------------------- loading
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike | None = None, *, allow_pickle: bool = False,
@@ -146,8 +151,8 @@ class Pipeline:
         steps: int = 20,
         cfg: float = 7.5,
         seed: int | None = 0,
-        width: int = 512,
-        height: int = 512,
+        width: int | None = None,
+        height: int | None = None,
         scheduler: str = "unipc",
         mode: str = "balanced",
         negative_prompt: str = "",
@@ -159,7 +164,12 @@ class Pipeline:
         progress: bool = True,
         return_result: bool = False,
     ):
-        """Generate ``batch`` images; returns PIL images (or a float array with output_type='np')."""
+        """Generate ``batch`` images; returns PIL images (or a float array with output_type='np').
+
+        ``width`` / ``height`` default to the model's native size (512 for SD-1.5).
+        """
+        width = width or self.native_size
+        height = height or self.native_size
         _validate(prompt, steps, cfg, width, height, batch, self.vae_scale_factor)
         injection = make_injection(mode, **(mode_options or {}))
         sched = make_scheduler(scheduler, self.scheduler_config)

@@ -12,7 +12,7 @@ end and shows the plumbing, but the images are noise-like. ``is_placeholder()`` 
 
 from __future__ import annotations
 
-import warnings
+import logging
 from pathlib import Path
 
 BUNDLE_DIR = Path(__file__).resolve().parent / "bundle"
@@ -38,7 +38,9 @@ def default_pipeline(cls):
     if is_placeholder():
         from controlstack.models.tiny import tiny_sd
 
-        warnings.warn("no trained bundle in this checkout: using a tiny random placeholder model", stacklevel=3)
+        logging.getLogger("controlstack").warning(
+            "no trained bundle in this checkout: using a tiny random placeholder model"
+        )
         return cls(tiny_sd(seed=0, max_length=32), controlnets=bundled_controlnets(), name="placeholder-tiny")
     from controlstack.io.checkpoints import load_base
 

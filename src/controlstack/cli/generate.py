@@ -1,0 +1,125 @@
+"""``controlstack generate``: text-to-image with any number of controls.
+
+Flags are a contract (scripts and other tools rely on them): --model --prompt --negative --steps
+--cfg --scheduler --seed --width --height --batch --mode --out, repeatable
+``--control MODEL:IMAGE[:WEIGHT[:START[:END]]]`` and ``--mask I:FILE``, ``--preprocess``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+from pathlib import Path
+
+from controlstack.errors import ControlstackError
+
+
+
+def register(sub) -> None:
+    p = sub.add_parser("generate", help="generate images with controls",
+                       description="Generate images from a prompt and any number of controls.")
+    p.add_argument("--model", default=None, help="diffusers SD folder or single-file checkpoint (default: bundled)")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--negative", default="", help="negative prompt")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--cfg", type=float, default=7.5, help="classifier-free guidance scale")
+    p.add_argument("--scheduler", default="unipc", help="ddim, euler, euler_a, dpmpp_2m, unipc, ...")
+    p.add_argument("--seed", type=int, default=-1, help="seed (-1: random, recorded in the PNG)")
+    p.add_argument("--width", type=int, default=None, help="default: the model's native size")
+    p.add_argument("--height", type=int, default=None)
+    p.add_argument("--batch", type=int, default=1, help="images per run (one generator, as diffusers)")
+    p.add_argument("--mode", default="balanced", help="control mode: balanced, prompt, controlnet, mi (also sum, guess)")
+    p.add_argument("--control", action="append", default=[], metavar="MODEL:IMAGE[:WEIGHT[:START[:END]]]",
+                   help="a ControlNet (bundled name or path) and its condition image; repeatable")
+    p.add_argument("--mask", action="append", default=[], metavar="I:FILE",
+                   help="region mask for control I (0-based); repeatable")
+    p.add_argument("--preprocess", action="store_true",
+                   help="run each control's image through the annotator of the same name first")
+    p.add_argument("--resize-mode", default="just_resize",
+                   help="just_resize, crop_and_resize or resize_and_fill")
+    p.add_argument("--out", default="outputs", help="output folder (files are never overwritten)")
+    p.add_argument("--grid", action="store_true", help="also write a grid of the batch")
+    p.add_argument("--allow-pickle", action="store_true", help="allow loading pickle checkpoints you trust")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=run)
+
+
+def parse_control(spec: str) -> tuple[str, str, float, float, float]:
+    """``MODEL:IMAGE[:WEIGHT[:START[:END]]]``; numbers are taken from the right so paths may hold ':'."""
+    parts = spec.split(":")
+    numbers: list[float] = []
+    while len(parts) > 2 and len(numbers) < 3:
+        try:
+            numbers.insert(0, float(parts[-1]))
+        except ValueError:
+            break
+        parts.pop()
+    if len(parts) < 2 or not parts[0] or not parts[1]:
+        raise ControlstackError(f"--control '{spec}' must look like MODEL:IMAGE[:WEIGHT[:START[:END]]]")
+    defaults = [1.0, 0.0, 1.0]
+    weight, start, end = numbers + defaults[len(numbers):]
+    return parts[0], ":".join(parts[1:]), weight, start, end
+
+
+def parse_masks(specs: list[str], n_controls: int) -> dict[int, str]:
+    masks = {}
+    for spec in specs:
+        index, _, path = spec.partition(":")
+        if not index.isdigit() or not path:
+            raise ControlstackError(f"--mask '{spec}' must look like I:FILE with I a control index")
+        if int(index) >= n_controls:
+            raise ControlstackError(f"--mask {index} refers to control {index}, but only {n_controls} given")
+        masks[int(index)] = path
+    return masks
+
+
+def next_index(out: Path) -> int:
+    """sd-webui numbering: continue after the highest NNNNN- prefix already in the folder."""
+    nums = [int(p.name[:5]) for p in out.glob("*.png") if p.name[:5].isdigit()]
+    return max(nums, default=-1) + 1
+
+
+def run(args: argparse.Namespace) -> int:
+    from controlstack import Control, Pipeline
+    from controlstack.io.images import load_image
+    from controlstack.injection import available as available_modes
+    from controlstack.io.png import atomic_save, make_grid
+    from controlstack.sampling import SCHEDULERS
+
+    # Validate everything cheap before loading any model.
+    if args.scheduler not in SCHEDULERS:
+        raise ControlstackError(f"unknown scheduler '{args.scheduler}'; choose one of {', '.join(SCHEDULERS)}")
+    if args.mode not in available_modes():
+        raise ControlstackError(f"unknown mode '{args.mode}'; choose one of {', '.join(available_modes())}")
+    if args.steps < 1:
+        raise ControlstackError(f"--steps must be >= 1, got {args.steps}")
+    if not args.cfg >= 0:
+        raise ControlstackError(f"--cfg must be >= 0, got {args.cfg}")
+    specs = [parse_control(s) for s in args.control]
+    masks = parse_masks(args.mask, len(specs))
+    images = [load_image(image) for _, image, *_ in specs]
+    mask_images = {i: load_image(p) for i, p in masks.items()}
+    seed = args.seed if args.seed >= 0 else random.randrange(2**32)
+
+    pipe = Pipeline.from_pretrained(args.model, allow_pickle=args.allow_pickle)
+    controls = [
+        Control(model, image, weight=w, start=s, end=e, mask=mask_images.get(i),
+                resize_mode=args.resize_mode, preprocess=args.preprocess)
+        for i, ((model, _, w, s, e), image) in enumerate(zip(specs, images))
+    ]
+    result = pipe(args.prompt, controls=controls, steps=args.steps, cfg=args.cfg, seed=seed,
+                  width=args.width, height=args.height, scheduler=args.scheduler, mode=args.mode,
+                  negative_prompt=args.negative, batch=args.batch, progress=not args.no_progress,
+                  return_result=True)
+    out = Path(args.out)
+    index = next_index(out) if out.is_dir() else 0
+    written = []
+    for pos, image in enumerate(result.images):
+        params = dict(result.parameters, batch_pos=pos)
+        written.append(atomic_save(image, out / f"{index + pos:05d}-{seed}.png", params))
+    if args.grid and len(result.images) > 1:
+        written.append(atomic_save(make_grid(result.images), out / f"grid-{index:05d}-{seed}.png",
+                                   result.parameters))
+    for path in written:
+        print(path)
+    return 0

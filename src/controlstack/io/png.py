@@ -1,0 +1,84 @@
+"""PNG output with the generation parameters in a text chunk, as sd-webui writes them.
+
+sd-webui stores one ``parameters`` tEXt chunk::
+
+    a red sphere
+    Negative prompt: blurry
+    Steps: 20, Sampler: unipc, CFG scale: 7.5, Seed: 0, Size: 512x512, Model: ..., ControlNet 0: "..."
+
+Tools that read sd-webui PNGs (PNG Info, civitai, ComfyUI loaders) understand that layout, so
+we write the same chunk, plus ``controlstack`` with the exact parameters as JSON for round trips.
+Writes are atomic (temp file + rename): a failure never leaves a half-written PNG.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+
+from PIL import Image, PngImagePlugin
+
+
+def format_parameters(params: dict) -> str:
+    """The sd-webui ``parameters`` text for one image."""
+    lines = [params.get("prompt", "")]
+    if params.get("negative_prompt"):
+        lines.append(f"Negative prompt: {params['negative_prompt']}")
+    fields = [
+        f"Steps: {params.get('steps')}", f"Sampler: {params.get('scheduler')}",
+        f"CFG scale: {params.get('cfg')}", f"Seed: {params.get('seed')}",
+        f"Size: {params.get('width')}x{params.get('height')}", f"Model: {params.get('model')}",
+    ]
+    if "batch_pos" in params:
+        fields.append(f"Batch pos: {params['batch_pos']}")
+    for i, c in enumerate(params.get("controls", [])):
+        weight = c["weight"] if isinstance(c["weight"], float) else list(map(list, c["weight"]))
+        fields.append(
+            f'ControlNet {i}: "Module: {c.get("preprocess") or "none"}, Model: {c["model"]}, '
+            f'Weight: {weight}, Guidance Start: {c["start"]}, Guidance End: {c["end"]}, '
+            f'Resize Mode: {c["resize_mode"]}, Control Mode: {params.get("mode")}, Mask: {c["mask"]}"'
+        )
+    lines.append(", ".join(fields))
+    return "\n".join(lines)
+
+
+def atomic_save(image: Image.Image, path: str | os.PathLike, params: dict | None = None) -> Path:
+    """Save ``image`` as PNG at ``path`` (with metadata when ``params``), atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    info = PngImagePlugin.PngInfo()
+    if params is not None:
+        info.add_text("parameters", format_parameters(params))
+        info.add_text("controlstack", json.dumps(params, default=str))
+    fd, tmp = tempfile.mkstemp(suffix=".png.tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        image.save(tmp, format="PNG", pnginfo=info)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def read_parameters(path: str | os.PathLike) -> dict:
+    """The text chunks of a PNG (``parameters`` and ``controlstack``), JSON decoded where JSON."""
+    with Image.open(path) as im:
+        text = dict(im.text)
+    if "controlstack" in text:
+        text["controlstack"] = json.loads(text["controlstack"])
+    return text
+
+
+def make_grid(images: list[Image.Image], cols: int | None = None, pad: int = 2) -> Image.Image:
+    """Tile equally sized images in rows of ``cols`` (default: about square)."""
+    cols = cols or math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / cols)
+    w, h = images[0].size
+    grid = Image.new("RGB", (cols * w + (cols - 1) * pad, rows * h + (rows - 1) * pad), (255, 255, 255))
+    for i, im in enumerate(images):
+        grid.paste(im.convert("RGB").resize((w, h)), ((i % cols) * (w + pad), (i // cols) * (h + pad)))
+    return grid
