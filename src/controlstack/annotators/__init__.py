@@ -1,0 +1,70 @@
+"""Annotators: photo (or label map, depth map, pose JSON) -> ControlNet condition image, offline.
+
+One registry; the names are contracts (the core's ``generate --preprocess`` calls
+``get(control_name)(image)``)::
+
+    from controlstack import annotators
+    edges = annotators.get("canny", low_threshold=50)(photo)      # PIL RGB
+    annotators.available()                                        # every name
+
+Families live one per module (``edges``, ``lines``, ``transforms``, ``normal``, ``seg``, ``pose``,
+``learned``); they are imported on first use so ``import controlstack.annotators.pose`` stays light
+(numpy + OpenCV) for the world generator.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from controlstack.errors import ControlstackError
+
+# name -> "module:Class" (modules relative to this package)
+_REGISTRY = {
+    "canny": "edges:Canny",
+    "lines": "lines:Lines",
+    "softedge": "edges:SoftEdge",
+    "scribble": "edges:Scribble",
+    "lineart": "edges:Lineart",
+    "shuffle": "transforms:Shuffle",
+    "tile": "transforms:Tile",
+    "inpaint": "transforms:Inpaint",
+    "normal": "normal:NormalFromDepth",
+    "seg": "seg:Seg",
+    "pose": "pose_annotator:Pose",
+    "binary": "transforms:Binary",
+    "invert": "transforms:Invert",
+    # learned: interface now, weights from the project's multi-task predictor later
+    "depth": "learned:Depth",
+    "normal_estimate": "learned:NormalEstimate",
+    "seg_estimate": "learned:SegEstimate",
+    "pose_estimate": "learned:PoseEstimate",
+}
+LEARNED = ("depth", "normal_estimate", "seg_estimate", "pose_estimate")
+
+
+def available() -> list[str]:
+    """All registered annotator names, in registry order."""
+    return list(_REGISTRY)
+
+
+def annotator_class(name: str):
+    """The class registered under ``name`` (unknown names fail listing the known ones)."""
+    if name not in _REGISTRY:
+        raise ControlstackError(f"unknown annotator '{name}'; choose one of {', '.join(_REGISTRY)}")
+    module, cls = _REGISTRY[name].split(":")
+    return getattr(importlib.import_module(f"{__name__}.{module}"), cls)
+
+
+def get(name: str, **params):
+    """A configured annotator: ``get("canny", low_threshold=50)(image) -> PIL RGB``."""
+    from controlstack.annotators.base import unknown_param_message
+
+    cls = annotator_class(name)
+    known = {f.name for f in cls.parameters()} | ({"loader"} if name in LEARNED else set())
+    for key in params:
+        if key not in known:
+            raise ControlstackError(unknown_param_message(cls, key))
+    return cls(**params)
+
+
+__all__ = ["LEARNED", "annotator_class", "available", "get"]
