@@ -1,0 +1,34 @@
+"""Training recipes: VAE, base text-to-image model, ControlNet (one readable file each).
+
+Each recipe (``vae.py``, ``base.py``, ``controlnet.py``) is a whole training run that reads top to
+bottom (torchtune's recipe style), built from shared parts: typed configs (``config.py``), data
+(``data.py``), the DDPM pieces (``diffusion.py``), checkpoint / exact resume / metrics
+(``session.py``), validation grids and the condition-fidelity curve (``validation.py``), the
+world's tokenizer (``tokenizer.py``) and the bf16 speed probe (``precision.py``). Everything runs
+under ``accelerate`` (single CPU, one GPU, or ``accelerate launch`` multi-GPU unchanged).
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+
+from controlstack.errors import ControlstackError
+
+#: recipe name -> (module, config class name)
+RECIPES = {
+    "vae": ("controlstack.training.vae", "VAEConfig"),
+    "base": ("controlstack.training.base", "BaseConfig"),
+    "controlnet": ("controlstack.training.controlnet", "ControlNetConfig"),
+}
+
+
+def recipe(name: str):
+    """(config class, train function) of a recipe; unknown names list the known ones."""
+    if name not in RECIPES:
+        raise ControlstackError(f"unknown recipe '{name}'; choose one of {', '.join(RECIPES)}")
+    module_name, config_name = RECIPES[name]
+    module = import_module(module_name)
+    return getattr(module, config_name), module.train
+
+
+__all__ = ["RECIPES", "recipe"]

@@ -1,0 +1,68 @@
+"""Shared pieces of the diffusion recipes (base model and ControlNet): schedule, latents, dropout.
+
+DDPM (Ho et al. 2020) forward process ``z_t = sqrt(ᾱ_t) z_0 + sqrt(1 - ᾱ_t) ε`` with Stable
+Diffusion's schedule (scaled_linear betas 0.00085 -> 0.012, 1000 steps, ε-prediction), so every
+diffusers scheduler samples the trained models without conversion. Latents are
+``vae.encode(x).latent_dist.sample() * scaling_factor`` (LDM, Sec. 3-4). Caption dropout replaces
+prompts by the empty string (classifier-free guidance, Ho & Salimans 2022; the ControlNet paper
+drops 50% of prompts so the model must read the condition itself).
+"""
+
+from __future__ import annotations
+
+import torch
+
+SD_SCHEDULE = dict(
+    num_train_timesteps=1000,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    prediction_type="epsilon",
+    clip_sample=False,
+)
+
+
+def sd_noise_scheduler():
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(**SD_SCHEDULE)
+
+
+def sd_sampling_scheduler():
+    """What SD-1.5's ``scheduler/`` folder holds: PNDM (PLMS) with the training betas."""
+    from diffusers import PNDMScheduler
+
+    return PNDMScheduler(
+        **{k: v for k, v in SD_SCHEDULE.items() if k != "clip_sample"},
+        skip_prk_steps=True, steps_offset=1, set_alpha_to_one=False,
+    )
+
+
+@torch.no_grad()
+def encode_latents(vae, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Images in [-1, 1] -> scaled latents (one posterior sample, fp32, outside autocast)."""
+    with torch.autocast(images.device.type, enabled=False):
+        dist = vae.encode(images.float()).latent_dist
+        noise = torch.randn(dist.mean.shape, generator=generator).to(dist.mean)
+        return (dist.mean + dist.std * noise) * vae.config.scaling_factor
+
+
+def add_noise(scheduler, latents: torch.Tensor, generator: torch.Generator):
+    """(noisy latents, ε, t) with t ~ U{0..T-1} and ε ~ N(0, I), drawn on the CPU generator."""
+    noise = torch.randn(latents.shape, generator=generator).to(latents)
+    t = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator)
+    t = t.to(latents.device)
+    return scheduler.add_noise(latents, noise, t), noise, t
+
+
+def drop_captions(captions: list[str], p: float, generator: torch.Generator) -> list[str]:
+    """Replace each caption by "" with probability ``p``."""
+    keep = torch.rand(len(captions), generator=generator) >= p
+    return [c if k else "" for c, k in zip(captions, keep.tolist())]
+
+
+def tokenize(tokenizer, captions: list[str], device) -> torch.Tensor:
+    return tokenizer(
+        captions, padding="max_length", truncation=True, max_length=tokenizer.model_max_length,
+        return_tensors="pt",
+    ).input_ids.to(device)

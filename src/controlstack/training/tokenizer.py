@@ -1,0 +1,85 @@
+"""The world's tokenizer: a CLIP tokenizer whose vocabulary words are single tokens.
+
+CLIP's BPE (Radford et al. 2021) lower-cases, splits text into words and merges bytes into
+sub-word tokens. A procedural world has a closed vocabulary, so every word gets its own token
+(``models.tiny.byte_level_tokenizer(words=...)`` adds the merges that spell it) and any other text
+still tokenizes, byte by byte. It is saved with ``save_pretrained`` in the standard layout
+(vocab.json, merges.txt, tokenizer_config.json), so ``CLIPTokenizer.from_pretrained`` and
+diffusers' pipelines load it like SD's own tokenizer.
+"""
+
+from __future__ import annotations
+
+import re
+
+from controlstack.errors import ControlstackError
+from controlstack.models.tiny import byte_level_tokenizer
+
+VOCABULARY_SOURCES = ("world", "dataset", "bytes")
+_WORD = re.compile(r"[a-z]+")
+
+
+def world_vocabulary() -> list[str]:
+    try:
+        from controlstack.world.captions import VOCABULARY
+    except ImportError:
+        raise ControlstackError(
+            "the world's caption vocabulary (controlstack.world.captions) is not available; "
+            "set vocabulary: dataset"
+        ) from None
+    return list(VOCABULARY)
+
+
+def caption_words(captions) -> list[str]:
+    """Every distinct lower-case word in ``captions``, sorted (CLIP's pre-tokenizer lower-cases)."""
+    words: set[str] = set()
+    for text in captions:
+        words.update(_WORD.findall(str(text).lower()))
+    return sorted(words)
+
+
+def build_tokenizer(source: str, max_length: int, captions=()):
+    """``source``: ``world`` (the world's VOCABULARY), ``dataset`` (words of ``captions``) or
+    ``bytes`` (no whole words: byte-level only)."""
+    if source == "world":
+        words = world_vocabulary()
+    elif source == "dataset":
+        words = caption_words(captions)
+    elif source == "bytes":
+        words = []
+    else:
+        raise ControlstackError(f"unknown vocabulary '{source}'; choose one of {', '.join(VOCABULARY_SOURCES)}")
+    # sorted + deduplicated so that the same words always give the same token ids
+    words = sorted({w.lower() for w in words if w and w.isalpha()})
+    try:
+        return byte_level_tokenizer(max_length=max_length, words=words)
+    except TypeError:  # transformers >= 5 wants merges as (a, b) tuples, not "a b" strings
+        return _tuple_merges_tokenizer(max_length, words)
+
+
+def _tuple_merges_tokenizer(max_length: int, words: list[str]):
+    """``byte_level_tokenizer``'s vocabulary with the merges passed as tuples (transformers 5).
+
+    Temporary twin of ``models.tiny.byte_level_tokenizer`` until that builder passes tuples; same
+    token ids, so tokenizers saved by either load identically.
+    """
+    from transformers import CLIPTokenizer
+
+    from controlstack.models.tiny import bytes_to_unicode
+
+    chars = list(bytes_to_unicode().values())
+    vocab = {c: i for i, c in enumerate(chars)}
+    for c in chars:
+        vocab[c + "</w>"] = len(vocab)
+    merges: list[tuple[str, str]] = []
+    for word in words:
+        symbols = list(word[:-1]) + [word[-1] + "</w>"]
+        while len(symbols) > 1:
+            merged = symbols[0] + symbols[1]
+            if merged not in vocab:
+                merges.append((symbols[0], symbols[1]))
+                vocab[merged] = len(vocab)
+            symbols = [merged] + symbols[2:]
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
