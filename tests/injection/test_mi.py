@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
-
 import pytest
 import torch
 
@@ -33,13 +31,13 @@ def test_min_norm_2_hand_computed():
     v1 = torch.tensor([[1.0, 0], [2, 0], [1, 0], [3, 0], [1, 1], [0, 0], [1, 2]])
     v2 = torch.tensor([[0.0, 1], [1, 0], [2, 0], [0, 1], [1, -1], [0, 1], [1, 2]])
     expected = [
-        0.5,   # 1 / 2
-        0.0,   # −1 / 1 -> clipped: the min-norm point is v2
-        1.0,   # 2 / 1 -> clipped: the min-norm point is v1
-        0.1,   # 1 / 10: min of 9γ² + (1 − γ)²
-        0.5,   # 2 / 4
-        1.0,   # v1 = 0 is the min-norm point
-        0.5,   # v1 = v2: undefined, 0.5 by convention
+        0.5,  # 1 / 2
+        0.0,  # −1 / 1 -> clipped: the min-norm point is v2
+        1.0,  # 2 / 1 -> clipped: the min-norm point is v1
+        0.1,  # 1 / 10: min of 9γ² + (1 − γ)²
+        0.5,  # 2 / 4
+        1.0,  # v1 = 0 is the min-norm point
+        0.5,  # v1 = v2: undefined, 0.5 by convention
     ]
     assert min_norm_2(v1, v2).tolist() == pytest.approx(expected, abs=1e-12)
 
@@ -72,9 +70,13 @@ def test_min_norm_2_explicit_dim_keeps_shape():
 def brute_force_min_norm(vs: list[torch.Tensor], steps: int = 300) -> torch.Tensor:
     """Smallest ||Σ α_k v_k|| over a simplex grid of step 1/steps, per sample (K = 3); 300 is a
     multiple of 3 so that the barycentre (the interior case below) lies on the grid."""
-    pts = [(i / steps, j / steps, (steps - i - j) / steps) for i in range(steps + 1) for j in range(steps + 1 - i)]
-    alpha = torch.tensor(pts, dtype=torch.float64)                         # (P, 3)
-    stack = torch.stack([v.double().flatten(1) for v in vs], 1)            # (B, 3, D)
+    pts = [
+        (i / steps, j / steps, (steps - i - j) / steps)
+        for i in range(steps + 1)
+        for j in range(steps + 1 - i)
+    ]
+    alpha = torch.tensor(pts, dtype=torch.float64)  # (P, 3)
+    stack = torch.stack([v.double().flatten(1) for v in vs], 1)  # (B, 3, D)
     return torch.einsum("pk,bkd->bpd", alpha, stack).norm(dim=-1).amin(1)  # (B,)
 
 
@@ -82,7 +84,11 @@ def test_frank_wolfe_matches_brute_force():
     torch.manual_seed(2)
     vs = [torch.randn(5, 4) + s for s in (0.3, -0.2, 0.1)]
     # plus a sample whose hull contains the origin (min norm 0, interior solution)
-    extra = [torch.tensor([[1.0, 0, 0, 0]]), torch.tensor([[-0.5, 0.8, 0, 0]]), torch.tensor([[-0.5, -0.8, 0, 0]])]
+    extra = [
+        torch.tensor([[1.0, 0, 0, 0]]),
+        torch.tensor([[-0.5, 0.8, 0, 0]]),
+        torch.tensor([[-0.5, -0.8, 0, 0]]),
+    ]
     vs = [torch.cat([v, e]) for v, e in zip(vs, extra)]
     alpha = frank_wolfe_min_norm(vs)
     assert alpha.shape == (6, 3)
@@ -119,12 +125,12 @@ def test_lambda_hand_computed():
     c = vec([0, 1], [0, 1], [0, 3], [0, 0.1], [0.5, 0], [2, 0])
     lam = balanced_lambda(h, c).flatten().tolist()
     expected = [
-        1.0,       # γ = 1/2
-        4.0,       # γ = 1/5, closed form (4 − 0) / (1 − 0)
-        1 / 9,     # γ = 9/10
-        20.0,      # closed form 100 -> clipped to λ_max
-        1.0,       # c·c ≤ h·c: γ = 0 -> saturated_lambda (plain sum)
-        0.0,       # h·h ≤ h·c: γ = 1 -> λ = 0
+        1.0,  # γ = 1/2
+        4.0,  # γ = 1/5, closed form (4 − 0) / (1 − 0)
+        1 / 9,  # γ = 9/10
+        20.0,  # closed form 100 -> clipped to λ_max
+        1.0,  # c·c ≤ h·c: γ = 0 -> saturated_lambda (plain sum)
+        0.0,  # h·h ≤ h·c: γ = 1 -> λ = 0
     ]
     assert lam == pytest.approx(expected, abs=1e-12)
     assert balanced_lambda(h, c, saturated_lambda=20.0).flatten()[4].item() == 20.0
@@ -271,11 +277,15 @@ def test_strategy_switches_and_none():
     assert all(torch.equal(a, b) for a, b in zip(plain.downs + [plain.mid], ref.downs + [ref.mid]))
     combined = make_injection("mi", inject=False)(h, mid, branches)
     assert torch.allclose(combined.downs[1], balanced_combination([b.downs[1] for b in branches]))
+    injected = make_injection("mi", combine=False)(h, mid, branches)
+    lam = balanced_lambda(mid, ref.mid)
+    assert torch.equal(injected.mid, lam.float() * ref.mid)
+    assert not torch.allclose(lam, torch.ones_like(lam))  # the check is not vacuous
     full = make_injection("mi", reduce="position")(h, mid, branches)
-    lam = balanced_lambda(h[0], combined.downs[0], "position")
     c_pos = balanced_combination([b.downs[0] for b in branches], "position")
-    assert torch.allclose(full.downs[0], balanced_lambda(h[0], c_pos, "position").float() * c_pos)
-    assert lam.shape == (2, 1, 8, 8)
+    lam_pos = balanced_lambda(h[0], c_pos, "position")
+    assert lam_pos.shape == (2, 1, 8, 8)
+    assert torch.equal(full.downs[0], lam_pos.float() * c_pos)
 
 
 def test_zero_branch_adds_exactly_zero():

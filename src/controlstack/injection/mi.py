@@ -77,17 +77,10 @@ def _as_dims(x: torch.Tensor, dim: int | tuple[int, ...] | None) -> tuple[tuple[
     return ((dim,) if isinstance(dim, int) else tuple(dim)), True
 
 
-def _rescaled(vectors: list[torch.Tensor], dims: tuple[int, ...]) -> list[torch.Tensor]:
-    """float64 copies divided by their common max-abs value per group (1 where it is 0 or NaN)."""
-    vs = [v.detach().to(torch.float64) for v in vectors]
-    scale = torch.stack([v.abs().amax(dim=dims, keepdim=True) for v in vs]).amax(0)
-    scale = torch.where(torch.isfinite(scale) & (scale > 0), scale, torch.ones_like(scale))
-    return [v / scale for v in vs]
-
-
-def _rescaled_grad(vectors: list[torch.Tensor], dims: tuple[int, ...]) -> list[torch.Tensor]:
-    """Same as :func:`_rescaled` but differentiable (the scale itself is a constant)."""
-    vs = [v.to(torch.float64) for v in vectors]
+def _rescaled(vectors: list[torch.Tensor], dims: tuple[int, ...], grad: bool = False) -> list[torch.Tensor]:
+    """float64 copies divided by their common max-abs value per group (1 where it is 0 or not
+    finite). With ``grad`` they stay differentiable (the scale is a constant), else detached."""
+    vs = [(v if grad else v.detach()).to(torch.float64) for v in vectors]
     scale = torch.stack([v.detach().abs().amax(dim=dims, keepdim=True) for v in vs]).amax(0)
     scale = torch.where(torch.isfinite(scale) & (scale > 0), scale, torch.ones_like(scale))
     return [v / scale for v in vs]
@@ -107,7 +100,7 @@ def _gamma2(a: torch.Tensor, b: torch.Tensor, dims: tuple[int, ...]) -> torch.Te
     Gram-matrix route ``aa + bb − 2ab`` loses all precision when a ≈ b."""
     diff = a - b
     denom = (diff * diff).sum(dims, keepdim=True)
-    num = -(diff * b).sum(dims, keepdim=True)                      # (b − a)·b
+    num = -(diff * b).sum(dims, keepdim=True)  # (b − a)·b
     ref = torch.maximum((a * a).sum(dims, keepdim=True), (b * b).sum(dims, keepdim=True))
     bad = ~(denom > _EPS * ref) | ~torch.isfinite(num) | ~torch.isfinite(denom)
     gamma = (num / torch.where(bad, torch.ones_like(denom), denom)).clamp(0.0, 1.0)
@@ -117,9 +110,7 @@ def _gamma2(a: torch.Tensor, b: torch.Tensor, dims: tuple[int, ...]) -> torch.Te
 # ------------------------------------------------------------------------------- min-norm solvers
 
 
-def min_norm_2(
-    v1: torch.Tensor, v2: torch.Tensor, dim: int | tuple[int, ...] | None = None
-) -> torch.Tensor:
+def min_norm_2(v1: torch.Tensor, v2: torch.Tensor, dim: int | tuple[int, ...] | None = None) -> torch.Tensor:
     """Weight γ* of v1 in the min-norm point ``γ* v1 + (1 − γ*) v2`` of the segment [v1, v2].
 
     ``γ* = clip(((v2 − v1)·v2) / ||v1 − v2||², 0, 1)``; 0.5 where v1 ≈ v2 or a dot product is not
@@ -174,8 +165,8 @@ def _frank_wolfe(gram: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
     for _ in range(MAX_ITER):
         if bool(done.all()):
             break
-        grad = (gram @ sol.unsqueeze(-1)).squeeze(-1)              # G α
-        t = grad.masked_fill(~active, torch.inf).argmin(-1)        # vertex with the smallest gradient
+        grad = (gram @ sol.unsqueeze(-1)).squeeze(-1)  # G α
+        t = grad.masked_fill(~active, torch.inf).argmin(-1)  # vertex with the smallest gradient
         v1v1 = (sol * grad).sum(-1)
         v1v2 = grad[rows, t]
         v2v2 = diag[rows, t]
@@ -224,7 +215,7 @@ def balanced_lambda(
     ``γ* = MGDA(h, c)``; ``saturated_lambda`` where γ* = 0. Float64, shape (B, 1, 1, 1) for
     ``reduce="layer"`` and (B, 1, H, W) for ``reduce="position"``."""
     dims = _reduce_dims(h, reduce)
-    a, b = (_rescaled_grad if grad else _rescaled)([h, c], dims)
+    a, b = _rescaled([h, c], dims, grad)
     gamma = _gamma2(a, b, dims)
     positive = gamma > 0
     # Divide by a safe value so that no inf appears even in the unselected branch of the where
@@ -242,7 +233,7 @@ def combination_weights(
     the group (α: two-vector closed form for K' = 2, Frank-Wolfe beyond), 0 for the zero ones."""
     dims = _reduce_dims(cs[0], reduce)
     active = [(c != 0).any(dim=dims, keepdim=True) for c in cs]
-    vs = (_rescaled_grad if grad else _rescaled)(cs, dims)
+    vs = _rescaled(cs, dims, grad)
     if len(cs) == 2:
         a1, a2 = active
         both = a1 & a2
@@ -259,7 +250,9 @@ def combination_weights(
     return [weights[..., i] for i in range(k)]
 
 
-def balanced_combination(cs: list[torch.Tensor], reduce: Reduce = "layer", grad: bool = False) -> torch.Tensor:
+def balanced_combination(
+    cs: list[torch.Tensor], reduce: Reduce = "layer", grad: bool = False
+) -> torch.Tensor:
     """``Σ w_k c_k`` with the weights of :func:`combination_weights`; ``c1`` itself for K = 1."""
     if len(cs) == 1:
         return cs[0]
@@ -295,7 +288,9 @@ class MinimalImpact(Injection):
             raise ControlstackError(f"mi: reduce must be 'layer' or 'position', got {reduce!r}")
         if not (isinstance(lambda_max, (int, float)) and 0 <= float(lambda_max) < float("inf")):
             raise ControlstackError(f"mi: lambda_max must be a finite number >= 0, got {lambda_max!r}")
-        if not (isinstance(saturated_lambda, (int, float)) and 0 <= float(saturated_lambda) <= float(lambda_max)):
+        if not (
+            isinstance(saturated_lambda, (int, float)) and 0 <= float(saturated_lambda) <= float(lambda_max)
+        ):
             raise ControlstackError(
                 f"mi: saturated_lambda must be a number in [0, lambda_max], got {saturated_lambda!r}"
             )
