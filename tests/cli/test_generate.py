@@ -1,0 +1,134 @@
+"""Acceptance 6: ``controlstack generate`` end to end, and one-line errors with exit 2."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from controlstack.cli.main import main
+from controlstack.io.png import read_parameters
+
+FAST = ["--steps", "2", "--width", "64", "--height", "64", "--no-progress"]
+
+
+@pytest.fixture()
+def edge_png(tmp_path, hint_images):
+    path = tmp_path / "edges.png"
+    hint_images[0].save(path)
+    return path
+
+
+def test_generate_subprocess_writes_pngs_with_metadata(tmp_path, edge_png):
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "controlstack.cli.main", "generate", "--prompt", "a red box",
+           "--negative", "blurry", "--control", f"canny:{edge_png}:0.7:0.1:0.9", "--seed", "5",
+           "--batch", "2", "--grid", "--scheduler", "euler_a", "--out", str(out), *FAST]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    files = sorted(p.name for p in out.iterdir())
+    assert files == ["00000-5.png", "00001-5.png", "grid-00000-5.png"]
+    meta = read_parameters(out / "00001-5.png")
+    text = meta["parameters"]
+    assert text.startswith("a red box\nNegative prompt: blurry\nSteps: 2, Sampler: euler_a, CFG scale: 7.5, Seed: 5")
+    assert 'ControlNet 0: "Module: none, Model: canny, Weight: 0.7, Guidance Start: 0.1, Guidance End: 0.9' in text
+    assert meta["controlstack"]["batch_pos"] == 1 and meta["controlstack"]["controls"][0]["weight"] == 0.7
+    # a second run never overwrites: numbering continues
+    assert main(["generate", "--prompt", "x", "--seed", "5", "--out", str(out), *FAST]) == 0
+    assert (out / "00002-5.png").is_file()
+
+
+def test_same_seed_same_image(tmp_path, edge_png):
+    a, b = tmp_path / "a", tmp_path / "b"
+    for d in (a, b):
+        assert main(["generate", "--prompt", "p", "--seed", "11", "--control", f"depth:{edge_png}",
+                     "--out", str(d), *FAST]) == 0
+    assert np.array_equal(np.asarray(Image.open(a / "00000-11.png")), np.asarray(Image.open(b / "00000-11.png")))
+
+
+def test_error_is_one_line_exit_2_subprocess(tmp_path):
+    bad = tmp_path / "notes.txt"
+    bad.write_text("not an image")
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "controlstack.cli.main", "generate", "--prompt", "x",
+                           "--control", f"canny:{bad}", "--out", str(out)], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "not an image" in lines[0] and "Traceback" not in proc.stderr
+    assert not out.exists()
+
+
+def _bad_inputs(tmp_path: Path, hint_images) -> dict[str, tuple[list[str], str]]:
+    good = tmp_path / "good.png"
+    hint_images[0].save(good)
+    noisy = tmp_path / "noisy.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), np.uint8)).save(noisy)
+    trunc = tmp_path / "trunc.png"
+    trunc.write_bytes(noisy.read_bytes()[: noisy.stat().st_size // 2])
+    zero = tmp_path / "zero.png"
+    zero.write_bytes(good.read_bytes()[:16] + b"\x00" * 8 + good.read_bytes()[24:])  # width=height=0
+    huge = tmp_path / "huge.png"
+    Image.new("L", (4100, 2)).save(huge)
+    text = tmp_path / "text.png"
+    text.write_text("hello")
+    empty_dir = tmp_path / "no_config"
+    empty_dir.mkdir()
+    pickle = tmp_path / "cn.ckpt"
+    pickle.write_bytes(b"\x80\x04K\x01.")
+    c = lambda spec: ["--control", spec]  # noqa: E731
+    return {
+        "truncated image": (c(f"canny:{trunc}"), "corrupt or truncated"),
+        "zero-size image": (c(f"canny:{zero}"), str(zero.name)),
+        "huge image": (c(f"canny:{huge}"), "larger than 4096x4096"),
+        "non-image file": (c(f"canny:{text}"), "not an image"),
+        "missing image": (c(f"canny:{tmp_path / 'nope.png'}"), "does not exist"),
+        "unknown scheduler": (["--scheduler", "heunpp"], "unknown scheduler 'heunpp'"),
+        "unknown mode": (["--mode", "loud"], "unknown mode 'loud'"),
+        "unknown control type": (c(f"sketchy:{good}"), "neither a bundled ControlNet"),
+        "folder without config": (c(f"{empty_dir}:{good}"), "config"),
+        "pickle without opt-in": (c(f"{pickle}:{good}"), "pickle"),
+        "negative steps": (["--steps", "-3"], "--steps"),
+        "negative cfg": (["--cfg", "-1"], "--cfg"),
+        "bad control spec": (["--control", "canny"], "MODEL:IMAGE"),
+        "bad window": (c(f"canny:{good}:1.0:0.8:0.2"), "window"),
+        "width not multiple of 8": (["--width", "65"], "multiple of 8"),
+        "mask index out of range": (c(f"canny:{good}") + ["--mask", f"3:{good}"], "only 1 given"),
+    }
+
+
+@pytest.mark.parametrize("case", [
+    "truncated image", "zero-size image", "huge image", "non-image file", "missing image",
+    "unknown scheduler", "unknown mode", "unknown control type", "folder without config",
+    "pickle without opt-in", "negative steps", "negative cfg", "bad control spec", "bad window",
+    "width not multiple of 8", "mask index out of range",
+])
+def test_bad_input_exit_2_one_line(tmp_path, hint_images, capsys, case):
+    args, expected = _bad_inputs(tmp_path, hint_images)[case]
+    out = tmp_path / "out"
+    argv = ["generate", "--prompt", "x", "--steps", "2", "--no-progress", "--out", str(out)] + args
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    err = [line for line in err if not line.startswith("controlstack: no trained bundle")]
+    assert len(err) == 1 and expected in err[0], err
+    assert not out.exists()
+
+
+def test_channel_mismatch(tmp_path, hint_images, capsys):
+    from controlstack.models.tiny import tiny_controlnet, tiny_unet
+
+    other = tiny_controlnet(tiny_unet(0, block_out_channels=(16, 32)))
+    folder = tmp_path / "cn16"
+    other.save_pretrained(folder)
+    good = tmp_path / "good.png"
+    hint_images[0].save(good)
+    assert main(["generate", "--prompt", "x", "--steps", "2", "--no-progress", "--out", str(tmp_path / "o"),
+                 "--control", f"{folder}:{good}"]) == 2
+    err = capsys.readouterr().err
+    assert "does not match" in err or "mismatch" in err, err
+    assert not (tmp_path / "o").exists()
