@@ -26,7 +26,7 @@ def test_mask_of_ones_and_constant_schedule_are_exact(pipe, tiny_controlnets, hi
     assert np.array_equal(plain, sched)
 
 
-@pytest.mark.parametrize("mode", ["balanced", "prompt", "controlnet"])
+@pytest.mark.parametrize("mode", ["balanced", "prompt", "controlnet", "guess", "mi"])
 def test_mask_of_zeros_is_no_control(pipe, tiny_controlnets, hint_images, mode):
     none = run(pipe, [], mode=mode)
     zeros = run(pipe, [Control(tiny_controlnets[0], hint_images[0], mask=np.zeros((64, 64)))], mode=mode)
@@ -126,3 +126,15 @@ def test_odd_pil_modes_as_condition(pipe, tiny_controlnets, hint_images):
         assert np.abs(out - ref).max() < 0.05, mode
     i16 = Image.fromarray((np.asarray(base.convert("L"), np.uint16) * 257).astype(np.uint16))
     assert np.abs(run(pipe, [Control(tiny_controlnets[0], i16)]) - ref).max() < 0.05
+
+
+def test_mi_mode_through_the_one_loop(pipe, tiny_controlnets, hint_images):
+    """MI runs through the same loop; with two controls it differs from the plain sum, and the
+    per-position variant differs from the per-layer one."""
+    controls = [Control(tiny_controlnets[0], hint_images[0]), Control(tiny_controlnets[1], hint_images[1])]
+    summed = run(pipe, controls, mode="balanced")
+    mi = run(pipe, controls, mode="mi")
+    mi_pos = run(pipe, controls, mode="mi", mode_options={"reduce": "position"})
+    assert np.isfinite(mi).all() and np.isfinite(mi_pos).all()
+    assert np.abs(mi - summed).max() > 1e-3
+    assert np.abs(mi - mi_pos).max() > 1e-4
