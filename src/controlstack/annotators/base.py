@@ -72,7 +72,7 @@ class Annotator:
 
     resolution: int | None = param(
         512, "short side (px) the annotator runs at and the condition comes back at; "
-             "none = the image's own size (pixel perfect sets this)", lo=16, hi=MAX_SIDE)
+             "none = the image's own size (pixel perfect sets this)", lo=1, hi=MAX_SIDE)
 
     # ------------------------------------------------------------------ parameters
     def __post_init__(self) -> None:
@@ -136,7 +136,10 @@ class Annotator:
         for f in cls.parameters():
             kind, optional = _base_type(hints[f.name])
             tname = kind.__name__ + (" | none" if optional else "")
-            rows.append((f.name, tname, f.default, _range_text(f.metadata), f.metadata["help"]))
+            rng = "true or false" if kind is bool else _range_text(f.metadata)
+            if kind is str and not f.metadata.get("choices"):
+                rng = "text"
+            rows.append((f.name, tname, f.default, rng, f.metadata["help"]))
         return rows
 
     @classmethod
@@ -180,7 +183,7 @@ class Annotator:
                       resize_mode: str = "just_resize") -> "Annotator":
         """A copy whose resolution maps ``image_size`` 1:1 onto the ``width`` x ``height`` target."""
         res = pixel_perfect_resolution(image_size, width, height, resize_mode)
-        return dataclasses.replace(self, resolution=max(16, min(MAX_SIDE, res)))
+        return dataclasses.replace(self, resolution=max(1, min(MAX_SIDE, res)))
 
     def target_size(self, size: tuple[int, int]) -> tuple[int, int]:
         """(w, h) the condition is computed at: short side scaled to ``resolution``."""

@@ -76,9 +76,12 @@ def soft_edge_map(rgb: np.ndarray, sigmas=(1.0, 2.0, 4.0), spread: float = 1.0, 
         # Sobel(ksize=3)/8 is the central derivative smoothed across; x s normalises the scale
         gx = cv2.Sobel(b, cv2.CV_32F, 1, 0, ksize=3) * (s / 8.0)
         gy = cv2.Sobel(b, cv2.CV_32F, 0, 1, ksize=3) * (s / 8.0)
-        sxx += (gx * gx).sum(-1)
-        syy += (gy * gy).sum(-1)
-        sxy += (gx * gy).sum(-1)
+        # explicit channel sums: numpy's strided reduce over a last axis of 3 is ~10x slower
+        for c in range(3):
+            x, y = gx[..., c], gy[..., c]
+            sxx += x * x
+            syy += y * y
+            sxy += x * y
     n = float(len(sigmas)) * 3.0  # scales x channels: a grey unit step reads 1.0
     mag = np.sqrt((sxx + syy) / n) / _STEP_PEAK
     theta = 0.5 * np.arctan2(2.0 * sxy, sxx - syy)  # dominant gradient direction (structure tensor)
@@ -168,7 +171,7 @@ class Lineart(Annotator):
                          lo=0.1, hi=64)
     intensity_threshold: float = param(8.0, "standard: darkness (0-255) ignored as noise", lo=0, hi=255)
     phi: float = param(40.0, "xdog: steepness of the tanh threshold", lo=0.1, hi=1000)
-    epsilon: float = param(0.01, "xdog: DoG darkness (0-1) below which nothing is drawn", lo=0, hi=1)
+    epsilon: float = param(0.02, "xdog: DoG darkness (0-1) below which nothing is drawn", lo=0, hi=1)
 
     def detect(self, rgb: np.ndarray) -> np.ndarray:
         if self.method == "standard":

@@ -54,29 +54,28 @@ def merge_segments(segs: np.ndarray, distance: float, angle_deg: float = 4.0) ->
     d = p2 - p1
     length = np.linalg.norm(d, axis=1)
     u = d / np.maximum(length[:, None], 1e-9)
-    cos = np.abs(u @ u.T)
-    parallel = cos >= np.cos(np.deg2rad(angle_deg))
     nrm = np.stack([-u[:, 1], u[:, 0]], 1)
-    # perpendicular distance of j's endpoints to i's line (max of the two)
-    rel1 = p1[None, :, :] - p1[:, None, :]
-    rel2 = p2[None, :, :] - p1[:, None, :]
-    perp = np.maximum(np.abs((rel1 * nrm[:, None, :]).sum(-1)), np.abs((rel2 * nrm[:, None, :]).sum(-1)))
-    # projections of j's endpoints on i's axis: intervals must overlap or nearly touch
-    s1 = (rel1 * u[:, None, :]).sum(-1)
-    s2 = (rel2 * u[:, None, :]).sum(-1)
-    lo, hi = np.minimum(s1, s2), np.maximum(s1, s2)
-    gap = np.maximum(lo - length[:, None], -hi)
-    close = parallel & (perp <= distance) & (gap <= distance)
-    close &= close.T
-    rows, cols = np.nonzero(np.triu(close, 1))
+    # candidate pairs: parallel within angle_deg (one N x N product), then exact tests per pair
+    i, j = np.nonzero(np.triu(np.abs(u @ u.T) >= np.cos(np.deg2rad(angle_deg)), 1))
+
+    def close(a, b):
+        """b's endpoints within `distance` of a's line, and their projections overlap or nearly touch."""
+        r1, r2 = p1[b] - p1[a], p2[b] - p1[a]
+        perp = np.maximum(np.abs((r1 * nrm[a]).sum(1)), np.abs((r2 * nrm[a]).sum(1)))
+        s1, s2 = (r1 * u[a]).sum(1), (r2 * u[a]).sum(1)
+        gap = np.maximum(np.minimum(s1, s2) - length[a], -np.maximum(s1, s2))
+        return (perp <= distance) & (gap <= distance)
+
+    ok = close(i, j) & close(j, i)
+    rows, cols = i[ok], j[ok]
     graph = coo_matrix((np.ones(len(rows)), (rows, cols)), shape=(n, n))
     count, label = connected_components(graph, directed=False)
+    sizes = np.bincount(label, minlength=count)
     out = np.empty((count, 4), np.float32)
-    for g in range(count):
+    single = sizes[label] == 1
+    out[label[single]] = segs[single]
+    for g in np.nonzero(sizes > 1)[0]:
         idx = np.nonzero(label == g)[0]
-        if len(idx) == 1:
-            out[g] = segs[idx[0]]
-            continue
         k = idx[np.argmax(length[idx])]
         ug, ng = u[k], nrm[k]
         pts = np.concatenate([p1[idx], p2[idx]])
