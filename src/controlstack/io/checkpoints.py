@@ -1,0 +1,320 @@
+"""ControlNet checkpoints: diffusers folders and original single files, transfer, compatibility.
+
+Formats (safetensors first, pickle only on explicit opt-in, then ``torch.load(weights_only=True)``):
+
+* **diffusers** -- a folder with ``config.json`` + ``diffusion_pytorch_model.safetensors``
+  (``ControlNetModel.save_pretrained``).
+* **original** -- one file with lllyasviel's key names (``control_model.input_blocks.*``,
+  ``zero_convs.*``, ``input_hint_block.*``, ``middle_block_out.*``; ``cldm/cldm.py`` of
+  github.com/lllyasviel/ControlNet). Files without the ``control_model.`` prefix and single files
+  with diffusers key names are read too. The architecture comes from, in order: ``config`` (a
+  folder or config.json), the config we embed in the safetensors metadata when *we* write a file,
+  or inference from tensor shapes (:mod:`controlstack.io.original`; SD-1.x defaults for what
+  shapes cannot tell). Files we write are read back exactly by diffusers'
+  ``ControlNetModel.from_single_file(path, config=folder)``.
+
+Transfer (ControlNet paper, Zhang et al. 2023, "transfer to community models"; the
+``tool_transfer_control.py`` of the reference repo): ``cn' = cn + (base' - base)`` on the encoder
+weights the ControlNet copies from the U-Net.
+
+Base models (SD single files and folders) live in :mod:`controlstack.io.sd_single_file`;
+``inspect_checkpoint`` in :mod:`controlstack.io.inspect`; both are re-exported here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import torch
+
+from controlstack.errors import ControlstackError
+from controlstack.io import original as orig
+
+PICKLE_SUFFIXES = (".ckpt", ".pth", ".pt", ".bin")
+SAFETENSORS_SUFFIXES = (".safetensors",)
+CONFIG_METADATA_KEY = "controlstack.config"
+# parameter-name prefixes the ControlNet copies from the U-Net (trainable copy of the encoder)
+SHARED_PREFIXES = ("conv_in.", "time_embedding.", "class_embedding.", "add_embedding.", "down_blocks.", "mid_block.")
+PICKLE_HINT = "pass --allow-pickle / allow_pickle=True if you trust the file"
+
+
+# ----------------------------------------------------------------------------------- files
+def existing_path(source: str | os.PathLike, what: str = "checkpoint") -> Path:
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise ControlstackError(f"{what} '{source}' does not exist; check the path")
+    return path
+
+
+def _check_pickle(path: Path, allow_pickle: bool) -> None:
+    if not allow_pickle:
+        raise ControlstackError(f"'{path}' is a pickle file, which can run code when loaded; {PICKLE_HINT}, "
+                                "or convert it to .safetensors")
+
+
+def read_tensors(source: str | os.PathLike, *, allow_pickle: bool = False) -> tuple[dict, dict]:
+    """(state dict, safetensors metadata) of one weights file; pickle only with ``allow_pickle``."""
+    path = existing_path(source)
+    suffix = path.suffix.lower()
+    if suffix in SAFETENSORS_SUFFIXES:
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+        except Exception as exc:  # safetensors raises its own error types for bad headers
+            raise ControlstackError(f"cannot read '{path}' as safetensors ({exc}); the file is corrupt or "
+                                    "truncated, download it again") from None
+    if suffix in PICKLE_SUFFIXES:
+        _check_pickle(path, allow_pickle)
+        try:
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise ControlstackError(f"cannot read '{path}' with torch.load(weights_only=True) "
+                                    f"({type(exc).__name__}); it is corrupt or holds more than tensors") from None
+        while isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+            state = state["state_dict"]  # Lightning-style checkpoints nest the weights
+        if not isinstance(state, dict):
+            raise ControlstackError(f"'{path}' holds a {type(state).__name__}, not a dict of tensors")
+        return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}, {}
+    raise ControlstackError(f"unknown checkpoint format '{suffix or path.name}' for '{path}'; use .safetensors "
+                            f"(or {'/'.join(PICKLE_SUFFIXES)} with --allow-pickle) or a diffusers folder")
+
+
+@contextlib.contextmanager
+def atomic_output(dest: str | os.PathLike):
+    """Yield a temporary sibling path; on success it replaces ``dest``, on failure it is removed, so a
+    failed write never leaves a partial file or folder behind."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.parent / f".{dest.name}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        yield tmp
+        if dest.is_dir() and not dest.is_symlink():
+            old = dest.parent / f".{dest.name}.old-{uuid.uuid4().hex[:8]}"
+            dest.rename(old)
+            tmp.rename(dest)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, dest)
+    finally:
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif tmp.exists():
+            tmp.unlink()
+
+
+def _config_file(config: str | os.PathLike, subfolder: str | None = None) -> dict:
+    """A diffusers config dict from a config.json or a folder holding one (or ``subfolder/config.json``)."""
+    path = existing_path(config, "config")
+    if path.is_dir():
+        candidates = [path / "config.json"] + ([path / subfolder / "config.json"] if subfolder else [])
+        found = [c for c in candidates if c.is_file()]
+        if not found:
+            raise ControlstackError(f"config folder '{path}' has no config.json; pass the folder of a diffusers "
+                                    "model (the one holding config.json)")
+        path = found[0]
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ControlstackError(f"cannot read config '{path}' ({exc}); pass a valid config.json") from None
+
+
+def build_empty(cls, config: dict, what: str):
+    """``cls.from_config(config)`` with empty (meta) parameters: a full-size model is built without a
+    random initialisation and the checkpoint's tensors are then assigned (as diffusers' single-file
+    loader does). Buffers stay real (``include_buffers=False``)."""
+    from accelerate import init_empty_weights
+
+    try:
+        with init_empty_weights():
+            return cls.from_config(config)
+    except Exception as exc:
+        raise ControlstackError(f"invalid {what} config ({type(exc).__name__}: {exc}); pass --config "
+                                "with the model's config.json") from None
+
+
+def assign_exact(model, state: dict, what: str):
+    """Load exactly the tensors of ``state`` into ``model`` (same names, same shapes) or say which differ."""
+    expected = model.state_dict()
+    missing = sorted(expected.keys() - state.keys())
+    unexpected = sorted(state.keys() - expected.keys())
+    wrong = sorted(k for k in expected.keys() & state.keys() if tuple(expected[k].shape) != tuple(state[k].shape))
+    if missing or unexpected or wrong:
+        detail = "; ".join(f"{len(names)} {label} (e.g. {names[0]})" for label, names in
+                           [("missing", missing), ("unexpected", unexpected), ("with other shapes", wrong)] if names)
+        raise ControlstackError(f"the {what} tensors do not match its architecture: {detail}; "
+                                "pass --config with the model's own config.json")
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.eval()
+
+
+# ----------------------------------------------------------------------------------- ControlNet
+def _original_names(state: dict) -> dict:
+    """Prefix-free LDM-named tensors of a ControlNet state dict in any supported key style."""
+    p = orig.CONTROLNET_PREFIX
+    if any(k.startswith(p) for k in state):
+        return {k[len(p):]: v for k, v in state.items() if k.startswith(p)}  # ignore bundled base weights
+    if "input_hint_block.0.weight" in state:
+        return state
+    if "controlnet_cond_embedding.conv_in.weight" in state:  # a diffusers-named single file
+        table = orig.unet_table(state, orig.layers_per_block_from_diffusers_keys(state))
+        return {table[k]: v for k, v in state.items()}
+    if any(k.startswith(orig.UNET_PREFIX) for k in state):
+        raise ControlstackError("this is a Stable Diffusion base checkpoint, not a ControlNet; pass it as the "
+                                "base model (--model) and a ControlNet file as the control")
+    raise ControlstackError("tensors do not look like a ControlNet (no input_hint_block / zero_convs / "
+                            "controlnet_cond_embedding keys); pass a ControlNet checkpoint")
+
+
+def resolve_controlnet_config(shapes: dict, metadata: dict | None = None, config=None) -> dict:
+    """Explicit ``config`` > config we embedded in the file > inference from tensor shapes."""
+    if config is not None:
+        return _config_file(config, "controlnet")
+    if metadata and CONFIG_METADATA_KEY in metadata:
+        return json.loads(metadata[CONFIG_METADATA_KEY])
+    return orig.infer_controlnet_config(shapes)
+
+
+def controlnet_from_state_dict(state: dict, *, config=None, metadata: dict | None = None,
+                               torch_dtype=torch.float32):
+    from diffusers import ControlNetModel
+
+    ldm = _original_names(state)
+    cfg = resolve_controlnet_config({k: tuple(v.shape) for k, v in ldm.items()}, metadata, config)
+    model = build_empty(ControlNetModel, cfg, "ControlNet")
+    back = {v: k for k, v in orig.unet_table(model.state_dict(), model.config.layers_per_block).items()}
+    model = assign_exact(model, {back.get(k, k): v for k, v in ldm.items()}, "ControlNet")
+    return model.to(torch_dtype) if torch_dtype is not None else model
+
+
+def _folder_weights(folder: Path, allow_pickle: bool) -> bool:
+    """``use_safetensors`` for a diffusers model folder, enforcing the pickle policy."""
+    if any(folder.glob("*.safetensors")):
+        return True
+    if any(folder.glob("*.bin")):
+        _check_pickle(folder / "diffusion_pytorch_model.bin", allow_pickle)
+        return False
+    raise ControlstackError(f"model folder '{folder}' has no weights (*.safetensors); save the model there again")
+
+
+def load_controlnet(source: str | os.PathLike, *, allow_pickle: bool = False,
+                    config: str | os.PathLike | None = None, torch_dtype=torch.float32):
+    """A ``diffusers.ControlNetModel`` from a diffusers folder or an original/diffusers single file."""
+    from diffusers import ControlNetModel
+
+    path = existing_path(source, "ControlNet")
+    if path.is_dir():
+        if not (path / "config.json").is_file() and (path / "controlnet" / "config.json").is_file():
+            path = path / "controlnet"  # a pipeline folder holding one ControlNet
+        if not (path / "config.json").is_file():
+            raise ControlstackError(f"folder '{source}' has no config.json; pass a diffusers ControlNet folder "
+                                    "(config.json + diffusion_pytorch_model.safetensors) or a single file")
+        cfg = _config_file(path)
+        if cfg.get("_class_name", "ControlNetModel") != "ControlNetModel":
+            raise ControlstackError(f"'{source}' holds a {cfg['_class_name']}, not a ControlNetModel; "
+                                    "pass a ControlNet folder")
+        use_safetensors = _folder_weights(path, allow_pickle)
+        try:
+            model = ControlNetModel.from_pretrained(path, use_safetensors=use_safetensors, local_files_only=True,
+                                                    torch_dtype=torch_dtype)
+        except (OSError, ValueError, RuntimeError) as exc:
+            raise ControlstackError(f"cannot load the ControlNet in '{path}' ({str(exc).splitlines()[0]}); "
+                                    "check that its config.json matches its weights") from None
+        return model.eval()
+    state, metadata = read_tensors(path, allow_pickle=allow_pickle)
+    return controlnet_from_state_dict(state, config=config, metadata=metadata, torch_dtype=torch_dtype)
+
+
+def controlnet_to_original(model, prefix: str = orig.CONTROLNET_PREFIX) -> dict:
+    """The state dict of ``model`` under lllyasviel's key names."""
+    state = model.state_dict()
+    table = orig.unet_table(state, model.config.layers_per_block)
+    return {prefix + table[k]: v.detach().contiguous() for k, v in state.items()}
+
+
+def _config_json(model) -> str:
+    return json.dumps({k: v for k, v in json.loads(model.to_json_string()).items() if k != "_name_or_path"})
+
+
+def save_controlnet(model, dest: str | os.PathLike, *, format: str = "auto") -> Path:
+    """Write ``model``: ``format="auto"`` -> a ``*.safetensors`` path gets the original single-file
+    format, anything else a diffusers folder. The write is atomic."""
+    from safetensors.torch import save_file
+
+    dest = Path(dest)
+    if format == "auto":
+        format = "original" if dest.suffix.lower() == ".safetensors" else "diffusers"
+    if format not in ("diffusers", "original"):
+        raise ControlstackError(f"unknown checkpoint format '{format}'; use one of: diffusers, original")
+    if format == "original" and dest.suffix.lower() != ".safetensors":
+        raise ControlstackError(f"the original format is written as one .safetensors file; name '{dest}' *.safetensors")
+    with atomic_output(dest) as tmp:
+        if format == "diffusers":
+            model.save_pretrained(tmp, safe_serialization=True)
+        else:
+            save_file(controlnet_to_original(model), str(tmp),
+                      metadata={"format": "pt", CONFIG_METADATA_KEY: _config_json(model)})
+    return dest
+
+
+# ----------------------------------------------------------------------------------- compatibility
+def check_compatible(controlnet, unet) -> None:
+    """Raise unless ``controlnet``'s residuals fit ``unet`` (channels, layout, text width)."""
+    c, u = controlnet.config, unet.config
+    problems = []
+    for field, label in [("in_channels", "latent channels"), ("block_out_channels", "block channels"),
+                         ("layers_per_block", "layers per block"), ("cross_attention_dim", "cross-attention dim")]:
+        cv, uv = c.get(field), u.get(field)
+        cv, uv = (list(cv), list(uv)) if isinstance(cv, (list, tuple)) else (cv, uv)
+        if cv != uv:
+            problems.append(f"{label} {cv} vs base {uv}")
+    if problems:
+        raise ControlstackError("ControlNet does not match the base model (" + "; ".join(problems) + "); use a "
+                                "ControlNet trained for this base family (e.g. an SD-1.x ControlNet with an SD-1.x base)")
+
+
+def transfer_controlnet(controlnet, base_old_unet, base_new_unet):
+    """``cn' = cn + (base' - base)`` on the parameters the ControlNet shares (by name) with the U-Net;
+    the hint encoder and zero convolutions are unchanged. Returns a new model."""
+    import copy
+
+    check_compatible(controlnet, base_old_unet)
+    check_compatible(controlnet, base_new_unet)
+    old, new = base_old_unet.state_dict(), base_new_unet.state_dict()
+    out = copy.deepcopy(controlnet)
+    state = out.state_dict()
+    with torch.no_grad():
+        for name, tensor in state.items():
+            if not name.startswith(SHARED_PREFIXES):
+                continue
+            if name not in old or name not in new or old[name].shape != tensor.shape or new[name].shape != tensor.shape:
+                raise ControlstackError(f"base models do not share ControlNet parameter '{name}' with the same shape; "
+                                        "both bases must have the ControlNet's architecture")
+            delta = new[name].to(torch.float32) - old[name].to(torch.float32)
+            tensor.copy_((tensor.to(torch.float32) + delta).to(tensor.dtype))
+    return out
+
+
+# ----------------------------------------------------------------------------------- re-exports
+def load_base(source, *, allow_pickle: bool = False, config=None, torch_dtype=torch.float32):
+    from controlstack.io.sd_single_file import load_base as _load_base
+
+    return _load_base(source, allow_pickle=allow_pickle, config=config, torch_dtype=torch_dtype)
+
+
+def save_base(components, dest, *, format: str = "auto"):
+    from controlstack.io.sd_single_file import save_base as _save_base
+
+    return _save_base(components, dest, format=format)
+
+
+def inspect_checkpoint(source, *, allow_pickle: bool = False) -> dict:
+    from controlstack.io.inspect import inspect_checkpoint as _inspect
+
+    return _inspect(source, allow_pickle=allow_pickle)

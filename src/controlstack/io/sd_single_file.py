@@ -1,0 +1,293 @@
+"""Stable Diffusion base models: diffusers folders and SD-1.x single-file (LDM) checkpoints, offline.
+
+Reading a single file uses diffusers' own converters (``convert_ldm_unet_checkpoint``,
+``convert_ldm_vae_checkpoint``, ``convert_ldm_clip_checkpoint`` in
+``diffusers.loaders.single_file_utils``) with *local* configs, so nothing is fetched from the Hub:
+
+* ``config=DIR`` -- a diffusers SD folder (model_index.json, unet/, vae/, text_encoder/,
+  tokenizer/, scheduler/) gives the configs and the tokenizer;
+* otherwise the SD-1.5 configs stored in ``controlstack/configs/sd15`` (written from the public
+  ``runwayml/stable-diffusion-v1-5`` configs), with every field that the tensors *can* tell
+  (channels, block count, layers, text width, vocabulary, ...) taken from the tensors, or the
+  configs we embedded in the file's metadata when we wrote it. A single file carries no tokenizer:
+  without ``config`` a cached ``openai/clip-vit-large-patch14`` tokenizer is used when its
+  vocabulary fits, else loading fails with a one-line error asking for ``--config``.
+
+Writing a single file is the inverse mapping (:mod:`controlstack.io.original`; the reference is
+diffusers' ``scripts/convert_diffusers_to_original_stable_diffusion.py``), so that
+``load_base(save_base(x, "f.safetensors"))`` gives ``x``'s tensors back exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from controlstack.errors import ControlstackError
+from controlstack.io import original as orig
+from controlstack.io.checkpoints import (
+    _config_file,
+    _folder_weights,
+    assign_exact,
+    atomic_output,
+    build_empty,
+    existing_path,
+    read_tensors,
+)
+from controlstack.models.tiny import SDComponents
+
+SD15_CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "sd15"
+METADATA_KEYS = {"unet": "controlstack.unet_config", "vae": "controlstack.vae_config",
+                 "text_encoder": "controlstack.text_encoder_config"}
+CLIP_L_TOKENIZER = "openai/clip-vit-large-patch14"
+
+
+def _json(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def _cast(model, dtype):
+    if dtype is not None and any(p.dtype != dtype for p in model.parameters()):
+        model = model.to(dtype)
+    return model.eval()
+
+
+# ----------------------------------------------------------------------------------- folders
+def _require_base_folder(path: Path) -> None:
+    if (path / "model_index.json").is_file():
+        return
+    if (path / "config.json").is_file():
+        raise ControlstackError(f"'{path}' is a single-model folder (config.json), not a Stable Diffusion "
+                                "model; pass a diffusers SD folder with model_index.json or a single-file checkpoint")
+    raise ControlstackError(f"folder '{path}' has no model_index.json; pass a diffusers Stable Diffusion folder "
+                            "(model_index.json, unet/, vae/, text_encoder/, tokenizer/) or a single-file checkpoint")
+
+
+def _load_folder_model(cls, folder: Path, allow_pickle: bool, dtype):
+    if not (folder / "config.json").is_file():
+        raise ControlstackError(f"'{folder}' has no config.json; the Stable Diffusion folder is incomplete")
+    use_safetensors = _folder_weights(folder, allow_pickle)
+    try:
+        model = cls.from_pretrained(folder, use_safetensors=use_safetensors, local_files_only=True)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise ControlstackError(f"cannot load '{folder}' ({str(exc).splitlines()[0]}); check that its "
+                                "config.json matches its weights") from None
+    return _cast(model, dtype)
+
+
+def _tokenizer_from(folder: Path):
+    from transformers import CLIPTokenizer
+
+    if not (folder / "tokenizer").is_dir():
+        raise ControlstackError(f"'{folder}' has no tokenizer/ folder; pass a diffusers SD folder with a tokenizer")
+    return CLIPTokenizer.from_pretrained(folder / "tokenizer", local_files_only=True)
+
+
+def _scheduler_config(folder: Path | None) -> dict:
+    path = (folder / "scheduler" / "scheduler_config.json") if folder else None
+    return _json(path if path and path.is_file() else SD15_CONFIGS / "scheduler" / "scheduler_config.json")
+
+
+def _load_base_folder(path: Path, allow_pickle: bool, dtype) -> SDComponents:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    _require_base_folder(path)
+    return SDComponents(
+        unet=_load_folder_model(UNet2DConditionModel, path / "unet", allow_pickle, dtype),
+        vae=_load_folder_model(AutoencoderKL, path / "vae", allow_pickle, dtype),
+        text_encoder=_load_folder_model(CLIPTextModel, path / "text_encoder", allow_pickle, dtype),
+        tokenizer=_tokenizer_from(path),
+        scheduler_config=_scheduler_config(path),
+    )
+
+
+# ----------------------------------------------------------------------------------- single files
+def _strip(state: dict, prefix: str) -> dict:
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def _shapes(state: dict) -> dict:
+    return {k: tuple(v.shape) for k, v in state.items()}
+
+
+def _require_base_state(state: dict) -> None:
+    if any(k.startswith(orig.UNET_PREFIX) for k in state):
+        return
+    if any(k.startswith(orig.CONTROLNET_PREFIX) or k.startswith("input_hint_block.") for k in state):
+        raise ControlstackError("this is a ControlNet checkpoint, not a Stable Diffusion base; pass it as a "
+                                "control (--control) and a base model as --model")
+    raise ControlstackError("tensors do not look like a Stable Diffusion single-file checkpoint (no "
+                            "model.diffusion_model.* keys); pass an SD-1.x .safetensors or a diffusers folder")
+
+
+def _base_configs(state: dict, metadata: dict, config) -> tuple[dict, dict, dict, Path | None]:
+    """(unet, vae, text encoder) configs: ``config`` folder > our metadata > SD-1.5 + tensor shapes."""
+    if config is not None:
+        folder = existing_path(config, "config")
+        _require_base_folder(folder)
+        return (_config_file(folder / "unet"), _config_file(folder / "vae"),
+                _config_file(folder / "text_encoder"), folder)
+    configs = []
+    for part, prefix, infer in [("unet", orig.UNET_PREFIX, orig.infer_unet_config),
+                                ("vae", orig.VAE_PREFIX, orig.infer_vae_config),
+                                ("text_encoder", orig.CLIP_PREFIX, orig.infer_clip_config)]:
+        if METADATA_KEYS[part] in metadata:
+            configs.append(json.loads(metadata[METADATA_KEYS[part]]))
+        else:
+            configs.append({**_json(SD15_CONFIGS / part / "config.json"), **infer(_shapes(_strip(state, prefix)))})
+    return (*configs, None)
+
+
+def _unet_from_state(state: dict, cfg: dict, dtype):
+    from diffusers import UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+
+    model = build_empty(UNet2DConditionModel, cfg, "U-Net")
+    return _cast(assign_exact(model, convert_ldm_unet_checkpoint(state, dict(model.config)), "U-Net"), dtype)
+
+
+def load_unet(source, *, allow_pickle: bool = False, config=None, torch_dtype=torch.float32):
+    """Only the U-Net of a base (folder or single file): what ``transfer`` needs, no tokenizer."""
+    from diffusers import UNet2DConditionModel
+
+    path = existing_path(source, "base model")
+    if path.is_dir():
+        _require_base_folder(path)
+        return _load_folder_model(UNet2DConditionModel, path / "unet", allow_pickle, torch_dtype)
+    state, metadata = read_tensors(path, allow_pickle=allow_pickle)
+    _require_base_state(state)
+    if config is not None:
+        cfg = _base_configs(state, metadata, config)[0]
+    elif METADATA_KEYS["unet"] in metadata:
+        cfg = json.loads(metadata[METADATA_KEYS["unet"]])
+    else:
+        cfg = {**_json(SD15_CONFIGS / "unet" / "config.json"),
+               **orig.infer_unet_config(_shapes(_strip(state, orig.UNET_PREFIX)))}
+    return _unet_from_state(state, cfg, torch_dtype)
+
+
+def _single_file_tokenizer(folder: Path | None, vocab_size: int):
+    if folder is not None:
+        return _tokenizer_from(folder)
+    if vocab_size == 49408:  # CLIP ViT-L/14's vocabulary: SD-1.x's tokenizer, if the user has it cached
+        try:
+            from transformers import CLIPTokenizer
+
+            return CLIPTokenizer.from_pretrained(CLIP_L_TOKENIZER, local_files_only=True)
+        except Exception:  # not in the local cache; the error below says what to do
+            pass
+    raise ControlstackError("a single-file checkpoint carries no tokenizer; pass --config DIR (config=DIR), a "
+                            "diffusers Stable Diffusion folder of the same model with a tokenizer/ folder")
+
+
+def _load_base_file(path: Path, allow_pickle: bool, config, dtype) -> SDComponents:
+    from diffusers import AutoencoderKL
+    from diffusers.loaders.single_file_utils import convert_ldm_clip_checkpoint, convert_ldm_vae_checkpoint
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    state, metadata = read_tensors(path, allow_pickle=allow_pickle)
+    _require_base_state(state)
+    unet_cfg, vae_cfg, text_cfg, folder = _base_configs(state, metadata, config)
+    unet = _unet_from_state(state, unet_cfg, dtype)
+    vae = build_empty(AutoencoderKL, vae_cfg, "VAE")
+    vae = _cast(assign_exact(vae, convert_ldm_vae_checkpoint(state, dict(vae.config)), "VAE"), dtype)
+    # transformers >= 5.6 flattened CLIPTextModel (no ``text_model.`` level); position_ids is a buffer
+    clip = {k.removeprefix("text_model."): v for k, v in convert_ldm_clip_checkpoint(state).items()
+            if not k.endswith("position_ids")}
+    if not clip:
+        orig.infer_clip_config({})  # raises the "no CLIP text encoder" error
+    from accelerate import init_empty_weights
+
+    with init_empty_weights():
+        text_encoder = CLIPTextModel(CLIPTextConfig.from_dict(text_cfg))
+    text_encoder = _cast(assign_exact(text_encoder, clip, "text encoder"), dtype)
+    tokenizer = _single_file_tokenizer(folder, text_encoder.config.vocab_size)
+    return SDComponents(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                        scheduler_config=_scheduler_config(folder))
+
+
+def load_base(source: str | os.PathLike, *, allow_pickle: bool = False, config: str | os.PathLike | None = None,
+              torch_dtype=torch.float32) -> SDComponents:
+    """A Stable Diffusion base from a diffusers folder or an SD-1.x single file (offline)."""
+    path = existing_path(source, "base model")
+    if path.is_dir():
+        return _load_base_folder(path, allow_pickle, torch_dtype)
+    return _load_base_file(path, allow_pickle, config, torch_dtype)
+
+
+# ----------------------------------------------------------------------------------- writing
+def base_to_original(components: SDComponents) -> dict:
+    """The LDM single-file state dict of ``components`` (U-Net, VAE, CLIP text encoder)."""
+    out = {}
+    unet = components.unet.state_dict()
+    for k, new in orig.unet_table(unet, components.unet.config.layers_per_block).items():
+        out[orig.UNET_PREFIX + new] = unet[k]
+    vae = components.vae.state_dict()
+    for k, new in orig.vae_table(vae, len(components.vae.config.block_out_channels)).items():
+        t = vae[k]
+        out[orig.VAE_PREFIX + new] = t[:, :, None, None] if orig.is_vae_attention_matrix(new) else t
+    for k, t in components.text_encoder.state_dict().items():
+        out[orig.CLIP_PREFIX + k.removeprefix("text_model.")] = t
+    return {k: v.detach().contiguous() for k, v in out.items()}
+
+
+def _model_json(model) -> str:
+    if hasattr(model, "to_json_string"):
+        cfg = json.loads(model.to_json_string())
+    else:  # a transformers config
+        cfg = model.config.to_dict()
+    return json.dumps({k: v for k, v in cfg.items() if k not in ("_name_or_path", "transformers_version")})
+
+
+def _save_folder(components: SDComponents, folder: Path) -> None:
+    """What ``StableDiffusionPipeline.save_pretrained`` writes, without importing the pipeline
+    (whose import pulls in transformers' image processors and costs seconds)."""
+    import diffusers
+
+    sched_cfg = dict(components.scheduler_config or _scheduler_config(None))
+    sched_name = str(sched_cfg.get("_class_name", "PNDMScheduler"))
+    sched_cls = getattr(diffusers, sched_name, None) or diffusers.PNDMScheduler
+    folder.mkdir(parents=True)
+    components.unet.save_pretrained(folder / "unet", safe_serialization=True)
+    components.vae.save_pretrained(folder / "vae", safe_serialization=True)
+    components.text_encoder.save_pretrained(folder / "text_encoder", safe_serialization=True)
+    components.tokenizer.save_pretrained(folder / "tokenizer")
+    sched_cls.from_config(sched_cfg).save_config(folder / "scheduler")
+    index = {
+        "_class_name": "StableDiffusionPipeline",
+        "_diffusers_version": diffusers.__version__,
+        "feature_extractor": [None, None],
+        "requires_safety_checker": False,
+        "safety_checker": [None, None],
+        "scheduler": ["diffusers", sched_cls.__name__],
+        "text_encoder": ["transformers", type(components.text_encoder).__name__],
+        "tokenizer": ["transformers", type(components.tokenizer).__name__],
+        "unet": ["diffusers", type(components.unet).__name__],
+        "vae": ["diffusers", type(components.vae).__name__],
+    }
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def save_base(components: SDComponents, dest: str | os.PathLike, *, format: str = "auto") -> Path:
+    """Write a base model: a diffusers folder with model_index.json, or (``*.safetensors`` /
+    ``format="original"``) an SD-1.x single file. The write is atomic."""
+    from safetensors.torch import save_file
+
+    dest = Path(dest)
+    if format == "auto":
+        format = "original" if dest.suffix.lower() == ".safetensors" else "diffusers"
+    if format not in ("diffusers", "original"):
+        raise ControlstackError(f"unknown checkpoint format '{format}'; use one of: diffusers, original")
+    with atomic_output(dest) as tmp:
+        if format == "original":
+            metadata = {"format": "pt"}
+            for part, key in METADATA_KEYS.items():
+                metadata[key] = _model_json(getattr(components, part))
+            save_file(base_to_original(components), str(tmp), metadata=metadata)
+        else:
+            _save_folder(components, tmp)
+    return dest
