@@ -101,6 +101,9 @@ def atomic_output(dest: str | os.PathLike):
             tmp.rename(dest)
             shutil.rmtree(old)
         else:
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)  # safetensors creates 0600 files; give the usual permissions
             os.replace(tmp, dest)
     finally:
         if tmp.is_dir():
