@@ -98,9 +98,10 @@ class Annotator:
             return
         if kind in (int, float):
             ok = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+            ok = ok and bool(np.isfinite(float(value)))
             if kind is int and ok and float(value) != int(value):
                 ok = False
-            if not ok or not np.isfinite(float(value)):
+            if not ok:
                 noun = "an integer" if kind is int else "a number"
                 raise ControlstackError(f"{where} must be {noun} {_range_text(meta)}, got {value!r}")
             lo, hi = meta.get("lo"), meta.get("hi")

@@ -21,7 +21,7 @@ import numpy as np
 from controlstack.annotators.base import Annotator, param
 
 
-def _contrast(g: np.ndarray, segs: np.ndarray, offset: float = 2.0, samples: int = 9) -> np.ndarray:
+def _contrast(g: np.ndarray, segs: np.ndarray, offset: float = 1.0, samples: int = 9) -> np.ndarray:
     """Mean |I(p + offset n) - I(p - offset n)| along each segment (n = unit normal), g in [0,1]."""
     if len(segs) == 0:
         return np.zeros(0, np.float32)
@@ -94,7 +94,8 @@ class Lines(Annotator):
     value_threshold: float = param(0.1, "minimum contrast across a segment, as a fraction of full range",
                                    lo=0.0, hi=1.0)
     min_length: float = param(8.0, "minimum segment length (px, after merging)", lo=0, hi=4096)
-    merge_distance: float = param(3.0, "merge parallel pieces closer than this (px); 0 = no merging",
+    merge_distance: float = param(8.0, "merge parallel pieces closer than this (px): both sides of a stroke "
+                                  "become its centre line; 0 = no merging",
                                   lo=0, hi=64)
     thickness: int = param(1, "drawn line width (px)", lo=1, hi=16)
 
