@@ -56,6 +56,28 @@ class Pipeline:
         self.controlnets: dict[str, Any] = dict(controlnets or {})
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self._unet_runner = UNetRunner(self.unet)
+        self.memory_format = torch.contiguous_format
+        self.autocast_dtype: torch.dtype | None = None
+        self.fast_description = "parity (float32, as diffusers)"
+
+    def optimize(self, mode: str = "fast") -> "Pipeline":
+        """``"parity"``: float32 exactly as diffusers. ``"fast"``: channels-last convolutions
+        (oneDNN's fast path on CPU) and bf16 autocast *only* where a probe shows native bf16 is
+        faster than fp32 -- on AVX2-only CPUs bf16 matmuls are ~100x slower, so it is never assumed.
+        """
+        from controlstack.models.speed import bf16_is_fast
+
+        if mode not in ("parity", "fast"):
+            raise ControlstackError(f"unknown optimisation mode '{mode}'; choose parity or fast")
+        fast = mode == "fast"
+        self.memory_format = torch.channels_last if fast else torch.contiguous_format
+        self.autocast_dtype = torch.bfloat16 if fast and bf16_is_fast() else None
+        for module in [self.unet, self.vae] + [c for c in self.controlnets.values() if isinstance(c, torch.nn.Module)]:
+            module.to(memory_format=self.memory_format)
+        parts = ["channels_last"] if fast else []
+        parts += ["bf16 autocast"] if self.autocast_dtype else (["fp32 (bf16 not faster here)"] if fast else [])
+        self.fast_description = ", ".join(parts) if fast else "parity (float32, as diffusers)"
+        return self
 
     @property
     def native_size(self) -> int:
@@ -94,7 +116,7 @@ class Pipeline:
                 f"control model '{model}' is neither a bundled ControlNet ({known}) nor an existing path"
             )
         _check_compatible(cn, self.unet)
-        return cn.eval()
+        return cn.eval().to(memory_format=self.memory_format)
 
     # ----------------------------------------------------------------------------- pieces
     @torch.no_grad()
@@ -188,7 +210,9 @@ class Pipeline:
                  width // self.vae_scale_factor)
         latents = torch.randn(shape, generator=generator, dtype=self.unet.dtype)
         denoiser = ControlledDenoiser(self._unet_runner, branches, injection, cond, uncond, cfg)
-        latents = sample(denoiser, sched, latents, steps, generator=generator, eta=eta, progress=progress)
+        with torch.autocast("cpu", dtype=self.autocast_dtype or torch.bfloat16,
+                            enabled=self.autocast_dtype is not None):
+            latents = sample(denoiser, sched, latents, steps, generator=generator, eta=eta, progress=progress)
         images = self.decode(latents, generator)
         if output_type == "pil":
             images = [Image.fromarray((im * 255).round().astype("uint8")) for im in images]

@@ -132,3 +132,26 @@ def test_channel_mismatch(tmp_path, hint_images, capsys):
     err = capsys.readouterr().err
     assert "does not match" in err or "mismatch" in err, err
     assert not (tmp_path / "o").exists()
+
+
+def test_preprocess_runs_the_annotator_of_the_same_name(tmp_path):
+    """--preprocess on a photo == passing the canny annotator's output (pixel-perfect) directly."""
+    from skimage import data
+
+    from controlstack import annotators
+
+    photo = tmp_path / "photo.png"
+    Image.fromarray(data.astronaut()).resize((64, 64)).save(photo)
+    edges = tmp_path / "edges.png"
+    annotators.get("canny", resolution=64)(Image.open(photo)).save(edges)
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert main(["generate", "--prompt", "p", "--seed", "1", "--preprocess", "--control", f"canny:{photo}",
+                 "--out", str(a), *FAST]) == 0
+    assert main(["generate", "--prompt", "p", "--seed", "1", "--control", f"canny:{edges}",
+                 "--out", str(b), *FAST]) == 0
+    c = tmp_path / "c"
+    assert main(["generate", "--prompt", "p", "--seed", "1", "--control", f"canny:{photo}",
+                 "--out", str(c), *FAST]) == 0
+    img = lambda d: np.asarray(Image.open(d / "00000-1.png"))  # noqa: E731
+    assert np.array_equal(img(a), img(b))
+    assert not np.array_equal(img(a), img(c))
