@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -48,3 +49,31 @@ def world_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("world") / "data"
     datasets.Dataset.from_dict(make_rows(8, 32, seed=0), features=features).save_to_disk(str(path))
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_base_dir(tmp_path_factory):
+    """A tiny Stable Diffusion folder (models.tiny) as the base recipe would export it."""
+    from controlstack.models.tiny import tiny_sd
+    from controlstack.training.base import export_pipeline
+
+    sd = tiny_sd(seed=0, max_length=8)
+    path = tmp_path_factory.mktemp("base") / "model"
+    export_pipeline(path, sd.vae, sd.text_encoder, sd.tokenizer, sd.unet)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_vae_dir(tiny_base_dir):
+    return str(Path(tiny_base_dir) / "vae")
+
+
+def tiny_controlnet_config(world_dir, base_dir, out, **kw):
+    from controlstack.training.controlnet import ControlNetConfig
+
+    values = dict(
+        data=world_dir, base=base_dir, output_dir=str(out), resolution=32, batch_size=2, max_steps=2,
+        hint_channels=(8, 8, 8, 8), checkpoint_every=1, validate_every=2, log_every=1,
+        num_validation_images=1, num_inference_steps=2, learning_rate=1e-3, seed=3,
+    )
+    return ControlNetConfig(**(values | kw))
