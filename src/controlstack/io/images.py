@@ -125,11 +125,12 @@ def resize_image(image: Image.Image, width: int, height: int, mode: str = "just_
     if mode == "just_resize":
         return image.resize((width, height), resample)
     if mode == "crop_and_resize":
+        # Crop in source coordinates first, then resize: nothing outside the kept region can
+        # ring into it through the Lanczos kernel (and it is cheaper than resizing everything).
         scale = max(width / w, height / h)
-        nw, nh = max(width, round(w * scale)), max(height, round(h * scale))
-        scaled = image.resize((nw, nh), resample)
-        left, top = (nw - width) // 2, (nh - height) // 2
-        return scaled.crop((left, top, left + width, top + height))
+        cw, ch = min(w, width / scale), min(h, height / scale)
+        left, top = (w - cw) / 2, (h - ch) / 2
+        return image.resize((width, height), resample, box=(left, top, left + cw, top + ch))
     scale = min(width / w, height / h)
     nw, nh = max(1, min(width, round(w * scale))), max(1, min(height, round(h * scale)))
     scaled = image.resize((nw, nh), resample)
