@@ -128,9 +128,9 @@ def resize_image(image: Image.Image, width: int, height: int, mode: str = "just_
         # Crop in source coordinates first, then resize: nothing outside the kept region can
         # ring into it through the Lanczos kernel (and it is cheaper than resizing everything).
         scale = max(width / w, height / h)
-        cw, ch = min(w, width / scale), min(h, height / scale)
-        left, top = (w - cw) / 2, (h - ch) / 2
-        return image.resize((width, height), resample, box=(left, top, left + cw, top + ch))
+        cw, ch = min(w, max(1, round(width / scale))), min(h, max(1, round(height / scale)))
+        left, top = (w - cw) // 2, (h - ch) // 2
+        return image.crop((left, top, left + cw, top + ch)).resize((width, height), resample)
     scale = min(width / w, height / h)
     nw, nh = max(1, min(width, round(w * scale))), max(1, min(height, round(h * scale)))
     scaled = image.resize((nw, nh), resample)
