@@ -142,6 +142,13 @@ def build_empty(cls, config: dict, what: str):
                                 "with the model's config.json") from None
 
 
+def cast_model(model, dtype):
+    """``model`` in ``dtype`` (None keeps the checkpoint's), cast only when needed."""
+    if dtype is not None and any(p.dtype != dtype for p in model.parameters()):
+        model = model.to(dtype)
+    return model.eval()
+
+
 def assign_exact(model, state: dict, what: str):
     """Load exactly the tensors of ``state`` into ``model`` (same names, same shapes) or say which differ."""
     expected = model.state_dict()
@@ -192,8 +199,7 @@ def controlnet_from_state_dict(state: dict, *, config=None, metadata: dict | Non
     cfg = resolve_controlnet_config({k: tuple(v.shape) for k, v in ldm.items()}, metadata, config)
     model = build_empty(ControlNetModel, cfg, "ControlNet")
     back = {v: k for k, v in orig.unet_table(model.state_dict(), model.config.layers_per_block).items()}
-    model = assign_exact(model, {back.get(k, k): v for k, v in ldm.items()}, "ControlNet")
-    return model.to(torch_dtype) if torch_dtype is not None else model
+    return cast_model(assign_exact(model, {back.get(k, k): v for k, v in ldm.items()}, "ControlNet"), torch_dtype)
 
 
 def _folder_weights(folder: Path, allow_pickle: bool) -> bool:

@@ -34,6 +34,7 @@ from controlstack.io.checkpoints import (
     assign_exact,
     atomic_output,
     build_empty,
+    cast_model,
     existing_path,
     read_tensors,
 )
@@ -47,12 +48,6 @@ CLIP_L_TOKENIZER = "openai/clip-vit-large-patch14"
 
 def _json(path: Path) -> dict:
     return json.loads(path.read_text())
-
-
-def _cast(model, dtype):
-    if dtype is not None and any(p.dtype != dtype for p in model.parameters()):
-        model = model.to(dtype)
-    return model.eval()
 
 
 # ----------------------------------------------------------------------------------- folders
@@ -75,7 +70,7 @@ def _load_folder_model(cls, folder: Path, allow_pickle: bool, dtype):
     except (OSError, ValueError, RuntimeError) as exc:
         raise ControlstackError(f"cannot load '{folder}' ({str(exc).splitlines()[0]}); check that its "
                                 "config.json matches its weights") from None
-    return _cast(model, dtype)
+    return cast_model(model, dtype)
 
 
 def _tokenizer_from(folder: Path):
@@ -147,7 +142,7 @@ def _unet_from_state(state: dict, cfg: dict, dtype):
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 
     model = build_empty(UNet2DConditionModel, cfg, "U-Net")
-    return _cast(assign_exact(model, convert_ldm_unet_checkpoint(state, dict(model.config)), "U-Net"), dtype)
+    return cast_model(assign_exact(model, convert_ldm_unet_checkpoint(state, dict(model.config)), "U-Net"), dtype)
 
 
 def load_unet(source, *, allow_pickle: bool = False, config=None, torch_dtype=torch.float32):
@@ -194,7 +189,7 @@ def _load_base_file(path: Path, allow_pickle: bool, config, dtype) -> SDComponen
     unet_cfg, vae_cfg, text_cfg, folder = _base_configs(state, metadata, config)
     unet = _unet_from_state(state, unet_cfg, dtype)
     vae = build_empty(AutoencoderKL, vae_cfg, "VAE")
-    vae = _cast(assign_exact(vae, convert_ldm_vae_checkpoint(state, dict(vae.config)), "VAE"), dtype)
+    vae = cast_model(assign_exact(vae, convert_ldm_vae_checkpoint(state, dict(vae.config)), "VAE"), dtype)
     # transformers >= 5.6 flattened CLIPTextModel (no ``text_model.`` level); position_ids is a buffer
     clip = {k.removeprefix("text_model."): v for k, v in convert_ldm_clip_checkpoint(state).items()
             if not k.endswith("position_ids")}
@@ -204,7 +199,7 @@ def _load_base_file(path: Path, allow_pickle: bool, config, dtype) -> SDComponen
 
     with init_empty_weights():
         text_encoder = CLIPTextModel(CLIPTextConfig.from_dict(text_cfg))
-    text_encoder = _cast(assign_exact(text_encoder, clip, "text encoder"), dtype)
+    text_encoder = cast_model(assign_exact(text_encoder, clip, "text encoder"), dtype)
     tokenizer = _single_file_tokenizer(folder, text_encoder.config.vocab_size)
     return SDComponents(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
                         scheduler_config=_scheduler_config(folder))
