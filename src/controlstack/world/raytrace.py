@@ -1,0 +1,297 @@
+"""Ray casting: one primary ray per pixel centre, one shadow ray per lit surface point.
+
+Primary rays start from the camera's cached ray table (``camera.rays``); each primitive is only
+tested against the pixels inside the screen rectangle of its bounding sphere, so the cost follows
+the objects' screen area, not ``pixels x primitives``. Shadow rays are culled in *light space*:
+points and entity bounding spheres are projected onto the plane orthogonal to the sun direction,
+and a point is tested against an entity's primitives only when its projection falls inside the
+entity's disc and the entity lies towards the sun (Whitted's shadow rays with bounding volumes,
+"An improved illumination model for shaded display", CACM 1980).
+
+The result is a G-buffer of exact per-pixel ground truth; ``render.py`` turns it into images.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from controlstack.world import camera, palette, shading
+from controlstack.world.primitives import CAPSULE, SPHERE, capsule_normals, capsule_pairs, intersect, normal
+from controlstack.world.scene import FIRST_ENTITY_ID, Scene
+
+SKY, GROUND = -2, -1
+SHADOW_OFFSET = 2e-3  # metres: lifts shadow-ray origins off their own surface
+_CORNERS = np.array([[x, y, z] for x in (-1, 1) for y in (-1, 1) for z in (-1, 1)], float)
+
+
+@dataclass
+class GBuffer:
+    """Per-pixel buffers of a ``size x size`` render.
+
+    ``t``: ray distance (inf = sky); ``depth``: z-depth along the camera axis (inf = sky);
+    ``normal``: world-frame unit normals (0 for sky); ``instance``/``semantic``: uint8 ids;
+    ``prim``: index into ``scene.prims`` (-1 ground, -2 sky); ``lit``: 1 where the sun reaches
+    the point; ``image``: shaded RGB in ``[0, 1]``.
+    """
+
+    size: int
+    t: np.ndarray
+    depth: np.ndarray
+    normal: np.ndarray
+    instance: np.ndarray
+    semantic: np.ndarray
+    prim: np.ndarray
+    lit: np.ndarray
+    image: np.ndarray
+
+
+@dataclass
+class _Batch:
+    """Consecutive primitives traced together: a figure's capsules and spheres (as capsules with
+    ``a == b``), or one object primitive."""
+
+    first: int
+    prims: list
+    center: np.ndarray
+    radius: float
+    a: np.ndarray | None = None
+    b: np.ndarray | None = None
+    r: np.ndarray | None = None
+
+
+def _batches(scene: Scene) -> list[_Batch]:
+    out: list[_Batch] = []
+    i = 0
+    prims = scene.prims
+    while i < len(prims):
+        j = i + 1
+        if prims[i].kind in (CAPSULE, SPHERE) and scene.entities[prims[i].group].kind != "object":
+            while j < len(prims) and prims[j].group == prims[i].group:
+                j += 1
+        group = prims[i:j]
+        centers = np.array([p.bound_center for p in group])
+        radii = np.array([p.bound_radius for p in group])
+        c = ((centers - radii[:, None]).min(0) + (centers + radii[:, None]).max(0)) / 2
+        r = float(np.max(np.linalg.norm(centers - c, axis=1) + radii))
+        batch = _Batch(i, group, c, r)
+        if j - i > 1 or scene.entities[group[0].group].kind != "object":
+            batch.a = np.array([p.origin for p in group])
+            batch.b = np.array([p.end if p.end is not None else p.origin for p in group])
+            batch.r = np.array([p.size[0] for p in group])
+        out.append(batch)
+        i = j
+    return out
+
+
+def _rects(centers: np.ndarray, radii: np.ndarray, size: int) -> np.ndarray:
+    """Pixel rectangles ``(K, 4)`` as ``r0, r1, c0, c1`` (half-open, clipped; empty when
+    ``r0 >= r1`` or ``c0 >= c1``) covering bounding spheres.
+
+    The 8 corners of each sphere's bounding cube are projected: conservative, since perspective
+    maps a convex set into the hull of its corners' images. A sphere reaching behind the camera
+    gets the whole frame."""
+    uv, z = camera.project(centers[:, None, :] + radii[:, None, None] * _CORNERS, size)
+    lo = np.floor(np.nan_to_num(uv.min(axis=1))).astype(np.int64)
+    hi = np.ceil(np.nan_to_num(uv.max(axis=1))).astype(np.int64) + 1
+    rects = np.stack([lo[:, 1], hi[:, 1], lo[:, 0], hi[:, 0]], axis=1).clip(0, size)
+    rects[(z <= 1e-3).any(axis=1)] = (0, size, 0, size)
+    return rects
+
+
+def _rect_pixels(rects: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """All (flat pixel index, rectangle index) pairs of a set of rectangles, vectorised."""
+    h = np.maximum(rects[:, 1] - rects[:, 0], 0)
+    w = np.maximum(rects[:, 3] - rects[:, 2], 0)
+    n = h * w
+    owner = np.repeat(np.arange(len(rects)), n)
+    offset = np.arange(n.sum()) - np.repeat(np.cumsum(n) - n, n)
+    ww = w[owner]
+    pix = (rects[owner, 0] + offset // ww) * size + rects[owner, 2] + offset % ww
+    return pix, owner
+
+
+def _nearest(pix: np.ndarray, t: np.ndarray, part: np.ndarray):
+    """Per pixel, the nearest of several hits: (unique pixels, their t, their part)."""
+    keep = np.isfinite(t)
+    pix, t, part = pix[keep], t[keep], part[keep]
+    order = np.lexsort((t, pix))
+    pix, t, part = pix[order], t[order], part[order]
+    first = np.ones(len(pix), bool)
+    first[1:] = pix[1:] != pix[:-1]
+    return pix[first], t[first], part[first]
+
+
+def _primary(batches: list[_Batch], size: int) -> tuple[np.ndarray, np.ndarray]:
+    rd3 = camera.rays(size)
+    rd = rd3.reshape(-1, 3)
+    ro = camera.POSITION
+    tg = np.where(rd[:, 1] < 0, -ro[1] / rd[:, 1], np.inf)
+    t = tg.copy()
+    prim = np.where(np.isfinite(tg), GROUND, SKY).astype(np.int32)
+    for batch in batches:
+        if batch.a is None:  # one object primitive: test the rays of its screen rectangle
+            r0, r1, c0, c1 = _rects(batch.center[None], np.array([batch.radius]), size)[0]
+            if r0 >= r1 or c0 >= c1:
+                continue
+            tk = intersect(batch.prims[0], ro, rd3[r0:r1, c0:c1].reshape(-1, 3))
+            pix = (np.arange(r0, r1)[:, None] * size + np.arange(c0, c1)[None, :]).ravel()
+            part = np.zeros(len(pix), np.int64)
+        else:  # a figure: (pixel, part) pairs from each part's own rectangle, traced at once
+            centers = (batch.a + batch.b) / 2
+            radii = np.linalg.norm(batch.b - batch.a, axis=1) / 2 + batch.r
+            pix, part = _rect_pixels(_rects(centers, radii, size), size)
+            tk = capsule_pairs(ro, rd[pix], batch.a[part], batch.b[part], batch.r[part])
+            pix, tk, part = _nearest(pix, tk, part)
+        closer = tk < t[pix]
+        t[pix[closer]] = tk[closer]
+        prim[pix[closer]] = batch.first + part[closer]
+    return t, prim
+
+
+def _shadow_rect(center: np.ndarray, radius: float, sun: np.ndarray, size: int) -> np.ndarray:
+    """Screen rectangle of every point a bounding sphere can shadow: receivers lie above the
+    ground, so they sit between the sphere and its copy slid down along -sun to the ground, and
+    the hull of the two spheres' cubes bounds them."""
+    drop = (center[1] + radius) / max(sun[1], 1e-3)
+    centers = np.stack([center, center - drop * sun])
+    r = _rects(centers, np.array([radius, radius]), size)
+    return np.array([r[:, 0].min(), r[:, 1].max(), r[:, 2].min(), r[:, 3].max()])
+
+
+def _shadows(scene: Scene, batches: list[_Batch], points: np.ndarray, normals: np.ndarray,
+             hit: np.ndarray, size: int) -> np.ndarray:
+    """1.0 where the sun is visible from ``points`` (flat pixels ``hit``), else 0.0.
+
+    Per batch, only the pixels inside its shadow rectangle are tested, first against its
+    bounding sphere in light space (the plane orthogonal to the sun), then exactly."""
+    sun = scene.sun
+    facing = normals @ sun > 0
+    lit = facing.astype(float)
+    if not facing.any() or not batches:
+        return lit
+    origin = points + SHADOW_OFFSET * normals
+    e1 = np.cross(sun, [0.0, 0.0, 1.0] if abs(sun[2]) < 0.9 else [1.0, 0.0, 0.0])
+    e1 /= np.linalg.norm(e1)
+    e2 = np.cross(sun, e1)
+    basis = np.stack([e1, e2, sun], axis=1)
+    # Full-frame light-space coordinates; pixels that cannot be shadowed get ls = inf.
+    light = np.full((size * size, 3), np.inf)
+    light[hit[facing]] = origin[facing] @ basis
+    light = light.reshape(size, size, 3)
+    to_hit = np.full(size * size, -1, np.int64)
+    to_hit[hit] = np.arange(len(hit))
+    shadowed = np.zeros(len(points), bool)
+    for batch in batches:
+        r0, r1, c0, c1 = _shadow_rect(batch.center, batch.radius, sun, size)
+        if r0 >= r1 or c0 >= c1:
+            continue
+        cu, cv, cs = batch.center @ basis
+        r = batch.radius
+        sub = light[r0:r1, c0:c1]
+        du, dv = sub[..., 0] - cu, sub[..., 1] - cv
+        rr, cc = np.nonzero((du * du + dv * dv < r * r) & (sub[..., 2] < cs + r))
+        if rr.size == 0:
+            continue
+        cand = to_hit[(rr + r0) * size + cc + c0]
+        if batch.a is None:
+            o = origin[cand]
+            tk = intersect(batch.prims[0], o, np.broadcast_to(sun, o.shape))
+            shadowed[cand[np.isfinite(tk)]] = True
+            continue
+        # Figure: keep the (point, part) pairs whose light-space discs overlap, then trace them.
+        pu, pv, ps = (((batch.a + batch.b) / 2) @ basis).T
+        pr = np.linalg.norm(batch.b - batch.a, axis=1) / 2 + batch.r
+        lc = light[rr + r0, cc + c0]
+        du, dv = lc[:, 0, None] - pu, lc[:, 1, None] - pv
+        i, k = np.nonzero((du * du + dv * dv < pr * pr) & (lc[:, 2, None] < ps + pr))
+        if i.size == 0:
+            continue
+        o = origin[cand[i]]
+        tk = capsule_pairs(o, np.broadcast_to(sun, o.shape), batch.a[k], batch.b[k], batch.r[k])
+        shadowed[cand[i[np.isfinite(tk)]]] = True
+    lit[shadowed] = 0.0
+    return lit
+
+
+def trace(scene: Scene, size: int) -> GBuffer:
+    """Cast the scene into a :class:`GBuffer` at ``size x size`` pixels."""
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        return _trace(scene, size)
+
+
+def _trace(scene: Scene, size: int) -> GBuffer:
+    n_pix = size * size
+    rd = camera.rays(size).reshape(-1, 3)
+    batches = _batches(scene)
+    t, prim = _primary(batches, size)
+    hit = np.flatnonzero(prim != SKY)
+    hp = prim[hit]
+    points = camera.POSITION + t[hit, None] * rd[hit]
+    normals = np.zeros((hit.size, 3))
+    # Per-primitive tables, gathered per pixel (index 0 = ground).
+    n_prims = len(scene.prims)
+    group_of = np.array([0] + [p.group for p in scene.prims], np.int64)
+    mat_of = np.array([-1] + [p.material for p in scene.prims], np.int64)
+    inst_table = np.array([1] + [FIRST_ENTITY_ID + p.group for p in scene.prims], np.uint8)
+    sem_table = np.array([palette.CLASS_ID["ground"]]
+                         + [palette.CLASS_ID[scene.entities[p.group].cls] for p in scene.prims], np.uint8)
+    slot = hp + 1  # -1 (ground) -> 0
+    instance = np.zeros(n_pix, np.uint8)
+    semantic = np.zeros(n_pix, np.uint8)
+    instance[hit] = inst_table[slot]
+    semantic[hit] = sem_table[slot]
+    # Albedo: plain colours by table lookup, textured materials (and the ground) per material.
+    colors = np.array([m.color for m in scene.materials] + [(0.0, 0.0, 0.0)])
+    mat = mat_of[slot]
+    alb = colors[mat]
+    ground = np.flatnonzero(hp == GROUND)
+    normals[ground] = (0.0, 1.0, 0.0)
+    alb[ground] = shading.ground_albedo(scene.ground, size, hit[ground], scene.ground_variant, scene.ground_tint)
+    if n_prims:
+        order = np.argsort(hp, kind="stable")
+        bounds = np.searchsorted(hp[order], np.arange(0, n_prims + 1))
+        for batch in batches:
+            sel = order[bounds[batch.first] : bounds[batch.first + len(batch.prims)]]
+            if sel.size == 0:
+                continue
+            pts = points[sel]
+            if batch.a is not None:
+                part = hp[sel] - batch.first
+                normals[sel] = capsule_normals(pts, batch.a[part], batch.b[part])
+            else:
+                normals[sel] = normal(batch.prims[0], pts)
+            for m in np.unique(mat[sel]):
+                material = scene.materials[m]
+                if material.texture == "plain":
+                    continue
+                ms = sel[mat[sel] == m]
+                if batch.a is not None:  # figure parts: texture in the entity's frame
+                    local = points[ms] - scene.entities[group_of[hp[ms[0]] + 1]].position
+                else:
+                    local = batch.prims[0].to_local(points[ms])
+                alb[ms] = shading.albedo(material, local)
+    if scene.config.shadows:
+        lit_hit = _shadows(scene, batches, points, normals, hit, size)
+    else:
+        lit_hit = (normals @ scene.sun > 0) * 1.0
+    image = shading.sky(scene.sky, size)
+    image[hit] = shading.shade(scene.sky, alb, normals, scene.sun, lit_hit, t[hit])
+    normal_full = np.zeros((n_pix, 3))
+    normal_full[hit] = normals
+    lit = np.zeros(n_pix)
+    lit[hit] = lit_hit
+    depth = t * camera.forward_cosine(size).ravel()
+    shape = (size, size)
+    return GBuffer(
+        size=size,
+        t=t.reshape(shape),
+        depth=depth.reshape(shape),
+        normal=normal_full.reshape(size, size, 3),
+        instance=instance.reshape(shape),
+        semantic=semantic.reshape(shape),
+        prim=prim.reshape(shape),
+        lit=lit.reshape(shape),
+        image=np.clip(image, 0.0, 1.0).reshape(size, size, 3),
+    )
