@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -13,7 +15,11 @@ from controlstack.models.tiny import tiny_unet
 @pytest.fixture(scope="module")
 def bases(tiny_components):
     old = tiny_components.unet
-    new = tiny_unet(seed=7)  # a "fine-tuned" base: same architecture, other weights
+    new = copy.deepcopy(old)  # a "fine-tuned" base: every weight moved a little
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for p in new.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.01)
     return old, new
 
 
