@@ -1,0 +1,105 @@
+"""Library parts of the recipes: tokenizer, data, edge fidelity, precision probe, schedule."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from controlstack.errors import ControlstackError
+
+
+def test_tokenizer_whole_words_and_clip_format(tmp_path):
+    from transformers import CLIPTokenizer
+
+    from controlstack.training.tokenizer import build_tokenizer
+
+    tok = build_tokenizer("dataset", 12, ["A red striped sphere, left of a cube."])
+    tok.save_pretrained(tmp_path)
+    loaded = CLIPTokenizer.from_pretrained(tmp_path)
+    ids = loaded("a red striped sphere left of a cube").input_ids
+    assert ids == tok("a red striped sphere left of a cube").input_ids
+    assert len(ids) == 2 + 8  # one token per word
+    assert ids[0] == loaded.bos_token_id and ids[-1] == loaded.eos_token_id
+    assert len(loaded("zebra").input_ids) == 2 + 5  # unknown words fall back to bytes
+    assert loaded.model_max_length == 12
+
+
+def test_unknown_vocabulary_source():
+    from controlstack.training.tokenizer import build_tokenizer
+
+    with pytest.raises(ControlstackError, match="unknown vocabulary 'wiki'"):
+        build_tokenizer("wiki", 8)
+
+
+def test_edge_f1_tolerance():
+    from controlstack.training.validation import edge_f1
+
+    a = np.zeros((32, 32), bool)
+    a[8:24, 10] = True
+    assert edge_f1(a, a) == 1.0
+    assert edge_f1(a, np.roll(a, 2, axis=1)) == 1.0    # 2 px away: within tolerance
+    assert edge_f1(a, np.roll(a, 3, axis=1)) == 0.0    # 3 px away: no match
+    half = a.copy()
+    half[16:24, 10] = False        # rows 8-15 kept: P = 1, R = 10/16 (rows 16, 17 within 2 px)
+    assert edge_f1(a, half) == pytest.approx(2 * 0.625 / 1.625)
+    assert edge_f1(np.zeros_like(a), np.zeros_like(a)) == 1.0
+    assert edge_f1(a, np.zeros_like(a)) == 0.0
+
+
+def test_condition_fidelity_of_an_image_with_itself():
+    from PIL import Image
+
+    from controlstack.training.validation import condition_fidelity
+
+    img = np.zeros((32, 32, 3), np.uint8)
+    img[8:24, 8:24] = 255
+    pil = Image.fromarray(img)
+    assert condition_fidelity("depth", [pil], [pil]) == 1.0
+    assert condition_fidelity("depth", [pil], [Image.new("RGB", (32, 32))]) == 0.0
+
+
+def test_mixed_precision_resolution():
+    from controlstack.training.precision import resolve_mixed_precision
+
+    assert resolve_mixed_precision("no") == "no"
+    assert resolve_mixed_precision("bf16") == "bf16"
+    assert resolve_mixed_precision("auto") in ("no", "bf16")
+
+
+def test_sd_schedule_and_caption_dropout():
+    from controlstack.training.diffusion import drop_captions, sd_noise_scheduler
+
+    s = sd_noise_scheduler()
+    # SD-1.x: scaled_linear betas -> alphas_cumprod[-1] = 0.0047 (the value in SD's configs)
+    assert float(s.alphas_cumprod[-1]) == pytest.approx(0.00466, abs=1e-5)
+    caps = drop_captions(["x"] * 10000, 0.1, torch.Generator().manual_seed(0))
+    assert caps.count("") == pytest.approx(1000, abs=100)
+
+
+def test_batches_resume_mid_epoch_gives_the_same_stream():
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration
+
+    from controlstack.training.data import batches
+
+    acc = Accelerator(dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=5))
+
+    def stream(start, n):
+        loader = acc.prepare(torch.utils.data.DataLoader(list(range(10)), batch_size=3, shuffle=True, drop_last=True))
+        it = batches(acc, loader, start)
+        return [next(it).tolist() for _ in range(n)]
+
+    full = stream(0, 8)
+    assert stream(4, 4) == full[4:]            # 3 batches per epoch: resume in epoch 1
+    assert full[:3] != full[3:6]               # epochs are reshuffled
+    assert sorted(sum(full[:3], [])) == sorted(set(sum(full[:3], [])))  # no repeats within an epoch
+
+
+def test_dataset_errors(tmp_path, world_dir):
+    from controlstack.training.data import load_image_dataset
+
+    with pytest.raises(ControlstackError, match="not found"):
+        load_image_dataset(str(tmp_path / "nope"), {"image": "image"})
+    ds = load_image_dataset(world_dir, {"image": "image", "canny": "hint"})
+    assert ds.column_names == ["image", "hint"]
