@@ -26,7 +26,6 @@ import numpy as np
 from PIL import Image, ImageFilter
 
 from controlstack import annotators
-from controlstack.annotators import pose as P
 
 # ours -> (controlnet_aux class, call kwargs): the detectors that need no weights
 AUX = {

@@ -14,7 +14,7 @@ IMAGE_ANNOTATORS = ["canny", "lines", "softedge", "scribble", "lineart", "shuffl
 
 
 def _modes(base: Image.Image) -> dict[str, Image.Image]:
-    grey16 = Image.fromarray((np.asarray(base.convert("L"), np.uint16) * 257))
+    grey16 = Image.fromarray(np.asarray(base.convert("L"), np.uint16) * 257)
     return {"L": base.convert("L"), "LA": base.convert("LA"), "P": base.convert("P"),
             "RGBA": base.convert("RGBA"), "I;16": grey16, "CMYK": base.convert("CMYK"),
             "1": base.convert("1"), "F": base.convert("F")}

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import importlib
 import os
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
@@ -35,7 +35,7 @@ def load_detector(detector: str, weights: str, name: str) -> Callable[[np.ndarra
         raise ControlstackError(f"{name}: controlnet_aux has no detector '{detector}'; check the class name")
     try:
         det = cls.from_pretrained(weights)
-    except Exception as exc:  # controlnet_aux raises many types for a missing/partial folder
+    except Exception as exc:  # noqa: BLE001 -- controlnet_aux raises many types for a missing/partial folder
         raise ControlstackError(f"{name}: could not load {detector} from '{weights}' ({type(exc).__name__}: "
                                 f"{exc}); check the folder holds that detector's checkpoint") from None
 

@@ -181,7 +181,7 @@ class Annotator:
 
     # ------------------------------------------------------------------ running
     def pixel_perfect(self, image_size: tuple[int, int], width: int, height: int,
-                      resize_mode: str = "just_resize") -> "Annotator":
+                      resize_mode: str = "just_resize") -> Annotator:
         """A copy whose resolution maps ``image_size`` 1:1 onto the ``width`` x ``height`` target."""
         res = pixel_perfect_resolution(image_size, width, height, resize_mode)
         return dataclasses.replace(self, resolution=max(1, min(MAX_SIDE, res)))
@@ -192,7 +192,7 @@ class Annotator:
         if self.resolution is None:
             return w, h
         k = self.resolution / min(w, h)
-        tw, th = max(1, int(round(w * k))), max(1, int(round(h * k)))
+        tw, th = max(1, round(w * k)), max(1, round(h * k))
         if max(tw, th) > MAX_SIDE:
             raise ControlstackError(
                 f"{self.NAME}: resolution {self.resolution} makes this {w}x{h} image {tw}x{th}, larger "

@@ -40,8 +40,8 @@ def _contrast(g: np.ndarray, segs: np.ndarray, offset: float = 1.0, samples: int
 def merge_segments(segs: np.ndarray, distance: float, angle_deg: float = 4.0) -> np.ndarray:
     """Union near-collinear, parallel, overlapping-or-touching segments; one segment per group.
 
-    Pairwise tests are vectorised (N^2 floats; LSD gives at most a few thousand segments), groups
-    are connected components of the pair graph (scipy), and a group's line is its longest member's
+    Candidate pairs come from one N x N parallelism test (LSD gives at most a few thousand
+    segments), exact distance/overlap tests run per candidate pair, groups are connected components of the pair graph (scipy), and a group's line is its longest member's
     direction through the length-weighted mean offset, spanning all members' projections.
     """
     from scipy.sparse import coo_matrix
@@ -116,6 +116,6 @@ class Lines(Annotator):
     def detect(self, rgb: np.ndarray) -> np.ndarray:
         out = np.zeros(rgb.shape[:2], np.uint8)
         for x1, y1, x2, y2 in self.segments(rgb):
-            cv2.line(out, (int(round(x1)), int(round(y1))), (int(round(x2)), int(round(y2))), 255,
+            cv2.line(out, (round(float(x1)), round(float(y1))), (round(float(x2)), round(float(y2))), 255,
                      self.thickness)
         return out

@@ -62,8 +62,8 @@ class Tile(Annotator):
         h, w = rgb.shape[:2]
         out = rgb
         if self.down_sampling_rate > 1:
-            sw = max(1, int(round(w / self.down_sampling_rate)))
-            sh = max(1, int(round(h / self.down_sampling_rate)))
+            sw = max(1, round(w / self.down_sampling_rate))
+            sh = max(1, round(h / self.down_sampling_rate))
             small = cv2.resize(rgb, (sw, sh), interpolation=cv2.INTER_AREA)
             out = cv2.resize(small, (w, h), interpolation=cv2.INTER_CUBIC)
         if self.blur_sigma > 0:

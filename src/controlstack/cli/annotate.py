@@ -138,7 +138,7 @@ def run(args) -> int:
         for path in tqdm(files, desc=f"annotate {args.type}", unit="img", disable=args.no_progress):
             result = annotate(path)
             target = out / (path.stem + ".png")
-            atomic_write(target, lambda tmp: result.save(tmp, format="PNG"))
+            atomic_write(target, lambda tmp, result=result: result.save(tmp, format="PNG"))
         print(f"{len(files)} images -> {out}")
         return 0
 
