@@ -73,41 +73,39 @@ def albedo(material: Material, q: np.ndarray) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=64)
-def _ground_pattern(ground: str, size: int, variant: int) -> np.ndarray:
-    """Mixing weights of the ground texture for every pixel of the frame (0 where sky).
+def _ground_albedo(ground: str, size: int, variant: int) -> np.ndarray:
+    """Untinted ground colour of every pixel of the frame, float32 ``(size * size, 3)``, 0 for sky.
 
     The camera never moves, so the ground point under each pixel is fixed: the texture is computed
-    once per (ground, size, variant) and then only gathered. Variants shift the pattern."""
+    once per (ground, size, variant) and reused. Variants shift the pattern."""
     rd = camera.rays(size).reshape(-1, 3)
     below = rd[:, 1] < 0
     t = -camera.POSITION[1] / rd[below, 1]
     p = camera.POSITION + t[:, None] * rd[below] + np.array([37.3, 0.0, 19.1]) * variant
-    _, _, tex, f = palette.GROUND_MATERIALS[ground]
+    base, second, tex, f = palette.GROUND_MATERIALS[ground]
     if tex == "checkered":
         m = (np.floor(f * p[:, [0, 2]]).astype(np.int64).sum(axis=1) & 1).astype(float)
         m = 0.8 * m + 0.2 * value_noise(p * 3.0)
     else:
         m = 0.7 * value_noise(p * f) + 0.3 * value_noise(p * (0.25 * f) + 3.0)
-    out = np.zeros(size * size, np.float32)
-    out[below] = m
+    out = np.zeros((size * size, 3), np.float32)
+    out[below] = _mix(np.asarray(base) / 255, np.asarray(second) / 255, m)
     out.setflags(write=False)
     return out
 
 
-def ground_albedo(ground: str, size: int, pixels: np.ndarray, variant: int, tint) -> np.ndarray:
-    """Ground colour ``(N, 3)`` at flat pixel indices ``pixels`` (which must see the ground)."""
-    base, second, _, _ = palette.GROUND_MATERIALS[ground]
-    c0 = np.asarray(base, float) / 255 * tint
-    c1 = np.asarray(second, float) / 255 * tint
-    return _mix(c0, c1, _ground_pattern(ground, size, variant)[pixels])
+def ground_albedo(ground: str, size: int, variant: int, tint) -> np.ndarray:
+    """Ground colour for the whole frame (a fresh float32 ``(size * size, 3)`` array)."""
+    return _ground_albedo(ground, size, variant) * np.asarray(tint, np.float32)
 
 
 @functools.lru_cache(maxsize=32)
 def _sky_gradient(sky_index: int, size: int) -> np.ndarray:
+    """Horizon colour at and below the horizon, blending to the zenith colour 30 degrees up."""
     zenith, horizon, _, _ = sky_colors(sky_index)
     rd = camera.rays(size).reshape(-1, 3)
     m = np.clip(rd[:, 1] / 0.5, 0.0, 1.0) ** 0.7
-    out = _mix(horizon, zenith, m)
+    out = _mix(horizon, zenith, m).astype(np.float32)
     out.setflags(write=False)
     return out
 
@@ -117,19 +115,18 @@ def sky_colors(sky: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
     return np.asarray(zenith) / 255, np.asarray(horizon) / 255, np.asarray(sun) / 255, ambient
 
 
-def sky(sky_index: int, size: int) -> np.ndarray:
-    """Sky gradient for the whole frame ``(size * size, 3)`` (a fresh copy): horizon colour at the
-    horizon, zenith colour from 30 degrees up."""
-    return _sky_gradient(sky_index, size).copy()
-
-
-def shade(sky_index: int, alb: np.ndarray, n: np.ndarray, sun: np.ndarray, lit: np.ndarray,
+def shade(sky_index: int, size: int, alb: np.ndarray, n: np.ndarray, sun: np.ndarray, lit: np.ndarray,
           t: np.ndarray) -> np.ndarray:
-    """Lambert + ambient + fog for hit points; ``lit`` is 1 where the sun is visible, else 0."""
+    """Whole-frame colour ``(size * size, 3)`` float32 in ``[0, 1]``: Lambert + sky-tinted
+    ambient, then fog towards the sky gradient (which is the horizon colour below the horizon).
+    Sky pixels (``t = inf``) are pure fog, i.e. the sky gradient itself."""
     zenith, horizon, sun_rgb, ambient = sky_colors(sky_index)
-    cos = np.clip(n @ sun, 0.0, None) * lit
-    ambient_rgb = ambient * (0.5 * zenith + 0.5 * horizon) / np.mean(0.5 * zenith + 0.5 * horizon)
-    light = ambient_rgb[None, :] + (1.0 - ambient) * cos[:, None] * sun_rgb[None, :]
-    col = alb * light
-    fog = 1.0 - np.exp(-((t / FOG_DISTANCE) ** 2))
-    return _mix(col, horizon, fog) if col.ndim == 2 else col
+    mean = 0.5 * zenith + 0.5 * horizon
+    ambient_rgb = (ambient * mean / mean.mean()).astype(np.float32)
+    sun_k = ((1.0 - ambient) * sun_rgb).astype(np.float32)
+    cos = (n @ sun.astype(np.float32)).clip(0.0, None) * lit
+    col = alb * (ambient_rgb + cos[:, None] * sun_k)
+    fog = (1.0 - np.exp(-((t / FOG_DISTANCE) ** 2))).astype(np.float32)
+    bg = _sky_gradient(sky_index, size)
+    col += (bg - col) * fog[:, None]
+    return col.clip(0.0, 1.0, out=col)
