@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from controlstack.cli.main import main
-from controlstack.io.checkpoints import load_controlnet, save_base, transfer_controlnet
+from controlstack.io.checkpoints import load_base, load_controlnet, save_base, transfer_controlnet
 from controlstack.io.sd_single_file import load_unet
 from controlstack.models.tiny import tiny_sd, tiny_unet
 
@@ -21,7 +21,7 @@ EXE = str(Path(sys.executable).parent / "controlstack")
 
 
 def cli(*args):
-    return subprocess.run([EXE, *map(str, args)], capture_output=True, text=True, timeout=300,
+    return subprocess.run([EXE, *map(str, args)], check=False, capture_output=True, text=True, timeout=300,
                           env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
 
 
@@ -90,15 +90,20 @@ def test_convert_bad_inputs(capsys, ckpt_dir, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["noconfig", "taken"]  # nothing partial
 
 
-def test_convert_half_and_overwrite(capsys, ckpt_dir, cn, tmp_path):
+def test_convert_half_overwrite_and_bases(same_tensors, capsys, ckpt_dir, cn, tiny_components, tmp_path):
     out = tmp_path / "h.safetensors"
     out.write_text("old")
     assert main(["convert", str(ckpt_dir / "cn"), str(out), "--half", "--overwrite"]) == 0
     half = load_controlnet(out, torch_dtype=None)
     assert all(p.dtype == torch.float16 for p in half.parameters())
     assert torch.equal(half.conv_in.weight, cn.conv_in.weight.half())
-    assert main(["convert", str(ckpt_dir / "base"), str(tmp_path / "sd.safetensors")]) == 0  # bases too
-    assert "wrote" in capsys.readouterr().out
+    # bases too: folder -> single file -> folder (the tokenizer comes from --config)
+    assert main(["convert", str(ckpt_dir / "base"), str(tmp_path / "sd.safetensors")]) == 0
+    assert main(["convert", str(tmp_path / "sd.safetensors"), str(tmp_path / "sd"), "--config", str(ckpt_dir / "base")]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == f"wrote {tmp_path / 'sd'} (diffusers base)"
+    back = load_base(tmp_path / "sd")
+    for part in ("unet", "vae", "text_encoder"):
+        same_tensors(getattr(back, part), getattr(tiny_components, part))
 
 
 def test_transfer_and_inspect_bad_inputs(capsys, ckpt_dir, tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -139,7 +140,7 @@ def test_failed_save_leaves_nothing(cn, tmp_path, monkeypatch):
     import safetensors.torch
 
     def boom(*args, **kwargs):
-        open(args[1], "wb").write(b"partial")
+        Path(args[1]).write_bytes(b"partial")
         raise OSError("disk full")
 
     monkeypatch.setattr(safetensors.torch, "save_file", boom)

@@ -11,7 +11,8 @@ Formats (safetensors first, pickle only on explicit opt-in, then ``torch.load(we
   folder or config.json), the config we embed in the safetensors metadata when *we* write a file,
   or inference from tensor shapes (:mod:`controlstack.io.original`; SD-1.x defaults for what
   shapes cannot tell). Files we write are read back exactly by diffusers'
-  ``ControlNetModel.from_single_file(path, config=folder)``.
+  ``ControlNetModel.from_single_file(path, config=folder, local_files_only=True)`` (``config`` a
+  local folder with config.json: with it diffusers needs no network, also with HF_HUB_OFFLINE=1).
 
 Transfer (ControlNet paper, Zhang et al. 2023, "transfer to community models"; the
 ``tool_transfer_control.py`` of the reference repo): ``cn' = cn + (base' - base)`` on the encoder
@@ -26,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pickle
 import shutil
 import uuid
 from pathlib import Path
@@ -62,19 +64,19 @@ def read_tensors(source: str | os.PathLike, *, allow_pickle: bool = False) -> tu
     path = existing_path(source)
     suffix = path.suffix.lower()
     if suffix in SAFETENSORS_SUFFIXES:
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
         try:
             with safe_open(str(path), framework="pt") as f:
-                return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
-        except Exception as exc:  # safetensors raises its own error types for bad headers
+                return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})  # noqa: SIM118
+        except (SafetensorError, OSError, ValueError) as exc:
             raise ControlstackError(f"cannot read '{path}' as safetensors ({exc}); the file is corrupt or "
                                     "truncated, download it again") from None
     if suffix in PICKLE_SUFFIXES:
         _check_pickle(path, allow_pickle)
         try:
             state = torch.load(str(path), map_location="cpu", weights_only=True)
-        except Exception as exc:
+        except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, TypeError) as exc:
             raise ControlstackError(f"cannot read '{path}' with torch.load(weights_only=True) "
                                     f"({type(exc).__name__}); it is corrupt or holds more than tensors") from None
         while isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
@@ -137,7 +139,7 @@ def build_empty(cls, config: dict, what: str):
     try:
         with init_empty_weights():
             return cls.from_config(config)
-    except Exception as exc:
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
         raise ControlstackError(f"invalid {what} config ({type(exc).__name__}: {exc}); pass --config "
                                 "with the model's config.json") from None
 
@@ -214,7 +216,10 @@ def _folder_weights(folder: Path, allow_pickle: bool) -> bool:
 
 def load_controlnet(source: str | os.PathLike, *, allow_pickle: bool = False,
                     config: str | os.PathLike | None = None, torch_dtype=torch.float32):
-    """A ``diffusers.ControlNetModel`` from a diffusers folder or an original/diffusers single file."""
+    """A ``diffusers.ControlNetModel`` from a diffusers folder or an original/diffusers single file.
+
+    ``config`` (a folder or config.json) applies to single files; a folder brings its own config.
+    ``torch_dtype=None`` keeps the checkpoint's dtype."""
     from diffusers import ControlNetModel
 
     path = existing_path(source, "ControlNet")

@@ -32,15 +32,15 @@ _ARCH_FIELDS = ("in_channels", "out_channels", "block_out_channels", "layers_per
 def read_header(path: Path, allow_pickle: bool) -> tuple[dict, dict, dict]:
     """(name -> shape, name -> dtype name, metadata) of a weights file."""
     if path.suffix.lower() in SAFETENSORS_SUFFIXES:
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
         try:
             with safe_open(str(path), framework="pt") as f:
-                slices = {k: f.get_slice(k) for k in f.keys()}
+                slices = {k: f.get_slice(k) for k in f.keys()}  # noqa: SIM118
                 shapes = {k: tuple(s.get_shape()) for k, s in slices.items()}
                 dtypes = {k: _SAFETENSORS_DTYPES.get(s.get_dtype(), s.get_dtype().lower()) for k, s in slices.items()}
                 return shapes, dtypes, dict(f.metadata() or {})
-        except Exception as exc:
+        except (SafetensorError, OSError, ValueError) as exc:
             raise ControlstackError(f"cannot read '{path}' as safetensors ({exc}); the file is corrupt or "
                                     "truncated, download it again") from None
     state, metadata = read_tensors(path, allow_pickle=allow_pickle)

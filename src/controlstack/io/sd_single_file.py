@@ -20,6 +20,7 @@ diffusers' ``scripts/convert_diffusers_to_original_stable_diffusion.py``), so th
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -112,7 +113,7 @@ def _shapes(state: dict) -> dict:
 def _require_base_state(state: dict) -> None:
     if any(k.startswith(orig.UNET_PREFIX) for k in state):
         return
-    if any(k.startswith(orig.CONTROLNET_PREFIX) or k.startswith("input_hint_block.") for k in state):
+    if any(k.startswith((orig.CONTROLNET_PREFIX, "input_hint_block.")) for k in state):
         raise ControlstackError("this is a ControlNet checkpoint, not a Stable Diffusion base; pass it as a "
                                 "control (--control) and a base model as --model")
     raise ControlstackError("tensors do not look like a Stable Diffusion single-file checkpoint (no "
@@ -169,12 +170,10 @@ def _single_file_tokenizer(folder: Path | None, vocab_size: int):
     if folder is not None:
         return _tokenizer_from(folder)
     if vocab_size == 49408:  # CLIP ViT-L/14's vocabulary: SD-1.x's tokenizer, if the user has it cached
-        try:
-            from transformers import CLIPTokenizer
+        from transformers import CLIPTokenizer
 
+        with contextlib.suppress(OSError, ValueError):  # not in the local cache: the error below says what to do
             return CLIPTokenizer.from_pretrained(CLIP_L_TOKENIZER, local_files_only=True)
-        except Exception:  # not in the local cache; the error below says what to do
-            pass
     raise ControlstackError("a single-file checkpoint carries no tokenizer; pass --config DIR (config=DIR), a "
                             "diffusers Stable Diffusion folder of the same model with a tokenizer/ folder")
 
