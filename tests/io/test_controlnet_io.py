@@ -149,3 +149,15 @@ def test_failed_save_leaves_nothing(cn, tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
     with pytest.raises(ControlstackError, match="unknown checkpoint format"):
         save_controlnet(cn, tmp_path / "x", format="ckpt")
+
+
+def test_save_replaces_an_existing_output_atomically(same_tensors, cn, tmp_path):
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "stale.txt").write_text("old")
+    save_controlnet(cn, tmp_path / "d")
+    assert sorted(p.name for p in (tmp_path / "d").iterdir()) == ["config.json", "diffusion_pytorch_model.safetensors"]
+    (tmp_path / "f.safetensors").mkdir()  # a folder where the file goes
+    save_controlnet(cn, tmp_path / "f.safetensors")
+    same_tensors(load_controlnet(tmp_path / "f.safetensors"), cn)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d", "f.safetensors"]
+    assert (tmp_path / "f.safetensors").stat().st_mode & 0o644 == 0o644

@@ -97,16 +97,20 @@ def atomic_output(dest: str | os.PathLike):
     tmp = dest.parent / f".{dest.name}.tmp-{uuid.uuid4().hex[:8]}"
     try:
         yield tmp
-        if dest.is_dir() and not dest.is_symlink():
-            old = dest.parent / f".{dest.name}.old-{uuid.uuid4().hex[:8]}"
-            dest.rename(old)
-            tmp.rename(dest)
-            shutil.rmtree(old)
-        else:
+        if tmp.is_file():
             umask = os.umask(0)
             os.umask(umask)
             os.chmod(tmp, 0o666 & ~umask)  # safetensors creates 0600 files; give the usual permissions
-            os.replace(tmp, dest)
+        if dest.exists() or dest.is_symlink():  # --overwrite: swap, then drop the old one
+            old = dest.parent / f".{dest.name}.old-{uuid.uuid4().hex[:8]}"
+            dest.rename(old)
+            tmp.rename(dest)
+            if old.is_dir() and not old.is_symlink():
+                shutil.rmtree(old)
+            else:
+                old.unlink()
+        else:
+            tmp.rename(dest)
     finally:
         if tmp.is_dir():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -98,7 +98,11 @@ def unet_table(keys, layers_per_block: int) -> dict[str, str]:
 
 
 def layers_per_block_from_diffusers_keys(keys) -> int:
-    return 1 + max(int(m.group(1)) for k in keys if (m := re.match(r"down_blocks\.0\.resnets\.(\d+)\.", k)))
+    ids = [int(m.group(1)) for k in keys if (m := re.match(r"down_blocks\.0\.resnets\.(\d+)\.", k))]
+    if not ids:
+        raise ControlstackError("checkpoint has no down_blocks.0.resnets.* tensors: not a diffusers U-Net or "
+                                "ControlNet; pass a complete checkpoint")
+    return 1 + max(ids)
 
 
 # ----------------------------------------------------------------------------------- VAE / CLIP
