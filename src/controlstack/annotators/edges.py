@@ -178,11 +178,15 @@ class Lineart(Annotator):
             # sd-webui-controlnet lineart_standard: how much darker than the blurred surroundings,
             # taking the least-dark channel so coloured flat areas do not read as lines
             x = rgb.astype(np.float32)
-            g = cv2.GaussianBlur(x, (0, 0), self.sigma)
-            intensity = np.min(g - x, axis=2).clip(0, 255)
+            d = cv2.GaussianBlur(x, (0, 0), self.sigma) - x
+            # channel minimum spelled out: numpy's reduce over a last axis of 3 is several times slower
+            intensity = np.minimum(np.minimum(d[..., 0], d[..., 1]), d[..., 2])
+            np.clip(intensity, 0, 255, out=intensity)
             strong = intensity[intensity > self.intensity_threshold]
             norm = max(16.0, float(np.median(strong))) if strong.size else 16.0
-            return (intensity / norm * 127.0).clip(0, 255).astype(np.uint8)
+            intensity /= np.float32(norm)  # divide then multiply, as the reference (bit-identical)
+            intensity *= np.float32(127.0)
+            return np.clip(intensity, 0, 255, out=intensity).astype(np.uint8)
         y = gray(rgb)
         inner = max(0.3, self.sigma / 8.0)
         d = cv2.GaussianBlur(y, (0, 0), inner) - cv2.GaussianBlur(y, (0, 0), self.sigma)
