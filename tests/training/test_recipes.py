@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import tiny_controlnet_config
+
 from controlstack.errors import ControlstackError
 
 
@@ -106,6 +106,7 @@ def test_hint_encoder_must_match_the_vae(world_dir, tiny_base_dir, tmp_path):
     cfg = tiny_controlnet_config(world_dir, tiny_base_dir, tmp_path / "cn", hint_channels=(8, 8, 8))
     with pytest.raises(ControlstackError, match="hint_channels.*downsamples 8x"):
         train(cfg)
+    assert not (tmp_path / "cn").exists()  # a user error leaves no output behind
 
 
 def test_missing_condition_column_names_the_columns(world_dir, tiny_base_dir, tmp_path):

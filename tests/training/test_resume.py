@@ -12,9 +12,8 @@ from pathlib import Path
 
 import torch
 import yaml
-from safetensors.torch import load_file
-
 from conftest import tiny_controlnet_config
+from safetensors.torch import load_file
 
 
 def _losses(out: Path) -> dict[int, str]:

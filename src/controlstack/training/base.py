@@ -27,7 +27,12 @@ from controlstack.errors import ControlstackError, require
 from controlstack.training.config import TrainConfig, list_field
 from controlstack.training.data import RowTransform, batches, first_rows, load_image_dataset, make_dataloader
 from controlstack.training.diffusion import (
-    add_noise, drop_captions, encode_latents, sd_noise_scheduler, sd_sampling_scheduler, tokenize,
+    add_noise,
+    drop_captions,
+    encode_latents,
+    sd_noise_scheduler,
+    sd_sampling_scheduler,
+    tokenize,
 )
 from controlstack.training.session import TrainingSession, make_lr_scheduler, make_optimizer
 from controlstack.training.tokenizer import VOCABULARY_SOURCES, build_tokenizer

@@ -30,11 +30,20 @@ from controlstack.errors import ControlstackError, require
 from controlstack.training.config import TrainConfig, list_field
 from controlstack.training.data import RowTransform, batches, first_rows, load_image_dataset, make_dataloader
 from controlstack.training.diffusion import (
-    add_noise, drop_captions, encode_latents, sd_noise_scheduler, sd_sampling_scheduler, tokenize,
+    add_noise,
+    drop_captions,
+    encode_latents,
+    sd_noise_scheduler,
+    sd_sampling_scheduler,
+    tokenize,
 )
 from controlstack.training.session import TrainingSession, make_lr_scheduler, make_optimizer
 from controlstack.training.validation import (
-    condition_fidelity, make_grid, plot_metric, sample_controlnet, tensor_to_pil,
+    condition_fidelity,
+    make_grid,
+    plot_metric,
+    sample_controlnet,
+    tensor_to_pil,
 )
 
 

@@ -14,8 +14,8 @@ micro-batch position, skipping the consumed part of the current epoch with
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch

@@ -127,10 +127,6 @@ class TrainingSession:
         set_seed(config.seed)  # model initialisation; per-step randomness uses step_generator
         self.resume_from = existing[-1] if (resume and existing) else None
         self.step, self.micro = 0, 0
-        if self.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "samples").mkdir(exist_ok=True)
-            config.to_yaml(self.out / "config.yaml")
         self.metrics: MetricsLog | None = None
         self._delay = float(os.environ.get("CONTROLSTACK_TRAIN_STEP_DELAY", "0") or 0)
         self._t0 = time.perf_counter()
@@ -160,12 +156,22 @@ class TrainingSession:
     # -- resume / checkpoint -------------------------------------------------------------------
 
     def restore(self) -> None:
-        """Load the latest checkpoint if resuming (call after ``accelerator.prepare``)."""
+        """Load the latest checkpoint if resuming (call after ``accelerator.prepare``).
+
+        The output folder is created here, after the recipe has loaded its data and models, so a
+        user error found while loading them leaves nothing behind.
+        """
+        if self.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "samples").mkdir(exist_ok=True)
+            self.config.to_yaml(self.out / "config.yaml")
         if self.resume_from is not None:
             self.accelerator.load_state(str(self.resume_from))
             state = json.loads((self.resume_from / STATE_FILE).read_text())
             self.step, self.micro = int(state["step"]), int(state["micro_batches"])
         self.metrics = MetricsLog(self.out / "metrics.csv", self.step if self.resume_from else None, self.is_main)
+        self.accelerator.wait_for_everyone()
+        self._t0 = time.perf_counter()  # images/s counts training only, not start-up
 
     def save(self) -> Path:
         final = self.ckpt_dir / f"step-{self.step:07d}"
