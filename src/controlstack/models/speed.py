@@ -1,7 +1,9 @@
 """Run-time checks of what is fast on the machine at hand (never assumed).
 
-bf16 is ~1.6-2x faster than fp32 on CPUs with native bf16 (AVX-512 BF16, AMX) and ~100x slower on
-AVX2-only CPUs (measured on an AMD EPYC of ours), so the choice is made by a short probe.
+On GPUs with bf16 tensor cores and CPUs with native bf16 (AVX-512 BF16, AMX) autocast to bf16 is
+~1.6-2x faster than fp32; on AVX2-only CPUs (the AMD EPYC this project is developed on) oneDNN
+emulates bf16 and a bf16 matmul is ~100x *slower*. So the choice is made by a short probe, used by
+both the inference fast mode and the training recipes' ``mixed_precision: auto``.
 """
 
 from __future__ import annotations
@@ -12,19 +14,36 @@ import time
 import torch
 
 
-def _best_time(fn, repeats: int = 5) -> float:
-    fn()
+def _best_time(fn, repeats: int = 3) -> float:
+    fn()  # warm-up: oneDNN builds its kernels on first use
     best = float("inf")
     for _ in range(repeats):
-        t = time.perf_counter()
+        t0 = time.perf_counter()
         fn()
-        best = min(best, time.perf_counter() - t)
+        best = min(best, time.perf_counter() - t0)
     return best
 
 
 @functools.lru_cache(maxsize=None)
-def bf16_is_fast(device: str = "cpu", size: int = 256, margin: float = 0.8) -> bool:
-    """True when a bf16 matmul takes less than ``margin`` times the fp32 one on ``device``."""
-    a = torch.randn(size, size, device=device)
-    b = a.to(torch.bfloat16)
-    return _best_time(lambda: b @ b) < margin * _best_time(lambda: a @ a)
+def bf16_speedup(device: str = "cpu", size: int = 256) -> float:
+    """fp32 time / bf16-autocast time for a ``size``^3 matmul (> 1 means bf16 is faster)."""
+    dev = torch.device(device)
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(size, size, generator=g).to(dev)
+    b = torch.randn(size, size, generator=g).to(dev)
+
+    def run(dtype):
+        def fn():
+            with torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32):
+                for _ in range(4):
+                    (a @ b).sum().item()
+        return fn
+
+    return _best_time(run(torch.float32)) / _best_time(run(torch.bfloat16))
+
+
+def bf16_is_fast(device: str = "cpu", threshold: float = 1.2) -> bool:
+    """True when bf16 autocast is at least ``threshold`` times faster than fp32 on ``device``."""
+    if device.startswith("cuda") and not torch.cuda.is_bf16_supported():
+        return False
+    return bf16_speedup(device) >= threshold

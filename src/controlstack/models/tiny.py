@@ -52,7 +52,7 @@ def byte_level_tokenizer(max_length: int = 77, words: list[str] | None = None):
             symbols = [merged] + symbols[2:]
     vocab["<|startoftext|>"] = len(vocab)
     vocab["<|endoftext|>"] = len(vocab)
-    return CLIPTokenizer(vocab=vocab, merges=[" ".join(m) for m in merges], model_max_length=max_length)
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
 
 
 @dataclass

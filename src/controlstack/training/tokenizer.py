@@ -51,35 +51,4 @@ def build_tokenizer(source: str, max_length: int, captions=()):
         raise ControlstackError(f"unknown vocabulary '{source}'; choose one of {', '.join(VOCABULARY_SOURCES)}")
     # sorted + deduplicated so that the same words always give the same token ids
     words = sorted({w.lower() for w in words if w and w.isalpha()})
-    try:
-        return byte_level_tokenizer(max_length=max_length, words=words)
-    except TypeError:  # transformers >= 5 wants merges as (a, b) tuples, not "a b" strings
-        return _tuple_merges_tokenizer(max_length, words)
-
-
-def _tuple_merges_tokenizer(max_length: int, words: list[str]):
-    """``byte_level_tokenizer``'s vocabulary with the merges passed as tuples (transformers 5).
-
-    Temporary twin of ``models.tiny.byte_level_tokenizer`` until that builder passes tuples; same
-    token ids, so tokenizers saved by either load identically.
-    """
-    from transformers import CLIPTokenizer
-
-    from controlstack.models.tiny import bytes_to_unicode
-
-    chars = list(bytes_to_unicode().values())
-    vocab = {c: i for i, c in enumerate(chars)}
-    for c in chars:
-        vocab[c + "</w>"] = len(vocab)
-    merges: list[tuple[str, str]] = []
-    for word in words:
-        symbols = list(word[:-1]) + [word[-1] + "</w>"]
-        while len(symbols) > 1:
-            merged = symbols[0] + symbols[1]
-            if merged not in vocab:
-                merges.append((symbols[0], symbols[1]))
-                vocab[merged] = len(vocab)
-            symbols = [merged] + symbols[2:]
-    vocab["<|startoftext|>"] = len(vocab)
-    vocab["<|endoftext|>"] = len(vocab)
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
+    return byte_level_tokenizer(max_length=max_length, words=words)
