@@ -8,7 +8,9 @@ depth, softedge, canny, scribble; ``instances``: 8-bit grey ids), ``text`` and `
 strings. Load with ``datasets.load_from_disk(path)``.
 
 Generation runs in a ``multiprocessing`` pool over chunks of consecutive indices (workers render
-and PNG-encode, the parent only appends Arrow batches) behind a tqdm bar. Everything is written
+and PNG-encode, the parent only appends Arrow batches) behind a tqdm bar. Workers come from a
+``forkserver`` (``spawn`` where there is none), so a script calling ``export_dataset(...,
+workers=K > 1)`` needs the usual ``if __name__ == "__main__":`` guard. Everything is written
 into a hidden sibling directory that is renamed onto ``out`` at the very end, so an interrupted
 export never leaves a partial dataset at ``out``.
 """
@@ -69,6 +71,15 @@ def _init_worker() -> None:
     cv2.setNumThreads(1)  # one process per core already; OpenCV's own threads would oversubscribe
 
 
+def _pool(workers: int):
+    if "forkserver" in multiprocessing.get_all_start_methods():
+        ctx = multiprocessing.get_context("forkserver")
+        ctx.set_forkserver_preload([__name__])
+    else:  # Windows, and macOS without forkserver: spawn
+        ctx = multiprocessing.get_context("spawn")
+    return ctx.Pool(workers, initializer=_init_worker)
+
+
 def _check_out(out: Path, overwrite: bool) -> None:
     if out.exists():
         require(out.is_dir(), f"--out '{out}' is a file; pass a directory path")
@@ -107,16 +118,15 @@ def export_dataset(
         chunk = max(1, min(64, math.ceil(scenes / (workers * 4))))
         jobs = [(seed, s, min(s + chunk, scenes), config.to_dict()) for s in range(0, scenes, chunk)]
         raw = tmp / "raw.arrow"
+        # Start the pool before Arrow, tqdm or OpenCV spin up threads here: forking a process
+        # with live threads can deadlock the children (seen with plain "fork" after rendering in
+        # the parent). The forkserver is a fresh single-threaded process that imports this module
+        # once and forks the workers from there.
+        pool = _pool(workers) if workers > 1 else None
         writer = ArrowWriter(features=feats, path=str(raw))
         bar = tqdm(total=scenes, unit="scene", desc="world export", disable=not progress, file=sys.stderr)
-        pool = None
         try:
-            if workers > 1:
-                ctx = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else None)
-                pool = ctx.Pool(workers, initializer=_init_worker)
-                results = pool.imap(_render_chunk, jobs)
-            else:
-                results = map(_render_chunk, jobs)
+            results = pool.imap(_render_chunk, jobs) if pool is not None else map(_render_chunk, jobs)
             for rows in results:
                 writer.write_batch(feats.encode_batch({c: [r[c] for r in rows] for c in COLUMNS}))
                 bar.update(len(rows))
