@@ -172,7 +172,6 @@ def train(config: ControlNetConfig, resume: bool = False):
     session.restore()
 
     bar = session.progress()
-    losses: list[float] = []
     for batch in batches(acc, loader, session.micro) if not session.done else ():
         g = session.step_generator()
         latents = encode_latents(vae, batch["image"], g)
@@ -182,20 +181,12 @@ def train(config: ControlNetConfig, resume: bool = False):
             text_emb = text_encoder(ids)[0]
         with acc.accumulate(model), acc.autocast():
             loss = F.mse_loss(model(noisy, t, text_emb, batch["hint"]).float(), noise.float())
-            acc.backward(loss)
-            if acc.sync_gradients:
-                acc.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-            optimizer.step()
-            lr_scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-        session.micro += 1
-        losses.append(loss.item())
+            session.optimize(model, loss, optimizer, lr_scheduler)
         if not acc.sync_gradients:
             continue
         if ema is not None:
             ema.step(acc.unwrap_model(model).controlnet.parameters())
-        session.end_step(bar, sum(losses) / len(losses), lr_scheduler.get_last_lr()[0])
-        losses = []
+        session.end_step(bar, lr_scheduler)
         if session.should_validate() and session.is_main:
             validate(session, acc.unwrap_model(model), base, vae, text_encoder, val)
         if session.done:

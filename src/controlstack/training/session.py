@@ -131,6 +131,7 @@ class TrainingSession:
         self._delay = float(os.environ.get("CONTROLSTACK_TRAIN_STEP_DELAY", "0") or 0)
         self._t0 = time.perf_counter()
         self._images = 0
+        self._losses: list[float] = []  # micro-batch losses of the optimiser step in progress
 
     # -- helpers --------------------------------------------------------------------------------
 
@@ -215,9 +216,25 @@ class TrainingSession:
             unit="step", disable=not self.is_main, dynamic_ncols=True,
         )
 
-    def end_step(self, bar, loss: float, lr: float) -> None:
-        """After an optimiser step: advance the bar, log, checkpoint; raises on a non-finite loss."""
+    def optimize(self, model, loss: torch.Tensor, optimizer, lr_scheduler) -> None:
+        """Backward one micro-batch (call inside ``accelerator.accumulate``); accelerate turns the
+        optimiser / scheduler calls into no-ops until the last micro-batch of an accumulation."""
+        acc = self.accelerator
+        acc.backward(loss)
+        if acc.sync_gradients:
+            acc.clip_grad_norm_(model.parameters(), self.config.max_grad_norm)
+        optimizer.step()
+        lr_scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        self.micro += 1
+        self._losses.append(loss.item())
+
+    def end_step(self, bar, lr_scheduler) -> None:
+        """After an optimiser step (and whatever must be in its checkpoint, like the EMA update):
+        advance the bar, log the step's mean loss, checkpoint; raises on a non-finite loss."""
         cfg = self.config
+        loss, lr = sum(self._losses) / len(self._losses), lr_scheduler.get_last_lr()[0]
+        self._losses = []
         self.step += 1
         self._images += cfg.batch_size * cfg.gradient_accumulation_steps * self.accelerator.num_processes
         if not np.isfinite(loss):

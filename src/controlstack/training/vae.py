@@ -141,22 +141,13 @@ def train(config: VAEConfig, resume: bool = False):
     session.restore()
 
     bar = session.progress()
-    losses: list[float] = []
     for batch in batches(acc, loader, session.micro) if not session.done else ():
         with acc.accumulate(model), acc.autocast():
             loss, _ = model(batch["image"], session.step_generator())
-            acc.backward(loss)
-            if acc.sync_gradients:
-                acc.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-            optimizer.step()
-            lr_scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-        session.micro += 1
-        losses.append(loss.item())
+            session.optimize(model, loss, optimizer, lr_scheduler)
         if not acc.sync_gradients:
             continue
-        session.end_step(bar, sum(losses) / len(losses), lr_scheduler.get_last_lr()[0])
-        losses = []
+        session.end_step(bar, lr_scheduler)
         if session.should_validate() and session.is_main:
             validate(session, acc.unwrap_model(model).vae, val)
         if session.done:
