@@ -41,8 +41,28 @@ class UNetContext:
     cross_attention_kwargs: dict | None
 
 
+def _run_down_blocks(blocks, sample, emb, ctx_states, attention_mask, cross_attention_kwargs,
+                     encoder_attention_mask) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """conv_in's output through the encoder: returns the last sample and every skip feature."""
+    feats = [sample]
+    for block in blocks:
+        if getattr(block, "has_cross_attention", False):
+            sample, res = block(
+                hidden_states=sample,
+                temb=emb,
+                encoder_hidden_states=ctx_states,
+                attention_mask=attention_mask,
+                cross_attention_kwargs=cross_attention_kwargs,
+                encoder_attention_mask=encoder_attention_mask,
+            )
+        else:
+            sample, res = block(hidden_states=sample, temb=emb)
+        feats.extend(res)
+    return sample, feats
+
+
 def _run_block(block, sample, emb, ctx_states, attention_mask, cross_attention_kwargs, encoder_attention_mask):
-    """A down block or mid block, with or without cross-attention (diffusers' dispatch)."""
+    """A mid block, with or without cross-attention (diffusers' dispatch)."""
     if getattr(block, "has_cross_attention", False):
         return block(
             sample,
@@ -102,21 +122,10 @@ class UNetRunner:
             encoder_hidden_states=encoder_hidden_states, added_cond_kwargs=added_cond_kwargs
         )
 
-        sample = unet.conv_in(sample)
-        h: list[torch.Tensor] = [sample]
-        for block in unet.down_blocks:
-            if getattr(block, "has_cross_attention", False):
-                sample, res = block(
-                    hidden_states=sample,
-                    temb=emb,
-                    encoder_hidden_states=encoder_hidden_states,
-                    attention_mask=attention_mask,
-                    cross_attention_kwargs=cross_attention_kwargs,
-                    encoder_attention_mask=encoder_attention_mask,
-                )
-            else:
-                sample, res = block(hidden_states=sample, temb=emb)
-            h.extend(res)
+        sample, h = _run_down_blocks(
+            unet.down_blocks, unet.conv_in(sample), emb, encoder_hidden_states,
+            attention_mask, cross_attention_kwargs, encoder_attention_mask,
+        )
         if unet.mid_block is not None:
             sample = _run_block(
                 unet.mid_block, sample, emb, encoder_hidden_states,
@@ -222,19 +231,9 @@ class ControlNetRunner:
         if hint_features.shape[0] != sample.shape[0]:  # one hint for the whole batch / CFG halves
             hint_features = hint_features.expand(sample.shape[0], -1, -1, -1)
         sample = sample + hint_features
-        feats: list[torch.Tensor] = [sample]
-        for block in cn.down_blocks:
-            if getattr(block, "has_cross_attention", False):
-                sample, res = block(
-                    hidden_states=sample,
-                    temb=emb,
-                    encoder_hidden_states=encoder_hidden_states,
-                    attention_mask=attention_mask,
-                    cross_attention_kwargs=cross_attention_kwargs,
-                )
-            else:
-                sample, res = block(hidden_states=sample, temb=emb)
-            feats.extend(res)
+        sample, feats = _run_down_blocks(
+            cn.down_blocks, sample, emb, encoder_hidden_states, attention_mask, cross_attention_kwargs, None
+        )
         if cn.mid_block is not None:
             sample = _run_block(cn.mid_block, sample, emb, encoder_hidden_states,
                                 attention_mask, cross_attention_kwargs, None)
