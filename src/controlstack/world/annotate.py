@@ -57,7 +57,8 @@ def camera_normals(normal_world: np.ndarray) -> np.ndarray:
 
 
 def encode_normal(normal_world: np.ndarray) -> np.ndarray:
-    return np.round((camera_normals(normal_world) + 1.0) * 127.5).clip(0, 255).astype(np.uint8)
+    """``(n + 1) / 2 * 255``, rounded and saturated (one OpenCV call)."""
+    return cv2.convertScaleAbs(camera_normals(normal_world).astype(np.float32), alpha=127.5, beta=127.5)
 
 
 def encode_seg(semantic: np.ndarray) -> np.ndarray:
@@ -67,7 +68,7 @@ def encode_seg(semantic: np.ndarray) -> np.ndarray:
 def _neighbour_max(h: np.ndarray, v: np.ndarray, shape) -> np.ndarray:
     """Spread per-pair edge strengths (horizontal ``(H, W-1)``, vertical ``(H-1, W)``) onto both
     pixels of each pair."""
-    out = np.zeros(shape)
+    out = np.zeros(shape, np.float32)
     np.maximum(out[:, 1:], h, out=out[:, 1:])
     np.maximum(out[:, :-1], h, out=out[:, :-1])
     np.maximum(out[1:, :], v, out=out[1:, :])
@@ -78,12 +79,12 @@ def _neighbour_max(h: np.ndarray, v: np.ndarray, shape) -> np.ndarray:
 def boundaries(depth: np.ndarray, normal: np.ndarray, instance: np.ndarray) -> np.ndarray:
     """Exact boundary strength in ``[0, 1]`` before blurring: instance edges 1.0, occlusions
     within an entity graded by relative depth jump, creases graded by normal angle."""
-    logz = np.log(np.where(np.isfinite(depth), depth, 1e3))
+    logz = np.log(np.minimum(depth, 1e3).astype(np.float32))
     strengths = []
     for a, b in (((slice(None), slice(1, None)), (slice(None), slice(None, -1))),
                  ((slice(1, None), slice(None)), (slice(None, -1), slice(None)))):
         ia, ib = instance[a], instance[b]
-        inst = (ia != ib).astype(float)
+        inst = (ia != ib).astype(np.float32)
         same_entity = (ia == ib) & (ia >= 2)
         dz = np.abs(logz[a] - logz[b])
         dep = np.clip((dz - 0.04) / 0.15, 0.0, 1.0) * same_entity

@@ -69,11 +69,12 @@ def project(points: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
     return np.stack([u, v], axis=-1), z
 
 
+_TO_GL = (BASIS * np.array([[1.0], [1.0], [-1.0]])).T  # world -> (right, up, -forward)
+
+
 def to_camera(vectors: np.ndarray) -> np.ndarray:
     """World directions -> OpenGL camera space (X right, Y up, Z towards the viewer)."""
-    cam = vectors @ BASIS.T
-    cam[..., 2] *= -1.0
-    return cam
+    return vectors @ _TO_GL.astype(vectors.dtype)
 
 
 def screen_rect(center: np.ndarray, radius: float, size: int) -> tuple[int, int, int, int] | None:

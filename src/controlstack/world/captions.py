@@ -58,7 +58,7 @@ def phrase(entity: Entity) -> str:
 
 
 def relation(a: tuple[float, float], b: tuple[float, float], size: int) -> str:
-    """Relation of entity ``a`` to ``b`` from (screen x centroid, median depth)."""
+    """Relation of entity ``a`` to ``b`` from (screen x centroid, mean depth)."""
     dx = a[0] - b[0]
     if abs(dx) > 0.08 * size:
         return "left of" if dx < 0 else "right of"
@@ -75,11 +75,12 @@ def caption(entities: list[Entity], ground: str, instance: np.ndarray, depth: np
     visible = visible[:MAX_MENTIONS]
     if not visible:
         return f"an empty scene on {ground}"
-    cols = np.arange(size)[None, :]
-    stats = {}
-    for e in visible:
-        mask = instance == e.instance
-        stats[e.instance] = (float((cols * mask).sum() / mask.sum()), float(np.median(depth[mask])))
+    # Per-instance mean column and mean depth, for all instances in two bincounts.
+    flat = instance.ravel()
+    cols = np.tile(np.arange(size, dtype=np.float64), size)
+    mean_x = np.bincount(flat, weights=cols, minlength=256) / np.maximum(counts, 1)
+    mean_z = np.bincount(flat, weights=np.minimum(depth.ravel(), 1e3), minlength=256) / np.maximum(counts, 1)
+    stats = {e.instance: (mean_x[e.instance], mean_z[e.instance]) for e in visible}
     clauses = []
     for i in range(0, len(visible), 2):
         a = visible[i]

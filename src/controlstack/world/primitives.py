@@ -157,11 +157,12 @@ def _torus(ro, rd, R, r):
     t = np.maximum(-b[live] - sq[live], 0.0)
     tmax = -b[live] + sq[live]
     # March in rounds, dropping rays that converged or left the bounding sphere after each.
-    for _ in range(TORUS_STEPS // 8):
-        for _ in range(8):
-            t = t + _torus_sdf(o + t[:, None] * d if o.ndim == 1 else o + t[:, None] * d, R, r)
+    for _ in range(TORUS_STEPS // 4):
+        for _ in range(3):
+            t += _torus_sdf(o + t[:, None] * d, R, r)
         dist = _torus_sdf(o + t[:, None] * d, R, r)
-        hit = (np.abs(dist) < 1e-4) & (t < tmax) & (t > EPS)
+        t += dist
+        hit = (np.abs(dist) < 1e-5) & (t < tmax) & (t > EPS)
         out[live[hit]] = t[hit]
         going = ~hit & (t < tmax)
         if not going.any():
