@@ -141,7 +141,7 @@ def _torus_sdf(p, R, r):
     return np.hypot(q, p[:, 1]) - r
 
 
-def _torus(ro, rd, R, r):
+def _torus(ro, rd, R, r, steps=TORUS_STEPS):
     # Sphere-trace only the rays that cross the bounding sphere, from where they enter it (or
     # from their origin, for shadow rays that start inside it).
     b = _dot(ro, rd) if ro.ndim > 1 else rd @ ro
@@ -157,7 +157,7 @@ def _torus(ro, rd, R, r):
     t = np.maximum(-b[live] - sq[live], 0.0)
     tmax = -b[live] + sq[live]
     # March in rounds, dropping rays that converged or left the bounding sphere after each.
-    for _ in range(TORUS_STEPS // 4):
+    for _ in range(steps // 4):
         for _ in range(3):
             t += _torus_sdf(o + t[:, None] * d, R, r)
         dist = _torus_sdf(o + t[:, None] * d, R, r)
@@ -193,8 +193,9 @@ def _capsule(ro, rd, a, b, r):
     return np.where(np.isfinite(body), body, caps)
 
 
-def intersect(prim: Prim, ro: np.ndarray, rd: np.ndarray) -> np.ndarray:
-    """Nearest hit distance along each ray (``inf`` for a miss)."""
+def intersect(prim: Prim, ro: np.ndarray, rd: np.ndarray, shadow: bool = False) -> np.ndarray:
+    """Nearest hit distance along each ray (``inf`` for a miss). ``shadow``: only whether a hit
+    exists matters and the result only darkens the image, so the torus marches half as far."""
     k = prim.kind
     if k == SPHERE:
         return _sphere(ro, rd, prim.origin, prim.size[0])
@@ -207,7 +208,7 @@ def intersect(prim: Prim, ro: np.ndarray, rd: np.ndarray) -> np.ndarray:
         return _cylinder(lo, ld, *prim.size)
     if k == CONE:
         return _cone(lo, ld, *prim.size)
-    return _torus(lo, ld, *prim.size)
+    return _torus(lo, ld, *prim.size, steps=TORUS_STEPS // 2 if shadow else TORUS_STEPS)
 
 
 def normal(prim: Prim, p: np.ndarray) -> np.ndarray:

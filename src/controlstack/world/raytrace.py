@@ -141,8 +141,8 @@ def _frame(size: int) -> dict:
     """Per-size constants of the fixed camera: the ground under every pixel never changes.
 
     ``tg``: ray distance to the ground (inf for sky rays); ``prim``: GROUND/SKY per pixel;
-    ``ground_points``: the ground point per pixel (1e9 for sky, finite so light-space tests just
-    fail); ``normal``: (0, 1, 0) on the ground, 0 for sky, float32."""
+    ``shadow_origin``: the ground point per pixel lifted by SHADOW_OFFSET (1e9 for sky, finite so
+    light-space tests just fail); ``normal``: (0, 1, 0) on the ground, 0 for sky, float32."""
     rd = camera.rays(size).reshape(-1, 3)
     below = rd[:, 1] < 0
     tg = np.full(size * size, np.inf)
@@ -152,7 +152,7 @@ def _frame(size: int) -> dict:
     pts[below] = camera.POSITION + tg[below, None] * rd[below]
     nrm = np.zeros((size * size, 3), np.float32)
     nrm[below, 1] = 1.0
-    out = {"tg": tg, "prim": prim, "ground_points": pts, "normal": nrm}
+    out = {"tg": tg, "prim": prim, "shadow_origin": pts + (0.0, SHADOW_OFFSET, 0.0), "normal": nrm}
     for v in out.values():
         v.setflags(write=False)
     return out
@@ -255,7 +255,7 @@ def _shadows(scene: Scene, batches: list[_Batch], obj: np.ndarray, points: np.nd
     e1 /= np.linalg.norm(e1)
     e2 = np.cross(sun, e1)
     basis = np.stack([e1, e2, sun], axis=1)
-    origin = frame["ground_points"] + (0.0, SHADOW_OFFSET, 0.0)
+    origin = frame["shadow_origin"]
     light = origin @ basis  # sky pixels land ~1e9 away: they never pass a disc test
     lit = (frame["prim"] == GROUND).astype(np.float32)
     if obj.size:
@@ -267,6 +267,7 @@ def _shadows(scene: Scene, batches: list[_Batch], obj: np.ndarray, points: np.nd
         origin[obj] = o
     light = light.reshape(size, size, 3)
     shadowed = np.zeros(size * size, bool)
+    pairs = []
     for batch, (r0, r1, c0, c1) in zip(batches, _shadow_rects(batches, sun, size)):
         if r0 >= r1 or c0 >= c1:
             continue
@@ -280,20 +281,22 @@ def _shadows(scene: Scene, batches: list[_Batch], obj: np.ndarray, points: np.nd
         cand = (rr + r0) * size + cc + c0
         if batch.a is None:
             o = origin[cand]
-            tk = intersect(batch.prims[0], o, np.broadcast_to(sun, o.shape))
+            tk = intersect(batch.prims[0], o, np.broadcast_to(sun, o.shape), shadow=True)
             shadowed[cand[np.isfinite(tk)]] = True
             continue
-        # Figure: keep the (point, part) pairs whose light-space discs overlap, then trace them.
+        # Figure: keep the (point, part) pairs whose light-space discs overlap; all figures'
+        # pairs are traced together below.
         pu, pv, ps = (((batch.a + batch.b) / 2) @ basis).T
         pr = np.linalg.norm(batch.b - batch.a, axis=1) / 2 + batch.r
         lc = light[rr + r0, cc + c0]
         du, dv = lc[:, 0, None] - pu, lc[:, 1, None] - pv
         i, k = np.nonzero((du * du + dv * dv < pr * pr) & (lc[:, 2, None] < ps + pr))
-        if i.size == 0:
-            continue
-        o = origin[cand[i]]
-        tk = capsule_pairs(o, np.broadcast_to(sun, o.shape), batch.a[k], batch.b[k], batch.r[k])
-        shadowed[cand[i[np.isfinite(tk)]]] = True
+        pairs.append((cand[i], batch.a[k], batch.b[k], batch.r[k]))
+    if pairs:
+        pix = np.concatenate([p[0] for p in pairs])
+        o = origin[pix]
+        tk = capsule_pairs(o, np.broadcast_to(sun, o.shape), *(np.concatenate([p[j] for p in pairs]) for j in (1, 2, 3)))
+        shadowed[pix[np.isfinite(tk)]] = True
     lit[shadowed] = 0.0
     return lit
 
