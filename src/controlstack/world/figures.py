@@ -152,7 +152,7 @@ def humanoid(rng: np.random.Generator, pose: str, scale: float, materials: dict)
     neck = pelvis + 0.55 * s * spine
     kp = np.zeros((18, 3))
     tol = np.zeros(18)
-    kp[1], tol[1] = neck, 0.06 * s
+    kp[1], tol[1] = neck, 0.12 * s  # inside the top of the torso
     fig.cap(neck, neck + 0.1 * s * spine, 0.05 * s, SKIN)
     head_r = 0.11 * s
     hc = neck + 0.17 * s * spine
@@ -181,7 +181,8 @@ def humanoid(rng: np.random.Generator, pose: str, scale: float, materials: dict)
         ank = kne + 0.44 * s * _limb(*a[f"{side}_shin"], sign)
         hips[side] = hip
         kp[[i_sho, i_elb, i_wri, i_hip, i_kne, i_ank]] = sho, elb, wri, hip, kne, ank
-        tol[[i_sho, i_elb, i_wri, i_hip, i_kne, i_ank]] = 0.05 * s, 0.048 * s, 0.04 * s, 0.09 * s, 0.07 * s, 0.05 * s
+        # Shoulders and hips sit inside the torso capsules: their depth slack is the torso's.
+        tol[[i_sho, i_elb, i_wri, i_hip, i_kne, i_ank]] = 0.12 * s, 0.06 * s, 0.05 * s, 0.12 * s, 0.08 * s, 0.06 * s
         fig.cap(sho, elb, 0.048 * s, SHIRT)
         fig.cap(elb, wri, 0.04 * s, SHIRT if materials["long_sleeves"] else SKIN)
         fig.ball(wri + 0.05 * s * fore, 0.042 * s, SKIN)

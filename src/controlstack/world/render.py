@@ -66,14 +66,15 @@ def _keypoint_record(entity, kps: np.ndarray, instance: np.ndarray) -> dict:
     }
 
 
-def render(scene: Scene, size: int = 128) -> dict:
-    """Render ``scene`` at ``size x size``: a dict with exactly :data:`COLUMNS` as keys.
+def render(scene: Scene, size: int | None = None) -> dict:
+    """Render ``scene`` at ``size x size`` (default: ``scene.config.size``): a dict with exactly
+    :data:`COLUMNS` as keys.
 
     Images are uint8 arrays: ``image``, ``normal``, ``seg``, ``pose`` ``(H, W, 3)`` RGB; ``depth``,
     ``softedge``, ``canny``, ``scribble`` ``(H, W)`` grey; ``instances`` ``(H, W)`` instance ids
     (0 sky, 1 ground, 2 + i entity i). ``text`` and ``keypoints`` are strings.
     """
-    check_size(size)
+    size = scene.config.size if size is None else check_size(size)
     gbuf = trace(scene, size)
     return annotations(scene, gbuf)
 
