@@ -58,7 +58,7 @@ def camera_normals(normal_world: np.ndarray) -> np.ndarray:
 
 def encode_normal(normal_world: np.ndarray) -> np.ndarray:
     """``(n + 1) / 2 * 255``, rounded and saturated (one OpenCV call)."""
-    return cv2.convertScaleAbs(camera_normals(normal_world).astype(np.float32), alpha=127.5, beta=127.5)
+    return cv2.convertScaleAbs(camera_normals(normal_world).astype(np.float32, copy=False), alpha=127.5, beta=127.5)
 
 
 def encode_seg(semantic: np.ndarray) -> np.ndarray:
