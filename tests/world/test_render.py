@@ -187,3 +187,16 @@ def test_world_package_never_imports_torch():
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
                 [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
             assert not any(n == "torch" or n.startswith("torch.") for n in names), path.name
+
+
+def test_rasterised_ground_shadows_agree_with_shadow_rays():
+    agree, shadowed = [], 0
+    for i in range(12):
+        scene = sample_scene([5, i])
+        fast, exact = trace(scene, 128), trace(scene, 128, exact_shadows=True)
+        ground = fast.instance == 1
+        np.testing.assert_array_equal(fast.lit[~ground], exact.lit[~ground])  # entities: same rays
+        agree.append(np.mean(fast.lit[ground] == exact.lit[ground]))
+        shadowed += int((exact.lit[ground] == 0).sum())
+    assert np.mean(agree) > 0.99 and min(agree) > 0.98
+    assert shadowed > 3000  # the comparison is not vacuous

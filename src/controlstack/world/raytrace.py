@@ -2,11 +2,12 @@
 
 Primary rays start from the camera's cached ray table (``camera.rays``); each primitive is only
 tested against the pixels inside the screen rectangle of its bounding sphere, so the cost follows
-the objects' screen area, not ``pixels x primitives``. Shadow rays are culled in *light space*:
-points and entity bounding spheres are projected onto the plane orthogonal to the sun direction,
-and a point is tested against an entity's primitives only when its projection falls inside the
-entity's disc and the entity lies towards the sun (Whitted's shadow rays with bounding volumes,
-"An improved illumination model for shaded display", CACM 1980).
+the objects' screen area, not ``pixels x primitives``. Shadow rays from entity surfaces are culled
+in *light space*: points and entity bounding spheres are projected onto the plane orthogonal to
+the sun direction, and a point is tested against an entity's primitives only when its projection
+falls inside the entity's disc and the entity lies towards the sun (Whitted's shadow rays with
+bounding volumes, "An improved illumination model for shaded display", CACM 1980). Shadows on the
+ground are rasterised (``shadows.py``).
 
 The result is a G-buffer of exact per-pixel ground truth; ``render.py`` turns it into images.
 """
@@ -21,6 +22,7 @@ import numpy as np
 from controlstack.world import camera, palette, shading
 from controlstack.world.primitives import CAPSULE, SPHERE, capsule_normals, capsule_pairs, intersect, normal
 from controlstack.world.scene import FIRST_ENTITY_ID, Scene
+from controlstack.world.shadows import ground_shadow
 
 SKY, GROUND = -2, -1
 SHADOW_OFFSET = 2e-3  # metres: lifts shadow-ray origins off their own surface
@@ -228,86 +230,76 @@ def _primary(batches: list[_Batch], size: int) -> tuple[np.ndarray, np.ndarray]:
     return t, prim
 
 
-def _shadow_rects(batches: list[_Batch], sun: np.ndarray, size: int) -> np.ndarray:
-    """Screen rectangles ``(B, 4)`` of every point each batch can shadow: receivers lie above the
-    ground, so they sit between the batch's bounding sphere and its copy slid down along -sun to
-    the ground; the hull of the two spheres' cubes bounds them."""
-    centers = np.array([b.center for b in batches])
-    radii = np.array([b.radius for b in batches])
-    drop = (centers[:, 1] + radii) / max(sun[1], 1e-3)
-    r = _rects(np.concatenate([centers, centers - drop[:, None] * sun]), np.concatenate([radii, radii]), size)
-    n = len(batches)
-    return np.stack([np.minimum(r[:n, 0], r[n:, 0]), np.maximum(r[:n, 1], r[n:, 1]),
-                     np.minimum(r[:n, 2], r[n:, 2]), np.maximum(r[:n, 3], r[n:, 3])], axis=1)
-
-
 def _shadows(scene: Scene, batches: list[_Batch], obj: np.ndarray, points: np.ndarray, normals: np.ndarray,
-             size: int) -> np.ndarray:
+             size: int, exact_ground: bool = False) -> np.ndarray:
     """Full-frame float32 map: 1 where the sun is visible from the surface, else 0 (sky: 0).
 
     ``obj``: flat pixels showing entities, with their ``points`` and ``normals``; every other
-    non-sky pixel is ground (normal +Y, always facing the sun). Per batch, only the pixels inside
-    its shadow rectangle are tested, first against its bounding sphere in light space (the plane
-    orthogonal to the sun), then exactly."""
+    non-sky pixel is ground (normal +Y, always facing the sun). Ground shadows are rasterised
+    (``shadows.ground_shadow``) unless ``exact_ground``; entity surfaces facing the sun get one
+    exact shadow ray each, tested first against each entity's bounding sphere in light space (the
+    plane orthogonal to the sun), then against its primitives."""
     sun = scene.sun
     frame = _frame(size)
     e1 = np.cross(sun, [0.0, 0.0, 1.0] if abs(sun[2]) < 0.9 else [1.0, 0.0, 0.0])
     e1 /= np.linalg.norm(e1)
     e2 = np.cross(sun, e1)
     basis = np.stack([e1, e2, sun], axis=1)
-    origin = frame["shadow_origin"]
-    light = origin @ basis  # sky pixels land ~1e9 away: they never pass a disc test
-    lit = (frame["prim"] == GROUND).astype(np.float32)
-    if obj.size:
-        facing = normals @ sun > 0
-        o = points + SHADOW_OFFSET * normals
-        light[obj] = np.where(facing[:, None], o @ basis, 1e9)
-        lit[obj] = facing
-        origin = origin.copy()
-        origin[obj] = o
-    light = light.reshape(size, size, 3)
-    shadowed = np.zeros(size * size, bool)
+    ground = frame["prim"] == GROUND
+    ground[obj] = False
+    lit = ground.astype(np.float32)
+    facing = normals @ sun > 0
+    lit[obj] = facing
+    cand = obj[facing]
+    origin = points[facing] + SHADOW_OFFSET * normals[facing]
+    if exact_ground:
+        g = np.flatnonzero(ground)
+        cand = np.concatenate([g, cand])
+        origin = np.concatenate([frame["shadow_origin"][g], origin])
+    elif scene.prims:
+        lit[ground_shadow(scene.prims, sun, size) & ground] = 0.0
+    if cand.size == 0 or not batches:
+        return lit
+    light = origin @ basis
+    shadowed = np.zeros(len(cand), bool)
     pairs = []
-    for batch, (r0, r1, c0, c1) in zip(batches, _shadow_rects(batches, sun, size)):
-        if r0 >= r1 or c0 >= c1:
-            continue
+    for batch in batches:
         cu, cv, cs = batch.center @ basis
         r = batch.radius
-        sub = light[r0:r1, c0:c1]
-        du, dv = sub[..., 0] - cu, sub[..., 1] - cv
-        rr, cc = np.nonzero((du * du + dv * dv < r * r) & (sub[..., 2] < cs + r))
-        if rr.size == 0:
+        du, dv = light[:, 0] - cu, light[:, 1] - cv
+        idx = np.flatnonzero((du * du + dv * dv < r * r) & (light[:, 2] < cs + r))
+        if idx.size == 0:
             continue
-        cand = (rr + r0) * size + cc + c0
         if batch.a is None:
-            o = origin[cand]
+            o = origin[idx]
             tk = intersect(batch.prims[0], o, np.broadcast_to(sun, o.shape), shadow=True)
-            shadowed[cand[np.isfinite(tk)]] = True
+            shadowed[idx[np.isfinite(tk)]] = True
             continue
         # Figure: keep the (point, part) pairs whose light-space discs overlap; all figures'
         # pairs are traced together below.
         pu, pv, ps = (((batch.a + batch.b) / 2) @ basis).T
         pr = np.linalg.norm(batch.b - batch.a, axis=1) / 2 + batch.r
-        lc = light[rr + r0, cc + c0]
+        lc = light[idx]
         du, dv = lc[:, 0, None] - pu, lc[:, 1, None] - pv
         i, k = np.nonzero((du * du + dv * dv < pr * pr) & (lc[:, 2, None] < ps + pr))
-        pairs.append((cand[i], batch.a[k], batch.b[k], batch.r[k]))
+        pairs.append((idx[i], batch.a[k], batch.b[k], batch.r[k]))
     if pairs:
-        pix = np.concatenate([p[0] for p in pairs])
-        o = origin[pix]
+        sel = np.concatenate([p[0] for p in pairs])
+        o = origin[sel]
         tk = capsule_pairs(o, np.broadcast_to(sun, o.shape), *(np.concatenate([p[j] for p in pairs]) for j in (1, 2, 3)))
-        shadowed[pix[np.isfinite(tk)]] = True
-    lit[shadowed] = 0.0
+        shadowed[sel[np.isfinite(tk)]] = True
+    lit[cand[shadowed]] = 0.0
     return lit
 
 
-def trace(scene: Scene, size: int) -> GBuffer:
-    """Cast the scene into a :class:`GBuffer` at ``size x size`` pixels."""
+def trace(scene: Scene, size: int, exact_shadows: bool = False) -> GBuffer:
+    """Cast the scene into a :class:`GBuffer` at ``size x size`` pixels. ``exact_shadows``:
+    shadow rays for ground pixels too (slower; the default rasterises ground shadows)."""
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        return _trace(scene, size)
+        return _trace(scene, size, exact_shadows)
 
 
-def _trace(scene: Scene, size: int) -> GBuffer:
+def _trace(scene: Scene, size: int, exact_shadows: bool = False) -> GBuffer:
     n_pix = size * size
     frame = _frame(size)
     rd = camera.rays(size).reshape(-1, 3)
@@ -361,7 +353,7 @@ def _trace(scene: Scene, size: int) -> GBuffer:
     alb = shading.ground_albedo(scene.ground, size, scene.ground_variant, scene.ground_tint)
     alb[obj] = alb_obj
     if scene.config.shadows:
-        lit = _shadows(scene, batches, obj, points, normals, size)
+        lit = _shadows(scene, batches, obj, points, normals, size, exact_ground=exact_shadows)
     else:
         lit = (normal_full @ scene.sun > 0).astype(np.float32)
     image = shading.shade(scene.sky, size, alb, normal_full, scene.sun, lit, t)
