@@ -200,3 +200,22 @@ def test_rasterised_ground_shadows_agree_with_shadow_rays():
         shadowed += int((exact.lit[ground] == 0).sum())
     assert np.mean(agree) > 0.99 and min(agree) > 0.98
     assert shadowed > 3000  # the comparison is not vacuous
+
+
+def test_screen_space_culling_changes_nothing(monkeypatch):
+    """The culled primary pass equals brute force: every ray against every primitive."""
+    import controlstack.world.raytrace as rt
+
+    scenes = [sample_scene([6, i], FIGURES) for i in range(6)] + [sample_scene([6, 9], WorldConfig(objects=(4, 4)))]
+    culled = [rt._primary(rt._batches(s), 96) for s in scenes]
+
+    def every_pair(a, b, r, size):
+        pix = np.repeat(np.arange(size * size), len(a))
+        return pix, np.tile(np.arange(len(a)), size * size)
+
+    monkeypatch.setattr(rt, "_capsule_pairs_2d", every_pair)
+    monkeypatch.setattr(rt, "_rects", lambda c, r, size: np.tile([0, size, 0, size], (len(c), 1)))
+    for s, (t, prim) in zip(scenes, culled):
+        t_all, prim_all = rt._primary(rt._batches(s), 96)
+        np.testing.assert_array_equal(prim, prim_all)
+        np.testing.assert_array_equal(t, t_all)
