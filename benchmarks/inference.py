@@ -49,7 +49,7 @@ def build(seed: int = 0) -> tuple[SDComponents, list]:
     return comps, cns
 
 
-def hint(size: int, k: int) -> "PIL.Image.Image":  # noqa: F821
+def hint(size: int, k: int) -> PIL.Image.Image:  # noqa: F821
     from PIL import Image
 
     rng = np.random.default_rng(k)
@@ -78,24 +78,25 @@ def gemm_rate() -> float:
     return 2 * 2048**3 * n / (time.perf_counter() - t)
 
 
-def flops_per_image(comps, cns, n_controls, steps, size) -> float:
+def flops_per_image(comps, cns, n_controls, steps, size, active_fraction=1.0) -> float:
+    """U-Net per step + each control's ControlNet per *active* step + one hint encoding + VAE."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from controlstack.models.runner import ControlNetRunner, UNetRunner
 
-    x = torch.randn(2, 4, size // 8, size // 8)
-    emb = torch.randn(2, 77, 256)
-    with torch.no_grad(), FlopCounterMode(display=False) as fc:
-        runner = UNetRunner(comps.unet)
-        h, mid, ctx = runner.encode(x, torch.tensor(500), emb)
-        for cn in cns[:n_controls]:
-            r = ControlNetRunner(cn)
-            r(x, torch.tensor(500), emb, r.embed_hint(torch.rand(1, 3, size, size)))
-        runner.decode(h, mid, ctx)
-    per_step = fc.get_total_flops()
-    with torch.no_grad(), FlopCounterMode(display=False) as fc:
-        comps.vae.decode(torch.randn(1, 4, size // 8, size // 8))
-    return per_step * steps + fc.get_total_flops()
+    def count(fn) -> int:
+        with torch.no_grad(), FlopCounterMode(display=False) as fc:
+            fn()
+        return fc.get_total_flops()
+
+    x, emb, t = torch.randn(2, 4, size // 8, size // 8), torch.randn(2, 77, 256), torch.tensor(500)
+    runner, cnr = UNetRunner(comps.unet), ControlNetRunner(cns[0])
+    feats = cnr.embed_hint(torch.rand(1, 3, size, size))
+    unet = count(lambda: runner(x, t, emb))
+    controlnet = count(lambda: cnr(x, t, emb, feats))
+    hint = count(lambda: cnr.embed_hint(torch.rand(1, 3, size, size)))
+    vae = count(lambda: comps.vae.decode(torch.randn(1, 4, size // 8, size // 8)))
+    return steps * (unet + n_controls * active_fraction * controlnet) + n_controls * hint + vae
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
@@ -152,7 +153,7 @@ def main() -> None:
         t_o, img_o = timed(ours(n, **okw), args.runs)
         if reference_image is None:
             reference_image = img_o
-        flops = flops_per_image(comps, cns, n if not okw else n, args.steps, args.size)
+        flops = flops_per_image(comps, cns, n, args.steps, args.size, okw.get("end", 1.0))
         rows.append((label, 1 / t_d, 1 / t_o, t_d / t_o, float(np.abs(img_o - img_d).max()), flops))
     fast = Pipeline(comps, name="bench").optimize("fast")
     t_f, img_f = timed(ours(1, p=fast), args.runs)

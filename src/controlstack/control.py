@@ -14,8 +14,9 @@ soft and a mask of ones (or zeros) is exactly ones (zeros) at every resolution.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch

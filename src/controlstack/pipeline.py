@@ -10,8 +10,9 @@ seed and scheduler give the same image as diffusers.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -60,7 +61,7 @@ class Pipeline:
         self.autocast_dtype: torch.dtype | None = None
         self.fast_description = "parity (float32, as diffusers)"
 
-    def optimize(self, mode: str = "fast") -> "Pipeline":
+    def optimize(self, mode: str = "fast") -> Pipeline:
         """``"parity"``: float32 exactly as diffusers. ``"fast"``: channels-last convolutions
         (oneDNN's fast path on CPU) and bf16 autocast *only* where a probe shows native bf16 is
         faster than fp32 -- on AVX2-only CPUs bf16 matmuls are ~100x slower, so it is never assumed.
@@ -87,7 +88,7 @@ class Pipeline:
     # ----------------------------------------------------------------------------- loading
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike | None = None, *, allow_pickle: bool = False,
-                        config: str | os.PathLike | None = None) -> "Pipeline":
+                        config: str | os.PathLike | None = None) -> Pipeline:
         """A diffusers SD folder or single-file checkpoint; ``None`` = the bundled default model."""
         from controlstack import assets
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -81,7 +80,7 @@ def _bad_inputs(tmp_path: Path, hint_images) -> dict[str, tuple[list[str], str]]
     empty_dir.mkdir()
     pickle = tmp_path / "cn.ckpt"
     pickle.write_bytes(b"\x80\x04K\x01.")
-    c = lambda spec: ["--control", spec]  # noqa: E731
+    c = lambda spec: ["--control", spec]
     return {
         "truncated image": (c(f"canny:{trunc}"), "corrupt or truncated"),
         "zero-size image": (c(f"canny:{zero}"), str(zero.name)),
@@ -152,6 +151,6 @@ def test_preprocess_runs_the_annotator_of_the_same_name(tmp_path):
     c = tmp_path / "c"
     assert main(["generate", "--prompt", "p", "--seed", "1", "--control", f"canny:{photo}",
                  "--out", str(c), *FAST]) == 0
-    img = lambda d: np.asarray(Image.open(d / "00000-1.png"))  # noqa: E731
+    img = lambda d: np.asarray(Image.open(d / "00000-1.png"))
     assert np.array_equal(img(a), img(b))
     assert not np.array_equal(img(a), img(c))

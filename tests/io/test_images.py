@@ -8,7 +8,13 @@ from PIL import Image
 
 from controlstack.errors import ControlstackError
 from controlstack.io.images import (
-    array_to_pil, load_image, mask_to_array, pixel_perfect_resolution, resize_image, to_rgb, validate_image,
+    array_to_pil,
+    load_image,
+    mask_to_array,
+    pixel_perfect_resolution,
+    resize_image,
+    to_rgb,
+    validate_image,
 )
 
 

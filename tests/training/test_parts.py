@@ -32,21 +32,6 @@ def test_unknown_vocabulary_source():
         build_tokenizer("wiki", 8)
 
 
-def test_edge_f1_tolerance():
-    from controlstack.training.validation import edge_f1
-
-    a = np.zeros((32, 32), bool)
-    a[8:24, 10] = True
-    assert edge_f1(a, a) == 1.0
-    assert edge_f1(a, np.roll(a, 2, axis=1)) == 1.0    # 2 px away: within tolerance
-    assert edge_f1(a, np.roll(a, 3, axis=1)) == 0.0    # 3 px away: no match
-    half = a.copy()
-    half[16:24, 10] = False        # rows 8-15 kept: P = 1, R = 10/16 (rows 16, 17 within 2 px)
-    assert edge_f1(a, half) == pytest.approx(2 * 0.625 / 1.625)
-    assert edge_f1(np.zeros_like(a), np.zeros_like(a)) == 1.0
-    assert edge_f1(a, np.zeros_like(a)) == 0.0
-
-
 def test_condition_fidelity_of_an_image_with_itself():
     from PIL import Image
 

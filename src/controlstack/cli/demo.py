@@ -26,7 +26,7 @@ def register(sub) -> None:
 def conditions(size: int, names: list[str], seed: int) -> tuple[dict[str, Image.Image], str]:
     """name -> condition image, plus a caption; from the world when it is installed."""
     try:
-        from controlstack.world import render, sample_scene  # noqa: PLC0415
+        from controlstack.world import render, sample_scene
 
         arrays = render(sample_scene(seed), size)
         conds = {n: Image.fromarray(np.asarray(arrays[n])).convert("RGB") for n in names if n in arrays}

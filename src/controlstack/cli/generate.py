@@ -14,7 +14,6 @@ from pathlib import Path
 from controlstack.errors import ControlstackError
 
 
-
 def register(sub) -> None:
     p = sub.add_parser("generate", help="generate images with controls",
                        description="Generate images from a prompt and any number of controls.")
@@ -81,8 +80,8 @@ def next_index(out: Path) -> int:
 
 def run(args: argparse.Namespace) -> int:
     from controlstack import Control, Pipeline
-    from controlstack.io.images import load_image
     from controlstack.injection import available as available_modes
+    from controlstack.io.images import load_image
     from controlstack.io.png import atomic_save, make_grid
     from controlstack.sampling import SCHEDULERS
 

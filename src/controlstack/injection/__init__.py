@@ -1,8 +1,7 @@
 """Injection strategies (``sum``, the sd-webui control modes, Minimal Impact). See ``base.py``."""
 
-from controlstack.injection.base import Injection, Residuals, available, make_injection, register
-from controlstack.injection import modes as _modes  # noqa: F401  (registers sum/balanced/prompt/controlnet/guess)
-
 from controlstack.injection import mi as _mi  # noqa: F401  (registers mi)
+from controlstack.injection import modes as _modes  # noqa: F401  (registers sum/balanced/prompt/controlnet/guess)
+from controlstack.injection.base import Injection, Residuals, available, make_injection, register
 
 __all__ = ["Injection", "Residuals", "available", "make_injection", "register"]

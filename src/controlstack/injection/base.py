@@ -14,8 +14,9 @@ tested on random tensors.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, ClassVar
+from typing import ClassVar
 
 import torch
 
@@ -29,7 +30,7 @@ class Residuals:
     downs: list[torch.Tensor]
     mid: torch.Tensor
 
-    def scaled(self, weights: list[float] | torch.Tensor) -> "Residuals":
+    def scaled(self, weights: list[float] | torch.Tensor) -> Residuals:
         """Multiply skip i by ``weights[i]`` and the middle by ``weights[-1]``."""
         return Residuals([d * w for d, w in zip(self.downs, weights)], self.mid * weights[-1])
 

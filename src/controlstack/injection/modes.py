@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from controlstack.injection.base import Injection, Residuals, register, sum_residuals
+from controlstack.injection.base import Injection, register, sum_residuals
 
 
 def resolution_weights(h: list[torch.Tensor], mid: torch.Tensor) -> list[float]:

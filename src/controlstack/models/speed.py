@@ -24,7 +24,7 @@ def _best_time(fn, repeats: int = 3) -> float:
     return best
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def bf16_speedup(device: str = "cpu", size: int = 256) -> float:
     """fp32 time / bf16-autocast time for a ``size``^3 matmul (> 1 means bf16 is faster)."""
     dev = torch.device(device)

@@ -59,9 +59,9 @@ def byte_level_tokenizer(max_length: int = 77, words: list[str] | None = None):
 class SDComponents:
     """The four parts of a Stable Diffusion base model."""
 
-    unet: "torch.nn.Module"
-    vae: "torch.nn.Module"
-    text_encoder: "torch.nn.Module"
+    unet: torch.nn.Module
+    vae: torch.nn.Module
+    text_encoder: torch.nn.Module
     tokenizer: object
     scheduler_config: dict | None = None  # the model's own noise schedule (None = SD-1.x's)
 

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from controlstack.errors import ControlstackError, require
+from controlstack.io.png import make_grid
 from controlstack.training.config import TrainConfig, list_field
 from controlstack.training.data import RowTransform, batches, first_rows, load_image_dataset, make_dataloader
 from controlstack.training.diffusion import (
@@ -36,7 +37,7 @@ from controlstack.training.diffusion import (
 )
 from controlstack.training.session import TrainingSession, make_lr_scheduler, make_optimizer
 from controlstack.training.tokenizer import VOCABULARY_SOURCES, build_tokenizer
-from controlstack.training.validation import make_grid, sample_text_to_image, tensor_to_pil
+from controlstack.training.validation import sample_text_to_image, tensor_to_pil
 
 
 @dataclass
@@ -213,5 +214,5 @@ def validate(session: TrainingSession, net: TextToImage, vae, tokenizer, prompts
     rows = [images]
     if not cfg.validation_prompts:
         rows.append(tensor_to_pil(val["image"], True))
-    make_grid(rows).save(session.out / "samples" / f"step-{session.step:07d}.png")
+    make_grid([im for row in rows for im in row], cols=len(rows[0])).save(session.out / "samples" / f"step-{session.step:07d}.png")
     net.train()

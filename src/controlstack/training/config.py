@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, TypeVar, get_type_hints
 
 import yaml
+from typing_extensions import Self
 
 from controlstack.errors import ControlstackError, require
 
@@ -127,7 +128,7 @@ class TrainConfig:
     # -- storage -------------------------------------------------------------------------------
 
     @classmethod
-    def from_dict(cls: type[C], values: dict, **overrides: Any) -> C:
+    def from_dict(cls, values: dict, **overrides: Any) -> Self:
         if not isinstance(values, dict):
             raise ControlstackError(f"a {cls.__name__} must be a mapping of keys to values, got {type(values).__name__}")
         names = {f.name for f in dataclasses.fields(cls)}
@@ -140,7 +141,7 @@ class TrainConfig:
         return cls(**merged)
 
     @classmethod
-    def from_yaml(cls: type[C], path: str | Path, **overrides: Any) -> C:
+    def from_yaml(cls, path: str | Path, **overrides: Any) -> Self:
         path = Path(path)
         if not path.is_file():
             raise ControlstackError(f"config file '{path}' not found; pass an existing YAML file")

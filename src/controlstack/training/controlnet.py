@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from controlstack.errors import ControlstackError, require
+from controlstack.io.png import make_grid
 from controlstack.training.config import TrainConfig, list_field
 from controlstack.training.data import RowTransform, batches, first_rows, load_image_dataset, make_dataloader
 from controlstack.training.diffusion import (
@@ -40,7 +41,6 @@ from controlstack.training.diffusion import (
 from controlstack.training.session import TrainingSession, make_lr_scheduler, make_optimizer
 from controlstack.training.validation import (
     condition_fidelity,
-    make_grid,
     plot_metric,
     sample_controlnet,
     tensor_to_pil,
@@ -211,7 +211,7 @@ def validate(session: TrainingSession, net: ControlledUNet, base: dict, vae, tex
         cfg.conditioning_scale, cfg.seed,
     )
     real = tensor_to_pil(val["image"], signed=True)
-    make_grid([list(r) for r in zip(hints, generated, real)]).save(
+    make_grid([im for r in zip(hints, generated, real) for im in r], cols=3).save(
         session.out / "samples" / f"step-{session.step:07d}.png"
     )
     fidelity = condition_fidelity(cfg.condition, hints, generated)

@@ -23,10 +23,11 @@ import torch
 import torch.nn.functional as F
 
 from controlstack.errors import require
+from controlstack.io.png import make_grid
 from controlstack.training.config import TrainConfig, list_field
 from controlstack.training.data import RowTransform, batches, first_rows, load_image_dataset, make_dataloader
 from controlstack.training.session import TrainingSession, make_lr_scheduler, make_optimizer
-from controlstack.training.validation import make_grid, tensor_to_pil
+from controlstack.training.validation import tensor_to_pil
 
 RECONSTRUCTION_LOSSES = ("l1", "mse")
 
@@ -174,6 +175,6 @@ def validate(session: TrainingSession, vae, val: dict) -> None:
     mse = ((rec.float() - x) / 2).pow(2).mean(dim=(1, 2, 3))  # in [0, 1] units
     psnr = float((10 * torch.log10(1.0 / mse.clamp_min(1e-10))).mean())
     session.metrics.log(session.step, val_psnr=psnr)
-    grid = make_grid([list(pair) for pair in zip(tensor_to_pil(x, True), tensor_to_pil(rec, True))])
+    grid = make_grid([im for pair in zip(tensor_to_pil(x, True), tensor_to_pil(rec, True)) for im in pair], cols=2)
     grid.save(session.out / "samples" / f"step-{session.step:07d}.png")
     vae.train(was_training)

@@ -18,12 +18,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import cv2
 import numpy as np
 import torch
 from PIL import Image
 
-CANNY_LOW, CANNY_HIGH = 100, 200
+from controlstack.evaluation.metrics import edge_f1, edges
 
 
 def tensor_to_pil(x: torch.Tensor, signed: bool) -> list[Image.Image]:
@@ -33,41 +32,6 @@ def tensor_to_pil(x: torch.Tensor, signed: bool) -> list[Image.Image]:
         x = (x + 1.0) / 2.0
     a = (x.clamp(0, 1).permute(0, 2, 3, 1).numpy() * 255.0).round().astype(np.uint8)
     return [Image.fromarray(im) for im in a]
-
-
-def make_grid(rows: list[list[Image.Image]], pad: int = 2) -> Image.Image:
-    """Rows of equally sized images -> one image (white gutters)."""
-    w, h = rows[0][0].size
-    ncol = max(len(r) for r in rows)
-    grid = Image.new("RGB", (ncol * (w + pad) + pad, len(rows) * (h + pad) + pad), (255, 255, 255))
-    for i, row in enumerate(rows):
-        for j, im in enumerate(row):
-            grid.paste(im.convert("RGB").resize((w, h)), (pad + j * (w + pad), pad + i * (h + pad)))
-    return grid
-
-
-def edges(image: Image.Image, is_edge_map: bool = False) -> np.ndarray:
-    """Boolean edge map: a given edge map thresholded at 50%, otherwise ``cv2.Canny(100, 200)``."""
-    gray = np.asarray(image.convert("L"))
-    if is_edge_map:
-        return gray > 127
-    return cv2.Canny(gray, CANNY_LOW, CANNY_HIGH) > 0
-
-
-def edge_f1(reference: np.ndarray, predicted: np.ndarray, tolerance: float = 2.0) -> float:
-    """F1 of two boolean edge maps where a pixel matches if the other map has an edge within
-    ``tolerance`` pixels (Euclidean). Both empty -> 1 (perfect agreement on "no edges")."""
-    if not reference.any() and not predicted.any():
-        return 1.0
-    if not reference.any() or not predicted.any():
-        return 0.0
-
-    def dist_to(mask: np.ndarray) -> np.ndarray:  # distance of every pixel to the nearest edge of mask
-        return cv2.distanceTransform((~mask).astype(np.uint8), cv2.DIST_L2, 5)
-
-    precision = float((dist_to(reference)[predicted] <= tolerance).mean())
-    recall = float((dist_to(predicted)[reference] <= tolerance).mean())
-    return 0.0 if precision + recall == 0 else 2 * precision * recall / (precision + recall)
 
 
 def condition_fidelity(condition: str, hints: list[Image.Image], generated: list[Image.Image]) -> float:

@@ -1,0 +1,1 @@
+"""Metrics and the scripts that reproduce the papers' claims (condition fidelity, FID, TV, ...)."""
