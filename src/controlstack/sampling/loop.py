@@ -11,8 +11,8 @@ makes seeds mean what they mean in diffusers.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from tqdm.auto import tqdm
