@@ -48,17 +48,18 @@ def encode_depth(depth: np.ndarray) -> np.ndarray:
     return np.round(disp * (255.0 / top)).astype(np.uint8) if top > 0 else np.zeros(depth.shape, np.uint8)
 
 
-def camera_normals(normal_world: np.ndarray) -> np.ndarray:
-    """World-frame normals (0 = sky) -> OpenGL camera frame, sky facing the camera."""
+def camera_normals(normal_world: np.ndarray, sky: np.ndarray | None = None) -> np.ndarray:
+    """World-frame normals (0 = sky) -> OpenGL camera frame, sky facing the camera.
+    ``sky``: the sky mask if known (else: pixels whose normal is 0)."""
     cam = camera.to_camera(normal_world)
-    sky = ~normal_world.any(axis=-1)
-    cam[sky] = (0.0, 0.0, 1.0)
+    cam[~normal_world.any(axis=-1) if sky is None else sky] = (0.0, 0.0, 1.0)
     return cam
 
 
-def encode_normal(normal_world: np.ndarray) -> np.ndarray:
+def encode_normal(normal_world: np.ndarray, sky: np.ndarray | None = None) -> np.ndarray:
     """``(n + 1) / 2 * 255``, rounded and saturated (one OpenCV call)."""
-    return cv2.convertScaleAbs(camera_normals(normal_world).astype(np.float32, copy=False), alpha=127.5, beta=127.5)
+    cam = camera_normals(normal_world, sky).astype(np.float32, copy=False)
+    return cv2.convertScaleAbs(cam, alpha=127.5, beta=127.5)
 
 
 def encode_seg(semantic: np.ndarray) -> np.ndarray:

@@ -360,7 +360,7 @@ def _trace(scene: Scene, size: int, exact_shadows: bool = False) -> GBuffer:
         lit = _shadows(scene, batches, obj, points, normals, size, exact_ground=exact_shadows)
     else:
         lit = (normal_full @ scene.sun > 0).astype(np.float32)
-    image = shading.shade(scene.sky, size, alb, normal_full, scene.sun, lit, t)
+    image = shading.shade(scene.sky, size, alb, normal_full, scene.sun, lit, t, obj)
     depth = t * camera.forward_cosine(size).ravel()
     shape = (size, size)
     return GBuffer(

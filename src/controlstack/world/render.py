@@ -102,7 +102,7 @@ def annotations(scene: Scene, gbuf: GBuffer) -> dict:
         "image": image,
         "text": captions.caption(scene.entities, scene.ground, gbuf.instance, gbuf.depth),
         "depth": annotate.encode_depth(gbuf.depth),
-        "normal": annotate.encode_normal(gbuf.normal),
+        "normal": annotate.encode_normal(gbuf.normal, gbuf.instance == 0),
         "seg": annotate.encode_seg(gbuf.semantic),
         "instances": gbuf.instance,
         "softedge": annotate.softedge(edges),

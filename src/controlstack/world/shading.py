@@ -115,18 +115,36 @@ def sky_colors(sky: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
     return np.asarray(zenith) / 255, np.asarray(horizon) / 255, np.asarray(sun) / 255, ambient
 
 
+def fog(t: np.ndarray) -> np.ndarray:
+    """Exponential-squared fog weight, float32 (1 for ``t = inf``)."""
+    return (1.0 - np.exp(-((t / FOG_DISTANCE) ** 2))).astype(np.float32)
+
+
+@functools.lru_cache(maxsize=8)
+def _ground_fog(size: int) -> np.ndarray:
+    """Fog of the bare frame: ground distances never change, sky is 1."""
+    rd = camera.rays(size).reshape(-1, 3)
+    with np.errstate(divide="ignore"):
+        t = np.where(rd[:, 1] < 0, -camera.POSITION[1] / rd[:, 1], np.inf)
+    out = fog(t)
+    out.setflags(write=False)
+    return out
+
+
 def shade(sky_index: int, size: int, alb: np.ndarray, n: np.ndarray, sun: np.ndarray, lit: np.ndarray,
-          t: np.ndarray) -> np.ndarray:
+          t: np.ndarray, obj: np.ndarray) -> np.ndarray:
     """Whole-frame colour ``(size * size, 3)`` float32 in ``[0, 1]``: Lambert + sky-tinted
     ambient, then fog towards the sky gradient (which is the horizon colour below the horizon).
-    Sky pixels (``t = inf``) are pure fog, i.e. the sky gradient itself."""
+    Sky pixels (``t = inf``) are pure fog, i.e. the sky gradient itself. ``obj``: the pixels
+    whose distance differs from the bare frame's (entities)."""
     zenith, horizon, sun_rgb, ambient = sky_colors(sky_index)
     mean = 0.5 * zenith + 0.5 * horizon
     ambient_rgb = (ambient * mean / mean.mean()).astype(np.float32)
     sun_k = ((1.0 - ambient) * sun_rgb).astype(np.float32)
     cos = (n @ sun.astype(np.float32)).clip(0.0, None) * lit
     col = alb * (ambient_rgb + cos[:, None] * sun_k)
-    fog = (1.0 - np.exp(-((t / FOG_DISTANCE) ** 2))).astype(np.float32)
+    w = _ground_fog(size).copy()
+    w[obj] = fog(t[obj])
     bg = _sky_gradient(sky_index, size)
-    col += (bg - col) * fog[:, None]
+    col += (bg - col) * w[:, None]
     return col.clip(0.0, 1.0, out=col)
