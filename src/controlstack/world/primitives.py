@@ -142,21 +142,28 @@ def _torus_sdf(p, R, r):
 
 
 def _torus(ro, rd, R, r, steps=TORUS_STEPS):
-    # Sphere-trace only the rays that cross the bounding sphere, from where they enter it (or
-    # from their origin, for shadow rays that start inside it).
-    b = _dot(ro, rd) if ro.ndim > 1 else rd @ ro
-    disc = b * b - (_dot(ro, ro) - (R + r) ** 2)
-    with np.errstate(invalid="ignore"):
+    # Sphere-trace only the rays that cross the torus' bounding cylinder (radius R + r, height
+    # 2 r), from where they enter it (or from their origin, for shadow rays starting inside).
+    ox, oy, oz = ro[..., 0], ro[..., 1], ro[..., 2]
+    dx, dy, dz = rd[:, 0], rd[:, 1], rd[:, 2]
+    a = dx * dx + dz * dz
+    b = ox * dx + oz * dz
+    disc = b * b - a * (ox * ox + oz * oz - (R + r) ** 2)
+    with np.errstate(divide="ignore", invalid="ignore"):
         sq = np.sqrt(disc)
-    live = np.flatnonzero((disc > 0) & (-b + sq > EPS))
+        t0, t1 = (-b - sq) / a, (-b + sq) / a
+        y0, y1 = (-r - oy) / dy, (r - oy) / dy
+    enter = np.maximum(np.maximum(t0, np.minimum(y0, y1)), 0.0)
+    leave = np.minimum(t1, np.maximum(y0, y1))
+    live = np.flatnonzero((disc > 0) & (leave > enter) & (leave > EPS))
     out = np.full(rd.shape[0], np.inf)
     if live.size == 0:
         return out
     o = ro[live] if ro.ndim > 1 else ro
     d = rd[live]
-    t = np.maximum(-b[live] - sq[live], 0.0)
-    tmax = -b[live] + sq[live]
-    # March in rounds, dropping rays that converged or left the bounding sphere after each.
+    t = enter[live]
+    tmax = leave[live] + 1e-4
+    # March in rounds, dropping rays that converged or left the bounding cylinder after each.
     for _ in range(steps // 4):
         for _ in range(3):
             t += _torus_sdf(o + t[:, None] * d, R, r)
