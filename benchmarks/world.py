@@ -21,8 +21,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from controlstack.world import WorldConfig, render, sample_scene  # noqa: E402
-from controlstack.world.export import encode_row, export_dataset  # noqa: E402
+from controlstack.world import WorldConfig, render, sample_scene
+from controlstack.world.export import encode_row, export_dataset
 
 
 def _per_process(fn, n: int) -> tuple[float, float]:

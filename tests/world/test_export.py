@@ -69,7 +69,7 @@ def test_refuses_non_empty_out_unless_overwrite(exported, tmp_path):
 
 
 def test_a_crash_leaves_nothing_at_out(tmp_path, monkeypatch):
-    import controlstack.world.export as export
+    from controlstack.world import export
 
     def boom(job):
         raise RuntimeError("renderer crashed")

@@ -11,8 +11,16 @@ import numpy as np
 import pytest
 
 from controlstack.errors import ControlstackError
-from controlstack.world import COLUMNS, VOCABULARY, WorldConfig, caption_words, render, sample_scene
-from controlstack.world import camera, palette
+from controlstack.world import (
+    COLUMNS,
+    VOCABULARY,
+    WorldConfig,
+    camera,
+    caption_words,
+    palette,
+    render,
+    sample_scene,
+)
 from controlstack.world.primitives import SPHERE
 from controlstack.world.raytrace import GROUND, SKY, trace
 from controlstack.world.render import keypoints_2d
@@ -147,7 +155,7 @@ def test_occluded_keypoints_are_behind_something():
             if e.keypoints is None:
                 continue
             kps = keypoints_2d(e, g)
-            uv, z = camera.project(e.keypoints, 128)
+            _, z = camera.project(e.keypoints, 128)
             occ = kps[:, 2] == 0.5
             n_occluded += occ.sum()
             cols, rows = kps[occ, 0].astype(int), kps[occ, 1].astype(int)

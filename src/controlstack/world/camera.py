@@ -75,22 +75,3 @@ _TO_GL = (BASIS * np.array([[1.0], [1.0], [-1.0]])).T  # world -> (right, up, -f
 def to_camera(vectors: np.ndarray) -> np.ndarray:
     """World directions -> OpenGL camera space (X right, Y up, Z towards the viewer)."""
     return vectors @ _TO_GL.astype(vectors.dtype)
-
-
-def screen_rect(center: np.ndarray, radius: float, size: int) -> tuple[int, int, int, int] | None:
-    """Pixel rectangle ``(r0, r1, c0, c1)`` (half-open) that covers a bounding sphere, or None.
-
-    Projects the 8 corners of the sphere's bounding cube: conservative (the cube contains the
-    sphere and perspective projection of a convex set lies in the hull of its corners' images).
-    """
-    offs = np.array([[sx, sy, sz] for sx in (-1, 1) for sy in (-1, 1) for sz in (-1, 1)], float)
-    uv, z = project(center + radius * offs, size)
-    if np.any(z <= 1e-3):  # a corner behind the camera: fall back to the whole frame
-        return 0, size, 0, size
-    c0 = max(int(math.floor(uv[:, 0].min())), 0)
-    c1 = min(int(math.ceil(uv[:, 0].max())) + 1, size)
-    r0 = max(int(math.floor(uv[:, 1].min())), 0)
-    r1 = min(int(math.ceil(uv[:, 1].max())) + 1, size)
-    if c0 >= c1 or r0 >= r1:
-        return None
-    return r0, r1, c0, c1

@@ -14,7 +14,7 @@ import re
 import numpy as np
 
 from controlstack.world import palette
-from controlstack.world.figures import ANIMAL_POSES, PERSON_POSES
+from controlstack.world.figures import PERSON_POSES
 from controlstack.world.scene import Entity
 
 MAX_MENTIONS = 4

@@ -98,7 +98,9 @@ def _unit(v) -> np.ndarray:
 
 def _person_angles(rng: np.random.Generator, pose: str) -> dict:
     d = math.radians
-    j = lambda: d(rng.uniform(-8, 8))  # noqa: E731 - per-angle jitter
+    def j():  # per-angle jitter
+        return d(rng.uniform(-8, 8))
+
     a = {}
     for side in ("l", "r"):
         a[f"{side}_arm"] = (d(rng.uniform(-5, 10)), d(rng.uniform(5, 15)))

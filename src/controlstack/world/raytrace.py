@@ -304,7 +304,6 @@ def trace(scene: Scene, size: int, exact_shadows: bool = False) -> GBuffer:
 
 
 def _trace(scene: Scene, size: int, exact_shadows: bool = False) -> GBuffer:
-    n_pix = size * size
     frame = _frame(size)
     rd = camera.rays(size).reshape(-1, 3)
     batches = _batches(scene)
