@@ -39,8 +39,10 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2, help="export worker processes")
     args = parser.parse_args()
     config = WorldConfig(size=args.size)
-    print(f"world benchmark: {args.size}x{args.size}, {args.scenes} scenes, load average "
-          f"{os.getloadavg()[0]:.2f} on {os.cpu_count()} cores (other processes depress these numbers)")
+    print(
+        f"world benchmark: {args.size}x{args.size}, {args.scenes} scenes, load average "
+        f"{os.getloadavg()[0]:.2f} on {os.cpu_count()} cores (other processes depress these numbers)"
+    )
 
     # Warm the per-size caches (ray table, ground textures, sky gradients) like a long export does.
     for i in range(40):
@@ -48,16 +50,21 @@ def main() -> None:
 
     rate, cpu = _per_process(lambda i: render(sample_scene([1, i], config), args.size), args.scenes)
     print(f"render only        : {rate:7.1f} scenes/s  ({cpu:.1f} ms CPU/scene, one process)")
-    rate, cpu = _per_process(lambda i: encode_row(render(sample_scene([2, i], config), args.size)), args.scenes)
+    rate, cpu = _per_process(
+        lambda i: encode_row(render(sample_scene([2, i], config), args.size)), args.scenes
+    )
     print(f"render + PNG encode: {rate:7.1f} scenes/s  ({cpu:.1f} ms CPU/scene, one process)")
 
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
-        export_dataset(Path(tmp) / "ds", scenes=args.scenes, seed=3, config=config, workers=args.workers,
-                       progress=False)
+        export_dataset(
+            Path(tmp) / "ds", scenes=args.scenes, seed=3, config=config, workers=args.workers, progress=False
+        )
         rate = args.scenes / (time.perf_counter() - start)
-    print(f"export end to end  : {rate:7.1f} scenes/s  ({args.workers} workers, incl. pool start, "
-          f"Arrow writing and save_to_disk)")
+    print(
+        f"export end to end  : {rate:7.1f} scenes/s  ({args.workers} workers, incl. pool start, "
+        f"Arrow writing and save_to_disk)"
+    )
     print(f"load average after : {os.getloadavg()[0]:.2f}")
 
 

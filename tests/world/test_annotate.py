@@ -84,7 +84,12 @@ def test_caption_phrases_and_relations():
     person = ent("person", "person", {"color": "blue", "pose": "running"}, 5)
     dog = ent("animal", "dog", {"color": "brown", "pose": "standing"}, 6)
     assert [captions.phrase(e) for e in (sphere, cube, cone, person, dog)] == [
-        "a red striped sphere", "a wooden cube", "an orange cone", "a running person in blue", "a brown dog"]
+        "a red striped sphere",
+        "a wooden cube",
+        "an orange cone",
+        "a running person in blue",
+        "a brown dog",
+    ]
     inst = np.zeros((64, 64), np.uint8)
     inst[30:40, 5:20] = 2  # sphere, left, largest
     inst[30:40, 40:52] = 3  # cube, right

@@ -14,12 +14,16 @@ SCRIPT = Path(sys.executable).parent / "controlstack"
 
 
 def _run(*args):
-    return subprocess.run([str(SCRIPT), "world", "export", *args], capture_output=True, text=True, timeout=300, check=False)
+    return subprocess.run(
+        [str(SCRIPT), "world", "export", *args], capture_output=True, text=True, timeout=300, check=False
+    )
 
 
 def test_cli_export_end_to_end(tmp_path):
     out = tmp_path / "ds"
-    proc = _run("--scenes", "3", "--size", "64", "--seed", "4", "--out", str(out), "--workers", "2", "--quiet")
+    proc = _run(
+        "--scenes", "3", "--size", "64", "--seed", "4", "--out", str(out), "--workers", "2", "--quiet"
+    )
     assert proc.returncode == 0, proc.stderr
     assert "wrote 3 scenes" in proc.stdout
     ds = load_from_disk(str(out))
@@ -38,8 +42,10 @@ def test_cli_bad_input_is_one_line_exit_2(tmp_path, capsys):
 
     out = tmp_path / "ds"
     assert main(["world", "export", "--scenes", "3", "--size", "100", "--out", str(out)]) == 2
-    want = ("controlstack world: error: world size must be a multiple of 8 between 32 and 1024 "
-            "(e.g. 64, 128, 256, 512), got 100")
+    want = (
+        "controlstack world: error: world size must be a multiple of 8 between 32 and 1024 "
+        "(e.g. 64, 128, 256, 512), got 100"
+    )
     assert capsys.readouterr().err.strip().splitlines() == [want]
     assert main(["world", "export", "--scenes", "many", "--out", str(out)]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [

@@ -56,7 +56,9 @@ def test_same_seed_same_arrays_different_seed_differs():
     assert not np.array_equal(a["image"], c["image"])
     assert not np.array_equal(a["instances"], c["instances"])
     # Sequence seeds (what export uses) are distinct from each other and from plain ints.
-    assert not np.array_equal(render(sample_scene([7, 0]), 64)["image"], render(sample_scene([7, 1]), 64)["image"])
+    assert not np.array_equal(
+        render(sample_scene([7, 0]), 64)["image"], render(sample_scene([7, 1]), 64)["image"]
+    )
 
 
 def test_sizes_are_validated():
@@ -192,8 +194,11 @@ def test_world_package_never_imports_torch():
     root = Path(__file__).parents[2] / "src" / "controlstack" / "world"
     for path in root.glob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
-                [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else ([node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            )
             assert not any(n == "torch" or n.startswith("torch.") for n in names), path.name
 
 
@@ -214,7 +219,9 @@ def test_screen_space_culling_changes_nothing(monkeypatch):
     """The culled primary pass equals brute force: every ray against every primitive."""
     import controlstack.world.raytrace as rt
 
-    scenes = [sample_scene([6, i], FIGURES) for i in range(6)] + [sample_scene([6, 9], WorldConfig(objects=(4, 4)))]
+    scenes = [sample_scene([6, i], FIGURES) for i in range(6)] + [
+        sample_scene([6, 9], WorldConfig(objects=(4, 4)))
+    ]
     culled = [rt._primary(rt._batches(s), 96) for s in scenes]
 
     def every_pair(a, b, r, size):

@@ -29,7 +29,9 @@ def register(subparsers) -> None:
         "datasets' save_to_disk. Row i is sample_scene([seed, i]).",
     )
     exp.add_argument("--scenes", required=True, metavar="N", help="number of scenes (rows)")
-    exp.add_argument("--size", default="128", metavar="PX", help="image side in pixels: 64, 128, 256, 512 ...")
+    exp.add_argument(
+        "--size", default="128", metavar="PX", help="image side in pixels: 64, 128, 256, 512 ..."
+    )
     exp.add_argument("--seed", default="0", metavar="S", help="dataset seed (>= 0)")
     exp.add_argument("--out", required=True, metavar="DIR", help="output directory (must be empty or absent)")
     exp.add_argument("--workers", default="1", metavar="K", help="worker processes (default 1)")

@@ -30,13 +30,43 @@ CANNY_LOW, CANNY_HIGH = 100, 200
 # OpenPose COCO-18 limbs (0-based, ControlNet's limbSeq without the two ear-shoulder links) and
 # the 18 colours (RGB) drawn for limbs and keypoints.
 OPENPOSE_LIMBS = (
-    (1, 2), (1, 5), (2, 3), (3, 4), (5, 6), (6, 7), (1, 8), (8, 9), (9, 10), (1, 11), (11, 12),
-    (12, 13), (1, 0), (0, 14), (14, 16), (0, 15), (15, 17),
+    (1, 2),
+    (1, 5),
+    (2, 3),
+    (3, 4),
+    (5, 6),
+    (6, 7),
+    (1, 8),
+    (8, 9),
+    (9, 10),
+    (1, 11),
+    (11, 12),
+    (12, 13),
+    (1, 0),
+    (0, 14),
+    (14, 16),
+    (0, 15),
+    (15, 17),
 )
 OPENPOSE_COLORS = (
-    (255, 0, 0), (255, 85, 0), (255, 170, 0), (255, 255, 0), (170, 255, 0), (85, 255, 0),
-    (0, 255, 0), (0, 255, 85), (0, 255, 170), (0, 255, 255), (0, 170, 255), (0, 85, 255),
-    (0, 0, 255), (85, 0, 255), (170, 0, 255), (255, 0, 255), (255, 0, 170), (255, 0, 85),
+    (255, 0, 0),
+    (255, 85, 0),
+    (255, 170, 0),
+    (255, 255, 0),
+    (170, 255, 0),
+    (85, 255, 0),
+    (0, 255, 0),
+    (0, 255, 85),
+    (0, 255, 170),
+    (0, 255, 255),
+    (0, 170, 255),
+    (0, 85, 255),
+    (0, 0, 255),
+    (85, 0, 255),
+    (170, 0, 255),
+    (255, 0, 255),
+    (255, 0, 170),
+    (255, 0, 85),
 )
 
 
@@ -82,8 +112,10 @@ def boundaries(depth: np.ndarray, normal: np.ndarray, instance: np.ndarray) -> n
     within an entity graded by relative depth jump, creases graded by normal angle."""
     logz = np.log(np.minimum(depth, 1e3).astype(np.float32))
     strengths = []
-    for a, b in (((slice(None), slice(1, None)), (slice(None), slice(None, -1))),
-                 ((slice(1, None), slice(None)), (slice(None, -1), slice(None)))):
+    for a, b in (
+        ((slice(None), slice(1, None)), (slice(None), slice(None, -1))),
+        ((slice(1, None), slice(None)), (slice(None, -1), slice(None))),
+    ):
         ia, ib = instance[a], instance[b]
         inst = (ia != ib).astype(np.float32)
         same_entity = (ia == ib) & (ia >= 2)
@@ -117,8 +149,14 @@ def scribble(edges: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     grid = np.arange(size, dtype=np.float32)
     dx = cv2.resize(field[0], (size, size), interpolation=cv2.INTER_CUBIC)
     dy = cv2.resize(field[1], (size, size), interpolation=cv2.INTER_CUBIC)
-    warped = cv2.remap(strokes, grid[None, :] + dx, grid[:, None] + dy, cv2.INTER_NEAREST,
-                       borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+    warped = cv2.remap(
+        strokes,
+        grid[None, :] + dx,
+        grid[:, None] + dy,
+        cv2.INTER_NEAREST,
+        borderMode=cv2.BORDER_CONSTANT,
+        borderValue=0,
+    )
     k = 2 * max(1, size // 128) + 1
     return cv2.dilate(warped, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (k, k)))
 
@@ -131,8 +169,9 @@ def _draw_skeleton(canvas: np.ndarray, kps: np.ndarray, limbs, stick: int, radiu
         (x0, y0), (x1, y1) = kps[i, :2], kps[j, :2]
         length = math.hypot(x1 - x0, y1 - y0)
         angle = math.degrees(math.atan2(y0 - y1, x0 - x1))
-        poly = cv2.ellipse2Poly((int((x0 + x1) / 2), int((y0 + y1) / 2)), (int(length / 2), stick),
-                                int(angle), 0, 360, 1)
+        poly = cv2.ellipse2Poly(
+            (int((x0 + x1) / 2), int((y0 + y1) / 2)), (int(length / 2), stick), int(angle), 0, 360, 1
+        )
         cv2.fillConvexPoly(canvas, poly, [int(c * 0.6) for c in color])
     for k, color in zip(range(len(kps)), OPENPOSE_COLORS * 2):
         if kps[k, 2] > 0:

@@ -13,7 +13,10 @@ MAX_ENTITIES = 12
 def check_size(size: int) -> int:
     """Validate an image side length (pixels): a multiple of 8 in ``[32, 1024]``."""
     require(
-        isinstance(size, int) and not isinstance(size, bool) and MIN_SIZE <= size <= MAX_SIZE and size % 8 == 0,
+        isinstance(size, int)
+        and not isinstance(size, bool)
+        and MIN_SIZE <= size <= MAX_SIZE
+        and size % 8 == 0,
         f"world size must be a multiple of 8 between {MIN_SIZE} and {MAX_SIZE} (e.g. 64, 128, 256, 512), "
         f"got {size!r}",
     )
@@ -45,14 +48,19 @@ class WorldConfig:
                 and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
                 and 0 <= value[0] <= value[1] <= MAX_ENTITIES
             )
-            require(ok, f"WorldConfig.{name} must be a (min, max) pair of ints with 0 <= min <= max <= "
-                        f"{MAX_ENTITIES}, got {value!r}")
+            require(
+                ok,
+                f"WorldConfig.{name} must be a (min, max) pair of ints with 0 <= min <= max <= "
+                f"{MAX_ENTITIES}, got {value!r}",
+            )
             object.__setattr__(self, name, tuple(value))
         require(
             self.objects[1] + self.people[1] + self.animals[1] <= MAX_ENTITIES,
             f"a world scene holds at most {MAX_ENTITIES} entities; lower the maximum counts",
         )
-        require(isinstance(self.shadows, bool), f"WorldConfig.shadows must be true or false, got {self.shadows!r}")
+        require(
+            isinstance(self.shadows, bool), f"WorldConfig.shadows must be true or false, got {self.shadows!r}"
+        )
 
     @classmethod
     def from_dict(cls, data: dict) -> WorldConfig:

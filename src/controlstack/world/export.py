@@ -103,8 +103,10 @@ def export_dataset(
     """Render ``scenes`` scenes and save them as a ``datasets`` folder at ``out``; returns ``out``."""
     config = config or WorldConfig()
     for name, value, lo in (("scenes", scenes, 1), ("seed", seed, 0), ("workers", workers, 1)):
-        require(isinstance(value, int) and not isinstance(value, bool) and value >= lo,
-                f"--{name} must be an integer >= {lo}, got {value!r}")
+        require(
+            isinstance(value, int) and not isinstance(value, bool) and value >= lo,
+            f"--{name} must be an integer >= {lo}, got {value!r}",
+        )
     require(workers <= MAX_WORKERS, f"--workers must be at most {MAX_WORKERS}, got {workers}")
     out = Path(out)
     _check_out(out, overwrite)
@@ -139,10 +141,15 @@ def export_dataset(
             if pool is not None:
                 pool.terminate()
                 pool.join()
-        description = json.dumps({
-            "generator": "controlstack.world", "seed": seed, "scenes": scenes,
-            "row_seed": "sample_scene([seed, row_index], config)", "config": config.to_dict(),
-        })
+        description = json.dumps(
+            {
+                "generator": "controlstack.world",
+                "seed": seed,
+                "scenes": scenes,
+                "row_seed": "sample_scene([seed, row_index], config)",
+                "config": config.to_dict(),
+            }
+        )
         ds = Dataset.from_file(str(raw), info=DatasetInfo(description=description, features=feats))
         final = tmp / "dataset"
         ds.save_to_disk(str(final))

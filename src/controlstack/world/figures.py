@@ -26,19 +26,63 @@ import numpy as np
 from controlstack.world.primitives import CAPSULE, SPHERE
 
 OPENPOSE_KEYPOINTS = (
-    "nose", "neck", "right_shoulder", "right_elbow", "right_wrist", "left_shoulder", "left_elbow",
-    "left_wrist", "right_hip", "right_knee", "right_ankle", "left_hip", "left_knee", "left_ankle",
-    "right_eye", "left_eye", "right_ear", "left_ear",
+    "nose",
+    "neck",
+    "right_shoulder",
+    "right_elbow",
+    "right_wrist",
+    "left_shoulder",
+    "left_elbow",
+    "left_wrist",
+    "right_hip",
+    "right_knee",
+    "right_ankle",
+    "left_hip",
+    "left_knee",
+    "left_ankle",
+    "right_eye",
+    "left_eye",
+    "right_ear",
+    "left_ear",
 )
 AP10K_KEYPOINTS = (
-    "left_eye", "right_eye", "nose", "neck", "root_of_tail", "left_shoulder", "left_elbow",
-    "left_front_paw", "right_shoulder", "right_elbow", "right_front_paw", "left_hip", "left_knee",
-    "left_back_paw", "right_hip", "right_knee", "right_back_paw",
+    "left_eye",
+    "right_eye",
+    "nose",
+    "neck",
+    "root_of_tail",
+    "left_shoulder",
+    "left_elbow",
+    "left_front_paw",
+    "right_shoulder",
+    "right_elbow",
+    "right_front_paw",
+    "left_hip",
+    "left_knee",
+    "left_back_paw",
+    "right_hip",
+    "right_knee",
+    "right_back_paw",
 )
 # AP-10K skeleton (0-based pairs), in mmpose's skeleton_info order.
 AP10K_SKELETON = (
-    (0, 1), (0, 2), (1, 2), (2, 3), (3, 4), (3, 5), (5, 6), (6, 7), (3, 8), (8, 9), (9, 10),
-    (4, 11), (11, 12), (12, 13), (4, 14), (14, 15), (15, 16),
+    (0, 1),
+    (0, 2),
+    (1, 2),
+    (2, 3),
+    (3, 4),
+    (3, 5),
+    (5, 6),
+    (6, 7),
+    (3, 8),
+    (8, 9),
+    (9, 10),
+    (4, 11),
+    (11, 12),
+    (12, 13),
+    (4, 14),
+    (14, 15),
+    (15, 16),
 )
 PERSON_POSES = ("standing", "walking", "running", "waving", "cheering")
 ANIMAL_POSES = ("standing", "walking", "running", "grazing")
@@ -80,8 +124,9 @@ class Figure:
     def bound(self) -> tuple[np.ndarray, float]:
         pts = np.array([p for _, a, b, _, _ in self.parts for p in (a, b) if p is not None])
         center = (pts.min(0) + pts.max(0)) / 2
-        radius = max(np.linalg.norm(p - center) + r for _, a, b, r, _ in self.parts
-                     for p in (a, b) if p is not None)
+        radius = max(
+            np.linalg.norm(p - center) + r for _, a, b, r, _ in self.parts for p in (a, b) if p is not None
+        )
         return center, float(radius)
 
 
@@ -98,6 +143,7 @@ def _unit(v) -> np.ndarray:
 
 def _person_angles(rng: np.random.Generator, pose: str) -> dict:
     d = math.radians
+
     def j():  # per-angle jitter
         return d(rng.uniform(-8, 8))
 
@@ -184,7 +230,14 @@ def humanoid(rng: np.random.Generator, pose: str, scale: float, materials: dict)
         hips[side] = hip
         kp[[i_sho, i_elb, i_wri, i_hip, i_kne, i_ank]] = sho, elb, wri, hip, kne, ank
         # Shoulders and hips sit inside the torso capsules: their depth slack is the torso's.
-        tol[[i_sho, i_elb, i_wri, i_hip, i_kne, i_ank]] = 0.12 * s, 0.06 * s, 0.05 * s, 0.12 * s, 0.08 * s, 0.06 * s
+        tol[[i_sho, i_elb, i_wri, i_hip, i_kne, i_ank]] = (
+            0.12 * s,
+            0.06 * s,
+            0.05 * s,
+            0.12 * s,
+            0.08 * s,
+            0.06 * s,
+        )
         fig.cap(sho, elb, 0.048 * s, SHIRT)
         fig.cap(elb, wri, 0.04 * s, SHIRT if materials["long_sleeves"] else SKIN)
         fig.ball(wri + 0.05 * s * fore, 0.042 * s, SKIN)
@@ -227,10 +280,14 @@ def quadruped(rng: np.random.Generator, species: str, pose: str, scale: float, c
     swing = {"standing": 4, "grazing": 4, "walking": 20, "running": 35}[pose]
     phase = rng.uniform(0, 2 * math.pi)
     leg_len = H - 0.3 * R
-    for i, (side, sign, front, j_top, j_mid, j_paw) in enumerate((
-        ("l", 1.0, True, 5, 6, 7), ("r", -1.0, True, 8, 9, 10),
-        ("l", 1.0, False, 11, 12, 13), ("r", -1.0, False, 14, 15, 16),
-    )):
+    for i, (side, sign, front, j_top, j_mid, j_paw) in enumerate(
+        (
+            ("l", 1.0, True, 5, 6, 7),
+            ("r", -1.0, True, 8, 9, 10),
+            ("l", 1.0, False, 11, 12, 13),
+            ("r", -1.0, False, 14, 15, 16),
+        )
+    ):
         # Diagonal pairs move together (a trot): left-front with right-back.
         offset = 0.0 if (front == (side == "l")) else math.pi
         theta = d(swing) * math.sin(phase + offset) + d(rng.uniform(-4, 4))

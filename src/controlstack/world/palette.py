@@ -29,8 +29,13 @@ COLOR_NAMES = tuple(COLORS)
 
 # Surface textures for objects; caption adjective for each ("" = plain, not mentioned).
 TEXTURES = ("plain", "striped", "checkered", "speckled", "wooden")
-TEXTURE_WORDS = {"plain": "", "striped": "striped", "checkered": "checkered", "speckled": "speckled",
-                 "wooden": "wooden"}
+TEXTURE_WORDS = {
+    "plain": "",
+    "striped": "striped",
+    "checkered": "checkered",
+    "speckled": "speckled",
+    "wooden": "wooden",
+}
 # Internal-only texture for animal coats (cow patches); captions call it "spotted".
 SPOTTED = "spotted"
 
@@ -72,15 +77,29 @@ GROUND_MATERIALS = {
 
 # Animal coats per species: list of (caption colour word, base colour, secondary, texture).
 COATS = {
-    "dog": [("brown", (120, 75, 35), (90, 55, 25), "plain"), ("black", (30, 28, 26), (60, 55, 50), "plain"),
-            ("white", (230, 225, 215), (200, 190, 175), "plain"),
-            ("yellow", (215, 170, 90), (185, 140, 70), "plain")],
-    "cat": [("gray", (120, 120, 125), (80, 80, 85), "striped"), ("orange", (225, 130, 45), (180, 95, 30), "striped"),
-            ("black", (25, 25, 28), (45, 45, 50), "plain"), ("white", (235, 232, 228), (210, 205, 200), "plain")],
-    "horse": [("brown", (110, 65, 30), (80, 45, 20), "plain"), ("black", (28, 25, 25), (50, 45, 45), "plain"),
-              ("white", (230, 228, 222), (200, 195, 190), "plain"), ("gray", (140, 138, 135), (100, 98, 95), "plain")],
-    "cow": [("spotted", (235, 232, 225), (30, 28, 28), SPOTTED), ("brown", (125, 75, 40), (235, 225, 210), SPOTTED),
-            ("black", (30, 28, 28), (60, 55, 55), "plain")],
+    "dog": [
+        ("brown", (120, 75, 35), (90, 55, 25), "plain"),
+        ("black", (30, 28, 26), (60, 55, 50), "plain"),
+        ("white", (230, 225, 215), (200, 190, 175), "plain"),
+        ("yellow", (215, 170, 90), (185, 140, 70), "plain"),
+    ],
+    "cat": [
+        ("gray", (120, 120, 125), (80, 80, 85), "striped"),
+        ("orange", (225, 130, 45), (180, 95, 30), "striped"),
+        ("black", (25, 25, 28), (45, 45, 50), "plain"),
+        ("white", (235, 232, 228), (210, 205, 200), "plain"),
+    ],
+    "horse": [
+        ("brown", (110, 65, 30), (80, 45, 20), "plain"),
+        ("black", (28, 25, 25), (50, 45, 45), "plain"),
+        ("white", (230, 228, 222), (200, 195, 190), "plain"),
+        ("gray", (140, 138, 135), (100, 98, 95), "plain"),
+    ],
+    "cow": [
+        ("spotted", (235, 232, 225), (30, 28, 28), SPOTTED),
+        ("brown", (125, 75, 40), (235, 225, 210), SPOTTED),
+        ("black", (30, 28, 28), (60, 55, 55), "plain"),
+    ],
 }
 
 SKIN_TONES = ((241, 194, 160), (224, 172, 130), (198, 134, 90), (141, 85, 54), (92, 56, 36))

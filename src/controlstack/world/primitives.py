@@ -288,7 +288,9 @@ def capsule_pairs(ro: np.ndarray, rd: np.ndarray, a: np.ndarray, b: np.ndarray, 
         rdob = np.einsum("ni,ni->n", rd, ob)
         disc_b = rdob * rdob - (np.einsum("ni,ni->n", ob, ob) - r2)
         tb = -rdob - np.sqrt(disc_b)
-    caps = np.minimum(np.where((disc_a > 0) & (ta > EPS), ta, np.inf), np.where((disc_b > 0) & (tb > EPS), tb, np.inf))
+    caps = np.minimum(
+        np.where((disc_a > 0) & (ta > EPS), ta, np.inf), np.where((disc_b > 0) & (tb > EPS), tb, np.inf)
+    )
     return np.where(np.isfinite(body), body, caps)
 
 

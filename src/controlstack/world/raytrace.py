@@ -160,7 +160,9 @@ def _frame(size: int) -> dict:
     return out
 
 
-def _capsule_pairs_2d(a: np.ndarray, b: np.ndarray, r: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+def _capsule_pairs_2d(
+    a: np.ndarray, b: np.ndarray, r: np.ndarray, size: int
+) -> tuple[np.ndarray, np.ndarray]:
     """(flat pixel, part) pairs whose pixel centre lies within each part's screen-space
     *stadium*: the projected segment widened by a bound on the projected radius.
 
@@ -199,8 +201,12 @@ def _merged_parts(batches: list[_Batch]):
     if not figs:
         return None
     ids = np.concatenate([b.first + np.arange(len(b.prims)) for b in figs])
-    return (np.concatenate([b.a for b in figs]), np.concatenate([b.b for b in figs]),
-            np.concatenate([b.r for b in figs]), ids)
+    return (
+        np.concatenate([b.a for b in figs]),
+        np.concatenate([b.b for b in figs]),
+        np.concatenate([b.r for b in figs]),
+        ids,
+    )
 
 
 def _primary(batches: list[_Batch], size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -234,8 +240,15 @@ def _primary(batches: list[_Batch], size: int) -> tuple[np.ndarray, np.ndarray]:
     return t, prim
 
 
-def _shadows(scene: Scene, batches: list[_Batch], obj: np.ndarray, points: np.ndarray, normals: np.ndarray,
-             size: int, exact_ground: bool = False) -> np.ndarray:
+def _shadows(
+    scene: Scene,
+    batches: list[_Batch],
+    obj: np.ndarray,
+    points: np.ndarray,
+    normals: np.ndarray,
+    size: int,
+    exact_ground: bool = False,
+) -> np.ndarray:
     """Full-frame float32 map: 1 where the sun is visible from the surface, else 0 (sky: 0).
 
     ``obj``: flat pixels showing entities, with their ``points`` and ``normals``; every other
@@ -290,7 +303,9 @@ def _shadows(scene: Scene, batches: list[_Batch], obj: np.ndarray, points: np.nd
     if pairs:
         sel = np.concatenate([p[0] for p in pairs])
         o = origin[sel]
-        tk = capsule_pairs(o, np.broadcast_to(sun, o.shape), *(np.concatenate([p[j] for p in pairs]) for j in (1, 2, 3)))
+        tk = capsule_pairs(
+            o, np.broadcast_to(sun, o.shape), *(np.concatenate([p[j] for p in pairs]) for j in (1, 2, 3))
+        )
         shadowed[sel[np.isfinite(tk)]] = True
     lit[cand[shadowed]] = 0.0
     return lit
@@ -310,8 +325,11 @@ def _trace(scene: Scene, size: int, exact_shadows: bool = False) -> GBuffer:
     t, prim = _primary(batches, size)
     # Per-primitive tables indexed by prim + 2 (0 = sky, 1 = ground, 2 + k = scene.prims[k]).
     inst_table = np.array([0, 1] + [FIRST_ENTITY_ID + p.group for p in scene.prims], np.uint8)
-    sem_table = np.array([0, palette.CLASS_ID["ground"]]
-                         + [palette.CLASS_ID[scene.entities[p.group].cls] for p in scene.prims], np.uint8)
+    sem_table = np.array(
+        [0, palette.CLASS_ID["ground"]]
+        + [palette.CLASS_ID[scene.entities[p.group].cls] for p in scene.prims],
+        np.uint8,
+    )
     instance = inst_table[prim + 2]
     semantic = sem_table[prim + 2]
     # Entity pixels get exact points, normals and albedo; the ground comes from per-size caches.

@@ -29,8 +29,19 @@ from controlstack.world.figures import AP10K_SKELETON
 from controlstack.world.raytrace import GBuffer, trace
 from controlstack.world.scene import Scene
 
-COLUMNS = ("image", "text", "depth", "normal", "seg", "instances", "softedge", "canny", "scribble", "pose",
-           "keypoints")
+COLUMNS = (
+    "image",
+    "text",
+    "depth",
+    "normal",
+    "seg",
+    "instances",
+    "softedge",
+    "canny",
+    "scribble",
+    "pose",
+    "keypoints",
+)
 
 
 def keypoints_2d(entity, gbuf: GBuffer) -> np.ndarray:
@@ -56,8 +67,11 @@ def _keypoint_record(entity, kps: np.ndarray, instance: np.ndarray) -> dict:
     vis = np.select([kps[:, 2] >= 1.0, kps[:, 2] > 0], [2, 1], 0)
     coco = np.concatenate([np.round(kps[:, :2], 2), vis[:, None]], axis=1)
     rows, cols = np.nonzero(instance == entity.instance)
-    bbox = [int(cols.min()), int(rows.min()), int(cols.max() - cols.min() + 1), int(rows.max() - rows.min() + 1)] \
-        if rows.size else [0, 0, 0, 0]
+    bbox = (
+        [int(cols.min()), int(rows.min()), int(cols.max() - cols.min() + 1), int(rows.max() - rows.min() + 1)]
+        if rows.size
+        else [0, 0, 0, 0]
+    )
     return {
         "category": entity.cls,
         "keypoints": [float(v) if i % 3 < 2 else int(v) for i, v in enumerate(coco.ravel())],

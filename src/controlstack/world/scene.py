@@ -88,7 +88,9 @@ def _object_material(rng: np.random.Generator) -> tuple[Material, dict]:
     sec_rgb = _rgb(palette.COLORS[second])
     if texture == "speckled":
         sec_rgb = tuple(v * 0.55 for v in _rgb(palette.COLORS[name]))
-    freq = {"striped": rng.uniform(4, 8), "checkered": rng.uniform(3, 6), "speckled": rng.uniform(6, 12)}.get(texture, 4.0)
+    freq = {"striped": rng.uniform(4, 8), "checkered": rng.uniform(3, 6), "speckled": rng.uniform(6, 12)}.get(
+        texture, 4.0
+    )
     mat = Material(_rgb(palette.COLORS[name]), sec_rgb, texture, freq, int(rng.integers(0, 3)))
     return mat, {"color": name, "texture": texture}
 
@@ -102,11 +104,23 @@ def _primitive(rng: np.random.Generator, shape: str, x: float, z: float, materia
         h = np.full(3, rng.uniform(0.25, 0.55)) if rng.random() < 0.5 else rng.uniform(0.2, 0.6, 3)
         return Prim(BOX, (x, h[1], z), tuple(h), group, material, rot=_yaw_rot(yaw))
     if shape == "cylinder":
-        return Prim(CYLINDER, (x, 0.0, z), (rng.uniform(0.2, 0.5), rng.uniform(0.4, 1.4)), group, material,
-                    rot=_yaw_rot(yaw))
+        return Prim(
+            CYLINDER,
+            (x, 0.0, z),
+            (rng.uniform(0.2, 0.5), rng.uniform(0.4, 1.4)),
+            group,
+            material,
+            rot=_yaw_rot(yaw),
+        )
     if shape == "cone":
-        return Prim(CONE, (x, 0.0, z), (rng.uniform(0.25, 0.6), rng.uniform(0.5, 1.4)), group, material,
-                    rot=_yaw_rot(yaw))
+        return Prim(
+            CONE,
+            (x, 0.0, z),
+            (rng.uniform(0.25, 0.6), rng.uniform(0.5, 1.4)),
+            group,
+            material,
+            rot=_yaw_rot(yaw),
+        )
     big, small = rng.uniform(0.3, 0.55), rng.uniform(0.08, 0.18)
     if rng.random() < 0.5:  # lying flat
         return Prim(TORUS, (x, small, z), (big, small), group, material, rot=_yaw_rot(yaw))
@@ -188,7 +202,9 @@ def sample_scene(seed, config: WorldConfig | None = None) -> Scene:
         else:
             species = str(rng.choice(palette.SPECIES))
             pose = str(rng.choice(ANIMAL_POSES))
-            coat_name, base, second, texture = palette.COATS[species][int(rng.integers(len(palette.COATS[species])))]
+            coat_name, base, second, texture = palette.COATS[species][
+                int(rng.integers(len(palette.COATS[species])))
+            ]
             fig = quadruped(rng, species, pose, rng.uniform(0.9, 1.1), (base, second, texture))
             words, cls = {"color": coat_name, "pose": pose}, species
             radius = fig.bound[1] * 0.8  # footprint ~ the body's half length
@@ -204,6 +220,9 @@ def sample_scene(seed, config: WorldConfig | None = None) -> Scene:
             size = (r,)
             prims.append(Prim(k, a, size, group, base_mat + slot, end=b))
         taken.append((spot[0], spot[1], radius))
-        entities.append(Entity(kind, cls, instance, np.array([spot[0], 0.0, spot[1]]), words,
-                               fig.keypoints, fig.tolerance))
+        entities.append(
+            Entity(
+                kind, cls, instance, np.array([spot[0], 0.0, spot[1]]), words, fig.keypoints, fig.tolerance
+            )
+        )
     return Scene(seed, ground, ground_variant, ground_tint, sky, sun, entities, prims, materials, config)

@@ -131,8 +131,16 @@ def _ground_fog(size: int) -> np.ndarray:
     return out
 
 
-def shade(sky_index: int, size: int, alb: np.ndarray, n: np.ndarray, sun: np.ndarray, lit: np.ndarray,
-          t: np.ndarray, obj: np.ndarray) -> np.ndarray:
+def shade(
+    sky_index: int,
+    size: int,
+    alb: np.ndarray,
+    n: np.ndarray,
+    sun: np.ndarray,
+    lit: np.ndarray,
+    t: np.ndarray,
+    obj: np.ndarray,
+) -> np.ndarray:
     """Whole-frame colour ``(size * size, 3)`` float32 in ``[0, 1]``: Lambert + sky-tinted
     ambient, then fog towards the sky gradient (which is the horizon colour below the horizon).
     Sky pixels (``t = inf``) are pure fog, i.e. the sky gradient itself. ``obj``: the pixels

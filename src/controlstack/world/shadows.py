@@ -68,7 +68,9 @@ def pieces(prims, sun: np.ndarray) -> list[np.ndarray]:
             local = np.concatenate([_local_circle(p.size[0], 0.0), [[0.0, p.size[1], 0.0]]])
         elif p.kind == TORUS:
             big, small = p.size
-            ring = np.stack([big * _OUT * _COS, np.zeros(N_ROUND), big * _OUT * _SIN], axis=1) @ p.rot + p.origin
+            ring = (
+                np.stack([big * _OUT * _COS, np.zeros(N_ROUND), big * _OUT * _SIN], axis=1) @ p.rot + p.origin
+            )
             out.extend(_capsule_points(ring, np.roll(ring, -1, axis=0), np.full(N_ROUND, small), sun))
             continue
         else:
