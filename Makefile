@@ -4,7 +4,7 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: install demo test test-all bench clean
+.PHONY: install demo test test-all bundle clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
@@ -24,6 +24,10 @@ test: $(STAMP)
 
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -n 2 -m '' tests
+
+# Train the bundled default model (VAE, base, ControlNets); skips done stages, resumes the rest.
+bundle: $(STAMP)
+	$(BIN)/python -m controlstack.training.bundle $(if $(STAGES),--stages $(STAGES))
 
 clean:
 	rm -rf $(VENV) outputs

@@ -123,7 +123,7 @@ def load_vae(path: str):
 
     if not (Path(path) / "config.json").is_file():
         raise ControlstackError(f"no VAE at '{path}'; train one with `controlstack train vae` and point 'vae' at its model/")
-    vae = AutoencoderKL.from_pretrained(path).eval()
+    vae = AutoencoderKL.from_pretrained(path, torch_dtype=torch.float32).eval()  # the bundle stores fp16
     vae.requires_grad_(False)
     return vae
 

@@ -74,24 +74,15 @@ class ControlNetConfig(TrainConfig):
         require(self.num_inference_steps >= 1, "config key 'num_inference_steps' must be >= 1")
 
 
-def load_base(path: str) -> dict:
-    """The locked base: unet, vae, text_encoder, tokenizer and the scheduler config."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+def load_base(path: str):
+    """The locked base (float32, gradients off): any base ``controlstack`` loads -- a diffusers
+    folder (e.g. the fp16 bundle) or an SD-1.x single file."""
+    from controlstack.io.checkpoints import load_base as load
 
-    if not (Path(path) / "model_index.json").is_file():
-        raise ControlstackError(
-            f"no Stable Diffusion folder at '{path}'; train one with `controlstack train base` and point 'base' at its model/"
-        )
-    parts = {
-        "unet": UNet2DConditionModel.from_pretrained(path, subfolder="unet"),
-        "vae": AutoencoderKL.from_pretrained(path, subfolder="vae"),
-        "text_encoder": CLIPTextModel.from_pretrained(path, subfolder="text_encoder"),
-    }
-    for module in parts.values():
+    base = load(path)
+    for module in (base.unet, base.vae, base.text_encoder):
         module.eval().requires_grad_(False)  # locked: F(x; Θ) never changes
-    parts["tokenizer"] = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
-    return parts
+    return base
 
 
 def build_controlnet(unet, vae, hint_channels):
@@ -149,8 +140,8 @@ def train(config: ControlNetConfig, resume: bool = False):
     dataset = load_image_dataset(config.data, columns)
     val_set = load_image_dataset(config.validation_data, columns) if config.validation_data else dataset
     base = load_base(config.base)
-    vae, text_encoder, tokenizer = base["vae"].to(acc.device), base["text_encoder"].to(acc.device), base["tokenizer"]
-    model = ControlledUNet(base["unet"], build_controlnet(base["unet"], vae, config.hint_channels))
+    vae, text_encoder, tokenizer = base.vae.to(acc.device), base.text_encoder.to(acc.device), base.tokenizer
+    model = ControlledUNet(base.unet, build_controlnet(base.unet, vae, config.hint_channels))
     model.controlnet.train()
     noise_scheduler = sd_noise_scheduler()
 
@@ -200,13 +191,13 @@ def train(config: ControlNetConfig, resume: bool = False):
 
 
 @torch.no_grad()
-def validate(session: TrainingSession, net: ControlledUNet, base: dict, vae, text_encoder, val: dict) -> None:
+def validate(session: TrainingSession, net: ControlledUNet, base, vae, text_encoder, val: dict) -> None:
     """Grid rows condition | generated | real, the condition fidelity and its curve."""
     cfg = session.config
     net.controlnet.eval()
     hints = tensor_to_pil(val["hint"], signed=False)
     generated = sample_controlnet(
-        vae, text_encoder, base["tokenizer"], net.unet, net.controlnet, sd_sampling_scheduler().config,
+        vae, text_encoder, base.tokenizer, net.unet, net.controlnet, sd_sampling_scheduler().config,
         list(val["text"]), hints, cfg.resolution, cfg.num_inference_steps, cfg.guidance_scale,
         cfg.conditioning_scale, cfg.seed,
     )

@@ -1,0 +1,193 @@
+"""Train the bundled default model, stage by stage: world -> VAE -> base -> one ControlNet per condition.
+
+``make bundle`` (= ``python -m controlstack.training.bundle``) runs the stages in order. A stage is
+*done* when its final weights are in the package's bundle folder (``controlstack/assets/bundle``,
+fp16 safetensors, committed to the repository); done stages are skipped, so on a fresh clone with
+a partly trained bundle the next stage starts. A stage that was interrupted resumes from its last
+checkpoint in the work folder (``outputs/bundle/<stage>``, exact resume, see ``session.py``).
+Each stage is sized to finish in <= 90 minutes on a 2-core CPU (``configs/bundle/*.yaml``); its
+wall time (summed over resumed runs) and machine are recorded in ``bundle/stages.json`` for the
+model card.
+
+    make bundle                                   # everything that is not done yet
+    make bundle STAGES="vae base"                 # only these stages
+    python -m controlstack.training.bundle --list # what is done
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from controlstack.assets import BUNDLE_DIR
+from controlstack.errors import ControlstackError
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "bundle"
+CONTROLNETS = ("canny", "depth", "seg", "pose")
+WORLD_SCENES, WORLD_SIZE, WORLD_SEED = 20000, 128, 0  # evaluation uses seeds >= 1_000_000
+
+
+@dataclass
+class Stage:
+    name: str
+    recipe: str                 # vae | base | controlnet | world
+    target: Path                # the file whose presence means "done"
+    condition: str = ""         # for ControlNet stages
+
+
+def stages(bundle: Path = BUNDLE_DIR) -> list[Stage]:
+    out = [
+        Stage("world", "world", Path()),  # target set by the plan (work folder)
+        Stage("vae", "vae", bundle / "vae" / "diffusion_pytorch_model.safetensors"),
+        Stage("base", "base", bundle / "unet" / "diffusion_pytorch_model.safetensors"),
+    ]
+    out += [Stage(f"controlnet-{c}", "controlnet", bundle / "controlnets" / c / "diffusion_pytorch_model.safetensors", c)
+            for c in CONTROLNETS]
+    return out
+
+
+def machine() -> str:
+    import torch
+
+    cpu = platform.processor() or "cpu"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU only ({os.cpu_count()} cores)"
+    return f"{cpu}; {device}; torch {torch.__version__}"
+
+
+def save_fp16(model, dest: Path) -> None:
+    """fp16 safetensors copy of a diffusers / transformers model (the bundle's storage format)."""
+    tmp = dest.parent / f".{dest.name}.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.to(dtype=__import__("torch").float16).save_pretrained(tmp, safe_serialization=True)
+    shutil.rmtree(dest, ignore_errors=True)
+    tmp.rename(dest)
+
+
+def _record(bundle: Path, stage: str, info: dict) -> None:
+    path = bundle / "stages.json"
+    data = json.loads(path.read_text()) if path.is_file() else {}
+    data[stage] = info
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def _timed_training(stage: Stage, config, work: Path) -> tuple[Path, float]:
+    """Train (resuming if a checkpoint exists); returns the model folder and the total wall time
+    over every run of this stage (kept in the work folder across interruptions)."""
+    from controlstack.training import recipe
+
+    _, train = recipe(stage.recipe)
+    clock = work / "wall_seconds.json"
+    spent = json.loads(clock.read_text())["seconds"] if clock.is_file() else 0.0
+    resume = (work / "checkpoints").is_dir() and any((work / "checkpoints").iterdir())
+    t0 = time.time()
+    try:
+        model_dir = Path(train(config, resume=resume))
+    finally:
+        work.mkdir(parents=True, exist_ok=True)
+        clock.write_text(json.dumps({"seconds": spent + time.time() - t0}))
+    return model_dir, spent + time.time() - t0
+
+
+def run_stage(stage: Stage, work_root: Path, bundle: Path) -> None:
+    from controlstack.training import recipe
+
+    world = work_root / "world"
+    work = work_root / stage.name
+    if stage.recipe == "world":
+        from controlstack.world import WorldConfig
+        from controlstack.world.export import export_dataset
+
+        export_dataset(world, scenes=WORLD_SCENES, seed=WORLD_SEED, config=WorldConfig(size=WORLD_SIZE),
+                       workers=max(1, min(os.cpu_count() or 1, 4)))
+        return
+    config_cls, _ = recipe(stage.recipe)
+    overrides = {"data": str(world), "output_dir": str(work)}
+    if stage.recipe == "base":
+        overrides["vae"] = str(bundle / "vae")
+    if stage.recipe == "controlnet":
+        overrides.update(base=str(bundle), condition=stage.condition)
+    yaml_name = "controlnet" if stage.recipe == "controlnet" else stage.recipe
+    config = config_cls.from_yaml(CONFIGS / f"{yaml_name}.yaml", resolution=WORLD_SIZE, **overrides)
+    model_dir, seconds = _timed_training(stage, config, work)
+
+    bundle.mkdir(parents=True, exist_ok=True)
+    if stage.recipe == "vae":
+        from diffusers import AutoencoderKL
+
+        save_fp16(AutoencoderKL.from_pretrained(model_dir), bundle / "vae")
+    elif stage.recipe == "base":
+        from diffusers import UNet2DConditionModel
+        from transformers import CLIPTextModel
+
+        save_fp16(UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet"), bundle / "unet")
+        save_fp16(CLIPTextModel.from_pretrained(model_dir, subfolder="text_encoder"), bundle / "text_encoder")
+        for part in ("tokenizer", "scheduler"):
+            shutil.rmtree(bundle / part, ignore_errors=True)
+            shutil.copytree(model_dir / part, bundle / part)
+        shutil.copy(model_dir / "model_index.json", bundle / "model_index.json")
+    else:
+        from diffusers import ControlNetModel
+
+        (bundle / "controlnets").mkdir(exist_ok=True)
+        save_fp16(ControlNetModel.from_pretrained(model_dir), bundle / "controlnets" / stage.condition)
+    _record(bundle, stage.name, {
+        "recipe": stage.recipe, "condition": stage.condition or None, "steps": config.max_steps,
+        "batch_size": config.batch_size, "resolution": config.resolution, "wall_seconds": round(seconds),
+        "machine": machine(), "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "config": config.to_dict(), "data": f"world export: {WORLD_SCENES} scenes, seed {WORLD_SEED}, "
+                                           f"{WORLD_SIZE}x{WORLD_SIZE}",
+    })
+
+
+def is_done(stage: Stage, work_root: Path) -> bool:
+    if stage.recipe == "world":
+        return (work_root / "world" / "dataset_info.json").is_file()
+    return stage.target.is_file()
+
+
+def run(names: list[str] | None, work_root: Path, bundle: Path = BUNDLE_DIR, list_only: bool = False) -> None:
+    """Run the named stages (default: all) that are not done, in order."""
+    plan = stages(bundle)
+    known = [s.name for s in plan]
+    for n in names or []:
+        if n not in known:
+            raise ControlstackError(f"unknown stage '{n}'; choose from {', '.join(known)}")
+    for stage in plan:
+        done = is_done(stage, work_root)
+        if list_only:
+            print(f"{stage.name:22s} {'done' if done else 'to do'}")
+        elif not done and (not names or stage.name in names):
+            print(f"== stage {stage.name} ==", flush=True)
+            run_stage(stage, work_root, bundle)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="Train the bundled default model stage by stage.")
+    ap.add_argument("--stages", nargs="*", default=None, help="stage names (default: all not done)")
+    ap.add_argument("--work", default="outputs/bundle", help="work folder (datasets, checkpoints)")
+    ap.add_argument("--list", action="store_true", help="print each stage and whether it is done")
+    args = ap.parse_args(argv)
+    try:
+        run(args.stages, Path(args.work), list_only=args.list)
+    except ControlstackError as exc:
+        print(f"bundle: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
