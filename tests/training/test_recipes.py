@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_controlnet_config
+from tests.training.conftest import tiny_controlnet_config
 
 from controlstack.errors import ControlstackError
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 import yaml
-from conftest import tiny_controlnet_config
+from tests.training.conftest import tiny_controlnet_config
 from safetensors.torch import load_file
 
 
