@@ -21,23 +21,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from controlstack.errors import ControlstackError, require
+from controlstack.errors import require
 from controlstack.io.png import make_grid
 from controlstack.training.config import TrainConfig, list_field
 from controlstack.training.data import RowTransform, batches, first_rows, load_image_dataset, make_dataloader
-from controlstack.training.diffusion import (
-    add_noise,
-    drop_captions,
-    encode_latents,
-    sd_noise_scheduler,
-    sd_sampling_scheduler,
-    tokenize,
-)
+from controlstack.training.diffusion import noisy_batch, sd_noise_scheduler, sd_sampling_scheduler
 from controlstack.training.session import TrainingSession, make_lr_scheduler, make_optimizer
 from controlstack.training.validation import (
     condition_fidelity,
@@ -164,10 +156,8 @@ def train(config: ControlNetConfig, resume: bool = False):
 
     bar = session.progress()
     for batch in batches(acc, loader, session.micro) if not session.done else ():
-        g = session.step_generator()
-        latents = encode_latents(vae, batch["image"], g)
-        noisy, noise, t = add_noise(noise_scheduler, latents, g)
-        ids = tokenize(tokenizer, drop_captions(batch["text"], config.caption_dropout, g), acc.device)
+        noisy, noise, t, ids = noisy_batch(vae, noise_scheduler, tokenizer, batch, config.caption_dropout,
+                                           session.step_generator(), acc.device)
         with torch.no_grad():
             text_emb = text_encoder(ids)[0]
         with acc.accumulate(model), acc.autocast():

@@ -66,3 +66,13 @@ def tokenize(tokenizer, captions: list[str], device) -> torch.Tensor:
         captions, padding="max_length", truncation=True, max_length=tokenizer.model_max_length,
         return_tensors="pt",
     ).input_ids.to(device)
+
+
+def noisy_batch(vae, noise_scheduler, tokenizer, batch: dict, caption_dropout: float,
+                generator: torch.Generator, device):
+    """One batch of the ε-prediction objective: VAE latents noised at random timesteps, and the
+    captions (with dropout to the empty prompt) as token ids. Returns (noisy, noise, t, ids)."""
+    latents = encode_latents(vae, batch["image"], generator)
+    noisy, noise, t = add_noise(noise_scheduler, latents, generator)
+    ids = tokenize(tokenizer, drop_captions(batch["text"], caption_dropout, generator), device)
+    return noisy, noise, t, ids
