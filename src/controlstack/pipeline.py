@@ -22,6 +22,7 @@ from controlstack.control import Branch, Control
 from controlstack.denoiser import ControlledDenoiser
 from controlstack.errors import ControlstackError
 from controlstack.injection import make_injection
+from controlstack.io.checkpoints import check_compatible
 from controlstack.io.images import image_to_tensor, resize_image, to_rgb
 from controlstack.models.runner import ControlNetRunner, UNetRunner
 from controlstack.models.tiny import SDComponents
@@ -116,7 +117,7 @@ class Pipeline:
             raise ControlstackError(
                 f"control model '{model}' is neither a bundled ControlNet ({known}) nor an existing path"
             )
-        _check_compatible(cn, self.unet)
+        check_compatible(cn, self.unet)  # mismatched channels would fail mid-run otherwise
         return cn.eval().to(memory_format=self.memory_format)
 
     # ----------------------------------------------------------------------------- pieces
@@ -145,7 +146,7 @@ class Pipeline:
         image = resize_image(image, width, height, control.resize_mode)
         return image_to_tensor(image)
 
-    def make_branch(self, control: Control, width: int, height: int, batch_emb=None) -> Branch:
+    def make_branch(self, control: Control, width: int, height: int) -> Branch:
         runner = ControlNetRunner(self.controlnet(control.model))
         hint = self.prepare_hint(control, width, height).to(runner.dtype)
         with torch.no_grad():
@@ -248,22 +249,3 @@ def _validate(prompt, steps, cfg, width, height, batch, factor):
             )
     if not isinstance(batch, int) or batch < 1:
         raise ControlstackError(f"batch must be a positive integer, got {batch}")
-
-
-def _check_compatible(controlnet, unet):
-    """A ControlNet must match its base's channels, or the sum in every skip fails mid-run."""
-    try:
-        from controlstack.io.checkpoints import check_compatible
-    except ImportError:  # pragma: no cover - only while io/checkpoints.py is being written
-        check_compatible = None
-    if check_compatible is not None:
-        check_compatible(controlnet, unet)
-        return
-    c, u = controlnet.config, unet.config
-    if tuple(c.block_out_channels) != tuple(u.block_out_channels) or c.cross_attention_dim != u.cross_attention_dim:
-        raise ControlstackError(
-            f"ControlNet (channels {tuple(c.block_out_channels)}, cross-attention {c.cross_attention_dim}) does not "
-            f"match the base (channels {tuple(u.block_out_channels)}, cross-attention {u.cross_attention_dim}); "
-            "use a ControlNet trained for this base"
-        )
-
