@@ -19,3 +19,30 @@ def test_edge_f1_tolerance():
     assert edge_f1(a, half) == pytest.approx(2 * 0.625 / 1.625)
     assert edge_f1(np.zeros_like(a), np.zeros_like(a)) == 1.0
     assert edge_f1(a, np.zeros_like(a)) == 0.0
+
+
+def test_frechet_distance_pinned_values():
+    from controlstack.evaluation.metrics import frechet_distance
+
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(400, 3))
+    assert frechet_distance(a, a) == pytest.approx(0.0, abs=1e-6)
+    # a pure shift adds exactly ||shift||^2; a scale s of unit Gaussians adds ~D (1 - s)^2
+    assert frechet_distance(a, a + np.array([1.0, 2.0, 0.0])) == pytest.approx(5.0, abs=1e-6)
+    b = rng.normal(size=(20000, 3))
+    assert frechet_distance(b, 3 * rng.normal(size=(20000, 3))) == pytest.approx(12.0, rel=0.05)
+
+
+def test_region_colour_and_nearest_name():
+    from controlstack.evaluation.metrics import nearest_name, region_colour
+
+    img = np.zeros((4, 4, 3), np.uint8)
+    img[:2] = (200, 30, 30)
+    img[0, 0] = (255, 255, 255)  # a highlight: the median ignores it
+    mask = np.zeros((4, 4), bool)
+    mask[:2] = True
+    colour = region_colour(img, mask)
+    assert colour.tolist() == [200.0, 30.0, 30.0]
+    assert region_colour(img, np.zeros((4, 4), bool)) is None
+    protos = {"red": np.array([180.0, 40, 40]), "blue": np.array([30.0, 60, 190])}
+    assert nearest_name(colour, protos) == "red"

@@ -37,3 +37,32 @@ def edge_f1(reference: np.ndarray, predicted: np.ndarray, tolerance: float = 2.0
     precision = float((dist_to(reference)[predicted] <= tolerance).mean())
     recall = float((dist_to(predicted)[reference] <= tolerance).mean())
     return 0.0 if precision + recall == 0 else 2 * precision * recall / (precision + recall)
+
+
+def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
+    """Fréchet distance between Gaussian fits of two feature sets (N, D) -- the FID formula
+    ``||μa − μb||² + tr(Σa + Σb − 2 (Σa Σb)^½)`` with the feature network left to the caller."""
+    from scipy import linalg
+
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    covmean, _ = linalg.sqrtm(cov_a @ cov_b, disp=False)
+    if not np.isfinite(covmean).all():  # singular product: regularise as the reference FID code does
+        eps = np.eye(a.shape[1]) * 1e-6
+        covmean = linalg.sqrtm((cov_a + eps) @ (cov_b + eps))
+    covmean = covmean.real
+    return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * np.trace(covmean))
+
+
+def region_colour(image: np.ndarray, mask: np.ndarray) -> np.ndarray | None:
+    """Per-channel median RGB inside ``mask`` (robust to stripes and highlights); None if empty."""
+    if not mask.any():
+        return None
+    return np.median(image[mask].reshape(-1, 3).astype(np.float64), axis=0)
+
+
+def nearest_name(colour: np.ndarray, prototypes: dict[str, np.ndarray]) -> str:
+    """The name whose prototype RGB is closest (Euclidean) to ``colour``."""
+    names = list(prototypes)
+    d = [float(np.sum((colour - prototypes[n]) ** 2)) for n in names]
+    return names[int(np.argmin(d))]
