@@ -23,6 +23,7 @@ to ``--out``.
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +52,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--cfg", type=float, default=7.0)
     ap.add_argument("--out", default="outputs/fidelity")
+    ap.add_argument("--json", default=None, help="also write the numbers here (the bundle's fidelity.json)")
     args = ap.parse_args()
     if assets.is_placeholder():
         print("note: no trained bundle in this checkout; numbers below are for the random placeholder")
@@ -87,9 +89,12 @@ def main() -> None:
                       Image.fromarray(real[i]), Image.fromarray(base[i])]
         make_grid(tiles, cols=4).save(out / f"{name}.png")
 
+    report: dict = {"scenes": args.scenes, "steps": args.steps, "cfg": args.cfg, "f1": {}, "prompt_fidelity": {},
+                    "fid": {}}
     print(f"\n{'condition':10s} {'F1 control':>10s} {'F1 no control':>14s} {'ratio':>6s}")
     for name, f, b in table:
         print(f"{name:10s} {f:10.3f} {b:14.3f} {f / max(b, 1e-9):6.2f}")
+        report["f1"][name] = {"control": round(f, 4), "no_control": round(b, 4)}
 
     # prompt fidelity with the seg control, CFG 1 vs --cfg
     objects = [(i, e) for i, s in enumerate(scenes) for e in s.entities if e.kind == "object" and "color" in e.words]
@@ -113,11 +118,15 @@ def main() -> None:
                     total += 1
                     hits += nearest_name(c, prototypes) == e.words["color"]
             print(f"prompt fidelity (seg control, CFG {cfg:g}): {hits}/{total} objects = {hits / max(total, 1):.1%}")
+            report["prompt_fidelity"][f"cfg {cfg:g}"] = round(hits / max(total, 1), 4)
 
     real_f = vae_features(pipe, real)
-    print(f"FID (bundled VAE-encoder features), no control: {frechet_distance(vae_features(pipe, base), real_f):.3f}")
-    for name, gen in generated_by.items():
-        print(f"FID (bundled VAE-encoder features), {name:8s}: {frechet_distance(vae_features(pipe, gen), real_f):.3f}")
+    for name, gen in [("no control", base), *generated_by.items()]:
+        fid = frechet_distance(vae_features(pipe, gen), real_f)
+        report["fid"][name] = round(fid, 4)
+        print(f"FID (bundled VAE-encoder features), {name:10s}: {fid:.3f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
 
 
 if __name__ == "__main__":

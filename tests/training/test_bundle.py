@@ -37,6 +37,8 @@ def test_bundle_stages_end_to_end(tmp_path, monkeypatch):
     assert sorted(stages) == ["base", "controlnet-canny", "vae"]
     assert stages["vae"]["steps"] == 1 and stages["controlnet-canny"]["condition"] == "canny"
     assert all(b.is_done(s, work) for s in b.stages(out))
+    card = (out / "README.md").read_text()
+    assert "| vae | 1 x 2 | 64 |" in card and "controlnet-canny" in card
     # fp16 storage
     from safetensors.torch import load_file
 

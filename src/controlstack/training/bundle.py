@@ -153,6 +153,30 @@ def run_stage(stage: Stage, work_root: Path, bundle: Path) -> None:
     })
 
 
+def write_model_card(bundle: Path = BUNDLE_DIR) -> Path:
+    """``bundle/README.md`` from ``stages.json`` (data, config, steps, wall time, machine) and, when
+    ``benchmarks/fidelity.py --json bundle/fidelity.json`` has been run, its measured numbers."""
+    stages_info = json.loads((bundle / "stages.json").read_text()) if (bundle / "stages.json").is_file() else {}
+    lines = ["# controlstack bundled default model", "",
+             "Trained from scratch by `make bundle` on the procedural world (no external data or weights).",
+             "fp16 safetensors; loaded by `controlstack.Pipeline.from_pretrained()`.", "",
+             "| stage | steps x batch | resolution | wall time | machine | finished |",
+             "| --- | ---: | ---: | ---: | --- | --- |"]
+    for name, info in stages_info.items():
+        lines.append(f"| {name} | {info['steps']} x {info['batch_size']} | {info['resolution']} | "
+                     f"{info['wall_seconds'] / 60:.0f} min | {info['machine']} | {info['finished']} |")
+    data = next((i["data"] for i in stages_info.values()), "")
+    lines += ["", f"Data: {data}. Configs: `src/controlstack/configs/bundle/` (the exact values of each run are "
+              "in `stages.json`)."]
+    fidelity = bundle / "fidelity.json"
+    if fidelity.is_file():
+        lines += ["", "## Measured (`benchmarks/fidelity.py`)", "", "```", fidelity.read_text().strip(), "```"]
+    path = bundle / "README.md"
+    bundle.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
 def is_done(stage: Stage, work_root: Path) -> bool:
     if stage.recipe == "world":
         return (work_root / "world" / "dataset_info.json").is_file()
@@ -173,6 +197,8 @@ def run(names: list[str] | None, work_root: Path, bundle: Path = BUNDLE_DIR, lis
         elif not done and (not names or stage.name in names):
             print(f"== stage {stage.name} ==", flush=True)
             run_stage(stage, work_root, bundle)
+            if stage.recipe != "world":
+                write_model_card(bundle)
 
 
 def main(argv: list[str] | None = None) -> int:
