@@ -51,9 +51,11 @@ _PLACEHOLDER_CN: dict = {}
 
 
 def _placeholder_controlnet(name: str):
-    from controlstack.models.tiny import tiny_controlnet, tiny_sd
+    from controlstack.models.tiny import tiny_controlnet, tiny_unet
 
     if name not in _PLACEHOLDER_CN:
         seed = sum(map(ord, name))  # a different, fixed ControlNet per name
-        _PLACEHOLDER_CN[name] = tiny_controlnet(tiny_sd(seed=0, max_length=32).unet, seed=seed)
+        # tiny_unet(0) is the placeholder base's U-Net (tiny_sd(seed=0) builds it with seed 0);
+        # building only it avoids a whole VAE + text encoder per ControlNet
+        _PLACEHOLDER_CN[name] = tiny_controlnet(tiny_unet(0), seed=seed)
     return _PLACEHOLDER_CN[name]
