@@ -88,3 +88,18 @@ def test_dataset_errors(tmp_path, world_dir):
         load_image_dataset(str(tmp_path / "nope"), {"image": "image"})
     ds = load_image_dataset(world_dir, {"image": "image", "canny": "hint"})
     assert ds.column_names == ["image", "hint"]
+
+
+def test_vae_random_crops_are_seeded_slices():
+    from controlstack.training.vae import VAEConfig, random_crops
+
+    x = torch.arange(2 * 3 * 16 * 16, dtype=torch.float32).reshape(2, 3, 16, 16)
+    a = random_crops(x, 8, torch.Generator().manual_seed(4))
+    b = random_crops(x, 8, torch.Generator().manual_seed(4))
+    assert a.shape == (2, 3, 8, 8) and torch.equal(a, b)
+    for crop, image in zip(a, x):  # each crop is a contiguous window of its own image
+        y0, x0 = divmod(int(crop[0, 0, 0] - image[0, 0, 0]), 16)
+        assert torch.equal(crop, image[:, y0:y0 + 8, x0:x0 + 8])
+    assert random_crops(x, 0, torch.Generator()) is x
+    with pytest.raises(ControlstackError, match="crop_size"):
+        VAEConfig(data="d", resolution=64, crop_size=12)

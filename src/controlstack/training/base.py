@@ -28,6 +28,7 @@ from controlstack.io.png import make_grid
 from controlstack.training.config import TrainConfig, list_field
 from controlstack.training.data import RowTransform, batches, first_rows, load_image_dataset, make_dataloader
 from controlstack.training.diffusion import noisy_batch, sd_noise_scheduler, sd_sampling_scheduler
+from controlstack.training.latents import ROW, LatentCache, with_rows
 from controlstack.training.session import TrainingSession, make_lr_scheduler, make_optimizer
 from controlstack.training.tokenizer import VOCABULARY_SOURCES, build_tokenizer
 from controlstack.training.validation import sample_text_to_image, tensor_to_pil
@@ -36,6 +37,7 @@ from controlstack.training.validation import sample_text_to_image, tensor_to_pil
 @dataclass
 class BaseConfig(TrainConfig):
     vae: str = ""                          # the VAE recipe's output (a save_pretrained folder)
+    latent_cache: str = ""                 # file of the VAE's posterior per row (latents.py); "": encode every step
     vocabulary: str = "world"              # world | dataset | bytes (see tokenizer.py)
     max_length: int = 32                   # tokens per caption (whole-word tokens keep captions short)
     # U-Net, SD-1.x layout
@@ -152,9 +154,16 @@ def train(config: BaseConfig, resume: bool = False):
     ).train()
     noise_scheduler = sd_noise_scheduler()
 
-    transform = RowTransform(config.resolution, targets=("image",), caption="text")
+    cache = None
+    if config.latent_cache:
+        with acc.main_process_first():  # the main process builds the file, the others read it
+            cache = LatentCache.load_or_build(config.latent_cache, vae, dataset, config.resolution)
+        dataset = with_rows(dataset)
+    transform = RowTransform(config.resolution, targets=() if cache else ("image",), caption="text",
+                             passthrough=(ROW,) if cache else ())
     loader = make_dataloader(dataset, transform, config.batch_size, config.num_workers)
-    val = first_rows(val_set, config.num_validation_images, transform)
+    val = first_rows(val_set, config.num_validation_images,
+                     RowTransform(config.resolution, targets=("image",), caption="text"))
     prompts = list(config.validation_prompts) or list(val["text"])
 
     optimizer = make_optimizer(model.parameters(), config)
@@ -165,7 +174,7 @@ def train(config: BaseConfig, resume: bool = False):
     bar = session.progress()
     for batch in batches(acc, loader, session.micro) if not session.done else ():
         noisy, noise, t, ids = noisy_batch(vae, noise_scheduler, tokenizer, batch, config.caption_dropout,
-                                           session.step_generator(), acc.device)
+                                           session.step_generator(), acc.device, cache)
         with acc.accumulate(model), acc.autocast():
             loss = F.mse_loss(model(noisy, t, ids).float(), noise.float())
             session.optimize(model, loss, optimizer, lr_scheduler)

@@ -116,6 +116,9 @@ def run_stage(stage: Stage, work_root: Path, bundle: Path) -> None:
         return
     config_cls, _ = recipe(stage.recipe)
     overrides = {"data": str(world), "output_dir": str(work)}
+    if stage.recipe in ("base", "controlnet"):
+        # one cache of the (locked, bundled) VAE's posteriors serves the base and every ControlNet
+        overrides["latent_cache"] = str(work_root / "latents.safetensors")
     if stage.recipe == "base":
         overrides["vae"] = str(bundle / "vae")
     if stage.recipe == "controlnet":

@@ -30,6 +30,7 @@ from controlstack.io.png import make_grid
 from controlstack.training.config import TrainConfig, list_field
 from controlstack.training.data import RowTransform, batches, first_rows, load_image_dataset, make_dataloader
 from controlstack.training.diffusion import noisy_batch, sd_noise_scheduler, sd_sampling_scheduler
+from controlstack.training.latents import ROW, LatentCache, with_rows
 from controlstack.training.session import TrainingSession, make_lr_scheduler, make_optimizer
 from controlstack.training.validation import (
     condition_fidelity,
@@ -43,6 +44,7 @@ from controlstack.training.validation import (
 class ControlNetConfig(TrainConfig):
     base: str = ""                          # the base recipe's output: a Stable Diffusion folder
     condition: str = "canny"                # dataset column holding the hint image
+    latent_cache: str = ""                  # file of the VAE's posterior per row (latents.py); "": encode every step
     # hint encoder channels, one per stage: len - 1 stride-2 convs = log2(VAE downsampling) + 1 entries
     hint_channels: tuple[int, ...] = list_field(16, 32, 64, 128)
     caption_dropout: float = 0.5            # the paper: 50% of prompts replaced by ""
@@ -137,9 +139,16 @@ def train(config: ControlNetConfig, resume: bool = False):
     model.controlnet.train()
     noise_scheduler = sd_noise_scheduler()
 
-    transform = RowTransform(config.resolution, targets=("image",), hints=("hint",), caption="text")
+    cache = None
+    if config.latent_cache:
+        with acc.main_process_first():  # the main process builds the file, the others read it
+            cache = LatentCache.load_or_build(config.latent_cache, vae, dataset, config.resolution)
+        dataset = with_rows(dataset)
+    transform = RowTransform(config.resolution, targets=() if cache else ("image",), hints=("hint",),
+                             caption="text", passthrough=(ROW,) if cache else ())
     loader = make_dataloader(dataset, transform, config.batch_size, config.num_workers)
-    val = first_rows(val_set, config.num_validation_images, transform)
+    val = first_rows(val_set, config.num_validation_images,
+                     RowTransform(config.resolution, targets=("image",), hints=("hint",), caption="text"))
 
     optimizer = make_optimizer(model.controlnet.parameters(), config)
     lr_scheduler = make_lr_scheduler(optimizer, config, acc.num_processes)
@@ -157,7 +166,7 @@ def train(config: ControlNetConfig, resume: bool = False):
     bar = session.progress()
     for batch in batches(acc, loader, session.micro) if not session.done else ():
         noisy, noise, t, ids = noisy_batch(vae, noise_scheduler, tokenizer, batch, config.caption_dropout,
-                                           session.step_generator(), acc.device)
+                                           session.step_generator(), acc.device, cache)
         with torch.no_grad():
             text_emb = text_encoder(ids)[0]
         with acc.accumulate(model), acc.autocast():

@@ -58,12 +58,14 @@ def image_to_tensor(image, resolution: int, signed: bool) -> torch.Tensor:
 class RowTransform:
     """``Dataset.with_transform`` callable: image columns -> tensors, the caption stays a string.
 
-    ``targets`` are scaled to [-1, 1], ``hints`` to [0, 1]; picklable so dataloader workers work.
+    ``targets`` are scaled to [-1, 1], ``hints`` to [0, 1], ``passthrough`` columns (e.g. the row
+    index of the latent cache) are copied as they are; picklable so dataloader workers work.
     """
 
     def __init__(self, resolution: int, targets: tuple[str, ...], hints: tuple[str, ...] = (),
-                 caption: str | None = None):
+                 caption: str | None = None, passthrough: tuple[str, ...] = ()):
         self.resolution, self.targets, self.hints, self.caption = resolution, targets, hints, caption
+        self.passthrough = passthrough
 
     def __call__(self, batch: dict) -> dict:
         out: dict = {}
@@ -73,6 +75,8 @@ class RowTransform:
             out[name] = [image_to_tensor(im, self.resolution, False) for im in batch[name]]
         if self.caption is not None:
             out[self.caption] = [str(t) for t in batch[self.caption]]
+        for name in self.passthrough:
+            out[name] = list(batch[name])
         return out
 
 

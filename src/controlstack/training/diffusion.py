@@ -69,10 +69,15 @@ def tokenize(tokenizer, captions: list[str], device) -> torch.Tensor:
 
 
 def noisy_batch(vae, noise_scheduler, tokenizer, batch: dict, caption_dropout: float,
-                generator: torch.Generator, device):
+                generator: torch.Generator, device, cache=None):
     """One batch of the ε-prediction objective: VAE latents noised at random timesteps, and the
-    captions (with dropout to the empty prompt) as token ids. Returns (noisy, noise, t, ids)."""
-    latents = encode_latents(vae, batch["image"], generator)
+    captions (with dropout to the empty prompt) as token ids. Returns (noisy, noise, t, ids).
+    With a :class:`~controlstack.training.latents.LatentCache` the posterior comes from the cache
+    (rows ``batch["row"]``) instead of the encoder; the draws from ``generator`` are the same."""
+    if cache is not None:
+        latents = cache.sample(batch["row"].cpu(), generator, device)
+    else:
+        latents = encode_latents(vae, batch["image"], generator)
     noisy, noise, t = add_noise(noise_scheduler, latents, generator)
     ids = tokenize(tokenizer, drop_captions(batch["text"], caption_dropout, generator), device)
     return noisy, noise, t, ids

@@ -42,6 +42,7 @@ class VAEConfig(TrainConfig):
     reconstruction_loss: str = "l1"
     kl_weight: float = 1e-6
     gradient_loss_weight: float = 0.0                  # L1 between image gradients (edge sharpness)
+    crop_size: int = 0                                 # train on random crops of this side; 0: whole images
     scaling_batches: int = 8                           # batches used to measure 1 / std of latents
     learning_rate: float = 2e-4
     output_dir: str = "outputs/train/vae"
@@ -63,6 +64,9 @@ class VAEConfig(TrainConfig):
                 f"config key 'reconstruction_loss' is '{self.reconstruction_loss}'; choose one of l1, mse")
         require(self.kl_weight >= 0 and self.gradient_loss_weight >= 0,
                 "config keys 'kl_weight' / 'gradient_loss_weight' must be >= 0")
+        require(self.crop_size == 0 or (self.crop_size % self.downsampling == 0 and self.crop_size <= self.resolution),
+                f"config key 'crop_size' must be 0 or a multiple of downsampling={self.downsampling} "
+                f"no larger than resolution={self.resolution}, got {self.crop_size}")
         require(self.latent_channels >= 1 and self.scaling_batches >= 1,
                 "config keys 'latent_channels' / 'scaling_batches' must be >= 1")
 
@@ -82,6 +86,17 @@ def build_vae(config: VAEConfig):
         norm_num_groups=config.norm_num_groups,
         sample_size=config.resolution,
     )
+
+
+def random_crops(x: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
+    """One random ``size`` x ``size`` crop per image, offsets drawn from ``generator`` (so a resumed
+    run crops exactly as the uninterrupted one). The VAE is convolutional: trained on crops, it
+    runs on whole images (SD's VAE was trained at 256 px and is used at 512)."""
+    if size <= 0 or size >= x.shape[-1] and size >= x.shape[-2]:
+        return x
+    ys = torch.randint(0, x.shape[-2] - size + 1, (x.shape[0],), generator=generator).tolist()
+    xs = torch.randint(0, x.shape[-1] - size + 1, (x.shape[0],), generator=generator).tolist()
+    return torch.stack([im[:, y:y + size, x0:x0 + size] for im, y, x0 in zip(x, ys, xs)])
 
 
 def image_gradients(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -143,8 +158,10 @@ def train(config: VAEConfig, resume: bool = False):
 
     bar = session.progress()
     for batch in batches(acc, loader, session.micro) if not session.done else ():
+        generator = session.step_generator()
+        images = random_crops(batch["image"], config.crop_size, generator)
         with acc.accumulate(model), acc.autocast():
-            loss, _ = model(batch["image"], session.step_generator())
+            loss, _ = model(images, generator)
             session.optimize(model, loss, optimizer, lr_scheduler)
         if not acc.sync_gradients:
             continue
