@@ -6,6 +6,7 @@ import csv
 
 import pytest
 import torch
+
 from tests.training.conftest import tiny_controlnet_config
 
 

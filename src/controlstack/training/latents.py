@@ -47,7 +47,7 @@ class LatentCache:
 
     @classmethod
     @torch.no_grad()
-    def build(cls, vae, dataset, resolution: int, batch_size: int = 64, desc: str = "encode latents") -> "LatentCache":
+    def build(cls, vae, dataset, resolution: int, batch_size: int = 64, desc: str = "encode latents") -> LatentCache:
         from tqdm.auto import tqdm
 
         transform = RowTransform(resolution, targets=("image",))
@@ -63,7 +63,7 @@ class LatentCache:
         return cls(torch.cat(means), torch.cat(stds), float(vae.config.scaling_factor))
 
     @classmethod
-    def load_or_build(cls, path: str | Path, vae, dataset, resolution: int) -> "LatentCache":
+    def load_or_build(cls, path: str | Path, vae, dataset, resolution: int) -> LatentCache:
         """Read ``path`` when its key matches this VAE and dataset, else encode and write it."""
         from safetensors.torch import load_file, safe_open, save_file
 
