@@ -89,3 +89,17 @@ def test_masks():
     assert mask_to_array(rgba).tolist() == [[1.0, 0.0]]  # transparency = outside the region
     with pytest.raises(ControlstackError):
         mask_to_array(np.ones((3, 3)) * 1.5)
+
+
+def test_labelled_grid_places_tiles_and_text():
+    from controlstack.io.png import make_labelled_grid
+
+    red, blue = Image.new("RGB", (32, 32), (255, 0, 0)), Image.new("RGB", (32, 32), (0, 0, 255))
+    grid = np.asarray(make_labelled_grid([("first", [red, blue]), ("second row", [blue, red])], ["a", "b"]))
+    h, w, _ = grid.shape
+    label_w, title_h = w - 2 * (32 + 2), h - 2 * (32 + 2)
+    assert label_w > 20 and title_h > 5
+    assert (grid[title_h + 5, label_w + 5] == (255, 0, 0)).all()        # row 1, tile 1
+    assert (grid[title_h + 34 + 5, label_w + 5] == (0, 0, 255)).all()   # row 2, tile 1
+    assert (grid[title_h + 34 + 16, :label_w] < 128).any()              # the row label is drawn
+    assert (grid[:title_h, label_w:] < 128).any()                       # the column titles are drawn

@@ -1,9 +1,15 @@
-"""``controlstack demo``: the main job on the embedded default model, as one grid PNG.
+"""``controlstack demo``: the main job on the embedded default model, as one labelled grid PNG.
 
-For each bundled ControlNet it takes a condition from a procedural world scene (the exact ground
-truth of that condition type) -- or, where the world module is unavailable, a drawn shape --
-generates with and without the control, and writes ``demo.png``: condition | with control |
-without control, one row per condition type.
+Conditions come from held-out procedural world scenes (seeds ``1_000_000 + i``, never used in
+training; exact ground truth of each condition type) and from a real photograph that ships with
+scikit-image (``skimage.data.astronaut``, canny extracted by the ``canny`` annotator). Rows:
+
+* one per bundled ControlNet: condition | generated | the scene's real render | no control;
+* two controls combined (depth + pose of one scene, summed as diffusers' Multi-ControlNet does);
+* the photograph: its canny map | generated | the photograph | no control.
+
+Writes ``<out>/demo.png`` (generation parameters in its PNG text, sd-webui's ``parameters`` chunk)
+and prints its path.
 """
 
 from __future__ import annotations
@@ -12,7 +18,10 @@ import argparse
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
+
+HELD_OUT = 1_000_000  # evaluation and demo scenes; the bundle trains on seed 0
+PHOTO_PROMPT = "a standing person in white on grass"  # world words only: the bundle's tokenizer
 
 
 def register(sub) -> None:
@@ -20,46 +29,69 @@ def register(sub) -> None:
     p.add_argument("--out", default="outputs/demo")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cfg", type=float, default=7.0)
     p.set_defaults(func=run)
 
 
-def conditions(size: int, names: list[str], seed: int) -> tuple[dict[str, Image.Image], str]:
-    """name -> condition image, plus a caption; from the world when it is installed."""
-    try:
-        from controlstack.world import render, sample_scene
+def scene(index: int, size: int) -> dict:
+    """A held-out world scene rendered at ``size``: condition images, the real render, its caption."""
+    from controlstack.world import WorldConfig, render, sample_scene
 
-        arrays = render(sample_scene(seed), size)
-        conds = {n: Image.fromarray(np.asarray(arrays[n])).convert("RGB") for n in names if n in arrays}
-        return conds, str(arrays.get("text", "a scene"))
-    except Exception:  # world not available or a different API: fall back to drawn shapes
-        pass
-    im = Image.new("RGB", (size, size))
-    d = ImageDraw.Draw(im)
-    d.ellipse([size * 0.15, size * 0.2, size * 0.55, size * 0.6], outline="white", width=max(1, size // 64))
-    d.rectangle([size * 0.55, size * 0.45, size * 0.9, size * 0.85], outline="white", width=max(1, size // 64))
-    return {n: im for n in names}, "a red sphere left of a blue cube"
+    return render(sample_scene([HELD_OUT, index], WorldConfig(size=size)), size)
+
+
+def photo_canny(size: int) -> tuple[Image.Image, Image.Image]:
+    """scikit-image's astronaut photograph, centre-cropped to ``size``, and its canny map."""
+    import skimage.data
+
+    from controlstack import annotators
+    from controlstack.io.images import resize_image
+
+    photo = resize_image(Image.fromarray(skimage.data.astronaut()), size, size, "crop_and_resize")
+    return photo, annotators.get("canny")(photo)
+
+
+def as_image(array) -> Image.Image:
+    return Image.fromarray(np.asarray(array)).convert("RGB")
 
 
 def run(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
     from controlstack import Control, Pipeline, assets
-    from controlstack.io.png import atomic_save, make_grid
+    from controlstack.io.png import atomic_save, make_labelled_grid
 
     pipe = Pipeline.from_pretrained()
     size = pipe.native_size
     names = sorted(pipe.controlnets)
-    conds, prompt = conditions(size, names, args.seed)
-    kw = dict(steps=args.steps, seed=args.seed, width=size, height=size, progress=False)
-    plain = pipe(prompt, **kw)[0]
-    tiles = []
-    for name in names:
-        if name not in conds:
-            continue
-        image = pipe(prompt, controls=[Control(name, conds[name])], **kw)[0]
-        tiles += [conds[name], image, plain]
-        print(f"{name}: done")
-    out = atomic_save(make_grid(tiles, cols=3), Path(args.out) / "demo.png",
-                      {"prompt": prompt, "steps": args.steps, "seed": args.seed, "model": pipe.name,
-                       "width": size, "height": size, "scheduler": "unipc", "cfg": 7.5})
+    kw = dict(steps=args.steps, seed=args.seed, cfg=args.cfg, width=size, height=size, progress=False)
+
+    # (label, prompt, controls, condition tile, reference tile)
+    jobs: list[tuple[str, str, list, Image.Image, Image.Image]] = []
+    for i, name in enumerate(names):
+        s = scene(i, size)
+        if name in s:
+            jobs.append((name, s["text"], [Control(name, as_image(s[name]))], as_image(s[name]), as_image(s["image"])))
+    pair = [n for n in ("depth", "pose") if n in names]
+    if len(pair) == 2:
+        s = scene(len(names), size)
+        blend = Image.blend(as_image(s[pair[0]]), as_image(s[pair[1]]), 0.5)
+        jobs.append((" + ".join(pair), s["text"], [Control(n, as_image(s[n])) for n in pair], blend,
+                     as_image(s["image"])))
+    if "canny" in names:
+        photo, edges = photo_canny(size)
+        jobs.append(("photo canny", PHOTO_PROMPT, [Control("canny", edges)], edges, photo))
+
+    rows = []
+    for label, prompt, controls, condition, reference in tqdm(jobs, desc="demo", unit="row", dynamic_ncols=True):
+        generated = pipe(prompt, controls=controls, **kw)[0]
+        plain = pipe(prompt, **kw)[0]
+        rows.append((label, [condition, generated, reference, plain]))
+    grid = make_labelled_grid(rows, ["condition", "generated", "real", "no control"])
+    params = {"prompt": " | ".join(f"{label}: {prompt}" for label, prompt, *_ in jobs), "steps": args.steps, "seed": args.seed,
+              "cfg": args.cfg, "model": pipe.name, "width": size, "height": size, "scheduler": "unipc",
+              "held_out_scenes": f"world seeds [{HELD_OUT}, i]", "photo": "skimage.data.astronaut"}
+    out = atomic_save(grid, Path(args.out) / "demo.png", params)
     if assets.is_placeholder():
         print("note: no trained bundle in this checkout; the demo ran on a tiny random placeholder model")
     print(out)

@@ -82,3 +82,28 @@ def make_grid(images: list[Image.Image], cols: int | None = None, pad: int = 2) 
     for i, im in enumerate(images):
         grid.paste(im.convert("RGB").resize((w, h)), ((i % cols) * (w + pad), (i // cols) * (h + pad)))
     return grid
+
+
+def make_labelled_grid(rows: list[tuple[str, list[Image.Image]]], columns: list[str], pad: int = 2) -> Image.Image:
+    """Rows of equally sized tiles with a title above each column and a label left of each row
+    (PIL's built-in font, so it works offline with no font files)."""
+    from PIL import ImageDraw, ImageFont
+
+    w, h = rows[0][1][0].size
+    font = ImageFont.load_default(size=max(10, h // 10))
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    text_w = lambda s: int(probe.textlength(s, font=font))  # noqa: E731
+    label_w = max(text_w(label) for label, _ in rows) + 2 * pad + 4
+    title_h = max(14, h // 7) + 2 * pad
+    cols = max(len(tiles) for _, tiles in rows)
+    grid = Image.new("RGB", (label_w + cols * (w + pad), title_h + len(rows) * (h + pad)), (255, 255, 255))
+    draw = ImageDraw.Draw(grid)
+    for c, title in enumerate(columns[:cols]):
+        x = label_w + c * (w + pad) + (w - text_w(title)) // 2
+        draw.text((x, pad), title, fill=(0, 0, 0), font=font)
+    for r, (label, tiles) in enumerate(rows):
+        y = title_h + r * (h + pad)
+        draw.text((pad, y + h // 2 - font.size // 2), label, fill=(0, 0, 0), font=font)
+        for c, im in enumerate(tiles):
+            grid.paste(im.convert("RGB").resize((w, h)), (label_w + c * (w + pad), y))
+    return grid
