@@ -12,11 +12,14 @@ end and shows the plumbing, but the images are noise-like. ``is_placeholder()`` 
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from pathlib import Path
 
 BUNDLE_DIR = Path(__file__).resolve().parent / "bundle"
 BUNDLED_NAMES = ("canny", "depth", "seg", "pose", "scribble", "softedge")
+CHECKSUMS = "SHA256SUMS"  # `sha256sum -c` format, over every weight and config file of the bundle
+_MODEL_PARTS = ("model_index.json", "vae", "unet", "text_encoder", "tokenizer", "scheduler", "controlnets")
 
 
 def is_placeholder() -> bool:
@@ -30,7 +33,8 @@ def bundled_controlnets() -> dict:
     from controlstack.io.checkpoints import load_controlnet
 
     root = BUNDLE_DIR / "controlnets"
-    return {p.name: (lambda p=p: load_controlnet(p)) for p in sorted(root.iterdir()) if p.is_dir()}
+    folders = sorted(p for p in root.iterdir() if (p / "config.json").is_file()) if root.is_dir() else []
+    return {p.name: (lambda p=p: load_controlnet(p)) for p in folders}
 
 
 def default_pipeline(cls):
@@ -59,3 +63,34 @@ def _placeholder_controlnet(name: str):
         # building only it avoids a whole VAE + text encoder per ControlNet
         _PLACEHOLDER_CN[name] = tiny_controlnet(tiny_unet(0), seed=seed)
     return _PLACEHOLDER_CN[name]
+
+
+def file_digests(bundle: Path = BUNDLE_DIR) -> dict[str, str]:
+    """relative path -> sha256 of every model file in ``bundle`` (not the model card or numbers)."""
+    out = {}
+    for part in _MODEL_PARTS:
+        root = bundle / part
+        for path in sorted([root] if root.is_file() else root.rglob("*") if root.is_dir() else []):
+            if path.is_file() and not path.name.startswith("."):
+                out[path.relative_to(bundle).as_posix()] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return out
+
+
+def write_checksums(bundle: Path = BUNDLE_DIR) -> Path:
+    path = bundle / CHECKSUMS
+    path.write_text("".join(f"{digest}  {name}\n" for name, digest in file_digests(bundle).items()))
+    return path
+
+
+def verify_checksums(bundle: Path = BUNDLE_DIR) -> list[str]:
+    """One line per problem (a changed, missing or unrecorded file); empty when the bundle is intact."""
+    path = bundle / CHECKSUMS
+    if not path.is_file():
+        return [f"{path} is missing"]
+    pairs = [line.split("  ", 1) for line in path.read_text().splitlines() if line.strip()]
+    recorded = {name: digest for digest, name in pairs}
+    actual = file_digests(bundle)
+    problems = [f"{name}: checksum differs" for name in recorded if name in actual and actual[name] != recorded[name]]
+    problems += [f"{name}: missing" for name in recorded if name not in actual]
+    problems += [f"{name}: not recorded in {CHECKSUMS}" for name in actual if name not in recorded]
+    return problems

@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from controlstack.assets import BUNDLE_DIR
+from controlstack.assets import BUNDLE_DIR, write_checksums
 from controlstack.errors import ControlstackError
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "bundle"
@@ -201,6 +201,7 @@ def run(names: list[str] | None, work_root: Path, bundle: Path = BUNDLE_DIR, lis
             print(f"== stage {stage.name} ==", flush=True)
             run_stage(stage, work_root, bundle)
             if stage.recipe != "world":
+                write_checksums(bundle)
                 write_model_card(bundle)
 
 

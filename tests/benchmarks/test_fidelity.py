@@ -1,0 +1,24 @@
+"""benchmarks/fidelity.py runs end to end on 2 scenes (its numbers are reported, not asserted)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_fidelity_script_on_two_scenes(tmp_path):
+    out = tmp_path / "fidelity.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "fidelity.py"), "--scenes", "2", "--steps", "1",
+           "--out", str(tmp_path / "grids"), "--json", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert report["scenes"] == 2 and {"canny", "depth", "seg", "pose"} <= set(report["f1"])
+    assert all(0.0 <= v["control"] <= 1.0 for v in report["f1"].values())
+    assert set(report["prompt_fidelity"]) == {"cfg 1", "cfg 7"} and "no control" in report["fid"]
+    assert (tmp_path / "grids" / "canny.png").is_file()
+    assert "F1 control" in proc.stdout
