@@ -46,6 +46,14 @@ def vae_features(pipe: Pipeline, images: list[np.ndarray]) -> np.ndarray:
     return torch.nn.functional.adaptive_avg_pool2d(z, 4).flatten(1).numpy()
 
 
+def vae_roundtrip(pipe: Pipeline, images: list[np.ndarray]) -> list[np.ndarray]:
+    """decode(encode(x)) with the posterior mean: what the generator can at best reproduce."""
+    x = torch.from_numpy(np.stack(images)).float().permute(0, 3, 1, 2) / 127.5 - 1.0
+    with torch.no_grad():
+        rec = pipe.vae.decode(pipe.vae.encode(x).latent_dist.mode()).sample
+    return list(((rec.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy())
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--scenes", type=int, default=200)
@@ -89,12 +97,16 @@ def main() -> None:
                       Image.fromarray(real[i]), Image.fromarray(base[i])]
         make_grid(tiles, cols=4).save(out / f"{name}.png")
 
+    # the ceiling: canny of the real render vs canny of its VAE round trip (the decoder's sharpness)
+    ceiling = float(np.mean([edge_f1(edges(Image.fromarray(a)), edges(Image.fromarray(b)))
+                             for a, b in zip(real, vae_roundtrip(pipe, real))]))
     report: dict = {"scenes": args.scenes, "steps": args.steps, "cfg": args.cfg, "f1": {}, "prompt_fidelity": {},
-                    "fid": {}}
+                    "fid": {}, "vae_roundtrip_f1": round(ceiling, 4)}
     print(f"\n{'condition':10s} {'F1 control':>10s} {'F1 no control':>14s} {'ratio':>6s}")
     for name, f, b in table:
         print(f"{name:10s} {f:10.3f} {b:14.3f} {f / max(b, 1e-9):6.2f}")
         report["f1"][name] = {"control": round(f, 4), "no_control": round(b, 4)}
+    print(f"{'VAE round trip (ceiling)':25s} {ceiling:.3f}")
 
     # prompt fidelity with the seg control, CFG 1 vs --cfg
     objects = [(i, e) for i, s in enumerate(scenes) for e in s.entities if e.kind == "object" and "color" in e.words]
@@ -127,6 +139,10 @@ def main() -> None:
         print(f"FID (bundled VAE-encoder features), {name:10s}: {fid:.3f}")
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+        if Path(args.json).resolve().parent == assets.BUNDLE_DIR.resolve():  # the bundle's numbers: refresh its cards
+            from controlstack.training.bundle import write_model_card
+
+            print(write_model_card())
 
 
 if __name__ == "__main__":

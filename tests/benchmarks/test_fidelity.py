@@ -20,5 +20,6 @@ def test_fidelity_script_on_two_scenes(tmp_path):
     assert report["scenes"] == 2 and {"canny", "depth", "seg", "pose"} <= set(report["f1"])
     assert all(0.0 <= v["control"] <= 1.0 for v in report["f1"].values())
     assert set(report["prompt_fidelity"]) == {"cfg 1", "cfg 7"} and "no control" in report["fid"]
+    assert 0.0 <= report["vae_roundtrip_f1"] <= 1.0
     assert (tmp_path / "grids" / "canny.png").is_file()
     assert "F1 control" in proc.stdout

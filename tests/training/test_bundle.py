@@ -45,6 +45,18 @@ def test_bundle_stages_end_to_end(tmp_path, monkeypatch):
     weights = load_file(out / "controlnets" / "canny" / "diffusion_pytorch_model.safetensors")
     assert {t.dtype for t in weights.values()} == {__import__("torch").float16}
 
+    from controlstack import assets
+
+    assert assets.verify_checksums(out) == []
+    assert "steps x batch" in (out / "controlnets" / "canny" / "README.md").read_text()
+    (out / "fidelity.json").write_text(json.dumps({"scenes": 2, "f1": {"canny": {"control": 0.6, "no_control": 0.2}},
+                                                   "fid": {"canny": 1.5}}))
+    b.write_model_card(out)
+    assert "F1 0.600 with control vs 0.200 without (3.00x); FID 1.500" in (
+        out / "controlnets" / "canny" / "README.md").read_text()
+    assert '"no_control": 0.2' in (out / "README.md").read_text()
+    assert assets.verify_checksums(out) == []  # cards are not model files
+
     # done stages are skipped: a second run trains nothing (the clock file would grow otherwise)
     before = (work / "vae" / "wall_seconds.json").read_text()
     b.run(None, work, out)

@@ -26,6 +26,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import yaml
+
 from controlstack.assets import BUNDLE_DIR, write_checksums
 from controlstack.errors import ControlstackError
 
@@ -156,27 +158,51 @@ def run_stage(stage: Stage, work_root: Path, bundle: Path) -> None:
     })
 
 
+def _stage_rows(stages_info: dict) -> list[str]:
+    rows = ["| stage | steps x batch | resolution | wall time | machine | finished |",
+            "| --- | ---: | ---: | ---: | --- | --- |"]
+    for name, info in stages_info.items():
+        rows.append(f"| {name} | {info['steps']} x {info['batch_size']} | {info['resolution']} | "
+                    f"{info['wall_seconds'] / 60:.0f} min | {info['machine']} | {info['finished']} |")
+    return rows
+
+
 def write_model_card(bundle: Path = BUNDLE_DIR) -> Path:
     """``bundle/README.md`` from ``stages.json`` (data, config, steps, wall time, machine) and, when
-    ``benchmarks/fidelity.py --json bundle/fidelity.json`` has been run, its measured numbers."""
+    ``benchmarks/fidelity.py --json bundle/fidelity.json`` has been run, its measured numbers; and
+    one card per ControlNet (``controlnets/<name>/README.md``) with its own stage and numbers."""
     stages_info = json.loads((bundle / "stages.json").read_text()) if (bundle / "stages.json").is_file() else {}
+    fidelity_path = bundle / "fidelity.json"
+    fidelity = json.loads(fidelity_path.read_text()) if fidelity_path.is_file() else None
+    data = next((i["data"] for i in stages_info.values()), "")
     lines = ["# controlstack bundled default model", "",
              "Trained from scratch by `make bundle` on the procedural world (no external data or weights).",
              "fp16 safetensors; loaded by `controlstack.Pipeline.from_pretrained()`.", "",
-             "| stage | steps x batch | resolution | wall time | machine | finished |",
-             "| --- | ---: | ---: | ---: | --- | --- |"]
-    for name, info in stages_info.items():
-        lines.append(f"| {name} | {info['steps']} x {info['batch_size']} | {info['resolution']} | "
-                     f"{info['wall_seconds'] / 60:.0f} min | {info['machine']} | {info['finished']} |")
-    data = next((i["data"] for i in stages_info.values()), "")
-    lines += ["", f"Data: {data}. Configs: `src/controlstack/configs/bundle/` (the exact values of each run are "
-              "in `stages.json`)."]
-    fidelity = bundle / "fidelity.json"
-    if fidelity.is_file():
-        lines += ["", "## Measured (`benchmarks/fidelity.py`)", "", "```", fidelity.read_text().strip(), "```"]
+             *_stage_rows(stages_info),
+             "", f"Data: {data}. Configs: `src/controlstack/configs/bundle/` (the exact values of each run are "
+             "in `stages.json`). `SHA256SUMS` lists every model file's checksum."]
+    if fidelity is not None:
+        lines += ["", "## Measured (`benchmarks/fidelity.py`)", "", "```json", json.dumps(fidelity, indent=2), "```"]
     path = bundle / "README.md"
     bundle.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")
+
+    for name, info in stages_info.items():
+        folder = bundle / "controlnets" / str(info.get("condition"))
+        if info.get("recipe") != "controlnet" or not folder.is_dir():
+            continue
+        card = [f"# ControlNet: {info['condition']}", "",
+                f"Trained by `make bundle` (stage `{name}`) on the locked bundled base, condition column "
+                f"`{info['condition']}` of the world export.", "", *_stage_rows({name: info}), "",
+                f"Data: {info['data']}.", "", "Config:", "", "```yaml",
+                yaml.safe_dump(info["config"], sort_keys=False).strip(), "```"]
+        if fidelity is not None and info["condition"] in fidelity.get("f1", {}):
+            f1 = fidelity["f1"][info["condition"]]
+            card += ["", f"Measured on {fidelity['scenes']} held-out scenes (`benchmarks/fidelity.py`): "
+                         f"F1 {f1['control']:.3f} with control vs {f1['no_control']:.3f} without "
+                         f"({f1['control'] / max(f1['no_control'], 1e-9):.2f}x); "
+                         f"FID {fidelity.get('fid', {}).get(info['condition'], float('nan')):.3f}."]
+        (folder / "README.md").write_text("\n".join(card) + "\n")
     return path
 
 
