@@ -8,7 +8,8 @@ import numpy as np
 import yaml
 
 TINY = {
-    "vae": dict(max_steps=1, batch_size=2, block_out_channels=[8, 8, 8, 8], norm_num_groups=4,
+    "vae": dict(max_steps=1, batch_size=2, block_out_channels=[8, 8, 8, 8], norm_num_groups=4, latent_channels=8,
+                crop_size=32,
                 checkpoint_every=1, validate_every=1, log_every=1, num_validation_images=1),
     "base": dict(max_steps=1, batch_size=2, block_out_channels=[16, 32], attention_levels=1, norm_num_groups=8,
                  attention_head_dim=4, text_hidden_size=32, text_layers=1, text_heads=2, max_length=16,
