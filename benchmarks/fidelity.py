@@ -119,7 +119,8 @@ def main() -> None:
     if "seg" in names:
         for cfg in (1.0, args.cfg):
             hits = total = 0
-            cache: dict[int, np.ndarray] = {}
+            # at the table's CFG the seg images are the ones generated above (same prompt, seed, control)
+            cache: dict[int, np.ndarray] = dict(enumerate(generated_by["seg"])) if cfg == args.cfg else {}
             for i, e in objects:
                 if i not in cache:
                     cond = Image.fromarray(np.asarray(rows[i]["seg"])).convert("RGB")
