@@ -11,6 +11,8 @@ TINY = {
     "vae": dict(max_steps=1, batch_size=2, block_out_channels=[8, 8, 8, 8], norm_num_groups=4, latent_channels=8,
                 crop_size=32,
                 checkpoint_every=1, validate_every=1, log_every=1, num_validation_images=1),
+    "vae_decoder": dict(max_steps=1, batch_size=2, train_encoder=False, latent_noise=0.3, checkpoint_every=1,
+                        validate_every=1, log_every=1, num_validation_images=1),
     "base": dict(max_steps=1, batch_size=2, block_out_channels=[16, 32], attention_levels=1, norm_num_groups=8,
                  attention_head_dim=4, text_hidden_size=32, text_layers=1, text_heads=2, max_length=16,
                  checkpoint_every=1, validate_every=1, log_every=1, num_validation_images=1,
@@ -33,9 +35,9 @@ def test_bundle_stages_end_to_end(tmp_path, monkeypatch):
     monkeypatch.setattr(b, "CONTROLNETS", ("canny",))
     out, work = tmp_path / "bundle", tmp_path / "work"
 
-    b.run(["world", "vae", "base", "controlnet-canny"], work, out)
+    b.run(["world", "vae", "vae-decoder", "base", "controlnet-canny"], work, out)
     stages = json.loads((out / "stages.json").read_text())
-    assert sorted(stages) == ["base", "controlnet-canny", "vae"]
+    assert sorted(stages) == ["base", "controlnet-canny", "vae", "vae-decoder"]
     assert stages["vae"]["steps"] == 1 and stages["controlnet-canny"]["condition"] == "canny"
     assert all(b.is_done(s, work) for s in b.stages(out))
     card = (out / "README.md").read_text()

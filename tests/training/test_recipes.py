@@ -40,6 +40,27 @@ def test_vae_two_steps(world_dir, tmp_path):
     assert [p.name for p in sorted((tmp_path / "vae" / "checkpoints").iterdir())] == ["step-0000001", "step-0000002"]
 
 
+def test_vae_decoder_finetune_keeps_the_encoder(world_dir, tiny_vae_dir, tmp_path):
+    from diffusers import AutoencoderKL
+    from safetensors.torch import load_file
+
+    from controlstack.training.vae import VAEConfig, train
+
+    cfg = VAEConfig(data=world_dir, output_dir=str(tmp_path / "dec"), resolution=32, batch_size=4, max_steps=2,
+                    init_from=tiny_vae_dir, train_encoder=False, latent_noise=0.3, learning_rate=1e-2,
+                    checkpoint_every=2, validate_every=2, num_validation_images=0)
+    out = AutoencoderKL.from_pretrained(train(cfg))
+    before = load_file(f"{tiny_vae_dir}/diffusion_pytorch_model.safetensors")
+    after = out.state_dict()
+    frozen = [k for k in before if k.startswith(("encoder.", "quant_conv."))]
+    trained = [k for k in before if k.startswith("decoder.") and k.endswith("weight")]
+    assert frozen and all(torch.equal(before[k].float(), after[k].float()) for k in frozen)
+    assert sum(not torch.equal(before[k].float(), after[k].float()) for k in trained) > len(trained) // 2
+    assert out.config.scaling_factor == AutoencoderKL.from_pretrained(tiny_vae_dir).config.scaling_factor
+    with pytest.raises(ControlstackError, match="init_from"):
+        VAEConfig(data=world_dir, train_encoder=False)
+
+
 def test_base_two_steps_exports_a_stable_diffusion_folder(world_dir, tiny_vae_dir, tmp_path):
     from diffusers import StableDiffusionPipeline
     from transformers import CLIPTokenizer

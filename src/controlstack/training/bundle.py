@@ -48,6 +48,8 @@ def stages(bundle: Path = BUNDLE_DIR) -> list[Stage]:
     out = [
         Stage("world", "world", Path()),  # target set by the plan (work folder)
         Stage("vae", "vae", bundle / "vae" / "diffusion_pytorch_model.safetensors"),
+        # the decoder fine-tuned on noisy latents (encoder frozen): done when recorded in stages.json
+        Stage("vae-decoder", "vae", bundle / "stages.json"),
         Stage("base", "base", bundle / "unet" / "diffusion_pytorch_model.safetensors"),
     ]
     out += [Stage(f"controlnet-{c}", "controlnet", bundle / "controlnets" / c / "diffusion_pytorch_model.safetensors", c)
@@ -118,6 +120,8 @@ def run_stage(stage: Stage, work_root: Path, bundle: Path) -> None:
         return
     config_cls, _ = recipe(stage.recipe)
     overrides = {"data": str(world), "output_dir": str(work)}
+    if stage.name == "vae-decoder":
+        overrides["init_from"] = str(bundle / "vae")
     if stage.recipe in ("base", "controlnet"):
         # one cache of the (locked, bundled) VAE's posteriors serves the base and every ControlNet
         overrides["latent_cache"] = str(work_root / "latents.safetensors")
@@ -125,7 +129,7 @@ def run_stage(stage: Stage, work_root: Path, bundle: Path) -> None:
         overrides["vae"] = str(bundle / "vae")
     if stage.recipe == "controlnet":
         overrides.update(base=str(bundle), condition=stage.condition)
-    yaml_name = "controlnet" if stage.recipe == "controlnet" else stage.recipe
+    yaml_name = {"controlnet": "controlnet", "vae": stage.name.replace("-", "_")}.get(stage.recipe, stage.recipe)
     config = config_cls.from_yaml(CONFIGS / f"{yaml_name}.yaml", resolution=WORLD_SIZE, **overrides)
     model_dir, seconds = _timed_training(stage, config, work)
 
@@ -209,6 +213,8 @@ def write_model_card(bundle: Path = BUNDLE_DIR) -> Path:
 def is_done(stage: Stage, work_root: Path) -> bool:
     if stage.recipe == "world":
         return (work_root / "world" / "dataset_info.json").is_file()
+    if stage.target.name == "stages.json":  # a stage that refines another stage's files
+        return stage.target.is_file() and stage.name in json.loads(stage.target.read_text())
     return stage.target.is_file()
 
 

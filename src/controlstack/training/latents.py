@@ -26,7 +26,7 @@ ROW = "row"  # the column the recipes add so a batch knows which cached rows it 
 
 def vae_digest(vae) -> str:
     """sha256 over the VAE's encoder weights (what the posterior depends on) and its config."""
-    h = hashlib.sha256(repr(sorted(vae.config.items())).encode())
+    h = hashlib.sha256(repr(sorted((k, v) for k, v in vae.config.items() if not k.startswith("_"))).encode())
     for name, tensor in sorted(vae.state_dict().items()):
         if name.startswith(("encoder.", "quant_conv.")):
             h.update(name.encode())

@@ -43,6 +43,9 @@ class VAEConfig(TrainConfig):
     kl_weight: float = 1e-6
     gradient_loss_weight: float = 0.0                  # L1 between image gradients (edge sharpness)
     crop_size: int = 0                                 # train on random crops of this side; 0: whole images
+    init_from: str = ""                                # start from this VAE folder (save_pretrained)
+    train_encoder: bool = True                         # false: encoder frozen, q(z|x) and latent caches stay valid
+    latent_noise: float = 0.0                          # decoder sees z + σ·std(z)·ε, σ ~ U(0, latent_noise) per image
     scaling_batches: int = 8                           # batches used to measure 1 / std of latents
     learning_rate: float = 2e-4
     output_dir: str = "outputs/train/vae"
@@ -67,12 +70,25 @@ class VAEConfig(TrainConfig):
         require(self.crop_size == 0 or (self.crop_size % self.downsampling == 0 and self.crop_size <= self.resolution),
                 f"config key 'crop_size' must be 0 or a multiple of downsampling={self.downsampling} "
                 f"no larger than resolution={self.resolution}, got {self.crop_size}")
+        require(self.latent_noise >= 0, f"config key 'latent_noise' must be >= 0, got {self.latent_noise}")
+        require(self.train_encoder or self.init_from,
+                "config key 'train_encoder: false' needs 'init_from' (a trained VAE whose encoder to keep)")
         require(self.latent_channels >= 1 and self.scaling_batches >= 1,
                 "config keys 'latent_channels' / 'scaling_batches' must be >= 1")
 
 
 def build_vae(config: VAEConfig):
     from diffusers import AutoencoderKL
+
+    if config.init_from:
+        from controlstack.training.base import load_vae
+
+        vae = load_vae(config.init_from)  # fp32 copy of e.g. the fp16 bundle
+        vae.requires_grad_(True)
+        if not config.train_encoder:
+            vae.encoder.requires_grad_(False)
+            vae.quant_conv.requires_grad_(False)
+        return vae
 
     n = len(config.block_out_channels)
     return AutoencoderKL(
@@ -112,8 +128,14 @@ class VAELoss(torch.nn.Module):
 
     def forward(self, x: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
         cfg = self.config
-        posterior = self.vae.encode(x).latent_dist
+        with torch.set_grad_enabled(cfg.train_encoder and torch.is_grad_enabled()):
+            posterior = self.vae.encode(x).latent_dist
         z = posterior.sample(generator=generator)
+        if cfg.latent_noise > 0:
+            # A decoder that only ever saw exact posterior samples (σ_q ~ 1e-3 at kl_weight 1e-6) turns
+            # the small errors of a diffusion model's latents into blotches; noisy latents make it smooth.
+            sigma = torch.rand(z.shape[0], 1, 1, 1, generator=generator).to(z) * cfg.latent_noise
+            z = z + sigma * z.detach().std() * torch.randn(z.shape, generator=generator).to(z)
         rec = self.vae.decode(z).sample.float()
         rec_loss = F.l1_loss(rec, x) if cfg.reconstruction_loss == "l1" else F.mse_loss(rec, x)
         kl = posterior.kl().mean() / x[0].numel()  # per pixel, so kl_weight is resolution-free
@@ -175,8 +197,10 @@ def train(config: VAEConfig, resume: bool = False):
     vae = acc.unwrap_model(model).vae.eval()
     # The latent scale is measured on the data in a fixed order, after the last step.
     ordered = make_dataloader(dataset, transform, config.batch_size, 0, shuffle=False)
-    scale = measure_scaling_factor(vae, ordered, config.scaling_batches, acc.device)
-    vae.register_to_config(scaling_factor=scale)
+    if config.train_encoder:  # a frozen encoder keeps its latents, hence its measured scale
+        scale = measure_scaling_factor(vae, ordered, config.scaling_batches, acc.device)
+        vae.register_to_config(scaling_factor=scale)
+    scale = float(vae.config.scaling_factor)
     if session.is_main:
         session.metrics.log(session.step, scaling_factor=scale)
     return session.export(lambda d: vae.save_pretrained(d, safe_serialization=True))
