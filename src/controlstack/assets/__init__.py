@@ -23,7 +23,11 @@ _MODEL_PARTS = ("model_index.json", "vae", "unet", "text_encoder", "tokenizer", 
 
 
 def is_placeholder() -> bool:
-    return not (BUNDLE_DIR / "model_index.json").is_file()
+    """True until the bundle holds a base *and* at least one ControlNet (a half-trained bundle,
+    e.g. base done and ControlNet stages pending, keeps the placeholder as the default)."""
+    cns = BUNDLE_DIR / "controlnets"
+    has_cn = cns.is_dir() and any((p / "config.json").is_file() for p in cns.iterdir())
+    return not ((BUNDLE_DIR / "model_index.json").is_file() and has_cn)
 
 
 def bundled_controlnets() -> dict:
