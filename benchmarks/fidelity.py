@@ -33,24 +33,24 @@ from PIL import Image
 from controlstack import Control, Pipeline, assets
 from controlstack.evaluation.metrics import edge_f1, edges, frechet_distance, nearest_name, region_colour
 from controlstack.io.png import make_grid
-from controlstack.world import WorldConfig, render, sample_scene
+from controlstack.world import HELD_OUT_SEED, WorldConfig, render, sample_scene
 from controlstack.world.palette import COLORS
 
-HELD_OUT = 1_000_000
+
+def to_vae_input(images: list[np.ndarray]) -> torch.Tensor:
+    return torch.from_numpy(np.stack(images)).float().permute(0, 3, 1, 2) / 127.5 - 1.0
 
 
 def vae_features(pipe: Pipeline, images: list[np.ndarray]) -> np.ndarray:
-    x = torch.from_numpy(np.stack(images)).float().permute(0, 3, 1, 2) / 127.5 - 1.0
     with torch.no_grad():
-        z = pipe.vae.encode(x).latent_dist.mean
+        z = pipe.vae.encode(to_vae_input(images)).latent_dist.mean
     return torch.nn.functional.adaptive_avg_pool2d(z, 4).flatten(1).numpy()
 
 
 def vae_roundtrip(pipe: Pipeline, images: list[np.ndarray]) -> list[np.ndarray]:
     """decode(encode(x)) with the posterior mean: what the generator can at best reproduce."""
-    x = torch.from_numpy(np.stack(images)).float().permute(0, 3, 1, 2) / 127.5 - 1.0
     with torch.no_grad():
-        rec = pipe.vae.decode(pipe.vae.encode(x).latent_dist.mode()).sample
+        rec = pipe.vae.decode(pipe.vae.encode(to_vae_input(images)).latent_dist.mode()).sample
     return list(((rec.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy())
 
 
@@ -69,7 +69,7 @@ def main() -> None:
     names = sorted(pipe.controlnets)
     kw = dict(steps=args.steps, width=size, height=size, progress=False, output_type="np")
 
-    scenes = [sample_scene([HELD_OUT, i], WorldConfig(size=size)) for i in range(args.scenes)]
+    scenes = [sample_scene([HELD_OUT_SEED, i], WorldConfig(size=size)) for i in range(args.scenes)]
     rows = [render(s, size) for s in scenes]
     real = [np.asarray(r["image"]) for r in rows]
     as_uint8 = lambda a: (a * 255).round().astype(np.uint8)  # noqa: E731

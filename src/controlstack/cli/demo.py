@@ -20,7 +20,6 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-HELD_OUT = 1_000_000  # evaluation and demo scenes; the bundle trains on seed 0
 PHOTO_PROMPT = "a standing person in white on grass"  # world words only: the bundle's tokenizer
 
 
@@ -35,9 +34,9 @@ def register(sub) -> None:
 
 def scene(index: int, size: int) -> dict:
     """A held-out world scene rendered at ``size``: condition images, the real render, its caption."""
-    from controlstack.world import WorldConfig, render, sample_scene
+    from controlstack.world import HELD_OUT_SEED, WorldConfig, render, sample_scene
 
-    return render(sample_scene([HELD_OUT, index], WorldConfig(size=size)), size)
+    return render(sample_scene([HELD_OUT_SEED, index], WorldConfig(size=size)), size)
 
 
 def photo_canny(size: int) -> tuple[Image.Image, Image.Image]:
@@ -60,6 +59,7 @@ def run(args: argparse.Namespace) -> int:
 
     from controlstack import Control, Pipeline, assets
     from controlstack.io.png import atomic_save, make_labelled_grid
+    from controlstack.world import HELD_OUT_SEED
 
     pipe = Pipeline.from_pretrained()
     size = pipe.native_size
@@ -90,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
     grid = make_labelled_grid(rows, ["condition", "generated", "real", "no control"])
     params = {"prompt": " | ".join(f"{label}: {prompt}" for label, prompt, *_ in jobs), "steps": args.steps, "seed": args.seed,
               "cfg": args.cfg, "model": pipe.name, "width": size, "height": size, "scheduler": "unipc",
-              "held_out_scenes": f"world seeds [{HELD_OUT}, i]", "photo": "skimage.data.astronaut"}
+              "held_out_scenes": f"world seeds [{HELD_OUT_SEED}, i]", "photo": "skimage.data.astronaut"}
     out = atomic_save(grid, Path(args.out) / "demo.png", params)
     if assets.is_placeholder():
         print("note: no trained bundle in this checkout; the demo ran on a tiny random placeholder model")

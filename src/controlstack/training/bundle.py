@@ -33,7 +33,7 @@ from controlstack.errors import ControlstackError
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "bundle"
 CONTROLNETS = ("canny", "depth", "seg", "pose")
-WORLD_SCENES, WORLD_SIZE, WORLD_SEED = 20000, 128, 0  # evaluation uses seeds >= 1_000_000
+WORLD_SCENES, WORLD_SIZE, WORLD_SEED = 20000, 128, 0  # evaluation: world.HELD_OUT_SEED
 
 
 @dataclass

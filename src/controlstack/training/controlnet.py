@@ -30,7 +30,7 @@ from controlstack.io.png import make_grid
 from controlstack.training.config import TrainConfig, list_field
 from controlstack.training.data import RowTransform, batches, first_rows, load_image_dataset, make_dataloader
 from controlstack.training.diffusion import noisy_batch, sd_noise_scheduler, sd_sampling_scheduler
-from controlstack.training.latents import ROW, LatentCache, with_rows
+from controlstack.training.latents import training_rows
 from controlstack.training.session import TrainingSession, make_lr_scheduler, make_optimizer
 from controlstack.training.validation import (
     condition_fidelity,
@@ -139,13 +139,7 @@ def train(config: ControlNetConfig, resume: bool = False):
     model.controlnet.train()
     noise_scheduler = sd_noise_scheduler()
 
-    cache = None
-    if config.latent_cache:
-        with acc.main_process_first():  # the main process builds the file, the others read it
-            cache = LatentCache.load_or_build(config.latent_cache, vae, dataset, config.resolution)
-        dataset = with_rows(dataset)
-    transform = RowTransform(config.resolution, targets=() if cache else ("image",), hints=("hint",),
-                             caption="text", passthrough=(ROW,) if cache else ())
+    cache, dataset, transform = training_rows(config.latent_cache, acc, vae, dataset, config.resolution, hints=("hint",))
     loader = make_dataloader(dataset, transform, config.batch_size, config.num_workers)
     val = first_rows(val_set, config.num_validation_images,
                      RowTransform(config.resolution, targets=("image",), hints=("hint",), caption="text"))

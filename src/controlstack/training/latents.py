@@ -89,3 +89,14 @@ class LatentCache:
 def with_rows(dataset):
     """The dataset plus a ``row`` column (its index), taken before any shuffling."""
     return dataset.add_column(ROW, list(range(len(dataset))))
+
+
+def training_rows(path: str, accelerator, vae, dataset, resolution: int, hints: tuple[str, ...] = ()):
+    """(cache or None, dataset, RowTransform) for a diffusion recipe: with a cache ``path`` the rows
+    carry their index and the image is never decoded; without, the transform decodes it."""
+    if not path:
+        return None, dataset, RowTransform(resolution, targets=("image",), hints=hints, caption="text")
+    with accelerator.main_process_first():  # the main process builds the file, the others read it
+        cache = LatentCache.load_or_build(path, vae, dataset, resolution)
+    return cache, with_rows(dataset), RowTransform(resolution, targets=(), hints=hints, caption="text",
+                                                   passthrough=(ROW,))

@@ -14,4 +14,6 @@ from controlstack.world.config import WorldConfig
 from controlstack.world.render import COLUMNS, render
 from controlstack.world.scene import Scene, sample_scene
 
-__all__ = ["COLUMNS", "VOCABULARY", "Scene", "WorldConfig", "caption_words", "render", "sample_scene"]
+HELD_OUT_SEED = 1_000_000  # scenes [HELD_OUT_SEED, i] are for evaluation and the demo; training exports use seed 0
+
+__all__ = ["COLUMNS", "HELD_OUT_SEED", "VOCABULARY", "Scene", "WorldConfig", "caption_words", "render", "sample_scene"]
