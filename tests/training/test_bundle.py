@@ -17,6 +17,8 @@ TINY = {
                  attention_head_dim=4, text_hidden_size=32, text_layers=1, text_heads=2, max_length=16,
                  checkpoint_every=1, validate_every=1, log_every=1, num_validation_images=1,
                  num_inference_steps=2),
+    "base_v": dict(max_steps=1, batch_size=2, prediction_type="v_prediction", checkpoint_every=1,
+                   validate_every=1, log_every=1, num_validation_images=1, num_inference_steps=2),
     "controlnet": dict(max_steps=1, batch_size=2, hint_channels=[8, 8, 8, 8], checkpoint_every=1,
                        validate_every=1, log_every=1, num_validation_images=1, num_inference_steps=2),
 }
@@ -35,9 +37,12 @@ def test_bundle_stages_end_to_end(tmp_path, monkeypatch):
     monkeypatch.setattr(b, "CONTROLNETS", ("canny",))
     out, work = tmp_path / "bundle", tmp_path / "work"
 
-    b.run(["world", "vae", "vae-decoder", "base", "controlnet-canny"], work, out)
+    b.run(["world", "vae", "vae-decoder", "base", "base-v", "controlnet-canny"], work, out)
     stages = json.loads((out / "stages.json").read_text())
-    assert sorted(stages) == ["base", "controlnet-canny", "vae", "vae-decoder"]
+    assert sorted(stages) == ["base", "base-v", "controlnet-canny", "vae", "vae-decoder"]
+    # base-v fine-tuned the base (same tokenizer) and the bundle now samples with v-prediction
+    assert stages["base-v"]["config"]["init_from"] == str(out)
+    assert json.loads((out / "scheduler" / "scheduler_config.json").read_text())["prediction_type"] == "v_prediction"
     assert stages["vae"]["steps"] == 1 and stages["controlnet-canny"]["condition"] == "canny"
     assert all(b.is_done(s, work) for s in b.stages(out))
     card = (out / "README.md").read_text()

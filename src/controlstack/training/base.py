@@ -27,7 +27,7 @@ from controlstack.errors import ControlstackError, require
 from controlstack.io.png import make_grid
 from controlstack.training.config import TrainConfig, list_field
 from controlstack.training.data import RowTransform, batches, first_rows, load_image_dataset, make_dataloader
-from controlstack.training.diffusion import noisy_batch, sd_noise_scheduler, sd_sampling_scheduler
+from controlstack.training.diffusion import PREDICTION_TYPES, noisy_batch, sd_noise_scheduler, sd_sampling_scheduler
 from controlstack.training.latents import training_rows
 from controlstack.training.session import TrainingSession, make_lr_scheduler, make_optimizer
 from controlstack.training.tokenizer import VOCABULARY_SOURCES, build_tokenizer
@@ -38,6 +38,8 @@ from controlstack.training.validation import sample_text_to_image, tensor_to_pil
 class BaseConfig(TrainConfig):
     vae: str = ""                          # the VAE recipe's output (a save_pretrained folder)
     latent_cache: str = ""                 # file of the VAE's posterior per row (latents.py); "": encode every step
+    prediction_type: str = "epsilon"       # epsilon (SD-1.x) | v_prediction (SD-2.x; see diffusion.py)
+    init_from: str = ""                    # fine-tune this base folder's U-Net + text encoder + tokenizer
     vocabulary: str = "world"              # world | dataset | bytes (see tokenizer.py)
     max_length: int = 32                   # tokens per caption (whole-word tokens keep captions short)
     # U-Net, SD-1.x layout
@@ -60,6 +62,10 @@ class BaseConfig(TrainConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         require(self.vae != "", "config key 'vae' is missing; set it to the VAE recipe's output folder (.../model)")
+        require(self.prediction_type in PREDICTION_TYPES,
+                f"config key 'prediction_type' is '{self.prediction_type}'; choose one of {', '.join(PREDICTION_TYPES)}")
+        require(not self.init_from or (Path(self.init_from) / "unet" / "config.json").is_file(),
+                f"config key 'init_from': no base model (unet/config.json) in '{self.init_from}'")
         require(self.vocabulary in VOCABULARY_SOURCES,
                 f"config key 'vocabulary' is '{self.vocabulary}'; choose one of {', '.join(VOCABULARY_SOURCES)}")
         n = len(self.block_out_channels)
@@ -147,12 +153,23 @@ def train(config: BaseConfig, resume: bool = False):
     factor = 2 ** (len(vae.config.block_out_channels) - 1)
     require(config.resolution % factor == 0,
             f"config key 'resolution' must be a multiple of the VAE's downsampling ({factor})")
-    tokenizer = build_tokenizer(config.vocabulary, config.max_length, dataset["text"])
-    model = TextToImage(
-        build_unet(config, config.resolution // factor, vae.config.latent_channels),
-        build_text_encoder(config, tokenizer),
-    ).train()
-    noise_scheduler = sd_noise_scheduler()
+    if config.init_from:  # e.g. the bundle's ε-base, fine-tuned to v-prediction
+        from controlstack.io.checkpoints import load_base
+
+        start = load_base(config.init_from)
+        require(start.unet.config.in_channels == vae.config.latent_channels,
+                f"config key 'init_from': its U-Net takes {start.unet.config.in_channels} latent channels, "
+                f"the VAE makes {vae.config.latent_channels}")
+        tokenizer, model = start.tokenizer, TextToImage(start.unet, start.text_encoder)
+        model.requires_grad_(True)
+    else:
+        tokenizer = build_tokenizer(config.vocabulary, config.max_length, dataset["text"])
+        model = TextToImage(
+            build_unet(config, config.resolution // factor, vae.config.latent_channels),
+            build_text_encoder(config, tokenizer),
+        )
+    model.train()
+    noise_scheduler = sd_noise_scheduler(config.prediction_type)
 
     cache, dataset, transform = training_rows(config.latent_cache, acc, vae, dataset, config.resolution)
     loader = make_dataloader(dataset, transform, config.batch_size, config.num_workers)
@@ -167,10 +184,10 @@ def train(config: BaseConfig, resume: bool = False):
 
     bar = session.progress()
     for batch in batches(acc, loader, session.micro) if not session.done else ():
-        noisy, noise, t, ids = noisy_batch(vae, noise_scheduler, tokenizer, batch, config.caption_dropout,
-                                           session.step_generator(), acc.device, cache)
+        noisy, target, t, ids = noisy_batch(vae, noise_scheduler, tokenizer, batch, config.caption_dropout,
+                                            session.step_generator(), acc.device, cache)
         with acc.accumulate(model), acc.autocast():
-            loss = F.mse_loss(model(noisy, t, ids).float(), noise.float())
+            loss = F.mse_loss(model(noisy, t, ids).float(), target.float())
             session.optimize(model, loss, optimizer, lr_scheduler)
         if not acc.sync_gradients:
             continue
@@ -182,16 +199,17 @@ def train(config: BaseConfig, resume: bool = False):
     bar.close()
 
     net = acc.unwrap_model(model).eval()
-    return session.export(lambda d: export_pipeline(d, vae, net.text_encoder, tokenizer, net.unet))
+    return session.export(lambda d: export_pipeline(d, vae, net.text_encoder, tokenizer, net.unet,
+                                                    config.prediction_type))
 
 
-def export_pipeline(folder: Path, vae, text_encoder, tokenizer, unet) -> None:
+def export_pipeline(folder: Path, vae, text_encoder, tokenizer, unet, prediction_type: str = "epsilon") -> None:
     """A diffusers Stable Diffusion folder (safetensors), loadable by ``StableDiffusionPipeline``."""
     from diffusers import StableDiffusionPipeline
 
     StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-        scheduler=sd_sampling_scheduler(), safety_checker=None, feature_extractor=None,
+        scheduler=sd_sampling_scheduler(prediction_type), safety_checker=None, feature_extractor=None,
         requires_safety_checker=False,
     ).save_pretrained(folder, safe_serialization=True)
 
@@ -202,7 +220,7 @@ def validate(session: TrainingSession, net: TextToImage, vae, tokenizer, prompts
     cfg = session.config
     net.eval()
     images = sample_text_to_image(
-        vae, net.text_encoder, tokenizer, net.unet, sd_sampling_scheduler().config, prompts,
+        vae, net.text_encoder, tokenizer, net.unet, sd_sampling_scheduler(cfg.prediction_type).config, prompts,
         cfg.resolution, cfg.num_inference_steps, cfg.guidance_scale, cfg.seed,
     )
     rows = [images]

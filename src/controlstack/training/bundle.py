@@ -51,6 +51,8 @@ def stages(bundle: Path = BUNDLE_DIR) -> list[Stage]:
         # the decoder fine-tuned on noisy latents (encoder frozen): done when recorded in stages.json
         Stage("vae-decoder", "vae", bundle / "stages.json"),
         Stage("base", "base", bundle / "unet" / "diffusion_pytorch_model.safetensors"),
+        # the ε-base fine-tuned to v-prediction (diffusion.py says why): done when in stages.json
+        Stage("base-v", "base", bundle / "stages.json"),
     ]
     out += [Stage(f"controlnet-{c}", "controlnet", bundle / "controlnets" / c / "diffusion_pytorch_model.safetensors", c)
             for c in CONTROLNETS]
@@ -120,8 +122,8 @@ def run_stage(stage: Stage, work_root: Path, bundle: Path) -> None:
         return
     config_cls, _ = recipe(stage.recipe)
     overrides = {"data": str(world), "output_dir": str(work)}
-    if stage.name == "vae-decoder":
-        overrides["init_from"] = str(bundle / "vae")
+    if stage.name in ("vae-decoder", "base-v"):
+        overrides["init_from"] = str(bundle / "vae") if stage.recipe == "vae" else str(bundle)
     if stage.recipe in ("base", "controlnet"):
         # one cache of the (locked, bundled) VAE's posteriors serves the base and every ControlNet
         overrides["latent_cache"] = str(work_root / "latents.safetensors")
@@ -129,7 +131,7 @@ def run_stage(stage: Stage, work_root: Path, bundle: Path) -> None:
         overrides["vae"] = str(bundle / "vae")
     if stage.recipe == "controlnet":
         overrides.update(base=str(bundle), condition=stage.condition)
-    yaml_name = {"controlnet": "controlnet", "vae": stage.name.replace("-", "_")}.get(stage.recipe, stage.recipe)
+    yaml_name = "controlnet" if stage.recipe == "controlnet" else stage.name.replace("-", "_")
     config = config_cls.from_yaml(CONFIGS / f"{yaml_name}.yaml", resolution=WORLD_SIZE, **overrides)
     model_dir, seconds = _timed_training(stage, config, work)
 

@@ -29,7 +29,7 @@ from controlstack.errors import require
 from controlstack.io.png import make_grid
 from controlstack.training.config import TrainConfig, list_field
 from controlstack.training.data import RowTransform, batches, first_rows, load_image_dataset, make_dataloader
-from controlstack.training.diffusion import noisy_batch, sd_noise_scheduler, sd_sampling_scheduler
+from controlstack.training.diffusion import noisy_batch, sd_noise_scheduler
 from controlstack.training.latents import training_rows
 from controlstack.training.session import TrainingSession, make_lr_scheduler, make_optimizer
 from controlstack.training.validation import (
@@ -137,7 +137,8 @@ def train(config: ControlNetConfig, resume: bool = False):
     vae, text_encoder, tokenizer = base.vae.to(acc.device), base.text_encoder.to(acc.device), base.tokenizer
     model = ControlledUNet(base.unet, build_controlnet(base.unet, vae, config.hint_channels))
     model.controlnet.train()
-    noise_scheduler = sd_noise_scheduler()
+    # the ControlNet learns the base's own parameterisation (ε or v), read from its scheduler config
+    noise_scheduler = sd_noise_scheduler(base.scheduler_config.get("prediction_type", "epsilon"))
 
     cache, dataset, transform = training_rows(config.latent_cache, acc, vae, dataset, config.resolution, hints=("hint",))
     loader = make_dataloader(dataset, transform, config.batch_size, config.num_workers)
@@ -159,12 +160,12 @@ def train(config: ControlNetConfig, resume: bool = False):
 
     bar = session.progress()
     for batch in batches(acc, loader, session.micro) if not session.done else ():
-        noisy, noise, t, ids = noisy_batch(vae, noise_scheduler, tokenizer, batch, config.caption_dropout,
-                                           session.step_generator(), acc.device, cache)
+        noisy, target, t, ids = noisy_batch(vae, noise_scheduler, tokenizer, batch, config.caption_dropout,
+                                            session.step_generator(), acc.device, cache)
         with torch.no_grad():
             text_emb = text_encoder(ids)[0]
         with acc.accumulate(model), acc.autocast():
-            loss = F.mse_loss(model(noisy, t, text_emb, batch["hint"]).float(), noise.float())
+            loss = F.mse_loss(model(noisy, t, text_emb, batch["hint"]).float(), target.float())
             session.optimize(model, loss, optimizer, lr_scheduler)
         if not acc.sync_gradients:
             continue
@@ -190,7 +191,7 @@ def validate(session: TrainingSession, net: ControlledUNet, base, vae, text_enco
     net.controlnet.eval()
     hints = tensor_to_pil(val["hint"], signed=False)
     generated = sample_controlnet(
-        vae, text_encoder, base.tokenizer, net.unet, net.controlnet, sd_sampling_scheduler().config,
+        vae, text_encoder, base.tokenizer, net.unet, net.controlnet, base.scheduler_config,
         list(val["text"]), hints, cfg.resolution, cfg.num_inference_steps, cfg.guidance_scale,
         cfg.conditioning_scale, cfg.seed,
     )

@@ -1,8 +1,11 @@
 """Shared pieces of the diffusion recipes (base model and ControlNet): schedule, latents, dropout.
 
 DDPM (Ho et al. 2020) forward process ``z_t = sqrt(ᾱ_t) z_0 + sqrt(1 - ᾱ_t) ε`` with Stable
-Diffusion's schedule (scaled_linear betas 0.00085 -> 0.012, 1000 steps, ε-prediction), so every
-diffusers scheduler samples the trained models without conversion. Latents are
+Diffusion's schedule (scaled_linear betas 0.00085 -> 0.012, 1000 steps), so every diffusers
+scheduler samples the trained models without conversion. The network predicts ε (SD-1.x) or
+v = sqrt(ᾱ_t) ε - sqrt(1 - ᾱ_t) z_0 (Salimans & Ho 2022, "v-prediction", SD-2.x): at high noise an
+ε-model's error is amplified by 1/sqrt(ᾱ_t) (~15x at t = 999) when the sampler forms z_0, which a
+small model cannot afford; a v-model predicts the image there directly. Latents are
 ``vae.encode(x).latent_dist.sample() * scaling_factor`` (LDM, Sec. 3-4). Caption dropout replaces
 prompts by the empty string (classifier-free guidance, Ho & Salimans 2022; the ControlNet paper
 drops 50% of prompts so the model must read the condition itself).
@@ -17,23 +20,23 @@ SD_SCHEDULE = dict(
     beta_start=0.00085,
     beta_end=0.012,
     beta_schedule="scaled_linear",
-    prediction_type="epsilon",
     clip_sample=False,
 )
+PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 
-def sd_noise_scheduler():
+def sd_noise_scheduler(prediction_type: str = "epsilon"):
     from diffusers import DDPMScheduler
 
-    return DDPMScheduler(**SD_SCHEDULE)
+    return DDPMScheduler(**SD_SCHEDULE, prediction_type=prediction_type)
 
 
-def sd_sampling_scheduler():
+def sd_sampling_scheduler(prediction_type: str = "epsilon"):
     """What SD-1.5's ``scheduler/`` folder holds: PNDM (PLMS) with the training betas."""
     from diffusers import PNDMScheduler
 
     return PNDMScheduler(
-        **{k: v for k, v in SD_SCHEDULE.items() if k != "clip_sample"},
+        **{k: v for k, v in SD_SCHEDULE.items() if k != "clip_sample"}, prediction_type=prediction_type,
         skip_prk_steps=True, steps_offset=1, set_alpha_to_one=False,
     )
 
@@ -70,8 +73,9 @@ def tokenize(tokenizer, captions: list[str], device) -> torch.Tensor:
 
 def noisy_batch(vae, noise_scheduler, tokenizer, batch: dict, caption_dropout: float,
                 generator: torch.Generator, device, cache=None):
-    """One batch of the ε-prediction objective: VAE latents noised at random timesteps, and the
-    captions (with dropout to the empty prompt) as token ids. Returns (noisy, noise, t, ids).
+    """One batch of the denoising objective: VAE latents noised at random timesteps, the regression
+    target (ε or v, as the scheduler's ``prediction_type`` says) and the captions (with dropout to
+    the empty prompt) as token ids. Returns (noisy, target, t, ids).
     With a :class:`~controlstack.training.latents.LatentCache` the posterior comes from the cache
     (rows ``batch["row"]``) instead of the encoder; the draws from ``generator`` are the same."""
     if cache is not None:
@@ -80,4 +84,6 @@ def noisy_batch(vae, noise_scheduler, tokenizer, batch: dict, caption_dropout: f
         latents = encode_latents(vae, batch["image"], generator)
     noisy, noise, t = add_noise(noise_scheduler, latents, generator)
     ids = tokenize(tokenizer, drop_captions(batch["text"], caption_dropout, generator), device)
+    if noise_scheduler.config.prediction_type == "v_prediction":
+        return noisy, noise_scheduler.get_velocity(latents, noise, t), t, ids
     return noisy, noise, t, ids
