@@ -47,6 +47,11 @@ def test_cache_file_is_reused_and_rebuilt_when_stale(world_dir, tiny_vae_dir, tm
     monkeypatch.setattr(LatentCache, "build", no_build)
     again = LatentCache.load_or_build(path, vae, ds, 32)
     assert torch.equal(again.mean, first.mean) and again.scaling_factor == first.scaling_factor
+    # a recipe that keeps other columns (a ControlNet's hint) reads the same rows: same cache
+    from controlstack.training.data import load_image_dataset
+
+    with_hint = load_image_dataset(world_dir, {"image": "image", "text": "text", "canny": "hint"})
+    assert torch.equal(LatentCache.load_or_build(path, vae, with_hint, 32).mean, first.mean)
     with pytest.raises(AssertionError, match="must be read"):  # another resolution: stale
         LatentCache.load_or_build(path, vae, ds, 64)
     with torch.no_grad():

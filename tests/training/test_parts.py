@@ -62,6 +62,30 @@ def test_sd_schedule_and_caption_dropout():
     assert caps.count("") == pytest.approx(1000, abs=100)
 
 
+def test_v_prediction_target_is_sqrt_abar_eps_minus_sqrt_one_minus_abar_z0():
+    from controlstack.training.diffusion import noisy_batch, sd_noise_scheduler
+
+    class Cache:  # a fixed latent for every row
+        def sample(self, rows, generator, device):
+            return torch.full((len(rows), 4, 2, 2), 0.5)
+
+    class Tok:  # token ids do not matter here
+        model_max_length = 3
+
+        def __call__(self, caps, **kw):
+            return type("Ids", (), {"input_ids": torch.zeros(len(caps), 3, dtype=torch.long)})()
+
+    tok = Tok()
+    batch = {"row": torch.arange(3), "text": ["a", "b", "c"]}
+    out = {p: noisy_batch(None, sd_noise_scheduler(p), tok, batch, 0.0, torch.Generator().manual_seed(0), "cpu",
+                          Cache()) for p in ("epsilon", "v_prediction")}
+    (noisy, eps, t, _), (noisy_v, v, t_v, _) = out["epsilon"], out["v_prediction"]
+    assert torch.equal(noisy, noisy_v) and torch.equal(t, t_v)  # same draws, only the target differs
+    abar = sd_noise_scheduler().alphas_cumprod[t].view(-1, 1, 1, 1)
+    assert torch.allclose(v, abar.sqrt() * eps - (1 - abar).sqrt() * 0.5, atol=1e-6)
+    assert not torch.allclose(v, eps)
+
+
 def test_batches_resume_mid_epoch_gives_the_same_stream():
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration

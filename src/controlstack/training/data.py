@@ -43,9 +43,14 @@ def load_image_dataset(path: str, columns: dict[str, str]):
     require(not missing, f"dataset '{path}' has no column(s) {', '.join(missing)}; "
                          f"it has {', '.join(ds.column_names)} (set image_column / caption_column / condition)")
     require(len(ds) > 0, f"dataset '{path}' is empty; export some rows first")
+    source = ds._fingerprint
     ds = ds.select_columns(list(columns))
     renames = {k: v for k, v in columns.items() if k != v}
-    return ds.rename_columns(renames) if renames else ds
+    ds = ds.rename_columns(renames) if renames else ds
+    # the rows' identity, independent of which columns a recipe keeps (the latent cache's key:
+    # the base and every ControlNet share one cache although their column sets differ)
+    ds.source_fingerprint = f"{source}:{next((k for k, v in columns.items() if v == 'image'), '')}"
+    return ds
 
 
 def image_to_tensor(image, resolution: int, signed: bool) -> torch.Tensor:

@@ -68,7 +68,7 @@ class LatentCache:
         from safetensors.torch import load_file, safe_open, save_file
 
         path = Path(path)
-        key = {"dataset": str(getattr(dataset, "_fingerprint", "")), "rows": str(len(dataset)),
+        key = {"dataset": str(getattr(dataset, "source_fingerprint", getattr(dataset, "_fingerprint", ""))), "rows": str(len(dataset)),
                "resolution": str(resolution), "vae": vae_digest(vae)}
         if path.is_file():
             with safe_open(str(path), framework="pt") as f:
