@@ -25,9 +25,21 @@ def test_default_model_generates_with_each_bundled_controlnet():
 
 
 def test_bundled_files_match_their_recorded_checksums():
-    if assets.is_placeholder():
-        pytest.skip("no trained bundle in this checkout (placeholder model)")
+    # checked from the first committed stage on, not only once the bundle is complete
+    if not (assets.BUNDLE_DIR / assets.CHECKSUMS).is_file():
+        pytest.skip("no trained bundle stage in this checkout (placeholder model)")
     assert assets.verify_checksums() == []
+
+
+def test_a_bundle_is_the_default_only_with_every_required_controlnet(tmp_path):
+    (tmp_path / "model_index.json").write_text("{}")
+    for name in assets.REQUIRED_CONTROLNETS:
+        assert assets.is_placeholder(tmp_path)  # base + some ControlNets: still the placeholder
+        (tmp_path / "controlnets" / name).mkdir(parents=True)
+        (tmp_path / "controlnets" / name / "config.json").write_text("{}")
+    assert not assets.is_placeholder(tmp_path)
+    (tmp_path / "model_index.json").unlink()
+    assert assets.is_placeholder(tmp_path)
 
 
 def test_checksums_catch_a_changed_missing_or_unrecorded_file(tmp_path):

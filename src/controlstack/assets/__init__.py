@@ -18,16 +18,19 @@ from pathlib import Path
 
 BUNDLE_DIR = Path(__file__).resolve().parent / "bundle"
 BUNDLED_NAMES = ("canny", "depth", "seg", "pose", "scribble", "softedge")
+REQUIRED_CONTROLNETS = ("canny", "depth", "seg", "pose")  # the bundle is the default once all exist
 CHECKSUMS = "SHA256SUMS"  # `sha256sum -c` format, over every weight and config file of the bundle
 _MODEL_PARTS = ("model_index.json", "vae", "unet", "text_encoder", "tokenizer", "scheduler", "controlnets")
 
 
-def is_placeholder() -> bool:
-    """True until the bundle holds a base *and* at least one ControlNet (a half-trained bundle,
-    e.g. base done and ControlNet stages pending, keeps the placeholder as the default)."""
-    cns = BUNDLE_DIR / "controlnets"
-    has_cn = cns.is_dir() and any((p / "config.json").is_file() for p in cns.iterdir())
-    return not ((BUNDLE_DIR / "model_index.json").is_file() and has_cn)
+def is_placeholder(bundle: Path | None = None) -> bool:
+    """True until the bundle holds a base *and* a ControlNet for each of ``REQUIRED_CONTROLNETS``.
+    A half-trained bundle (some ControlNet stages pending) keeps the placeholder as the default, so
+    the default always answers every bundled name; load it explicitly meanwhile with
+    ``Pipeline.from_pretrained(assets.BUNDLE_DIR)`` (its trained ControlNets: ``Control(path)``)."""
+    bundle = BUNDLE_DIR if bundle is None else bundle
+    has_cns = all((bundle / "controlnets" / n / "config.json").is_file() for n in REQUIRED_CONTROLNETS)
+    return not ((bundle / "model_index.json").is_file() and has_cns)
 
 
 def bundled_controlnets() -> dict:
