@@ -79,3 +79,19 @@ def test_bundle_stages_end_to_end(tmp_path, monkeypatch):
     hint[20:44, 20] = 255
     images = pipe("a red sphere", controls=[Control("canny", hint)], steps=2, output_type="np", progress=False)
     assert images.shape == (1, 64, 64, 3) and np.isfinite(images).all()
+
+
+def test_controlnet_checkpoints_of_another_base_are_not_resumed(tmp_path):
+    from controlstack.training.bundle import _forget_if_base_changed
+
+    bundle, work = tmp_path / "bundle", tmp_path / "work" / "controlnet-canny"
+    (bundle / "unet").mkdir(parents=True)
+    unet = bundle / "unet" / "diffusion_pytorch_model.safetensors"
+    unet.write_bytes(b"base 1")
+    _forget_if_base_changed(work, bundle)
+    (work / "checkpoints").mkdir()
+    _forget_if_base_changed(work, bundle)  # same base: the checkpoints stay
+    assert (work / "checkpoints").is_dir()
+    unet.write_bytes(b"base 2")  # e.g. the base-v stage replaced the U-Net
+    _forget_if_base_changed(work, bundle)
+    assert not (work / "checkpoints").exists() and (work / "base_unet.sha256").is_file()

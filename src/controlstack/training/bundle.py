@@ -108,6 +108,21 @@ def _timed_training(stage: Stage, config, work: Path) -> tuple[Path, float]:
     return model_dir, spent + time.time() - t0
 
 
+def _forget_if_base_changed(work: Path, bundle: Path) -> None:
+    """A ControlNet's checkpoints belong to the base they were trained on: when the bundled U-Net
+    changed since (e.g. the base-v stage ran), resuming would continue a ControlNet for another
+    base, so the stage's work folder is cleared and the stage starts over."""
+    import hashlib
+
+    digest = hashlib.sha256((bundle / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()).hexdigest()
+    stamp = work / "base_unet.sha256"
+    if work.is_dir() and (not stamp.is_file() or stamp.read_text().strip() != digest):
+        print(f"{work}: checkpoints of another base; starting this stage over", flush=True)
+        shutil.rmtree(work)
+    work.mkdir(parents=True, exist_ok=True)
+    stamp.write_text(digest + "\n")
+
+
 def run_stage(stage: Stage, work_root: Path, bundle: Path) -> None:
     from controlstack.training import recipe
 
@@ -131,6 +146,7 @@ def run_stage(stage: Stage, work_root: Path, bundle: Path) -> None:
         overrides["vae"] = str(bundle / "vae")
     if stage.recipe == "controlnet":
         overrides.update(base=str(bundle), condition=stage.condition)
+        _forget_if_base_changed(work, bundle)
     yaml_name = "controlnet" if stage.recipe == "controlnet" else stage.name.replace("-", "_")
     config = config_cls.from_yaml(CONFIGS / f"{yaml_name}.yaml", resolution=WORLD_SIZE, **overrides)
     model_dir, seconds = _timed_training(stage, config, work)
