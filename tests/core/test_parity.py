@@ -17,7 +17,7 @@ def reference(components, controlnet, image, scheduler="unipc", **kw):
 
     ref = StableDiffusionControlNetPipeline(
         vae=components.vae, text_encoder=components.text_encoder, tokenizer=components.tokenizer,
-        unet=components.unet, controlnet=controlnet, scheduler=make_scheduler(scheduler),
+        unet=components.unet, controlnet=controlnet, scheduler=make_scheduler(scheduler, components.scheduler_config),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
     ref.set_progress_bar_config(disable=True)
@@ -41,6 +41,21 @@ def test_one_control(pipe, tiny_components, tiny_controlnets, hint_images, sched
     assert np.abs(got - expected).max() < 1e-4
     # and the control did something: not the uncontrolled image
     assert np.abs(got - ours(pipe, [], scheduler)).max() > 1e-2
+
+
+@pytest.mark.parametrize("scheduler", ["unipc", "euler"])
+def test_v_prediction_base_samples_as_diffusers(tiny_components, tiny_controlnets, hint_images, scheduler):
+    # a base whose scheduler config says v_prediction (SD-2.x, the bundled base) is sampled with it
+    import dataclasses
+
+    from controlstack import Pipeline
+    from controlstack.sampling.schedulers import SD_SCHEDULER_CONFIG
+
+    v = dataclasses.replace(tiny_components, scheduler_config={**SD_SCHEDULER_CONFIG, "prediction_type": "v_prediction"})
+    cn = tiny_controlnets[0]
+    got = ours(Pipeline(v, name="tiny-v"), [Control(cn, hint_images[0])], scheduler)
+    assert np.abs(got - reference(v, cn, hint_images[0], scheduler)).max() < 1e-4
+    assert np.abs(got - ours(Pipeline(tiny_components, name="tiny"), [Control(cn, hint_images[0])], scheduler)).max() > 1e-2
 
 
 def test_two_controls_weighted(pipe, tiny_components, tiny_controlnets, hint_images):
