@@ -62,9 +62,11 @@ def main() -> None:
     ap.add_argument("--out", default="outputs/fidelity")
     ap.add_argument("--json", default=None, help="also write the numbers here (the bundle's fidelity.json)")
     args = ap.parse_args()
-    if assets.is_placeholder():
+    trained = (assets.BUNDLE_DIR / "model_index.json").is_file()
+    if not trained:
         print("note: no trained bundle in this checkout; numbers below are for the random placeholder")
-    pipe = Pipeline.from_pretrained()
+    # the bundle folder itself: its trained ControlNets even while some stages are pending
+    pipe = Pipeline.from_pretrained(assets.BUNDLE_DIR if trained else None)
     size = pipe.native_size
     names = sorted(pipe.controlnets)
     kw = dict(steps=args.steps, width=size, height=size, progress=False, output_type="np")

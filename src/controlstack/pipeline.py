@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -98,7 +99,10 @@ class Pipeline:
         from controlstack.io.checkpoints import load_base
 
         components = load_base(path, allow_pickle=allow_pickle, config=config)
-        return cls(components, controlnets=assets.bundled_controlnets(), name=str(path))
+        # the bundle folder itself (e.g. half-trained: some ControlNets pending) brings its own
+        in_bundle = Path(path).resolve() == assets.BUNDLE_DIR.resolve()
+        controlnets = assets.trained_controlnets() if in_bundle else assets.bundled_controlnets()
+        return cls(components, controlnets=controlnets, name="controlstack-bundle" if in_bundle else str(path))
 
     def controlnet(self, model: Any):
         """Resolve a Control's ``model``: a ControlNetModel, a bundled name, or a path."""

@@ -55,3 +55,14 @@ def test_checksums_catch_a_changed_missing_or_unrecorded_file(tmp_path):
     assert sorted(assets.verify_checksums(tmp_path)) == [
         "model_index.json: missing", "unet/extra.json: not recorded in SHA256SUMS",
         "unet/w.safetensors: checksum differs"]
+
+
+def test_the_bundle_folder_loads_with_its_trained_controlnets_even_when_partial():
+    from controlstack import Pipeline
+
+    if not (assets.BUNDLE_DIR / "model_index.json").is_file():
+        pytest.skip("no trained base in this checkout")
+    pipe = Pipeline.from_pretrained(assets.BUNDLE_DIR)
+    assert pipe.name == "controlstack-bundle" and set(pipe.controlnets) == set(assets.trained_controlnets())
+    image = pipe("a red cube on grass", steps=2, output_type="np", progress=False)
+    assert image.shape == (1, pipe.native_size, pipe.native_size, 3) and image.std() > 0.01

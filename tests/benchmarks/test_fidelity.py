@@ -17,9 +17,15 @@ def test_fidelity_script_on_two_scenes(tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads(out.read_text())
-    assert report["scenes"] == 2 and {"canny", "depth", "seg", "pose"} <= set(report["f1"])
+    from controlstack import assets
+
+    # every ControlNet the evaluated model has: the bundle's trained ones (all four once complete),
+    # or the placeholder's random ones in a checkout without a trained bundle
+    trained = (assets.BUNDLE_DIR / "model_index.json").is_file()
+    expected = set(assets.trained_controlnets()) if trained else {"canny", "depth", "seg", "pose"}
+    assert report["scenes"] == 2 and expected <= set(report["f1"])
     assert all(0.0 <= v["control"] <= 1.0 for v in report["f1"].values())
-    assert set(report["prompt_fidelity"]) == {"cfg 1", "cfg 7"} and "no control" in report["fid"]
-    assert 0.0 <= report["vae_roundtrip_f1"] <= 1.0
-    assert (tmp_path / "grids" / "canny.png").is_file()
+    assert set(report["prompt_fidelity"]) == ({"cfg 1", "cfg 7"} if "seg" in expected else set())
+    assert "no control" in report["fid"] and 0.0 <= report["vae_roundtrip_f1"] <= 1.0
+    assert all((tmp_path / "grids" / f"{name}.png").is_file() for name in expected)
     assert "F1 control" in proc.stdout

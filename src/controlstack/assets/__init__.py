@@ -37,9 +37,14 @@ def bundled_controlnets() -> dict:
     """name -> zero-argument loader of the bundled ControlNet of that condition type."""
     if is_placeholder():
         return {name: (lambda name=name: _placeholder_controlnet(name)) for name in BUNDLED_NAMES}
+    return trained_controlnets()
+
+
+def trained_controlnets(bundle: Path = BUNDLE_DIR) -> dict:
+    """name -> loader of each ControlNet trained so far in ``bundle`` (complete or not)."""
     from controlstack.io.checkpoints import load_controlnet
 
-    root = BUNDLE_DIR / "controlnets"
+    root = bundle / "controlnets"
     folders = sorted(p for p in root.iterdir() if (p / "config.json").is_file()) if root.is_dir() else []
     return {p.name: (lambda p=p: load_controlnet(p)) for p in folders}
 
