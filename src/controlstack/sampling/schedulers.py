@@ -46,5 +46,10 @@ def make_scheduler(name: str, base_config: dict | None = None):
 
     cls_name, overrides = SCHEDULERS[name]
     config = dict(SD_SCHEDULER_CONFIG if base_config is None else base_config)
+    # DDIM/DDPM default to clip_sample=True (clamp the predicted z_0 to [-1, 1]), a pixel-space
+    # setting: latents are not bounded by 1 (the bundle's reach 1.6 in a channel's mean), and
+    # clamping them washes every sample out. SD's own config says false; a config that does not
+    # say (e.g. one written by PNDMScheduler, which has no such key) gets SD's value.
+    config.setdefault("clip_sample", False)
     config.update(overrides)
     return getattr(diffusers, cls_name).from_config(config)

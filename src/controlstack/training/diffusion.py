@@ -35,10 +35,14 @@ def sd_sampling_scheduler(prediction_type: str = "epsilon"):
     """What SD-1.5's ``scheduler/`` folder holds: PNDM (PLMS) with the training betas."""
     from diffusers import PNDMScheduler
 
-    return PNDMScheduler(
+    scheduler = PNDMScheduler(
         **{k: v for k, v in SD_SCHEDULE.items() if k != "clip_sample"}, prediction_type=prediction_type,
         skip_prk_steps=True, steps_offset=1, set_alpha_to_one=False,
     )
+    # SD-1.5's file carries clip_sample: false too, for the schedulers built from it (DDIM
+    # would otherwise clamp the predicted latents to [-1, 1])
+    scheduler.register_to_config(clip_sample=False)
+    return scheduler
 
 
 @torch.no_grad()

@@ -65,9 +65,9 @@ def plot_metric(csv_path: Path, metric: str, png_path: Path, title: str) -> None
 
 
 def _scheduler(scheduler_config):
-    from diffusers import DDIMScheduler
+    from controlstack.sampling import make_scheduler
 
-    return DDIMScheduler.from_config(scheduler_config)
+    return make_scheduler("ddim", scheduler_config)  # with make_scheduler's latent-space defaults
 
 
 @torch.no_grad()
