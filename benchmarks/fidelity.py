@@ -62,7 +62,7 @@ def main() -> None:
     ap.add_argument("--out", default="outputs/fidelity")
     ap.add_argument("--json", default=None, help="also write the numbers here (the bundle's fidelity.json)")
     args = ap.parse_args()
-    trained = (assets.BUNDLE_DIR / "model_index.json").is_file()
+    trained = assets.has_trained_base()
     if not trained:
         print("note: no trained bundle in this checkout; numbers below are for the random placeholder")
     # the bundle folder itself: its trained ControlNets even while some stages are pending

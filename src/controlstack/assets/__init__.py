@@ -23,6 +23,11 @@ CHECKSUMS = "SHA256SUMS"  # `sha256sum -c` format, over every weight and config 
 _MODEL_PARTS = ("model_index.json", "vae", "unet", "text_encoder", "tokenizer", "scheduler", "controlnets")
 
 
+def has_trained_base(bundle: Path | None = None) -> bool:
+    """The bundle's base (VAE, U-Net, text encoder) is trained and committed; ControlNets may be pending."""
+    return ((BUNDLE_DIR if bundle is None else bundle) / "model_index.json").is_file()
+
+
 def is_placeholder(bundle: Path | None = None) -> bool:
     """True until the bundle holds a base *and* a ControlNet for each of ``REQUIRED_CONTROLNETS``.
     A half-trained bundle (some ControlNet stages pending) keeps the placeholder as the default, so
@@ -30,7 +35,7 @@ def is_placeholder(bundle: Path | None = None) -> bool:
     ``Pipeline.from_pretrained(assets.BUNDLE_DIR)`` (its trained ControlNets: ``Control(path)``)."""
     bundle = BUNDLE_DIR if bundle is None else bundle
     has_cns = all((bundle / "controlnets" / n / "config.json").is_file() for n in REQUIRED_CONTROLNETS)
-    return not ((bundle / "model_index.json").is_file() and has_cns)
+    return not (has_trained_base(bundle) and has_cns)
 
 
 def bundled_controlnets() -> dict:

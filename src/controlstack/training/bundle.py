@@ -42,6 +42,7 @@ class Stage:
     recipe: str                 # vae | base | controlnet | world
     target: Path                # the file whose presence means "done"
     condition: str = ""         # for ControlNet stages
+    init_from: Path | None = None  # a refining stage starts from this bundled model
 
 
 def stages(bundle: Path = BUNDLE_DIR) -> list[Stage]:
@@ -49,10 +50,10 @@ def stages(bundle: Path = BUNDLE_DIR) -> list[Stage]:
         Stage("world", "world", Path()),  # target set by the plan (work folder)
         Stage("vae", "vae", bundle / "vae" / "diffusion_pytorch_model.safetensors"),
         # the decoder fine-tuned on noisy latents (encoder frozen): done when recorded in stages.json
-        Stage("vae-decoder", "vae", bundle / "stages.json"),
+        Stage("vae-decoder", "vae", bundle / "stages.json", init_from=bundle / "vae"),
         Stage("base", "base", bundle / "unet" / "diffusion_pytorch_model.safetensors"),
         # the ε-base fine-tuned to v-prediction (diffusion.py says why): done when in stages.json
-        Stage("base-v", "base", bundle / "stages.json"),
+        Stage("base-v", "base", bundle / "stages.json", init_from=bundle),
     ]
     out += [Stage(f"controlnet-{c}", "controlnet", bundle / "controlnets" / c / "diffusion_pytorch_model.safetensors", c)
             for c in CONTROLNETS]
@@ -137,8 +138,8 @@ def run_stage(stage: Stage, work_root: Path, bundle: Path) -> None:
         return
     config_cls, _ = recipe(stage.recipe)
     overrides = {"data": str(world), "output_dir": str(work)}
-    if stage.name in ("vae-decoder", "base-v"):
-        overrides["init_from"] = str(bundle / "vae") if stage.recipe == "vae" else str(bundle)
+    if stage.init_from is not None:
+        overrides["init_from"] = str(stage.init_from)
     if stage.recipe in ("base", "controlnet"):
         # one cache of the (locked, bundled) VAE's posteriors serves the base and every ControlNet
         overrides["latent_cache"] = str(work_root / "latents.safetensors")

@@ -68,8 +68,9 @@ class LatentCache:
         from safetensors.torch import load_file, safe_open, save_file
 
         path = Path(path)
-        key = {"dataset": str(getattr(dataset, "source_fingerprint", getattr(dataset, "_fingerprint", ""))), "rows": str(len(dataset)),
-               "resolution": str(resolution), "vae": vae_digest(vae)}
+        rows_id = getattr(dataset, "source_fingerprint", getattr(dataset, "_fingerprint", ""))  # data.py sets it
+        key = {"dataset": str(rows_id), "rows": str(len(dataset)), "resolution": str(resolution),
+               "vae": vae_digest(vae)}
         if path.is_file():
             with safe_open(str(path), framework="pt") as f:
                 stored = f.metadata() or {}
