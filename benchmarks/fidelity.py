@@ -7,6 +7,8 @@ seed 0), fixed sampling seeds, the bundled base with and without each bundled Co
 * depth, seg, pose (and any other bundled control): structure F1 between canny of the generated
   image and canny of the scene's real render;
   each against the no-control baseline (same prompt, same seed);
+* two reference points: the VAE round trip of the real render (the ceiling: the decoder's
+  sharpness) and another scene's real edges (chance: the world's shared layout);
 * prompt fidelity: with the seg control, the dominant (median) colour inside each *object's*
   instance mask is named by the nearest colour prototype -- the median rendered colour of that
   name over the real held-out scenes, i.e. the world's own lighting -- and must match the colour
@@ -29,10 +31,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from tqdm.auto import tqdm
 
 from controlstack import Control, Pipeline, assets
 from controlstack.evaluation.metrics import edge_f1, edges, frechet_distance, nearest_name, region_colour
-from controlstack.io.png import make_grid
+from controlstack.evaluation.report import fidelity_table
+from controlstack.io.png import make_labelled_grid
 from controlstack.world import HELD_OUT_SEED, WorldConfig, render, sample_scene
 from controlstack.world.palette import COLORS
 
@@ -76,7 +80,8 @@ def main() -> None:
     real = [np.asarray(r["image"]) for r in rows]
     as_uint8 = lambda a: (a * 255).round().astype(np.uint8)  # noqa: E731
 
-    base = [as_uint8(pipe(r["text"], cfg=args.cfg, seed=i, **kw)[0]) for i, r in enumerate(rows)]
+    base = [as_uint8(pipe(r["text"], cfg=args.cfg, seed=i, **kw)[0])
+            for i, r in enumerate(tqdm(rows, desc="no control", unit="scene"))]
     table, generated_by = [], {}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -84,7 +89,7 @@ def main() -> None:
         if name not in rows[0]:
             continue
         gen, f1, f1_base = [], [], []
-        for i, r in enumerate(rows):
+        for i, r in enumerate(tqdm(rows, desc=name, unit="scene")):
             cond = Image.fromarray(np.asarray(r[name])).convert("RGB")
             g = as_uint8(pipe(r["text"], controls=[Control(name, cond)], cfg=args.cfg, seed=i, **kw)[0])
             gen.append(g)
@@ -93,22 +98,26 @@ def main() -> None:
             f1_base.append(edge_f1(ref, edges(Image.fromarray(base[i]))))
         generated_by[name] = gen
         table.append((name, float(np.mean(f1)), float(np.mean(f1_base))))
-        tiles = []
-        for i in range(min(6, len(rows))):
-            tiles += [Image.fromarray(np.asarray(rows[i][name])).convert("RGB"), Image.fromarray(gen[i]),
-                      Image.fromarray(real[i]), Image.fromarray(base[i])]
-        make_grid(tiles, cols=4).save(out / f"{name}.png")
+        grid_rows = [(f"scene {i}", [Image.fromarray(np.asarray(rows[i][name])).convert("RGB"),
+                                     Image.fromarray(gen[i]), Image.fromarray(real[i]), Image.fromarray(base[i])])
+                     for i in range(min(6, len(rows)))]
+        make_labelled_grid(grid_rows, [name, "generated", "real", "no control"]).save(out / f"{name}.png")
 
     # the ceiling: canny of the real render vs canny of its VAE round trip (the decoder's sharpness)
     ceiling = float(np.mean([edge_f1(edges(Image.fromarray(a)), edges(Image.fromarray(b)))
                              for a, b in zip(real, vae_roundtrip(pipe, real))]))
+    # chance: each scene's real edges against the next scene's -- what the world's shared layout
+    # (horizon, floor, figures at similar places) scores with no information about the scene
+    real_edges = [edges(Image.fromarray(a)) for a in real]
+    chance = float(np.mean([edge_f1(real_edges[i], real_edges[(i + 1) % len(real)]) for i in range(len(real))]))
     report: dict = {"scenes": args.scenes, "steps": args.steps, "cfg": args.cfg, "f1": {}, "prompt_fidelity": {},
-                    "fid": {}, "vae_roundtrip_f1": round(ceiling, 4)}
+                    "fid": {}, "vae_roundtrip_f1": round(ceiling, 4), "chance_f1": round(chance, 4)}
     print(f"\n{'condition':10s} {'F1 control':>10s} {'F1 no control':>14s} {'ratio':>6s}")
     for name, f, b in table:
         print(f"{name:10s} {f:10.3f} {b:14.3f} {f / max(b, 1e-9):6.2f}")
         report["f1"][name] = {"control": round(f, 4), "no_control": round(b, 4)}
     print(f"{'VAE round trip (ceiling)':25s} {ceiling:.3f}")
+    print(f"{'another scene (chance)':25s} {chance:.3f}")
 
     # prompt fidelity with the seg control, CFG 1 vs --cfg
     objects = [(i, e) for i, s in enumerate(scenes) for e in s.entities if e.kind == "object" and "color" in e.words]
@@ -123,7 +132,7 @@ def main() -> None:
             hits = total = 0
             # at the table's CFG the seg images are the ones generated above (same prompt, seed, control)
             cache: dict[int, np.ndarray] = dict(enumerate(generated_by["seg"])) if cfg == args.cfg else {}
-            for i, e in objects:
+            for i, e in tqdm(objects, desc=f"seg, CFG {cfg:g}", unit="object"):
                 if i not in cache:
                     cond = Image.fromarray(np.asarray(rows[i]["seg"])).convert("RGB")
                     cache[i] = as_uint8(pipe(rows[i]["text"], controls=[Control("seg", cond)], cfg=cfg, seed=i,
@@ -140,6 +149,7 @@ def main() -> None:
         fid = frechet_distance(vae_features(pipe, gen), real_f)
         report["fid"][name] = round(fid, 4)
         print(f"FID (bundled VAE-encoder features), {name:10s}: {fid:.3f}")
+    print("\n" + "\n".join(fidelity_table(report)))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
         if Path(args.json).resolve().parent == assets.BUNDLE_DIR.resolve():  # the bundle's numbers: refresh its cards

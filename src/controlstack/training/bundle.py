@@ -205,7 +205,9 @@ def write_model_card(bundle: Path = BUNDLE_DIR) -> Path:
              "", f"Data: {data}. Configs: `src/controlstack/configs/bundle/` (the exact values of each run are "
              "in `stages.json`). `SHA256SUMS` lists every model file's checksum."]
     if fidelity is not None:
-        lines += ["", "## Measured (`benchmarks/fidelity.py`)", "", "```json", json.dumps(fidelity, indent=2), "```"]
+        from controlstack.evaluation.report import fidelity_table
+
+        lines += ["", "## Measured (`benchmarks/fidelity.py`)", "", *fidelity_table(fidelity)]
     path = bundle / "README.md"
     bundle.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")

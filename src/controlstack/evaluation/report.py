@@ -1,0 +1,47 @@
+"""The fidelity report (``benchmarks/fidelity.py --json``) as the Markdown table the README and the
+bundle's model card show, with each number next to the target the bundle issue sets (ControlNet
+paper Sec. 4.3 for condition fidelity; METHOD_NOTES §4)."""
+
+from __future__ import annotations
+
+#: Condition-fidelity targets: (min F1, min ratio to the no-control baseline).
+TARGETS = {"canny": (0.5, 3.0)}
+DEFAULT_TARGET = (0.0, 2.0)  # depth, seg, pose (structure F1): >= 2x the baseline
+PROMPT_FIDELITY_TARGET = 0.70
+
+
+def _mark(ok: bool) -> str:
+    return "yes" if ok else "**no**"
+
+
+def fidelity_table(report: dict) -> list[str]:
+    """Markdown lines: one row per condition (F1 with / without control, ratio, FID, target met),
+    then the prompt-fidelity and VAE round-trip lines."""
+    fid = report.get("fid", {})
+    lines = [f"Held-out world scenes: {report.get('scenes', '?')}, {report.get('steps', '?')} UniPC steps, "
+             f"CFG {report.get('cfg', '?')}, fixed seeds.", "",
+             "| condition | F1 with control | F1 no control | ratio | FID | target | met |",
+             "| --- | ---: | ---: | ---: | ---: | --- | --- |"]
+    if "no control" in fid:
+        lines.append(f"| (none: base model) | | | | {fid['no control']:.3f} | | |")
+    for name, f1 in report.get("f1", {}).items():
+        ratio = f1["control"] / max(f1["no_control"], 1e-9)
+        lo, times = TARGETS.get(name, DEFAULT_TARGET)
+        target = (f"F1 >= {lo:g} and >= {times:g}x" if lo else f">= {times:g}x")
+        ok = f1["control"] >= lo and round(ratio, 2) >= times  # the verdict agrees with the printed ratio
+        fid_s = f"{fid[name]:.3f}" if name in fid else ""
+        lines.append(f"| {name} | {f1['control']:.3f} | {f1['no_control']:.3f} | {ratio:.2f}x | {fid_s} | "
+                     f"{target} | {_mark(ok)} |")
+    pf = report.get("prompt_fidelity", {})
+    if pf:
+        parts = [f"{k.upper()}: {v:.1%}" for k, v in pf.items()]
+        best = max(pf.values())
+        lines += ["", f"Prompt fidelity (seg control; object colour named by the caption): {', '.join(parts)} "
+                      f"(target >= {PROMPT_FIDELITY_TARGET:.0%}: {_mark(best >= PROMPT_FIDELITY_TARGET)})."]
+    if "vae_roundtrip_f1" in report:
+        lines += ["", f"Ceiling: canny F1 of a real image against its own VAE round trip = "
+                      f"{report['vae_roundtrip_f1']:.3f}."]
+    if "chance_f1" in report:
+        lines += ["", f"Chance: canny F1 of a real image against another scene's = {report['chance_f1']:.3f} "
+                      "(the world's shared layout)."]
+    return lines
