@@ -16,6 +16,10 @@ seed 0), fixed sampling seeds, the bundled base with and without each bundled Co
 * image quality: FID between generated and real images on features of a network the project
   trains itself: the bundled VAE's encoder (posterior mean, average-pooled to 4x4 -> 64 numbers).
 
+The headline numbers use ``--mode`` (default: ``controlnet`` with ``--layer-weights uniform``,
+the bundle's recommended setting: control on the conditional CFG half, so guidance amplifies it);
+a second column repeats each control in diffusers' default ``balanced`` mode (both halves).
+
 Prints a table and writes one grid per condition (condition | generated | real | no control)
 to ``--out``.
 
@@ -65,6 +69,10 @@ def main() -> None:
     ap.add_argument("--cfg", type=float, default=7.0)
     ap.add_argument("--out", default="outputs/fidelity")
     ap.add_argument("--json", default=None, help="also write the numbers here (the bundle's fidelity.json)")
+    ap.add_argument("--mode", default="controlnet", help="control mode of the headline numbers")
+    ap.add_argument("--layer-weights", default="uniform", help="with --mode controlnet (the bundle's choice)")
+    ap.add_argument("--no-balanced", action="store_true",
+                    help="skip the second column: the same controls in diffusers' default 'balanced' mode")
     args = ap.parse_args()
     trained = assets.has_trained_base()
     if not trained:
@@ -74,6 +82,8 @@ def main() -> None:
     size = pipe.native_size
     names = sorted(pipe.controlnets)
     kw = dict(steps=args.steps, width=size, height=size, progress=False, output_type="np")
+    options = {"layer_weights": args.layer_weights} if args.mode == "controlnet" else None
+    mode = dict(mode=args.mode, mode_options=options)
 
     scenes = [sample_scene([HELD_OUT_SEED, i], WorldConfig(size=size)) for i in range(args.scenes)]
     rows = [render(s, size) for s in scenes]
@@ -88,16 +98,20 @@ def main() -> None:
     for name in names:
         if name not in rows[0]:
             continue
-        gen, f1, f1_base = [], [], []
+        gen, f1, f1_base, f1_balanced = [], [], [], []
         for i, r in enumerate(tqdm(rows, desc=name, unit="scene")):
             cond = Image.fromarray(np.asarray(r[name])).convert("RGB")
-            g = as_uint8(pipe(r["text"], controls=[Control(name, cond)], cfg=args.cfg, seed=i, **kw)[0])
+            g = as_uint8(pipe(r["text"], controls=[Control(name, cond)], cfg=args.cfg, seed=i, **mode, **kw)[0])
             gen.append(g)
             ref = edges(cond, is_edge_map=True) if name == "canny" else edges(Image.fromarray(real[i]))
             f1.append(edge_f1(ref, edges(Image.fromarray(g))))
             f1_base.append(edge_f1(ref, edges(Image.fromarray(base[i]))))
+            if not args.no_balanced and args.mode != "balanced":
+                g = as_uint8(pipe(r["text"], controls=[Control(name, cond)], cfg=args.cfg, seed=i, **kw)[0])
+                f1_balanced.append(edge_f1(ref, edges(Image.fromarray(g))))
         generated_by[name] = gen
-        table.append((name, float(np.mean(f1)), float(np.mean(f1_base))))
+        table.append((name, float(np.mean(f1)), float(np.mean(f1_base)),
+                      float(np.mean(f1_balanced)) if f1_balanced else None))
         grid_rows = [(f"scene {i}", [Image.fromarray(np.asarray(rows[i][name])).convert("RGB"),
                                      Image.fromarray(gen[i]), Image.fromarray(real[i]), Image.fromarray(base[i])])
                      for i in range(min(6, len(rows)))]
@@ -110,12 +124,16 @@ def main() -> None:
     # (horizon, floor, figures at similar places) scores with no information about the scene
     real_edges = [edges(Image.fromarray(a)) for a in real]
     chance = float(np.mean([edge_f1(real_edges[i], real_edges[(i + 1) % len(real)]) for i in range(len(real))]))
-    report: dict = {"scenes": args.scenes, "steps": args.steps, "cfg": args.cfg, "f1": {}, "prompt_fidelity": {},
+    report: dict = {"scenes": args.scenes, "steps": args.steps, "cfg": args.cfg, "mode": args.mode,
+                    **({"layer_weights": args.layer_weights} if args.mode == "controlnet" else {}),
+                    "f1": {}, "prompt_fidelity": {},
                     "fid": {}, "vae_roundtrip_f1": round(ceiling, 4), "chance_f1": round(chance, 4)}
     print(f"\n{'condition':10s} {'F1 control':>10s} {'F1 no control':>14s} {'ratio':>6s}")
-    for name, f, b in table:
-        print(f"{name:10s} {f:10.3f} {b:14.3f} {f / max(b, 1e-9):6.2f}")
-        report["f1"][name] = {"control": round(f, 4), "no_control": round(b, 4)}
+    for name, f, b, bal in table:
+        balanced = f"   balanced mode {bal:.3f}" if bal is not None else ""
+        print(f"{name:10s} {f:10.3f} {b:14.3f} {f / max(b, 1e-9):6.2f}{balanced}")
+        report["f1"][name] = {"control": round(f, 4), "no_control": round(b, 4),
+                              **({"balanced": round(bal, 4)} if bal is not None else {})}
     print(f"{'VAE round trip (ceiling)':25s} {ceiling:.3f}")
     print(f"{'another scene (chance)':25s} {chance:.3f}")
 
@@ -136,7 +154,7 @@ def main() -> None:
                 if i not in cache:
                     cond = Image.fromarray(np.asarray(rows[i]["seg"])).convert("RGB")
                     cache[i] = as_uint8(pipe(rows[i]["text"], controls=[Control("seg", cond)], cfg=cfg, seed=i,
-                                             **kw)[0])
+                                             **mode, **kw)[0])
                 c = region_colour(cache[i], np.asarray(rows[i]["instances"]) == e.instance)
                 if c is not None:
                     total += 1

@@ -227,7 +227,7 @@ class Pipeline:
         params = {
             "prompt": prompt, "negative_prompt": negative_prompt, "steps": steps, "cfg": cfg,
             "seed": seed, "width": width, "height": height, "scheduler": scheduler, "mode": mode,
-            "model": self.name,
+            "model": self.name, **({"mode_options": dict(mode_options)} if mode_options else {}),
             "controls": [
                 {"model": c.model if isinstance(c.model, str) else type(c.model).__name__,
                  "weight": c.weight, "start": c.start, "end": c.end,

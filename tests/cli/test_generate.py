@@ -89,6 +89,7 @@ def _bad_inputs(tmp_path: Path, hint_images) -> dict[str, tuple[list[str], str]]
         "missing image": (c(f"canny:{tmp_path / 'nope.png'}"), "does not exist"),
         "unknown scheduler": (["--scheduler", "heunpp"], "unknown scheduler 'heunpp'"),
         "unknown mode": (["--mode", "loud"], "unknown mode 'loud'"),
+        "layer weights without controlnet mode": (["--layer-weights", "uniform"], "applies to --mode controlnet"),
         "unknown control type": (c(f"sketchy:{good}"), "neither a bundled ControlNet"),
         "folder without config": (c(f"{empty_dir}:{good}"), "config"),
         "pickle without opt-in": (c(f"{pickle}:{good}"), "pickle"),
@@ -103,7 +104,8 @@ def _bad_inputs(tmp_path: Path, hint_images) -> dict[str, tuple[list[str], str]]
 
 @pytest.mark.parametrize("case", [
     "truncated image", "zero-size image", "huge image", "non-image file", "missing image",
-    "unknown scheduler", "unknown mode", "unknown control type", "folder without config",
+    "unknown scheduler", "unknown mode", "layer weights without controlnet mode",
+    "unknown control type", "folder without config",
     "pickle without opt-in", "negative steps", "negative cfg", "bad control spec", "bad window",
     "width not multiple of 8", "mask index out of range",
 ])

@@ -62,7 +62,7 @@ def test_bundle_stages_end_to_end(tmp_path, monkeypatch):
     b.write_model_card(out)
     assert "F1 0.600 with control vs 0.200 without (3.00x); FID 1.500" in (
         out / "controlnets" / "canny" / "README.md").read_text()
-    assert "| canny | 0.600 | 0.200 | 3.00x | 1.500 | F1 >= 0.5 and >= 3x | yes |" in (out / "README.md").read_text()
+    assert "| canny | 0.600 | 0.200 | 3.00x |  | 1.500 | F1 >= 0.5 and >= 3x | yes |" in (out / "README.md").read_text()
     assert assets.verify_checksums(out) == []  # cards are not model files
 
     # done stages are skipped: a second run trains nothing (the clock file would grow otherwise)

@@ -29,6 +29,10 @@ def register(sub) -> None:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cfg", type=float, default=7.0)
+    # the bundle's recommended setting (docs/training.md): control on the conditional CFG half
+    p.add_argument("--mode", default="controlnet", help="control mode (default: the bundle's, controlnet)")
+    p.add_argument("--layer-weights", default="uniform", choices=("resolution", "soft", "uniform"),
+                   help="with --mode controlnet")
     p.set_defaults(func=run)
 
 
@@ -65,6 +69,7 @@ def run(args: argparse.Namespace) -> int:
     size = pipe.native_size
     names = sorted(pipe.controlnets)
     kw = dict(steps=args.steps, seed=args.seed, cfg=args.cfg, width=size, height=size, progress=False)
+    options = {"layer_weights": args.layer_weights} if args.mode == "controlnet" else None
 
     # (label, prompt, controls, condition tile, reference tile)
     jobs: list[tuple[str, str, list, Image.Image, Image.Image]] = []
@@ -84,12 +89,13 @@ def run(args: argparse.Namespace) -> int:
 
     rows = []
     for label, prompt, controls, condition, reference in tqdm(jobs, desc="demo", unit="row", dynamic_ncols=True):
-        generated = pipe(prompt, controls=controls, **kw)[0]
+        generated = pipe(prompt, controls=controls, mode=args.mode, mode_options=options, **kw)[0]
         plain = pipe(prompt, **kw)[0]
         rows.append((label, [condition, generated, reference, plain]))
     grid = make_labelled_grid(rows, ["condition", "generated", "real", "no control"])
     params = {"prompt": " | ".join(f"{label}: {prompt}" for label, prompt, *_ in jobs), "steps": args.steps, "seed": args.seed,
-              "cfg": args.cfg, "model": pipe.name, "width": size, "height": size, "scheduler": "unipc",
+              "cfg": args.cfg, "mode": args.mode, **({"mode_options": options} if options else {}),
+              "model": pipe.name, "width": size, "height": size, "scheduler": "unipc",
               "held_out_scenes": f"world seeds [{HELD_OUT_SEED}, i]", "photo": "skimage.data.astronaut"}
     out = atomic_save(grid, Path(args.out) / "demo.png", params)
     if assets.is_placeholder():

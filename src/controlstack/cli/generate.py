@@ -1,7 +1,7 @@
 """``controlstack generate``: text-to-image with any number of controls.
 
 Flags are a contract (scripts and other tools rely on them): --model --prompt --negative --steps
---cfg --scheduler --seed --width --height --batch --mode --out, repeatable
+--cfg --scheduler --seed --width --height --batch --mode --layer-weights --out, repeatable
 ``--control MODEL:IMAGE[:WEIGHT[:START[:END]]]`` and ``--mask I:FILE``, ``--preprocess``.
 """
 
@@ -28,6 +28,8 @@ def register(sub) -> None:
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--batch", type=int, default=1, help="images per run (one generator, as diffusers)")
     p.add_argument("--mode", default="balanced", help="control mode: balanced, prompt, controlnet, mi (also sum, guess)")
+    p.add_argument("--layer-weights", default=None, choices=("resolution", "soft", "uniform"),
+                   help="with --mode controlnet: per-layer weights (default resolution; the bundled model: uniform)")
     p.add_argument("--control", action="append", default=[], metavar="MODEL:IMAGE[:WEIGHT[:START[:END]]]",
                    help="a ControlNet (bundled name or path) and its condition image; repeatable")
     p.add_argument("--mask", action="append", default=[], metavar="I:FILE",
@@ -90,6 +92,8 @@ def run(args: argparse.Namespace) -> int:
         raise ControlstackError(f"unknown scheduler '{args.scheduler}'; choose one of {', '.join(SCHEDULERS)}")
     if args.mode not in available_modes():
         raise ControlstackError(f"unknown mode '{args.mode}'; choose one of {', '.join(available_modes())}")
+    if args.layer_weights is not None and args.mode != "controlnet":
+        raise ControlstackError(f"--layer-weights applies to --mode controlnet, not '{args.mode}'")
     if args.steps < 1:
         raise ControlstackError(f"--steps must be >= 1, got {args.steps}")
     if not args.cfg >= 0:
@@ -108,6 +112,7 @@ def run(args: argparse.Namespace) -> int:
     ]
     result = pipe(args.prompt, controls=controls, steps=args.steps, cfg=args.cfg, seed=seed,
                   width=args.width, height=args.height, scheduler=args.scheduler, mode=args.mode,
+                  mode_options={"layer_weights": args.layer_weights} if args.layer_weights else None,
                   negative_prompt=args.negative, batch=args.batch, progress=not args.no_progress,
                   return_result=True)
     out = Path(args.out)

@@ -18,19 +18,24 @@ def fidelity_table(report: dict) -> list[str]:
     """Markdown lines: one row per condition (F1 with / without control, ratio, FID, target met),
     then the prompt-fidelity and VAE round-trip lines."""
     fid = report.get("fid", {})
+    mode = report.get("mode", "balanced")
+    if "layer_weights" in report:
+        mode += f", layer_weights={report['layer_weights']}"
     lines = [f"Held-out world scenes: {report.get('scenes', '?')}, {report.get('steps', '?')} UniPC steps, "
-             f"CFG {report.get('cfg', '?')}, fixed seeds.", "",
-             "| condition | F1 with control | F1 no control | ratio | FID | target | met |",
-             "| --- | ---: | ---: | ---: | ---: | --- | --- |"]
+             f"CFG {report.get('cfg', '?')}, fixed seeds, control mode `{mode}` (the `balanced` column: the same "
+             "control on both CFG halves, diffusers' default).", "",
+             "| condition | F1 with control | F1 no control | ratio | F1 balanced | FID | target | met |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | --- | --- |"]
     if "no control" in fid:
-        lines.append(f"| (none: base model) | | | | {fid['no control']:.3f} | | |")
+        lines.append(f"| (none: base model) | | | | | {fid['no control']:.3f} | | |")
     for name, f1 in report.get("f1", {}).items():
         ratio = f1["control"] / max(f1["no_control"], 1e-9)
         lo, times = TARGETS.get(name, DEFAULT_TARGET)
         target = (f"F1 >= {lo:g} and >= {times:g}x" if lo else f">= {times:g}x")
         ok = f1["control"] >= lo and round(ratio, 2) >= times  # the verdict agrees with the printed ratio
         fid_s = f"{fid[name]:.3f}" if name in fid else ""
-        lines.append(f"| {name} | {f1['control']:.3f} | {f1['no_control']:.3f} | {ratio:.2f}x | {fid_s} | "
+        balanced = f"{f1['balanced']:.3f}" if "balanced" in f1 else ""
+        lines.append(f"| {name} | {f1['control']:.3f} | {f1['no_control']:.3f} | {ratio:.2f}x | {balanced} | {fid_s} | "
                      f"{target} | {_mark(ok)} |")
     pf = report.get("prompt_fidelity", {})
     if pf:
