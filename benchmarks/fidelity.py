@@ -18,7 +18,8 @@ seed 0), fixed sampling seeds, the bundled base with and without each bundled Co
 
 The headline numbers use ``--mode`` (default: ``controlnet`` with ``--layer-weights uniform``,
 the bundle's recommended setting: control on the conditional CFG half, so guidance amplifies it);
-a second column repeats each control in diffusers' default ``balanced`` mode (both halves).
+a second column repeats each control in diffusers' default ``balanced`` mode (both halves) on the
+first ``--balanced-scenes``.
 
 Prints a table and writes one grid per condition (condition | generated | real | no control)
 to ``--out``.
@@ -71,8 +72,9 @@ def main() -> None:
     ap.add_argument("--json", default=None, help="also write the numbers here (the bundle's fidelity.json)")
     ap.add_argument("--mode", default="controlnet", help="control mode of the headline numbers")
     ap.add_argument("--layer-weights", default="uniform", help="with --mode controlnet (the bundle's choice)")
-    ap.add_argument("--no-balanced", action="store_true",
-                    help="skip the second column: the same controls in diffusers' default 'balanced' mode")
+    ap.add_argument("--balanced-scenes", type=int, default=50,
+                    help="scenes for the second column, the same controls in diffusers' default 'balanced' "
+                         "mode (the first N; 0 = skip)")
     args = ap.parse_args()
     trained = assets.has_trained_base()
     if not trained:
@@ -106,7 +108,7 @@ def main() -> None:
             ref = edges(cond, is_edge_map=True) if name == "canny" else edges(Image.fromarray(real[i]))
             f1.append(edge_f1(ref, edges(Image.fromarray(g))))
             f1_base.append(edge_f1(ref, edges(Image.fromarray(base[i]))))
-            if not args.no_balanced and args.mode != "balanced":
+            if i < args.balanced_scenes and args.mode != "balanced":
                 g = as_uint8(pipe(r["text"], controls=[Control(name, cond)], cfg=args.cfg, seed=i, **kw)[0])
                 f1_balanced.append(edge_f1(ref, edges(Image.fromarray(g))))
         generated_by[name] = gen
@@ -134,6 +136,8 @@ def main() -> None:
         print(f"{name:10s} {f:10.3f} {b:14.3f} {f / max(b, 1e-9):6.2f}{balanced}")
         report["f1"][name] = {"control": round(f, 4), "no_control": round(b, 4),
                               **({"balanced": round(bal, 4)} if bal is not None else {})}
+    if any(bal is not None for *_, bal in table):
+        report["balanced_scenes"] = min(args.balanced_scenes, args.scenes)
     print(f"{'VAE round trip (ceiling)':25s} {ceiling:.3f}")
     print(f"{'another scene (chance)':25s} {chance:.3f}")
 

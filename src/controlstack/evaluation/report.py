@@ -23,7 +23,8 @@ def fidelity_table(report: dict) -> list[str]:
         mode += f", layer_weights={report['layer_weights']}"
     lines = [f"Held-out world scenes: {report.get('scenes', '?')}, {report.get('steps', '?')} UniPC steps, "
              f"CFG {report.get('cfg', '?')}, fixed seeds, control mode `{mode}` (the `balanced` column: the same "
-             "control on both CFG halves, diffusers' default).", "",
+             f"control on both CFG halves, diffusers' default, on the first {report.get('balanced_scenes', '?')} "
+             "scenes).", "",
              "| condition | F1 with control | F1 no control | ratio | F1 balanced | FID | target | met |",
              "| --- | ---: | ---: | ---: | ---: | ---: | --- | --- |"]
     if "no control" in fid:

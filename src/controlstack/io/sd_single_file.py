@@ -66,11 +66,20 @@ def _load_folder_model(cls, folder: Path, allow_pickle: bool, dtype):
     if not (folder / "config.json").is_file():
         raise ControlstackError(f"'{folder}' has no config.json; the Stable Diffusion folder is incomplete")
     use_safetensors = _folder_weights(folder, allow_pickle)
+    # transformers 5 draws a "Loading weights" bar on stderr for every model, which would bury a
+    # CLI's one-line error under progress lines; loading a local folder takes well under a second
+    from transformers.utils import logging as hf_logging
+
+    bar_was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
     try:
         model = cls.from_pretrained(folder, use_safetensors=use_safetensors, local_files_only=True)
     except (OSError, ValueError, RuntimeError) as exc:
         raise ControlstackError(f"cannot load '{folder}' ({str(exc).splitlines()[0]}); check that its "
                                 "config.json matches its weights") from None
+    finally:
+        if bar_was_on:
+            hf_logging.enable_progress_bar()
     return cast_model(model, dtype)
 
 
