@@ -63,6 +63,27 @@ def vae_roundtrip(pipe: Pipeline, images: list[np.ndarray]) -> list[np.ndarray]:
     return list(((rec.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy())
 
 
+def update_readme(readme: Path, report: dict, grids: Path, names: list[str]) -> None:
+    """Put the table and one grid per condition between the README's ``fidelity`` markers (grids
+    copied to ``docs/images/fidelity-<name>.png`` beside it)."""
+    import shutil
+
+    start, end = "<!-- fidelity:start -->", "<!-- fidelity:end -->"
+    text = readme.read_text()
+    if start not in text or end not in text:
+        raise SystemExit(f"fidelity: {readme} has no {start} ... {end} block")
+    images = readme.parent / "docs" / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    block = ["`benchmarks/fidelity.py` (numbers from the last run; F1 has a 2 px tolerance):", "",
+             *fidelity_table(report), ""]
+    for name in names:
+        shutil.copy(grids / f"{name}.png", images / f"fidelity-{name}.png")
+        block.append(f"![{name}: condition | generated | real | no control](docs/images/fidelity-{name}.png)")
+    head, rest = text.split(start, 1)
+    readme.write_text(head + start + "\n" + "\n".join(block) + "\n" + end + rest.split(end, 1)[1])
+    print(f"updated {readme}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--scenes", type=int, default=200)
@@ -70,6 +91,7 @@ def main() -> None:
     ap.add_argument("--cfg", type=float, default=7.0)
     ap.add_argument("--out", default="outputs/fidelity")
     ap.add_argument("--json", default=None, help="also write the numbers here (the bundle's fidelity.json)")
+    ap.add_argument("--readme", default=None, help="put the table and grids into this README's fidelity block")
     ap.add_argument("--mode", default="controlnet", help="control mode of the headline numbers")
     ap.add_argument("--layer-weights", default="uniform", help="with --mode controlnet (the bundle's choice)")
     ap.add_argument("--balanced-scenes", type=int, default=50,
@@ -172,6 +194,8 @@ def main() -> None:
         report["fid"][name] = round(fid, 4)
         print(f"FID (bundled VAE-encoder features), {name:10s}: {fid:.3f}")
     print("\n" + "\n".join(fidelity_table(report)))
+    if args.readme:
+        update_readme(Path(args.readme), report, out, [name for name, *_ in table])
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
         if Path(args.json).resolve().parent == assets.BUNDLE_DIR.resolve():  # the bundle's numbers: refresh its cards

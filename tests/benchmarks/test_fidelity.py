@@ -13,7 +13,8 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_fidelity_script_on_two_scenes(tmp_path):
     out = tmp_path / "fidelity.json"
     cmd = [sys.executable, str(ROOT / "benchmarks" / "fidelity.py"), "--scenes", "2", "--steps", "1",
-           "--out", str(tmp_path / "grids"), "--json", str(out)]
+           "--out", str(tmp_path / "grids"), "--json", str(out), "--readme", str(tmp_path / "README.md")]
+    (tmp_path / "README.md").write_text("# x\n<!-- fidelity:start -->\nold\n<!-- fidelity:end -->\ntail\n")
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads(out.read_text())
@@ -33,3 +34,6 @@ def test_fidelity_script_on_two_scenes(tmp_path):
     assert report["mode"] == "controlnet" and report["layer_weights"] == "uniform"
     assert report["balanced_scenes"] == 2 and all("balanced" in v for v in report["f1"].values())
     assert 0.0 <= report["chance_f1"] <= 1.0
+    readme = (tmp_path / "README.md").read_text()
+    assert "old" not in readme and readme.endswith("<!-- fidelity:end -->\ntail\n") and "| canny |" in readme
+    assert all((tmp_path / "docs" / "images" / f"fidelity-{name}.png").is_file() for name in expected)
