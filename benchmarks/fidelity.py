@@ -116,6 +116,9 @@ def main() -> None:
 
     base = [as_uint8(pipe(r["text"], cfg=args.cfg, seed=i, **kw)[0])
             for i, r in enumerate(tqdm(rows, desc="no control", unit="scene"))]
+    # canny of each real render and each no-control image: computed once, used by every control
+    real_edges = [edges(Image.fromarray(a)) for a in real]
+    base_edges = [edges(Image.fromarray(b)) for b in base]
     table, generated_by = [], {}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -127,9 +130,9 @@ def main() -> None:
             cond = Image.fromarray(np.asarray(r[name])).convert("RGB")
             g = as_uint8(pipe(r["text"], controls=[Control(name, cond)], cfg=args.cfg, seed=i, **mode, **kw)[0])
             gen.append(g)
-            ref = edges(cond, is_edge_map=True) if name == "canny" else edges(Image.fromarray(real[i]))
+            ref = edges(cond, is_edge_map=True) if name == "canny" else real_edges[i]
             f1.append(edge_f1(ref, edges(Image.fromarray(g))))
-            f1_base.append(edge_f1(ref, edges(Image.fromarray(base[i]))))
+            f1_base.append(edge_f1(ref, base_edges[i]))
             if i < args.balanced_scenes and args.mode != "balanced":
                 g = as_uint8(pipe(r["text"], controls=[Control(name, cond)], cfg=args.cfg, seed=i, **kw)[0])
                 f1_balanced.append(edge_f1(ref, edges(Image.fromarray(g))))
@@ -142,11 +145,9 @@ def main() -> None:
         make_labelled_grid(grid_rows, [name, "generated", "real", "no control"]).save(out / f"{name}.png")
 
     # the ceiling: canny of the real render vs canny of its VAE round trip (the decoder's sharpness)
-    ceiling = float(np.mean([edge_f1(edges(Image.fromarray(a)), edges(Image.fromarray(b)))
-                             for a, b in zip(real, vae_roundtrip(pipe, real))]))
+    ceiling = float(np.mean([edge_f1(e, edges(Image.fromarray(b))) for e, b in zip(real_edges, vae_roundtrip(pipe, real))]))
     # chance: each scene's real edges against the next scene's -- what the world's shared layout
     # (horizon, floor, figures at similar places) scores with no information about the scene
-    real_edges = [edges(Image.fromarray(a)) for a in real]
     chance = float(np.mean([edge_f1(real_edges[i], real_edges[(i + 1) % len(real)]) for i in range(len(real))]))
     report: dict = {"scenes": args.scenes, "steps": args.steps, "cfg": args.cfg, "mode": args.mode,
                     **({"layer_weights": args.layer_weights} if args.mode == "controlnet" else {}),
