@@ -145,7 +145,8 @@ def main() -> None:
         make_labelled_grid(grid_rows, [name, "generated", "real", "no control"]).save(out / f"{name}.png")
 
     # the ceiling: canny of the real render vs canny of its VAE round trip (the decoder's sharpness)
-    ceiling = float(np.mean([edge_f1(e, edges(Image.fromarray(b))) for e, b in zip(real_edges, vae_roundtrip(pipe, real))]))
+    roundtrip = vae_roundtrip(pipe, real)
+    ceiling = float(np.mean([edge_f1(e, edges(Image.fromarray(r))) for e, r in zip(real_edges, roundtrip)]))
     # chance: each scene's real edges against the next scene's -- what the world's shared layout
     # (horizon, floor, figures at similar places) scores with no information about the scene
     chance = float(np.mean([edge_f1(real_edges[i], real_edges[(i + 1) % len(real)]) for i in range(len(real))]))
