@@ -33,16 +33,18 @@ def test_frechet_distance_pinned_values():
     assert frechet_distance(b, 3 * rng.normal(size=(20000, 3))) == pytest.approx(12.0, rel=0.05)
 
 
-def test_region_colour_and_nearest_name():
-    from controlstack.evaluation.metrics import nearest_name, region_colour
+def test_colour_feature_ignores_shadow_and_brightness():
+    from controlstack.evaluation.metrics import colour_feature, nearest_name
 
     img = np.zeros((4, 4, 3), np.uint8)
-    img[:2] = (200, 30, 30)
-    img[0, 0] = (255, 255, 255)  # a highlight: the median ignores it
-    mask = np.zeros((4, 4), bool)
-    mask[:2] = True
-    colour = region_colour(img, mask)
-    assert colour.tolist() == [200.0, 30.0, 30.0]
-    assert region_colour(img, np.zeros((4, 4), bool)) is None
-    protos = {"red": np.array([180.0, 40, 40]), "blue": np.array([30.0, 60, 190])}
-    assert nearest_name(colour, protos) == "red"
+    img[:2] = (200, 30, 30)  # the lit half of a red object
+    img[2:] = (20, 20, 20)   # its shadowed half: ignored
+    mask = np.ones((4, 4), bool)
+    f = colour_feature(img, mask)
+    assert f == pytest.approx([300 * 200 / 260, 300 * 30 / 260, 300 * 30 / 260, 0.5 * 260 / 3])
+    assert colour_feature(img, np.zeros((4, 4), bool)) is None
+    # a dimmer red keeps its chromaticity: still nearer red than brown, which the RGB median confuses
+    dim = np.full((2, 2, 3), (100, 15, 15), np.uint8)
+    protos = {n: colour_feature(np.full((2, 2, 3), c, np.uint8), np.ones((2, 2), bool))
+              for n, c in {"red": (200, 30, 30), "brown": (120, 75, 35), "black": (25, 25, 25)}.items()}
+    assert nearest_name(colour_feature(dim, np.ones((2, 2), bool)), protos) == "red"

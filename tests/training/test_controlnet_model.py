@@ -57,3 +57,22 @@ def test_assert_locked_rejects_a_trainable_base(parts):
             assert_locked(model, make_optimizer(model.controlnet.parameters(), cfg))
     finally:
         sd.unet.conv_in.weight.requires_grad_(False)
+
+
+def test_init_from_fine_tunes_a_trained_controlnet(parts, tmp_path):
+    """``init_from``: the trainable copy starts as the given ControlNet (weights bit for bit, in
+    train mode); one built for another base is refused with the one-line error."""
+    from controlstack.errors import ControlstackError
+    from controlstack.io.checkpoints import save_controlnet
+    from controlstack.models.tiny import tiny_controlnet, tiny_unet
+    from controlstack.training.controlnet import build_controlnet
+
+    sd, cn, _ = parts
+    save_controlnet(cn, tmp_path / "cn")
+    started = build_controlnet(sd.unet, sd.vae, (8, 16, 32, 32), init=str(tmp_path / "cn"))
+    assert started.training
+    ref = cn.state_dict()
+    assert all(torch.equal(v, ref[k]) for k, v in started.state_dict().items())
+    save_controlnet(tiny_controlnet(tiny_unet(cross_attention_dim=16), seed=1), tmp_path / "other")
+    with pytest.raises(ControlstackError, match="does not match the base"):
+        build_controlnet(sd.unet, sd.vae, (8, 16, 32, 32), init=str(tmp_path / "other"))

@@ -42,8 +42,11 @@ def fidelity_table(report: dict) -> list[str]:
     if pf:
         parts = [f"{k.upper()}: {v:.1%}" for k, v in pf.items()]
         best = max(pf.values())
-        lines += ["", f"Prompt fidelity (seg control; object colour named by the caption): {', '.join(parts)} "
-                      f"(target >= {PROMPT_FIDELITY_TARGET:.0%}: {_mark(best >= PROMPT_FIDELITY_TARGET)})."]
+        n = f" of {report['prompt_fidelity_objects']} objects" if "prompt_fidelity_objects" in report else ""
+        real = (f"; the real renders score {report['prompt_fidelity_real']:.1%} (the metric's ceiling)"
+                if "prompt_fidelity_real" in report else "")
+        lines += ["", f"Prompt fidelity (seg control; object colour named by the caption){n}: {', '.join(parts)} "
+                      f"(target >= {PROMPT_FIDELITY_TARGET:.0%}: {_mark(best >= PROMPT_FIDELITY_TARGET)}){real}."]
     if "vae_roundtrip_f1" in report:
         lines += ["", f"Ceiling: canny F1 of a real image against its own VAE round trip = "
                       f"{report['vae_roundtrip_f1']:.3f}."]

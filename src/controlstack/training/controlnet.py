@@ -45,6 +45,9 @@ class ControlNetConfig(TrainConfig):
     base: str = ""                          # the base recipe's output: a Stable Diffusion folder
     condition: str = "canny"                # dataset column holding the hint image
     latent_cache: str = ""                  # file of the VAE's posterior per row (latents.py); "": encode every step
+    # fine-tune this trained ControlNet (folder or single file) instead of copying the base's encoder;
+    # diffusers' train_controlnet.py --controlnet_model_name_or_path. "": a fresh copy (zero convs at 0)
+    init_from: str = ""
     # hint encoder channels, one per stage: len - 1 stride-2 convs = log2(VAE downsampling) + 1 entries
     hint_channels: tuple[int, ...] = list_field(16, 32, 64, 128)
     caption_dropout: float = 0.5            # the paper: 50% of prompts replaced by ""
@@ -79,10 +82,17 @@ def load_base(path: str):
     return base
 
 
-def build_controlnet(unet, vae, hint_channels):
-    """``ControlNetModel.from_unet``; the hint encoder must land exactly at latent resolution."""
+def build_controlnet(unet, vae, hint_channels, init: str = ""):
+    """``ControlNetModel.from_unet``; the hint encoder must land exactly at latent resolution.
+    With ``init`` (fine-tuning) the trained ControlNet there instead, checked against the base."""
     from diffusers import ControlNetModel
 
+    if init:
+        from controlstack.io.checkpoints import check_compatible, load_controlnet
+
+        controlnet = load_controlnet(init)
+        check_compatible(controlnet, unet)
+        return controlnet.train()
     factor = 2 ** (len(vae.config.block_out_channels) - 1)
     need = int(math.log2(factor)) + 1
     require(len(hint_channels) == need,
@@ -135,7 +145,8 @@ def train(config: ControlNetConfig, resume: bool = False):
     val_set = load_image_dataset(config.validation_data, columns) if config.validation_data else dataset
     base = load_base(config.base)
     vae, text_encoder, tokenizer = base.vae.to(acc.device), base.text_encoder.to(acc.device), base.tokenizer
-    model = ControlledUNet(base.unet, build_controlnet(base.unet, vae, config.hint_channels))
+    model = ControlledUNet(base.unet, build_controlnet(base.unet, vae, config.hint_channels,
+                                                       config.init_from))
     model.controlnet.train()
     # the ControlNet learns the base's own parameterisation (ε or v), read from its scheduler config
     noise_scheduler = sd_noise_scheduler(base.scheduler_config.get("prediction_type", "epsilon"))
