@@ -95,3 +95,13 @@ def test_controlnet_checkpoints_of_another_base_are_not_resumed(tmp_path):
     unet.write_bytes(b"base 2")  # e.g. the base-v stage replaced the U-Net
     _forget_if_base_changed(work, bundle)
     assert not (work / "checkpoints").exists() and (work / "base_unet.sha256").is_file()
+
+
+def test_recorded_config_paths_inside_the_checkout_are_relative():
+    from controlstack.training import bundle as b
+
+    inside = str(b.REPO_ROOT / "src" / "controlstack" / "assets" / "bundle")
+    config = {"base": inside, "data": "/elsewhere/world", "nested": {"vae": inside + "/vae"}, "steps": 3}
+    assert b._portable(config) == {"base": "src/controlstack/assets/bundle", "data": "/elsewhere/world",
+                                   "nested": {"vae": "src/controlstack/assets/bundle/vae"}, "steps": 3}
+    assert (b.REPO_ROOT / "pyproject.toml").is_file()  # REPO_ROOT is the checkout

@@ -32,6 +32,7 @@ from controlstack.assets import BUNDLE_DIR, write_checksums
 from controlstack.errors import ControlstackError
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "bundle"
+REPO_ROOT = Path(__file__).resolve().parents[3]  # src/controlstack/training/bundle.py -> the checkout
 CONTROLNETS = ("canny", "depth", "seg", "pose")
 WORLD_SCENES, WORLD_SIZE, WORLD_SEED = 20000, 128, 0  # evaluation: world.HELD_OUT_SEED
 
@@ -82,6 +83,16 @@ def save_fp16(model, dest: Path) -> None:
     model.to(dtype=__import__("torch").float16).save_pretrained(tmp, safe_serialization=True)
     shutil.rmtree(dest, ignore_errors=True)
     tmp.rename(dest)
+
+
+def _portable(value):
+    """A config's absolute paths inside the checkout, made relative to it: the record is committed
+    and read on other machines."""
+    if isinstance(value, dict):
+        return {k: _portable(v) for k, v in value.items()}
+    if isinstance(value, str) and value.startswith(str(REPO_ROOT) + "/"):
+        return value[len(str(REPO_ROOT)) + 1:]
+    return value
 
 
 def _record(bundle: Path, stage: str, info: dict) -> None:
@@ -176,7 +187,7 @@ def run_stage(stage: Stage, work_root: Path, bundle: Path) -> None:
         "recipe": stage.recipe, "condition": stage.condition or None, "steps": config.max_steps,
         "batch_size": config.batch_size, "resolution": config.resolution, "wall_seconds": round(seconds),
         "machine": machine(), "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "config": config.to_dict(), "data": f"world export: {WORLD_SCENES} scenes, seed {WORLD_SEED}, "
+        "config": _portable(config.to_dict()), "data": f"world export: {WORLD_SCENES} scenes, seed {WORLD_SEED}, "
                                            f"{WORLD_SIZE}x{WORLD_SIZE}",
     })
 
