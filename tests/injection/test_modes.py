@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from controlstack.errors import ControlstackError
 from controlstack.injection import make_injection
 from controlstack.injection.base import Residuals
 
@@ -38,5 +39,6 @@ def test_balanced_is_a_plain_sum_on_both_halves():
 
 
 def test_unknown_layer_weights_is_refused():
-    with pytest.raises(ValueError, match="uniform"):
+    # a user's error (API or --layer-weights), so the CLI prints it as one line
+    with pytest.raises(ControlstackError, match="uniform"):
         make_injection("controlnet", layer_weights="linear")

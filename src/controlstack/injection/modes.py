@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import torch
 
+from controlstack.errors import ControlstackError
 from controlstack.injection.base import Injection, register, sum_residuals
 
 
@@ -87,7 +88,7 @@ class ControlNetMoreImportant(_LayerWeighted):
 
     def __init__(self, layer_weights: str = "resolution"):
         if layer_weights not in self.KINDS:
-            raise ValueError(f"layer_weights must be one of {', '.join(self.KINDS)}, got {layer_weights!r}")
+            raise ControlstackError(f"layer_weights must be one of {', '.join(self.KINDS)}, got {layer_weights!r}")
         self.kind = layer_weights
 
     def layer_weights(self, h, mid):
