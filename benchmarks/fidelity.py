@@ -46,7 +46,6 @@ from controlstack.evaluation.report import fidelity_table
 from controlstack.io.png import make_labelled_grid
 from controlstack.world import HELD_OUT_SEED, WorldConfig, render, sample_scene
 
-
 PROTOTYPE_SCENES = 100_000  # held-out scene indices from here on name the colours; below: the test scenes
 
 
@@ -144,7 +143,7 @@ def main() -> None:
     scenes = [sample_scene([HELD_OUT_SEED, i], WorldConfig(size=size)) for i in range(args.scenes)]
     rows = [render(s, size) for s in scenes]
     real = [np.asarray(r["image"]) for r in rows]
-    as_uint8 = lambda a: (a * 255).round().astype(np.uint8)  # noqa: E731
+    as_uint8 = lambda a: (a * 255).round().astype(np.uint8)
 
     base = [as_uint8(pipe(r["text"], cfg=args.cfg, seed=i, **kw)[0])
             for i, r in enumerate(tqdm(rows, desc="no control", unit="scene"))]
