@@ -66,13 +66,18 @@ def vae_roundtrip(pipe: Pipeline, images: list[np.ndarray]) -> list[np.ndarray]:
     return list(((rec.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy())
 
 
+def object_mask(row: dict, entity) -> np.ndarray:
+    """The pixels of ``entity`` in a rendered row (its instance id)."""
+    return np.asarray(row["instances"]) == entity.instance
+
+
 def named_objects(scenes, rows, min_pixels: int = 20) -> list[tuple[int, object]]:
     """(scene index, entity) of every object whose caption colour names its whole surface -- plain
     and speckled; a striped or checkered object is half an unnamed second colour -- with at least
     ``min_pixels`` visible."""
     return [(i, e) for i, s in enumerate(scenes) for e in s.entities
             if e.kind == "object" and "color" in e.words and e.words.get("texture") in ("plain", "speckled")
-            and (np.asarray(rows[i]["instances"]) == e.instance).sum() >= min_pixels]
+            and object_mask(rows[i], e).sum() >= min_pixels]
 
 
 def colour_prototypes(size: int, scenes: int = 300) -> dict[str, np.ndarray]:
@@ -83,14 +88,14 @@ def colour_prototypes(size: int, scenes: int = 300) -> dict[str, np.ndarray]:
     samples: dict[str, list] = {}
     for i, e in named_objects(others, rows):
         samples.setdefault(e.words["color"], []).append(
-            colour_feature(np.asarray(rows[i]["image"]), np.asarray(rows[i]["instances"]) == e.instance))
+            colour_feature(np.asarray(rows[i]["image"]), object_mask(rows[i], e)))
     return {name: np.median(v, axis=0) for name, v in samples.items()}
 
 
 def colour_hits(objects, rows, images, prototypes) -> float:
     """Fraction of ``objects`` whose colour in ``images[i]`` is named as the caption names it."""
-    hits = [nearest_name(colour_feature(np.asarray(images[i]), np.asarray(rows[i]["instances"]) == e.instance),
-                         prototypes) == e.words["color"] for i, e in objects]
+    hits = [nearest_name(colour_feature(np.asarray(images[i]), object_mask(rows[i], e)), prototypes) == e.words["color"]
+            for i, e in objects]
     return float(np.mean(hits)) if hits else 0.0
 
 

@@ -46,7 +46,8 @@ class ControlNetConfig(TrainConfig):
     condition: str = "canny"                # dataset column holding the hint image
     latent_cache: str = ""                  # file of the VAE's posterior per row (latents.py); "": encode every step
     # fine-tune this trained ControlNet (folder or single file) instead of copying the base's encoder;
-    # diffusers' train_controlnet.py --controlnet_model_name_or_path. "": a fresh copy (zero convs at 0)
+    # diffusers' train_controlnet.py --controlnet_model_name_or_path; its own hint encoder is kept, so
+    # hint_channels is unused then. "": a fresh copy (zero convs at 0)
     init_from: str = ""
     # hint encoder channels, one per stage: len - 1 stride-2 convs = log2(VAE downsampling) + 1 entries
     hint_channels: tuple[int, ...] = list_field(16, 32, 64, 128)
