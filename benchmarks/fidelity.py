@@ -94,8 +94,8 @@ def colour_prototypes(size: int, scenes: int = 300) -> dict[str, np.ndarray]:
 
 def colour_hits(objects, rows, images, prototypes) -> float:
     """Fraction of ``objects`` whose colour in ``images[i]`` is named as the caption names it."""
-    hits = [nearest_name(colour_feature(np.asarray(images[i]), object_mask(rows[i], e)), prototypes) == e.words["color"]
-            for i, e in objects]
+    hits = [nearest_name(colour_feature(np.asarray(images[i]), object_mask(rows[i], e)), prototypes)
+            == e.words["color"] for i, e in objects]
     return float(np.mean(hits)) if hits else 0.0
 
 
