@@ -4,7 +4,7 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: install demo test test-all bundle clean
+.PHONY: install demo test test-all bundle bundle-v2 clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
@@ -28,6 +28,11 @@ test-all: $(STAMP)
 # Train the bundled default model (VAE, base, ControlNets); skips done stages, resumes the rest.
 bundle: $(STAMP)
 	$(BIN)/python -m controlstack.training.bundle $(if $(STAGES),--stages $(STAGES))
+
+# The next bundle (docs/training.md, "bundle v2"), built stage by stage in bundle-v2/ beside the
+# shipped one; promoted into src/controlstack/assets/bundle once every stage is done and it measures better.
+bundle-v2: $(STAMP)
+	$(BIN)/python -m controlstack.training.bundle --bundle bundle-v2 --work outputs/bundle-v2 $(if $(STAGES),--stages $(STAGES))
 
 clean:
 	rm -rf $(VENV) outputs

@@ -13,8 +13,9 @@ seed 0), fixed sampling seeds, the bundled base with and without each bundled Co
   half's chromaticity and level, ``evaluation.metrics.colour_feature``) is named by the nearest
   colour prototype -- that name's median over 300 other held-out scenes' real renders, i.e. the
   world's own lighting -- and must match the colour the caption names; plain and speckled objects
-  only (a striped or checkered one is half an unnamed colour); CFG 1 vs 7, and the real renders
-  themselves as the metric's ceiling;
+  only (a striped or checkered one is half an unnamed colour); CFG 1 vs 7, the real renders
+  themselves as the metric's ceiling, and their VAE round trips as the ceiling of anything that
+  decodes through the bundled VAE;
 * image quality: FID between generated and real images on features of a network the project
   trains itself: the bundled VAE's encoder (posterior mean, average-pooled to 4x4 -> 64 numbers).
 
@@ -206,8 +207,10 @@ def main() -> None:
     prototypes = colour_prototypes(size)
     report["prompt_fidelity_objects"] = len(objects)
     report["prompt_fidelity_real"] = round(colour_hits(objects, rows, real, prototypes), 4)
+    report["prompt_fidelity_vae"] = round(colour_hits(objects, rows, roundtrip, prototypes), 4)
     print(f"prompt fidelity of the real renders (the metric's ceiling): {report['prompt_fidelity_real']:.1%} "
-          f"of {len(objects)} objects; chance {1 / len(prototypes):.1%}")
+          f"of {len(objects)} objects, of their VAE round trips {report['prompt_fidelity_vae']:.1%}; "
+          f"chance {1 / len(prototypes):.1%}")
     if "seg" in names:
         for cfg in (1.0, args.cfg):
             # at the table's CFG the seg images are the ones generated above (same prompt, seed, control)

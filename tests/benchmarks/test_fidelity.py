@@ -28,6 +28,7 @@ def test_fidelity_script_on_two_scenes(tmp_path):
     assert all(0.0 <= v["control"] <= 1.0 for v in report["f1"].values())
     assert set(report["prompt_fidelity"]) == ({"cfg 1", "cfg 7"} if "seg" in expected else set())
     assert "no control" in report["fid"] and 0.0 <= report["vae_roundtrip_f1"] <= 1.0
+    assert 0.0 <= report["prompt_fidelity_vae"] <= 1.0 and "VAE round trips" in proc.stdout
     assert all((tmp_path / "grids" / f"{name}.png").is_file() for name in expected)
     assert "F1 control" in proc.stdout and "| condition | F1 with control |" in proc.stdout
     # headline numbers in the bundle's mode, the balanced column beside them on both scenes

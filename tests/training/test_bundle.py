@@ -105,3 +105,14 @@ def test_recorded_config_paths_inside_the_checkout_are_relative():
     assert b._portable(config) == {"base": "src/controlstack/assets/bundle", "data": "/elsewhere/world",
                                    "nested": {"vae": "src/controlstack/assets/bundle/vae"}, "steps": 3}
     assert (b.REPO_ROOT / "pyproject.toml").is_file()  # REPO_ROOT is the checkout
+
+
+def test_list_reports_the_stages_of_another_bundle_folder(tmp_path, capsys):
+    """``--bundle DIR`` builds a new bundle beside the shipped one (``make bundle-v2``)."""
+    from controlstack.training import bundle as b
+
+    (tmp_path / "next" / "vae").mkdir(parents=True)
+    (tmp_path / "next" / "vae" / "diffusion_pytorch_model.safetensors").write_bytes(b"x")
+    assert b.main(["--bundle", str(tmp_path / "next"), "--work", str(tmp_path / "work"), "--list"]) == 0
+    status = dict(line.split(maxsplit=1) for line in capsys.readouterr().out.splitlines())
+    assert status["vae"] == "done" and status["base"] == "to do" and status["world"] == "to do"

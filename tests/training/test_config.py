@@ -75,3 +75,20 @@ def test_cli_bad_config_exits_2_with_one_line(tmp_path, capsys):
     bad.write_text("data: [unclosed")
     assert main(["train", "vae", "--config", str(bad)]) == 2
     assert "not valid YAML" in capsys.readouterr().err
+
+
+BUNDLE_CONFIGS = CONFIGS.parent / "bundle"
+
+
+@pytest.mark.parametrize("name, cls, overrides", [
+    ("vae", VAEConfig, {}),
+    ("vae_decoder", VAEConfig, {"init_from": "v"}),
+    ("base", BaseConfig, {"vae": "v"}),
+    ("base_v", BaseConfig, {"init_from": "b", "vae": "v"}),
+    ("controlnet", ControlNetConfig, {"base": "b", "condition": "canny"}),
+])
+def test_bundle_configs_validate_with_the_paths_make_bundle_sets(name, cls, overrides):
+    cfg = cls.from_yaml(BUNDLE_CONFIGS / f"{name}.yaml", data="d", output_dir="o", resolution=128, **overrides)
+    assert cfg.resolution == 128
+    if name == "vae":  # the v2 VAE recipe: colour-preserving settings (docs/training.md)
+        assert cfg.norm_num_groups == 4 and cfg.object_column == "instances" and cfg.object_weight > 0

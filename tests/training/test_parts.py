@@ -127,3 +127,30 @@ def test_vae_random_crops_are_seeded_slices():
     assert random_crops(x, 0, torch.Generator()) is x
     with pytest.raises(ControlstackError, match="crop_size"):
         VAEConfig(data="d", resolution=64, crop_size=12)
+
+
+def test_vae_object_weight_is_a_weighted_mean_over_object_pixels():
+    from diffusers import AutoencoderKL
+
+    from controlstack.training.vae import VAEConfig, VAELoss
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(block_out_channels=(8, 8), down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=8, latent_channels=2)
+    x = torch.rand(2, 3, 8, 8) * 2 - 1
+    objects = torch.zeros(2, 1, 8, 8)
+    objects[:, :, 2:5, 3:6] = 1.0
+
+    def loss(weight):
+        cfg = VAEConfig(data="d", resolution=8, kl_weight=0.0, object_column="instances", object_weight=weight)
+        return VAELoss(vae, cfg)(x, torch.Generator().manual_seed(1), objects)[0].item()
+
+    with torch.no_grad():
+        z = vae.encode(x).latent_dist.sample(generator=torch.Generator().manual_seed(1))
+        err = (vae.decode(z).sample - x).abs()
+    w = 1 + 4 * objects
+    assert loss(0.0) == pytest.approx(err.mean().item(), rel=1e-5)
+    assert loss(4.0) == pytest.approx(((err * w).mean() / w.mean()).item(), rel=1e-5)
+    assert loss(4.0) != pytest.approx(loss(0.0), rel=1e-3)
+    with pytest.raises(ControlstackError, match="object_column"):
+        VAEConfig(data="d", resolution=8, object_weight=1.0)

@@ -27,7 +27,7 @@ def test_vae_two_steps(world_dir, tmp_path):
     cfg = VAEConfig(data=world_dir, output_dir=str(tmp_path / "vae"), resolution=32, batch_size=4, max_steps=2,
                     downsampling=4, block_out_channels=(8, 8, 8), norm_num_groups=8, checkpoint_every=1,
                     validate_every=2, log_every=1, num_validation_images=2, scaling_batches=2,
-                    gradient_loss_weight=0.5)
+                    gradient_loss_weight=0.5, object_column="instances", object_weight=4.0)
     model = train(cfg)
     losses = _metric(tmp_path / "vae", "loss")
     assert len(losses) == 2 and all(math.isfinite(v) for v in losses)

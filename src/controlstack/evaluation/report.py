@@ -45,6 +45,8 @@ def fidelity_table(report: dict) -> list[str]:
         n = f" of {report['prompt_fidelity_objects']} objects" if "prompt_fidelity_objects" in report else ""
         real = (f"; the real renders score {report['prompt_fidelity_real']:.1%} (the metric's ceiling)"
                 if "prompt_fidelity_real" in report else "")
+        if "prompt_fidelity_vae" in report:  # what any generator decoding through this VAE can reach
+            real += f", their VAE round trips {report['prompt_fidelity_vae']:.1%} (the ceiling through the VAE)"
         lines += ["", f"Prompt fidelity (seg control; object colour named by the caption){n}: {', '.join(parts)} "
                       f"(target >= {PROMPT_FIDELITY_TARGET:.0%}: {_mark(best >= PROMPT_FIDELITY_TARGET)}){real}."]
     if "vae_roundtrip_f1" in report:

@@ -274,9 +274,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--stages", nargs="*", default=None, help="stage names (default: all not done)")
     ap.add_argument("--work", default="outputs/bundle", help="work folder (datasets, checkpoints)")
     ap.add_argument("--list", action="store_true", help="print each stage and whether it is done")
+    ap.add_argument("--bundle", default=str(BUNDLE_DIR),
+                    help="bundle folder the stages write to (default: the package's; another folder "
+                         "builds a new bundle beside the shipped one)")
     args = ap.parse_args(argv)
     try:
-        run(args.stages, Path(args.work), list_only=args.list)
+        run(args.stages, Path(args.work), Path(args.bundle), list_only=args.list)
     except ControlstackError as exc:
         print(f"bundle: error: {exc}", file=sys.stderr)
         return 2

@@ -43,6 +43,9 @@ class VAEConfig(TrainConfig):
     kl_weight: float = 1e-6
     gradient_loss_weight: float = 0.0                  # L1 between image gradients (edge sharpness)
     crop_size: int = 0                                 # train on random crops of this side; 0: whole images
+    object_column: str = ""                            # grey id map (the world's ``instances``) naming object pixels
+    object_min_id: int = 2                             # ids >= this are objects (world: 0 sky, 1 ground)
+    object_weight: float = 0.0                         # extra reconstruction weight on object pixels
     init_from: str = ""                                # start from this VAE folder (save_pretrained)
     train_encoder: bool = True                         # false: encoder frozen, q(z|x) and latent caches stay valid
     latent_noise: float = 0.0                          # decoder sees z + σ·std(z)·ε, σ ~ U(0, latent_noise) per image
@@ -70,6 +73,10 @@ class VAEConfig(TrainConfig):
         require(self.crop_size == 0 or (self.crop_size % self.downsampling == 0 and self.crop_size <= self.resolution),
                 f"config key 'crop_size' must be 0 or a multiple of downsampling={self.downsampling} "
                 f"no larger than resolution={self.resolution}, got {self.crop_size}")
+        require(self.object_weight >= 0 and self.object_min_id >= 1,
+                "config keys 'object_weight' / 'object_min_id' must be >= 0 / >= 1")
+        require(self.object_weight == 0 or self.object_column,
+                "config key 'object_weight' needs 'object_column' (a grey id map column, e.g. instances)")
         require(self.latent_noise >= 0, f"config key 'latent_noise' must be >= 0, got {self.latent_noise}")
         require(self.train_encoder or self.init_from,
                 "config key 'train_encoder: false' needs 'init_from' (a trained VAE whose encoder to keep)")
@@ -126,7 +133,9 @@ class VAELoss(torch.nn.Module):
         super().__init__()
         self.vae, self.config = vae, config
 
-    def forward(self, x: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
+    def forward(self, x: torch.Tensor, generator: torch.Generator,
+                objects: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+        """``objects``: (B, 1, H, W) 0/1 map of object pixels, weighted 1 + ``object_weight``."""
         cfg = self.config
         with torch.set_grad_enabled(cfg.train_encoder and torch.is_grad_enabled()):
             posterior = self.vae.encode(x).latent_dist
@@ -137,7 +146,14 @@ class VAELoss(torch.nn.Module):
             sigma = torch.rand(z.shape[0], 1, 1, 1, generator=generator).to(z) * cfg.latent_noise
             z = z + sigma * z.detach().std() * torch.randn(z.shape, generator=generator).to(z)
         rec = self.vae.decode(z).sample.float()
-        rec_loss = F.l1_loss(rec, x) if cfg.reconstruction_loss == "l1" else F.mse_loss(rec, x)
+        err = (rec - x).abs() if cfg.reconstruction_loss == "l1" else (rec - x).pow(2)
+        if objects is not None and cfg.object_weight > 0:
+            # Objects are ~10% of a world image but carry what captions name (their colours): with a
+            # plain mean the VAE spends its capacity on sky and ground and greys small objects out.
+            w = 1.0 + cfg.object_weight * objects
+            rec_loss = (err * w).mean() / w.mean()
+        else:
+            rec_loss = err.mean()
         kl = posterior.kl().mean() / x[0].numel()  # per pixel, so kl_weight is resolution-free
         loss = rec_loss + cfg.kl_weight * kl
         if cfg.gradient_loss_weight > 0:
@@ -165,12 +181,15 @@ def train(config: VAEConfig, resume: bool = False):
     session = TrainingSession(config, "vae", resume)
     acc = session.accelerator
 
-    columns = {config.image_column: "image"}
+    columns = {config.image_column: "image", **({config.object_column: "objects"} if config.object_column else {})}
     dataset = load_image_dataset(config.data, columns)
-    transform = RowTransform(config.resolution, targets=("image",))
+    transform = RowTransform(config.resolution, targets=("image",), hints=("objects",) if config.object_column else ())
     loader = make_dataloader(dataset, transform, config.batch_size, config.num_workers)
-    val_set = load_image_dataset(config.validation_data, columns) if config.validation_data else dataset
-    val = first_rows(val_set, config.num_validation_images, transform)
+    # validation reconstructs images only: a validation set needs no object column
+    image_only = RowTransform(config.resolution, targets=("image",))
+    val_set = (load_image_dataset(config.validation_data, {config.image_column: "image"})
+               if config.validation_data else dataset)
+    val = first_rows(val_set, config.num_validation_images, image_only)
 
     model = VAELoss(build_vae(config), config).train()
     optimizer = make_optimizer(model.parameters(), config)
@@ -181,9 +200,15 @@ def train(config: VAEConfig, resume: bool = False):
     bar = session.progress()
     for batch in batches(acc, loader, session.micro) if not session.done else ():
         generator = session.step_generator()
-        images = random_crops(batch["image"], config.crop_size, generator)
+        images, objects = batch["image"], None
+        if config.object_column:  # crop the object map with the image: one crop of both
+            ids = batch["objects"][:, :1] * 255.0
+            images = torch.cat([images, (ids > config.object_min_id - 0.5).to(images)], 1)
+        images = random_crops(images, config.crop_size, generator)
+        if config.object_column:
+            images, objects = images[:, :3], images[:, 3:]
         with acc.accumulate(model), acc.autocast():
-            loss, _ = model(images, generator)
+            loss, _ = model(images, generator, objects)
             session.optimize(model, loss, optimizer, lr_scheduler)
         if not acc.sync_gradients:
             continue
@@ -196,7 +221,7 @@ def train(config: VAEConfig, resume: bool = False):
 
     vae = acc.unwrap_model(model).vae.eval()
     # The latent scale is measured on the data in a fixed order, after the last step.
-    ordered = make_dataloader(dataset, transform, config.batch_size, 0, shuffle=False)
+    ordered = make_dataloader(dataset, image_only, config.batch_size, 0, shuffle=False)
     if config.train_encoder:  # a frozen encoder keeps its latents, hence its measured scale
         scale = measure_scaling_factor(vae, ordered, config.scaling_batches, acc.device)
         vae.register_to_config(scaling_factor=scale)
