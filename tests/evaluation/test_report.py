@@ -20,5 +20,5 @@ def test_fidelity_table_rows_and_verdicts():
     assert "| depth | 0.500 | 0.200 | 2.50x |  |  | >= 2x | yes |" in text
     assert "| (none: base model) | | | | | 2.000 | | |" in text
     assert "control mode `controlnet, layer_weights=uniform`" in text and "first 50 scenes" in text
-    assert "caption) of 120 objects: CFG 1: 40.0%, CFG 7: 75.0% (target >= 70%: yes); the real renders score 90.0%, their VAE round trips 30.0% (the ceiling through the VAE)" in text
+    assert "caption) of 120 objects: CFG 1: 40.0%, CFG 7: 75.0% (target >= 70%: yes); the real renders score 90.0% (the metric's ceiling), their VAE round trips 30.0% (the ceiling through the VAE)" in text
     assert "= 0.660." in text and "another scene's = 0.300" in text

@@ -84,7 +84,7 @@ BUNDLE_CONFIGS = CONFIGS.parent / "bundle"
     ("vae", VAEConfig, {}),
     ("vae_decoder", VAEConfig, {"init_from": "v"}),
     ("base", BaseConfig, {"vae": "v"}),
-    ("base_v", BaseConfig, {"init_from": "b", "vae": "v"}),
+    ("base_v", BaseConfig, {"init_from": str(CONFIGS.parents[1] / "assets" / "bundle"), "vae": "v"}),
     ("controlnet", ControlNetConfig, {"base": "b", "condition": "canny"}),
 ])
 def test_bundle_configs_validate_with_the_paths_make_bundle_sets(name, cls, overrides):
