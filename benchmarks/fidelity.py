@@ -124,6 +124,11 @@ def update_readme(readme: Path, report: dict, grids: Path, names: list[str]) -> 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--scenes", type=int, default=200)
+    ap.add_argument("--bundle", default=None,
+                    help="a bundle folder to measure (default: the shipped one, src/controlstack/assets/bundle; "
+                         "e.g. bundle-v2 while it is built)")
+    ap.add_argument("--conditions", nargs="+", default=None,
+                    help="only these bundled ControlNets (default: all; seg gives the prompt fidelity)")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--cfg", type=float, default=7.0)
     ap.add_argument("--out", default="outputs/fidelity")
@@ -135,13 +140,21 @@ def main() -> None:
                     help="scenes for the second column, the same controls in diffusers' default 'balanced' "
                          "mode (the first N; 0 = skip)")
     args = ap.parse_args()
-    trained = assets.has_trained_base()
+    bundle = Path(args.bundle) if args.bundle else assets.BUNDLE_DIR
+    trained = assets.has_trained_base(bundle)
+    if args.bundle and not trained:
+        raise SystemExit(f"fidelity: no trained base (model_index.json) in {bundle}")
     if not trained:
         print("note: no trained bundle in this checkout; numbers below are for the random placeholder")
     # the bundle folder itself: its trained ControlNets even while some stages are pending
-    pipe = Pipeline.from_pretrained(assets.BUNDLE_DIR if trained else None)
+    pipe = Pipeline.from_pretrained(bundle if trained else None)
     size = pipe.native_size
     names = sorted(pipe.controlnets)
+    if args.conditions:
+        unknown = sorted(set(args.conditions) - set(names))
+        if unknown:
+            raise SystemExit(f"fidelity: no ControlNet {', '.join(unknown)} in the bundle (it has {', '.join(names)})")
+        names = [n for n in names if n in args.conditions]
     kw = dict(steps=args.steps, width=size, height=size, progress=False, output_type="np")
     options = {"layer_weights": args.layer_weights} if args.mode == "controlnet" else None
     mode = dict(mode=args.mode, mode_options=options)

@@ -38,3 +38,31 @@ def test_fidelity_script_on_two_scenes(tmp_path):
     readme = (tmp_path / "README.md").read_text()
     assert "old" not in readme and readme.endswith("<!-- fidelity:end -->\ntail\n") and "| canny |" in readme
     assert all((tmp_path / "docs" / "images" / f"fidelity-{name}.png").is_file() for name in expected)
+
+
+def test_fidelity_script_measures_a_named_bundle_folder_and_chosen_conditions(tmp_path):
+    from controlstack import assets
+
+    if not assets.has_trained_base():
+        import pytest
+
+        pytest.skip("no trained bundle in this checkout")
+    out = tmp_path / "fidelity.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "fidelity.py"), "--scenes", "1", "--steps", "1",
+           "--bundle", str(assets.BUNDLE_DIR), "--conditions", "seg", "--balanced-scenes", "0",
+           "--out", str(tmp_path / "grids"), "--json", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert set(report["f1"]) == {"seg"} and set(report["prompt_fidelity"]) == {"cfg 1", "cfg 7"}
+    assert "balanced_scenes" not in report
+
+
+def test_fidelity_script_rejects_a_folder_without_a_base_and_an_unknown_condition(tmp_path):
+    script = str(ROOT / "benchmarks" / "fidelity.py")
+    proc = subprocess.run([sys.executable, script, "--bundle", str(tmp_path)], capture_output=True, text=True,
+                          timeout=300, check=False)
+    assert proc.returncode != 0 and "no trained base" in proc.stderr and "Traceback" not in proc.stderr
+    proc = subprocess.run([sys.executable, script, "--conditions", "nope"], capture_output=True, text=True,
+                          timeout=300, check=False)
+    assert proc.returncode != 0 and "no ControlNet nope" in proc.stderr and "Traceback" not in proc.stderr

@@ -16,9 +16,7 @@ TINY = {
     "base": dict(max_steps=1, batch_size=2, block_out_channels=[16, 32], attention_levels=1, norm_num_groups=8,
                  attention_head_dim=4, text_hidden_size=32, text_layers=1, text_heads=2, max_length=16,
                  checkpoint_every=1, validate_every=1, log_every=1, num_validation_images=1,
-                 num_inference_steps=2),
-    "base_v": dict(max_steps=1, batch_size=2, prediction_type="v_prediction", checkpoint_every=1,
-                   validate_every=1, log_every=1, num_validation_images=1, num_inference_steps=2),
+                 num_inference_steps=2, prediction_type="v_prediction"),
     "controlnet": dict(max_steps=1, batch_size=2, hint_channels=[8, 8, 8, 8], checkpoint_every=1,
                        validate_every=1, log_every=1, num_validation_images=1, num_inference_steps=2),
 }
@@ -37,11 +35,10 @@ def test_bundle_stages_end_to_end(tmp_path, monkeypatch):
     monkeypatch.setattr(b, "CONTROLNETS", ("canny",))
     out, work = tmp_path / "bundle", tmp_path / "work"
 
-    b.run(["world", "vae", "vae-decoder", "base", "base-v", "controlnet-canny"], work, out)
+    b.run(["world", "vae", "vae-decoder", "base", "controlnet-canny"], work, out)
     stages = json.loads((out / "stages.json").read_text())
-    assert sorted(stages) == ["base", "base-v", "controlnet-canny", "vae", "vae-decoder"]
-    # base-v fine-tuned the base (same tokenizer) and the bundle now samples with v-prediction
-    assert stages["base-v"]["config"]["init_from"] == str(out)
+    assert sorted(stages) == ["base", "controlnet-canny", "vae", "vae-decoder"]
+    # the base's parameterisation reaches the bundle's scheduler, which every sampler reads
     assert json.loads((out / "scheduler" / "scheduler_config.json").read_text())["prediction_type"] == "v_prediction"
     assert stages["vae"]["steps"] == 1 and stages["controlnet-canny"]["condition"] == "canny"
     assert all(b.is_done(s, work) for s in b.stages(out))
@@ -92,7 +89,7 @@ def test_controlnet_checkpoints_of_another_base_are_not_resumed(tmp_path):
     (work / "checkpoints").mkdir()
     _forget_if_base_changed(work, bundle)  # same base: the checkpoints stay
     assert (work / "checkpoints").is_dir()
-    unet.write_bytes(b"base 2")  # e.g. the base-v stage replaced the U-Net
+    unet.write_bytes(b"base 2")  # e.g. the base stage was trained again
     _forget_if_base_changed(work, bundle)
     assert not (work / "checkpoints").exists() and (work / "base_unet.sha256").is_file()
 

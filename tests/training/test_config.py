@@ -84,7 +84,6 @@ BUNDLE_CONFIGS = CONFIGS.parent / "bundle"
     ("vae", VAEConfig, {}),
     ("vae_decoder", VAEConfig, {"init_from": "v"}),
     ("base", BaseConfig, {"vae": "v"}),
-    ("base_v", BaseConfig, {"init_from": str(CONFIGS.parents[1] / "assets" / "bundle"), "vae": "v"}),
     ("controlnet", ControlNetConfig, {"base": "b", "condition": "canny"}),
 ])
 def test_bundle_configs_validate_with_the_paths_make_bundle_sets(name, cls, overrides):
@@ -92,3 +91,5 @@ def test_bundle_configs_validate_with_the_paths_make_bundle_sets(name, cls, over
     assert cfg.resolution == 128
     if name == "vae":  # the v2 VAE recipe: colour-preserving settings (docs/training.md)
         assert cfg.norm_num_groups == 4 and cfg.object_column == "instances" and cfg.object_weight > 0
+    if name == "base":  # v-prediction from the first step: no separate base-v stage (docs/training.md)
+        assert cfg.prediction_type == "v_prediction" and not cfg.init_from

@@ -52,9 +52,9 @@ def stages(bundle: Path = BUNDLE_DIR) -> list[Stage]:
         Stage("vae", "vae", bundle / "vae" / "diffusion_pytorch_model.safetensors"),
         # the decoder fine-tuned on noisy latents (encoder frozen): done when recorded in stages.json
         Stage("vae-decoder", "vae", bundle / "stages.json", init_from=bundle / "vae"),
+        # v-prediction from the first step (configs/bundle/base.yaml; v1 fine-tuned an ε-base to v
+        # in a separate stage, base-v, recorded in the shipped bundle's stages.json)
         Stage("base", "base", bundle / "unet" / "diffusion_pytorch_model.safetensors"),
-        # the ε-base fine-tuned to v-prediction (diffusion.py says why): done when in stages.json
-        Stage("base-v", "base", bundle / "stages.json", init_from=bundle),
     ]
     out += [Stage(f"controlnet-{c}", "controlnet", bundle / "controlnets" / c / "diffusion_pytorch_model.safetensors", c)
             for c in CONTROLNETS]
@@ -122,7 +122,7 @@ def _timed_training(stage: Stage, config, work: Path) -> tuple[Path, float]:
 
 def _forget_if_base_changed(work: Path, bundle: Path) -> None:
     """A ControlNet's checkpoints belong to the base they were trained on: when the bundled U-Net
-    changed since (e.g. the base-v stage ran), resuming would continue a ControlNet for another
+    changed since (e.g. the base stage ran again), resuming would continue a ControlNet for another
     base, so the stage's work folder is cleared and the stage starts over."""
     import hashlib
 
