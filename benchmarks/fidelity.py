@@ -140,6 +140,8 @@ def main() -> None:
                     help="scenes for the second column, the same controls in diffusers' default 'balanced' "
                          "mode (the first N; 0 = skip)")
     args = ap.parse_args()
+    if args.scenes < 2:
+        raise SystemExit("fidelity: --scenes must be at least 2 (FID needs a covariance)")
     bundle = Path(args.bundle) if args.bundle else assets.BUNDLE_DIR
     trained = assets.has_trained_base(bundle)
     if args.bundle and not trained:

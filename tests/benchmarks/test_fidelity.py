@@ -48,7 +48,7 @@ def test_fidelity_script_measures_a_named_bundle_folder_and_chosen_conditions(tm
 
         pytest.skip("no trained bundle in this checkout")
     out = tmp_path / "fidelity.json"
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "fidelity.py"), "--scenes", "1", "--steps", "1",
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "fidelity.py"), "--scenes", "2", "--steps", "1",
            "--bundle", str(assets.BUNDLE_DIR), "--conditions", "seg", "--balanced-scenes", "0",
            "--out", str(tmp_path / "grids"), "--json", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
@@ -66,3 +66,6 @@ def test_fidelity_script_rejects_a_folder_without_a_base_and_an_unknown_conditio
     proc = subprocess.run([sys.executable, script, "--conditions", "nope"], capture_output=True, text=True,
                           timeout=300, check=False)
     assert proc.returncode != 0 and "no ControlNet nope" in proc.stderr and "Traceback" not in proc.stderr
+    proc = subprocess.run([sys.executable, script, "--scenes", "1"], capture_output=True, text=True,
+                          timeout=300, check=False)
+    assert proc.returncode != 0 and "at least 2" in proc.stderr and "Traceback" not in proc.stderr
