@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -44,8 +46,6 @@ def test_fidelity_script_measures_a_named_bundle_folder_and_chosen_conditions(tm
     from controlstack import assets
 
     if not assets.has_trained_base():
-        import pytest
-
         pytest.skip("no trained bundle in this checkout")
     out = tmp_path / "fidelity.json"
     cmd = [sys.executable, str(ROOT / "benchmarks" / "fidelity.py"), "--scenes", "2", "--steps", "1",
