@@ -154,3 +154,31 @@ def test_vae_object_weight_is_a_weighted_mean_over_object_pixels():
     assert loss(4.0) != pytest.approx(loss(0.0), rel=1e-3)
     with pytest.raises(ControlstackError, match="object_column"):
         VAEConfig(data="d", resolution=8, object_weight=1.0)
+
+
+def test_object_map_and_weighted_mean():
+    from controlstack.training.data import object_map, weighted_mean
+
+    ids = torch.zeros(1, 3, 16, 16)
+    ids[:, :, :8, :8] = 1 / 255   # ground: not an object
+    ids[:, :, 8:, 8:12] = 2 / 255  # the first entity id
+    objects = object_map(ids, min_id=2)
+    assert objects.shape == (1, 1, 16, 16) and objects.sum() == 32
+    err = torch.ones(1, 4, 2, 2)
+    err[..., 1, 1] = 3.0  # the latent pixel holding the object (half of its 8x8 image pixels)
+    assert weighted_mean(err, objects, 0.0) == pytest.approx(1.5)
+    assert weighted_mean(err, None, 4.0) == pytest.approx(1.5)
+    # area-pooled: w = 1 + 4 * 0.5 = 3 at (1, 1), 1 elsewhere -> (3 * 3 + 3 * 1) / (3 + 3)
+    assert weighted_mean(err, objects, 4.0) == pytest.approx(2.0)
+
+
+def test_object_weight_config_checks():
+    from controlstack.training.base import BaseConfig
+    from controlstack.training.controlnet import ControlNetConfig
+
+    with pytest.raises(ControlstackError, match="'object_weight' needs 'object_column'"):
+        BaseConfig(data="d", vae="v", object_weight=1.0)
+    with pytest.raises(ControlstackError, match="object_min_id"):
+        ControlNetConfig(data="d", base="b", object_column="instances", object_min_id=0)
+    with pytest.raises(ControlstackError, match="both name 'instances'"):
+        ControlNetConfig(data="d", base="b", condition="instances", object_column="instances")

@@ -111,6 +111,30 @@ def test_controlnet_two_steps_trains_only_the_controlnet(world_dir, tiny_base_di
     assert cn.controlnet_mid_block.weight.abs().max() > 0
 
 
+def test_object_weight_changes_the_controlnet_and_base_losses(world_dir, tiny_vae_dir, tiny_base_dir, tmp_path):
+    """The recipes pass the instance map to the loss: the same first batch gives another loss."""
+    from controlstack.training.base import BaseConfig
+    from controlstack.training.base import train as train_base
+    from controlstack.training.controlnet import train as train_controlnet
+
+    def first_loss(name, weight):
+        out = tmp_path / f"{name}-{weight}"
+        objects = dict(object_column="instances", object_weight=weight) if weight else {}
+        if name == "cn":
+            train_controlnet(tiny_controlnet_config(world_dir, tiny_base_dir, out, max_steps=1,
+                                                    num_validation_images=0, **objects))
+        else:
+            train_base(BaseConfig(data=world_dir, vae=tiny_vae_dir, output_dir=str(out), vocabulary="dataset",
+                                  max_length=8, resolution=32, batch_size=4, max_steps=1, block_out_channels=(16, 32),
+                                  attention_levels=1, norm_num_groups=8, text_hidden_size=16, text_layers=1,
+                                  text_heads=2, num_validation_images=0, log_every=1, **objects))
+        return _metric(out, "loss")[0]
+
+    for name in ("cn", "base"):
+        plain, weighted = first_loss(name, 0.0), first_loss(name, 8.0)
+        assert math.isfinite(weighted) and weighted != pytest.approx(plain, rel=1e-4)
+
+
 def test_output_folder_is_not_overwritten_without_resume(world_dir, tiny_base_dir, tmp_path):
     from controlstack.training.controlnet import train
 

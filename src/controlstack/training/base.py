@@ -21,13 +21,26 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from controlstack.errors import ControlstackError, require
 from controlstack.io.png import make_grid
 from controlstack.training.config import TrainConfig, list_field
-from controlstack.training.data import RowTransform, batches, first_rows, load_image_dataset, make_dataloader
-from controlstack.training.diffusion import PREDICTION_TYPES, noisy_batch, sd_noise_scheduler, sd_sampling_scheduler
+from controlstack.training.data import (
+    RowTransform,
+    batches,
+    first_rows,
+    load_image_dataset,
+    make_dataloader,
+    object_columns,
+    object_map,
+    weighted_mean,
+)
+from controlstack.training.diffusion import (
+    PREDICTION_TYPES,
+    noisy_batch,
+    sd_noise_scheduler,
+    sd_sampling_scheduler,
+)
 from controlstack.training.latents import training_rows
 from controlstack.training.session import TrainingSession, make_lr_scheduler, make_optimizer
 from controlstack.training.tokenizer import VOCABULARY_SOURCES, build_tokenizer
@@ -146,7 +159,7 @@ def train(config: BaseConfig, resume: bool = False):
     session = TrainingSession(config, "base", resume)
     acc = session.accelerator
 
-    columns = {config.image_column: "image", config.caption_column: "text"}
+    columns = {config.image_column: "image", config.caption_column: "text", **object_columns(config)}
     dataset = load_image_dataset(config.data, columns)
     val_set = load_image_dataset(config.validation_data, columns) if config.validation_data else dataset
     vae = load_vae(config.vae).to(acc.device)
@@ -171,7 +184,8 @@ def train(config: BaseConfig, resume: bool = False):
     model.train()
     noise_scheduler = sd_noise_scheduler(config.prediction_type)
 
-    cache, dataset, transform = training_rows(config.latent_cache, acc, vae, dataset, config.resolution)
+    cache, dataset, transform = training_rows(config.latent_cache, acc, vae, dataset, config.resolution,
+                                              hints=("objects",) if config.object_column else ())
     loader = make_dataloader(dataset, transform, config.batch_size, config.num_workers)
     val = first_rows(val_set, config.num_validation_images,
                      RowTransform(config.resolution, targets=("image",), caption="text"))
@@ -186,8 +200,9 @@ def train(config: BaseConfig, resume: bool = False):
     for batch in batches(acc, loader, session.micro) if not session.done else ():
         noisy, target, t, ids = noisy_batch(vae, noise_scheduler, tokenizer, batch, config.caption_dropout,
                                             session.step_generator(), acc.device, cache)
+        objects = object_map(batch["objects"], config.object_min_id) if config.object_column else None
         with acc.accumulate(model), acc.autocast():
-            loss = F.mse_loss(model(noisy, t, ids).float(), target.float())
+            loss = weighted_mean((model(noisy, t, ids).float() - target.float()).pow(2), objects, config.object_weight)
             session.optimize(model, loss, optimizer, lr_scheduler)
         if not acc.sync_gradients:
             continue

@@ -78,6 +78,11 @@ class TrainConfig:
     image_column: str = "image"
     caption_column: str = "text"
     resolution: int = 128
+    # object-weighted loss: objects are ~10% of a world image but carry what captions name (their
+    # colours); a plain mean spends the model's capacity on sky and ground and greys them out
+    object_column: str = ""    # grey id map column (the world's ``instances``) naming object pixels
+    object_min_id: int = 2     # ids >= this are objects (world: 0 sky, 1 ground)
+    object_weight: float = 0.0  # extra loss weight on object pixels: w = 1 + object_weight; 0: plain mean
     # output and run length
     output_dir: str = "outputs/train"
     seed: int = 0
@@ -124,6 +129,10 @@ class TrainConfig:
         require(self.lr_scheduler in LR_SCHEDULERS,
                 f"config key 'lr_scheduler' is '{self.lr_scheduler}'; choose one of {', '.join(LR_SCHEDULERS)}")
         require(self.data != "", "config key 'data' is missing; set it to a datasets folder (save_to_disk)")
+        require(self.object_weight >= 0 and self.object_min_id >= 1,
+                "config keys 'object_weight' / 'object_min_id' must be >= 0 / >= 1")
+        require(self.object_weight == 0 or self.object_column,
+                "config key 'object_weight' needs 'object_column' (a grey id map column, e.g. instances)")
 
     # -- storage -------------------------------------------------------------------------------
 

@@ -23,12 +23,20 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from controlstack.errors import require
 from controlstack.io.png import make_grid
 from controlstack.training.config import TrainConfig, list_field
-from controlstack.training.data import RowTransform, batches, first_rows, load_image_dataset, make_dataloader
+from controlstack.training.data import (
+    RowTransform,
+    batches,
+    first_rows,
+    load_image_dataset,
+    make_dataloader,
+    object_columns,
+    object_map,
+    weighted_mean,
+)
 from controlstack.training.diffusion import noisy_batch, sd_noise_scheduler
 from controlstack.training.latents import training_rows
 from controlstack.training.session import TrainingSession, make_lr_scheduler, make_optimizer
@@ -68,6 +76,8 @@ class ControlNetConfig(TrainConfig):
         require(len(self.hint_channels) >= 2 and all(c > 0 for c in self.hint_channels),
                 "config key 'hint_channels' needs >= 2 positive entries")
         require(0.0 <= self.caption_dropout <= 1.0, "config key 'caption_dropout' must be in [0, 1]")
+        require(self.object_column != self.condition,
+                f"config keys 'object_column' and 'condition' both name '{self.condition}'; use two columns")
         require(0.0 < self.ema_decay < 1.0, "config key 'ema_decay' must be in (0, 1)")
         require(self.num_inference_steps >= 1, "config key 'num_inference_steps' must be >= 1")
 
@@ -141,7 +151,9 @@ def train(config: ControlNetConfig, resume: bool = False):
     session = TrainingSession(config, "controlnet", resume)
     acc = session.accelerator
 
-    columns = {config.image_column: "image", config.caption_column: "text", config.condition: "hint"}
+    columns = {config.image_column: "image", config.caption_column: "text", config.condition: "hint",
+               **object_columns(config)}
+    hints = ("hint", "objects") if config.object_column else ("hint",)
     dataset = load_image_dataset(config.data, columns)
     val_set = load_image_dataset(config.validation_data, columns) if config.validation_data else dataset
     base = load_base(config.base)
@@ -152,7 +164,7 @@ def train(config: ControlNetConfig, resume: bool = False):
     # the ControlNet learns the base's own parameterisation (ε or v), read from its scheduler config
     noise_scheduler = sd_noise_scheduler(base.scheduler_config.get("prediction_type", "epsilon"))
 
-    cache, dataset, transform = training_rows(config.latent_cache, acc, vae, dataset, config.resolution, hints=("hint",))
+    cache, dataset, transform = training_rows(config.latent_cache, acc, vae, dataset, config.resolution, hints=hints)
     loader = make_dataloader(dataset, transform, config.batch_size, config.num_workers)
     val = first_rows(val_set, config.num_validation_images,
                      RowTransform(config.resolution, targets=("image",), hints=("hint",), caption="text"))
@@ -174,10 +186,12 @@ def train(config: ControlNetConfig, resume: bool = False):
     for batch in batches(acc, loader, session.micro) if not session.done else ():
         noisy, target, t, ids = noisy_batch(vae, noise_scheduler, tokenizer, batch, config.caption_dropout,
                                             session.step_generator(), acc.device, cache)
+        objects = object_map(batch["objects"], config.object_min_id) if config.object_column else None
         with torch.no_grad():
             text_emb = text_encoder(ids)[0]
         with acc.accumulate(model), acc.autocast():
-            loss = F.mse_loss(model(noisy, t, text_emb, batch["hint"]).float(), target.float())
+            err = (model(noisy, t, text_emb, batch["hint"]).float() - target.float()).pow(2)
+            loss = weighted_mean(err, objects, config.object_weight)
             session.optimize(model, loss, optimizer, lr_scheduler)
         if not acc.sync_gradients:
             continue

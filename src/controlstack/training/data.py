@@ -115,3 +115,29 @@ def first_rows(dataset, n: int, transform: RowTransform) -> dict:
     n = min(n, len(dataset))
     rows = transform(dataset[:n])
     return {k: torch.stack(v) if v and torch.is_tensor(v[0]) else v for k, v in rows.items()}
+
+
+# -- object-weighted loss (TrainConfig.object_column / object_weight) ---------------------------
+
+def object_columns(config) -> dict[str, str]:
+    """``{object_column: "objects"}`` when the config weights objects, else ``{}`` (for
+    :func:`load_image_dataset`'s ``columns``)."""
+    return {config.object_column: "objects"} if config.object_column else {}
+
+
+def object_map(ids: torch.Tensor, min_id: int) -> torch.Tensor:
+    """A grey id-map hint batch (B, C, H, W) in [0, 1] -> (B, 1, H, W) 0/1 map of ids >= ``min_id``."""
+    return (ids[:, :1] * 255.0 > min_id - 0.5).float()
+
+
+def weighted_mean(err: torch.Tensor, objects: torch.Tensor | None, weight: float) -> torch.Tensor:
+    """Mean of ``err`` (B, C, h, w) with object pixels weighted ``1 + weight``, normalised by the
+    mean weight so the loss keeps its scale. ``objects`` (B, 1, H, W) is area-pooled to ``err``'s
+    size: at a latent pixel the weight grows with the fraction of its 8x8 image pixels that are
+    object, so a small object raises the weight of the one latent pixel it lies in."""
+    if objects is None or weight == 0:
+        return err.mean()
+    if objects.shape[-2:] != err.shape[-2:]:
+        objects = torch.nn.functional.adaptive_avg_pool2d(objects, err.shape[-2:])
+    w = 1.0 + weight * objects.to(err)
+    return (err * w).mean() / w.mean()

@@ -25,7 +25,16 @@ import torch.nn.functional as F
 from controlstack.errors import require
 from controlstack.io.png import make_grid
 from controlstack.training.config import TrainConfig, list_field
-from controlstack.training.data import RowTransform, batches, first_rows, load_image_dataset, make_dataloader
+from controlstack.training.data import (
+    RowTransform,
+    batches,
+    first_rows,
+    load_image_dataset,
+    make_dataloader,
+    object_columns,
+    object_map,
+    weighted_mean,
+)
 from controlstack.training.session import TrainingSession, make_lr_scheduler, make_optimizer
 from controlstack.training.validation import tensor_to_pil
 
@@ -43,9 +52,6 @@ class VAEConfig(TrainConfig):
     kl_weight: float = 1e-6
     gradient_loss_weight: float = 0.0                  # L1 between image gradients (edge sharpness)
     crop_size: int = 0                                 # train on random crops of this side; 0: whole images
-    object_column: str = ""                            # grey id map (the world's ``instances``) naming object pixels
-    object_min_id: int = 2                             # ids >= this are objects (world: 0 sky, 1 ground)
-    object_weight: float = 0.0                         # extra reconstruction weight on object pixels
     init_from: str = ""                                # start from this VAE folder (save_pretrained)
     train_encoder: bool = True                         # false: encoder frozen, q(z|x) and latent caches stay valid
     latent_noise: float = 0.0                          # decoder sees z + σ·std(z)·ε, σ ~ U(0, latent_noise) per image
@@ -73,10 +79,6 @@ class VAEConfig(TrainConfig):
         require(self.crop_size == 0 or (self.crop_size % self.downsampling == 0 and self.crop_size <= self.resolution),
                 f"config key 'crop_size' must be 0 or a multiple of downsampling={self.downsampling} "
                 f"no larger than resolution={self.resolution}, got {self.crop_size}")
-        require(self.object_weight >= 0 and self.object_min_id >= 1,
-                "config keys 'object_weight' / 'object_min_id' must be >= 0 / >= 1")
-        require(self.object_weight == 0 or self.object_column,
-                "config key 'object_weight' needs 'object_column' (a grey id map column, e.g. instances)")
         require(self.latent_noise >= 0, f"config key 'latent_noise' must be >= 0, got {self.latent_noise}")
         require(self.train_encoder or self.init_from,
                 "config key 'train_encoder: false' needs 'init_from' (a trained VAE whose encoder to keep)")
@@ -147,13 +149,7 @@ class VAELoss(torch.nn.Module):
             z = z + sigma * z.detach().std() * torch.randn(z.shape, generator=generator).to(z)
         rec = self.vae.decode(z).sample.float()
         err = (rec - x).abs() if cfg.reconstruction_loss == "l1" else (rec - x).pow(2)
-        if objects is not None and cfg.object_weight > 0:
-            # Objects are ~10% of a world image but carry what captions name (their colours): with a
-            # plain mean the VAE spends its capacity on sky and ground and greys small objects out.
-            w = 1.0 + cfg.object_weight * objects
-            rec_loss = (err * w).mean() / w.mean()
-        else:
-            rec_loss = err.mean()
+        rec_loss = weighted_mean(err, objects, cfg.object_weight)
         kl = posterior.kl().mean() / x[0].numel()  # per pixel, so kl_weight is resolution-free
         loss = rec_loss + cfg.kl_weight * kl
         if cfg.gradient_loss_weight > 0:
@@ -181,7 +177,7 @@ def train(config: VAEConfig, resume: bool = False):
     session = TrainingSession(config, "vae", resume)
     acc = session.accelerator
 
-    columns = {config.image_column: "image", **({config.object_column: "objects"} if config.object_column else {})}
+    columns = {config.image_column: "image", **object_columns(config)}
     dataset = load_image_dataset(config.data, columns)
     transform = RowTransform(config.resolution, targets=("image",), hints=("objects",) if config.object_column else ())
     loader = make_dataloader(dataset, transform, config.batch_size, config.num_workers)
@@ -202,8 +198,7 @@ def train(config: VAEConfig, resume: bool = False):
         generator = session.step_generator()
         images, objects = batch["image"], None
         if config.object_column:  # crop the object map with the image: one crop of both
-            ids = batch["objects"][:, :1] * 255.0
-            images = torch.cat([images, (ids > config.object_min_id - 0.5).to(images)], 1)
+            images = torch.cat([images, object_map(batch["objects"], config.object_min_id).to(images)], 1)
         images = random_crops(images, config.crop_size, generator)
         if config.object_column:
             images, objects = images[:, :3], images[:, 3:]
