@@ -99,9 +99,11 @@ class Pipeline:
         from controlstack.io.checkpoints import load_base
 
         components = load_base(path, allow_pickle=allow_pickle, config=config)
-        # the bundle folder itself (e.g. half-trained: some ControlNets pending) brings its own
+        # a folder in the bundle's layout (the shipped bundle, or bundle-v2 half-trained: some
+        # ControlNets pending) brings its own ControlNets; a plain SD folder gets the bundled ones
         in_bundle = Path(path).resolve() == assets.BUNDLE_DIR.resolve()
-        controlnets = assets.trained_controlnets() if in_bundle else assets.bundled_controlnets()
+        own = Path(path) / "controlnets"
+        controlnets = assets.trained_controlnets(Path(path)) if own.is_dir() else assets.bundled_controlnets()
         return cls(components, controlnets=controlnets, name="controlstack-bundle" if in_bundle else str(path))
 
     def controlnet(self, model: Any):

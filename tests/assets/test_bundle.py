@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import torch
 import pytest
 
 from controlstack import assets
@@ -66,3 +67,20 @@ def test_the_bundle_folder_loads_with_its_trained_controlnets_even_when_partial(
     assert pipe.name == "controlstack-bundle" and set(pipe.controlnets) == set(assets.trained_controlnets())
     image = pipe("a red cube on grass", steps=2, output_type="np", progress=False)
     assert image.shape == (1, pipe.native_size, pipe.native_size, 3) and image.std() > 0.01
+
+
+def test_a_folder_in_the_bundle_layout_brings_its_own_controlnets(tmp_path, tiny_components, tiny_controlnets):
+    """bundle-v2 while it is built: its own ControlNets, not the shipped bundle's of the same name."""
+    from controlstack import Pipeline
+    from controlstack.io.checkpoints import save_base, save_controlnet
+
+    save_base(tiny_components, tmp_path / "plain")
+    plain = Pipeline.from_pretrained(tmp_path / "plain")
+    assert set(plain.controlnets) == set(assets.bundled_controlnets())  # a plain SD folder: the bundled ones
+    save_base(tiny_components, tmp_path / "next")
+    save_controlnet(tiny_controlnets[1], tmp_path / "next" / "controlnets" / "seg")
+    pipe = Pipeline.from_pretrained(tmp_path / "next")
+    assert set(pipe.controlnets) == {"seg"}
+    seg = pipe.controlnet("seg")
+    ref = tiny_controlnets[1].state_dict()
+    assert all(torch.equal(v, ref[k]) for k, v in seg.state_dict().items())
