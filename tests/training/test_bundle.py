@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 import yaml
 
 TINY = {
@@ -113,3 +114,26 @@ def test_list_reports_the_stages_of_another_bundle_folder(tmp_path, capsys):
     assert b.main(["--bundle", str(tmp_path / "next"), "--work", str(tmp_path / "work"), "--list"]) == 0
     status = dict(line.split(maxsplit=1) for line in capsys.readouterr().out.splitlines())
     assert status["vae"] == "done" and status["base"] == "to do" and status["world"] == "to do"
+
+
+def test_a_stage_clock_is_written_while_it_trains(tmp_path, monkeypatch):
+    """A session's stop kills the run without unwinding it: the clock must already be on disk."""
+    import time
+
+    import controlstack.training as training
+    from controlstack.training import bundle as b
+
+    seen = []
+
+    def fake_train(config, resume=False):
+        time.sleep(0.4)
+        seen.append(json.loads((tmp_path / "work" / "wall_seconds.json").read_text())["seconds"])
+        raise KeyboardInterrupt  # the stop: what ran is still counted
+
+    monkeypatch.setattr(b, "CLOCK_EVERY", 0.05)
+    monkeypatch.setattr(training, "recipe", lambda name: (None, fake_train))
+    with pytest.raises(KeyboardInterrupt):
+        b._timed_training(b.Stage("vae", "vae", tmp_path / "w.safetensors"), None, tmp_path / "work")
+    assert 0.2 < seen[0] < 0.4  # written by the ticker during the run
+    total = json.loads((tmp_path / "work" / "wall_seconds.json").read_text())["seconds"]
+    assert total >= 0.4 and not (tmp_path / "work" / "wall_seconds.tmp").exists()

@@ -102,21 +102,41 @@ def _record(bundle: Path, stage: str, info: dict) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
+CLOCK_EVERY = 30.0  # seconds between writes of a running stage's clock
+
+
+def _write_clock(clock: Path, seconds: float) -> None:
+    tmp = clock.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"seconds": seconds}))
+    os.replace(tmp, clock)  # atomic: a kill mid-write leaves the previous value, not a torn file
+
+
 def _timed_training(stage: Stage, config, work: Path) -> tuple[Path, float]:
     """Train (resuming if a checkpoint exists); returns the model folder and the total wall time
-    over every run of this stage (kept in the work folder across interruptions)."""
+    over every run of this stage (kept in the work folder across interruptions). The clock is
+    also written every :data:`CLOCK_EVERY` seconds while training: a session's stop kills the run
+    without unwinding it, and its minutes would otherwise be missing from the record."""
+    import threading
+
     from controlstack.training import recipe
 
     _, train = recipe(stage.recipe)
+    work.mkdir(parents=True, exist_ok=True)
     clock = work / "wall_seconds.json"
     spent = json.loads(clock.read_text())["seconds"] if clock.is_file() else 0.0
     resume = (work / "checkpoints").is_dir() and any((work / "checkpoints").iterdir())
-    t0 = time.time()
+    t0, stop = time.time(), threading.Event()
+
+    def tick() -> None:
+        while not stop.wait(CLOCK_EVERY):
+            _write_clock(clock, spent + time.time() - t0)
+
+    threading.Thread(target=tick, daemon=True).start()
     try:
         model_dir = Path(train(config, resume=resume))
     finally:
-        work.mkdir(parents=True, exist_ok=True)
-        clock.write_text(json.dumps({"seconds": spent + time.time() - t0}))
+        stop.set()
+        _write_clock(clock, spent + time.time() - t0)
     return model_dir, spent + time.time() - t0
 
 
