@@ -119,7 +119,7 @@ def test_object_weight_changes_the_controlnet_and_base_losses(world_dir, tiny_va
 
     def first_loss(name, weight):
         out = tmp_path / f"{name}-{weight}"
-        objects = dict(object_column="instances", object_weight=weight) if weight else {}
+        objects = {"object_column": "instances", "object_weight": weight} if weight else {}
         if name == "cn":
             train_controlnet(tiny_controlnet_config(world_dir, tiny_base_dir, out, max_steps=1,
                                                     num_validation_images=0, **objects))
