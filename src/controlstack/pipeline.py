@@ -101,9 +101,10 @@ class Pipeline:
         components = load_base(path, allow_pickle=allow_pickle, config=config)
         # a folder in the bundle's layout (the shipped bundle, or bundle-v2 half-trained: some
         # ControlNets pending) brings its own ControlNets; a plain SD folder gets the bundled ones
-        in_bundle = Path(path).resolve() == assets.BUNDLE_DIR.resolve()
-        own = Path(path) / "controlnets"
-        controlnets = assets.trained_controlnets(Path(path)) if own.is_dir() else assets.bundled_controlnets()
+        folder = Path(path)
+        in_bundle = folder.resolve() == assets.BUNDLE_DIR.resolve()
+        own = (folder / "controlnets").is_dir()
+        controlnets = assets.trained_controlnets(folder) if own else assets.bundled_controlnets()
         return cls(components, controlnets=controlnets, name="controlstack-bundle" if in_bundle else str(path))
 
     def controlnet(self, model: Any):

@@ -27,12 +27,13 @@ from controlstack.io.png import make_grid
 from controlstack.training.config import TrainConfig, list_field
 from controlstack.training.data import (
     RowTransform,
+    batch_objects,
     batches,
     first_rows,
     load_image_dataset,
     make_dataloader,
     object_columns,
-    object_map,
+    object_hints,
     weighted_mean,
 )
 from controlstack.training.diffusion import (
@@ -185,7 +186,7 @@ def train(config: BaseConfig, resume: bool = False):
     noise_scheduler = sd_noise_scheduler(config.prediction_type)
 
     cache, dataset, transform = training_rows(config.latent_cache, acc, vae, dataset, config.resolution,
-                                              hints=("objects",) if config.object_column else ())
+                                              hints=object_hints(config))
     loader = make_dataloader(dataset, transform, config.batch_size, config.num_workers)
     val = first_rows(val_set, config.num_validation_images,
                      RowTransform(config.resolution, targets=("image",), caption="text"))
@@ -200,7 +201,7 @@ def train(config: BaseConfig, resume: bool = False):
     for batch in batches(acc, loader, session.micro) if not session.done else ():
         noisy, target, t, ids = noisy_batch(vae, noise_scheduler, tokenizer, batch, config.caption_dropout,
                                             session.step_generator(), acc.device, cache)
-        objects = object_map(batch["objects"], config.object_min_id) if config.object_column else None
+        objects = batch_objects(batch, config)
         with acc.accumulate(model), acc.autocast():
             loss = weighted_mean((model(noisy, t, ids).float() - target.float()).pow(2), objects, config.object_weight)
             session.optimize(model, loss, optimizer, lr_scheduler)

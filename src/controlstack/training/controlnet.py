@@ -29,12 +29,13 @@ from controlstack.io.png import make_grid
 from controlstack.training.config import TrainConfig, list_field
 from controlstack.training.data import (
     RowTransform,
+    batch_objects,
     batches,
     first_rows,
     load_image_dataset,
     make_dataloader,
     object_columns,
-    object_map,
+    object_hints,
     weighted_mean,
 )
 from controlstack.training.diffusion import noisy_batch, sd_noise_scheduler
@@ -153,7 +154,7 @@ def train(config: ControlNetConfig, resume: bool = False):
 
     columns = {config.image_column: "image", config.caption_column: "text", config.condition: "hint",
                **object_columns(config)}
-    hints = ("hint", "objects") if config.object_column else ("hint",)
+    hints = ("hint", *object_hints(config))
     dataset = load_image_dataset(config.data, columns)
     val_set = load_image_dataset(config.validation_data, columns) if config.validation_data else dataset
     base = load_base(config.base)
@@ -186,7 +187,7 @@ def train(config: ControlNetConfig, resume: bool = False):
     for batch in batches(acc, loader, session.micro) if not session.done else ():
         noisy, target, t, ids = noisy_batch(vae, noise_scheduler, tokenizer, batch, config.caption_dropout,
                                             session.step_generator(), acc.device, cache)
-        objects = object_map(batch["objects"], config.object_min_id) if config.object_column else None
+        objects = batch_objects(batch, config)
         with torch.no_grad():
             text_emb = text_encoder(ids)[0]
         with acc.accumulate(model), acc.autocast():

@@ -125,9 +125,20 @@ def object_columns(config) -> dict[str, str]:
     return {config.object_column: "objects"} if config.object_column else {}
 
 
+def object_hints(config) -> tuple[str, ...]:
+    """``("objects",)`` when the config weights objects, else ``()`` (for :class:`RowTransform`'s
+    ``hints``: the id map is scaled like a hint, to [0, 1])."""
+    return ("objects",) if config.object_column else ()
+
+
 def object_map(ids: torch.Tensor, min_id: int) -> torch.Tensor:
     """A grey id-map hint batch (B, C, H, W) in [0, 1] -> (B, 1, H, W) 0/1 map of ids >= ``min_id``."""
     return (ids[:, :1] * 255.0 > min_id - 0.5).float()
+
+
+def batch_objects(batch: dict, config) -> torch.Tensor | None:
+    """The batch's 0/1 object map (B, 1, H, W), or None when the config does not weight objects."""
+    return object_map(batch["objects"], config.object_min_id) if config.object_column else None
 
 
 def weighted_mean(err: torch.Tensor, objects: torch.Tensor | None, weight: float) -> torch.Tensor:

@@ -27,12 +27,13 @@ from controlstack.io.png import make_grid
 from controlstack.training.config import TrainConfig, list_field
 from controlstack.training.data import (
     RowTransform,
+    batch_objects,
     batches,
     first_rows,
     load_image_dataset,
     make_dataloader,
     object_columns,
-    object_map,
+    object_hints,
     weighted_mean,
 )
 from controlstack.training.session import TrainingSession, make_lr_scheduler, make_optimizer
@@ -179,7 +180,7 @@ def train(config: VAEConfig, resume: bool = False):
 
     columns = {config.image_column: "image", **object_columns(config)}
     dataset = load_image_dataset(config.data, columns)
-    transform = RowTransform(config.resolution, targets=("image",), hints=("objects",) if config.object_column else ())
+    transform = RowTransform(config.resolution, targets=("image",), hints=object_hints(config))
     loader = make_dataloader(dataset, transform, config.batch_size, config.num_workers)
     # validation reconstructs images only: a validation set needs no object column
     image_only = RowTransform(config.resolution, targets=("image",))
@@ -198,7 +199,7 @@ def train(config: VAEConfig, resume: bool = False):
         generator = session.step_generator()
         images, objects = batch["image"], None
         if config.object_column:  # crop the object map with the image: one crop of both
-            images = torch.cat([images, object_map(batch["objects"], config.object_min_id).to(images)], 1)
+            images = torch.cat([images, batch_objects(batch, config).to(images)], 1)
         images = random_crops(images, config.crop_size, generator)
         if config.object_column:
             images, objects = images[:, :3], images[:, 3:]
