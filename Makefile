@@ -4,7 +4,7 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: install demo test test-all bundle bundle-v2 clean
+.PHONY: install demo test test-all bundle bundle-v2 bundle-gpu clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
@@ -33,6 +33,12 @@ bundle: $(STAMP)
 # shipped one; promoted into src/controlstack/assets/bundle once every stage is done and it measures better.
 bundle-v2: $(STAMP)
 	$(BIN)/python -m controlstack.training.bundle --bundle bundle-v2 --work outputs/bundle-v2 $(if $(STAGES),--stages $(STAGES))
+
+# Bundle v3 on one GPU: v2's VAE (copied into bundle-v3/), then the base and the ControlNets with
+# the GPU configs, each stage sized to a wall-time budget by a short probe (docs/training.md).
+bundle-gpu: $(STAMP)
+	$(BIN)/python -m controlstack.training.bundle --bundle bundle-v3 --work outputs/bundle-v3 \
+	  --configs src/controlstack/configs/bundle-gpu --budget base=170 --budget controlnet=30 $(if $(STAGES),--stages $(STAGES))
 
 clean:
 	rm -rf $(VENV) outputs

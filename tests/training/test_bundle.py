@@ -137,3 +137,63 @@ def test_a_stage_clock_is_written_while_it_trains(tmp_path, monkeypatch):
     assert 0.2 < seen[0] < 0.4  # written by the ticker during the run
     total = json.loads((tmp_path / "work" / "wall_seconds.json").read_text())["seconds"]
     assert total >= 0.4 and not (tmp_path / "work" / "wall_seconds.tmp").exists()
+
+
+def test_a_budget_sizes_the_stage_from_a_probe(tmp_path, monkeypatch):
+    """``--budget vae=3``: a probe run reports 100 img/s, so 3 s at batch 2 is 150 steps; the probe's
+    folder is thrown away and its rate recorded with the stage."""
+    from pathlib import Path
+
+    import controlstack.training as training
+    from controlstack.training import bundle as b
+    from controlstack.training.session import MetricsLog
+    from controlstack.training.vae import VAEConfig
+
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "vae.yaml").write_text(yaml.safe_dump(TINY["vae"]))
+    probes, trained = [], []
+
+    def fake_train(config, resume=False):  # only the probe reaches the recipe here
+        probes.append(config.max_steps)
+        out = Path(config.output_dir)
+        out.mkdir(parents=True)
+        MetricsLog(out / "metrics.csv", None).log(config.max_steps, images_per_s=100.0)
+
+    class Trained(Exception):
+        pass
+
+    def fake_timed(stage, config, work):
+        trained.append(config)
+        raise Trained
+
+    (tmp_path / "work").mkdir()
+    monkeypatch.setattr(b, "_RATES", {})
+    monkeypatch.setattr(training, "recipe", lambda name: (VAEConfig, fake_train))
+    monkeypatch.setattr(b, "_timed_training", fake_timed)
+    stage = b.Stage("vae", "vae", tmp_path / "bundle" / "vae" / "w.safetensors")
+    with pytest.raises(Trained):
+        b.run_stage(stage, tmp_path / "work", tmp_path / "bundle", tmp_path / "configs", {"vae": 3.0})
+    assert probes == [b.PROBE_STEPS] and trained[0].max_steps == 150
+    assert not (tmp_path / "work" / ".probe-vae").exists()
+    # a budget smaller than the probe still trains the probe's step count, not zero steps
+    monkeypatch.setattr(b, "_RATES", {})
+    with pytest.raises(Trained):
+        b.run_stage(stage, tmp_path / "work", tmp_path / "bundle", tmp_path / "configs", {"vae": 0.01})
+    assert trained[1].max_steps == b.PROBE_STEPS
+    assert b.budget_for(b.Stage("controlnet-seg", "controlnet", tmp_path), {"controlnet": 30.0}) == 30.0
+    assert b.budget_for(b.Stage("controlnet-seg", "controlnet", tmp_path),
+                        {"controlnet": 30.0, "controlnet-seg": 60.0}) == 60.0
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--budget", "base"], "give STAGE=SECONDS"),
+    (["--budget", "base=-1"], "seconds must be positive"),
+    (["--budget", "bass=10"], "unknown stage 'bass'"),
+    (["--configs", "/nonexistent/configs"], "folder '/nonexistent/configs' not found"),
+])
+def test_bad_budget_and_configs_arguments_are_one_line_errors(tmp_path, capsys, args, message):
+    from controlstack.training import bundle as b
+
+    assert b.main(["--bundle", str(tmp_path / "b"), "--work", str(tmp_path / "w"), *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1

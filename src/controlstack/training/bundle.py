@@ -12,6 +12,13 @@ model card.
     make bundle                                   # everything that is not done yet
     make bundle STAGES="vae base"                 # only these stages
     python -m controlstack.training.bundle --list # what is done
+
+On a faster machine (a GPU) a stage can be sized by wall time instead of its config's
+``max_steps``: ``--budget base=240 --budget controlnet=30`` first runs a short probe of the stage
+(:data:`PROBE_STEPS` steps, thrown away), reads its training images/s and sets ``max_steps`` to
+what fits the budget (the LR schedule is then laid out over those steps, as for a fixed count).
+``--configs DIR`` reads the stage configs from another folder (``configs/bundle-gpu`` holds the
+GPU batch sizes). The probe's rate and the budget are recorded with the stage.
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "bundle"
 REPO_ROOT = Path(__file__).resolve().parents[3]  # src/controlstack/training/bundle.py -> the checkout
 CONTROLNETS = ("canny", "depth", "seg", "pose")
 WORLD_SCENES, WORLD_SIZE, WORLD_SEED = 20000, 128, 0  # evaluation: world.HELD_OUT_SEED
+PROBE_STEPS = 40  # steps of a budget probe: past the first steps' warm-up, short next to any budget
 
 
 @dataclass
@@ -155,7 +163,40 @@ def _forget_if_base_changed(work: Path, bundle: Path) -> None:
     stamp.write_text(digest + "\n")
 
 
-def run_stage(stage: Stage, work_root: Path, bundle: Path) -> None:
+_RATES: dict[tuple, float] = {}  # (recipe, config file, batch size) -> images/s, probed once per run
+
+
+def _probe_rate(stage: Stage, config_cls, yaml_path: Path, overrides: dict, work_root: Path) -> float:
+    """Training images/s of this stage's config on this machine, from a :data:`PROBE_STEPS`-step run
+    in a scratch folder (no validation, one checkpoint at the end; the folder is removed). The
+    ControlNet stages share one config and differ only in their hint, so one probe serves them all."""
+    from controlstack.training import recipe
+    from controlstack.training.session import read_metric
+
+    key = (stage.recipe, str(yaml_path), config_cls.from_yaml(yaml_path, **overrides).batch_size)
+    if key in _RATES:
+        return _RATES[key]
+
+    probe = work_root / f".probe-{stage.name}"
+    shutil.rmtree(probe, ignore_errors=True)
+    config = config_cls.from_yaml(yaml_path, resolution=WORLD_SIZE, **{
+        **overrides, "output_dir": str(probe), "max_steps": PROBE_STEPS, "lr_warmup_steps": 0,
+        "log_every": PROBE_STEPS, "checkpoint_every": PROBE_STEPS, "num_validation_images": 0})
+    recipe(stage.recipe)[1](config)
+    _, rates = read_metric(probe / "metrics.csv", "images_per_s")
+    shutil.rmtree(probe, ignore_errors=True)
+    _RATES[key] = rates[-1]
+    return rates[-1]
+
+
+def budget_for(stage: Stage, budgets: dict[str, float]) -> float | None:
+    """A stage's budget in seconds: by stage name, else by recipe name (``controlnet=30`` sizes
+    every ControlNet stage)."""
+    return budgets.get(stage.name, budgets.get(stage.recipe))
+
+
+def run_stage(stage: Stage, work_root: Path, bundle: Path, configs: Path = CONFIGS,
+              budgets: dict[str, float] | None = None) -> None:
     from controlstack.training import recipe
 
     world = work_root / "world"
@@ -165,7 +206,7 @@ def run_stage(stage: Stage, work_root: Path, bundle: Path) -> None:
         from controlstack.world.export import export_dataset
 
         export_dataset(world, scenes=WORLD_SCENES, seed=WORLD_SEED, config=WorldConfig(size=WORLD_SIZE),
-                       workers=max(1, min(os.cpu_count() or 1, 4)))
+                       workers=max(1, min(os.cpu_count() or 1, 16)))
         return
     config_cls, _ = recipe(stage.recipe)
     overrides = {"data": str(world), "output_dir": str(work)}
@@ -180,7 +221,17 @@ def run_stage(stage: Stage, work_root: Path, bundle: Path) -> None:
         overrides.update(base=str(bundle), condition=stage.condition)
         _forget_if_base_changed(work, bundle)
     yaml_name = "controlnet" if stage.recipe == "controlnet" else stage.name.replace("-", "_")
-    config = config_cls.from_yaml(CONFIGS / f"{yaml_name}.yaml", resolution=WORLD_SIZE, **overrides)
+    yaml_path = Path(configs) / f"{yaml_name}.yaml"
+    sized = {}
+    budget = budget_for(stage, budgets or {})
+    if budget is not None and not (work / "checkpoints").is_dir():  # a resumed stage keeps its step count
+        rate = _probe_rate(stage, config_cls, yaml_path, overrides, work_root)
+        batch = config_cls.from_yaml(yaml_path, resolution=WORLD_SIZE, **overrides).batch_size
+        overrides["max_steps"] = max(PROBE_STEPS, int(budget * rate / batch))
+        sized = {"budget_seconds": budget, "probe_images_per_s": round(rate, 1)}
+        print(f"{stage.name}: {rate:.0f} img/s in the probe -> {overrides['max_steps']} steps "
+              f"for {budget:.0f} s", flush=True)
+    config = config_cls.from_yaml(yaml_path, resolution=WORLD_SIZE, **overrides)
     model_dir, seconds = _timed_training(stage, config, work)
 
     bundle.mkdir(parents=True, exist_ok=True)
@@ -208,7 +259,7 @@ def run_stage(stage: Stage, work_root: Path, bundle: Path) -> None:
         "batch_size": config.batch_size, "resolution": config.resolution, "wall_seconds": round(seconds),
         "machine": machine(), "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "config": _portable(config.to_dict()), "data": f"world export: {WORLD_SCENES} scenes, seed {WORLD_SEED}, "
-                                           f"{WORLD_SIZE}x{WORLD_SIZE}",
+                                           f"{WORLD_SIZE}x{WORLD_SIZE}", **sized,
     })
 
 
@@ -270,20 +321,27 @@ def is_done(stage: Stage, work_root: Path) -> bool:
     return stage.target.is_file()
 
 
-def run(names: list[str] | None, work_root: Path, bundle: Path = BUNDLE_DIR, list_only: bool = False) -> None:
+def run(names: list[str] | None, work_root: Path, bundle: Path = BUNDLE_DIR, list_only: bool = False,
+        configs: Path = CONFIGS, budgets: dict[str, float] | None = None) -> None:
     """Run the named stages (default: all) that are not done, in order."""
     plan = stages(bundle)
     known = [s.name for s in plan]
     for n in names or []:
         if n not in known:
             raise ControlstackError(f"unknown stage '{n}'; choose from {', '.join(known)}")
+    for n in budgets or {}:
+        if n not in known and n not in ("base", "controlnet", "vae"):
+            raise ControlstackError(f"--budget: unknown stage '{n}'; give a stage ({', '.join(known)}) "
+                                    "or a recipe (vae, base, controlnet)")
+    if not Path(configs).is_dir():
+        raise ControlstackError(f"--configs: folder '{configs}' not found")
     for stage in plan:
         done = is_done(stage, work_root)
         if list_only:
             print(f"{stage.name:22s} {'done' if done else 'to do'}")
         elif not done and (not names or stage.name in names):
             print(f"== stage {stage.name} ==", flush=True)
-            run_stage(stage, work_root, bundle)
+            run_stage(stage, work_root, bundle, configs, budgets)
             if stage.recipe != "world":
                 write_checksums(bundle)
                 write_model_card(bundle)
@@ -297,9 +355,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--bundle", default=str(BUNDLE_DIR),
                     help="bundle folder the stages write to (default: the package's; another folder "
                          "builds a new bundle beside the shipped one)")
+    ap.add_argument("--configs", default=str(CONFIGS),
+                    help="folder of stage configs (default: the package's configs/bundle)")
+    ap.add_argument("--budget", action="append", default=[], metavar="STAGE=SECONDS",
+                    help="size a stage (or every stage of a recipe: base, controlnet) to this many seconds "
+                         "of training on this machine, from a short probe; repeatable")
     args = ap.parse_args(argv)
     try:
-        run(args.stages, Path(args.work), Path(args.bundle), list_only=args.list)
+        budgets = {}
+        for item in args.budget:
+            name, _, value = item.partition("=")
+            try:
+                budgets[name] = float(value)
+            except ValueError:
+                raise ControlstackError(f"--budget '{item}': give STAGE=SECONDS, e.g. base=240") from None
+            if not budgets[name] > 0:
+                raise ControlstackError(f"--budget '{item}': seconds must be positive")
+        run(args.stages, Path(args.work), Path(args.bundle), list_only=args.list, configs=Path(args.configs),
+            budgets=budgets)
     except ControlstackError as exc:
         print(f"bundle: error: {exc}", file=sys.stderr)
         return 2

@@ -95,7 +95,7 @@ def make_dataloader(dataset, transform: RowTransform, batch_size: int, num_worke
         shuffle=shuffle,
         drop_last=True,  # every step sees a full batch: step i is the same work on every run
         num_workers=num_workers,
-        persistent_workers=False,
+        persistent_workers=num_workers > 0,  # no worker restart per epoch (an epoch is seconds on a GPU)
     )
 
 
