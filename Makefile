@@ -37,8 +37,10 @@ bundle-v2: $(STAMP)
 # Bundle v3 on one GPU: v2's VAE (copied into bundle-v3/), then the base and the ControlNets with
 # the GPU configs, each stage sized to a wall-time budget by a short probe (docs/training.md).
 bundle-gpu: $(STAMP)
+	@test -d bundle-v3/vae || { mkdir -p bundle-v3 && cp -r bundle-v2/vae bundle-v3/ && $(BIN)/python -c \
+	  "import json; d = json.load(open('bundle-v2/stages.json')); json.dump({k: d[k] for k in ('vae', 'vae-decoder')}, open('bundle-v3/stages.json', 'w'), indent=2)"; }
 	$(BIN)/python -m controlstack.training.bundle --bundle bundle-v3 --work outputs/bundle-v3 \
-	  --configs src/controlstack/configs/bundle-gpu --budget base=170 --budget controlnet=30 $(if $(STAGES),--stages $(STAGES))
+	  --configs src/controlstack/configs/bundle-gpu --budget base=240 --budget controlnet=60 $(if $(STAGES),--stages $(STAGES))
 
 clean:
 	rm -rf $(VENV) outputs
