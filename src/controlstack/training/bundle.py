@@ -195,7 +195,7 @@ def budget_for(stage: Stage, budgets: dict[str, float]) -> float | None:
     return budgets.get(stage.name, budgets.get(stage.recipe))
 
 
-def run_stage(stage: Stage, work_root: Path, bundle: Path, configs: Path = CONFIGS,
+def run_stage(stage: Stage, work_root: Path, bundle: Path, configs: Path | None = None,
               budgets: dict[str, float] | None = None) -> None:
     from controlstack.training import recipe
 
@@ -221,7 +221,7 @@ def run_stage(stage: Stage, work_root: Path, bundle: Path, configs: Path = CONFI
         overrides.update(base=str(bundle), condition=stage.condition)
         _forget_if_base_changed(work, bundle)
     yaml_name = "controlnet" if stage.recipe == "controlnet" else stage.name.replace("-", "_")
-    yaml_path = Path(configs) / f"{yaml_name}.yaml"
+    yaml_path = Path(configs or CONFIGS) / f"{yaml_name}.yaml"
     sized = {}
     budget = budget_for(stage, budgets or {})
     if budget is not None and not (work / "checkpoints").is_dir():  # a resumed stage keeps its step count
@@ -322,7 +322,7 @@ def is_done(stage: Stage, work_root: Path) -> bool:
 
 
 def run(names: list[str] | None, work_root: Path, bundle: Path = BUNDLE_DIR, list_only: bool = False,
-        configs: Path = CONFIGS, budgets: dict[str, float] | None = None) -> None:
+        configs: Path | None = None, budgets: dict[str, float] | None = None) -> None:
     """Run the named stages (default: all) that are not done, in order."""
     plan = stages(bundle)
     known = [s.name for s in plan]
@@ -333,7 +333,8 @@ def run(names: list[str] | None, work_root: Path, bundle: Path = BUNDLE_DIR, lis
         if n not in known and n not in ("base", "controlnet", "vae"):
             raise ControlstackError(f"--budget: unknown stage '{n}'; give a stage ({', '.join(known)}) "
                                     "or a recipe (vae, base, controlnet)")
-    if not Path(configs).is_dir():
+    configs = Path(configs or CONFIGS)
+    if not configs.is_dir():
         raise ControlstackError(f"--configs: folder '{configs}' not found")
     for stage in plan:
         done = is_done(stage, work_root)
@@ -355,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--bundle", default=str(BUNDLE_DIR),
                     help="bundle folder the stages write to (default: the package's; another folder "
                          "builds a new bundle beside the shipped one)")
-    ap.add_argument("--configs", default=str(CONFIGS),
+    ap.add_argument("--configs", default=None,
                     help="folder of stage configs (default: the package's configs/bundle)")
     ap.add_argument("--budget", action="append", default=[], metavar="STAGE=SECONDS",
                     help="size a stage (or every stage of a recipe: base, controlnet) to this many seconds "
@@ -371,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise ControlstackError(f"--budget '{item}': give STAGE=SECONDS, e.g. base=240") from None
             if not budgets[name] > 0:
                 raise ControlstackError(f"--budget '{item}': seconds must be positive")
-        run(args.stages, Path(args.work), Path(args.bundle), list_only=args.list, configs=Path(args.configs),
+        run(args.stages, Path(args.work), Path(args.bundle), list_only=args.list, configs=args.configs,
             budgets=budgets)
     except ControlstackError as exc:
         print(f"bundle: error: {exc}", file=sys.stderr)
