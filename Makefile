@@ -4,7 +4,7 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: install demo test test-all bundle bundle-v2 bundle-gpu clean
+.PHONY: install demo test test-all bundle bundle-gpu clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
@@ -29,16 +29,11 @@ test-all: $(STAMP)
 bundle: $(STAMP)
 	$(BIN)/python -m controlstack.training.bundle $(if $(STAGES),--stages $(STAGES))
 
-# The next bundle (docs/training.md, "bundle v2"), built stage by stage in bundle-v2/ beside the
-# shipped one; promoted into src/controlstack/assets/bundle once every stage is done and it measures better.
-bundle-v2: $(STAMP)
-	$(BIN)/python -m controlstack.training.bundle --bundle bundle-v2 --work outputs/bundle-v2 $(if $(STAGES),--stages $(STAGES))
-
-# Bundle v3 on one GPU: v2's VAE (copied into bundle-v3/), then the base and the ControlNets with
+# Bundle v3 on one GPU: the bundled VAE (copied into bundle-v3/), then the base and the ControlNets with
 # the GPU configs, each stage sized to a wall-time budget by a short probe (docs/training.md).
 bundle-gpu: $(STAMP)
-	@test -d bundle-v3/vae || { mkdir -p bundle-v3 && cp -r bundle-v2/vae bundle-v3/ && $(BIN)/python -c \
-	  "import json; d = json.load(open('bundle-v2/stages.json')); json.dump({k: d[k] for k in ('vae', 'vae-decoder')}, open('bundle-v3/stages.json', 'w'), indent=2)"; }
+	@test -d bundle-v3/vae || { mkdir -p bundle-v3 && cp -r src/controlstack/assets/bundle/vae bundle-v3/ && $(BIN)/python -c \
+	  "import json; d = json.load(open('src/controlstack/assets/bundle/stages.json')); json.dump({k: d[k] for k in ('vae', 'vae-decoder')}, open('bundle-v3/stages.json', 'w'), indent=2)"; }
 	$(BIN)/python -m controlstack.training.bundle --bundle bundle-v3 --work outputs/bundle-v3 \
 	  --configs src/controlstack/configs/bundle-gpu --budget base=240 --budget controlnet=60 $(if $(STAGES),--stages $(STAGES))
 
