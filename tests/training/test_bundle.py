@@ -120,7 +120,7 @@ def test_a_stage_clock_is_written_while_it_trains(tmp_path, monkeypatch):
     """A session's stop kills the run without unwinding it: the clock must already be on disk."""
     import time
 
-    import controlstack.training as training
+    from controlstack import training
     from controlstack.training import bundle as b
 
     seen = []
@@ -144,7 +144,7 @@ def test_a_budget_sizes_the_stage_from_a_probe(tmp_path, monkeypatch):
     folder is thrown away and its rate recorded with the stage."""
     from pathlib import Path
 
-    import controlstack.training as training
+    from controlstack import training
     from controlstack.training import bundle as b
     from controlstack.training.session import MetricsLog
     from controlstack.training.vae import VAEConfig
