@@ -160,7 +160,7 @@ def test_a_budget_sizes_the_stage_from_a_probe(tmp_path, monkeypatch):
         MetricsLog(out / "metrics.csv", None).log(config.max_steps, images_per_s=100.0)
 
     class Trained(Exception):
-        pass
+        """Raised where the real stage would start training: the test ends there."""
 
     def fake_timed(stage, config, work):
         trained.append(config)

@@ -24,6 +24,7 @@ GPU batch sizes). The probe's rate and the budget are recorded with the stage.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -163,30 +164,26 @@ def _forget_if_base_changed(work: Path, bundle: Path) -> None:
     stamp.write_text(digest + "\n")
 
 
-_RATES: dict[tuple, float] = {}  # (recipe, config file, batch size) -> images/s, probed once per run
+_RATES: dict[tuple, float] = {}  # (recipe, batch size) -> images/s, probed once per run
 
 
-def _probe_rate(stage: Stage, config_cls, yaml_path: Path, overrides: dict, work_root: Path) -> float:
-    """Training images/s of this stage's config on this machine, from a :data:`PROBE_STEPS`-step run
-    in a scratch folder (no validation, one checkpoint at the end; the folder is removed). The
+def _probe_rate(stage: Stage, config, work_root: Path) -> float:
+    """Training images/s of this stage's ``config`` on this machine, from a :data:`PROBE_STEPS`-step
+    run in a scratch folder (no validation, one checkpoint at the end; the folder is removed). The
     ControlNet stages share one config and differ only in their hint, so one probe serves them all."""
     from controlstack.training import recipe
     from controlstack.training.session import read_metric
 
-    key = (stage.recipe, str(yaml_path), config_cls.from_yaml(yaml_path, **overrides).batch_size)
-    if key in _RATES:
-        return _RATES[key]
-
-    probe = work_root / f".probe-{stage.name}"
-    shutil.rmtree(probe, ignore_errors=True)
-    config = config_cls.from_yaml(yaml_path, resolution=WORLD_SIZE, **{
-        **overrides, "output_dir": str(probe), "max_steps": PROBE_STEPS, "lr_warmup_steps": 0,
-        "log_every": PROBE_STEPS, "checkpoint_every": PROBE_STEPS, "num_validation_images": 0})
-    recipe(stage.recipe)[1](config)
-    _, rates = read_metric(probe / "metrics.csv", "images_per_s")
-    shutil.rmtree(probe, ignore_errors=True)
-    _RATES[key] = rates[-1]
-    return rates[-1]
+    key = (stage.recipe, config.batch_size)
+    if key not in _RATES:
+        probe = work_root / f".probe-{stage.name}"
+        shutil.rmtree(probe, ignore_errors=True)
+        recipe(stage.recipe)[1](dataclasses.replace(
+            config, output_dir=str(probe), max_steps=PROBE_STEPS, lr_warmup_steps=0, log_every=PROBE_STEPS,
+            checkpoint_every=PROBE_STEPS, num_validation_images=0))
+        _RATES[key] = read_metric(probe / "metrics.csv", "images_per_s")[1][-1]
+        shutil.rmtree(probe, ignore_errors=True)
+    return _RATES[key]
 
 
 def budget_for(stage: Stage, budgets: dict[str, float]) -> float | None:
@@ -221,17 +218,16 @@ def run_stage(stage: Stage, work_root: Path, bundle: Path, configs: Path | None 
         overrides.update(base=str(bundle), condition=stage.condition)
         _forget_if_base_changed(work, bundle)
     yaml_name = "controlnet" if stage.recipe == "controlnet" else stage.name.replace("-", "_")
-    yaml_path = Path(configs or CONFIGS) / f"{yaml_name}.yaml"
+    config = config_cls.from_yaml(Path(configs or CONFIGS) / f"{yaml_name}.yaml", resolution=WORLD_SIZE,
+                                  **overrides)
     sized = {}
     budget = budget_for(stage, budgets or {})
     if budget is not None and not (work / "checkpoints").is_dir():  # a resumed stage keeps its step count
-        rate = _probe_rate(stage, config_cls, yaml_path, overrides, work_root)
-        batch = config_cls.from_yaml(yaml_path, resolution=WORLD_SIZE, **overrides).batch_size
-        overrides["max_steps"] = max(PROBE_STEPS, int(budget * rate / batch))
+        rate = _probe_rate(stage, config, work_root)
+        config = dataclasses.replace(config, max_steps=max(PROBE_STEPS, int(budget * rate / config.batch_size)))
         sized = {"budget_seconds": budget, "probe_images_per_s": round(rate, 1)}
-        print(f"{stage.name}: {rate:.0f} img/s in the probe -> {overrides['max_steps']} steps "
+        print(f"{stage.name}: {rate:.0f} img/s in the probe -> {config.max_steps} steps "
               f"for {budget:.0f} s", flush=True)
-    config = config_cls.from_yaml(yaml_path, resolution=WORLD_SIZE, **overrides)
     model_dir, seconds = _timed_training(stage, config, work)
 
     bundle.mkdir(parents=True, exist_ok=True)
@@ -329,10 +325,11 @@ def run(names: list[str] | None, work_root: Path, bundle: Path = BUNDLE_DIR, lis
     for n in names or []:
         if n not in known:
             raise ControlstackError(f"unknown stage '{n}'; choose from {', '.join(known)}")
+    recipes = sorted({s.recipe for s in plan} - {"world"})  # the world export has no steps to size
     for n in budgets or {}:
-        if n not in known and n not in ("base", "controlnet", "vae"):
+        if n not in known and n not in recipes:
             raise ControlstackError(f"--budget: unknown stage '{n}'; give a stage ({', '.join(known)}) "
-                                    "or a recipe (vae, base, controlnet)")
+                                    f"or a recipe ({', '.join(recipes)})")
     configs = Path(configs or CONFIGS)
     if not configs.is_dir():
         raise ControlstackError(f"--configs: folder '{configs}' not found")
