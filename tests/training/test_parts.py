@@ -25,6 +25,35 @@ def test_tokenizer_whole_words_and_clip_format(tmp_path):
     assert loaded.model_max_length == 12
 
 
+def test_world_words_are_single_tokens_whatever_their_merges_share():
+    """BPE merges the lowest-ranked pair first, so a word's merges can be pre-empted by another
+    word's: spelt letter by letter, "and" (a+n) cut "sand" into s|and, and 8 of the world's 51
+    words (person, striped, ...) came out in pieces -- 15% of captions then ran past 32 tokens."""
+    from controlstack.training.tokenizer import build_tokenizer
+    from controlstack.world.captions import VOCABULARY
+
+    tok = build_tokenizer("world", 32)
+    assert [w for w in VOCABULARY if len(tok(w).input_ids) != 3] == []
+    caption = "a gray striped cone right of a gray cube, a white horse behind a running person in purple on sand"
+    assert len(tok(caption).input_ids) == 2 + 21  # one token per word and comma
+    assert tok("sand and an").input_ids == tok("sand").input_ids[:-1] + tok("and an").input_ids[1:]
+
+
+def test_optimizer_is_fused_on_the_cpu():
+    from controlstack.training.session import make_optimizer
+    from controlstack.training.vae import VAEConfig
+
+    frozen, trained = torch.nn.Linear(3, 3).requires_grad_(False), torch.nn.Linear(3, 2)
+    opt = make_optimizer([*frozen.parameters(), *trained.parameters()], VAEConfig(data="unused", learning_rate=0.1))
+    assert opt.defaults["fused"] is True
+    assert [p for g in opt.param_groups for p in g["params"]] == list(trained.parameters())
+    trained.weight.grad, trained.bias.grad = torch.ones(2, 3), torch.ones(2)
+    before = trained.weight.detach().clone()
+    opt.step()  # Adam's first step moves every weight by lr (x (1 - lr * weight decay) first)
+    expected = before * (1 - 0.1 * opt.defaults["weight_decay"]) - 0.1
+    assert torch.allclose(trained.weight, expected, atol=1e-6)
+
+
 def test_unknown_vocabulary_source():
     from controlstack.training.tokenizer import build_tokenizer
 

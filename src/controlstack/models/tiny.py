@@ -26,11 +26,25 @@ def bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, [chr(c) for c in cs]))
 
 
+def _bpe(symbols: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
+    """CLIP's BPE on one word: merge the lowest-ranked adjacent pair until none is a merge."""
+    while len(symbols) > 1:
+        pairs = [(ranks.get(p, len(ranks)), i) for i, p in enumerate(zip(symbols, symbols[1:]))]
+        rank, i = min(pairs)
+        if rank == len(ranks):
+            break
+        symbols = symbols[:i] + [symbols[i] + symbols[i + 1]] + symbols[i + 2:]
+    return symbols
+
+
 def byte_level_tokenizer(max_length: int = 77, words: list[str] | None = None):
     """A ``CLIPTokenizer`` over bytes, optionally with whole-word tokens for ``words``.
 
-    Each word in ``words`` becomes one token (its BPE merges are added letter by letter), which is
-    how the world's tokenizer keeps captions short.
+    Each word in ``words`` becomes one token, which is how the world's tokenizer keeps captions
+    short. BPE applies the lowest-ranked merge first, so merges added for one word can cut up
+    another: with "and" spelt a+n -> an, an+d, "sand" becomes s|and and never s+a. So each word
+    is first tokenized with the merges so far, and merges are added that join what is left, left
+    to right, until a pass over all the words adds none.
     """
     from transformers import CLIPTokenizer
 
@@ -40,19 +54,21 @@ def byte_level_tokenizer(max_length: int = 77, words: list[str] | None = None):
         vocab[c] = len(vocab)
     for c in chars:
         vocab[c + "</w>"] = len(vocab)
-    merges: list[tuple[str, str]] = []
-    for word in words or []:
-        symbols = list(word[:-1]) + [word[-1] + "</w>"]
-        while len(symbols) > 1:  # merge left to right: a + b, ab + c, ...
-            pair = (symbols[0], symbols[1])
-            merged = pair[0] + pair[1]
-            if merged not in vocab:
-                merges.append(pair)
-                vocab[merged] = len(vocab)
-            symbols = [merged] + symbols[2:]
+    ranks: dict[tuple[str, str], int] = {}
+    changed = True
+    while changed:
+        changed = False
+        for word in words or []:
+            symbols = _bpe(list(word[:-1]) + [word[-1] + "</w>"], ranks)
+            while len(symbols) > 1:  # join what BPE leaves: a + b, ab + c, ...
+                pair = (symbols[0], symbols[1])
+                ranks.setdefault(pair, len(ranks))
+                vocab.setdefault(pair[0] + pair[1], len(vocab))
+                symbols = _bpe(symbols, ranks)
+                changed = True
     vocab["<|startoftext|>"] = len(vocab)
     vocab["<|endoftext|>"] = len(vocab)
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
+    return CLIPTokenizer(vocab=vocab, merges=list(ranks), model_max_length=max_length)
 
 
 @dataclass

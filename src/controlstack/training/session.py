@@ -72,14 +72,21 @@ def read_metric(path: Path, metric: str) -> tuple[list[int], list[float]]:
 
 
 def make_optimizer(params, config: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW (the ControlNet paper's optimiser; also diffusers' training scripts')."""
-    return torch.optim.AdamW(
-        [p for p in params if p.requires_grad],
-        lr=config.learning_rate,
-        betas=(config.adam_beta1, config.adam_beta2),
-        weight_decay=config.adam_weight_decay,
-        eps=config.adam_epsilon,
-    )
+    """AdamW (the ControlNet paper's optimiser; also diffusers' training scripts'), fused.
+
+    The fused kernel updates every parameter in one pass. PyTorch's default path on the CPU loops
+    over the parameters one by one: for the bundle's U-Net (496 tensors, 6.2M numbers) one step
+    took 52.5 ms that way, 38.1 with ``foreach`` and 10.5 fused (the ControlNet: 32.3 / 21.7 /
+    7.0 ms; AMD EPYC, 2 cores, session 11), about 5% of a training step. CUDA has the same
+    kernel. Devices without one fall back to the default path.
+    """
+    kwargs = dict(lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
+                  weight_decay=config.adam_weight_decay, eps=config.adam_epsilon)
+    trainable = [p for p in params if p.requires_grad]
+    try:
+        return torch.optim.AdamW(trainable, fused=True, **kwargs)
+    except RuntimeError:  # a device or dtype with no fused kernel (e.g. MPS with float64)
+        return torch.optim.AdamW(trainable, **kwargs)
 
 
 def make_lr_scheduler(optimizer, config: TrainConfig, num_processes: int):
