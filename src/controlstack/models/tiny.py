@@ -7,6 +7,7 @@ built from a byte-level vocabulary (every byte is a token, no merges), so nothin
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -29,7 +30,7 @@ def bytes_to_unicode() -> dict[int, str]:
 def _bpe(symbols: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
     """CLIP's BPE on one word: merge the lowest-ranked adjacent pair until none is a merge."""
     while len(symbols) > 1:
-        pairs = [(ranks.get(p, len(ranks)), i) for i, p in enumerate(zip(symbols, symbols[1:]))]
+        pairs = [(ranks.get(p, len(ranks)), i) for i, p in enumerate(itertools.pairwise(symbols))]
         rank, i = min(pairs)
         if rank == len(ranks):
             break

@@ -80,8 +80,8 @@ def make_optimizer(params, config: TrainConfig) -> torch.optim.Optimizer:
     7.0 ms; AMD EPYC, 2 cores, session 11), about 5% of a training step. CUDA has the same
     kernel. Devices without one fall back to the default path.
     """
-    kwargs = dict(lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
-                  weight_decay=config.adam_weight_decay, eps=config.adam_epsilon)
+    kwargs = {"lr": config.learning_rate, "betas": (config.adam_beta1, config.adam_beta2),
+              "weight_decay": config.adam_weight_decay, "eps": config.adam_epsilon}
     trainable = [p for p in params if p.requires_grad]
     try:
         return torch.optim.AdamW(trainable, fused=True, **kwargs)
