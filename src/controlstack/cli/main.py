@@ -25,6 +25,7 @@ COMMANDS = (
     "annotate",
     "world",
     "train",
+    "asym",
     "demo",
 )
 

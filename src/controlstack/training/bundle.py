@@ -37,11 +37,17 @@ from pathlib import Path
 import yaml
 
 from controlstack.assets import BUNDLE_DIR, write_checksums
+from controlstack.io.settings import SETTINGS
 from controlstack.errors import ControlstackError
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "bundle"
 REPO_ROOT = Path(__file__).resolve().parents[3]  # src/controlstack/training/bundle.py -> the checkout
 CONTROLNETS = ("canny", "depth", "seg", "pose")
+# Minimal Impact ControlNets (docs/mi.md), each fine-tuned from the bundled plain one: stage 1
+# (rebalanced data + mi injection) then stage 2 (+ conservativity). The ablation's "+ data
+# rebalancing" model (sum injection) is trained for MI_ABLATION only.
+MI_CONTROLNETS = ("canny", "seg", "depth", "pose")
+MI_ABLATION = ("canny", "seg")
 WORLD_SCENES, WORLD_SIZE, WORLD_SEED = 20000, 128, 0  # evaluation: world.HELD_OUT_SEED
 PROBE_STEPS = 40  # steps of a budget probe: past the first steps' warm-up, short next to any budget
 
@@ -53,6 +59,8 @@ class Stage:
     target: Path                # the file whose presence means "done"
     condition: str = ""         # for ControlNet stages
     init_from: Path | None = None  # a refining stage starts from this bundled model
+    config: str = ""            # config file name (default: the recipe's, or the stage's)
+    dest: Path | None = None    # ControlNet stages: the folder the fp16 model goes to
 
 
 def stages(bundle: Path = BUNDLE_DIR) -> list[Stage]:
@@ -67,6 +75,14 @@ def stages(bundle: Path = BUNDLE_DIR) -> list[Stage]:
     ]
     out += [Stage(f"controlnet-{c}", "controlnet", bundle / "controlnets" / c / "diffusion_pytorch_model.safetensors", c)
             for c in CONTROLNETS]
+    weights = "diffusion_pytorch_model.safetensors"
+    for c in MI_CONTROLNETS:
+        plain, stage1, final = bundle / "controlnets" / c, bundle / "mi" / f"{c}-stage1", bundle / "controlnets" / f"mi-{c}"
+        if c in MI_ABLATION:
+            ablation = bundle / "mi" / f"{c}-rebalance"
+            out.append(Stage(f"mi-{c}-rebalance", "controlnet", ablation / weights, c, plain, "mi_rebalance", ablation))
+        out.append(Stage(f"mi-{c}-stage1", "controlnet", stage1 / weights, c, plain, "mi_stage1", stage1))
+        out.append(Stage(f"mi-{c}", "controlnet", final / weights, c, stage1, "mi_stage2", final))
     return out
 
 
@@ -217,7 +233,7 @@ def run_stage(stage: Stage, work_root: Path, bundle: Path, configs: Path | None 
     if stage.recipe == "controlnet":
         overrides.update(base=str(bundle), condition=stage.condition)
         _forget_if_base_changed(work, bundle)
-    yaml_name = "controlnet" if stage.recipe == "controlnet" else stage.name.replace("-", "_")
+    yaml_name = stage.config or ("controlnet" if stage.recipe == "controlnet" else stage.name.replace("-", "_"))
     config = config_cls.from_yaml(Path(configs or CONFIGS) / f"{yaml_name}.yaml", resolution=WORLD_SIZE,
                                   **overrides)
     sized = {}
@@ -248,10 +264,14 @@ def run_stage(stage: Stage, work_root: Path, bundle: Path, configs: Path | None 
     else:
         from diffusers import ControlNetModel
 
-        (bundle / "controlnets").mkdir(exist_ok=True)
-        save_fp16(ControlNetModel.from_pretrained(model_dir), bundle / "controlnets" / stage.condition)
+        dest = stage.dest or bundle / "controlnets" / stage.condition
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        save_fp16(ControlNetModel.from_pretrained(model_dir), dest)
+        if (model_dir / SETTINGS).is_file():  # the recommended mode travels with the weights
+            shutil.copy(model_dir / SETTINGS, dest / SETTINGS)
     _record(bundle, stage.name, {
         "recipe": stage.recipe, "condition": stage.condition or None, "steps": config.max_steps,
+        **({"dest": str(stage.dest.relative_to(bundle))} if stage.dest else {}),
         "batch_size": config.batch_size, "resolution": config.resolution, "wall_seconds": round(seconds),
         "machine": machine(), "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "config": _portable(config.to_dict()), "data": f"world export: {WORLD_SCENES} scenes, seed {WORLD_SEED}, "
@@ -266,6 +286,18 @@ def _stage_rows(stages_info: dict) -> list[str]:
         rows.append(f"| {name} | {info['steps']} x {info['batch_size']} | {info['resolution']} | "
                     f"{info['wall_seconds'] / 60:.0f} min | {info['machine']} | {info['finished']} |")
     return rows
+
+
+def _lineage(name: str, stages_info: dict) -> list[str]:
+    """The stage and the bundle stages it was fine-tuned from (by ``init_from``), oldest first."""
+    out = [name]
+    while True:
+        init = str(stages_info[out[-1]].get("config", {}).get("init_from", ""))
+        parent = next((n for n, i in stages_info.items() if n not in out and init
+                       and init.endswith("/" + i.get("dest", f"controlnets/{i.get('condition')}"))), None)
+        if parent is None:
+            return out[::-1]
+        out.append(parent)
 
 
 def write_model_card(bundle: Path = BUNDLE_DIR) -> Path:
@@ -291,15 +323,20 @@ def write_model_card(bundle: Path = BUNDLE_DIR) -> Path:
     path.write_text("\n".join(lines) + "\n")
 
     for name, info in stages_info.items():
-        folder = bundle / "controlnets" / str(info.get("condition"))
+        folder = bundle / info.get("dest", f"controlnets/{info.get('condition')}")
         if info.get("recipe") != "controlnet" or not folder.is_dir():
             continue
-        card = [f"# ControlNet: {info['condition']}", "",
+        lineage = _lineage(name, stages_info)
+        kind = "Minimal Impact ControlNet" if "mi_" in str(info.get("config", {})) or name.startswith("mi-") \
+            else "ControlNet"
+        card = [f"# {kind}: {info['condition']} (`{folder.name}`)", "",
                 f"Trained by `make bundle` (stage `{name}`) on the locked bundled base, condition column "
-                f"`{info['condition']}` of the world export.", "", *_stage_rows({name: info}), "",
+                f"`{info['condition']}` of the world export."
+                + (" Fine-tuned from the bundled plain ControlNet; see docs/mi.md." if name.startswith("mi-") else ""),
+                "", *_stage_rows({n: stages_info[n] for n in lineage}), "",
                 f"Data: {info['data']}.", "", "Config:", "", "```yaml",
                 yaml.safe_dump(info["config"], sort_keys=False).strip(), "```"]
-        if fidelity is not None and info["condition"] in fidelity.get("f1", {}):
+        if fidelity is not None and info["condition"] in fidelity.get("f1", {}) and not name.startswith("mi-"):
             f1 = fidelity["f1"][info["condition"]]
             card += ["", f"Measured on {fidelity['scenes']} held-out scenes (`benchmarks/fidelity.py`): "
                          f"F1 {f1['control']:.3f} with control vs {f1['no_control']:.3f} without "

@@ -12,6 +12,15 @@ optional EMA of the ControlNet's weights. Hint in [0, 1], target latents from th
 The forward pass is the project's own inference path (``models/runner.py`` + ``injection``):
 ``encode -> ControlNet residuals -> sum injection -> decode`` in :func:`controlnet_eps`.
 
+Minimal Impact ControlNet (MIControlNet, Sec. 4) is options of this recipe, not a copy of it:
+
+* ``rebalance_*`` -- silent-signal data rebalancing (Sec. 4.1, ``rebalance.py``): the condition is
+  blanked outside a random subset of the image's regions, the target stays whole;
+* ``injection: mi`` -- stage 1, balanced injection in the training forward pass: the very
+  strategy object the sampler uses (``injection/mi.py``, options in ``injection_options``);
+* ``conservativity_weight`` -- stage 2 (started with ``init_from`` = stage 1's model):
+  ``L = L_diffusion + w · Asym(J_cn)`` with Hutchinson probes (``conservativity.py``).
+
 Output: ``<output_dir>/model`` is a diffusers ``ControlNetModel`` folder (safetensors; the EMA
 weights when ``use_ema``). ``metrics.csv`` logs the loss and the condition fidelity of validation
 samples; ``fidelity.png`` plots it, where the paper's sudden convergence shows as a jump.
@@ -20,7 +29,7 @@ samples; ``fidelity.png`` plots it, where the paper's sudden convergence shows a
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -38,8 +47,10 @@ from controlstack.training.data import (
     object_hints,
     weighted_mean,
 )
+from controlstack.training.conservativity import conservativity_loss, epsilon_part, twice_differentiable
 from controlstack.training.diffusion import noisy_batch, sd_noise_scheduler
 from controlstack.training.latents import training_rows
+from controlstack.training.rebalance import blank_value, preview_grid, rebalance
 from controlstack.training.session import TrainingSession, make_lr_scheduler, make_optimizer
 from controlstack.training.validation import (
     condition_fidelity,
@@ -65,6 +76,18 @@ class ControlNetConfig(TrainConfig):
     ema_decay: float = 0.9999
     learning_rate: float = 1e-5             # the paper's AdamW learning rate
     # validation sampling
+    # Minimal Impact ControlNet, Sec. 4.1: silent-signal data rebalancing (0: off)
+    rebalance_probability: float = 0.0      # chance that a sample's condition is cut to some of its regions
+    rebalance_keep: tuple[float, ...] = list_field(0.2, 0.8)  # fraction of regions kept, drawn uniformly
+    rebalance_regions: str = "instances"    # region source: instances (id map) | seg (colours) | slic
+    rebalance_column: str = ""              # column of the id map / seg; "": the source's name
+    # Sec. 4.2: the injection strategy in the training forward (the sampler's own: sum | mi | ...)
+    injection: str = "sum"
+    injection_options: dict = field(default_factory=dict)  # e.g. {reduce: position} for mi
+    # Sec. 4.3, stage 2: L = L_diffusion + w * Asym(J_cn), Hutchinson-estimated (0: off)
+    conservativity_weight: float = 0.0      # the paper: 0.01
+    conservativity_probes: int = 1          # Rademacher probes per sample
+    conservativity_batch: int = 0           # samples of the batch the term is estimated on; 0: all
     num_inference_steps: int = 20
     guidance_scale: float = 5.0
     conditioning_scale: float = 1.0
@@ -81,6 +104,37 @@ class ControlNetConfig(TrainConfig):
                 f"config keys 'object_column' and 'condition' both name '{self.condition}'; use two columns")
         require(0.0 < self.ema_decay < 1.0, "config key 'ema_decay' must be in (0, 1)")
         require(self.num_inference_steps >= 1, "config key 'num_inference_steps' must be >= 1")
+        self._check_mi()
+
+    def _check_mi(self) -> None:
+        from controlstack.injection import make_injection
+        from controlstack.training.rebalance import REGION_SOURCES, blank_value
+
+        require(0.0 <= self.rebalance_probability <= 1.0, "config key 'rebalance_probability' must be in [0, 1]")
+        require(len(self.rebalance_keep) == 2 and 0.0 <= self.rebalance_keep[0] <= self.rebalance_keep[1] <= 1.0,
+                "config key 'rebalance_keep' must be [low, high] with 0 <= low <= high <= 1")
+        require(self.rebalance_regions in REGION_SOURCES,
+                f"config key 'rebalance_regions' is '{self.rebalance_regions}'; choose one of {', '.join(REGION_SOURCES)}")
+        if self.rebalance_probability > 0:
+            blank_value(self.condition)  # fails with one line for a condition without a blank value
+            require(self.rebalance_region_column != self.condition,
+                    f"config key 'rebalance_column' names the condition column '{self.condition}'; use the id map")
+        require(isinstance(self.injection_options, dict),
+                "config key 'injection_options' must be a mapping, e.g. {reduce: layer}")
+        make_injection(self.injection, **self.injection_options)  # unknown names / options fail here
+        require(not make_injection(self.injection, **self.injection_options).cond_only,
+                f"config key 'injection': '{self.injection}' acts on a CFG half only; training has no CFG "
+                "batch (use sum or mi)")
+        require(self.conservativity_weight >= 0, "config key 'conservativity_weight' must be >= 0")
+        require(self.conservativity_probes >= 1, "config key 'conservativity_probes' must be >= 1")
+        require(self.conservativity_batch >= 0, "config key 'conservativity_batch' must be >= 0 (0: the whole batch)")
+
+    @property
+    def rebalance_region_column(self) -> str:
+        """The dataset column of the region labels ("" for superpixels of the image)."""
+        if self.rebalance_regions == "slic":
+            return ""
+        return self.rebalance_column or self.rebalance_regions
 
 
 def load_base(path: str):
@@ -113,28 +167,32 @@ def build_controlnet(unet, vae, hint_channels, init: str = ""):
     return ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=tuple(hint_channels))
 
 
-def controlnet_eps(unet, controlnet, noisy, t, text_emb, hint) -> torch.Tensor:
-    """ε through the project's inference path: U-Net encode, ControlNet residuals, sum, decode."""
+def controlnet_eps(unet, controlnet, noisy, t, text_emb, hint, injection=None, control_input=None) -> torch.Tensor:
+    """ε through the project's inference path: U-Net encode, ControlNet residuals, the injection
+    strategy (default ``sum``; MIControlNet's stage 1: the sampler's ``mi`` object), decode.
+    ``control_input``: what the ControlNet sees instead of ``noisy`` (the conservativity term
+    differentiates along the ControlNet's path only; same values, another graph)."""
     from controlstack.injection import make_injection
     from controlstack.models.runner import ControlNetRunner, UNetRunner
 
     unet_r, cn_r = UNetRunner(unet), ControlNetRunner(controlnet)
     hint_features = cn_r.embed_hint(hint)
     h, mid, ctx = unet_r.encode(noisy, t, text_emb)
-    residuals = cn_r(noisy, t, text_emb, hint_features)
-    adds = make_injection("sum")(h, mid, [residuals])
+    residuals = cn_r(noisy if control_input is None else control_input, t, text_emb, hint_features)
+    adds = (injection or make_injection("sum"))(h, mid, [residuals])
     return unet_r.decode(h, mid, ctx, adds)
 
 
 class ControlledUNet(torch.nn.Module):
     """Locked U-Net + trainable ControlNet, one module so DDP sees the whole forward."""
 
-    def __init__(self, unet, controlnet):
+    def __init__(self, unet, controlnet, injection=None):
         super().__init__()
         self.unet, self.controlnet = unet, controlnet
+        self.injection = injection  # None: sum
 
-    def forward(self, noisy, t, text_emb, hint) -> torch.Tensor:
-        return controlnet_eps(self.unet, self.controlnet, noisy, t, text_emb, hint)
+    def forward(self, noisy, t, text_emb, hint, control_input=None) -> torch.Tensor:
+        return controlnet_eps(self.unet, self.controlnet, noisy, t, text_emb, hint, self.injection, control_input)
 
 
 def assert_locked(model: ControlledUNet, optimizer, *frozen) -> None:
@@ -154,18 +212,27 @@ def train(config: ControlNetConfig, resume: bool = False):
 
     columns = {config.image_column: "image", config.caption_column: "text", config.condition: "hint",
                **object_columns(config)}
+    regions = None
+    if config.rebalance_probability > 0:
+        column = config.rebalance_region_column
+        if column and column not in columns:
+            columns[column] = "regions_source"
+        regions = (config.rebalance_regions, columns[column] if column else "")
     hints = ("hint", *object_hints(config))
     dataset = load_image_dataset(config.data, columns)
     val_set = load_image_dataset(config.validation_data, columns) if config.validation_data else dataset
     base = load_base(config.base)
     vae, text_encoder, tokenizer = base.vae.to(acc.device), base.text_encoder.to(acc.device), base.tokenizer
-    model = ControlledUNet(base.unet, build_controlnet(base.unet, vae, config.hint_channels,
-                                                       config.init_from))
+    from controlstack.injection import make_injection
+
+    model = ControlledUNet(base.unet, build_controlnet(base.unet, vae, config.hint_channels, config.init_from),
+                           make_injection(config.injection, **config.injection_options))
     model.controlnet.train()
     # the ControlNet learns the base's own parameterisation (ε or v), read from its scheduler config
     noise_scheduler = sd_noise_scheduler(base.scheduler_config.get("prediction_type", "epsilon"))
 
-    cache, dataset, transform = training_rows(config.latent_cache, acc, vae, dataset, config.resolution, hints=hints)
+    cache, dataset, transform = training_rows(config.latent_cache, acc, vae, dataset, config.resolution, hints=hints,
+                                              regions=regions)
     loader = make_dataloader(dataset, transform, config.batch_size, config.num_workers)
     val = first_rows(val_set, config.num_validation_images,
                      RowTransform(config.resolution, targets=("image",), hints=("hint",), caption="text"))
@@ -182,17 +249,27 @@ def train(config: ControlNetConfig, resume: bool = False):
     model, optimizer, loader, lr_scheduler = acc.prepare(model, optimizer, loader, lr_scheduler)
     assert_locked(acc.unwrap_model(model), optimizer, vae, text_encoder)
     session.restore()
+    if regions is not None and session.is_main and session.step == 0:
+        preview_rebalancing(session, dataset, regions)
 
     bar = session.progress()
     for batch in batches(acc, loader, session.micro) if not session.done else ():
         noisy, target, t, ids = noisy_batch(vae, noise_scheduler, tokenizer, batch, config.caption_dropout,
                                             session.step_generator(), acc.device, cache)
         objects = batch_objects(batch, config)
+        hint = batch["hint"]
+        if regions is not None:  # own random streams: the denoising draws stay what they are without MI
+            hint, _ = rebalance(hint, batch["regions"], blank_value(config.condition), config.rebalance_probability,
+                                config.rebalance_keep, session.step_generator(stream=1))
         with torch.no_grad():
             text_emb = text_encoder(ids)[0]
         with acc.accumulate(model), acc.autocast():
-            err = (model(noisy, t, text_emb, batch["hint"]).float() - target.float()).pow(2)
-            loss = weighted_mean(err, objects, config.object_weight)
+            if config.conservativity_weight > 0:
+                loss = _mi_stage2_loss(model, noisy, t, text_emb, hint, target, objects, config, noise_scheduler,
+                                       session.step_generator(stream=2), session)
+            else:
+                err = (model(noisy, t, text_emb, hint).float() - target.float()).pow(2)
+                loss = weighted_mean(err, objects, config.object_weight)
             session.optimize(model, loss, optimizer, lr_scheduler)
         if not acc.sync_gradients:
             continue
@@ -208,7 +285,51 @@ def train(config: ControlNetConfig, resume: bool = False):
     controlnet = acc.unwrap_model(model).controlnet.eval()
     if ema is not None:
         ema.copy_to(controlnet.parameters())
-    return session.export(lambda d: controlnet.save_pretrained(d, safe_serialization=True))
+    return session.export(lambda d: _save(controlnet, d, config))
+
+
+def _save(controlnet, folder, config: ControlNetConfig) -> None:
+    """The ControlNetModel folder; a model trained with MI options also records them and its
+    recommended mode (``io/settings.py``), so it is sampled as it was trained."""
+    controlnet.save_pretrained(folder, safe_serialization=True)
+    mi = {k: getattr(config, k) for k in ("injection", "injection_options", "rebalance_probability",
+                                          "conservativity_weight")}
+    if mi != {"injection": "sum", "injection_options": {}, "rebalance_probability": 0.0, "conservativity_weight": 0.0}:
+        from controlstack.io.settings import write_settings
+
+        rec = {"mode": config.injection, **({"mode_options": config.injection_options} if config.injection_options else {})}
+        write_settings(folder, {"recommended": rec, "training": {"condition": config.condition, **mi}})
+
+
+def _mi_stage2_loss(model, noisy, t, text_emb, hint, target, objects, config, noise_scheduler, generator,
+                    session) -> torch.Tensor:
+    """``L_diffusion + w · Asym(J_cn)`` (MIControlNet eq. 18): one forward whose ControlNet sees a
+    differentiable copy of the noisy latents and whose U-Net encoder sees them detached, so the
+    vector-Jacobian products follow the ControlNet's path only (``conservativity.py``)."""
+    n = config.conservativity_batch or noisy.shape[0]
+    x_cn = noisy.detach().clone().requires_grad_(True)
+    with twice_differentiable(noisy.device):
+        out = model(noisy.detach(), t, text_emb, hint, control_input=x_cn)
+        err = (out.float() - target.float()).pow(2)
+        diffusion = weighted_mean(err, objects, config.object_weight)
+        field_out = epsilon_part(out[:n], t[:n], noise_scheduler)
+        asym_loss, asym = conservativity_loss(field_out, x_cn, config.conservativity_probes, generator)
+    session.log_extra(asym=float(asym), diffusion_loss=float(diffusion.detach()))
+    return diffusion + config.conservativity_weight * asym_loss
+
+
+def preview_rebalancing(session: TrainingSession, dataset, regions, rows: int = 8) -> None:
+    """``rebalance.png`` in the output folder: image | condition | kept regions | rebalanced, for the
+    first rows, with the recipe's own settings (drawn from a fixed generator)."""
+    from controlstack.training.data import RowTransform
+
+    cfg = session.config
+    transform = RowTransform(cfg.resolution, targets=("image",), hints=("hint",), regions=regions)
+    batch = first_rows(dataset, rows, transform)
+    g = torch.Generator().manual_seed(cfg.seed)
+    new, masks = rebalance(batch["hint"], batch["regions"], blank_value(cfg.condition), cfg.rebalance_probability,
+                           cfg.rebalance_keep, g)
+    preview_grid(batch["image"], batch["hint"], new, masks).save(session.out / "rebalance.png")
 
 
 @torch.no_grad()
@@ -220,7 +341,7 @@ def validate(session: TrainingSession, net: ControlledUNet, base, vae, text_enco
     generated = sample_controlnet(
         vae, text_encoder, base.tokenizer, net.unet, net.controlnet, base.scheduler_config,
         list(val["text"]), hints, cfg.resolution, cfg.num_inference_steps, cfg.guidance_scale,
-        cfg.conditioning_scale, cfg.seed,
+        cfg.conditioning_scale, cfg.seed, cfg.injection, cfg.injection_options,
     )
     real = tensor_to_pil(val["image"], signed=True)
     make_grid([im for r in zip(hints, generated, real) for im in r], cols=3).save(

@@ -64,13 +64,17 @@ class RowTransform:
     """``Dataset.with_transform`` callable: image columns -> tensors, the caption stays a string.
 
     ``targets`` are scaled to [-1, 1], ``hints`` to [0, 1], ``passthrough`` columns (e.g. the row
-    index of the latent cache) are copied as they are; picklable so dataloader workers work.
+    index of the latent cache) are copied as they are; ``regions`` = (source, column) adds the
+    rows' region labels for data rebalancing (``rebalance.region_labels``; column "" for
+    superpixels of ``image``); picklable so dataloader workers work.
     """
 
     def __init__(self, resolution: int, targets: tuple[str, ...], hints: tuple[str, ...] = (),
-                 caption: str | None = None, passthrough: tuple[str, ...] = ()):
+                 caption: str | None = None, passthrough: tuple[str, ...] = (),
+                 regions: tuple[str, str] | None = None):
         self.resolution, self.targets, self.hints, self.caption = resolution, targets, hints, caption
         self.passthrough = passthrough
+        self.regions = regions
 
     def __call__(self, batch: dict) -> dict:
         out: dict = {}
@@ -82,6 +86,12 @@ class RowTransform:
             out[self.caption] = [str(t) for t in batch[self.caption]]
         for name in self.passthrough:
             out[name] = list(batch[name])
+        if self.regions is not None:
+            from controlstack.training.rebalance import region_labels
+
+            source, column = self.regions
+            images, maps = batch["image"], batch[column] if column else [None] * len(batch["image"])
+            out["regions"] = [region_labels(source, im, m, self.resolution) for im, m in zip(images, maps)]
         return out
 
 

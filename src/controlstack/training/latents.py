@@ -92,12 +92,15 @@ def with_rows(dataset):
     return dataset.add_column(ROW, list(range(len(dataset))))
 
 
-def training_rows(path: str, accelerator, vae, dataset, resolution: int, hints: tuple[str, ...] = ()):
+def training_rows(path: str, accelerator, vae, dataset, resolution: int, hints: tuple[str, ...] = (),
+                  regions: tuple[str, str] | None = None):
     """(cache or None, dataset, RowTransform) for a diffusion recipe: with a cache ``path`` the rows
-    carry their index and the image is never decoded; without, the transform decodes it."""
+    carry their index and the image is never decoded; without, the transform decodes it.
+    ``regions``: (source, column) of the rebalancing's region labels (``RowTransform``)."""
     if not path:
-        return None, dataset, RowTransform(resolution, targets=("image",), hints=hints, caption="text")
+        return None, dataset, RowTransform(resolution, targets=("image",), hints=hints, caption="text",
+                                           regions=regions)
     with accelerator.main_process_first():  # the main process builds the file, the others read it
         cache = LatentCache.load_or_build(path, vae, dataset, resolution)
     return cache, with_rows(dataset), RowTransform(resolution, targets=(), hints=hints, caption="text",
-                                                   passthrough=(ROW,))
+                                                   passthrough=(ROW,), regions=regions)

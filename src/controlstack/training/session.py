@@ -139,6 +139,7 @@ class TrainingSession:
         self._t0 = time.perf_counter()
         self._images = 0
         self._losses: list[float] = []  # micro-batch losses of the optimiser step in progress
+        self._extra: dict[str, list[float]] = {}  # further per-micro-batch metrics (log_extra)
 
     # -- helpers --------------------------------------------------------------------------------
 
@@ -155,10 +156,13 @@ class TrainingSession:
             return []
         return sorted(p for p in self.ckpt_dir.iterdir() if p.name.startswith("step-") and p.is_dir())
 
-    def step_generator(self, micro: int | None = None) -> torch.Generator:
-        """A CPU generator for micro-batch ``micro`` (default: the current one) of this process."""
+    def step_generator(self, micro: int | None = None, stream: int = 0) -> torch.Generator:
+        """A CPU generator for micro-batch ``micro`` (default: the current one) of this process;
+        ``stream`` > 0 gives independent streams for optional draws (data rebalancing, probes), so
+        turning an option on does not change the noise the other draws give."""
         micro = self.micro if micro is None else micro
-        seq = np.random.SeedSequence([self.config.seed, micro, self.accelerator.process_index])
+        entropy = [self.config.seed, micro, self.accelerator.process_index] + ([stream] if stream else [])
+        seq = np.random.SeedSequence(entropy)
         return torch.Generator().manual_seed(int(seq.generate_state(1, dtype=np.uint64)[0] >> 1))
 
     # -- resume / checkpoint -------------------------------------------------------------------
@@ -236,6 +240,11 @@ class TrainingSession:
         self.micro += 1
         self._losses.append(loss.item())
 
+    def log_extra(self, **values: float) -> None:
+        """Per-micro-batch metrics besides the loss (e.g. MI's Asym); logged as their mean with the loss."""
+        for k, v in values.items():
+            self._extra.setdefault(k, []).append(float(v))
+
     def end_step(self, bar, lr_scheduler) -> None:
         """After an optimiser step (and whatever must be in its checkpoint, like the EMA update):
         advance the bar, log the step's mean loss, checkpoint; raises on a non-finite loss."""
@@ -251,8 +260,10 @@ class TrainingSession:
         rate = self._images / max(time.perf_counter() - self._t0, 1e-9)
         bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{rate:.1f}")
         bar.update(1)
+        extra = {k: sum(v) / len(v) for k, v in self._extra.items() if v}
+        self._extra = {}
         if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
-            self.metrics.log(self.step, loss=loss, lr=lr, images_per_s=rate)
+            self.metrics.log(self.step, loss=loss, lr=lr, images_per_s=rate, **extra)
         if self.step % cfg.checkpoint_every == 0 or self.step == cfg.max_steps:
             self.save()
         if self._delay:

@@ -90,8 +90,21 @@ def sample_text_to_image(vae, text_encoder, tokenizer, unet, scheduler_config, p
 @torch.no_grad()
 def sample_controlnet(vae, text_encoder, tokenizer, unet, controlnet, scheduler_config, prompts: list[str],
                       hints: list[Image.Image], size: int, steps: int, guidance_scale: float,
-                      conditioning_scale: float, seed: int) -> list[Image.Image]:
-    """Prompt + hint -> image with diffusers' ``StableDiffusionControlNetPipeline``."""
+                      conditioning_scale: float, seed: int, mode: str = "sum",
+                      mode_options: dict | None = None) -> list[Image.Image]:
+    """Prompt + hint -> image with diffusers' ``StableDiffusionControlNetPipeline`` (``mode="sum"``),
+    or through the project's own pipeline for another injection (a model trained with ``mi``
+    is validated with ``mi``, as it will be used)."""
+    if mode != "sum":
+        from controlstack.control import Control
+        from controlstack.models.tiny import SDComponents
+        from controlstack.pipeline import Pipeline
+
+        pipe = Pipeline(SDComponents(unet, vae, text_encoder, tokenizer, scheduler_config))
+        return [pipe(p, [Control(controlnet, h, weight=conditioning_scale)], steps=steps, cfg=guidance_scale,
+                     seed=seed + i, width=size, height=size, scheduler="ddim", mode=mode,
+                     mode_options=mode_options, progress=False)[0]
+                for i, (p, h) in enumerate(zip(prompts, hints))]
     from diffusers import StableDiffusionControlNetPipeline
 
     pipe = StableDiffusionControlNetPipeline(
