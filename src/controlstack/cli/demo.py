@@ -67,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
 
     pipe = Pipeline.from_pretrained()
     size = pipe.native_size
-    names = sorted(pipe.controlnets)
+    names = sorted(n for n in pipe.controlnets if not n.startswith("mi-"))  # MI models: their own row below
     kw = dict(steps=args.steps, seed=args.seed, cfg=args.cfg, width=size, height=size, progress=False)
     options = {"layer_weights": args.layer_weights} if args.mode == "controlnet" else None
 
