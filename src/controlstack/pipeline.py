@@ -30,6 +30,8 @@ from controlstack.models.tiny import SDComponents
 from controlstack.sampling import make_scheduler, sample
 
 MAX_SIZE = 4096
+#: λ cap of the ``mi`` mode for ControlNets that were not trained with it (``Pipeline.mi_options``).
+INFERENCE_ONLY_LAMBDA_MAX = 2.0
 
 
 @dataclass
@@ -127,6 +129,31 @@ class Pipeline:
         check_compatible(cn, self.unet)  # mismatched channels would fail mid-run otherwise
         return cn.eval().to(memory_format=self.memory_format)
 
+    def trained_with_mi(self, model: Any) -> bool:
+        """Whether a Control's model was trained with the ``mi`` injection (its folder's
+        ``controlstack.json`` says so; bundled names and paths are looked up; a model object counts as
+        plain: pass ``mode_options={"lambda_max": 20}`` for an MI model loaded by hand)."""
+        from controlstack import assets
+        from controlstack.io.settings import read_settings
+
+        if not isinstance(model, (str, os.PathLike)):
+            return False
+        folder = Path(model) if os.path.isdir(model) else assets.BUNDLE_DIR / "controlnets" / str(model)
+        return folder.is_dir() and (read_settings(folder).get("training") or {}).get("injection") == "mi"
+
+    def mi_options(self, mode: str, options: dict | None, controls: Sequence[Control]) -> dict | None:
+        """``mode="mi"`` without an explicit ``lambda_max``: the paper's 20 when every control was
+        trained with the mi injection, else :data:`INFERENCE_ONLY_LAMBDA_MAX`. A ControlNet trained
+        with the plain sum puts out residuals that are small next to the U-Net's own features at the
+        high-resolution skips (|c| / |h| ~ 0.14 for the bundled canny's first skip), where the balanced
+        λ ~ |h|² / |c|² then saturates at 20: the injected feature is ~3x the U-Net's own and the
+        image turns to multicoloured speckle (docs/mi.md, "inference-only mi")."""
+        if mode != "mi" or not controls or "lambda_max" in (options or {}):
+            return options
+        if all(self.trained_with_mi(c.model) for c in controls):
+            return options
+        return {**(options or {}), "lambda_max": INFERENCE_ONLY_LAMBDA_MAX}
+
     # ----------------------------------------------------------------------------- pieces
     @torch.no_grad()
     def encode_prompt(self, prompt: str, batch: int) -> torch.Tensor:
@@ -202,12 +229,13 @@ class Pipeline:
         width = width or self.native_size
         height = height or self.native_size
         _validate(prompt, steps, cfg, width, height, batch, self.vae_scale_factor)
-        injection = make_injection(mode, **(mode_options or {}))
-        sched = make_scheduler(scheduler, self.scheduler_config)
         controls = list(controls)
         for c in controls:
             if not isinstance(c, Control):
                 raise ControlstackError(f"controls must be Control objects, got {type(c).__name__}")
+        mode_options = self.mi_options(mode, mode_options, controls)
+        injection = make_injection(mode, **(mode_options or {}))
+        sched = make_scheduler(scheduler, self.scheduler_config)
 
         cond = self.encode_prompt(prompt, batch)
         do_cfg = cfg > 1 and self.unet.config.time_cond_proj_dim is None
