@@ -53,6 +53,7 @@ from controlstack.world import HELD_OUT_SEED, WorldConfig, render, sample_scene
 ROOT = Path(__file__).resolve().parents[1]
 PLAIN_MODE = ("controlnet", {"layer_weights": "uniform"})
 SHORT = {"plain ControlNets + sum": "plain", "plain ControlNets, inference-only mi": "plain, inference-only mi",
+         "plain ControlNets, inference-only mi, λ ≤ 20": "plain, inference-only mi, λ ≤ 20",
          "+ data rebalancing": "rebalancing only", "+ balanced injection & combination (stage 1)": "MI stage 1",
          "+ conservativity (stage 2)": "MI stage 2"}
 
@@ -65,6 +66,7 @@ def variants(bundle: Path, conditions: list[str]) -> list[tuple[str, dict, tuple
 
     rows = [("plain ControlNets + sum", "plain", PLAIN_MODE),
             ("plain ControlNets, inference-only mi", "plain", ("mi", {})),
+            ("plain ControlNets, inference-only mi, λ ≤ 20", "plain", ("mi", {"lambda_max": 20.0})),
             ("+ data rebalancing", "rebalance", PLAIN_MODE),
             ("+ balanced injection & combination (stage 1)", "stage1", None),
             ("+ conservativity (stage 2)", "stage2", None)]
@@ -172,14 +174,14 @@ def fmt(v, digits=3) -> str:
 
 def write_doc(path: Path, report: dict, figures: dict[str, str]) -> None:
     lines = ["# Minimal Impact ControlNet: the paper's claims in miniature", "",
-             "Written by `benchmarks/mi_tables.py` "
+             ("Written by `benchmarks/mi_tables.py` "
              f"({report['pairs']} scene pairs / {report['scenes']} scenes, held-out world seeds, "
              f"{report['steps']} UniPC steps, CFG {report['cfg']:g}, fixed seeds). How the models are trained: "
              "[training.md](training.md#minimal-impact-controlnet). Protocols and measures: "
              "`controlstack.evaluation.mi`. FID uses the bundled VAE encoder's features (lower is better); "
              "F1 is edge F1 (2 px) inside the condition's box; TV is the mean neighbour difference "
              "(RGB in [0, 1]) inside the silent region; the denoising loss is the base model's own loss on "
-             "the images (real renders: the reference; far below it = flattened, far above = speckle).", ""]
+             "the images (real renders: the reference; far below it = flattened, far above = speckle)."), ""]
     for pair, block in report["ablation"].items():
         a, b = pair.split("+")
         lines += [f"## Ablation: {a} (left) + {b} (right) (paper Tables 1, 2 and 7)", "",
@@ -203,8 +205,8 @@ def write_doc(path: Path, report: dict, figures: dict[str, str]) -> None:
         lines.append("")
     if report.get("asym"):
         lines += ["## Asym (paper Table 6)", "",
-                  f"`controlstack asym`, batch {report['asym_batch']} x {report['asym_steps']} steps of held-out "
-                  "scenes, one Rademacher probe per sample; the model's recommended mode.", "",
+                  (f"`controlstack asym`, batch {report['asym_batch']} x {report['asym_steps']} steps of held-out "
+                  "scenes, one Rademacher probe per sample; the model's recommended mode."), "",
                   "| condition | model | Asym | NAsym |", "| --- | --- | ---: | ---: |"]
         lines += [f"| {r['condition']} | {r['model']} | {r['asym']:.4g} | {r['nasym']:.4g} |" for r in report["asym"]]
         lines.append("")

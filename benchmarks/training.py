@@ -6,6 +6,11 @@ loading and validation are excluded. bf16 on CPUs without native bf16 (AVX2-only
 and very slow, so it is measured with a smaller batch (``--bf16-batch``); images/s stays comparable.
 
     .venv/bin/python benchmarks/training.py [--steps 3] [--recipes vae,base,controlnet]
+    .venv/bin/python benchmarks/training.py --recipes controlnet,mi-stage1,mi-stage2 --no-bf16
+
+``mi-stage1`` is the ControlNet step with the ``mi`` injection in the forward, ``mi-stage2`` adds
+the conservativity term (one probe on 4 of the 16 samples, as the bundle's ``mi_stage2.yaml``):
+their ratio to ``controlnet`` is Minimal Impact ControlNet's training overhead.
 """
 
 from __future__ import annotations
@@ -17,7 +22,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from controlstack.injection import make_injection
 from controlstack.training.base import BaseConfig, TextToImage, build_text_encoder, build_unet
+from controlstack.training.conservativity import conservativity_loss, twice_differentiable
 from controlstack.training.controlnet import ControlledUNet, ControlNetConfig, build_controlnet
 from controlstack.training.diffusion import add_noise, encode_latents, sd_noise_scheduler, tokenize
 from controlstack.training.precision import bf16_speedup
@@ -75,7 +82,11 @@ def make_step(recipe: str, g: torch.Generator):
     ccfg = load(ControlNetConfig, "controlnet")
     unet.requires_grad_(False)
     text_encoder.requires_grad_(False)
-    model = ControlledUNet(unet, build_controlnet(unet, vae, ccfg.hint_channels))
+    injection = make_injection("mi" if recipe.startswith("mi-") else "sum")
+    model = ControlledUNet(unet, build_controlnet(unet, vae, ccfg.hint_channels), injection)
+    with torch.no_grad():  # a trained-like ControlNet: zero convolutions at 0 would make stage 2's term vanish
+        for layer in [*model.controlnet.controlnet_down_blocks, model.controlnet.controlnet_mid_block]:
+            layer.weight.normal_(0, 0.02, generator=g)
     opt = make_optimizer(model.controlnet.parameters(), ccfg)
 
     def step(b, autocast):
@@ -85,7 +96,14 @@ def make_step(recipe: str, g: torch.Generator):
         with torch.no_grad():
             emb = text_encoder(tokenize(tokenizer, [CAPTIONS[i % 3] for i in range(b)], "cpu"))[0]
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            loss = F.mse_loss(model(noisy, t, emb, hint).float(), noise)
+            if recipe == "mi-stage2":
+                x = noisy.detach().clone().requires_grad_(True)
+                with twice_differentiable("cpu"):
+                    out = model(noisy, t, emb, hint, control_input=x)
+                    term, _ = conservativity_loss(out[:4], x, 1, g)
+                loss = F.mse_loss(out.float(), noise) + 0.01 * term
+            else:
+                loss = F.mse_loss(model(noisy, t, emb, hint).float(), noise)
         loss.backward()
         opt.step()
         opt.zero_grad()

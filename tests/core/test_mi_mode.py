@@ -37,7 +37,7 @@ def test_mi_lambda_cap_follows_how_each_controlnet_was_trained(pipe, tiny_contro
     assert pipe.mi_options("mi", None, [Control(tiny_controlnets[0], hint_images[0])]) == {
         "lambda_max": INFERENCE_ONLY_LAMBDA_MAX}  # a model object counts as plain
 
-    kw = dict(steps=2, width=64, height=64, output_type="np", progress=False, mode="mi")
+    kw = {"steps": 2, "width": 64, "height": 64, "output_type": "np", "progress": False, "mode": "mi"}
     result = pipe("a box", controls=[c_plain], return_result=True, **kw)
     assert result.parameters["mode_options"] == {"lambda_max": INFERENCE_ONLY_LAMBDA_MAX}  # recorded in the PNG
     capped = result.images

@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from tests.training.conftest import tiny_controlnet_config
 
 from controlstack.errors import ControlstackError
+from tests.training.conftest import tiny_controlnet_config
 
-STAGE1 = dict(rebalance_probability=1.0, rebalance_keep=(0.3, 0.7), injection="mi", num_validation_images=0)
+STAGE1 = {"rebalance_probability": 1.0, "rebalance_keep": (0.3, 0.7), "injection": "mi", "num_validation_images": 0}
 
 
 def _metric(out: Path, name: str) -> dict[int, float]:
@@ -82,15 +82,15 @@ def test_mi_config_checks(world_dir, tiny_base_dir, tmp_path):
         return tiny_controlnet_config(world_dir, tiny_base_dir, tmp_path / "x", **kw)
 
     for kw, match in [
-        (dict(rebalance_probability=1.5), "rebalance_probability"),
-        (dict(rebalance_keep=(0.8, 0.2)), "rebalance_keep"),
-        (dict(rebalance_regions="voronoi"), "rebalance_regions"),
-        (dict(rebalance_probability=0.5, condition="image"), "no blank value|object_column|condition"),
-        (dict(injection="nope"), "unknown mode"),
-        (dict(injection="mi", injection_options={"reduce": "pixel"}), "reduce"),
-        (dict(injection="controlnet"), "CFG half"),
-        (dict(conservativity_weight=-1.0), "conservativity_weight"),
-        (dict(conservativity_probes=0), "conservativity_probes"),
+        ({"rebalance_probability": 1.5}, "rebalance_probability"),
+        ({"rebalance_keep": (0.8, 0.2)}, "rebalance_keep"),
+        ({"rebalance_regions": "voronoi"}, "rebalance_regions"),
+        ({"rebalance_probability": 0.5, "condition": "image"}, "no blank value|object_column|condition"),
+        ({"injection": "nope"}, "unknown mode"),
+        ({"injection": "mi", "injection_options": {"reduce": "pixel"}}, "reduce"),
+        ({"injection": "controlnet"}, "CFG half"),
+        ({"conservativity_weight": -1.0}, "conservativity_weight"),
+        ({"conservativity_probes": 0}, "conservativity_probes"),
     ]:
         with pytest.raises(ControlstackError, match=match):
             cfg(**kw)

@@ -42,7 +42,7 @@ def condition_of(name: str, folder=None) -> str:
     the ``training.condition`` of its settings file."""
     from controlstack.training.rebalance import BLANK
 
-    base = name[3:] if name.startswith("mi-") else name
+    base = name.removeprefix("mi-")
     if base in BLANK:
         return base
     if folder is not None:

@@ -62,10 +62,10 @@ def _paste(src: np.ndarray, p: Placement, canvas: np.ndarray) -> None:
 def place(size: int, half: int, rng: np.random.Generator) -> Placement:
     """A random square in the left (``half=0``) or right (1) half of a ``size`` canvas, holding the
     centre crop of a ``size`` source."""
-    side = int(round(rng.uniform(*SIDE_RANGE) * size))
+    side = round(rng.uniform(*SIDE_RANGE) * size)
     x0 = half * size // 2 + int(rng.integers(0, size // 2 - side + 1))
     y0 = int(rng.integers(0, size - side + 1))
-    cs = int(round(CROP * size))
+    cs = round(CROP * size)
     return Placement((x0, y0, side), ((size - cs) // 2, (size - cs) // 2, cs))
 
 

@@ -37,8 +37,8 @@ from pathlib import Path
 import yaml
 
 from controlstack.assets import BUNDLE_DIR, write_checksums
-from controlstack.io.settings import SETTINGS
 from controlstack.errors import ControlstackError
+from controlstack.io.settings import SETTINGS
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "bundle"
 REPO_ROOT = Path(__file__).resolve().parents[3]  # src/controlstack/training/bundle.py -> the checkout
@@ -312,8 +312,8 @@ def write_model_card(bundle: Path = BUNDLE_DIR) -> Path:
              "Trained from scratch by `make bundle` on the procedural world (no external data or weights).",
              "fp16 safetensors; loaded by `controlstack.Pipeline.from_pretrained()`.", "",
              *_stage_rows(stages_info),
-             "", f"Data: {data}. Configs: `src/controlstack/configs/bundle/` (the exact values of each run are "
-             "in `stages.json`). `SHA256SUMS` lists every model file's checksum."]
+             "", (f"Data: {data}. Configs: `src/controlstack/configs/bundle/` (the exact values of each run are "
+             "in `stages.json`). `SHA256SUMS` lists every model file's checksum.")]
     if fidelity is not None:
         from controlstack.evaluation.report import fidelity_table
 
@@ -338,10 +338,10 @@ def write_model_card(bundle: Path = BUNDLE_DIR) -> Path:
                 yaml.safe_dump(info["config"], sort_keys=False).strip(), "```"]
         if fidelity is not None and info["condition"] in fidelity.get("f1", {}) and not name.startswith("mi-"):
             f1 = fidelity["f1"][info["condition"]]
-            card += ["", f"Measured on {fidelity['scenes']} held-out scenes (`benchmarks/fidelity.py`): "
+            card += ["", (f"Measured on {fidelity['scenes']} held-out scenes (`benchmarks/fidelity.py`): "
                          f"F1 {f1['control']:.3f} with control vs {f1['no_control']:.3f} without "
                          f"({f1['control'] / max(f1['no_control'], 1e-9):.2f}x); "
-                         f"FID {fidelity.get('fid', {}).get(info['condition'], float('nan')):.3f}."]
+                         f"FID {fidelity.get('fid', {}).get(info['condition'], float('nan')):.3f}.")]
         (folder / "README.md").write_text("\n".join(card) + "\n")
     return path
 

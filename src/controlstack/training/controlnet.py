@@ -36,6 +36,7 @@ import torch
 from controlstack.errors import require
 from controlstack.io.png import make_grid
 from controlstack.training.config import TrainConfig, list_field
+from controlstack.training.conservativity import conservativity_loss, epsilon_part, twice_differentiable
 from controlstack.training.data import (
     RowTransform,
     batch_objects,
@@ -47,7 +48,6 @@ from controlstack.training.data import (
     object_hints,
     weighted_mean,
 )
-from controlstack.training.conservativity import conservativity_loss, epsilon_part, twice_differentiable
 from controlstack.training.diffusion import noisy_batch, sd_noise_scheduler
 from controlstack.training.latents import training_rows
 from controlstack.training.rebalance import blank_value, preview_grid, rebalance
@@ -332,6 +332,16 @@ def preview_rebalancing(session: TrainingSession, dataset, regions, rows: int = 
     preview_grid(batch["image"], batch["hint"], new, masks).save(session.out / "rebalance.png")
 
 
+def _sampling_options(cfg: ControlNetConfig) -> dict:
+    """The injection's options as the model was trained: ``mi`` at its own λ cap (the pipeline would
+    cap a model object it cannot look up at the inference-only value)."""
+    if cfg.injection != "mi":
+        return dict(cfg.injection_options)
+    from controlstack.injection.mi import MinimalImpact
+
+    return {"lambda_max": MinimalImpact(**cfg.injection_options).lambda_max, **cfg.injection_options}
+
+
 @torch.no_grad()
 def validate(session: TrainingSession, net: ControlledUNet, base, vae, text_encoder, val: dict) -> None:
     """Grid rows condition | generated | real, the condition fidelity and its curve."""
@@ -341,7 +351,7 @@ def validate(session: TrainingSession, net: ControlledUNet, base, vae, text_enco
     generated = sample_controlnet(
         vae, text_encoder, base.tokenizer, net.unet, net.controlnet, base.scheduler_config,
         list(val["text"]), hints, cfg.resolution, cfg.num_inference_steps, cfg.guidance_scale,
-        cfg.conditioning_scale, cfg.seed, cfg.injection, cfg.injection_options,
+        cfg.conditioning_scale, cfg.seed, cfg.injection, _sampling_options(cfg),
     )
     real = tensor_to_pil(val["image"], signed=True)
     make_grid([im for r in zip(hints, generated, real) for im in r], cols=3).save(
