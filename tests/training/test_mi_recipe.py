@@ -61,13 +61,13 @@ def test_stage2_continues_stage1_with_the_conservativity_term(stage1, world_dir,
         assert losses[s] == pytest.approx(diff[s] + 0.01 * asym[s], rel=1e-3, abs=1e-5)
 
 
-@pytest.mark.parametrize("extra", [{}, {"conservativity_weight": 0.01}], ids=["stage1", "stage2"])
-def test_mi_stages_resume_exactly(world_dir, tiny_base_dir, tmp_path, extra):
+def test_mi_stage1_resumes_exactly(world_dir, tiny_base_dir, tmp_path):
     """A run stopped after its step-2 checkpoint and resumed to step 4 ends with the weights of an
-    uninterrupted 4-step run (rebalancing and probes draw from per-step generators)."""
+    uninterrupted 4-step run (the rebalancing draws from per-step generators; stage 2 is killed with
+    SIGKILL and resumed in test_resume.py)."""
     from controlstack.training.controlnet import ControlNetConfig, train
 
-    kw = STAGE1 | extra | {"checkpoint_every": 2}
+    kw = STAGE1 | {"checkpoint_every": 2}
     ref = train(tiny_controlnet_config(world_dir, tiny_base_dir, tmp_path / "ref", max_steps=4, **kw))
     first = tiny_controlnet_config(world_dir, tiny_base_dir, tmp_path / "cut", max_steps=2, **kw)
     train(first)

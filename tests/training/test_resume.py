@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 from tests.training.conftest import tiny_controlnet_config
@@ -30,13 +31,19 @@ def _cli(config: Path, out: Path, *extra: str, **env: str) -> subprocess.Popen:
     return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
-def test_sigkill_and_resume_matches_uninterrupted_run(world_dir, tiny_base_dir, tmp_path):
+# Minimal Impact ControlNet's stage 2: rebalanced data, the mi injection and the conservativity
+# term (its own random streams: the rebalancing's regions and the Rademacher probes)
+MI_STAGE2 = {"rebalance_probability": 1.0, "injection": "mi", "conservativity_weight": 0.01}
+
+
+@pytest.mark.parametrize("extra", [{}, MI_STAGE2], ids=["plain", "mi-stage2"])
+def test_sigkill_and_resume_matches_uninterrupted_run(world_dir, tiny_base_dir, tmp_path, extra):
     from controlstack.training.controlnet import train
 
     # EMA + gradient accumulation 2 + a checkpoint in the middle of an epoch (4 batches per epoch,
     # step 3 = micro-batch 6): every piece of state that resume must restore is exercised.
     kw = dict(max_steps=6, checkpoint_every=3, gradient_accumulation_steps=2, use_ema=True, ema_decay=0.9,
-              num_validation_images=0)
+              num_validation_images=0, **extra)
     reference = tiny_controlnet_config(world_dir, tiny_base_dir, tmp_path / "reference", **kw)
     ref_model = train(reference)
 
