@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from tests.training.conftest import tiny_controlnet_config
 from safetensors.torch import load_file
+
+from tests.training.conftest import tiny_controlnet_config
 
 
 def _losses(out: Path) -> dict[int, str]:
