@@ -15,9 +15,11 @@ seeds, the paper's protocols (``controlstack.evaluation.mi``):
 * **Asym** (Table 6): ``controlstack asym`` of the plain, stage-1 and stage-2 ControlNets.
 * **Figure 1 analogue**: a grid of two-condition samples, plain sum vs MI.
 
-Each model is sampled in its recommended mode: the plain bundled ControlNets in ``controlnet``
-with uniform layer weights (the bundle's setting: control on the conditional CFG half), MI models
-in ``mi`` (their ``controlstack.json``). Models that are not trained yet are left out, with a note.
+The plain ControlNets are sampled as the paper's baseline, summed on both CFG halves (``sum``),
+and in the bundle's own setting for them (``controlnet`` mode, uniform layer weights: control on
+the conditional half only), and under the inference-only ``mi`` mode (λ ≤ 2, the default for
+them, and λ ≤ 20, the paper's cap); MI models in ``mi``, as trained (their ``controlstack.json``).
+Models that are not trained yet are left out, with a note.
 
     .venv/bin/python benchmarks/mi_tables.py --pairs 50          # ~40 min on a 2-core CPU
 """
@@ -51,8 +53,10 @@ from controlstack.training.rebalance import blank_value
 from controlstack.world import HELD_OUT_SEED, WorldConfig, render, sample_scene
 
 ROOT = Path(__file__).resolve().parents[1]
-PLAIN_MODE = ("controlnet", {"layer_weights": "uniform"})
-SHORT = {"plain ControlNets + sum": "plain", "plain ControlNets, inference-only mi": "plain, inference-only mi",
+SUM = ("sum", {})  # the paper's baseline: residuals summed, on both CFG halves (diffusers' default)
+PLAIN_MODE = ("controlnet", {"layer_weights": "uniform"})  # the bundle's setting for its plain ControlNets
+SHORT = {"plain ControlNets + sum": "plain", "plain ControlNets, controlnet mode": "plain, controlnet mode",
+         "plain ControlNets, inference-only mi": "plain, inference-only mi",
          "plain ControlNets, inference-only mi, λ ≤ 20": "plain, inference-only mi, λ ≤ 20",
          "+ data rebalancing": "rebalancing only", "+ balanced injection & combination (stage 1)": "MI stage 1",
          "+ conservativity (stage 2)": "MI stage 2"}
@@ -64,10 +68,11 @@ def variants(bundle: Path, conditions: list[str]) -> list[tuple[str, dict, tuple
         return {"plain": bundle / "controlnets" / c, "rebalance": bundle / "mi" / f"{c}-rebalance",
                 "stage1": bundle / "mi" / f"{c}-stage1", "stage2": bundle / "controlnets" / f"mi-{c}"}[kind]
 
-    rows = [("plain ControlNets + sum", "plain", PLAIN_MODE),
+    rows = [("plain ControlNets + sum", "plain", SUM),
+            ("plain ControlNets, controlnet mode", "plain", PLAIN_MODE),
             ("plain ControlNets, inference-only mi", "plain", ("mi", {})),
             ("plain ControlNets, inference-only mi, λ ≤ 20", "plain", ("mi", {"lambda_max": 20.0})),
-            ("+ data rebalancing", "rebalance", PLAIN_MODE),
+            ("+ data rebalancing", "rebalance", SUM),
             ("+ balanced injection & combination (stage 1)", "stage1", None),
             ("+ conservativity (stage 2)", "stage2", None)]
     out = []
@@ -134,7 +139,7 @@ def two_condition(pipe, rows, pair, rows_variants, args, size):
                 f1s[s].append(edge_f1(refs[s][y:y + side, x:x + side], edges(Image.fromarray(g))[y:y + side, x:x + side]))
             tvs.append(total_variation(g, silent))
         samples[label] = gen
-        table.append({"variant": label, "mode": mode[0],
+        table.append({"variant": label, "mode": " ".join([mode[0], *(f"{k}={v}" for k, v in mode[1].items())]),
                       "fid_left": fid(pipe, [half(g, 0) for g in gen], real_halves[0]),
                       "fid_right": fid(pipe, [half(g, 1) for g in gen], real_halves[1]),
                       "f1_left": float(np.mean(f1s[0])), "f1_right": float(np.mean(f1s[1])),
@@ -227,6 +232,8 @@ def main() -> None:
     ap.add_argument("--asym-steps", type=int, default=None)
     ap.add_argument("--out", default="outputs/mi", help="grids and mi.json")
     ap.add_argument("--doc", default=None, help="write the report here (docs/mi.md)")
+    ap.add_argument("--json", default=None,
+                    help="also write the numbers here (the bundle's mi.json: the MI model cards read it)")
     args = ap.parse_args()
     bundle = assets.BUNDLE_DIR
     pipe = Pipeline.from_pretrained()
@@ -274,6 +281,12 @@ def main() -> None:
             print(f"asym {c} {label}: {res.line()}")
     report["asym_batch"], report["asym_steps"] = kw.get("batch", 16), kw.get("steps", 16)
     (out / "mi.json").write_text(json.dumps(report, indent=2) + "\n")
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+        if Path(args.json).resolve().parent == bundle.resolve():  # the bundle's numbers: refresh its cards
+            from controlstack.training.bundle import write_model_card
+
+            write_model_card()
     if args.doc:
         doc = Path(args.doc)
         images = doc.parent / "images"

@@ -342,8 +342,31 @@ def write_model_card(bundle: Path = BUNDLE_DIR) -> Path:
                          f"F1 {f1['control']:.3f} with control vs {f1['no_control']:.3f} without "
                          f"({f1['control'] / max(f1['no_control'], 1e-9):.2f}x); "
                          f"FID {fidelity.get('fid', {}).get(info['condition'], float('nan')):.3f}.")]
+        card += _mi_numbers(bundle, name, info)
         (folder / "README.md").write_text("\n".join(card) + "\n")
     return path
+
+
+def _mi_numbers(bundle: Path, name: str, info: dict) -> list[str]:
+    """A Minimal Impact model card's measured numbers, from ``bundle/mi.json``
+    (``benchmarks/mi_tables.py --json``); [] when not measured yet."""
+    path = bundle / "mi.json"
+    if not name.startswith("mi-") or not path.is_file():
+        return []
+    report = json.loads(path.read_text())
+    cond = info["condition"]
+    stage = "stage 1" if name.endswith("-stage1") else "stage 2" if name == f"mi-{cond}" else None
+    lines = ["", "Measured by `benchmarks/mi_tables.py` on held-out scenes (docs/mi.md):"]
+    asym = {r["model"]: r for r in report.get("asym", []) if r["condition"] == cond}
+    if stage in asym and "plain" in asym:
+        lines.append(f"- Asym {asym[stage]['asym']:.4g} (NAsym {asym[stage]['nasym']:.3g}); the plain ControlNet: "
+                     f"{asym['plain']['asym']:.4g} (NAsym {asym['plain']['nasym']:.3g}).")
+    label = {"stage 1": "MI stage 1", "stage 2": "MI stage 2"}.get(stage or "", "")
+    for r in report.get("texture", []):
+        if r["condition"] == cond and r["prompt"] == "full" and r["variant"] in (label, "plain", "real renders"):
+            lines.append(f"- silent half, full caption, {r['variant']}: TV {r['tv_silent']:.4f}, denoising loss "
+                         f"{r['denoising_loss']:.3f}" + (f", FID {r['fid']:.2f}" if r.get("fid") is not None else ""))
+    return lines if len(lines) > 2 else []
 
 
 def is_done(stage: Stage, work_root: Path) -> bool:
