@@ -21,6 +21,9 @@ TINY = {
     "controlnet": dict(max_steps=1, batch_size=2, hint_channels=[8, 8, 8, 8], checkpoint_every=1,
                        validate_every=1, log_every=1, num_validation_images=1, num_inference_steps=2),
 }
+MI = dict(max_steps=1, batch_size=2, checkpoint_every=1, validate_every=1, log_every=1, num_validation_images=0,
+          rebalance_probability=1.0, injection="mi")
+TINY |= {"mi_rebalance": MI | {"injection": "sum"}, "mi_stage1": MI, "mi_stage2": MI | {"conservativity_weight": 0.01}}
 
 
 def test_bundle_stages_end_to_end(tmp_path, monkeypatch):
@@ -34,11 +37,23 @@ def test_bundle_stages_end_to_end(tmp_path, monkeypatch):
     monkeypatch.setattr(b, "WORLD_SCENES", 6)
     monkeypatch.setattr(b, "WORLD_SIZE", 64)
     monkeypatch.setattr(b, "CONTROLNETS", ("canny",))
+    monkeypatch.setattr(b, "MI_CONTROLNETS", ("canny",))
+    monkeypatch.setattr(b, "MI_ABLATION", ("canny",))
     out, work = tmp_path / "bundle", tmp_path / "work"
 
     b.run(["world", "vae", "vae-decoder", "base", "controlnet-canny"], work, out)
     stages = json.loads((out / "stages.json").read_text())
     assert sorted(stages) == ["base", "controlnet-canny", "vae", "vae-decoder"]
+    # Minimal Impact ControlNet: both stages fine-tune the bundled plain one, stage 2 continues stage 1
+    b.run(["mi-canny-rebalance", "mi-canny-stage1", "mi-canny"], work, out)
+    stages = json.loads((out / "stages.json").read_text())
+    assert stages["mi-canny-stage1"]["config"]["init_from"].endswith("controlnets/canny")
+    assert stages["mi-canny"]["config"]["init_from"].endswith("mi/canny-stage1")
+    assert stages["mi-canny"]["config"]["conservativity_weight"] == 0.01
+    assert json.loads((out / "controlnets" / "mi-canny" / "controlstack.json").read_text())["recommended"]["mode"] == "mi"
+    assert (out / "mi" / "canny-rebalance" / "config.json").is_file()
+    mi_card = (out / "controlnets" / "mi-canny" / "README.md").read_text()
+    assert "Minimal Impact ControlNet" in mi_card and "| mi-canny-stage1 |" in mi_card and "| mi-canny |" in mi_card
     # the base's parameterisation reaches the bundle's scheduler, which every sampler reads
     assert json.loads((out / "scheduler" / "scheduler_config.json").read_text())["prediction_type"] == "v_prediction"
     assert stages["vae"]["steps"] == 1 and stages["controlnet-canny"]["condition"] == "canny"
