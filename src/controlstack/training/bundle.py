@@ -329,7 +329,8 @@ def write_model_card(bundle: Path = BUNDLE_DIR) -> Path:
         lineage = _lineage(name, stages_info)
         kind = "Minimal Impact ControlNet" if "mi_" in str(info.get("config", {})) or name.startswith("mi-") \
             else "ControlNet"
-        card = [f"# {kind}: {info['condition']} (`{folder.name}`)", "",
+        named = f" (`{folder.name}`)" if folder.name != info["condition"] else ""
+        card = [f"# {kind}: {info['condition']}{named}", "",
                 f"Trained by `make bundle` (stage `{name}`) on the locked bundled base, condition column "
                 f"`{info['condition']}` of the world export."
                 + (" Fine-tuned from the bundled plain ControlNet; see docs/mi.md." if name.startswith("mi-") else ""),
