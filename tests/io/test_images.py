@@ -103,3 +103,19 @@ def test_labelled_grid_places_tiles_and_text():
     assert (grid[title_h + 34 + 5, label_w + 5] == (0, 0, 255)).all()   # row 2, tile 1
     assert (grid[title_h + 34 + 16, :label_w] < 128).any()              # the row label is drawn
     assert (grid[:title_h, label_w:] < 128).any()                       # the column titles are drawn
+
+
+def test_saved_pngs_get_the_users_umask_not_0600(tmp_path):
+    """Issue 22 §3.1: the temp file of the atomic save is renamed with the usual permissions."""
+    import os
+
+    from controlstack.io.png import atomic_save
+
+    old = os.umask(0o022)
+    try:
+        path = atomic_save(Image.new("RGB", (4, 4)), tmp_path / "a.png", {"prompt": "x"})
+        assert path.stat().st_mode & 0o777 == 0o644
+        os.umask(0o077)
+        assert atomic_save(Image.new("RGB", (4, 4)), tmp_path / "b.png").stat().st_mode & 0o777 == 0o600
+    finally:
+        os.umask(old)

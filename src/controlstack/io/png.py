@@ -57,6 +57,9 @@ def atomic_save(image: Image.Image, path: str | os.PathLike, params: dict | None
     os.close(fd)
     try:
         image.save(tmp, format="PNG", pnginfo=info)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; users expect their umask, as any writer gives
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
