@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -59,7 +60,7 @@ SHORT = {"plain ControlNets + sum": "plain", "plain ControlNets, controlnet mode
          "plain ControlNets, inference-only mi": "plain, inference-only mi",
          "plain ControlNets, inference-only mi, λ ≤ 20": "plain, inference-only mi, λ ≤ 20",
          "+ data rebalancing": "rebalancing only", "+ balanced injection & combination (stage 1)": "MI stage 1",
-         "+ conservativity (stage 2)": "MI stage 2"}
+         "+ conservativity (stage 2)": "MI stage 2", "MI stage 2 models, summed": "MI stage 2, sum"}
 
 
 def variants(bundle: Path, conditions: list[str]) -> list[tuple[str, dict, tuple[str, dict]]]:
@@ -74,7 +75,8 @@ def variants(bundle: Path, conditions: list[str]) -> list[tuple[str, dict, tuple
             ("plain ControlNets, inference-only mi, λ ≤ 20", "plain", ("mi", {"lambda_max": 20.0})),
             ("+ data rebalancing", "rebalance", SUM),
             ("+ balanced injection & combination (stage 1)", "stage1", None),
-            ("+ conservativity (stage 2)", "stage2", None)]
+            ("+ conservativity (stage 2)", "stage2", None),
+            ("MI stage 2 models, summed", "stage2", SUM)]
     out = []
     for label, kind, mode in rows:
         models = {c: path(kind, c) for c in conditions}
@@ -230,6 +232,8 @@ def main() -> None:
     ap.add_argument("--conditions", default="canny,seg", help="the two conditions (left, right)")
     ap.add_argument("--asym-batch", type=int, default=None)
     ap.add_argument("--asym-steps", type=int, default=None)
+    ap.add_argument("--wait", type=float, default=0.0,
+                    help="seconds to wait for models still being trained before the ablation table")
     ap.add_argument("--out", default="outputs/mi", help="grids and mi.json")
     ap.add_argument("--doc", default=None, help="write the report here (docs/mi.md)")
     ap.add_argument("--json", default=None,
@@ -245,8 +249,29 @@ def main() -> None:
                     "ablation": {}, "texture": [], "asym": []}
     figures = {}
 
-    rows = scene_rows(2 * args.pairs, size)
+    # the texture and Asym tables first, the ablation last (it also needs the rebalancing-only models)
     found = variants(bundle, pair)
+    texture_scenes = scene_rows(args.scenes, size, offset=10_000)
+    for c in pair:
+        models = [(SHORT[label], m[c], mode) for label, m, mode in found
+                  if "rebalancing" not in label and "summed" not in label]
+        report["texture"] += single_condition(pipe, texture_scenes, c, models, args, size)
+
+    kw = {k: v for k, v in (("batch", args.asym_batch), ("steps", args.asym_steps)) if v is not None}
+    for c in pair:
+        for label, name in (("plain", c), ("stage 1", str(bundle / "mi" / f"{c}-stage1")), ("stage 2", f"mi-{c}")):
+            path = bundle / "controlnets" / name if "/" not in name else Path(name)
+            if not (path / "config.json").is_file():
+                continue
+            res = measure_asym(pipe, str(path), condition=c, **kw)
+            report["asym"].append({"condition": c, "model": label, "asym": res.asym, "nasym": res.nasym})
+            print(f"asym {c} {label}: {res.line()}")
+    report["asym_batch"], report["asym_steps"] = kw.get("batch", 16), kw.get("steps", 16)
+    (out / "mi.json").write_text(json.dumps(report, indent=2) + "\n")  # a partial report meanwhile
+    rows = scene_rows(2 * args.pairs, size)
+    deadline = time.time() + args.wait  # a model still training (make bundle running beside this)
+    while len(found := variants(bundle, pair)) < 8 and time.time() < deadline:
+        time.sleep(30)
     table, reference, jobs, samples = two_condition(pipe, rows, pair, found, args, size)
     key = "+".join(pair)
     report["ablation"][key] = {"rows": table, "reference": reference}
@@ -265,21 +290,6 @@ def main() -> None:
         make_labelled_grid(grid, cols).save(out / f"mi-{key}.png")
         figures[key] = f"images/mi-{key}.png"
 
-    texture_scenes = scene_rows(args.scenes, size, offset=10_000)
-    for c in pair:
-        models = [(SHORT[label], m[c], mode) for label, m, mode in found if "rebalancing" not in label]
-        report["texture"] += single_condition(pipe, texture_scenes, c, models, args, size)
-
-    kw = {k: v for k, v in (("batch", args.asym_batch), ("steps", args.asym_steps)) if v is not None}
-    for c in pair:
-        for label, name in (("plain", c), ("stage 1", str(bundle / "mi" / f"{c}-stage1")), ("stage 2", f"mi-{c}")):
-            path = bundle / "controlnets" / name if "/" not in name else Path(name)
-            if not (path / "config.json").is_file():
-                continue
-            res = measure_asym(pipe, str(path), condition=c, **kw)
-            report["asym"].append({"condition": c, "model": label, "asym": res.asym, "nasym": res.nasym})
-            print(f"asym {c} {label}: {res.line()}")
-    report["asym_batch"], report["asym_steps"] = kw.get("batch", 16), kw.get("steps", 16)
     (out / "mi.json").write_text(json.dumps(report, indent=2) + "\n")
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
