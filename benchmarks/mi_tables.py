@@ -57,8 +57,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SUM = ("sum", {})  # the paper's baseline: residuals summed, on both CFG halves (diffusers' default)
 PLAIN_MODE = ("controlnet", {"layer_weights": "uniform"})  # the bundle's setting for its plain ControlNets
 SHORT = {"plain ControlNets + sum": "plain", "plain ControlNets, controlnet mode": "plain, controlnet mode",
-         "plain ControlNets, inference-only mi": "plain, inference-only mi",
-         "plain ControlNets, inference-only mi, λ ≤ 20": "plain, inference-only mi, λ ≤ 20",
+         "plain ControlNets, inference-only mi": "plain, mi, lambda<=2",
+         "plain ControlNets, inference-only mi, λ ≤ 20": "plain, mi, lambda<=20",
          "+ data rebalancing": "rebalancing only", "+ balanced injection & combination (stage 1)": "MI stage 1",
          "+ conservativity (stage 2)": "MI stage 2", "MI stage 2 models, summed": "MI stage 2, sum"}
 
