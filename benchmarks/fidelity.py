@@ -43,16 +43,12 @@ from tqdm.auto import tqdm
 
 from controlstack import Control, Pipeline, assets
 from controlstack.evaluation.metrics import colour_feature, edge_f1, edges, frechet_distance, nearest_name
-from controlstack.evaluation.mi import vae_features
+from controlstack.evaluation.mi import to_vae_input, vae_features
 from controlstack.evaluation.report import fidelity_table
 from controlstack.io.png import make_labelled_grid
 from controlstack.world import HELD_OUT_SEED, WorldConfig, render, sample_scene
 
 PROTOTYPE_SCENES = 100_000  # held-out scene indices from here on name the colours; below: the test scenes
-
-
-def to_vae_input(images: list[np.ndarray]) -> torch.Tensor:
-    return torch.from_numpy(np.stack(images)).float().permute(0, 3, 1, 2) / 127.5 - 1.0
 
 
 def vae_roundtrip(pipe: Pipeline, images: list[np.ndarray]) -> list[np.ndarray]:

@@ -37,8 +37,9 @@ from tqdm.auto import tqdm
 
 from controlstack import Control, Pipeline, assets
 from controlstack.evaluation.asym import measure_asym
-from controlstack.evaluation.metrics import edge_f1, edges, frechet_distance
+from controlstack.evaluation.metrics import edges, frechet_distance
 from controlstack.evaluation.mi import (
+    box_f1,
     box_mask,
     brief_caption,
     composite,
@@ -137,8 +138,7 @@ def two_condition(pipe, rows, pair, rows_variants, args, size):
             g = generate(pipe, prompt, controls, mode, k, args.steps, args.cfg)
             gen.append(g)
             for s in (0, 1):
-                x, y, side = places[s].box
-                f1s[s].append(edge_f1(refs[s][y:y + side, x:x + side], edges(Image.fromarray(g))[y:y + side, x:x + side]))
+                f1s[s].append(box_f1(g, refs[s], places[s].box))
             tvs.append(total_variation(g, silent))
         samples[label] = gen
         table.append({"variant": label, "mode": " ".join([mode[0], *(f"{k}={v}" for k, v in mode[1].items())]),

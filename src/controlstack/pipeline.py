@@ -133,13 +133,10 @@ class Pipeline:
         """Whether a Control's model was trained with the ``mi`` injection (its folder's
         ``controlstack.json`` says so; bundled names and paths are looked up; a model object counts as
         plain: pass ``mode_options={"lambda_max": 20}`` for an MI model loaded by hand)."""
-        from controlstack import assets
-        from controlstack.io.settings import read_settings
+        from controlstack.io.settings import model_folder, read_settings
 
-        if not isinstance(model, (str, os.PathLike)):
-            return False
-        folder = Path(model) if os.path.isdir(model) else assets.BUNDLE_DIR / "controlnets" / str(model)
-        return folder.is_dir() and (read_settings(folder).get("training") or {}).get("injection") == "mi"
+        folder = model_folder(model)
+        return folder is not None and (read_settings(folder).get("training") or {}).get("injection") == "mi"
 
     def mi_options(self, mode: str, options: dict | None, controls: Sequence[Control]) -> dict | None:
         """``mode="mi"`` without an explicit ``lambda_max``: the paper's 20 when every control was

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from controlstack.errors import ControlstackError, require
@@ -79,16 +78,11 @@ def dataset_rows(path: str, condition: str, n: int, start: int) -> list[dict]:
 
 
 def _to_tensor(images, size: int, signed: bool) -> torch.Tensor:
+    """PIL images or arrays (``io/images.validate_image``) -> the recipes' tensors."""
+    from controlstack.io.images import validate_image
     from controlstack.training.data import image_to_tensor
 
-    return torch.stack([image_to_tensor(im if not isinstance(im, np.ndarray) else _pil(im), size, signed)
-                        for im in images])
-
-
-def _pil(a: np.ndarray):
-    from PIL import Image
-
-    return Image.fromarray(a)
+    return torch.stack([image_to_tensor(validate_image(im), size, signed) for im in images])
 
 
 def measure_asym(pipe, controlnet, condition: str | None = None, data: str | None = None,
@@ -101,16 +95,16 @@ def measure_asym(pipe, controlnet, condition: str | None = None, data: str | Non
     from tqdm.auto import tqdm
 
     from controlstack.injection import make_injection
-    from controlstack.io.settings import recommended_mode
+    from controlstack.io.settings import model_folder, recommended_mode
     from controlstack.training.conservativity import epsilon_part, hutchinson_traces, rademacher
     from controlstack.training.controlnet import controlnet_eps
-    from controlstack.training.diffusion import add_noise, sd_noise_scheduler, tokenize
+    from controlstack.training.diffusion import add_noise, encode_latents, sd_noise_scheduler, tokenize
 
     require(isinstance(batch, int) and batch >= 1, f"--batch must be a positive integer, got {batch}")
     require(isinstance(steps, int) and steps >= 1, f"--steps must be a positive integer, got {steps}")
     name = controlnet if isinstance(controlnet, str) else "model"
     model = pipe.controlnet(controlnet)
-    folder = None if not isinstance(controlnet, str) else _folder_of(pipe, controlnet)
+    folder = model_folder(controlnet)
     condition = condition or condition_of(str(name), folder)
     if mode is None:
         rec = recommended_mode(folder) if folder is not None else None
@@ -127,10 +121,7 @@ def measure_asym(pipe, controlnet, condition: str | None = None, data: str | Non
         images = _to_tensor([r["image"] for r in chunk], size, signed=True)
         hints = _to_tensor([r["hint"] for r in chunk], size, signed=False).to(model.dtype)
         with torch.no_grad():
-            dist = pipe.vae.encode(images.to(pipe.vae.dtype)).latent_dist
-            latents = (dist.mean + dist.std * torch.randn(dist.mean.shape, generator=generator).to(dist.mean))
-            latents = latents * pipe.vae.config.scaling_factor
-            noisy, _, t = add_noise(scheduler, latents.float(), generator)
+            noisy, _, t = add_noise(scheduler, encode_latents(pipe.vae, images, generator), generator)
             emb = pipe.text_encoder(tokenize(pipe.tokenizer, [str(r["text"]) for r in chunk], "cpu"))[0]
         x = noisy.to(pipe.unet.dtype).requires_grad_(True)
         with torch.enable_grad():
@@ -144,14 +135,3 @@ def measure_asym(pipe, controlnet, condition: str | None = None, data: str | Non
     denom = float(jjt_all.mean())
     return AsymResult(asym, 0.5 * asym / denom if denom > 0 else float("nan"), denom, int(jjt_all.numel()))
 
-
-def _folder_of(pipe, name: str):
-    """The folder a bundled name or a path points at (for its settings file), or None."""
-    from pathlib import Path
-
-    from controlstack import assets
-
-    if Path(name).exists():
-        return Path(name)
-    folder = assets.BUNDLE_DIR / "controlnets" / name
-    return folder if folder.is_dir() else None

@@ -101,6 +101,11 @@ def total_variation(image: np.ndarray, mask: np.ndarray | None = None) -> float:
     return float(vals.mean()) if vals.size else float("nan")
 
 
+def to_vae_input(images: list[np.ndarray]) -> torch.Tensor:
+    """uint8 RGB arrays (B of H, W, 3) -> the VAE's input batch in [-1, 1]."""
+    return torch.from_numpy(np.stack(images)).float().permute(0, 3, 1, 2) / 127.5 - 1.0
+
+
 @torch.no_grad()
 def denoising_loss(pipe, images: list[np.ndarray], prompts: list[str] | None = None,
                    timesteps=(100, 300, 500, 700, 900), seed: int = 0) -> float:
@@ -109,8 +114,7 @@ def denoising_loss(pipe, images: list[np.ndarray], prompts: list[str] | None = N
     from controlstack.training.diffusion import sd_noise_scheduler, tokenize
 
     sched = sd_noise_scheduler((pipe.scheduler_config or {}).get("prediction_type", "epsilon"))
-    x = torch.from_numpy(np.stack(images)).float().permute(0, 3, 1, 2) / 127.5 - 1.0
-    z0 = pipe.vae.encode(x.to(pipe.vae.dtype)).latent_dist.mean.float() * pipe.vae.config.scaling_factor
+    z0 = pipe.vae.encode(to_vae_input(images).to(pipe.vae.dtype)).latent_dist.mean.float() * pipe.vae.config.scaling_factor
     emb = pipe.text_encoder(tokenize(pipe.tokenizer, prompts or [""] * len(images), "cpu"))[0]
     g = torch.Generator().manual_seed(seed)
     losses = []
@@ -126,9 +130,8 @@ def denoising_loss(pipe, images: list[np.ndarray], prompts: list[str] | None = N
 
 def vae_features(pipe, images: list[np.ndarray]) -> np.ndarray:
     """The bundled VAE encoder's posterior mean, average-pooled to 4x4 (``benchmarks/fidelity.py``)."""
-    x = torch.from_numpy(np.stack(images)).float().permute(0, 3, 1, 2) / 127.5 - 1.0
     with torch.no_grad():
-        z = pipe.vae.encode(x.to(pipe.vae.dtype)).latent_dist.mean.float()
+        z = pipe.vae.encode(to_vae_input(images).to(pipe.vae.dtype)).latent_dist.mean.float()
     return torch.nn.functional.adaptive_avg_pool2d(z, 4).flatten(1).numpy()
 
 

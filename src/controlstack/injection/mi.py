@@ -3,8 +3,8 @@
 Reference: *Minimal Impact ControlNet: Advancing Multi-ControlNet Integration* (MIControlNet),
 Sec. 4.2 "balanced feature injection" (eq. 8-10) and "balanced feature combination" (eq. 11-12),
 Appendix E. The paper's equations were lost from our copy; the forms below are those inferred in
-``/work/shared/papers/METHOD_NOTES.md`` §2, built on the closed form of MGDA for two vectors and
-the Frank-Wolfe min-norm solver of Sener & Koltun, *Multi-Task Learning as Multi-Objective
+the project's method notes (``shared/papers/METHOD_NOTES.md`` §2), built on the closed form of
+MGDA for two vectors and the Frank-Wolfe min-norm solver of Sener & Koltun, *Multi-Task Learning as Multi-Objective
 Optimization* (NeurIPS 2018; ``MinNormSolver._min_norm_element_from2`` and
 ``find_min_norm_element_FW`` in ``intel-isl/MultiObjectiveOptimization``).
 

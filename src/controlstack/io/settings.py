@@ -35,6 +35,21 @@ def read_settings(folder: str | Path) -> dict:
     return data
 
 
+def model_folder(model) -> Path | None:
+    """The folder a Control's model names: an existing folder, else the bundled ControlNet of that
+    name; None for anything else (a single file, a model object, an unknown name)."""
+    import os
+
+    if not isinstance(model, (str, os.PathLike)):
+        return None
+    if Path(model).is_dir():
+        return Path(model)
+    from controlstack import assets
+
+    folder = assets.BUNDLE_DIR / "controlnets" / str(model)
+    return folder if folder.is_dir() else None
+
+
 def write_settings(folder: str | Path, settings: dict) -> Path:
     path = Path(folder) / SETTINGS
     path.write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")

@@ -327,8 +327,7 @@ def write_model_card(bundle: Path = BUNDLE_DIR) -> Path:
         if info.get("recipe") != "controlnet" or not folder.is_dir():
             continue
         lineage = _lineage(name, stages_info)
-        kind = "Minimal Impact ControlNet" if "mi_" in str(info.get("config", {})) or name.startswith("mi-") \
-            else "ControlNet"
+        kind = "Minimal Impact ControlNet" if name.startswith("mi-") else "ControlNet"
         named = f" (`{folder.name}`)" if folder.name != info["condition"] else ""
         card = [f"# {kind}: {info['condition']}{named}", "",
                 f"Trained by `make bundle` (stage `{name}`) on the locked bundled base, condition column "

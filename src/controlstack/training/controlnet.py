@@ -75,7 +75,6 @@ class ControlNetConfig(TrainConfig):
     use_ema: bool = False
     ema_decay: float = 0.9999
     learning_rate: float = 1e-5             # the paper's AdamW learning rate
-    # validation sampling
     # Minimal Impact ControlNet, Sec. 4.1: silent-signal data rebalancing (0: off)
     rebalance_probability: float = 0.0      # chance that a sample's condition is cut to some of its regions
     rebalance_keep: tuple[float, ...] = list_field(0.2, 0.8)  # fraction of regions kept, drawn uniformly
@@ -88,6 +87,7 @@ class ControlNetConfig(TrainConfig):
     conservativity_weight: float = 0.0      # the paper: 0.01
     conservativity_probes: int = 1          # Rademacher probes per sample
     conservativity_batch: int = 0           # samples of the batch the term is estimated on; 0: all
+    # validation sampling
     num_inference_steps: int = 20
     guidance_scale: float = 5.0
     conditioning_scale: float = 1.0
@@ -121,8 +121,8 @@ class ControlNetConfig(TrainConfig):
                     f"config key 'rebalance_column' names the condition column '{self.condition}'; use the id map")
         require(isinstance(self.injection_options, dict),
                 "config key 'injection_options' must be a mapping, e.g. {reduce: layer}")
-        make_injection(self.injection, **self.injection_options)  # unknown names / options fail here
-        require(not make_injection(self.injection, **self.injection_options).cond_only,
+        injection = make_injection(self.injection, **self.injection_options)  # unknown names / options fail here
+        require(not injection.cond_only,
                 f"config key 'injection': '{self.injection}' acts on a CFG half only; training has no CFG "
                 "batch (use sum or mi)")
         require(self.conservativity_weight >= 0, "config key 'conservativity_weight' must be >= 0")
