@@ -72,6 +72,8 @@ class Control:
     mask         -- region (PIL/array, soft allowed) where the control acts; None = everywhere
     resize_mode  -- just_resize | crop_and_resize | resize_and_fill (to the output size)
     preprocess   -- run the annotator of the same name (or the named one) on ``image`` first
+    task         -- the condition type for an Omni ControlNet ('depth', 'canny', ...): its task
+                    token is prefixed to the prompt the ControlNet sees
     """
 
     model: Any
@@ -83,6 +85,7 @@ class Control:
     resize_mode: str = "just_resize"
     preprocess: bool | str = False
     annotator_params: dict = field(default_factory=dict)
+    task: str | None = None
 
     def __post_init__(self):
         if self.model is None or (isinstance(self.model, str) and not self.model):
@@ -96,6 +99,8 @@ class Control:
             )
         if self.mask is not None:
             self.mask = mask_to_array(self.mask, "control mask")
+        if self.task is not None and (not isinstance(self.task, str) or not self.task):
+            raise ControlstackError(f"control task must be a non-empty name such as 'depth', got {self.task!r}")
         if self.resize_mode not in RESIZE_MODES:
             raise ControlstackError(
                 f"unknown resize mode '{self.resize_mode}'; choose one of {', '.join(RESIZE_MODES)}"
@@ -112,7 +117,8 @@ class Branch:
     """One control inside one run: a ControlNet runner with its cached hint features."""
 
     def __init__(self, runner, hint_features: torch.Tensor, weight, start: float, end: float,
-                 mask: np.ndarray | None = None, encoder_hidden_states: torch.Tensor | None = None):
+                 mask: np.ndarray | None = None,
+                 encoder_hidden_states: tuple[torch.Tensor | None, torch.Tensor] | None = None):
         self.runner = runner
         self.hint_features = hint_features          # computed once per run
         self.weight = weight                        # float or keyframes (validated)
@@ -121,7 +127,8 @@ class Branch:
             mask = None  # a mask of ones is no mask: skip the multiply so results are bit-identical
         self.mask = None if mask is None else torch.from_numpy(np.ascontiguousarray(mask))[None, None]
         self._masks: dict[tuple[int, int], torch.Tensor] = {}
-        self.encoder_hidden_states = encoder_hidden_states  # own text embedding (Omni task tokens)
+        # own text embedding (uncond, cond) -- Omni's "<task> prompt"; None: the denoiser's
+        self.encoder_hidden_states = encoder_hidden_states
 
     def active(self, step: Step) -> bool:
         return in_window(self.start, self.end, step)
@@ -136,9 +143,13 @@ class Branch:
             self._masks[size] = m.to(like.dtype)
         return self._masks[size]
 
-    def __call__(self, x, t, encoder_hidden_states, step: Step) -> Residuals:
+    def __call__(self, x, t, encoder_hidden_states, step: Step, cond_only: bool = False) -> Residuals:
+        """``x``: the CFG batch ``[uncond; cond]`` (or the cond half alone when ``cond_only`` or
+        without CFG), ``encoder_hidden_states`` the matching text embedding."""
         if self.encoder_hidden_states is not None:
-            encoder_hidden_states = self.encoder_hidden_states.expand(x.shape[0], -1, -1)
+            uncond, cond = self.encoder_hidden_states
+            both = uncond is not None and not cond_only and x.shape[0] == 2 * cond.shape[0]
+            encoder_hidden_states = torch.cat([uncond, cond]) if both else cond
         res = self.runner(x, t, encoder_hidden_states, self.hint_features)
         w = weight_at(self.weight, step.progress)
         downs = [d * w for d in res.downs]

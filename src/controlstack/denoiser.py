@@ -58,7 +58,7 @@ class ControlledDenoiser:
         for branch in active:
             self.calls += 1
             if self.injection.cond_only and self.cfg:
-                residuals.append(_pad_uncond(branch(x, t, self.cond, step)))
+                residuals.append(_pad_uncond(branch(x, t, self.cond, step, cond_only=True)))
             else:
                 residuals.append(branch(x_in, t, self.emb, step))
         adds = self.injection(h, mid, residuals) if residuals else None

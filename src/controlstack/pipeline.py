@@ -153,15 +153,40 @@ class Pipeline:
 
     # ----------------------------------------------------------------------------- pieces
     @torch.no_grad()
-    def encode_prompt(self, prompt: str, batch: int) -> torch.Tensor:
-        """CLIP text embedding, as diffusers' ``encode_prompt`` (padding to max length, no clip skip)."""
+    def encode_prompt(self, prompt: str, batch: int, task_token: int | None = None) -> torch.Tensor:
+        """CLIP text embedding, as diffusers' ``encode_prompt`` (padding to max length, no clip skip).
+        ``task_token``: an Omni task token's id, put right after the start token (as in training)."""
         tok = self.tokenizer(
             [prompt], padding="max_length", max_length=self.tokenizer.model_max_length,
             truncation=True, return_tensors="pt",
         )
-        mask = tok.attention_mask if getattr(self.text_encoder.config, "use_attention_mask", False) else None
-        emb = self.text_encoder(tok.input_ids, attention_mask=mask)[0].to(self.text_encoder.dtype)
+        ids, mask = tok.input_ids, tok.attention_mask
+        if task_token is not None:
+            from controlstack.models.task_tokens import with_task_token
+
+            ids, mask = with_task_token(ids, torch.tensor([task_token])), with_task_token(mask, torch.tensor([1]))
+        mask = mask if getattr(self.text_encoder.config, "use_attention_mask", False) else None
+        emb = self.text_encoder(ids, attention_mask=mask)[0].to(self.text_encoder.dtype)
         return emb.repeat(1, batch, 1).view(batch, emb.shape[1], -1)
+
+    def task_text(self, controlnet, control: Control, prompts: tuple[str, str], batch: int, do_cfg: bool):
+        """An Omni ControlNet's own text embedding ``(uncond, cond)``: its task token prefixed to the
+        negative and the positive prompt (the U-Net keeps the plain prompt); None for a plain one."""
+        tokens = getattr(controlnet, "task_tokens", None)
+        name = control.model if isinstance(control.model, (str, os.PathLike)) else type(control.model).__name__
+        if tokens is None:
+            if control.task is not None:
+                raise ControlstackError(f"control model '{name}' has no task tokens; task='{control.task}' is "
+                                        "for an Omni ControlNet (e.g. model='omni')")
+            return None
+        if control.task not in tokens:
+            what = "needs a task" if control.task is None else f"has no task '{control.task}'"
+            raise ControlstackError(f"Omni ControlNet '{name}' {what}; choose one of {', '.join(tokens)}")
+        from controlstack.models.task_tokens import add_task_tokens
+
+        token = add_task_tokens(self.tokenizer, self.text_encoder, {control.task: tokens[control.task]})[control.task]
+        cond = self.encode_prompt(prompts[0], batch, token)
+        return (self.encode_prompt(prompts[1], batch, token) if do_cfg else None), cond
 
     def prepare_hint(self, control: Control, width: int, height: int) -> torch.Tensor:
         """Condition image -> (1, 3, H, W) tensor in [0, 1] at the output size."""
@@ -177,8 +202,11 @@ class Pipeline:
         image = resize_image(image, width, height, control.resize_mode)
         return image_to_tensor(image)
 
-    def make_branch(self, control: Control, width: int, height: int) -> Branch:
-        runner = ControlNetRunner(self.controlnet(control.model))
+    def make_branch(self, control: Control, width: int, height: int, prompts: tuple[str, str] = ("", ""),
+                    batch: int = 1, do_cfg: bool = False) -> Branch:
+        controlnet = self.controlnet(control.model)
+        text = self.task_text(controlnet, control, prompts, batch, do_cfg)  # before the image: cheap checks first
+        runner = ControlNetRunner(controlnet)
         hint = self.prepare_hint(control, width, height).to(runner.dtype)
         with torch.no_grad():
             features = runner.embed_hint(hint)  # once per run, not per step
@@ -188,7 +216,7 @@ class Pipeline:
                 f"ControlNet hint encoder downsamples to {tuple(features.shape[-2:])} but the base's latents "
                 f"are {expected}; the ControlNet was trained for a VAE with another downsampling"
             )
-        return Branch(runner, features, control.weight, control.start, control.end, control.mask)
+        return Branch(runner, features, control.weight, control.start, control.end, control.mask, text)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, generator=None) -> np.ndarray:
@@ -237,7 +265,8 @@ class Pipeline:
         cond = self.encode_prompt(prompt, batch)
         do_cfg = cfg > 1 and self.unet.config.time_cond_proj_dim is None
         uncond = self.encode_prompt(negative_prompt or "", batch) if do_cfg else None
-        branches = [self.make_branch(c, width, height) for c in controls]
+        branches = [self.make_branch(c, width, height, (prompt, negative_prompt or ""), batch, do_cfg)
+                    for c in controls]
 
         generator = torch.Generator("cpu").manual_seed(int(seed)) if seed is not None else None
         shape = (batch, self.unet.config.in_channels, height // self.vae_scale_factor,
@@ -260,7 +289,7 @@ class Pipeline:
                 {"model": c.model if isinstance(c.model, str) else type(c.model).__name__,
                  "weight": c.weight, "start": c.start, "end": c.end,
                  "mask": c.mask is not None, "resize_mode": c.resize_mode,
-                 "preprocess": c.preprocess}
+                 "preprocess": c.preprocess, **({"task": c.task} if c.task else {})}
                 for c in controls
             ],
         }

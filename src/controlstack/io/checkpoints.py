@@ -244,6 +244,10 @@ def load_controlnet(source: str | os.PathLike, *, allow_pickle: bool = False,
         except (OSError, ValueError, RuntimeError) as exc:
             raise ControlstackError(f"cannot load the ControlNet in '{path}' ({str(exc).splitlines()[0]}); "
                                     "check that its config.json matches its weights") from None
+        from controlstack.models.task_tokens import TOKENS_FILE, load_task_tokens
+
+        if (path / TOKENS_FILE).is_file():  # an Omni ControlNet carries its task tokens
+            model.task_tokens = load_task_tokens(path)
         return model.eval()
     state, metadata = read_tensors(path, allow_pickle=allow_pickle)
     return controlnet_from_state_dict(state, config=config, metadata=metadata, torch_dtype=torch_dtype)

@@ -19,6 +19,7 @@ RECIPES = {
     "vae": ("controlstack.training.vae", "VAEConfig"),
     "base": ("controlstack.training.base", "BaseConfig"),
     "controlnet": ("controlstack.training.controlnet", "ControlNetConfig"),
+    "omni": ("controlstack.training.omni", "OmniConfig"),
 }
 
 

@@ -83,6 +83,10 @@ def stages(bundle: Path = BUNDLE_DIR) -> list[Stage]:
             out.append(Stage(f"mi-{c}-rebalance", "controlnet", ablation / weights, c, plain, "mi_rebalance", ablation))
         out.append(Stage(f"mi-{c}-stage1", "controlnet", stage1 / weights, c, plain, "mi_stage1", stage1))
         out.append(Stage(f"mi-{c}", "controlnet", final / weights, c, stage1, "mi_stage2", final))
+    # OmniControlNet (docs/omni.md): one ControlNet for every condition type, warm-started from the
+    # bundled canny ControlNet (its zero convolutions have grown already; the budget is 1/7 per task)
+    omni = bundle / "controlnets" / "omni"
+    out.append(Stage("omni", "omni", omni / weights, "omni", bundle / "controlnets" / "canny", "omni", omni))
     return out
 
 
@@ -225,13 +229,13 @@ def run_stage(stage: Stage, work_root: Path, bundle: Path, configs: Path | None 
     overrides = {"data": str(world), "output_dir": str(work)}
     if stage.init_from is not None:
         overrides["init_from"] = str(stage.init_from)
-    if stage.recipe in ("base", "controlnet"):
+    if stage.recipe in ("base", "controlnet", "omni"):
         # one cache of the (locked, bundled) VAE's posteriors serves the base and every ControlNet
         overrides["latent_cache"] = str(work_root / "latents.safetensors")
     if stage.recipe == "base":
         overrides["vae"] = str(bundle / "vae")
-    if stage.recipe == "controlnet":
-        overrides.update(base=str(bundle), condition=stage.condition)
+    if stage.recipe in ("controlnet", "omni"):
+        overrides.update(base=str(bundle), **({"condition": stage.condition} if stage.recipe == "controlnet" else {}))
         _forget_if_base_changed(work, bundle)
     yaml_name = stage.config or ("controlnet" if stage.recipe == "controlnet" else stage.name.replace("-", "_"))
     config = config_cls.from_yaml(Path(configs or CONFIGS) / f"{yaml_name}.yaml", resolution=WORLD_SIZE,
@@ -267,8 +271,11 @@ def run_stage(stage: Stage, work_root: Path, bundle: Path, configs: Path | None 
         dest = stage.dest or bundle / "controlnets" / stage.condition
         dest.parent.mkdir(parents=True, exist_ok=True)
         save_fp16(ControlNetModel.from_pretrained(model_dir), dest)
-        if (model_dir / SETTINGS).is_file():  # the recommended mode travels with the weights
-            shutil.copy(model_dir / SETTINGS, dest / SETTINGS)
+        from controlstack.models.task_tokens import TOKENS_FILE
+
+        for name in (SETTINGS, TOKENS_FILE):  # the recommended mode / Omni's task tokens travel with the weights
+            if (model_dir / name).is_file():
+                shutil.copy(model_dir / name, dest / name)
     _record(bundle, stage.name, {
         "recipe": stage.recipe, "condition": stage.condition or None, "steps": config.max_steps,
         **({"dest": str(stage.dest.relative_to(bundle))} if stage.dest else {}),

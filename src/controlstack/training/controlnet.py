@@ -167,18 +167,21 @@ def build_controlnet(unet, vae, hint_channels, init: str = ""):
     return ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=tuple(hint_channels))
 
 
-def controlnet_eps(unet, controlnet, noisy, t, text_emb, hint, injection=None, control_input=None) -> torch.Tensor:
+def controlnet_eps(unet, controlnet, noisy, t, text_emb, hint, injection=None, control_input=None,
+                   control_text=None) -> torch.Tensor:
     """ε through the project's inference path: U-Net encode, ControlNet residuals, the injection
     strategy (default ``sum``; MIControlNet's stage 1: the sampler's ``mi`` object), decode.
     ``control_input``: what the ControlNet sees instead of ``noisy`` (the conservativity term
-    differentiates along the ControlNet's path only; same values, another graph)."""
+    differentiates along the ControlNet's path only; same values, another graph).
+    ``control_text``: the ControlNet's own text embedding (Omni: the task token + caption)."""
     from controlstack.injection import make_injection
     from controlstack.models.runner import ControlNetRunner, UNetRunner
 
     unet_r, cn_r = UNetRunner(unet), ControlNetRunner(controlnet)
     hint_features = cn_r.embed_hint(hint)
     h, mid, ctx = unet_r.encode(noisy, t, text_emb)
-    residuals = cn_r(noisy if control_input is None else control_input, t, text_emb, hint_features)
+    residuals = cn_r(noisy if control_input is None else control_input, t,
+                     text_emb if control_text is None else control_text, hint_features)
     adds = (injection or make_injection("sum"))(h, mid, [residuals])
     return unet_r.decode(h, mid, ctx, adds)
 
@@ -186,23 +189,35 @@ def controlnet_eps(unet, controlnet, noisy, t, text_emb, hint, injection=None, c
 class ControlledUNet(torch.nn.Module):
     """Locked U-Net + trainable ControlNet, one module so DDP sees the whole forward."""
 
-    def __init__(self, unet, controlnet, injection=None):
+    def __init__(self, unet, controlnet, injection=None, text_encoder=None, task_tokens=None):
         super().__init__()
         self.unet, self.controlnet = unet, controlnet
         self.injection = injection  # None: sum
+        # Omni: the task tokens' rows train (a submodule, so checkpoints hold them); the text encoder
+        # they sit in is locked and stays outside the module's parameters
+        self.task_tokens = task_tokens
+        self.__dict__["text_encoder"] = text_encoder
 
-    def forward(self, noisy, t, text_emb, hint, control_input=None) -> torch.Tensor:
-        return controlnet_eps(self.unet, self.controlnet, noisy, t, text_emb, hint, self.injection, control_input)
+    def forward(self, noisy, t, text_emb, hint, control_input=None, control_ids=None) -> torch.Tensor:
+        control_text = None if control_ids is None else self.text_encoder(control_ids)[0]
+        return controlnet_eps(self.unet, self.controlnet, noisy, t, text_emb, hint, self.injection, control_input,
+                              control_text)
+
+    def trainable(self) -> list:
+        return [*self.controlnet.parameters(), *([] if self.task_tokens is None else [self.task_tokens.vectors])]
 
 
 def assert_locked(model: ControlledUNet, optimizer, *frozen) -> None:
-    """The paper's contract: nothing of the base trains, every ControlNet weight does."""
+    """The paper's contract: nothing of the base trains, every ControlNet weight does (and, for
+    Omni, the task tokens' rows: nothing else of the text encoder)."""
+    own = {id(p) for p in model.trainable()}
     for module in (model.unet, *frozen):
-        assert not any(p.requires_grad for p in module.parameters()), "a base-model weight requires grad"
-    trainable = {id(p) for p in model.controlnet.parameters()}
-    assert all(p.requires_grad for p in model.controlnet.parameters()), "a ControlNet weight is frozen"
+        assert not any(p.requires_grad for p in module.parameters() if id(p) not in own), \
+            "a base-model weight requires grad"
+    trainable = own
+    assert all(p.requires_grad for p in model.trainable()), "a ControlNet weight is frozen"
     optimised = {id(p) for group in optimizer.param_groups for p in group["params"]}
-    assert optimised == trainable, "the optimiser must hold exactly the ControlNet's parameters"
+    assert optimised == trainable, "the optimiser must hold exactly the ControlNet's (and task tokens') parameters"
 
 
 def train(config: ControlNetConfig, resume: bool = False):
@@ -210,23 +225,27 @@ def train(config: ControlNetConfig, resume: bool = False):
     session = TrainingSession(config, "controlnet", resume)
     acc = session.accelerator
 
-    columns = {config.image_column: "image", config.caption_column: "text", config.condition: "hint",
-               **object_columns(config)}
+    tasks = tuple(getattr(config, "tasks", ()))  # Omni (omni.py): one hint column per task
+    hint_columns = config.hint_columns() if tasks else {config.condition: "hint"}
+    columns = {config.image_column: "image", config.caption_column: "text", **hint_columns, **object_columns(config)}
     regions = None
     if config.rebalance_probability > 0:
         column = config.rebalance_region_column
         if column and column not in columns:
             columns[column] = "regions_source"
         regions = (config.rebalance_regions, columns[column] if column else "")
-    hints = ("hint", *object_hints(config))
+    hints = (*hint_columns.values(), *object_hints(config))
     dataset = load_image_dataset(config.data, columns)
     val_set = load_image_dataset(config.validation_data, columns) if config.validation_data else dataset
     base = load_base(config.base)
     vae, text_encoder, tokenizer = base.vae.to(acc.device), base.text_encoder.to(acc.device), base.tokenizer
     from controlstack.injection import make_injection
 
+    task_tokens = task_ids = None
+    if tasks:
+        task_tokens, task_ids = _trainable_task_tokens(tokenizer, text_encoder, tasks, config)
     model = ControlledUNet(base.unet, build_controlnet(base.unet, vae, config.hint_channels, config.init_from),
-                           make_injection(config.injection, **config.injection_options))
+                           make_injection(config.injection, **config.injection_options), text_encoder, task_tokens)
     model.controlnet.train()
     # the ControlNet learns the base's own parameterisation (ε or v), read from its scheduler config
     noise_scheduler = sd_noise_scheduler(base.scheduler_config.get("prediction_type", "epsilon"))
@@ -235,9 +254,14 @@ def train(config: ControlNetConfig, resume: bool = False):
                                               regions=regions)
     loader = make_dataloader(dataset, transform, config.batch_size, config.num_workers)
     val = first_rows(val_set, config.num_validation_images,
-                     RowTransform(config.resolution, targets=("image",), hints=("hint",), caption="text"))
+                     RowTransform(config.resolution, targets=("image",), hints=tuple(hint_columns.values()),
+                                  caption="text"))
 
-    optimizer = make_optimizer(model.controlnet.parameters(), config)
+    groups = [{"params": list(model.controlnet.parameters())}]
+    if task_tokens is not None:  # textual inversion: the tokens' own lr, no decay towards 0
+        groups.append({"params": [task_tokens.vectors], "lr": config.token_learning_rate,
+                       "weight_decay": 0.0})
+    optimizer = make_optimizer(groups, config)
     lr_scheduler = make_lr_scheduler(optimizer, config, acc.num_processes)
     ema = None
     if config.use_ema:
@@ -257,7 +281,15 @@ def train(config: ControlNetConfig, resume: bool = False):
         noisy, target, t, ids = noisy_batch(vae, noise_scheduler, tokenizer, batch, config.caption_dropout,
                                             session.step_generator(), acc.device, cache)
         objects = batch_objects(batch, config)
-        hint = batch["hint"]
+        control_ids = None
+        if tasks:  # own random stream: a task per sample; the ControlNet reads "<task> caption"
+            from controlstack.models.task_tokens import with_task_token
+            from controlstack.training.omni import pick_hints
+
+            hint, k = pick_hints(batch, tasks, session.step_generator(stream=3))
+            control_ids = with_task_token(ids, task_ids[k])
+        else:
+            hint = batch["hint"]
         if regions is not None:  # own random streams: the denoising draws stay what they are without MI
             hint, _ = rebalance(hint, batch["regions"], blank_value(config.condition), config.rebalance_probability,
                                 config.rebalance_keep, session.step_generator(stream=1))
@@ -268,7 +300,7 @@ def train(config: ControlNetConfig, resume: bool = False):
                 loss = _mi_stage2_loss(model, noisy, t, text_emb, hint, target, objects, config, noise_scheduler,
                                        session.step_generator(stream=2), session)
             else:
-                err = (model(noisy, t, text_emb, hint).float() - target.float()).pow(2)
+                err = (model(noisy, t, text_emb, hint, control_ids=control_ids).float() - target.float()).pow(2)
                 loss = weighted_mean(err, objects, config.object_weight)
             session.optimize(model, loss, optimizer, lr_scheduler)
         if not acc.sync_gradients:
@@ -285,13 +317,43 @@ def train(config: ControlNetConfig, resume: bool = False):
     controlnet = acc.unwrap_model(model).controlnet.eval()
     if ema is not None:
         ema.copy_to(controlnet.parameters())
-    return session.export(lambda d: _save(controlnet, d, config))
+    vectors = task_tokens.rows() if task_tokens is not None else None
+    return session.export(lambda d: _save(controlnet, d, config, vectors))
 
 
-def _save(controlnet, folder, config: ControlNetConfig) -> None:
+def _trainable_task_tokens(tokenizer, text_encoder, tasks, config):
+    """Omni: the task tokens added to the tokenizer and text encoder (started from ``init_from``'s
+    tokens when it is an Omni model, else fresh) and swapped in as the embedding's one trainable
+    part; returns (the TaskTokenEmbedding, the tasks' token ids in ``tasks`` order)."""
+    from pathlib import Path
+
+    from controlstack.models.task_tokens import (
+        TOKENS_FILE,
+        add_task_tokens,
+        initial_vectors,
+        load_task_tokens,
+        swap_in_trainable,
+    )
+
+    start = initial_vectors(text_encoder, tasks, config.seed)
+    if config.init_from and (Path(config.init_from) / TOKENS_FILE).is_file():
+        start.update({t: v for t, v in load_task_tokens(config.init_from).items() if t in start})
+    ids = add_task_tokens(tokenizer, text_encoder, start)
+    return swap_in_trainable(text_encoder, ids), torch.tensor([ids[t] for t in tasks])
+
+
+def _save(controlnet, folder, config: ControlNetConfig, task_vectors=None) -> None:
     """The ControlNetModel folder; a model trained with MI options also records them and its
-    recommended mode (``io/settings.py``), so it is sampled as it was trained."""
+    recommended mode (``io/settings.py``), so it is sampled as it was trained; an Omni model also
+    its task tokens (``task_tokens.safetensors``) and task list."""
     controlnet.save_pretrained(folder, safe_serialization=True)
+    if task_vectors is not None:
+        from controlstack.io.settings import write_settings
+        from controlstack.models.task_tokens import save_task_tokens
+
+        save_task_tokens(task_vectors, folder)
+        write_settings(folder, {"omni": {"tasks": list(config.tasks)}})
+        return
     mi = {k: getattr(config, k) for k in ("injection", "injection_options", "rebalance_probability",
                                           "conservativity_weight")}
     if mi != {"injection": "sum", "injection_options": {}, "rebalance_probability": 0.0, "conservativity_weight": 0.0}:
@@ -347,17 +409,23 @@ def validate(session: TrainingSession, net: ControlledUNet, base, vae, text_enco
     """Grid rows condition | generated | real, the condition fidelity and its curve."""
     cfg = session.config
     net.controlnet.eval()
-    hints = tensor_to_pil(val["hint"], signed=False)
-    generated = sample_controlnet(
-        vae, text_encoder, base.tokenizer, net.unet, net.controlnet, base.scheduler_config,
-        list(val["text"]), hints, cfg.resolution, cfg.num_inference_steps, cfg.guidance_scale,
-        cfg.conditioning_scale, cfg.seed, cfg.injection, _sampling_options(cfg),
-    )
+    tasks = tuple(getattr(cfg, "tasks", ()))
+    if tasks:  # Omni: row i shows task i mod K
+        from controlstack.training.omni import validation_samples
+
+        hints, generated, fidelity = validation_samples(net, base, vae, text_encoder, val, cfg)
+    else:
+        hints = tensor_to_pil(val["hint"], signed=False)
+        generated = sample_controlnet(
+            vae, text_encoder, base.tokenizer, net.unet, net.controlnet, base.scheduler_config,
+            list(val["text"]), hints, cfg.resolution, cfg.num_inference_steps, cfg.guidance_scale,
+            cfg.conditioning_scale, cfg.seed, cfg.injection, _sampling_options(cfg),
+        )
+        fidelity = condition_fidelity(cfg.condition, hints, generated)
     real = tensor_to_pil(val["image"], signed=True)
     make_grid([im for r in zip(hints, generated, real) for im in r], cols=3).save(
         session.out / "samples" / f"step-{session.step:07d}.png"
     )
-    fidelity = condition_fidelity(cfg.condition, hints, generated)
     session.metrics.log(session.step, fidelity=fidelity)
     plot_metric(session.out / "metrics.csv", "fidelity", session.out / "fidelity.png",
                 f"{cfg.condition} fidelity (edge F1, 2 px)")

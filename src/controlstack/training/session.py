@@ -82,7 +82,11 @@ def make_optimizer(params, config: TrainConfig) -> torch.optim.Optimizer:
     """
     kwargs = {"lr": config.learning_rate, "betas": (config.adam_beta1, config.adam_beta2),
               "weight_decay": config.adam_weight_decay, "eps": config.adam_epsilon}
-    trainable = [p for p in params if p.requires_grad]
+    params = list(params)
+    if params and isinstance(params[0], dict):  # parameter groups (e.g. Omni's task tokens: own lr)
+        trainable = [{**g, "params": [p for p in g["params"] if p.requires_grad]} for g in params]
+    else:
+        trainable = [p for p in params if p.requires_grad]
     try:
         return torch.optim.AdamW(trainable, fused=True, **kwargs)
     except RuntimeError:  # a device or dtype with no fused kernel (e.g. MPS with float64)
