@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,7 @@ class GenerationResult:
 
     images: list
     parameters: dict
+    conditions: list = field(default_factory=list)  # from_image: the condition made for each task
 
 
 class Pipeline:
@@ -195,7 +196,8 @@ class Pipeline:
             from controlstack import annotators
             from controlstack.io.images import pixel_perfect_resolution
 
-            name = control.preprocess if isinstance(control.preprocess, str) else str(control.model)
+            name = control.preprocess if isinstance(control.preprocess, str) else \
+                annotators.for_task(control.task) if control.task else str(control.model)
             params = dict(control.annotator_params)
             params.setdefault("resolution", pixel_perfect_resolution(image.size, width, height, control.resize_mode))
             image = to_rgb(annotators.get(name, **params)(image))
@@ -217,6 +219,40 @@ class Pipeline:
                 f"are {expected}; the ControlNet was trained for a VAE with another downsampling"
             )
         return Branch(runner, features, control.weight, control.start, control.end, control.mask, text)
+
+    def from_image(self, photo, tasks: Sequence[str], prompt: str, *, model: Any = "omni",
+                   weight: float | Sequence[float] = 1.0, resize_mode: str = "just_resize",
+                   return_result: bool = False, **kwargs):
+        """OmniControlNet's whole pipeline in one call: the conditions of ``tasks`` are made from
+        ``photo`` (learned ones by the bundled multi-task predictor, classical ones like canny by
+        their annotators, ``annotators.FOR_TASK``), then generated from with the Omni ControlNet
+        ``model`` (one set of weights for every task). ``kwargs`` go to ``__call__`` (steps, cfg,
+        seed, width, height, mode, ...). Returns images, or a :class:`GenerationResult` whose
+        ``conditions`` hold the condition of each task."""
+        from controlstack import annotators
+        from controlstack.io.images import pixel_perfect_resolution, validate_image
+
+        photo = to_rgb(validate_image(photo, "photo"))
+        if isinstance(tasks, str) or not tasks or not all(isinstance(t, str) and t for t in tasks):
+            raise ControlstackError(f"tasks must be a non-empty list of task names, got {tasks!r}")
+        weights = [float(weight)] * len(tasks) if isinstance(weight, (int, float)) else list(weight)
+        if len(weights) != len(tasks):
+            raise ControlstackError(f"{len(weights)} weights for {len(tasks)} tasks; give one per task")
+        known = getattr(self.controlnet(model), "task_tokens", None)
+        if known is None:
+            raise ControlstackError(f"'{model}' is not an Omni ControlNet (it has no task tokens)")
+        unknown = [t for t in tasks if t not in known]
+        if unknown:
+            raise ControlstackError(f"unknown task(s) {', '.join(unknown)}; the Omni ControlNet has {', '.join(known)}")
+        width, height = kwargs.get("width") or self.native_size, kwargs.get("height") or self.native_size
+        resolution = pixel_perfect_resolution(photo.size, width, height, resize_mode)
+        conditions = [to_rgb(annotators.get(annotators.for_task(t), resolution=resolution)(photo)) for t in tasks]
+        controls = [Control(model, c, weight=w, task=t, resize_mode=resize_mode)
+                    for t, c, w in zip(tasks, conditions, weights)]
+        result = self(prompt, controls, return_result=True, **kwargs)
+        result.parameters["from_image"] = {"tasks": list(tasks)}
+        result.conditions = conditions
+        return result if return_result else result.images
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, generator=None) -> np.ndarray:

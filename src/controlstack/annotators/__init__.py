@@ -33,13 +33,18 @@ _REGISTRY = {
     "pose": "pose_annotator:Pose",
     "binary": "transforms:Binary",
     "invert": "transforms:Invert",
-    # learned: interface now, weights from the project's multi-task predictor later
+    # learned: the bundled multi-task predictor (OmniControlNet stage 1) or the user's weights
     "depth": "learned:Depth",
+    "hed": "learned:Hed",
+    "scribble_hed": "learned:ScribbleHed",
     "normal_estimate": "learned:NormalEstimate",
     "seg_estimate": "learned:SegEstimate",
     "pose_estimate": "learned:PoseEstimate",
 }
-LEARNED = ("depth", "normal_estimate", "seg_estimate", "pose_estimate")
+#: Omni ControlNet task -> the annotator that makes its condition from a photo (the integrated path)
+FOR_TASK = {"canny": "canny", "depth": "depth", "seg": "seg_estimate", "pose": "pose_estimate", "hed": "hed",
+            "scribble": "scribble_hed", "normal": "normal_estimate", "softedge": "softedge", "lineart": "lineart"}
+LEARNED = ("depth", "hed", "scribble_hed", "normal_estimate", "seg_estimate", "pose_estimate")
 
 
 def available() -> list[str]:
@@ -67,4 +72,14 @@ def get(name: str, **params):
     return cls(**params)
 
 
-__all__ = ["LEARNED", "annotator_class", "available", "get"]
+def for_task(task: str) -> str:
+    """The annotator name for an Omni task (a task that is itself an annotator name maps to it)."""
+    if task in FOR_TASK:
+        return FOR_TASK[task]
+    if task in _REGISTRY:
+        return task
+    raise ControlstackError(f"no annotator makes the condition of task '{task}'; tasks with one: "
+                            f"{', '.join(FOR_TASK)}")
+
+
+__all__ = ["FOR_TASK", "LEARNED", "annotator_class", "available", "for_task", "get"]

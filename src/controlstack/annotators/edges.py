@@ -134,6 +134,9 @@ class Scribble(Annotator):
 
         soft = soft_edge_map(rgb)
         skel = skeletonize(soft > self.threshold)
+        return self.edit_strokes(skel)
+
+    def edit_strokes(self, skel: np.ndarray) -> np.ndarray:
         rng = np.random.default_rng(self.seed)
         if self.min_length > 0 or self.drop > 0:
             n, labels, stats, _ = cv2.connectedComponentsWithStats(skel.astype(np.uint8), connectivity=8)
@@ -155,11 +158,23 @@ class Scribble(Annotator):
         return skel
 
     def detect(self, rgb: np.ndarray) -> np.ndarray:
-        skel = self.strokes(rgb).astype(np.uint8) * 255
-        if self.width <= 1:
-            return skel
-        kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (self.width, self.width))
-        return cv2.dilate(skel, kernel)
+        return dilate_strokes(self.strokes(rgb), self.width)
+
+
+def dilate_strokes(skel: np.ndarray, width: int) -> np.ndarray:
+    """A bool skeleton -> uint8 strokes ``width`` px wide."""
+    skel = skel.astype(np.uint8) * 255
+    if width <= 1:
+        return skel
+    return cv2.dilate(skel, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (width, width)))
+
+
+def strokes_from_soft_edge(soft: np.ndarray, threshold: float = 0.5, width: int = 3) -> np.ndarray:
+    """The ControlNet paper's synthesised user scribble from a soft edge map in [0, 1]: threshold,
+    thin to a skeleton, dilate (uint8 HxW)."""
+    from skimage.morphology import skeletonize
+
+    return dilate_strokes(skeletonize(soft > threshold), width)
 
 
 @dataclass(kw_only=True)

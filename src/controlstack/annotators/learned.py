@@ -1,19 +1,31 @@
-"""Learned annotators (depth, normals, segmentation, pose from a photograph): interface only, for now.
+"""Learned annotators (depth, soft edge, normals, segmentation, pose from a photograph), offline.
 
-Their default weights will be the project's own multi-task dense predictor (OmniControlNet's
-stage 1: one network for depth, HED, scribble and animal pose); until it ships, each needs either
+By default they run the project's own multi-task dense predictor (OmniControlNet's stage 1,
+``models/predictor.py``), bundled in ``assets/bundle/predictor`` and trained on the procedural
+world: one network, one backbone pass per image, whatever the task. A user's own weights still
+override it:
 
-* ``weights=DIR`` -- a local folder of controlnet_aux / lllyasviel "Annotators" checkpoints, used
-  through :mod:`.aux` (controlnet_aux is imported lazily, only then, and never downloads), or
+* ``weights=DIR`` -- a predictor folder (``config.json`` of a ``MultiTaskPredictor``, e.g. one
+  trained with ``controlstack train predictor``), or a local folder of controlnet_aux / lllyasviel
+  "Annotators" checkpoints, used through :mod:`.aux` (controlnet_aux is imported lazily, only then,
+  and never downloads);
 * ``loader=`` (Python API) -- a callable ``loader(weights) -> predict`` where
-  ``predict(rgb uint8 HxWx3) -> HxW / HxWx3 array or PIL image``: how the project's predictor (or a
-  user's own network) plugs in. Annotators never import ``controlstack.models``.
+  ``predict(rgb uint8 HxWx3) -> HxW / HxWx3 array or PIL image``.
 
-Without either: one line saying what to pass.
+Annotators never import ``controlstack.models`` at module level: the predictor is reached through
+``controlstack.assets`` when an annotator first runs.
+
+Conventions: ``depth`` is near = bright (what depth ControlNets expect); ``hed`` a soft edge
+probability; ``scribble_hed`` the paper's user scribble made from it (threshold, thin, dilate:
+the ``scribble`` annotator's strokes); ``normal_estimate`` RGB = (n + 1) / 2; ``seg_estimate``
+the world palette (ADE20K colours where ADE20K has the class); ``pose_estimate`` OpenPose-18
+people and AP-10K animals, drawn as the ``pose`` annotator draws them (:meth:`PoseEstimate.estimate`
+gives the JSON).
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,13 +38,22 @@ from controlstack.annotators.base import Annotator, param, to_condition
 from controlstack.errors import ControlstackError
 
 
+def is_predictor_folder(path: str | Path) -> bool:
+    cfg = Path(path) / "config.json"
+    try:
+        return cfg.is_file() and json.loads(cfg.read_text()).get("_class_name") == "MultiTaskPredictor"
+    except (OSError, json.JSONDecodeError):
+        return False
+
+
 @dataclass(kw_only=True)
 class LearnedAnnotator(Annotator):
     LEARNED = True
     DETECTOR = ""  # controlnet_aux class used with weights=DIR
+    TASK = ""      # the multi-task predictor's task
 
-    weights: str | None = param(None, "local weights folder (controlnet_aux Annotators layout); "
-                                      "never downloaded")
+    weights: str | None = param(None, "weights folder: a MultiTaskPredictor folder or a controlnet_aux "
+                                      "Annotators folder; none = the bundled predictor; never downloaded")
     detector: str = param("", "controlnet_aux detector class; empty = the default for this task")
     loader: Callable[[Any], Callable] | None = None  # Python API only (not a CLI parameter)
 
@@ -42,20 +63,46 @@ class LearnedAnnotator(Annotator):
                                     "local folder of annotator checkpoints")
         self._predict: Callable | None = None
 
+    def predictor_folder(self) -> Path | None:
+        """The MultiTaskPredictor this annotator runs (None: a loader or controlnet_aux weights)."""
+        if self.loader is not None:
+            return None
+        if self.weights is not None:
+            return Path(self.weights) if is_predictor_folder(self.weights) else None
+        from controlstack import assets
+
+        folder = assets.predictor_folder()
+        if folder is None:
+            raise ControlstackError(
+                f"{self.NAME} is a learned annotator and this checkout has no bundled predictor "
+                "(assets/bundle/predictor); pass weights=DIR (a predictor or controlnet_aux folder) or a loader")
+        return folder
+
     def predictor(self) -> Callable:
         if self._predict is not None:
             return self._predict
-        if self.loader is not None:
+        folder = self.predictor_folder()
+        if folder is not None:
+            from controlstack import assets
+
+            model = assets.load_predictor(folder)
+            self._predict = lambda rgb: self.from_outputs(assets.run_predictor(model, rgb, (self.TASK,)), rgb)
+        elif self.loader is not None:
             self._predict = self.loader(self.weights)
-        elif self.weights is not None:
+        else:
             from controlstack.annotators.aux import load_detector
 
+            if not (self.detector or self.DETECTOR):
+                raise ControlstackError(f"{self.NAME}: controlnet_aux has no default detector for this task; "
+                                        "pass detector=CLASS, or a predictor folder as weights")
             self._predict = load_detector(self.detector or self.DETECTOR, self.weights, self.NAME)
-        else:
-            raise ControlstackError(
-                f"{self.NAME} is a learned annotator and the project's multi-task predictor weights are not "
-                f"available yet; pass weights=DIR (a local controlnet_aux Annotators folder) or a loader")
         return self._predict
+
+    def from_outputs(self, outputs: dict, rgb: np.ndarray) -> np.ndarray:
+        """The predictor's activated outputs -> this annotator's condition array."""
+        from controlstack import assets
+
+        return assets.predictor_condition(self.TASK, outputs[self.TASK])
 
     def __call__(self, image) -> Image.Image:
         predict = self.predictor()  # fail on missing weights before touching the image
@@ -73,21 +120,73 @@ class LearnedAnnotator(Annotator):
 class Depth(LearnedAnnotator):
     NAME = "depth"
     DETECTOR = "MidasDetector"
+    TASK = "depth"
+
+
+@dataclass(kw_only=True)
+class Hed(LearnedAnnotator):
+    NAME = "hed"
+    DETECTOR = "HEDdetector"
+    TASK = "hed"
+
+
+@dataclass(kw_only=True)
+class ScribbleHed(LearnedAnnotator):
+    """OmniControlNet's user scribble: the learned soft edge, thresholded, thinned and dilated."""
+
+    NAME = "scribble_hed"
+    DETECTOR = "HEDdetector"
+    TASK = "hed"
+    threshold: float = param(0.5, "soft-edge level that counts as a boundary", lo=0.01, hi=0.99)
+    width: int = param(3, "stroke width (px)", lo=1, hi=32)
+
+    def from_outputs(self, outputs: dict, rgb: np.ndarray) -> np.ndarray:
+        from controlstack.annotators.edges import strokes_from_soft_edge
+
+        return strokes_from_soft_edge(outputs["hed"][0], self.threshold, self.width)
 
 
 @dataclass(kw_only=True)
 class NormalEstimate(LearnedAnnotator):
     NAME = "normal_estimate"
     DETECTOR = "NormalBaeDetector"
+    TASK = "normal"
 
 
 @dataclass(kw_only=True)
 class SegEstimate(LearnedAnnotator):
     NAME = "seg_estimate"
     DETECTOR = ""  # controlnet_aux has no ADE20K segmenter; pass detector= (e.g. SamDetector) or loader
+    TASK = "seg"
 
 
 @dataclass(kw_only=True)
 class PoseEstimate(LearnedAnnotator):
     NAME = "pose_estimate"
     DETECTOR = "OpenposeDetector"
+    TASK = "pose"
+    people: bool = param(True, "detect people (OpenPose-18)")
+    animals: bool = param(True, "detect animals (AP-10K, 17 points)")
+
+    def estimate(self, image):
+        """The photo's skeletons as :class:`~controlstack.annotators.pose.PoseData` (pixels of the
+        annotator's output size): ``to_openpose`` / ``write_openpose_json`` make the JSON."""
+        from controlstack import assets
+        from controlstack.annotators.pose import Person, PoseData
+
+        folder = self.predictor_folder()
+        if folder is None:
+            raise ControlstackError(f"{self.NAME}: keypoint JSON needs the multi-task predictor (bundled or weights=DIR)")
+        rgb = self.prepare(image)
+        h, w = rgb.shape[:2]
+        tasks = tuple(t for t, on in (("pose", self.people), ("animal_pose", self.animals)) if on)
+        out = assets.run_predictor(assets.load_predictor(folder), rgb, tasks)
+        found = {t: assets.predictor_keypoints(t, out[t], w, h) for t in tasks}
+        return PoseData([Person(body=b) for b in found.get("pose", [])], found.get("animal_pose", []), w, h)
+
+    def predictor(self) -> Callable:
+        if self._predict is None and self.predictor_folder() is not None:
+            from controlstack.annotators.pose import render
+
+            self._predict = lambda rgb: render(self.estimate(rgb), hands=False, face=False)
+        return super().predictor()

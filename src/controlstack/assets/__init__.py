@@ -20,7 +20,8 @@ BUNDLE_DIR = Path(__file__).resolve().parent / "bundle"
 BUNDLED_NAMES = ("canny", "depth", "seg", "pose", "scribble", "softedge")
 REQUIRED_CONTROLNETS = ("canny", "depth", "seg", "pose")  # the bundle is the default once all exist
 CHECKSUMS = "SHA256SUMS"  # `sha256sum -c` format, over every weight and config file of the bundle
-_MODEL_PARTS = ("model_index.json", "vae", "unet", "text_encoder", "tokenizer", "scheduler", "controlnets", "mi")
+_MODEL_PARTS = ("model_index.json", "vae", "unet", "text_encoder", "tokenizer", "scheduler", "controlnets", "mi",
+                "predictor")
 
 
 def has_trained_base(bundle: Path | None = None) -> bool:
@@ -111,3 +112,40 @@ def verify_checksums(bundle: Path = BUNDLE_DIR) -> list[str]:
     problems += [f"{name}: missing" for name in recorded if name not in actual]
     problems += [f"{name}: not recorded in {CHECKSUMS}" for name in actual if name not in recorded]
     return problems
+
+
+# -- the multi-task dense predictor behind the learned annotators (OmniControlNet stage 1) -------
+
+def predictor_folder(bundle: Path = BUNDLE_DIR) -> Path | None:
+    """The bundled predictor's folder, None when this checkout has none."""
+    folder = bundle / "predictor"
+    return folder if (folder / "model.safetensors").is_file() else None
+
+
+def load_predictor(folder: Path):
+    from controlstack.models.predictor import cached_predictor
+
+    return cached_predictor(folder)
+
+
+def run_predictor(model, rgb, tasks) -> dict:
+    from controlstack.models.predictor import predict
+
+    return predict(model, rgb, tasks)
+
+
+def predictor_condition(task: str, values):
+    """A dense task's output -> its condition array (seg coloured with the world's palette)."""
+    from controlstack.models.predictor import to_condition_array
+
+    if task == "seg":
+        from controlstack.world.palette import PALETTE
+
+        return PALETTE[values.argmax(0)]
+    return to_condition_array(task, values)
+
+
+def predictor_keypoints(task: str, values, width: int, height: int) -> list:
+    from controlstack.models.predictor import keypoints_at
+
+    return keypoints_at(task, values, width, height)

@@ -6,8 +6,9 @@
 
 ``--width/--height`` (with ``--resize-mode``) set the resolution "pixel perfect" for that target.
 ``pose`` also takes a ``.json`` file as IMAGE (rendered at its canvas size), and writes the edited
-JSON when ``--out`` ends in ``.json``. Outputs are written to a temporary name and renamed, so a
-failure never leaves a partial file.
+JSON when ``--out`` ends in ``.json``; ``pose_estimate`` with ``--out X.json`` writes the detected
+skeletons (OpenPose people + AP-10K animals) instead of their drawing. Outputs are written to a
+temporary name and renamed, so a failure never leaves a partial file.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ def list_text() -> str:
     lines = []
     for name in annotators.available():
         cls = annotators.annotator_class(name)
-        tag = " (learned: needs weights=DIR)" if cls.LEARNED else ""
+        tag = " (learned: the bundled predictor, or weights=DIR)" if cls.LEARNED else ""
         doc = (cls.__module__.rsplit(".", 1)[-1])
         lines.append(f"{name}{tag}  [{doc}]")
         for pname, tname, default, rng, help_ in cls.describe():
@@ -142,6 +143,16 @@ def run(args) -> int:
         print(f"{len(files)} images -> {out}")
         return 0
 
+    if args.type == "pose_estimate" and out.suffix.lower() == ".json":  # the keypoints, not the drawing
+        from controlstack.annotators import pose as P
+
+        image = load_image(src)
+        a = annotator.pixel_perfect(image.size, args.width, args.height, args.resize_mode) \
+            if args.width is not None else annotator
+        found = a.estimate(image)
+        atomic_write(out, lambda tmp: P.write_openpose_json(found, tmp))
+        print(out)
+        return 0
     fmt = out_format(out)
     result = annotate(src)
     atomic_write(out, lambda tmp: result.save(tmp, format=fmt))

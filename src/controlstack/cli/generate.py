@@ -3,11 +3,15 @@
 Flags are a contract (scripts and other tools rely on them): --model --prompt --negative --steps
 --cfg --scheduler --seed --width --height --batch --mode --layer-weights --out, repeatable
 ``--control MODEL:IMAGE[:WEIGHT[:START[:END]]]`` and ``--mask I:FILE``, ``--preprocess``.
+An Omni ControlNet takes its task after a slash: ``--control omni/depth:depth.png:0.8``.
+OmniControlNet's integrated path: ``--from-image photo.png --tasks depth,canny`` makes the
+conditions from the photo and generates from them in the same call (``Pipeline.from_image``).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import random
 from pathlib import Path
 
@@ -31,7 +35,12 @@ def register(sub) -> None:
     p.add_argument("--layer-weights", default=None, choices=("resolution", "soft", "uniform"),
                    help="with --mode controlnet: per-layer weights (default resolution; the bundled model: uniform)")
     p.add_argument("--control", action="append", default=[], metavar="MODEL:IMAGE[:WEIGHT[:START[:END]]]",
-                   help="a ControlNet (bundled name or path) and its condition image; repeatable")
+                   help="a ControlNet (bundled name or path; an Omni ControlNet with its task: omni/depth) "
+                        "and its condition image; repeatable")
+    p.add_argument("--from-image", default=None, metavar="PHOTO",
+                   help="make the --tasks conditions from this photo, then generate with the Omni ControlNet")
+    p.add_argument("--tasks", default=None, help="with --from-image: comma-separated tasks, e.g. depth,canny")
+    p.add_argument("--omni", default="omni", help="with --from-image: the Omni ControlNet (bundled name or path)")
     p.add_argument("--mask", action="append", default=[], metavar="I:FILE",
                    help="region mask for control I (0-based); repeatable")
     p.add_argument("--preprocess", action="store_true",
@@ -39,7 +48,8 @@ def register(sub) -> None:
     p.add_argument("--resize-mode", default="just_resize",
                    help="just_resize, crop_and_resize or resize_and_fill")
     p.add_argument("--out", default="outputs", help="output folder (files are never overwritten)")
-    p.add_argument("--grid", action="store_true", help="also write a grid of the batch")
+    p.add_argument("--grid", action="store_true",
+                   help="also write a grid of the batch (with --from-image: photo | each condition | generated)")
     p.add_argument("--allow-pickle", action="store_true", help="allow loading pickle checkpoints you trust")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
@@ -60,6 +70,17 @@ def parse_control(spec: str) -> tuple[str, str, float, float, float]:
     defaults = [1.0, 0.0, 1.0]
     weight, start, end = numbers + defaults[len(numbers):]
     return parts[0], ":".join(parts[1:]), weight, start, end
+
+
+def split_task(model: str) -> tuple[str, str | None]:
+    """``omni/depth`` -> ("omni", "depth"); a path that exists as given keeps its slashes
+    (``models/omni/depth`` is a task of ``models/omni`` unless ``models/omni/depth`` itself exists)."""
+    if "/" not in model or os.path.exists(model):
+        return model, None
+    base, task = model.rsplit("/", 1)
+    if not base or not task:
+        raise ControlstackError(f"--control model '{model}' must look like MODEL or MODEL/TASK (e.g. omni/depth)")
+    return base, task
 
 
 def parse_masks(specs: list[str], n_controls: int) -> dict[int, str]:
@@ -84,7 +105,6 @@ def run(args: argparse.Namespace) -> int:
     from controlstack import Control, Pipeline
     from controlstack.injection import available as available_modes
     from controlstack.io.images import load_image
-    from controlstack.io.png import atomic_save, make_grid
     from controlstack.sampling import SCHEDULERS
 
     # Validate everything cheap before loading any model.
@@ -99,6 +119,12 @@ def run(args: argparse.Namespace) -> int:
     if not args.cfg >= 0:
         raise ControlstackError(f"--cfg must be >= 0, got {args.cfg}")
     specs = [parse_control(s) for s in args.control]
+    if (args.from_image is None) != (args.tasks is None):
+        raise ControlstackError("--from-image and --tasks go together: --from-image photo.png --tasks depth,canny")
+    if args.from_image is not None and specs:
+        raise ControlstackError("--from-image makes its own controls; drop --control (or --from-image)")
+    if args.from_image is not None:
+        return run_from_image(args, seed=args.seed if args.seed >= 0 else random.randrange(2**32))
     masks = parse_masks(args.mask, len(specs))
     images = [load_image(image) for _, image, *_ in specs]
     mask_images = {i: load_image(p) for i, p in masks.items()}
@@ -106,22 +132,52 @@ def run(args: argparse.Namespace) -> int:
 
     pipe = Pipeline.from_pretrained(args.model, allow_pickle=args.allow_pickle)
     controls = [
-        Control(model, image, weight=w, start=s, end=e, mask=mask_images.get(i),
-                resize_mode=args.resize_mode, preprocess=args.preprocess)
+        Control(split_task(model)[0], image, weight=w, start=s, end=e, mask=mask_images.get(i),
+                resize_mode=args.resize_mode, preprocess=args.preprocess, task=split_task(model)[1])
         for i, ((model, _, w, s, e), image) in enumerate(zip(specs, images))
     ]
-    result = pipe(args.prompt, controls=controls, steps=args.steps, cfg=args.cfg, seed=seed,
-                  width=args.width, height=args.height, scheduler=args.scheduler, mode=args.mode,
-                  mode_options={"layer_weights": args.layer_weights} if args.layer_weights else None,
-                  negative_prompt=args.negative, batch=args.batch, progress=not args.no_progress,
-                  return_result=True)
+    result = pipe(args.prompt, controls=controls, return_result=True, **sampling_options(args, seed))
+    return write_outputs(args, result, seed)
+
+
+def sampling_options(args, seed: int) -> dict:
+    return {"steps": args.steps, "cfg": args.cfg, "seed": seed, "width": args.width, "height": args.height,
+            "scheduler": args.scheduler, "mode": args.mode,
+            "mode_options": {"layer_weights": args.layer_weights} if args.layer_weights else None,
+            "negative_prompt": args.negative, "batch": args.batch, "progress": not args.no_progress}
+
+
+def run_from_image(args, seed: int) -> int:
+    """OmniControlNet's integrated path: photo -> conditions -> image, one call."""
+    from controlstack import Pipeline
+    from controlstack.io.images import load_image
+
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if not tasks:
+        raise ControlstackError("--tasks is empty; name at least one task, e.g. --tasks depth")
+    photo = load_image(args.from_image)
+    pipe = Pipeline.from_pretrained(args.model, allow_pickle=args.allow_pickle)
+    result = pipe.from_image(photo, tasks, args.prompt, model=args.omni, resize_mode=args.resize_mode,
+                             return_result=True, **sampling_options(args, seed))
+    return write_outputs(args, result, seed, photo)
+
+
+def write_outputs(args, result, seed: int, photo=None) -> int:
+    from controlstack.io.png import atomic_save, make_grid
+
     out = Path(args.out)
     index = next_index(out) if out.is_dir() else 0
     written = []
     for pos, image in enumerate(result.images):
         params = dict(result.parameters, batch_pos=pos)
         written.append(atomic_save(image, out / f"{index + pos:05d}-{seed}.png", params))
-    if args.grid and len(result.images) > 1:
+    if args.grid and photo is not None:  # one row per image: photo | each condition | generated
+        size = result.images[0].size
+        row = [photo.convert("RGB").resize(size)] + [c.resize(size) for c in result.conditions]
+        cells = [im for g in result.images for im in (*row, g)]
+        written.append(atomic_save(make_grid(cells, cols=len(row) + 1), out / f"grid-{index:05d}-{seed}.png",
+                                   result.parameters))
+    elif args.grid and len(result.images) > 1:
         written.append(atomic_save(make_grid(result.images), out / f"grid-{index:05d}-{seed}.png",
                                    result.parameters))
     for path in written:

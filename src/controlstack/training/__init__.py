@@ -20,6 +20,7 @@ RECIPES = {
     "base": ("controlstack.training.base", "BaseConfig"),
     "controlnet": ("controlstack.training.controlnet", "ControlNetConfig"),
     "omni": ("controlstack.training.omni", "OmniConfig"),
+    "predictor": ("controlstack.training.predictor", "PredictorTrainConfig"),
 }
 
 

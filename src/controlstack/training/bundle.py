@@ -85,6 +85,8 @@ def stages(bundle: Path = BUNDLE_DIR) -> list[Stage]:
         out.append(Stage(f"mi-{c}", "controlnet", final / weights, c, stage1, "mi_stage2", final))
     # OmniControlNet (docs/omni.md): one ControlNet for every condition type, warm-started from the
     # bundled canny ControlNet (its zero convolutions have grown already; the budget is 1/7 per task)
+    # OmniControlNet's stage 1: the multi-task dense predictor behind the learned annotators
+    out.append(Stage("predictor", "predictor", bundle / "predictor" / "model.safetensors", dest=bundle / "predictor"))
     omni = bundle / "controlnets" / "omni"
     out.append(Stage("omni", "omni", omni / weights, "omni", bundle / "controlnets" / "canny", "omni", omni))
     return out
@@ -255,6 +257,13 @@ def run_stage(stage: Stage, work_root: Path, bundle: Path, configs: Path | None 
         from diffusers import AutoencoderKL
 
         save_fp16(AutoencoderKL.from_pretrained(model_dir), bundle / "vae")
+    elif stage.recipe == "predictor":
+        from controlstack.models.predictor import load_predictor, save_predictor
+
+        tmp = bundle / ".predictor.partial"
+        save_predictor(load_predictor(model_dir), tmp, dtype=__import__("torch").float16)
+        shutil.rmtree(stage.dest, ignore_errors=True)
+        tmp.rename(stage.dest)
     elif stage.recipe == "base":
         from diffusers import UNet2DConditionModel
         from transformers import CLIPTextModel

@@ -23,8 +23,9 @@ import torch
 
 from controlstack.errors import require
 from controlstack.training.config import list_field
-from controlstack.training.controlnet import ControlNetConfig
-from controlstack.training.controlnet import train as train  # the recipe's train(), re-exported
+from controlstack.training.controlnet import ControlNetConfig, train
+
+__all__ = ["TASK_COLUMNS", "OmniConfig", "pick_hints", "train"]  # train: the ControlNet recipe's own
 
 #: task name -> the world export's column holding its condition (``hed`` is the soft edge)
 TASK_COLUMNS = {"canny": "canny", "depth": "depth", "seg": "seg", "pose": "pose", "hed": "softedge",
@@ -43,15 +44,15 @@ class OmniConfig(ControlNetConfig):
     output_dir: str = "outputs/train/omni"
 
     def __post_init__(self) -> None:
+        require(not self.rebalance_probability and not self.conservativity_weight,
+                "the omni recipe does not combine with data rebalancing or the conservativity term; "
+                "set rebalance_probability and conservativity_weight to 0")
         super().__post_init__()
         require(len(self.tasks) >= 1, "config key 'tasks' is empty; name the condition types (e.g. [canny, depth])")
         require(len(set(self.tasks)) == len(self.tasks), "config key 'tasks' lists a task twice")
         require(all(t.replace("_", "").isalnum() for t in self.tasks),
                 "config key 'tasks': task names are letters, digits and '_' (they become tokens <name>)")
         require(self.token_learning_rate > 0, "config key 'token_learning_rate' must be > 0")
-        require(self.rebalance_probability == 0 and self.conservativity_weight == 0,
-                "the omni recipe does not combine with data rebalancing or the conservativity term; "
-                "set rebalance_probability and conservativity_weight to 0")
 
     def hint_columns(self) -> dict[str, str]:
         """dataset column -> the batch's name (``hint_<task>``)."""
