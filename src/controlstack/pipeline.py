@@ -246,7 +246,8 @@ class Pipeline:
             raise ControlstackError(f"unknown task(s) {', '.join(unknown)}; the Omni ControlNet has {', '.join(known)}")
         width, height = kwargs.get("width") or self.native_size, kwargs.get("height") or self.native_size
         resolution = pixel_perfect_resolution(photo.size, width, height, resize_mode)
-        conditions = [to_rgb(annotators.get(annotators.for_task(t), resolution=resolution)(photo)) for t in tasks]
+        conditions = [resize_image(to_rgb(annotators.get(annotators.for_task(t), resolution=resolution)(photo)),
+                                   width, height, resize_mode) for t in tasks]  # as the branch will see them
         controls = [Control(model, c, weight=w, task=t, resize_mode=resize_mode)
                     for t, c, w in zip(tasks, conditions, weights)]
         result = self(prompt, controls, return_result=True, **kwargs)

@@ -71,7 +71,7 @@ def test_list(capsys):
     code, out, _ = main(capsys, "--list")
     assert code == 0
     assert "canny" in out and "low_threshold: int = 100  (in [1, 255])" in out
-    assert "depth (learned: needs weights=DIR)" in out
+    assert "depth (learned: the bundled predictor, or weights=DIR)" in out
 
 
 @pytest.mark.parametrize("args, message", [

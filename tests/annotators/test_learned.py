@@ -13,13 +13,55 @@ from controlstack.errors import ControlstackError
 
 
 @pytest.mark.parametrize("name", annotators.LEARNED)
-def test_without_weights_one_clear_line(name):
+def test_without_weights_or_a_bundled_predictor_one_clear_line(name, monkeypatch):
+    from controlstack import assets
+
+    monkeypatch.setattr(assets, "predictor_folder", lambda bundle=None: None)  # a checkout without it
     with pytest.raises(ControlstackError) as err:
         annotators.get(name)(np.zeros((8, 8, 3), np.uint8))
     msg = str(err.value)
     assert "\n" not in msg
-    assert msg == (f"{name} is a learned annotator and the project's multi-task predictor weights are not "
-                   "available yet; pass weights=DIR (a local controlnet_aux Annotators folder) or a loader")
+    assert msg == (f"{name} is a learned annotator and this checkout has no bundled predictor "
+                   "(assets/bundle/predictor); pass weights=DIR (a predictor or controlnet_aux folder) or a loader")
+
+
+@pytest.fixture(scope="module")
+def predictor_dir(tmp_path_factory):
+    """A tiny seeded MultiTaskPredictor folder (what ``weights=`` takes, like the bundled one)."""
+    import torch
+
+    from controlstack.models.predictor import MultiTaskPredictor, PredictorConfig, save_predictor
+
+    torch.manual_seed(0)
+    model = MultiTaskPredictor(PredictorConfig(image_size=32, embed_dim=8, num_heads=[1, 1, 2, 2], fpn_width=8,
+                                               head_width=8, stem_width=4))
+    return str(save_predictor(model, tmp_path_factory.mktemp("pred") / "p"))
+
+
+@pytest.mark.parametrize("name", annotators.LEARNED)
+def test_a_predictor_folder_as_weights_gives_every_condition(name, predictor_dir):
+    from controlstack.world.palette import PALETTE
+
+    img = (np.random.default_rng(0).random((40, 56, 3)) * 255).astype(np.uint8)
+    out = np.asarray(annotators.get(name, weights=predictor_dir, resolution=None)(img))
+    assert out.shape == (40, 56, 3) and out.dtype == np.uint8
+    if name in ("depth", "hed", "scribble_hed"):
+        assert (out[..., 0] == out[..., 1]).all()  # grey
+    if name == "scribble_hed":
+        assert set(np.unique(out)) <= {0, 255}
+    if name == "seg_estimate":
+        assert {tuple(c) for c in out.reshape(-1, 3)} <= {tuple(c) for c in PALETTE}
+
+
+def test_pose_estimate_gives_the_skeletons_as_openpose_json(predictor_dir, tmp_path):
+    from controlstack.annotators import pose as P
+
+    a = annotators.get("pose_estimate", weights=predictor_dir, resolution=None)
+    found = a.estimate(np.zeros((32, 48, 3), np.uint8))
+    data = P.to_openpose(found)
+    assert data["canvas_width"] == 48 and data["canvas_height"] == 32
+    back = P.parse_openpose(data)
+    assert len(back.people) == len(found.people) and len(back.animals) == len(found.animals)
 
 
 def test_missing_weights_folder(tmp_path):

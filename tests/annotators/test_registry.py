@@ -8,7 +8,8 @@ from controlstack import annotators
 from controlstack.errors import ControlstackError
 
 CONTRACT = ["canny", "lines", "softedge", "scribble", "lineart", "shuffle", "tile", "inpaint", "normal",
-            "seg", "pose", "binary", "invert", "depth", "normal_estimate", "seg_estimate", "pose_estimate"]
+            "seg", "pose", "binary", "invert", "depth", "hed", "scribble_hed", "normal_estimate", "seg_estimate",
+            "pose_estimate"]
 
 
 def test_registry_names_are_the_contract():
