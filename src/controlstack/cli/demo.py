@@ -6,7 +6,9 @@ scikit-image (``skimage.data.astronaut``, canny extracted by the ``canny`` annot
 
 * one per bundled ControlNet: condition | generated | the scene's real render | no control;
 * two controls combined (depth + pose of one scene, summed as diffusers' Multi-ControlNet does);
-* the photograph: its canny map | generated | the photograph | no control.
+* the photograph: its canny map | generated | the photograph | no control;
+* OmniControlNet's whole pipeline on the photograph: depth (the bundled multi-task predictor) and
+  canny made from it, then one Omni ControlNet for both (``Pipeline.from_image``).
 
 Writes ``<out>/demo.png`` (generation parameters in its PNG text, sd-webui's ``parameters`` chunk)
 and prints its path.
@@ -21,6 +23,7 @@ import numpy as np
 from PIL import Image
 
 PHOTO_PROMPT = "a standing person in white on grass"  # world words only: the bundle's tokenizer
+OMNI_TASKS = ("depth", "canny")  # the demo's from-image row
 
 
 def register(sub) -> None:
@@ -67,7 +70,8 @@ def run(args: argparse.Namespace) -> int:
 
     pipe = Pipeline.from_pretrained()
     size = pipe.native_size
-    names = sorted(n for n in pipe.controlnets if not n.startswith("mi-"))  # MI models: their own row below
+    # MI models are measured elsewhere; the Omni ControlNet gets the from-image row below
+    names = sorted(n for n in pipe.controlnets if not n.startswith("mi-") and n != "omni")
     kw = dict(steps=args.steps, seed=args.seed, cfg=args.cfg, width=size, height=size, progress=False)
     options = {"layer_weights": args.layer_weights} if args.mode == "controlnet" else None
 
@@ -87,8 +91,18 @@ def run(args: argparse.Namespace) -> int:
         photo, edges = photo_canny(size)
         jobs.append(("photo canny", PHOTO_PROMPT, [Control("canny", edges)], edges, photo))
 
+    if "omni" in pipe.controlnets and assets.predictor_folder() is not None:
+        photo, _ = photo_canny(size)
+        jobs.append(("photo -> depth + canny (omni)", PHOTO_PROMPT, OMNI_TASKS, None, photo))
+
     rows = []
     for label, prompt, controls, condition, reference in tqdm(jobs, desc="demo", unit="row", dynamic_ncols=True):
+        if controls is OMNI_TASKS:  # the integrated path: conditions made from the photograph in the call
+            result = pipe.from_image(reference, list(OMNI_TASKS), prompt, mode=args.mode, mode_options=options,
+                                     return_result=True, **kw)
+            generated, condition = result.images[0], Image.blend(*result.conditions, 0.5)
+            rows.append((label, [condition, generated, reference, pipe(prompt, **kw)[0]]))
+            continue
         generated = pipe(prompt, controls=controls, mode=args.mode, mode_options=options, **kw)[0]
         plain = pipe(prompt, **kw)[0]
         rows.append((label, [condition, generated, reference, plain]))

@@ -340,14 +340,20 @@ def write_model_card(bundle: Path = BUNDLE_DIR) -> Path:
 
     for name, info in stages_info.items():
         folder = bundle / info.get("dest", f"controlnets/{info.get('condition')}")
-        if info.get("recipe") != "controlnet" or not folder.is_dir():
+        if info.get("recipe") == "predictor" and folder.is_dir():
+            (folder / "README.md").write_text("\n".join(_predictor_card(bundle, name, info)) + "\n")
+        if info.get("recipe") not in ("controlnet", "omni") or not folder.is_dir():
             continue
         lineage = _lineage(name, stages_info)
-        kind = "Minimal Impact ControlNet" if name.startswith("mi-") else "ControlNet"
+        kind = {"omni": "Omni ControlNet"}.get(info["recipe"], "Minimal Impact ControlNet" if name.startswith("mi-")
+                                                              else "ControlNet")
         named = f" (`{folder.name}`)" if folder.name != info["condition"] else ""
+        what = (f"condition column `{info['condition']}` of the world export." if info["recipe"] != "omni" else
+                f"tasks {', '.join(info['config'].get('tasks', []))} mixed per sample, each a learned token "
+                "(`task_tokens.safetensors`) prefixed to the ControlNet's prompt. Fine-tuned from the bundled canny "
+                "ControlNet; use `Control(model=\"omni\", task=...)`; see docs/omni.md.")
         card = [f"# {kind}: {info['condition']}{named}", "",
-                f"Trained by `make bundle` (stage `{name}`) on the locked bundled base, condition column "
-                f"`{info['condition']}` of the world export."
+                f"Trained by `make bundle` (stage `{name}`) on the locked bundled base, {what}"
                 + (" Fine-tuned from the bundled plain ControlNet; see docs/mi.md." if name.startswith("mi-") else ""),
                 "", *_stage_rows({n: stages_info[n] for n in lineage}), "",
                 f"Data: {info['data']}.", "", "Config:", "", "```yaml",
@@ -358,9 +364,43 @@ def write_model_card(bundle: Path = BUNDLE_DIR) -> Path:
                          f"F1 {f1['control']:.3f} with control vs {f1['no_control']:.3f} without "
                          f"({f1['control'] / max(f1['no_control'], 1e-9):.2f}x); "
                          f"FID {fidelity.get('fid', {}).get(info['condition'], float('nan')):.3f}.")]
-        card += _mi_numbers(bundle, name, info)
+        card += _mi_numbers(bundle, name, info) + _omni_numbers(bundle, info)
         (folder / "README.md").write_text("\n".join(card) + "\n")
     return path
+
+
+def _predictor_card(bundle: Path, name: str, info: dict) -> list[str]:
+    """The multi-task dense predictor's card: its stage, config and (when measured) its numbers."""
+    card = ["# Multi-task dense predictor (OmniControlNet stage 1)", "",
+            "Trained by `make bundle` (stage `predictor`) from random initialisation on the world's exact ground "
+            "truth: depth, soft edge (hed), normals, segmentation, human and animal keypoints. The learned "
+            "annotators (`depth`, `hed`, `scribble_hed`, `normal_estimate`, `seg_estimate`, `pose_estimate`) run it "
+            "by default; see docs/omni.md.", "", *_stage_rows({name: info}), "", f"Data: {info['data']}.", "",
+            "Config:", "", "```yaml", yaml.safe_dump(info["config"], sort_keys=False).strip(), "```"]
+    path = bundle / "omni.json"
+    if path.is_file():
+        report = json.loads(path.read_text())
+        joint = report.get("predictor", {}).get("joint", {})
+        card += ["", f"Measured on {report['scenes']} held-out scenes (`benchmarks/omni_tables.py`): "
+                     + ", ".join(f"{t} {k} {v}" for t, m in joint.items() for k, v in m.items()
+                                 if k not in ("threshold", "keypoints")) + "."]
+    return card
+
+
+def _omni_numbers(bundle: Path, info: dict) -> list[str]:
+    """The Omni ControlNet card's measured numbers from ``bundle/omni.json``; [] for other models."""
+    path = bundle / "omni.json"
+    if info.get("recipe") != "omni" or not path.is_file():
+        return []
+    report = json.loads(path.read_text())
+    lines = ["", f"Measured on {report['scenes']} held-out scenes (`benchmarks/omni_tables.py`, docs/omni.md):"]
+    for task, r in report.get("controlnet", {}).items():
+        if task == "no control":
+            continue
+        sp = r.get("specialised")
+        lines.append(f"- {task}: F1 {r['omni']['f1']:.3f}, FID {r['omni']['fid']:.2f}"
+                     + (f" (specialised ControlNet: F1 {sp['f1']:.3f}, FID {sp['fid']:.2f})" if sp else ""))
+    return lines
 
 
 def _mi_numbers(bundle: Path, name: str, info: dict) -> list[str]:
