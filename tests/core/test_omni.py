@@ -99,3 +99,17 @@ def test_from_image_makes_the_conditions_and_generates(omni_pipe, monkeypatch, t
         pipe.from_image(photo, ["normal"], "x", model=omni, **RUN)
     with pytest.raises(ControlstackError, match="tasks must be a non-empty list"):
         pipe.from_image(photo, "depth", "x", model=omni, **RUN)
+
+
+def test_preprocess_runs_the_tasks_annotator(omni_pipe):
+    from controlstack import annotators
+
+    pipe, omni = omni_pipe
+    photo = Image.fromarray((np.random.default_rng(1).random((64, 64, 3)) * 255).astype(np.uint8))
+    made = annotators.get("canny", resolution=64)(photo)
+    a = pipe("x", [Control(omni, photo, task="canny", preprocess=True)], **RUN)
+    b = pipe("x", [Control(omni, made, task="canny")], **RUN)
+    assert np.array_equal(a, b)
+    assert annotators.for_task("seg") == "seg_estimate" and annotators.for_task("lineart") == "lineart"
+    with pytest.raises(ControlstackError, match="no annotator makes the condition of task 'mystery'"):
+        annotators.for_task("mystery")
