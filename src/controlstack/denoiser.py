@@ -40,6 +40,7 @@ class ControlledDenoiser:
         cond: torch.Tensor,               # text embedding of the prompt, (B, L, D)
         uncond: torch.Tensor | None,      # of the negative prompt; None = no CFG
         guidance_scale: float,
+        unet_extra: torch.Tensor | None = None,  # extra U-Net input channels (9-channel inpainting), CFG-batched
     ):
         self.unet = unet
         self.branches = branches
@@ -48,11 +49,15 @@ class ControlledDenoiser:
         self.cfg = uncond is not None
         self.guidance_scale = guidance_scale
         self.emb = torch.cat([uncond, cond]) if self.cfg else cond
+        self.unet_extra = unet_extra
         self.calls = 0  # ControlNet forward passes, for tests and benchmarks
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, step: Step) -> torch.Tensor:
         x_in = torch.cat([x, x]) if self.cfg else x
-        h, mid, ctx = self.unet.encode(x_in, t, self.emb)
+        # an inpainting U-Net also reads the mask and the masked image's latents; the ControlNets read
+        # the latents alone (diffusers' StableDiffusionControlNetInpaintPipeline)
+        unet_in = x_in if self.unet_extra is None else torch.cat([x_in, self.unet_extra.to(x_in.dtype)], 1)
+        h, mid, ctx = self.unet.encode(unet_in, t, self.emb)
         active = [b for b in self.branches if b.active(step)]
         residuals = []
         for branch in active:

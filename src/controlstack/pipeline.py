@@ -256,6 +256,51 @@ class Pipeline:
         return result if return_result else result.images
 
     @torch.no_grad()
+    def img2img_start(self, init_image, inpaint_mask, strength, shape, scheduler, generator, do_cfg):
+        """The noise and the loop's ``start`` / ``callback`` (and a 9-channel U-Net's extra input) for
+        img2img and inpainting, drawing from ``generator`` in diffusers' order: the init image's
+        latents, the noise, then (inpainting) the masked image's latents."""
+        from diffusers.image_processor import VaeImageProcessor
+
+        from controlstack.io.images import mask_to_array, validate_image
+        from controlstack.sampling.img2img import Img2ImgStart, InpaintBlend
+
+        if not (isinstance(strength, (int, float)) and 0.0 <= strength <= 1.0):
+            raise ControlstackError(f"strength must be a number in [0, 1], got {strength!r}")
+        nine = self.unet.config.in_channels != self.unet.config.out_channels
+        if nine and inpaint_mask is None:
+            raise ControlstackError("this is an inpainting U-Net: pass inpaint_mask with init_image")
+        batch, _, h, w = shape
+        height, width = h * self.vae_scale_factor, w * self.vae_scale_factor
+        processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor, do_convert_rgb=True)
+        init = processor.preprocess(to_rgb(validate_image(init_image, "init image")), height=height,
+                                    width=width).to(self.vae.dtype)
+
+        def encode(image):
+            return self.vae.encode(image).latent_dist.sample(generator) * self.vae.config.scaling_factor
+
+        inpaint = inpaint_mask is not None
+        image_latents = None
+        if not inpaint or not nine or strength < 1.0:  # diffusers skips it only for 9 channels at strength 1
+            image_latents = encode(init).repeat(batch, 1, 1, 1)
+        noise = torch.randn(shape, generator=generator, dtype=self.unet.dtype)
+        loop: dict = {"start": Img2ImgStart(noise if image_latents is None else image_latents, float(strength),
+                                            pure_noise_at_full=inpaint)}
+        if inpaint:
+            masks = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor, do_normalize=False, do_binarize=True,
+                                      do_convert_grayscale=True)
+            m = Image.fromarray((mask_to_array(inpaint_mask, "inpaint mask") * 255).round().astype(np.uint8))
+            mask = masks.preprocess(m, height=height, width=width)
+            masked_latents = encode(init * (mask < 0.5)).repeat(batch, 1, 1, 1)
+            mask = torch.nn.functional.interpolate(mask, size=(h, w)).to(self.unet.dtype).repeat(batch, 1, 1, 1)
+            if nine:
+                extra = torch.cat([mask, masked_latents], 1)
+                loop["unet_extra"] = torch.cat([extra, extra]) if do_cfg else extra
+            else:
+                loop["callback"] = InpaintBlend(scheduler, image_latents, noise, mask)
+        return noise, loop
+
+    @torch.no_grad()
     def decode(self, latents: torch.Tensor, generator=None) -> np.ndarray:
         """VAE decode and diffusers' post-processing -> float array (B, H, W, 3) in [0, 1]."""
         image = self.vae.decode(latents / self.vae.config.scaling_factor, return_dict=False,
@@ -279,6 +324,9 @@ class Pipeline:
         batch: int = 1,
         *,
         mode_options: dict | None = None,
+        init_image: Any = None,
+        strength: float = 0.75,
+        inpaint_mask: Any = None,
         eta: float = 0.0,
         output_type: str = "pil",
         progress: bool = True,
@@ -287,6 +335,10 @@ class Pipeline:
         """Generate ``batch`` images; returns PIL images (or a float array with output_type='np').
 
         ``width`` / ``height`` default to the model's native size (512 for SD-1.5).
+        ``init_image`` makes it img2img (``strength`` in [0, 1]: how much of the schedule runs, 0
+        returns the init image); with ``inpaint_mask`` (white = repaint) it inpaints -- as diffusers'
+        ControlNet img2img / inpaint pipelines, with a 4-channel U-Net (latent blending) or a
+        9-channel inpainting U-Net.
         """
         width = width or self.native_size
         height = height or self.native_size
@@ -306,19 +358,30 @@ class Pipeline:
                     for c in controls]
 
         generator = torch.Generator("cpu").manual_seed(int(seed)) if seed is not None else None
-        shape = (batch, self.unet.config.in_channels, height // self.vae_scale_factor,
+        shape = (batch, self.unet.config.out_channels, height // self.vae_scale_factor,
                  width // self.vae_scale_factor)
-        latents = torch.randn(shape, generator=generator, dtype=self.unet.dtype)
-        denoiser = ControlledDenoiser(self._unet_runner, branches, injection, cond, uncond, cfg)
+        loop: dict = {}
+        if init_image is None:
+            if inpaint_mask is not None:
+                raise ControlstackError("inpaint_mask needs init_image (the image to repaint)")
+            if self.unet.config.in_channels != self.unet.config.out_channels:
+                raise ControlstackError("this is an inpainting U-Net: pass init_image and inpaint_mask")
+            latents = torch.randn(shape, generator=generator, dtype=self.unet.dtype)
+        else:
+            latents, loop = self.img2img_start(init_image, inpaint_mask, strength, shape, sched, generator, do_cfg)
+        denoiser = ControlledDenoiser(self._unet_runner, branches, injection, cond, uncond, cfg,
+                                      unet_extra=loop.pop("unet_extra", None))
         with torch.autocast("cpu", dtype=self.autocast_dtype or torch.bfloat16,
                             enabled=self.autocast_dtype is not None):
-            latents = sample(denoiser, sched, latents, steps, generator=generator, eta=eta, progress=progress)
+            latents = sample(denoiser, sched, latents, steps, generator=generator, eta=eta, progress=progress,
+                             **loop)
         images = self.decode(latents, generator)
         if output_type == "pil":
             images = [Image.fromarray((im * 255).round().astype("uint8")) for im in images]
         if not return_result:
             return images
         params = {
+            **({"img2img": {"strength": strength, "inpaint": inpaint_mask is not None}} if init_image is not None else {}),
             "prompt": prompt, "negative_prompt": negative_prompt, "steps": steps, "cfg": cfg,
             "seed": seed, "width": width, "height": height, "scheduler": scheduler, "mode": mode,
             "model": self.name, **({"mode_options": dict(mode_options)} if mode_options else {}),

@@ -290,9 +290,13 @@ def check_compatible(controlnet, unet) -> None:
     """Raise unless ``controlnet``'s residuals fit ``unet`` (channels, layout, text width)."""
     c, u = controlnet.config, unet.config
     problems = []
-    for field, label in [("in_channels", "latent channels"), ("block_out_channels", "block channels"),
-                         ("layers_per_block", "layers per block"), ("cross_attention_dim", "cross-attention dim")]:
-        cv, uv = c.get(field), u.get(field)
+    # the latents' channels are the U-Net's *output* channels: an SD inpainting U-Net takes 9 (latents,
+    # mask, masked-image latents) while the ControlNet beside it reads the 4 latent channels
+    for field, label, ufield in [("in_channels", "latent channels", "out_channels"),
+                                 ("block_out_channels", "block channels", "block_out_channels"),
+                                 ("layers_per_block", "layers per block", "layers_per_block"),
+                                 ("cross_attention_dim", "cross-attention dim", "cross_attention_dim")]:
+        cv, uv = c.get(field), u.get(ufield)
         cv, uv = (list(cv), list(uv)) if isinstance(cv, (list, tuple)) else (cv, uv)
         if cv != uv:
             problems.append(f"{label} {cv} vs base {uv}")

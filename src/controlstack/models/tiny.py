@@ -83,14 +83,16 @@ class SDComponents:
     scheduler_config: dict | None = None  # the model's own noise schedule (None = SD-1.x's)
 
 
-def tiny_unet(seed: int = 0, block_out_channels=(32, 64), cross_attention_dim: int = 32, sample_size: int = 8):
+def tiny_unet(seed: int = 0, block_out_channels=(32, 64), cross_attention_dim: int = 32, sample_size: int = 8,
+              in_channels: int = 4):
+    """``in_channels=9``: an SD-inpainting-layout U-Net (latents + mask + masked-image latents)."""
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(seed)
     n = len(block_out_channels)
     return UNet2DConditionModel(
         sample_size=sample_size,
-        in_channels=4,
+        in_channels=in_channels,
         out_channels=4,
         block_out_channels=tuple(block_out_channels),
         layers_per_block=2,

@@ -20,11 +20,13 @@ from tqdm.auto import tqdm
 
 @dataclass(frozen=True)
 class Step:
-    """Where the loop is: step ``index`` of ``count`` at scheduler timestep ``timestep``."""
+    """Where the loop is: step ``index`` of ``count`` at scheduler timestep ``timestep`` (and the
+    next one, None at the last step: inpainting re-noises the known region to it)."""
 
     index: int
     count: int
     timestep: torch.Tensor
+    next_timestep: torch.Tensor | None = None
 
     @property
     def progress(self) -> float:
@@ -56,23 +58,31 @@ def sample(
     generator: torch.Generator | None = None,
     eta: float = 0.0,
     progress: bool = True,
-    callback: Callable[[Step, torch.Tensor], None] | None = None,
+    callback: Callable[[Step, torch.Tensor], torch.Tensor | None] | None = None,
+    start: Callable[[object, int, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> torch.Tensor:
     """Denoise ``latents`` (pure noise, *not* yet scaled by ``init_noise_sigma``) in ``steps`` steps.
 
     ``denoiser(x, t, step) -> ε`` receives the scheduler-scaled input. ``generator`` must be the
     generator the noise was drawn from: ancestral schedulers keep drawing from it, as diffusers does.
+    ``start(scheduler, steps, noise) -> (latents, timesteps)`` moves where the loop starts (img2img:
+    the init image's latents noised to a later timestep, ``sampling.img2img.Img2ImgStart``);
+    ``callback(step, latents)`` runs after every step and may return new latents (inpainting's blend).
     """
     scheduler.set_timesteps(steps, device=latents.device)
-    timesteps = scheduler.timesteps
-    latents = latents * scheduler.init_noise_sigma
+    if start is None:
+        timesteps = scheduler.timesteps
+        latents = latents * scheduler.init_noise_sigma
+    else:
+        latents, timesteps = start(scheduler, steps, latents)
     extra = step_kwargs(scheduler, generator, eta)
     n = len(timesteps)
     for i, t in enumerate(tqdm(timesteps, desc="sampling", disable=not progress, leave=False)):
-        step = Step(i, n, t)
+        step = Step(i, n, t, timesteps[i + 1] if i + 1 < n else None)
         x = scheduler.scale_model_input(latents, t)
         eps = denoiser(x, t, step)
         latents = scheduler.step(eps, t, latents, **extra, return_dict=False)[0]
         if callback is not None:
-            callback(step, latents)
+            out = callback(step, latents)
+            latents = latents if out is None else out
     return latents

@@ -1,0 +1,63 @@
+"""img2img and inpainting as changes to the one loop: where it starts, and what follows each step.
+
+Both follow diffusers' ControlNet pipelines step for step (``StableDiffusionControlNetImg2ImgPipeline``,
+``StableDiffusionControlNetInpaintPipeline``), so the same weights, seed, scheduler, strength and
+mask give the same image:
+
+* :class:`Img2ImgStart` -- SDEdit (Meng et al. 2022): of the ``steps`` timesteps only the last
+  ``int(steps * strength)`` run (``get_timesteps``), and the loop starts from the init image's
+  latents noised to the first of them, ``q(z_t | z_0)``. Strength 0 runs no step and returns the
+  init latents. Inpainting at strength 1 starts from pure noise (``is_strength_max``).
+* :class:`InpaintBlend` -- after each step, outside the mask the latents are replaced by the init
+  image's latents noised to the *next* timestep (RePaint-style blending as diffusers does it for a
+  4-channel U-Net); a 9-channel inpainting U-Net instead sees the mask and the masked image's
+  latents as extra input channels (the denoiser's ``unet_extra``) and needs no blend.
+
+Pure tensor / scheduler code: the pipeline encodes images and masks and hands the latents in.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+def truncated_timesteps(scheduler, steps: int, strength: float) -> torch.Tensor:
+    """diffusers' ``get_timesteps``: the last ``int(steps * strength)`` steps of the schedule (the
+    scheduler's begin index is set so multistep schedulers count from there)."""
+    init_timestep = min(int(steps * strength), steps)
+    t_start = max(steps - init_timestep, 0)
+    if hasattr(scheduler, "set_begin_index"):
+        scheduler.set_begin_index(t_start * scheduler.order)
+    return scheduler.timesteps[t_start * scheduler.order:]
+
+
+@dataclass
+class Img2ImgStart:
+    init_latents: torch.Tensor          # the init image's scaled VAE latents, (B, C, h, w)
+    strength: float                     # 0: return the init image; 1: all steps
+    pure_noise_at_full: bool = False    # inpainting: strength 1 starts from noise alone
+
+    def __call__(self, scheduler, steps: int, noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        timesteps = truncated_timesteps(scheduler, steps, self.strength)
+        if len(timesteps) == 0:
+            return self.init_latents, timesteps
+        if self.pure_noise_at_full and self.strength == 1.0:
+            return noise * scheduler.init_noise_sigma, timesteps
+        t0 = timesteps[:1].repeat(noise.shape[0])
+        return scheduler.add_noise(self.init_latents, noise, t0), timesteps
+
+
+@dataclass
+class InpaintBlend:
+    scheduler: object
+    image_latents: torch.Tensor         # the init image's latents (the known region's truth)
+    noise: torch.Tensor                 # the start's noise, reused as diffusers does
+    mask: torch.Tensor                  # (B, 1, h, w), 1 = repaint, at latent resolution
+
+    def __call__(self, step, latents: torch.Tensor) -> torch.Tensor:
+        known = self.image_latents
+        if step.next_timestep is not None:
+            known = self.scheduler.add_noise(known, self.noise, torch.tensor([step.next_timestep]))
+        return (1 - self.mask) * known + self.mask * latents
