@@ -255,6 +255,26 @@ class Pipeline:
         result.conditions = conditions
         return result if return_result else result.images
 
+    def _hires(self, scale, hires_strength, prompt, controls, *, output_type, return_result, **kw):
+        """The hires fix: the first pass, Lanczos upscaling, img2img at the larger size."""
+        if not (isinstance(scale, (int, float)) and 1.0 <= scale <= 8.0):
+            raise ControlstackError(f"hires must be an upscale factor in [1, 8], got {scale!r}")
+        f = self.vae_scale_factor
+        w2, h2 = (max(f, round(kw[k] * scale / f) * f) for k in ("width", "height"))
+        _validate(prompt, kw["steps"], kw["cfg"], w2, h2, kw["batch"], f)
+        first = self(prompt, controls, output_type="pil", return_result=True, **kw)
+        images, seed = [], kw["seed"]
+        second = {**kw, "width": w2, "height": h2, "batch": 1, "strength": hires_strength, "inpaint_mask": None}
+        for i, image in enumerate(first.images):
+            up = image.resize((w2, h2), Image.Resampling.LANCZOS)
+            images.append(self(prompt, controls, **{**second, "seed": None if seed is None else seed + i,
+                                                     "init_image": up}, output_type=output_type)[0])
+        if output_type != "pil":
+            images = np.stack(images)
+        params = {**first.parameters, "width": w2, "height": h2,
+                  "hires": {"scale": scale, "strength": hires_strength, "first_pass": [kw["width"], kw["height"]]}}
+        return GenerationResult(images, params) if return_result else images
+
     @torch.no_grad()
     def img2img_start(self, init_image, inpaint_mask, strength, shape, scheduler, generator, do_cfg):
         """The noise and the loop's ``start`` / ``callback`` (and a 9-channel U-Net's extra input) for
@@ -327,6 +347,8 @@ class Pipeline:
         init_image: Any = None,
         strength: float = 0.75,
         inpaint_mask: Any = None,
+        hires: float | None = None,
+        hires_strength: float = 0.5,
         eta: float = 0.0,
         output_type: str = "pil",
         progress: bool = True,
@@ -339,10 +361,19 @@ class Pipeline:
         returns the init image); with ``inpaint_mask`` (white = repaint) it inpaints -- as diffusers'
         ControlNet img2img / inpaint pipelines, with a 4-channel U-Net (latent blending) or a
         9-channel inpainting U-Net.
+        ``hires`` (sd-webui's hires fix): generate, upscale each image by ``hires`` (Lanczos), then
+        img2img it at the larger size with the same controls and ``hires_strength`` (image ``i`` of
+        the batch with seed ``seed + i``).
         """
         width = width or self.native_size
         height = height or self.native_size
         _validate(prompt, steps, cfg, width, height, batch, self.vae_scale_factor)
+        if hires is not None:
+            return self._hires(hires, hires_strength, prompt, controls, steps=steps, cfg=cfg, seed=seed, width=width,
+                               height=height, scheduler=scheduler, mode=mode, negative_prompt=negative_prompt,
+                               batch=batch, mode_options=mode_options, init_image=init_image, strength=strength,
+                               inpaint_mask=inpaint_mask, eta=eta, output_type=output_type, progress=progress,
+                               return_result=return_result)
         controls = list(controls)
         for c in controls:
             if not isinstance(c, Control):

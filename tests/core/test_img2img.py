@@ -134,3 +134,20 @@ def test_img2img_errors(pipe, init_image, mask_image):
         _ours(pipe, [], init_image, strength=1.5)
     with pytest.raises(ControlstackError, match="inpaint_mask needs init_image"):
         _ours(pipe, [], None, inpaint_mask=mask_image)
+
+
+def test_hires_fix_is_img2img_of_the_upscaled_first_pass(pipe, tiny_controlnets, hint_images):
+    from controlstack.io.png import format_parameters
+
+    controls = [Control(tiny_controlnets[0], hint_images[0])]
+    kw = dict(steps=3, cfg=CFG, seed=SEED, scheduler="unipc", progress=False)
+    result = pipe("a red box", controls, width=32, height=32, hires=2, hires_strength=0.5, return_result=True, **kw)
+    first = pipe("a red box", controls, width=32, height=32, **kw)[0]
+    second = pipe("a red box", controls, width=64, height=64, init_image=first.resize((64, 64), Image.LANCZOS),
+                  strength=0.5, **kw)[0]
+    assert result.images[0].size == (64, 64)
+    assert np.array_equal(np.asarray(result.images[0]), np.asarray(second))
+    text = format_parameters(result.parameters)
+    assert "Size: 64x64" in text and "Denoising strength: 0.5, Hires upscale: 2, Hires upscaler: Lanczos" in text
+    with pytest.raises(ControlstackError, match=r"hires must be an upscale factor in \[1, 8\]"):
+        pipe("x", [], width=32, height=32, hires=0.5, **kw)

@@ -2,8 +2,9 @@
 
 Flags are a contract (scripts and other tools rely on them): --model --prompt --negative --steps
 --cfg --scheduler --seed --width --height --batch --mode --layer-weights --out, repeatable
-``--control MODEL:IMAGE[:WEIGHT[:START[:END]]]`` and ``--mask I:FILE``, ``--preprocess``.
-An Omni ControlNet takes its task after a slash: ``--control omni/depth:depth.png:0.8``.
+``--control MODEL:IMAGE[:WEIGHT[:START[:END]]]`` and ``--mask I:FILE``, ``--preprocess``,
+``--init IMAGE --strength S --inpaint-mask FILE`` (img2img / inpainting). An Omni ControlNet
+takes its task after a slash: ``--control omni/depth:depth.png:0.8``.
 OmniControlNet's integrated path: ``--from-image photo.png --tasks depth,canny`` makes the
 conditions from the photo and generates from them in the same call (``Pipeline.from_image``).
 """
@@ -37,6 +38,14 @@ def register(sub) -> None:
     p.add_argument("--control", action="append", default=[], metavar="MODEL:IMAGE[:WEIGHT[:START[:END]]]",
                    help="a ControlNet (bundled name or path; an Omni ControlNet with its task: omni/depth) "
                         "and its condition image; repeatable")
+    p.add_argument("--init", default=None, metavar="IMAGE", help="img2img: start from this image")
+    p.add_argument("--strength", type=float, default=0.75,
+                   help="with --init: denoising strength in [0, 1] (0 returns the image; 1 repaints all)")
+    p.add_argument("--inpaint-mask", default=None, metavar="FILE",
+                   help="with --init: repaint where this mask is white (inpainting)")
+    p.add_argument("--hires", type=float, default=None, metavar="SCALE",
+                   help="hires fix: generate, upscale by SCALE, img2img at the larger size with the same controls")
+    p.add_argument("--hires-strength", type=float, default=0.5, help="with --hires: the second pass's strength")
     p.add_argument("--from-image", default=None, metavar="PHOTO",
                    help="make the --tasks conditions from this photo, then generate with the Omni ControlNet")
     p.add_argument("--tasks", default=None, help="with --from-image: comma-separated tasks, e.g. depth,canny")
@@ -125,9 +134,17 @@ def run(args: argparse.Namespace) -> int:
         raise ControlstackError("--from-image makes its own controls; drop --control (or --from-image)")
     if args.from_image is not None:
         return run_from_image(args, seed=args.seed if args.seed >= 0 else random.randrange(2**32))
+    if args.inpaint_mask is not None and args.init is None:
+        raise ControlstackError("--inpaint-mask needs --init (the image to repaint)")
+    if not 0.0 <= args.strength <= 1.0:
+        raise ControlstackError(f"--strength must be in [0, 1], got {args.strength}")
     masks = parse_masks(args.mask, len(specs))
     images = [load_image(image) for _, image, *_ in specs]
     mask_images = {i: load_image(p) for i, p in masks.items()}
+    img2img = {}
+    if args.init is not None:
+        img2img = {"init_image": load_image(args.init), "strength": args.strength,
+                   "inpaint_mask": load_image(args.inpaint_mask) if args.inpaint_mask else None}
     seed = args.seed if args.seed >= 0 else random.randrange(2**32)
 
     pipe = Pipeline.from_pretrained(args.model, allow_pickle=args.allow_pickle)
@@ -136,7 +153,7 @@ def run(args: argparse.Namespace) -> int:
                 resize_mode=args.resize_mode, preprocess=args.preprocess, task=split_task(model)[1])
         for i, ((model, _, w, s, e), image) in enumerate(zip(specs, images))
     ]
-    result = pipe(args.prompt, controls=controls, return_result=True, **sampling_options(args, seed))
+    result = pipe(args.prompt, controls=controls, return_result=True, **img2img, **sampling_options(args, seed))
     return write_outputs(args, result, seed)
 
 
@@ -144,7 +161,8 @@ def sampling_options(args, seed: int) -> dict:
     return {"steps": args.steps, "cfg": args.cfg, "seed": seed, "width": args.width, "height": args.height,
             "scheduler": args.scheduler, "mode": args.mode,
             "mode_options": {"layer_weights": args.layer_weights} if args.layer_weights else None,
-            "negative_prompt": args.negative, "batch": args.batch, "progress": not args.no_progress}
+            "negative_prompt": args.negative, "batch": args.batch, "progress": not args.no_progress,
+            **({"hires": args.hires, "hires_strength": args.hires_strength} if args.hires is not None else {})}
 
 
 def run_from_image(args, seed: int) -> int:

@@ -34,6 +34,11 @@ def format_parameters(params: dict) -> str:
     ]
     if "batch_pos" in params:
         fields.append(f"Batch pos: {params['batch_pos']}")
+    if "img2img" in params:
+        fields.append(f"Denoising strength: {params['img2img']['strength']}")
+    if "hires" in params:  # sd-webui's hires fix fields
+        fields += [f"Denoising strength: {params['hires']['strength']}", f"Hires upscale: {params['hires']['scale']}",
+                   "Hires upscaler: Lanczos"]
     for i, c in enumerate(params.get("controls", [])):
         weight = c["weight"] if isinstance(c["weight"], float) else list(map(list, c["weight"]))
         fields.append(
