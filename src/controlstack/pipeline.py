@@ -189,8 +189,10 @@ class Pipeline:
         cond = self.encode_prompt(prompts[0], batch, token)
         return (self.encode_prompt(prompts[1], batch, token) if do_cfg else None), cond
 
-    def prepare_hint(self, control: Control, width: int, height: int) -> torch.Tensor:
-        """Condition image -> (1, 3, H, W) tensor in [0, 1] at the output size."""
+    def prepare_hint(self, control: Control, width: int, height: int, inpaint_mask: Any = None) -> torch.Tensor:
+        """Condition image -> (1, 3, H, W) tensor in [0, 1] at the output size. The ``inpaint``
+        annotator gives ControlNet 1.1's inpaint hint instead: the image with the masked pixels at
+        -1 (its own ``mask`` parameter, else the generation's ``inpaint_mask``)."""
         image = to_rgb(control.image)
         if control.preprocess:
             from controlstack import annotators
@@ -199,17 +201,32 @@ class Pipeline:
             name = control.preprocess if isinstance(control.preprocess, str) else \
                 annotators.for_task(control.task) if control.task else str(control.model)
             params = dict(control.annotator_params)
+            if name == "inpaint":
+                from controlstack.io.images import mask_to_array
+
+                mask = params.pop("mask", None) or inpaint_mask
+                if mask is None:
+                    raise ControlstackError("the inpaint control needs a mask: pass inpaint_mask (or mask= to the annotator)")
+                if isinstance(mask, (str, os.PathLike)):
+                    from controlstack.io.images import load_image
+
+                    mask = load_image(mask)
+                m = Image.fromarray((mask_to_array(mask, "inpaint mask") * 255).round().astype(np.uint8))
+                small = resize_image(image, width, height, control.resize_mode)
+                hint = annotators.get("inpaint", **{**params, "resolution": None}).hint(
+                    small, resize_image(m, width, height, control.resize_mode))
+                return torch.from_numpy(hint).permute(2, 0, 1)[None]
             params.setdefault("resolution", pixel_perfect_resolution(image.size, width, height, control.resize_mode))
             image = to_rgb(annotators.get(name, **params)(image))
         image = resize_image(image, width, height, control.resize_mode)
         return image_to_tensor(image)
 
     def make_branch(self, control: Control, width: int, height: int, prompts: tuple[str, str] = ("", ""),
-                    batch: int = 1, do_cfg: bool = False) -> Branch:
+                    batch: int = 1, do_cfg: bool = False, inpaint_mask: Any = None) -> Branch:
         controlnet = self.controlnet(control.model)
         text = self.task_text(controlnet, control, prompts, batch, do_cfg)  # before the image: cheap checks first
         runner = ControlNetRunner(controlnet)
-        hint = self.prepare_hint(control, width, height).to(runner.dtype)
+        hint = self.prepare_hint(control, width, height, inpaint_mask).to(runner.dtype)
         with torch.no_grad():
             features = runner.embed_hint(hint)  # once per run, not per step
         expected = (height // self.vae_scale_factor, width // self.vae_scale_factor)
@@ -385,7 +402,7 @@ class Pipeline:
         cond = self.encode_prompt(prompt, batch)
         do_cfg = cfg > 1 and self.unet.config.time_cond_proj_dim is None
         uncond = self.encode_prompt(negative_prompt or "", batch) if do_cfg else None
-        branches = [self.make_branch(c, width, height, (prompt, negative_prompt or ""), batch, do_cfg)
+        branches = [self.make_branch(c, width, height, (prompt, negative_prompt or ""), batch, do_cfg, inpaint_mask)
                     for c in controls]
 
         generator = torch.Generator("cpu").manual_seed(int(seed)) if seed is not None else None

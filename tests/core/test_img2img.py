@@ -151,3 +151,15 @@ def test_hires_fix_is_img2img_of_the_upscaled_first_pass(pipe, tiny_controlnets,
     assert "Size: 64x64" in text and "Denoising strength: 0.5, Hires upscale: 2, Hires upscaler: Lanczos" in text
     with pytest.raises(ControlstackError, match=r"hires must be an upscale factor in \[1, 8\]"):
         pipe("x", [], width=32, height=32, hires=0.5, **kw)
+
+
+def test_the_inpaint_control_gets_controlnet_1_1s_hint(pipe, tiny_controlnets, init_image, mask_image):
+    c = Control(tiny_controlnets[0], init_image, preprocess="inpaint")
+    hint = pipe.prepare_hint(c, SIZE, SIZE, inpaint_mask=mask_image)[0].numpy()
+    masked = np.asarray(mask_image) > 127
+    assert (hint[:, masked] == -1).all()
+    assert np.allclose(hint[:, ~masked], (np.asarray(init_image, np.float32) / 255).transpose(2, 0, 1)[:, ~masked])
+    out = _ours(pipe, [c], init_image, inpaint_mask=mask_image, strength=1.0)
+    assert np.isfinite(out).all()
+    with pytest.raises(ControlstackError, match="the inpaint control needs a mask"):
+        pipe("x", [c], steps=1, width=SIZE, height=SIZE, progress=False)
