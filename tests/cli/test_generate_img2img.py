@@ -52,3 +52,25 @@ def test_img2img_flag_errors(files, tmp_path, capsys, extra, message):
             *[e.format(init=files / "init.png", mask=files / "mask.png") for e in extra]]
     assert main(args) == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_single_file_base_takes_its_config_folder_and_bad_seeds_are_one_line(tmp_path, capsys):
+    from controlstack.io.checkpoints import save_base
+    from controlstack.models.tiny import tiny_sd
+    from controlstack.training.base import export_pipeline
+
+    sd = tiny_sd(seed=0, max_length=16)
+    export_pipeline(tmp_path / "folder", sd.vae, sd.text_encoder, sd.tokenizer, sd.unet)
+    save_base(sd, tmp_path / "base.safetensors")
+    out = tmp_path / "out"
+    assert main(["generate", "--model", str(tmp_path / "base.safetensors"), "--config", str(tmp_path / "folder"),
+                 "--prompt", "x", "--out", str(out), *FAST]) == 0
+    assert (out / "00000-2.png").is_file()
+    assert main(["generate", "--prompt", "x", "--seed", "99999999999999999999", "--out", str(out), *FAST[:-2]]) == 2
+    assert "--seed must be below 9223372036854775808" in capsys.readouterr().err
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0 and capsys.readouterr().out.startswith("controlstack ")

@@ -18,11 +18,16 @@ from pathlib import Path
 
 from controlstack.errors import ControlstackError
 
+MAX_SEED = 2**63  # torch.Generator.manual_seed takes a signed 64-bit seed
+
 
 def register(sub) -> None:
     p = sub.add_parser("generate", help="generate images with controls",
                        description="Generate images from a prompt and any number of controls.")
     p.add_argument("--model", default=None, help="diffusers SD folder or single-file checkpoint (default: bundled)")
+    p.add_argument("--config", default=None, metavar="DIR",
+                   help="with a single-file --model: a diffusers SD folder (or its model_index.json's folder) for "
+                        "the architecture")
     p.add_argument("--prompt", required=True)
     p.add_argument("--negative", default="", help="negative prompt")
     p.add_argument("--steps", type=int, default=20)
@@ -127,6 +132,8 @@ def run(args: argparse.Namespace) -> int:
         raise ControlstackError(f"--steps must be >= 1, got {args.steps}")
     if not args.cfg >= 0:
         raise ControlstackError(f"--cfg must be >= 0, got {args.cfg}")
+    if args.seed >= MAX_SEED:
+        raise ControlstackError(f"--seed must be below {MAX_SEED} (2**63), or -1 for a random seed; got {args.seed}")
     specs = [parse_control(s) for s in args.control]
     if (args.from_image is None) != (args.tasks is None):
         raise ControlstackError("--from-image and --tasks go together: --from-image photo.png --tasks depth,canny")
@@ -147,7 +154,7 @@ def run(args: argparse.Namespace) -> int:
                    "inpaint_mask": load_image(args.inpaint_mask) if args.inpaint_mask else None}
     seed = args.seed if args.seed >= 0 else random.randrange(2**32)
 
-    pipe = Pipeline.from_pretrained(args.model, allow_pickle=args.allow_pickle)
+    pipe = Pipeline.from_pretrained(args.model, allow_pickle=args.allow_pickle, config=args.config)
     controls = [
         Control(split_task(model)[0], image, weight=w, start=s, end=e, mask=mask_images.get(i),
                 resize_mode=args.resize_mode, preprocess=args.preprocess, task=split_task(model)[1])
@@ -174,7 +181,7 @@ def run_from_image(args, seed: int) -> int:
     if not tasks:
         raise ControlstackError("--tasks is empty; name at least one task, e.g. --tasks depth")
     photo = load_image(args.from_image)
-    pipe = Pipeline.from_pretrained(args.model, allow_pickle=args.allow_pickle)
+    pipe = Pipeline.from_pretrained(args.model, allow_pickle=args.allow_pickle, config=args.config)
     result = pipe.from_image(photo, tasks, args.prompt, model=args.omni, resize_mode=args.resize_mode,
                              return_result=True, **sampling_options(args, seed))
     return write_outputs(args, result, seed, photo)
