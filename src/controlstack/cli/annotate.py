@@ -97,7 +97,10 @@ def run(args) -> int:
 
     cls = annotators.annotator_class(args.type)
     params = cls.parse(parse_pairs(args.param))
+    from controlstack.io.paths import output_file, output_folder
+
     src, out = Path(args.image), Path(args.out)
+    output_folder(out) if src.is_dir() else output_file(out)  # a bad --out fails before any work
     is_json = args.type == "pose" and src.suffix.lower() == ".json"
     if is_json:
         params["json"] = str(src)

@@ -37,6 +37,9 @@ def output_format(dst: Path, to: str | None, overwrite: bool) -> str:
         raise ControlstackError(f"the original format is one .safetensors file; name the output '{dst}.safetensors'")
     if to == "diffusers" and dst.suffix:
         raise ControlstackError(f"diffusers format is a folder; give an output path without a file extension, not '{dst}'")
+    from controlstack.io.paths import output_file
+
+    output_file(dst, "output") if to == "original" else output_file(dst / "config.json", "output")
     return to
 
 

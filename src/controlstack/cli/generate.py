@@ -145,6 +145,9 @@ def run(args: argparse.Namespace) -> int:
         raise ControlstackError("--inpaint-mask needs --init (the image to repaint)")
     if not 0.0 <= args.strength <= 1.0:
         raise ControlstackError(f"--strength must be in [0, 1], got {args.strength}")
+    from controlstack.io.paths import output_folder
+
+    output_folder(args.out)  # a bad --out fails now, not after the generation
     masks = parse_masks(args.mask, len(specs))
     images = [load_image(image) for _, image, *_ in specs]
     mask_images = {i: load_image(p) for i, p in masks.items()}

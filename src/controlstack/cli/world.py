@@ -44,7 +44,10 @@ def run(args: argparse.Namespace) -> int:
     from controlstack.world.config import WorldConfig
     from controlstack.world.export import export_dataset
 
+    from controlstack.io.paths import output_parent
+
     config = WorldConfig(size=_int("size", args.size))
+    output_parent(args.out)  # the export is written beside --out and renamed onto it
     out = export_dataset(
         args.out,
         scenes=_int("scenes", args.scenes),

@@ -34,6 +34,8 @@ ImageFile.LOAD_TRUNCATED_IMAGES = False
 def load_image(path: str | os.PathLike) -> Image.Image:
     """Open an image file fully (decode now, so corrupt data fails here) and validate its size."""
     path = Path(path)
+    if path.is_dir():
+        raise ControlstackError(f"image '{path}' is a folder; pass an image file")
     if not path.is_file():
         raise ControlstackError(f"image '{path}' does not exist; check the path")
     try:
