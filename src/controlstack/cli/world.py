@@ -41,10 +41,9 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from controlstack.io.paths import output_parent
     from controlstack.world.config import WorldConfig
     from controlstack.world.export import export_dataset
-
-    from controlstack.io.paths import output_parent
 
     config = WorldConfig(size=_int("size", args.size))
     output_parent(args.out)  # the export is written beside --out and renamed onto it
