@@ -9,6 +9,7 @@ seed and scheduler give the same image as diffusers.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -51,6 +52,7 @@ class Pipeline:
         components: SDComponents,
         controlnets: dict[str, Any] | None = None,
         name: str = "custom",
+        recommended: dict | None = None,
     ):
         self.unet = components.unet.eval()
         self.vae = components.vae.eval()
@@ -65,6 +67,8 @@ class Pipeline:
         self.memory_format = torch.contiguous_format
         self.autocast_dtype: torch.dtype | None = None
         self.fast_description = "parity (float32, as diffusers)"
+        # the base folder's recommended settings (io/settings.py): used where a call leaves a value unset
+        self.recommended = dict(recommended or {})
 
     def optimize(self, mode: str = "fast") -> Pipeline:
         """``"parity"``: float32 exactly as diffusers. ``"fast"``: channels-last convolutions
@@ -108,7 +112,10 @@ class Pipeline:
         in_bundle = folder.resolve() == assets.BUNDLE_DIR.resolve()
         own = (folder / "controlnets").is_dir()
         controlnets = assets.trained_controlnets(folder) if own else assets.bundled_controlnets()
-        return cls(components, controlnets=controlnets, name="controlstack-bundle" if in_bundle else str(path))
+        from controlstack.io.settings import recommended
+
+        return cls(components, controlnets=controlnets, name="controlstack-bundle" if in_bundle else str(path),
+                   recommended=recommended(folder))
 
     def controlnet(self, model: Any):
         """Resolve a Control's ``model``: a ControlNetModel, a bundled name, or a path."""
@@ -138,6 +145,29 @@ class Pipeline:
 
         folder = model_folder(model)
         return folder is not None and (read_settings(folder).get("training") or {}).get("injection") == "mi"
+
+    def settings(self, controls: Sequence[Control], steps, cfg, mode, mode_options) -> dict:
+        """The values a call uses: each one given explicitly; else recommended -- the mode (with its
+        options) by the controls' ControlNets when they all recommend the same one, else by the base;
+        cfg and steps by the base --; else the defaults (20 steps, CFG 7.5, ``balanced``). An explicit
+        mode that equals the recommended one takes the recommended options unless options are given."""
+        from controlstack.io.settings import model_folder, recommended
+
+        recs = [recommended(model_folder(c.model)) for c in controls]
+        modes = {(r["mode"], repr(r.get("mode_options") or {})) for r in recs if "mode" in r}
+        rec_mode, rec_options = None, None
+        if len(modes) == 1 and all("mode" in r for r in recs):
+            r = next(r for r in recs if "mode" in r)
+            rec_mode, rec_options = r["mode"], r.get("mode_options")
+        elif "mode" in self.recommended and not modes:
+            rec_mode, rec_options = self.recommended["mode"], self.recommended.get("mode_options")
+        if mode is None:
+            mode, mode_options = rec_mode or "balanced", mode_options if mode_options is not None else rec_options
+        elif mode == rec_mode and mode_options is None:
+            mode_options = rec_options
+        return {"steps": steps if steps is not None else self.recommended.get("steps", 20),
+                "cfg": cfg if cfg is not None else self.recommended.get("cfg", 7.5),
+                "mode": mode, "mode_options": dict(mode_options) if mode_options else None}
 
     def mi_options(self, mode: str, options: dict | None, controls: Sequence[Control]) -> dict | None:
         """``mode="mi"`` without an explicit ``lambda_max``: the paper's 20 when every control was
@@ -350,13 +380,13 @@ class Pipeline:
         self,
         prompt: str,
         controls: Sequence[Control] = (),
-        steps: int = 20,
-        cfg: float = 7.5,
+        steps: int | None = None,
+        cfg: float | None = None,
         seed: int | None = 0,
         width: int | None = None,
         height: int | None = None,
         scheduler: str = "unipc",
-        mode: str = "balanced",
+        mode: str | None = None,
         negative_prompt: str = "",
         batch: int = 1,
         *,
@@ -373,7 +403,9 @@ class Pipeline:
     ):
         """Generate ``batch`` images; returns PIL images (or a float array with output_type='np').
 
-        ``width`` / ``height`` default to the model's native size (512 for SD-1.5).
+        ``width`` / ``height`` default to the model's native size (512 for SD-1.5); ``steps``,
+        ``cfg`` and ``mode`` (with ``mode_options``) to what the models recommend (:meth:`settings`),
+        else 20, 7.5 and ``balanced``.
         ``init_image`` makes it img2img (``strength`` in [0, 1]: how much of the schedule runs, 0
         returns the init image); with ``inpaint_mask`` (white = repaint) it inpaints -- as diffusers'
         ControlNet img2img / inpaint pipelines, with a 4-channel U-Net (latent blending) or a
@@ -384,6 +416,12 @@ class Pipeline:
         """
         width = width or self.native_size
         height = height or self.native_size
+        controls = list(controls)
+        for c in controls:
+            if not isinstance(c, Control):
+                raise ControlstackError(f"controls must be Control objects, got {type(c).__name__}")
+        used = self.settings(controls, steps, cfg, mode, mode_options)
+        steps, cfg, mode, mode_options = used["steps"], used["cfg"], used["mode"], used["mode_options"]
         _validate(prompt, steps, cfg, width, height, batch, self.vae_scale_factor)
         if hires is not None:
             return self._hires(hires, hires_strength, prompt, controls, steps=steps, cfg=cfg, seed=seed, width=width,
@@ -391,10 +429,11 @@ class Pipeline:
                                batch=batch, mode_options=mode_options, init_image=init_image, strength=strength,
                                inpaint_mask=inpaint_mask, eta=eta, output_type=output_type, progress=progress,
                                return_result=return_result)
-        controls = list(controls)
-        for c in controls:
-            if not isinstance(c, Control):
-                raise ControlstackError(f"controls must be Control objects, got {type(c).__name__}")
+        native = self.native_size
+        if not (native / 2 <= width <= native * 2 and native / 2 <= height <= native * 2):
+            logging.getLogger("controlstack").warning(
+                f"generating at {width}x{height}, far from the model's native {native}x{native}: expect repeated or "
+                "broken composition")
         mode_options = self.mi_options(mode, mode_options, controls)
         injection = make_injection(mode, **(mode_options or {}))
         sched = make_scheduler(scheduler, self.scheduler_config)

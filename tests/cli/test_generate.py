@@ -34,7 +34,8 @@ def test_generate_subprocess_writes_pngs_with_metadata(tmp_path, edge_png):
     assert files == ["00000-5.png", "00001-5.png", "grid-00000-5.png"]
     meta = read_parameters(out / "00001-5.png")
     text = meta["parameters"]
-    assert text.startswith("a red box\nNegative prompt: blurry\nSteps: 2, Sampler: euler_a, CFG scale: 7.5, Seed: 5")
+    # CFG 7.0: the bundle's recommendation (its controlstack.json), as no --cfg was given
+    assert text.startswith("a red box\nNegative prompt: blurry\nSteps: 2, Sampler: euler_a, CFG scale: 7.0, Seed: 5")
     assert 'ControlNet 0: "Module: none, Model: canny, Weight: 0.7, Guidance Start: 0.1, Guidance End: 0.9' in text
     assert meta["controlstack"]["batch_pos"] == 1 and meta["controlstack"]["controls"][0]["weight"] == 0.7
     # a second run never overwrites: numbering continues
@@ -89,7 +90,8 @@ def _bad_inputs(tmp_path: Path, hint_images) -> dict[str, tuple[list[str], str]]
         "missing image": (c(f"canny:{tmp_path / 'nope.png'}"), "does not exist"),
         "unknown scheduler": (["--scheduler", "heunpp"], "unknown scheduler 'heunpp'"),
         "unknown mode": (["--mode", "loud"], "unknown mode 'loud'"),
-        "layer weights without controlnet mode": (["--layer-weights", "uniform"], "applies to --mode controlnet"),
+        "layer weights without controlnet mode": (["--mode", "balanced", "--layer-weights", "uniform"],
+                                                  "applies to --mode controlnet"),
         "unknown control type": (c(f"sketchy:{good}"), "neither a bundled ControlNet"),
         "folder without config": (c(f"{empty_dir}:{good}"), "config"),
         "pickle without opt-in": (c(f"{pickle}:{good}"), "pickle"),

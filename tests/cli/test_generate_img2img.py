@@ -74,3 +74,15 @@ def test_version(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["--version"])
     assert exc.value.code == 0 and capsys.readouterr().out.startswith("controlstack ")
+
+
+def test_bundled_controlnets_bring_their_mode_and_the_png_records_it(files, tmp_path):
+    out = tmp_path / "out"
+    assert main(["generate", "--prompt", "a red box", "--control", f"canny:{files / 'init.png'}", "--out", str(out),
+                 "--width", "64", "--height", "64", "--no-progress", "--seed", "2", "--steps", "2"]) == 0
+    meta = read_parameters(out / "00000-2.png")["controlstack"]
+    assert (meta["mode"], meta["mode_options"], meta["cfg"]) == ("controlnet", {"layer_weights": "uniform"}, 7.0)
+    assert main(["generate", "--prompt", "a red box", "--control", f"canny:{files / 'init.png'}", "--out", str(out),
+                 "--mode", "balanced", "--cfg", "5", *FAST]) == 0
+    meta = read_parameters(out / "00001-2.png")["controlstack"]
+    assert (meta["mode"], meta.get("mode_options"), meta["cfg"]) == ("balanced", None, 5.0)

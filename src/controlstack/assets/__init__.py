@@ -20,8 +20,8 @@ BUNDLE_DIR = Path(__file__).resolve().parent / "bundle"
 BUNDLED_NAMES = ("canny", "depth", "seg", "pose", "scribble", "softedge")
 REQUIRED_CONTROLNETS = ("canny", "depth", "seg", "pose")  # the bundle is the default once all exist
 CHECKSUMS = "SHA256SUMS"  # `sha256sum -c` format, over every weight and config file of the bundle
-_MODEL_PARTS = ("model_index.json", "vae", "unet", "text_encoder", "tokenizer", "scheduler", "controlnets", "mi",
-                "predictor")
+_MODEL_PARTS = ("model_index.json", "controlstack.json", "vae", "unet", "text_encoder", "tokenizer", "scheduler",
+                "controlnets", "mi", "predictor")
 
 
 def has_trained_base(bundle: Path | None = None) -> bool:
@@ -65,8 +65,10 @@ def default_pipeline(cls):
         )
         return cls(tiny_sd(seed=0, max_length=32), controlnets=bundled_controlnets(), name="placeholder-tiny")
     from controlstack.io.checkpoints import load_base
+    from controlstack.io.settings import recommended
 
-    return cls(load_base(BUNDLE_DIR), controlnets=bundled_controlnets(), name="controlstack-bundle")
+    return cls(load_base(BUNDLE_DIR), controlnets=bundled_controlnets(), name="controlstack-bundle",
+               recommended=recommended(BUNDLE_DIR))
 
 
 _PLACEHOLDER_CN: dict = {}

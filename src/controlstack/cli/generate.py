@@ -30,16 +30,20 @@ def register(sub) -> None:
                         "the architecture")
     p.add_argument("--prompt", required=True)
     p.add_argument("--negative", default="", help="negative prompt")
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--cfg", type=float, default=7.5, help="classifier-free guidance scale")
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's recommendation, else 20)")
+    p.add_argument("--cfg", type=float, default=None,
+                   help="classifier-free guidance scale (default: the model's recommendation, else 7.5)")
     p.add_argument("--scheduler", default="unipc", help="ddim, euler, euler_a, dpmpp_2m, unipc, ...")
     p.add_argument("--seed", type=int, default=-1, help="seed (-1: random, recorded in the PNG)")
     p.add_argument("--width", type=int, default=None, help="default: the model's native size")
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--batch", type=int, default=1, help="images per run (one generator, as diffusers)")
-    p.add_argument("--mode", default="balanced", help="control mode: balanced, prompt, controlnet, mi (also sum, guess)")
+    p.add_argument("--mode", default=None,
+                   help="control mode: balanced, prompt, controlnet, mi (also sum, guess); default: what the "
+                        "ControlNets recommend (the bundled ones: controlnet), else balanced")
     p.add_argument("--layer-weights", default=None, choices=("resolution", "soft", "uniform"),
-                   help="with --mode controlnet: per-layer weights (default resolution; the bundled model: uniform)")
+                   help="with --mode controlnet: per-layer weights (default: the ControlNets' recommendation -- the "
+                        "bundled ones: uniform -- else resolution)")
     p.add_argument("--control", action="append", default=[], metavar="MODEL:IMAGE[:WEIGHT[:START[:END]]]",
                    help="a ControlNet (bundled name or path; an Omni ControlNet with its task: omni/depth) "
                         "and its condition image; repeatable")
@@ -124,13 +128,15 @@ def run(args: argparse.Namespace) -> int:
     # Validate everything cheap before loading any model.
     if args.scheduler not in SCHEDULERS:
         raise ControlstackError(f"unknown scheduler '{args.scheduler}'; choose one of {', '.join(SCHEDULERS)}")
-    if args.mode not in available_modes():
+    if args.mode is not None and args.mode not in available_modes():
         raise ControlstackError(f"unknown mode '{args.mode}'; choose one of {', '.join(available_modes())}")
-    if args.layer_weights is not None and args.mode != "controlnet":
+    if args.layer_weights is not None and args.mode not in (None, "controlnet"):
         raise ControlstackError(f"--layer-weights applies to --mode controlnet, not '{args.mode}'")
-    if args.steps < 1:
+    if args.layer_weights is not None:
+        args.mode = "controlnet"
+    if args.steps is not None and args.steps < 1:
         raise ControlstackError(f"--steps must be >= 1, got {args.steps}")
-    if not args.cfg >= 0:
+    if args.cfg is not None and not args.cfg >= 0:
         raise ControlstackError(f"--cfg must be >= 0, got {args.cfg}")
     if args.seed >= MAX_SEED:
         raise ControlstackError(f"--seed must be below {MAX_SEED} (2**63), or -1 for a random seed; got {args.seed}")

@@ -1,8 +1,8 @@
 """Output locations checked before any work: one line for a bad ``--out``, never an internal error.
 
 A command that writes checks its destination first -- an existing file where a folder is meant,
-a path under a file (``/dev/null/x``), a folder that cannot be created or written -- so a long run
-never ends in a traceback with a temporary path, and nothing is written half.
+a path under a file (``/dev/null/x``), a location that is not writable -- so a long run never ends
+in a traceback with a temporary path, and nothing is written half (nor any folder created).
 """
 
 from __future__ import annotations
@@ -14,21 +14,16 @@ from controlstack.errors import ControlstackError
 
 
 def _creatable(folder: Path, flag: str, shown: Path | None = None) -> None:
-    """``folder`` exists as a writable folder afterwards (created with its parents if needed);
-    messages name ``shown`` (the path the user gave)."""
+    """``folder`` exists as a writable folder, or can be created (its first existing ancestor is a
+    writable folder). Nothing is created here: a command that fails later leaves no empty folder."""
     shown = folder if shown is None else shown
-    for parent in (folder, *folder.parents):  # the first existing ancestor decides
+    for parent in (folder, *folder.resolve().parents):  # the first existing ancestor decides
         if parent.exists():
             if not parent.is_dir():
                 raise ControlstackError(f"{flag} '{shown}': '{parent}' is a file, not a folder; pass another path")
-            break
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ControlstackError(f"{flag} '{shown}': cannot create the folder ({exc.strerror}); pass a "
-                                "writable location") from None
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise ControlstackError(f"{flag} '{folder}' is not writable; pass a writable location")
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise ControlstackError(f"{flag} '{shown}': '{parent}' is not writable; pass a writable location")
+            return
 
 
 def output_folder(path: str | os.PathLike, flag: str = "--out") -> Path:

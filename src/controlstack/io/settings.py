@@ -2,8 +2,13 @@
 
 Schema (every key optional)::
 
-    {"recommended": {"mode": "mi", "mode_options": {"reduce": "layer"}},
-     "training": {...the recipe options that made the model (injection, rebalancing, conservativity)...}}
+    {"recommended": {"mode": "mi", "mode_options": {"reduce": "layer"}, "cfg": 7.0, "steps": 20},
+     "training": {...the recipe options that made the model (injection, rebalancing, conservativity)...},
+     "omni": {"tasks": [...]}}
+
+A base model folder may hold one too (its ``recommended`` cfg and steps, or a mode for every
+control); a ControlNet folder's ``recommended`` mode is how that ControlNet is meant to be sampled.
+``Pipeline`` uses a recommendation wherever the caller leaves a value unset (``None``).
 
 ``recommended`` is how the model is meant to be used: a Minimal Impact ControlNet was trained with
 the ``mi`` injection in its forward pass, so it is sampled (and combined with others) in
@@ -60,3 +65,25 @@ def recommended_mode(folder: str | Path) -> tuple[str, dict] | None:
     """``(mode, mode_options)`` a model folder recommends, or None."""
     rec = read_settings(folder).get("recommended") or {}
     return (str(rec["mode"]), dict(rec.get("mode_options") or {})) if "mode" in rec else None
+
+
+#: recommended key -> (type check, what it must be)
+RECOMMENDED = {"mode": (lambda v: isinstance(v, str) and v != "", "a mode name"),
+               "mode_options": (lambda v: isinstance(v, dict), "an object of mode options"),
+               "cfg": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0, "a number >= 0"),
+               "steps": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "an integer >= 1")}
+
+
+def recommended(folder: str | Path | None) -> dict:
+    """A model folder's validated ``recommended`` settings (``{}`` without any)."""
+    if folder is None or not Path(folder).is_dir():
+        return {}
+    rec = read_settings(folder).get("recommended") or {}
+    for key, value in rec.items():
+        if key not in RECOMMENDED:
+            raise ControlstackError(f"'{Path(folder) / SETTINGS}': unknown recommended key '{key}'; known: "
+                                    f"{', '.join(RECOMMENDED)}")
+        ok, what = RECOMMENDED[key]
+        if not ok(value):
+            raise ControlstackError(f"'{Path(folder) / SETTINGS}': recommended {key} must be {what}, got {value!r}")
+    return dict(rec)

@@ -49,6 +49,9 @@ CONTROLNETS = ("canny", "depth", "seg", "pose")
 MI_CONTROLNETS = ("canny", "seg", "depth", "pose")
 MI_ABLATION = ("canny", "seg")
 WORLD_SCENES, WORLD_SIZE, WORLD_SEED = 20000, 128, 0  # evaluation: world.HELD_OUT_SEED
+#: how the bundle's plain (and Omni) ControlNets are sampled best (docs/training.md, "control modes"):
+#: control on the conditional CFG half, uniform layer weights; written into their controlstack.json
+BUNDLE_RECOMMENDED = {"mode": "controlnet", "mode_options": {"layer_weights": "uniform"}}
 PROBE_STEPS = 40  # steps of a budget probe: past the first steps' warm-up, short next to any budget
 
 
@@ -285,6 +288,11 @@ def run_stage(stage: Stage, work_root: Path, bundle: Path, configs: Path | None 
         for name in (SETTINGS, TOKENS_FILE):  # the recommended mode / Omni's task tokens travel with the weights
             if (model_dir / name).is_file():
                 shutil.copy(model_dir / name, dest / name)
+        from controlstack.io.settings import read_settings, write_settings
+
+        settings = read_settings(dest)
+        if "recommended" not in settings:  # the bundle's plain and Omni ControlNets: the measured best mode
+            write_settings(dest, {**settings, "recommended": BUNDLE_RECOMMENDED})
     _record(bundle, stage.name, {
         "recipe": stage.recipe, "condition": stage.condition or None, "steps": config.max_steps,
         **({"dest": str(stage.dest.relative_to(bundle))} if stage.dest else {}),
