@@ -96,3 +96,12 @@ def test_loader_plugs_in_a_network(tmp_path):
     assert out[8, 2, 0] == 0 and out[8, 20, 0] == 200
     a(img)
     assert len(calls) == 1  # loaded once
+
+
+def test_condition_annotators_refuse_a_photograph_naming_the_one_that_fits(coffee_small):
+    with pytest.raises(ControlstackError, match="pose: the image looks like a photograph.*use pose_estimate"):
+        annotators.get("pose", resolution=None)(coffee_small)
+    with pytest.raises(ControlstackError, match="normal: expects a depth map.*use normal_estimate"):
+        annotators.get("normal", resolution=None)(coffee_small)
+    grey = coffee_small.convert("L")
+    assert annotators.get("normal", resolution=None)(grey).size == grey.size  # a grey (depth) image is fine

@@ -21,7 +21,18 @@ import numpy as np
 from PIL import Image
 
 from controlstack.annotators.base import Annotator, param
+from controlstack.errors import ControlstackError
 from controlstack.io.images import to_rgb, validate_image
+
+
+def looks_coloured(image: Image.Image, tolerance: int = 12, share: float = 0.05) -> bool:
+    """True for an image that is not grey: more than ``share`` of its pixels have channels that
+    differ by more than ``tolerance`` (a depth map, even a coloured-in JPEG, has R = G = B)."""
+    if image.mode not in ("RGB", "RGBA", "P", "CMYK", "YCbCr", "LAB", "HSV"):
+        return False
+    a = np.asarray(to_rgb(image), dtype=np.int16)
+    spread = a.max(-1) - a.min(-1)
+    return float((spread > tolerance).mean()) > share
 
 
 def depth_to_array(image: Image.Image) -> np.ndarray:
@@ -46,6 +57,9 @@ class NormalFromDepth(Annotator):
 
     def prepare(self, image) -> np.ndarray:
         image = validate_image(image)
+        if looks_coloured(image):
+            raise ControlstackError("normal: expects a depth map (grey, near = bright) but got a colour image; "
+                                    "for a photograph use normal_estimate (or make a depth map with depth first)")
         d = depth_to_array(image)
         tw, th = self.target_size(image.size)
         if (tw, th) != image.size:

@@ -45,7 +45,13 @@ class Pose(Annotator):
         if self.json is None:
             if image is None:
                 raise_missing()
-            return to_condition(self.prepare(image))
+            rgb = self.prepare(image)
+            if looks_like_photo(rgb):
+                from controlstack.errors import ControlstackError
+
+                raise ControlstackError("pose: the image looks like a photograph, not a pose map (stick figures on "
+                                        "black); use pose_estimate to detect skeletons in a photo, or pass json=")
+            return to_condition(rgb)
         pose = self.edited()
         size = validate_image(image).size if image is not None else (pose.width, pose.height)
         w, h = self.target_size(size)
@@ -59,3 +65,8 @@ def raise_missing() -> None:
     from controlstack.errors import ControlstackError
 
     raise ControlstackError("pose: nothing to render; pass json=POSE.json, or an already-rendered pose image")
+
+
+def looks_like_photo(rgb: np.ndarray, black: int = 16, share: float = 0.5) -> bool:
+    """A rendered pose map is mostly black background; a photograph is not."""
+    return float((rgb.max(-1) <= black).mean()) < share
