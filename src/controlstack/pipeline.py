@@ -53,6 +53,7 @@ class Pipeline:
         controlnets: dict[str, Any] | None = None,
         name: str = "custom",
         recommended: dict | None = None,
+        vocabulary: Sequence[str] | None = None,
     ):
         self.unet = components.unet.eval()
         self.vae = components.vae.eval()
@@ -69,6 +70,8 @@ class Pipeline:
         self.fast_description = "parity (float32, as diffusers)"
         # the base folder's recommended settings (io/settings.py): used where a call leaves a value unset
         self.recommended = dict(recommended or {})
+        # the words the base was trained on (a closed-vocabulary model, like the bundled one): others warn
+        self.vocabulary = {w.lower() for w in vocabulary} if vocabulary else None
 
     def optimize(self, mode: str = "fast") -> Pipeline:
         """``"parity"``: float32 exactly as diffusers. ``"fast"``: channels-last convolutions
@@ -112,10 +115,11 @@ class Pipeline:
         in_bundle = folder.resolve() == assets.BUNDLE_DIR.resolve()
         own = (folder / "controlnets").is_dir()
         controlnets = assets.trained_controlnets(folder) if own else assets.bundled_controlnets()
-        from controlstack.io.settings import recommended
+        from controlstack.io.settings import read_settings, recommended
 
         return cls(components, controlnets=controlnets, name="controlstack-bundle" if in_bundle else str(path),
-                   recommended=recommended(folder))
+                   recommended=recommended(folder), vocabulary=read_settings(folder).get("vocabulary")
+                   if folder.is_dir() else None)
 
     def controlnet(self, model: Any):
         """Resolve a Control's ``model``: a ControlNetModel, a bundled name, or a path."""
@@ -183,6 +187,23 @@ class Pipeline:
         return {**(options or {}), "lambda_max": INFERENCE_ONLY_LAMBDA_MAX}
 
     # ----------------------------------------------------------------------------- pieces
+    def check_prompt(self, prompt: str, what: str = "prompt") -> None:
+        """One-line warnings (never errors) for a prompt the text encoder will not read whole: longer
+        than its window (the rest is cut, as diffusers cuts it), or with words outside the model's
+        vocabulary (a closed-vocabulary model spells them as pieces it never learned as a word)."""
+        import re
+
+        log = logging.getLogger("controlstack")
+        n = len(self.tokenizer(prompt, truncation=False).input_ids)
+        if n > self.tokenizer.model_max_length:
+            log.warning(f"{what} is {n} tokens; the text encoder reads {self.tokenizer.model_max_length}, the rest "
+                        "is ignored")
+        if self.vocabulary is not None:
+            unknown = sorted({w for w in re.findall(r"[a-z]+", prompt.lower()) if w not in self.vocabulary})
+            if unknown:
+                log.warning(f"{what}: words the model was not trained on: {', '.join(unknown)} (its vocabulary: "
+                            "controlstack.world.VOCABULARY)")
+
     @torch.no_grad()
     def encode_prompt(self, prompt: str, batch: int, task_token: int | None = None) -> torch.Tensor:
         """CLIP text embedding, as diffusers' ``encode_prompt`` (padding to max length, no clip skip).
@@ -438,6 +459,9 @@ class Pipeline:
         injection = make_injection(mode, **(mode_options or {}))
         sched = make_scheduler(scheduler, self.scheduler_config)
 
+        self.check_prompt(prompt)
+        if negative_prompt:
+            self.check_prompt(negative_prompt, "negative prompt")
         cond = self.encode_prompt(prompt, batch)
         do_cfg = cfg > 1 and self.unet.config.time_cond_proj_dim is None
         uncond = self.encode_prompt(negative_prompt or "", batch) if do_cfg else None

@@ -81,3 +81,17 @@ def test_far_from_native_size_warns(tiny_components, caplog):
     with caplog.at_level("WARNING", logger="controlstack"):
         pipe("x", steps=1, width=256, height=64, progress=False)
     assert "far from the model's native 64x64" in caplog.text
+
+
+def test_prompt_warnings_for_truncation_and_unknown_words(tiny_components, caplog):
+    pipe = Pipeline(tiny_components, vocabulary=["a", "red", "box"])
+    with caplog.at_level("WARNING", logger="controlstack"):
+        pipe.check_prompt("a red box")
+        assert caplog.text == ""
+        pipe.check_prompt("a red zebra " + "box " * 20)
+    assert "prompt is" in caplog.text and "the text encoder reads 16" in caplog.text
+    assert "words the model was not trained on: zebra" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="controlstack"):
+        Pipeline(tiny_components).check_prompt("a zebra")  # no declared vocabulary: no word warning
+    assert caplog.text == ""

@@ -65,10 +65,10 @@ def default_pipeline(cls):
         )
         return cls(tiny_sd(seed=0, max_length=32), controlnets=bundled_controlnets(), name="placeholder-tiny")
     from controlstack.io.checkpoints import load_base
-    from controlstack.io.settings import recommended
+    from controlstack.io.settings import read_settings, recommended
 
     return cls(load_base(BUNDLE_DIR), controlnets=bundled_controlnets(), name="controlstack-bundle",
-               recommended=recommended(BUNDLE_DIR))
+               recommended=recommended(BUNDLE_DIR), vocabulary=read_settings(BUNDLE_DIR).get("vocabulary"))
 
 
 _PLACEHOLDER_CN: dict = {}
