@@ -86,3 +86,18 @@ def test_bundled_controlnets_bring_their_mode_and_the_png_records_it(files, tmp_
                  "--mode", "balanced", "--cfg", "5", *FAST]) == 0
     meta = read_parameters(out / "00001-2.png")["controlstack"]
     assert (meta["mode"], meta.get("mode_options"), meta["cfg"]) == ("balanced", None, 5.0)
+
+
+def test_module_runs_one_controls_annotator_with_its_parameters(files, tmp_path, capsys):
+    out = tmp_path / "out"
+    photo = files / "init.png"
+    assert main(["generate", "--prompt", "x", "--control", f"canny:{photo}", "--control", f"depth:{photo}",
+                 "--module", "0:canny,low_threshold=50,high_threshold=90", "--out", str(out), *FAST]) == 0
+    meta = read_parameters(out / "00000-2.png")["controlstack"]["controls"]
+    assert meta[0]["preprocess"] == "canny" and not meta[1]["preprocess"]
+    assert main(["generate", "--prompt", "x", "--control", f"canny:{photo}", "--module", "0:canny,low=5",
+                 "--out", str(out), *FAST]) == 2
+    assert "canny has no parameter 'low'" in capsys.readouterr().err
+    assert main(["generate", "--prompt", "x", "--control", f"canny:{photo}", "--module", "1:canny",
+                 "--out", str(out), *FAST]) == 2
+    assert "--module 1 refers to control 1, but only 1 given" in capsys.readouterr().err

@@ -2,7 +2,8 @@
 
 Flags are a contract (scripts and other tools rely on them): --model --prompt --negative --steps
 --cfg --scheduler --seed --width --height --batch --mode --layer-weights --out, repeatable
-``--control MODEL:IMAGE[:WEIGHT[:START[:END]]]`` and ``--mask I:FILE``, ``--preprocess``,
+``--control MODEL:IMAGE[:WEIGHT[:START[:END]]]`` and ``--mask I:FILE``, ``--preprocess`` (every
+control through its own-named annotator), ``--module I:NAME[,k=v...]`` (one control's annotator),
 ``--init IMAGE --strength S --inpaint-mask FILE`` (img2img / inpainting). An Omni ControlNet
 takes its task after a slash: ``--control omni/depth:depth.png:0.8``.
 OmniControlNet's integrated path: ``--from-image photo.png --tasks depth,canny`` makes the
@@ -63,6 +64,9 @@ def register(sub) -> None:
                    help="region mask for control I (0-based); repeatable")
     p.add_argument("--preprocess", action="store_true",
                    help="run each control's image through the annotator of the same name first")
+    p.add_argument("--module", action="append", default=[], metavar="I:NAME[,k=v...]",
+                   help="sd-webui's preprocessor module for control I (0-based): run annotator NAME with these "
+                        "parameters on its image first, e.g. 0:canny,low_threshold=50; repeatable")
     p.add_argument("--resize-mode", default="just_resize",
                    help="just_resize, crop_and_resize or resize_and_fill")
     p.add_argument("--out", default="outputs", help="output folder (files are never overwritten)")
@@ -99,6 +103,25 @@ def split_task(model: str) -> tuple[str, str | None]:
     if not base or not task:
         raise ControlstackError(f"--control model '{model}' must look like MODEL or MODEL/TASK (e.g. omni/depth)")
     return base, task
+
+
+def parse_modules(specs: list[str], n_controls: int) -> dict[int, tuple[str, dict]]:
+    """``I:NAME[,k=v...]`` -> {I: (NAME, typed params)}; names and parameters are checked now."""
+    from controlstack import annotators
+    from controlstack.cli.annotate import parse_pairs
+
+    out: dict[int, tuple[str, dict]] = {}
+    for spec in specs:
+        index, _, rest = spec.partition(":")
+        name, *pairs = rest.split(",")
+        if not index.isdigit() or not name:
+            raise ControlstackError(f"--module '{spec}' must look like I:NAME[,k=v...] with I a control index")
+        if int(index) >= n_controls:
+            raise ControlstackError(f"--module {index} refers to control {index}, but only {n_controls} given")
+        params = annotators.annotator_class(name).parse(parse_pairs(pairs)) if pairs else {}
+        annotators.get(name, **params)  # unknown parameters / bad values fail here, in one line
+        out[int(index)] = (name, params)
+    return out
 
 
 def parse_masks(specs: list[str], n_controls: int) -> dict[int, str]:
@@ -155,6 +178,7 @@ def run(args: argparse.Namespace) -> int:
 
     output_folder(args.out)  # a bad --out fails now, not after the generation
     masks = parse_masks(args.mask, len(specs))
+    modules = parse_modules(args.module, len(specs))
     images = [load_image(image) for _, image, *_ in specs]
     mask_images = {i: load_image(p) for i, p in masks.items()}
     img2img = {}
@@ -166,7 +190,9 @@ def run(args: argparse.Namespace) -> int:
     pipe = Pipeline.from_pretrained(args.model, allow_pickle=args.allow_pickle, config=args.config)
     controls = [
         Control(split_task(model)[0], image, weight=w, start=s, end=e, mask=mask_images.get(i),
-                resize_mode=args.resize_mode, preprocess=args.preprocess, task=split_task(model)[1])
+                resize_mode=args.resize_mode, task=split_task(model)[1],
+                preprocess=modules[i][0] if i in modules else args.preprocess,
+                annotator_params=modules[i][1] if i in modules else {})
         for i, ((model, _, w, s, e), image) in enumerate(zip(specs, images))
     ]
     result = pipe(args.prompt, controls=controls, return_result=True, **img2img, **sampling_options(args, seed))
