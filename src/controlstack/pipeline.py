@@ -68,6 +68,7 @@ class Pipeline:
         self.memory_format = torch.contiguous_format
         self.autocast_dtype: torch.dtype | None = None
         self.fast_description = "parity (float32, as diffusers)"
+        self.model_hash: str | None = None  # sd-webui's "Model hash" (set by from_pretrained from the file)
         # the base folder's recommended settings (io/settings.py): used where a call leaves a value unset
         self.recommended = dict(recommended or {})
         # the words the base was trained on (a closed-vocabulary model, like the bundled one): others warn
@@ -117,9 +118,11 @@ class Pipeline:
         controlnets = assets.trained_controlnets(folder) if own else assets.bundled_controlnets()
         from controlstack.io.settings import read_settings, recommended
 
-        return cls(components, controlnets=controlnets, name="controlstack-bundle" if in_bundle else str(path),
+        pipe = cls(components, controlnets=controlnets, name="controlstack-bundle" if in_bundle else str(path),
                    recommended=recommended(folder), vocabulary=read_settings(folder).get("vocabulary")
                    if folder.is_dir() else None)
+        pipe.model_hash = model_hash(folder)
+        return pipe
 
     def controlnet(self, model: Any):
         """Resolve a Control's ``model``: a ControlNetModel, a bundled name, or a path."""
@@ -487,10 +490,6 @@ class Pipeline:
             latents = sample(denoiser, sched, latents, steps, generator=generator, eta=eta, progress=progress,
                              **loop)
         images = self.decode(latents, generator)
-        if output_type == "pil":
-            images = [Image.fromarray((im * 255).round().astype("uint8")) for im in images]
-        if not return_result:
-            return images
         params = {
             **({"img2img": {"strength": strength, "inpaint": inpaint_mask is not None}} if init_image is not None else {}),
             "prompt": prompt, "negative_prompt": negative_prompt, "steps": steps, "cfg": cfg,
@@ -500,11 +499,45 @@ class Pipeline:
                 {"model": c.model if isinstance(c.model, str) else type(c.model).__name__,
                  "weight": c.weight, "start": c.start, "end": c.end,
                  "mask": c.mask is not None, "resize_mode": c.resize_mode,
-                 "preprocess": c.preprocess, **({"task": c.task} if c.task else {})}
+                 "preprocess": c.preprocess, "module": self.module_name(c), **({"task": c.task} if c.task else {})}
                 for c in controls
             ],
+            **({"model_hash": self.model_hash} if self.model_hash else {}),
         }
-        return GenerationResult(images, params)
+        if output_type == "pil":
+            from controlstack.io.png import format_parameters
+
+            text = format_parameters(params)
+            images = [Image.fromarray((im * 255).round().astype("uint8")) for im in images]
+            for pos, im in enumerate(images):  # as sd-webui's images: the infotext travels with the image
+                im.info["parameters"] = format_parameters({**params, "batch_pos": pos}) if batch > 1 else text
+        return GenerationResult(images, params) if return_result else images
+
+    def module_name(self, control: Control) -> str:
+        """The annotator a control's image goes through ('none' without preprocessing)."""
+        if not control.preprocess:
+            return "none"
+        if isinstance(control.preprocess, str):
+            return control.preprocess
+        from controlstack import annotators
+
+        return annotators.for_task(control.task) if control.task else str(control.model)
+
+
+def model_hash(path: Path) -> str | None:
+    """sd-webui's model hash (the first 10 hex digits of the checkpoint's sha256): of the single
+    file, or of a diffusers folder's U-Net weights."""
+    import hashlib
+
+    file = path if path.is_file() else next((p for p in sorted((path / "unet").glob("diffusion_pytorch_model*"))
+                                             if p.suffix in (".safetensors", ".bin")), None)
+    if file is None:
+        return None
+    h = hashlib.sha256()
+    with open(file, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:10]
 
 
 def _validate(prompt, steps, cfg, width, height, batch, factor):

@@ -35,7 +35,8 @@ def test_generate_subprocess_writes_pngs_with_metadata(tmp_path, edge_png):
     meta = read_parameters(out / "00001-5.png")
     text = meta["parameters"]
     # CFG 7.0: the bundle's recommendation (its controlstack.json), as no --cfg was given
-    assert text.startswith("a red box\nNegative prompt: blurry\nSteps: 2, Sampler: euler_a, CFG scale: 7.0, Seed: 5")
+    assert text.startswith("a red box\nNegative prompt: blurry\nSteps: 2, Sampler: Euler a, CFG scale: 7.0, Seed: 5")
+    assert "Model hash: " in text and "Resize Mode: Just Resize, Control Mode: ControlNet is more important" in text
     assert 'ControlNet 0: "Module: none, Model: canny, Weight: 0.7, Guidance Start: 0.1, Guidance End: 0.9' in text
     assert meta["controlstack"]["batch_pos"] == 1 and meta["controlstack"]["controls"][0]["weight"] == 0.7
     # a second run never overwrites: numbering continues

@@ -119,3 +119,15 @@ def test_saved_pngs_get_the_users_umask_not_0600(tmp_path):
         assert atomic_save(Image.new("RGB", (4, 4)), tmp_path / "b.png").stat().st_mode & 0o777 == 0o600
     finally:
         os.umask(old)
+
+
+def test_infotext_spells_as_sd_webui_and_travels_with_returned_images(pipe, tiny_controlnets, hint_images):
+    from controlstack import Control
+
+    images = pipe("a red box", [Control(tiny_controlnets[0], hint_images[0], preprocess="canny",
+                                        resize_mode="crop_and_resize")],
+                  steps=1, width=64, height=64, seed=3, scheduler="dpmpp_2m", mode="prompt", batch=2, progress=False)
+    text = images[1].info["parameters"]
+    assert "Sampler: DPM++ 2M" in text and "Batch pos: 1" in text
+    assert 'Module: canny, Model: ControlNetModel' in text
+    assert "Resize Mode: Crop and Resize, Control Mode: My prompt is more important" in text

@@ -67,8 +67,12 @@ def default_pipeline(cls):
     from controlstack.io.checkpoints import load_base
     from controlstack.io.settings import read_settings, recommended
 
-    return cls(load_base(BUNDLE_DIR), controlnets=bundled_controlnets(), name="controlstack-bundle",
+    from controlstack.pipeline import model_hash
+
+    pipe = cls(load_base(BUNDLE_DIR), controlnets=bundled_controlnets(), name="controlstack-bundle",
                recommended=recommended(BUNDLE_DIR), vocabulary=read_settings(BUNDLE_DIR).get("vocabulary"))
+    pipe.model_hash = model_hash(BUNDLE_DIR)
+    return pipe
 
 
 _PLACEHOLDER_CN: dict = {}

@@ -22,15 +22,25 @@ from pathlib import Path
 from PIL import Image, PngImagePlugin
 
 
+#: our names -> how sd-webui spells them in its infotext (samplers, control modes, resize modes)
+SAMPLERS = {"ddim": "DDIM", "euler": "Euler", "euler_a": "Euler a", "dpmpp_2m": "DPM++ 2M",
+            "dpmpp_2m_karras": "DPM++ 2M Karras", "unipc": "UniPC", "pndm": "PLMS", "lms": "LMS"}
+CONTROL_MODES = {"balanced": "Balanced", "prompt": "My prompt is more important",
+                 "controlnet": "ControlNet is more important"}
+RESIZE_MODES = {"just_resize": "Just Resize", "crop_and_resize": "Crop and Resize", "resize_and_fill": "Resize and Fill"}
+
+
 def format_parameters(params: dict) -> str:
-    """The sd-webui ``parameters`` text for one image."""
+    """The sd-webui ``parameters`` text for one image (its spellings; our own modes as they are)."""
     lines = [params.get("prompt", "")]
     if params.get("negative_prompt"):
         lines.append(f"Negative prompt: {params['negative_prompt']}")
+    sampler = params.get("scheduler")
     fields = [
-        f"Steps: {params.get('steps')}", f"Sampler: {params.get('scheduler')}",
+        f"Steps: {params.get('steps')}", f"Sampler: {SAMPLERS.get(sampler, sampler)}",
         f"CFG scale: {params.get('cfg')}", f"Seed: {params.get('seed')}",
-        f"Size: {params.get('width')}x{params.get('height')}", f"Model: {params.get('model')}",
+        f"Size: {params.get('width')}x{params.get('height')}",
+        *([f"Model hash: {params['model_hash']}"] if params.get("model_hash") else []), f"Model: {params.get('model')}",
     ]
     if "batch_pos" in params:
         fields.append(f"Batch pos: {params['batch_pos']}")
@@ -41,10 +51,13 @@ def format_parameters(params: dict) -> str:
                    "Hires upscaler: Lanczos"]
     for i, c in enumerate(params.get("controls", [])):
         weight = c["weight"] if isinstance(c["weight"], float) else list(map(list, c["weight"]))
+        module = c.get("module") or (c.get("preprocess") if isinstance(c.get("preprocess"), str) else None) or "none"
+        mode = params.get("mode")
         fields.append(
-            f'ControlNet {i}: "Module: {c.get("preprocess") or "none"}, Model: {c["model"]}, '
+            f'ControlNet {i}: "Module: {module}, Model: {c["model"]}, '
             f'Weight: {weight}, Guidance Start: {c["start"]}, Guidance End: {c["end"]}, '
-            f'Resize Mode: {c["resize_mode"]}, Control Mode: {params.get("mode")}, Mask: {c["mask"]}"'
+            f'Resize Mode: {RESIZE_MODES.get(c["resize_mode"], c["resize_mode"])}, '
+            f'Control Mode: {CONTROL_MODES.get(mode, mode)}, Mask: {c["mask"]}"'
         )
     lines.append(", ".join(fields))
     return "\n".join(lines)
