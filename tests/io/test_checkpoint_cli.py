@@ -115,3 +115,31 @@ def test_transfer_and_inspect_bad_inputs(capsys, ckpt_dir, tmp_path):
                     "--out", tmp_path / "t"], "cross-attention dim 32 vs base 48")
     assert not (tmp_path / "t").exists()
     _fails(capsys, ["inspect", tmp_path / "nothing"], "does not exist")
+
+
+def test_convert_keeps_the_source_dtype_permissions_and_half_is_quiet(tmp_path, capfd):
+    import os
+    import stat
+
+    import torch
+    from safetensors.torch import load_file
+
+    from controlstack.cli.main import main as cli
+    from controlstack.io.checkpoints import save_controlnet
+    from controlstack.models.tiny import tiny_controlnet, tiny_unet
+
+    save_controlnet(tiny_controlnet(tiny_unet(0)).to(torch.float16), tmp_path / "cn16", format="diffusers")
+    capfd.readouterr()
+    assert cli(["convert", str(tmp_path / "cn16"), str(tmp_path / "a.safetensors")]) == 0
+    assert {v.dtype for v in load_file(str(tmp_path / "a.safetensors")).values()} == {torch.float16}
+    assert cli(["convert", str(tmp_path / "a.safetensors"), str(tmp_path / "b")]) == 0
+    weights = tmp_path / "b" / "diffusion_pytorch_model.safetensors"
+    assert {v.dtype for v in load_file(str(weights)).values()} == {torch.float16}
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(weights.stat().st_mode) == 0o666 & ~umask
+    save_controlnet(tiny_controlnet(tiny_unet(0)), tmp_path / "cn32", format="diffusers")
+    capfd.readouterr()
+    assert cli(["convert", str(tmp_path / "cn32"), str(tmp_path / "c.safetensors"), "--half"]) == 0
+    assert {v.dtype for v in load_file(str(tmp_path / "c.safetensors")).values()} == {torch.float16}
+    assert "float32" not in capfd.readouterr().err  # no stray "modules to keep in float32" note

@@ -97,10 +97,11 @@ def atomic_output(dest: str | os.PathLike):
     tmp = dest.parent / f".{dest.name}.tmp-{uuid.uuid4().hex[:8]}"
     try:
         yield tmp
-        if tmp.is_file():
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o666 & ~umask)  # safetensors creates 0600 files; give the usual permissions
+        umask = os.umask(0)
+        os.umask(umask)
+        # safetensors (and diffusers' save_pretrained through it) creates 0600 files; give the usual ones
+        for f in ([tmp] if tmp.is_file() else [p for p in tmp.rglob("*") if p.is_file()]):
+            os.chmod(f, 0o666 & ~umask)
         if dest.exists() or dest.is_symlink():  # --overwrite: swap, then drop the old one
             old = dest.parent / f".{dest.name}.old-{uuid.uuid4().hex[:8]}"
             dest.rename(old)
@@ -151,7 +152,14 @@ def build_empty(cls, config: dict, what: str):
 def cast_model(model, dtype):
     """``model`` in ``dtype`` (None keeps the checkpoint's), cast only when needed."""
     if dtype is not None and any(p.dtype != dtype for p in model.parameters()):
-        model = model.to(dtype)
+        from diffusers.utils import logging as dlogging
+
+        level = dlogging.get_verbosity()
+        dlogging.set_verbosity_error()  # its "modules to keep in float32: []" note is noise for these models
+        try:
+            model = model.to(dtype)
+        finally:
+            dlogging.set_verbosity(level)
     return model.eval()
 
 
@@ -208,6 +216,21 @@ def controlnet_from_state_dict(state: dict, *, config=None, metadata: dict | Non
     return cast_model(assign_exact(model, {back.get(k, k): v for k, v in ldm.items()}, "ControlNet"), torch_dtype)
 
 
+def _stored_dtype(folder: Path):
+    """The floating dtype of a diffusers folder's safetensors weights (None when it cannot tell)."""
+    from safetensors import safe_open
+
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        return None
+    with safe_open(str(files[0]), framework="pt") as f:
+        for key in f.keys():
+            dtype = f.get_slice(key).get_dtype()
+            if dtype in ("F16", "BF16", "F32"):
+                return {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}[dtype]
+    return None
+
+
 def _folder_weights(folder: Path, allow_pickle: bool) -> bool:
     """``use_safetensors`` for a diffusers model folder, enforcing the pickle policy."""
     if any(folder.glob("*.safetensors")):
@@ -238,6 +261,8 @@ def load_controlnet(source: str | os.PathLike, *, allow_pickle: bool = False,
             raise ControlstackError(f"'{source}' holds a {cfg['_class_name']}, not a ControlNetModel; "
                                     "pass a ControlNet folder")
         use_safetensors = _folder_weights(path, allow_pickle)
+        if torch_dtype is None:  # keep the stored dtype (from_pretrained would load float32)
+            torch_dtype = _stored_dtype(path)
         try:
             model = ControlNetModel.from_pretrained(path, use_safetensors=use_safetensors, local_files_only=True,
                                                     torch_dtype=torch_dtype)
