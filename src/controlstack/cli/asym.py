@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import argparse
 
+from controlstack.cli.text import plain
+
 
 def register(subparsers) -> None:
     from controlstack.evaluation.asym import DEFAULT_BATCH, DEFAULT_STEPS
 
     p = subparsers.add_parser(
         "asym", help="Jacobian asymmetry (Asym, NAsym) that a ControlNet adds to the base",
-        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        description=plain(__doc__.splitlines()[0]), formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--controlnet", required=True, help="a bundled ControlNet name (canny, mi-canny, ...) or a path")
     p.add_argument("--model", default=None, help="base model folder or file (default: the bundled model)")
     p.add_argument("--data", default=None,

@@ -11,12 +11,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from controlstack.cli.text import plain
 from controlstack.errors import ControlstackError
 
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("convert", help="convert a ControlNet or SD checkpoint between formats",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                              description=plain(__doc__), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("src", metavar="SRC", help="diffusers folder or single file (.safetensors; pickles need --allow-pickle)")
     p.add_argument("dst", metavar="DST", help="output: a folder (diffusers) or *.safetensors (original)")
     p.add_argument("--to", choices=("diffusers", "original"), help="output format (default: from DST's name)")

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import json
 
+from controlstack.cli.text import plain
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("inspect", help="describe a checkpoint (format, architecture, size, dtype)",
-                              description=__doc__)
+                              description=plain(__doc__))
     p.add_argument("path", metavar="PATH", help="diffusers folder or checkpoint file")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--allow-pickle", action="store_true", help="allow pickle files (trusted files only)")

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import argparse
 
+from controlstack.cli.text import plain
 from controlstack.training import RECIPES, recipe
 
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("train", help="train a VAE, a base text-to-image model or a ControlNet",
-                              description=__doc__.splitlines()[0])
+                              description=plain(__doc__.splitlines()[0]))
     p.add_argument("recipe", choices=list(RECIPES), help="what to train")
     p.add_argument("--config", required=True, help="YAML config (see src/controlstack/configs/train/)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the output folder")

@@ -10,10 +10,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from controlstack.cli.text import plain
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("transfer", help="transfer a ControlNet to a fine-tuned base model",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                              description=plain(__doc__), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--controlnet", required=True, metavar="CN", help="ControlNet folder or single file")
     p.add_argument("--base", required=True, metavar="OLD", help="the base the ControlNet was trained on")
     p.add_argument("--new-base", required=True, metavar="NEW", help="the fine-tuned base to transfer to")
