@@ -438,8 +438,8 @@ class Pipeline:
         img2img it at the larger size with the same controls and ``hires_strength`` (image ``i`` of
         the batch with seed ``seed + i``).
         """
-        width = width or self.native_size
-        height = height or self.native_size
+        width = self.native_size if width is None else width
+        height = self.native_size if height is None else height
         controls = list(controls)
         for c in controls:
             if not isinstance(c, Control):
@@ -447,6 +447,7 @@ class Pipeline:
         used = self.settings(controls, steps, cfg, mode, mode_options)
         steps, cfg, mode, mode_options = used["steps"], used["cfg"], used["mode"], used["mode_options"]
         _validate(prompt, steps, cfg, width, height, batch, self.vae_scale_factor)
+        self.check_memory(batch, width * (hires or 1), height * (hires or 1))
         if hires is not None:
             return self._hires(hires, hires_strength, prompt, controls, steps=steps, cfg=cfg, seed=seed, width=width,
                                height=height, scheduler=scheduler, mode=mode, negative_prompt=negative_prompt,
@@ -513,6 +514,24 @@ class Pipeline:
                 im.info["parameters"] = format_parameters({**params, "batch_pos": pos}) if batch > 1 else text
         return GenerationResult(images, params) if return_result else images
 
+    def memory_needed(self, batch: int, width: int, height: int) -> int:
+        """A lower bound of the bytes a call needs beyond the loaded weights: the U-Net's first-level
+        activations for the CFG batch (a dozen live tensors) and the VAE decoder's full-resolution
+        ones (input, output and a normalisation of its widest level). Real peaks are higher."""
+        f = self.vae_scale_factor
+        unet = 2 * batch * (height // f) * (width // f) * self.unet.config.block_out_channels[0] * 4 * 12
+        vae = batch * height * width * self.vae.config.block_out_channels[0] * 4 * 3
+        return unet + vae
+
+    def check_memory(self, batch: int, width: int, height: int) -> None:
+        """Refuse, in one line, a call that cannot fit this machine's free memory (instead of being
+        killed by the kernel mid-run)."""
+        need = self.memory_needed(batch, width, height)
+        free = available_memory()
+        if free is not None and need > free:
+            raise ControlstackError(f"batch {batch} at {width}x{height} needs at least {need / 2**30:.1f} GiB, more "
+                                    f"than the {free / 2**30:.1f} GiB free; lower the batch or the size")
+
     def module_name(self, control: Control) -> str:
         """The annotator a control's image goes through ('none' without preprocessing)."""
         if not control.preprocess:
@@ -522,6 +541,17 @@ class Pipeline:
         from controlstack import annotators
 
         return annotators.for_task(control.task) if control.task else str(control.model)
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to new allocations (Linux ``MemAvailable``; None elsewhere)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        return None
+    return None
 
 
 def model_hash(path: Path) -> str | None:
