@@ -95,3 +95,15 @@ def test_prompt_warnings_for_truncation_and_unknown_words(tiny_components, caplo
     with caplog.at_level("WARNING", logger="controlstack"):
         Pipeline(tiny_components).check_prompt("a zebra")  # no declared vocabulary: no word warning
     assert caplog.text == ""
+
+
+def test_high_order_multistep_with_a_cond_only_mode_and_strong_guidance_is_refused(pipe, tiny_controlnets,
+                                                                                   hint_images):
+    c = [Control(tiny_controlnets[0], hint_images[0])]
+    kw = dict(steps=4, width=64, height=64, progress=False)  # PNDM needs a few steps
+    with pytest.raises(ControlstackError, match="scheduler 'pndm' with mode 'controlnet' at CFG 7.5 turns the image "
+                                                "to speckle"):
+        pipe("x", c, scheduler="pndm", mode="controlnet", cfg=7.5, **kw)
+    pipe("x", c, scheduler="lms", mode="controlnet", cfg=4.0, **kw)   # weak guidance: fine
+    pipe("x", c, scheduler="pndm", mode="balanced", cfg=7.5, **kw)   # both halves: fine
+    pipe("x", [], scheduler="pndm", mode="controlnet", cfg=7.5, **kw)  # no control: nothing to amplify
