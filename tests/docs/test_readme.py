@@ -32,3 +32,27 @@ def test_python_block_runs(name, code, monkeypatch):
                                                                                           "progress": False}))
     namespace: dict = {}
     exec(compile(code, name, "exec"), namespace)
+
+
+def _commands() -> list[tuple[str, str]]:
+    """Every ``controlstack ...`` command of the docs' bash blocks (continuation lines joined)."""
+    out = []
+    for p in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        for block in re.findall(r"```bash\n(.*?)```", p.read_text(), flags=re.S):
+            text = block.replace("\\\n", " ")
+            for line in text.splitlines():
+                line = line.split(" #")[0].strip()
+                if line.startswith("controlstack "):
+                    out.append((str(p.relative_to(ROOT)), line))
+    return out
+
+
+@pytest.mark.parametrize("where, command", _commands(), ids=[c for _, c in _commands()])
+def test_documented_commands_parse(where, command):
+    """The documented commands use real sub-commands and flags (running them needs their files)."""
+    import shlex
+
+    from controlstack.cli.main import build_parser
+
+    args = build_parser().parse_args(shlex.split(command)[1:])
+    assert callable(args.func), (where, command)
