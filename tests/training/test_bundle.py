@@ -24,6 +24,11 @@ TINY = {
 MI = dict(max_steps=1, batch_size=2, checkpoint_every=1, validate_every=1, log_every=1, num_validation_images=0,
           rebalance_probability=1.0, injection="mi")
 TINY |= {"mi_rebalance": MI | {"injection": "sum"}, "mi_stage1": MI, "mi_stage2": MI | {"conservativity_weight": 0.01}}
+# OmniControlNet: the predictor (tiny Swin) and the Omni ControlNet (three tasks)
+TINY |= {"predictor": dict(max_steps=1, batch_size=2, embed_dim=8, num_heads=[1, 1, 2, 2], fpn_width=8, head_width=8,
+                           stem_width=4, checkpoint_every=1, validate_every=1, log_every=1, num_validation_images=1),
+         "omni": dict(max_steps=1, batch_size=2, tasks=["canny", "depth", "seg"], checkpoint_every=1, validate_every=1,
+                      log_every=1, num_validation_images=3, num_inference_steps=2)}
 
 
 def test_bundle_stages_end_to_end(tmp_path, monkeypatch):
@@ -54,6 +59,18 @@ def test_bundle_stages_end_to_end(tmp_path, monkeypatch):
     assert (out / "mi" / "canny-rebalance" / "config.json").is_file()
     mi_card = (out / "controlnets" / "mi-canny" / "README.md").read_text()
     assert "Minimal Impact ControlNet" in mi_card and "| mi-canny-stage1 |" in mi_card and "| mi-canny |" in mi_card
+    # OmniControlNet: the predictor (fp16, its card) and the Omni ControlNet from the plain canny one
+    b.run(["predictor", "omni"], work, out)
+    stages = json.loads((out / "stages.json").read_text())
+    assert stages["omni"]["config"]["init_from"].endswith("controlnets/canny")
+    omni = out / "controlnets" / "omni"
+    settings = json.loads((omni / "controlstack.json").read_text())
+    assert settings["omni"]["tasks"] == ["canny", "depth", "seg"] and settings["recommended"]["mode"] == "controlnet"
+    assert (omni / "task_tokens.safetensors").is_file() and "Omni ControlNet" in (omni / "README.md").read_text()
+    assert "Multi-task dense predictor" in (out / "predictor" / "README.md").read_text()
+    from controlstack.models.predictor import load_predictor
+
+    assert load_predictor(out / "predictor").config.embed_dim == 8
     # the base's parameterisation reaches the bundle's scheduler, which every sampler reads
     assert json.loads((out / "scheduler" / "scheduler_config.json").read_text())["prediction_type"] == "v_prediction"
     assert stages["vae"]["steps"] == 1 and stages["controlnet-canny"]["condition"] == "canny"
