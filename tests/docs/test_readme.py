@@ -56,3 +56,19 @@ def test_documented_commands_parse(where, command):
 
     args = build_parser().parse_args(shlex.split(command)[1:])
     assert callable(args.func), (where, command)
+
+
+def test_help_texts_are_plain_and_the_docs_speak_of_the_software(capsys):
+    from controlstack.cli.main import COMMANDS, main
+
+    for command in COMMANDS:
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        text = capsys.readouterr().out
+        assert "``" not in text, command
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert "(default: unipc)" in text and "else 20" in text and "(default: 0.75)" in text
+    for p in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        assert not re.search(r"\bsession \d+|\(session\b|issue's", p.read_text(), flags=re.I), p.name

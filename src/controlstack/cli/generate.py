@@ -17,6 +17,7 @@ import os
 import random
 from pathlib import Path
 
+from controlstack.cli.text import DefaultsFormatter
 from controlstack.errors import ControlstackError
 
 MAX_SEED = 2**63  # torch.Generator.manual_seed takes a signed 64-bit seed
@@ -24,7 +25,8 @@ MAX_SEED = 2**63  # torch.Generator.manual_seed takes a signed 64-bit seed
 
 def register(sub) -> None:
     p = sub.add_parser("generate", help="generate images with controls",
-                       description="Generate images from a prompt and any number of controls.")
+                       description="Generate images from a prompt and any number of controls.",
+                       formatter_class=DefaultsFormatter)
     p.add_argument("--model", default=None, help="diffusers SD folder or single-file checkpoint (default: bundled)")
     p.add_argument("--config", default=None, metavar="DIR",
                    help="with a single-file --model: a diffusers SD folder (or its model_index.json's folder) for "
@@ -37,7 +39,7 @@ def register(sub) -> None:
     p.add_argument("--scheduler", default="unipc", help="ddim, euler, euler_a, dpmpp_2m, unipc, ...")
     p.add_argument("--seed", type=int, default=-1, help="seed (-1: random, recorded in the PNG)")
     p.add_argument("--width", type=int, default=None, help="default: the model's native size")
-    p.add_argument("--height", type=int, default=None)
+    p.add_argument("--height", type=int, default=None, help="default: the model's native size")
     p.add_argument("--batch", type=int, default=1, help="images per run (one generator, as diffusers)")
     p.add_argument("--mode", default=None,
                    help="control mode: balanced, prompt, controlnet, mi (also sum, guess); default: what the "
