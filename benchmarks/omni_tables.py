@@ -237,35 +237,45 @@ def write_block(doc: Path, lines: list[str]) -> None:
 
 
 def run_tables(args) -> None:
+    """Measure what is asked (the predictor table, the ControlNet table or both), merge it into
+    ``--json``'s earlier numbers, and write the doc block from everything measured."""
     from controlstack import assets
     from controlstack.models.predictor import load_predictor
 
     rows = held_out_rows(args.scenes)
-    joint_model = load_predictor(assets.predictor_folder())
-    joint = evaluate_predictor(joint_model, rows, args.tasks)
-    special, params = {}, {"joint": n_params(joint_model), "special": 0, "n_special": 0}
-    for task in args.tasks:
-        folder = SPECIALISTS / task / "model"
-        if (folder / "model.safetensors").is_file():
-            model = load_predictor(folder)
-            special.update(evaluate_predictor(model, rows, [task]))
-            params["special"] += n_params(model)
-            params["n_special"] += 1
-    report = {"scenes": args.scenes, "predictor": {"joint": joint, "single_task": special, "params": params}}
-    lines = [f"Held-out scenes: {args.scenes} (seeds [HELD_OUT_SEED, i]); `benchmarks/omni_tables.py`.", "",
-             "### Stage 1: one multi-task predictor vs single-task predictors", "",
-             *predictor_table(joint, special, params)]
-    print("\n".join(lines))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    report = json.loads(Path(args.json).read_text()) if args.json and Path(args.json).is_file() else {}
+    if report.get("scenes") not in (None, args.scenes):
+        raise SystemExit(f"omni_tables: {args.json} holds numbers for {report['scenes']} scenes; use --scenes "
+                         f"{report['scenes']} or another --json")
+    report["scenes"] = args.scenes
+    if not args.skip_predictor:
+        joint_model = load_predictor(assets.predictor_folder())
+        joint = evaluate_predictor(joint_model, rows, args.tasks)
+        special, params = {}, {"joint": n_params(joint_model), "special": 0, "n_special": 0}
+        for task in args.tasks:
+            folder = SPECIALISTS / task / "model"
+            if (folder / "model.safetensors").is_file():
+                model = load_predictor(folder)
+                special.update(evaluate_predictor(model, rows, [task]))
+                params["special"] += n_params(model)
+                params["n_special"] += 1
+        report["predictor"] = {"joint": joint, "single_task": special, "params": params}
     if not args.skip_controlnet:
         res, extra = evaluate_controlnets(rows, args)
-        report["controlnet"] = res
-        report["sizes"] = extra["sizes"]
-        lines += ["", f"### Stage 2: one Omni ControlNet vs the specialised ControlNets ({args.steps} steps, CFG "
-                      f"{args.cfg:g}, mode controlnet / uniform layer weights)", "", *controlnet_table(res, extra["sizes"])]
-        print("\n".join(lines[-(len(res) + 4):]))
+        report["controlnet"], report["sizes"] = res, extra["sizes"]
+        report["controlnet_settings"] = {"steps": args.steps, "cfg": args.cfg}
         figures(rows, extra, Path("docs/images"))
+    lines = [f"Held-out scenes: {args.scenes} (seeds [HELD_OUT_SEED, i]); `benchmarks/omni_tables.py`."]
+    if "predictor" in report:
+        p = report["predictor"]
+        lines += ["", "### Stage 1: one multi-task predictor vs single-task predictors", "",
+                  *predictor_table(p["joint"], p["single_task"], p["params"])]
+    if "controlnet" in report:
+        st = report.get("controlnet_settings", {"steps": args.steps, "cfg": args.cfg})
+        lines += ["", f"### Stage 2: one Omni ControlNet vs the specialised ControlNets ({st['steps']} steps, CFG "
+                      f"{st['cfg']:g}, mode controlnet / uniform layer weights)", "",
+                  *controlnet_table(report["controlnet"], report["sizes"])]
+    print("\n".join(lines))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
     if args.doc:
@@ -285,6 +295,7 @@ def main() -> None:
     ap.add_argument("--json", default=None, help="also write the numbers here (the bundle's omni.json)")
     ap.add_argument("--doc", default="docs/omni.md", help="put the tables into this file's generated block")
     ap.add_argument("--skip-controlnet", action="store_true", help="only the predictor table")
+    ap.add_argument("--skip-predictor", action="store_true", help="only the ControlNet table")
     args = ap.parse_args()
     torch.set_num_threads(1)
     if args.train_specialists:
