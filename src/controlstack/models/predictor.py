@@ -157,23 +157,27 @@ def _subpixel(heat: np.ndarray, r: int, c: int) -> tuple[float, float]:
     return c + 0.5 + dx, r + 0.5 + dy
 
 
-def decode_keypoints(values: np.ndarray, threshold: float = 0.25, center_threshold: float = 0.3) -> list[np.ndarray]:
+def decode_keypoints(values: np.ndarray, threshold: float = 0.25, center_threshold: float = 0.3,
+                     reach: float = 0.15) -> list[np.ndarray]:
     """Activated keypoint outputs ``(K + 3, H, W)`` -> instances, each ``(K, 3)``: x, y (pixels) and
     the heatmap score (0 = not found).
 
     Instances are the peaks of the centre map; every keypoint peak votes for the centre at
-    ``its position + offset`` and joins the nearest detected centre (one peak per keypoint type and
-    instance, the strongest). With keypoint peaks but no centre peak, one instance holds them."""
+    ``its position + offset`` and joins the nearest detected centre if its vote lands within
+    ``reach`` x the image size of it (one peak per keypoint type and instance, the strongest).
+    Peaks that vote for no detected centre are dropped: on photographs far from the training data
+    they would otherwise join into long spurious limbs."""
     k = values.shape[0] - 3
     h, w = values.shape[1:]
     centers = [(c + 0.5, r + 0.5) for r, c, _ in _peaks(values[k], center_threshold)]
     found = [(j, p) for j in range(k) for p in _peaks(values[j], threshold)]
-    if not centers and found:
-        centers = [(float(np.mean([p[1] for _, p in found])) + 0.5, float(np.mean([p[0] for _, p in found])) + 0.5)]
     people = [np.zeros((k, 3)) for _ in centers]
-    for j, (r, c, score) in found:
+    for j, (r, c, score) in found if centers else ():
         vx, vy = c + 0.5 + values[k + 1, r, c] * w, r + 0.5 + values[k + 2, r, c] * h
-        i = int(np.argmin([(vx - cx) ** 2 + (vy - cy) ** 2 for cx, cy in centers]))
+        d2 = [(vx - cx) ** 2 + (vy - cy) ** 2 for cx, cy in centers]
+        i = int(np.argmin(d2))
+        if d2[i] > (reach * max(h, w)) ** 2:
+            continue
         if score > people[i][j, 2]:
             x, y = _subpixel(values[j], r, c)
             people[i][j] = (x, y, score)
