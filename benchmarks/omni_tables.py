@@ -197,8 +197,8 @@ def controlnet_table(res: dict, sizes: dict) -> list[str]:
     return lines
 
 
-def figures(rows, extra, out: Path) -> None:
-    """docs/images: the predictor on scikit-image's photographs; Omni vs specialised on held-out scenes."""
+def predictor_figure(out: Path) -> None:
+    """docs/images/omni-predictor.png: every learned annotator on scikit-image's photographs."""
     from PIL import Image
     from skimage import data as skdata
 
@@ -214,6 +214,14 @@ def figures(rows, extra, out: Path) -> None:
         photo = photo.resize((256, round(256 * photo.height / photo.width)))
         grid.append((label, [photo] + [annotators.get(n, resolution=photo.height)(photo) for n in names]))
     make_labelled_grid(grid, ["photo", *names]).save(out / "omni-predictor.png")
+
+
+def controlnet_figure(rows, extra, out: Path) -> None:
+    """docs/images/omni-controlnet.png: Omni vs specialised on two held-out scenes per task."""
+    from PIL import Image
+
+    from controlstack.io.png import make_labelled_grid
+
     images = extra["images"]
     tasks = [t for t in extra["pipe"].controlnet("omni").task_tokens]
     from controlstack.training.omni import task_column
@@ -260,11 +268,12 @@ def run_tables(args) -> None:
                 params["special"] += n_params(model)
                 params["n_special"] += 1
         report["predictor"] = {"joint": joint, "single_task": special, "params": params}
+        predictor_figure(Path("docs/images"))
     if not args.skip_controlnet:
         res, extra = evaluate_controlnets(rows, args)
         report["controlnet"], report["sizes"] = res, extra["sizes"]
         report["controlnet_settings"] = {"steps": args.steps, "cfg": args.cfg}
-        figures(rows, extra, Path("docs/images"))
+        controlnet_figure(rows, extra, Path("docs/images"))
     lines = [f"Held-out scenes: {args.scenes} (seeds [HELD_OUT_SEED, i]); `benchmarks/omni_tables.py`."]
     if "predictor" in report:
         p = report["predictor"]
