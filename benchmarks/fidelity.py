@@ -142,8 +142,9 @@ def main() -> None:
     # the bundle folder itself: its trained ControlNets even while some stages are pending
     pipe = Pipeline.from_pretrained(bundle if trained else None)
     size = pipe.native_size
-    # Minimal Impact ControlNets (mi-*) are measured by benchmarks/mi_tables.py, in their own protocol
-    names = sorted(n for n in pipe.controlnets if not n.startswith("mi-"))
+    # Minimal Impact ControlNets (mi-*) are measured by benchmarks/mi_tables.py, the Omni ControlNet by
+    # benchmarks/omni_tables.py, each in its own protocol
+    names = sorted(n for n in pipe.controlnets if not n.startswith("mi-") and n != "omni")
     if args.conditions:
         unknown = sorted(set(args.conditions) - set(names))
         if unknown:

@@ -83,7 +83,7 @@ def test_list(capsys):
     (["cany", "{img}"], "unknown annotator 'cany'; choose one of canny"),
     (["canny", "{missing}"], "does not exist"),
     (["canny", "{bad}"], "is not an image PIL can read"),
-    (["depth", "{img}"], "depth is a learned annotator"),
+    (["depth", "{img}", "--param", "weights={missing}"], "depth: weights folder"),
     (["seg", "{img}"], "seg: colour"),
 ])
 def test_bad_input_exits_2_with_one_line_and_no_output(capsys, photo, tmp_path, args, message):

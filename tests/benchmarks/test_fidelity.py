@@ -25,7 +25,7 @@ def test_fidelity_script_on_two_scenes(tmp_path):
     # every ControlNet the evaluated model has: the bundle's trained ones (all four once complete),
     # or the placeholder's random ones in a checkout without a trained bundle
     trained = assets.has_trained_base()
-    expected = {n for n in assets.trained_controlnets() if not n.startswith("mi-")} if trained \
+    expected = {n for n in assets.trained_controlnets() if not n.startswith("mi-") and n != "omni"} if trained \
         else {"canny", "depth", "seg", "pose"}
     assert report["scenes"] == 2 and expected <= set(report["f1"])
     assert all(0.0 <= v["control"] <= 1.0 for v in report["f1"].values())
