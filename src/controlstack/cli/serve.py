@@ -1,0 +1,43 @@
+"""``controlstack serve [--host 127.0.0.1] [--port 7860] [--token T]``: the HTTP API (FastAPI + uvicorn).
+
+sd-webui's API subset (``/sdapi/v1/txt2img``, ``/sdapi/v1/img2img`` with ControlNet units,
+``/controlnet/...``) and the project's ``/v1``. Binds to loopback by default; any other address
+requires ``--token`` (clients send ``Authorization: Bearer T``).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from controlstack.cli.text import DefaultsFormatter, plain
+from controlstack.errors import ControlstackError
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def register(sub) -> None:
+    p = sub.add_parser("serve", help="serve the HTTP API (sd-webui compatible)", description=plain(__doc__),
+                       formatter_class=DefaultsFormatter)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind")
+    p.add_argument("--port", type=int, default=7860, help="port")
+    p.add_argument("--token", default=None, help="Bearer token clients must send (required off loopback)")
+    p.add_argument("--queue", type=int, default=4, help="jobs that may wait; more get 429 with Retry-After")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.host not in LOOPBACK and not args.token:
+        raise ControlstackError(f"--host {args.host} is reachable from other machines; set --token T (clients send "
+                                "'Authorization: Bearer T')")
+    if not 0 < args.port < 65536:
+        raise ControlstackError(f"--port must be in 1-65535, got {args.port}")
+    if args.queue < 0:
+        raise ControlstackError(f"--queue must be >= 0, got {args.queue}")
+    try:
+        import uvicorn
+    except ImportError:
+        raise ControlstackError("serve needs fastapi and uvicorn: pip install fastapi uvicorn") from None
+    from controlstack.serve.app import create_app
+
+    uvicorn.run(create_app(token=args.token, queue_size=args.queue), host=args.host, port=args.port, log_level="info")
+    return 0

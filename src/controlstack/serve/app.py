@@ -1,0 +1,162 @@
+"""The HTTP server: sd-webui's API (the subset sd-webui-controlnet's clients use) and the project's
+own ``/v1``, over the Python API, one FastAPI app.
+
+Safety first: models by registered name only (``webui.resolve_model``), caps on body size, images,
+steps, size and batch (``webui.Limits``), a bounded queue that answers 429 with ``Retry-After`` when
+full, generation in a worker thread (the event loop keeps answering), a Bearer token compared in
+constant time when one is set (``controlstack serve`` requires it off loopback), and errors as
+JSON naming the problem -- 4xx for the client's, a bare 500 for a bug: never a traceback or a path.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import threading
+from collections.abc import Callable
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
+
+from controlstack.errors import ControlstackError
+from controlstack.serve.webui import Job, Limits, encode_png, parse_generation
+
+MAX_BODY = 64 * 2**20
+VERSION = 2  # what sd-webui-controlnet's /controlnet/version answers to clients that check it
+
+
+class Busy(Exception):
+    """The queue is full."""
+
+
+class Worker:
+    """One generation at a time on the pipeline; at most ``queue_size`` waiting."""
+
+    def __init__(self, pipeline_factory: Callable, queue_size: int):
+        self._factory, self._pipe = pipeline_factory, None
+        self._run, self._slots = threading.Lock(), threading.BoundedSemaphore(queue_size + 1)
+        self._load = threading.Lock()
+
+    @property
+    def pipe(self):
+        with self._load:  # loaded once, on first use, and kept
+            if self._pipe is None:
+                self._pipe = self._factory()
+        return self._pipe
+
+    def generate(self, job: Job):
+        from controlstack import Control
+
+        if not self._slots.acquire(blocking=False):
+            raise Busy()
+        try:
+            with self._run:
+                controls = [Control(c["model"], c["image"], weight=c["weight"], start=c["start"], end=c["end"],
+                                    mask=c["mask"], resize_mode=c["resize_mode"], preprocess=c["module"] or False,
+                                    annotator_params=c["params"]) for c in job.controls]
+                kw = dict(job.kwargs)
+                prompt = kw.pop("prompt")
+                return self.pipe(prompt, controls, progress=False, return_result=True, **kw)
+        finally:
+            self._slots.release()
+
+
+def create_app(pipeline_factory: Callable | None = None, token: str | None = None, limits: Limits | None = None,
+               queue_size: int = 4):
+    from controlstack import annotators
+
+    if pipeline_factory is None:
+        from controlstack import Pipeline
+
+        pipeline_factory = Pipeline.from_pretrained
+    limits = limits or Limits()
+    worker = Worker(pipeline_factory, queue_size)
+    app = FastAPI(title="controlstack", version=str(VERSION))
+
+    def error(status: int, message: str, **headers) -> JSONResponse:
+        return JSONResponse({"error": message}, status_code=status, headers=headers or None)
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next):
+        if token is not None:
+            given = request.headers.get("authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+                return error(401, "missing or wrong token: send 'Authorization: Bearer <token>'")
+        if int(request.headers.get("content-length") or 0) > MAX_BODY:
+            return error(413, f"request body larger than {MAX_BODY // 2**20} MiB")
+        try:
+            return await call_next(request)
+        except Exception:  # a bug: say so, without a traceback or a path
+            return error(500, "internal error")
+
+    async def body(request: Request) -> dict:
+        raw = await request.body()
+        if len(raw) > MAX_BODY:
+            raise ControlstackError(f"request body larger than {MAX_BODY // 2**20} MiB")
+        try:
+            return json.loads(raw or b"{}")
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise ControlstackError("the request body is not valid JSON") from None
+
+    async def generation(request: Request, img2img: bool):
+        try:
+            job = parse_generation(await body(request), set(worker.pipe.controlnets), limits, img2img)
+            result = await run_in_threadpool(worker.generate, job)
+        except Busy:
+            return error(429, "the queue is full; retry later", **{"Retry-After": "5"})
+        except ControlstackError as exc:
+            return error(400, str(exc))
+        p = result.parameters
+        infotexts = [im.info.get("parameters", "") for im in result.images]
+        info = {"prompt": p["prompt"], "negative_prompt": p["negative_prompt"], "seed": p["seed"],
+                "all_seeds": [p["seed"]] * len(result.images), "steps": p["steps"], "cfg_scale": p["cfg"],
+                "width": p["width"], "height": p["height"], "sampler_name": p["scheduler"], "infotexts": infotexts}
+        return {"images": [encode_png(im) for im in result.images], "parameters": {k: v for k, v in p.items()
+                if isinstance(v, (str, int, float, bool))}, "info": json.dumps(info)}
+
+    @app.post("/sdapi/v1/txt2img")
+    async def txt2img(request: Request):
+        return await generation(request, img2img=False)
+
+    @app.post("/sdapi/v1/img2img")
+    async def img2img(request: Request):
+        return await generation(request, img2img=True)
+
+    @app.get("/sdapi/v1/samplers")
+    def samplers():
+        from controlstack.io.png import SAMPLERS
+
+        return [{"name": v, "aliases": [k], "options": {}} for k, v in SAMPLERS.items()]
+
+    @app.get("/sdapi/v1/sd-models")
+    def sd_models():
+        pipe = worker.pipe
+        return [{"title": pipe.name, "model_name": pipe.name, "hash": pipe.model_hash, "filename": pipe.name}]
+
+    @app.get("/controlnet/version")
+    def version():
+        return {"version": VERSION}
+
+    @app.get("/controlnet/model_list")
+    def model_list():
+        return {"model_list": sorted(worker.pipe.controlnets)}
+
+    @app.get("/controlnet/module_list")
+    def module_list():
+        return {"module_list": ["none", *annotators.available()]}
+
+    @app.get("/v1/models")
+    def models():
+        pipe = worker.pipe
+        return {"base": {"name": pipe.name, "native_size": pipe.native_size, "recommended": pipe.recommended},
+                "controlnets": sorted(pipe.controlnets)}
+
+    @app.get("/v1/annotators")
+    def annotator_list():
+        return {name: [{"name": n, "type": t, "default": d if isinstance(d, (str, int, float, bool, type(None)))
+                        else str(d), "range": r, "help": h}
+                       for n, t, d, r, h in annotators.annotator_class(name).describe()]
+                for name in annotators.available()}
+
+    return app

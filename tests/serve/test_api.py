@@ -1,0 +1,138 @@
+"""The HTTP API with FastAPI's test client: sd-webui's txt2img / img2img with ControlNet units, the
+lists clients read, and every error as JSON (bad base64, oversized images, path-like model names,
+bad JSON, out-of-range values, a full queue, a missing token)."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+
+@pytest.fixture(scope="module")
+def tiny_pipe(tiny_components, tiny_controlnets):
+    from controlstack import Pipeline
+
+    return Pipeline(tiny_components, controlnets={"canny": tiny_controlnets[0], "depth": tiny_controlnets[1]},
+                    name="tiny")
+
+
+@pytest.fixture()
+def client(tiny_pipe):
+    from fastapi.testclient import TestClient
+
+    from controlstack.serve.app import create_app
+
+    return TestClient(create_app(lambda: tiny_pipe))
+
+
+def b64(image: Image.Image) -> str:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+EDGES = np.zeros((64, 64, 3), np.uint8)
+EDGES[16:48, 32] = 255
+UNIT = {"image": b64(Image.fromarray(EDGES)), "model": "control_v11p_sd15_canny [d14c016b]", "module": "none",
+        "weight": 0.8, "guidance_start": 0.0, "guidance_end": 1.0, "control_mode": "ControlNet is more important",
+        "resize_mode": "Just Resize"}
+BODY = {"prompt": "a red box", "steps": 2, "width": 64, "height": 64, "seed": 7, "sampler_name": "DPM++ 2M",
+        "cfg_scale": 5, "alwayson_scripts": {"ControlNet": {"args": [UNIT]}}}
+
+
+def test_txt2img_with_a_controlnet_unit_as_sd_webui_answers(client, tiny_pipe):
+    from controlstack import Control
+
+    r = client.post("/sdapi/v1/txt2img", json=BODY)
+    assert r.status_code == 200, r.text
+    data = r.json()
+    image = Image.open(io.BytesIO(base64.b64decode(data["images"][0])))
+    assert image.size == (64, 64) and "Sampler: DPM++ 2M" in image.info["parameters"]
+    info = json.loads(data["info"])
+    assert info["seed"] == 7 and info["all_seeds"] == [7] and "ControlNet is more important" in info["infotexts"][0]
+    # the same image as the Python API with the same values
+    direct = tiny_pipe("a red box", [Control("canny", Image.fromarray(EDGES), weight=0.8)], steps=2, width=64,
+                       height=64, seed=7, scheduler="dpmpp_2m", cfg=5, mode="controlnet", progress=False)[0]
+    assert np.array_equal(np.asarray(image.convert("RGB")), np.asarray(direct))
+
+
+def test_img2img_with_init_image_and_mask(client):
+    init = b64(Image.fromarray(np.full((64, 64, 3), 120, np.uint8)))
+    mask = b64(Image.fromarray(np.pad(np.full((32, 32), 255, np.uint8), 16)))
+    r = client.post("/sdapi/v1/img2img", json={**BODY, "init_images": [init], "denoising_strength": 0.6,
+                                                "mask": mask})
+    assert r.status_code == 200, r.text
+    assert "Denoising strength: 0.6" in json.loads(r.json()["info"])["infotexts"][0]
+
+
+def test_the_lists_clients_read(client):
+    assert client.get("/controlnet/version").json() == {"version": 2}
+    assert client.get("/controlnet/model_list").json() == {"model_list": ["canny", "depth"]}
+    assert "canny" in client.get("/controlnet/module_list").json()["module_list"]
+    assert {"name": "Euler a", "aliases": ["euler_a"], "options": {}} in client.get("/sdapi/v1/samplers").json()
+    assert client.get("/v1/models").json()["controlnets"] == ["canny", "depth"]
+    assert "low_threshold" in [p["name"] for p in client.get("/v1/annotators").json()["canny"]]
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"alwayson_scripts": {"ControlNet": {"args": [{**UNIT, "image": "%%%not-base64"}]}}}, "not valid base64"),
+    ({"alwayson_scripts": {"ControlNet": {"args": [{**UNIT, "image": base64.b64encode(b"hello").decode()}]}}},
+     "not an image PIL can read"),
+    ({"alwayson_scripts": {"ControlNet": {"args": [{**UNIT, "model": "../../etc/passwd"}]}}},
+     "is not a registered model"),
+    ({"alwayson_scripts": {"ControlNet": {"args": [{**UNIT, "model": "/tmp/canny"}]}}}, "is not a registered model"),
+    ({"steps": -1}, "'steps' must be in [1, 150]"),
+    ({"steps": "many"}, "'steps' must be an integer"),
+    ({"width": 100000}, "'width' must be in [8, 1024]"),
+    ({"sampler_name": "Heun++"}, "'sampler_name' 'Heun++' is unknown"),
+    ({"alwayson_scripts": {"ControlNet": {"args": [{**UNIT, "control_mode": 7}]}}}, "control_mode"),
+    ({"alwayson_scripts": {"ControlNet": {"args": [{**UNIT, "guidance_start": 0.9, "guidance_end": 0.1}]}}},
+     "is after guidance_end"),
+])
+def test_client_errors_are_json_400_naming_the_problem(client, change, message):
+    r = client.post("/sdapi/v1/txt2img", json={**BODY, **change})
+    assert r.status_code == 400 and message in r.json()["error"], r.text
+    assert "Traceback" not in r.text and "/work" not in r.text
+
+
+def test_bad_json_huge_images_and_a_missing_init_image(client):
+    r = client.post("/sdapi/v1/txt2img", content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"] == "the request body is not valid JSON"
+    big = b64(Image.new("RGB", (5000, 10)))
+    r = client.post("/sdapi/v1/txt2img", json={**BODY, "alwayson_scripts": {"ControlNet": {"args": [{**UNIT,
+                                                                                                     "image": big}]}}})
+    assert r.status_code == 400 and "too large" in r.json()["error"]
+    r = client.post("/sdapi/v1/img2img", json=BODY)
+    assert r.status_code == 400 and "needs 'init_images'" in r.json()["error"]
+
+
+def test_a_token_is_required_when_set_and_a_full_queue_answers_429(tiny_pipe):
+    from fastapi.testclient import TestClient
+
+    from controlstack.serve.app import Worker, create_app
+
+    client = TestClient(create_app(lambda: tiny_pipe, token="s3cret"))
+    assert client.get("/controlnet/version").status_code == 401
+    assert client.get("/controlnet/version", headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert client.get("/controlnet/version", headers={"Authorization": "Bearer s3cret"}).status_code == 200
+    busy = TestClient(create_app(lambda: tiny_pipe, queue_size=0))
+    original = Worker.generate
+    try:
+        Worker.generate = lambda self, job: (_ for _ in ()).throw(__import__(
+            "controlstack.serve.app", fromlist=["Busy"]).Busy())
+        r = busy.post("/sdapi/v1/txt2img", json=BODY)
+    finally:
+        Worker.generate = original
+    assert r.status_code == 429 and r.headers["retry-after"] == "5"
+
+
+def test_serve_refuses_a_public_address_without_a_token(capsys):
+    from controlstack.cli.main import main
+
+    assert main(["serve", "--host", "0.0.0.0"]) == 2
+    assert "set --token" in capsys.readouterr().err
