@@ -426,6 +426,7 @@ class Pipeline:
         inpaint_mask: Any = None,
         hires: float | None = None,
         hires_strength: float = 0.5,
+        step_callback: Any = None,
         eta: float = 0.0,
         output_type: str = "pil",
         progress: bool = True,
@@ -443,6 +444,8 @@ class Pipeline:
         ``hires`` (sd-webui's hires fix): generate, upscale each image by ``hires`` (Lanczos), then
         img2img it at the larger size with the same controls and ``hires_strength`` (image ``i`` of
         the batch with seed ``seed + i``).
+        ``step_callback(done, total)`` runs after every sampling step (progress; raising in it stops
+        the run between steps, which is how the server cancels a job).
         """
         width = self.native_size if width is None else width
         height = self.native_size if height is None else height
@@ -459,7 +462,7 @@ class Pipeline:
                                height=height, scheduler=scheduler, mode=mode, negative_prompt=negative_prompt,
                                batch=batch, mode_options=mode_options, init_image=init_image, strength=strength,
                                inpaint_mask=inpaint_mask, eta=eta, output_type=output_type, progress=progress,
-                               return_result=return_result)
+                               return_result=return_result, step_callback=step_callback)
         native = self.native_size
         if not (native / 2 <= width <= native * 2 and native / 2 <= height <= native * 2):
             logging.getLogger("controlstack").warning(
@@ -498,6 +501,14 @@ class Pipeline:
             latents, loop = self.img2img_start(init_image, inpaint_mask, strength, shape, sched, generator, do_cfg)
         denoiser = ControlledDenoiser(self._unet_runner, branches, injection, cond, uncond, cfg,
                                       unet_extra=loop.pop("unet_extra", None))
+        if step_callback is not None:
+            blend = loop.get("callback")
+
+            def after_step(step, latents):
+                step_callback(step.index + 1, step.count)
+                return blend(step, latents) if blend is not None else None
+
+            loop["callback"] = after_step
         with torch.autocast("cpu", dtype=self.autocast_dtype or torch.bfloat16,
                             enabled=self.autocast_dtype is not None):
             latents = sample(denoiser, sched, latents, steps, generator=generator, eta=eta, progress=progress,

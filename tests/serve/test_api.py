@@ -136,3 +136,58 @@ def test_serve_refuses_a_public_address_without_a_token(capsys):
 
     assert main(["serve", "--host", "0.0.0.0"]) == 2
     assert "set --token" in capsys.readouterr().err
+
+
+def _wait(client, job_id, statuses=("done", "failed", "cancelled"), timeout=120):
+    import time
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        record = client.get(f"/v1/jobs/{job_id}").json()
+        if record["status"] in statuses:
+            return record
+        time.sleep(0.05)
+    raise AssertionError(f"job {job_id} did not finish: {record}")
+
+
+def test_v1_generate_job_with_progress_and_the_same_image_as_the_python_api(client, tiny_pipe):
+    from controlstack import Control
+
+    body = {"prompt": "a red box", "steps": 3, "width": 64, "height": 64, "seed": 5, "scheduler": "unipc",
+            "controls": [{"model": "canny", "image": UNIT["image"], "weight": [[0.0, 1.0], [1.0, 0.2]], "end": 0.8}]}
+    r = client.post("/v1/generate", json=body)
+    assert r.status_code == 202, r.text
+    record = _wait(client, r.json()["id"])
+    assert record["status"] == "done" and record["progress"] == [3, 3]
+    image = Image.open(io.BytesIO(base64.b64decode(record["images"][0])))
+    direct = tiny_pipe("a red box", [Control("canny", Image.fromarray(EDGES), weight=[(0.0, 1.0), (1.0, 0.2)],
+                                             end=0.8)], steps=3, width=64, height=64, seed=5, progress=False)[0]
+    assert np.array_equal(np.asarray(image.convert("RGB")), np.asarray(direct))
+    assert client.get("/v1/jobs/nope").status_code == 404
+
+
+def test_v1_cancel_stops_a_job_and_bad_bodies_are_400(client):
+    r = client.post("/v1/generate", json={"prompt": "x", "steps": 50, "width": 64, "height": 64})
+    job_id = r.json()["id"]
+    _wait(client, job_id, ("running", "done"))
+    client.delete(f"/v1/jobs/{job_id}")
+    assert _wait(client, job_id)["status"] == "cancelled"
+    for body, message in [({"prompt": "x", "steps": 0}, "'steps' must be an integer in [1, 150]"),
+                          ({"prompt": "x", "colour": 1}, "unknown field(s) colour"),
+                          ({"prompt": "x", "controls": [{"model": "../x", "image": UNIT["image"]}]},
+                           "is not a registered model")]:
+        r = client.post("/v1/generate", json=body)
+        assert r.status_code == 400 and message in r.json()["error"], r.text
+
+
+def test_detect_and_annotate(client):
+    r = client.post("/controlnet/detect", json={"controlnet_module": "canny", "controlnet_input_images": [UNIT["image"]],
+                                                "controlnet_processor_res": 64})
+    assert r.status_code == 200 and r.json()["info"] == "Success"
+    r = client.post("/v1/annotate", json={"annotator": "invert", "image": UNIT["image"], "params": {"resolution": 64}})
+    out = np.asarray(Image.open(io.BytesIO(base64.b64decode(r.json()["image"]))).convert("RGB"))
+    assert out[0, 0, 0] == 255 and out[20, 32, 0] == 0
+    r = client.post("/v1/annotate", json={"annotator": "depth", "image": UNIT["image"], "params": {"weights": "/etc"}})
+    assert r.status_code == 400 and "cannot be set over HTTP" in r.json()["error"]
+    r = client.post("/controlnet/detect", json={"controlnet_module": "rm -rf", "controlnet_input_images": []})
+    assert r.status_code == 400 and "unknown" in r.json()["error"]

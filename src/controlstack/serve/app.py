@@ -36,6 +36,7 @@ class Worker:
     def __init__(self, pipeline_factory: Callable, queue_size: int):
         self._factory, self._pipe = pipeline_factory, None
         self._run, self._slots = threading.Lock(), threading.BoundedSemaphore(queue_size + 1)
+        self.run_lock = self._run  # /v1 jobs run under the same lock: one generation at a time
         self._load = threading.Lock()
 
     @property
@@ -70,8 +71,11 @@ def create_app(pipeline_factory: Callable | None = None, token: str | None = Non
         from controlstack import Pipeline
 
         pipeline_factory = Pipeline.from_pretrained
+    from controlstack.serve.jobs import Jobs, parse_v1
+
     limits = limits or Limits()
     worker = Worker(pipeline_factory, queue_size)
+    jobs = Jobs(worker, queue_size)
     app = FastAPI(title="controlstack", version=str(VERSION))
 
     def error(status: int, message: str, **headers) -> JSONResponse:
@@ -145,6 +149,69 @@ def create_app(pipeline_factory: Callable | None = None, token: str | None = Non
     @app.get("/controlnet/module_list")
     def module_list():
         return {"module_list": ["none", *annotators.available()]}
+
+    @app.post("/controlnet/detect")
+    async def detect(request: Request):
+        """sd-webui-controlnet's preprocessor endpoint: run one annotator on each image."""
+        from controlstack.serve.webui import decode_image
+
+        try:
+            b = await body(request)
+            module = b.get("controlnet_module", "none")
+            if module not in annotators.available():
+                raise ControlstackError(f"controlnet_module {module!r} is unknown; see /controlnet/module_list")
+            images = b.get("controlnet_input_images")
+            if not isinstance(images, list) or not images or len(images) > limits.max_batch:
+                raise ControlstackError(f"controlnet_input_images must be a list of 1-{limits.max_batch} base64 images")
+            params = {"resolution": int(b.get("controlnet_processor_res", 512))}
+            if module == "canny":
+                params |= {"low_threshold": int(b.get("controlnet_threshold_a", 100)),
+                           "high_threshold": int(b.get("controlnet_threshold_b", 200))}
+            annotator = annotators.get(module, **params)
+            decoded = [decode_image(im, f"controlnet_input_images[{i}]", limits) for i, im in enumerate(images)]
+            out = await run_in_threadpool(lambda: [annotator(im) for im in decoded])
+        except (ControlstackError, TypeError, ValueError) as exc:
+            return error(400, str(exc))
+        return {"images": [encode_png(im) for im in out], "info": "Success"}
+
+    @app.post("/v1/annotate")
+    async def annotate(request: Request):
+        from controlstack.serve.webui import decode_image
+
+        try:
+            b = await body(request)
+            name, params = b.get("annotator"), b.get("params", {})
+            if not isinstance(name, str) or not isinstance(params, dict):
+                raise ControlstackError("give 'annotator' (a name from /v1/annotators) and 'params' (an object)")
+            if "weights" in params:
+                raise ControlstackError("'weights' (a server path) cannot be set over HTTP")
+            annotator = annotators.get(name, **params)
+            image = decode_image(b.get("image"), "image", limits)
+            out = await run_in_threadpool(annotator, image)
+        except (ControlstackError, TypeError, ValueError) as exc:
+            return error(400, str(exc))
+        return {"image": encode_png(out)}
+
+    @app.post("/v1/generate", status_code=202)
+    async def generate(request: Request):
+        try:
+            kwargs = parse_v1(await body(request), set(worker.pipe.controlnets), limits)
+            return {"id": jobs.submit(kwargs)}
+        except Busy:
+            return error(429, "the queue is full; retry later", **{"Retry-After": "5"})
+        except ControlstackError as exc:
+            return error(400, str(exc))
+
+    @app.get("/v1/jobs/{job_id}")
+    def job(job_id: str):
+        record = jobs.get(job_id)
+        return record if record is not None else error(404, f"no job '{job_id}' (finished jobs are kept for the "
+                                                            "last 100)")
+
+    @app.delete("/v1/jobs/{job_id}")
+    def cancel(job_id: str):
+        record = jobs.cancel(job_id)
+        return record if record is not None else error(404, f"no job '{job_id}'")
 
     @app.get("/v1/models")
     def models():
