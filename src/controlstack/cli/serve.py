@@ -22,6 +22,7 @@ def register(sub) -> None:
     p.add_argument("--port", type=int, default=7860, help="port")
     p.add_argument("--token", default=None, help="Bearer token clients must send (required off loopback)")
     p.add_argument("--queue", type=int, default=4, help="jobs that may wait; more get 429 with Retry-After")
+    p.add_argument("--no-ui", action="store_true", help="the API only, without the web UI at /")
     p.set_defaults(func=run)
 
 
@@ -39,5 +40,6 @@ def run(args: argparse.Namespace) -> int:
         raise ControlstackError("serve needs fastapi and uvicorn: pip install fastapi uvicorn") from None
     from controlstack.serve.app import create_app
 
-    uvicorn.run(create_app(token=args.token, queue_size=args.queue), host=args.host, port=args.port, log_level="info")
+    app = create_app(token=args.token, queue_size=args.queue, ui=not args.no_ui)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     return 0

@@ -64,7 +64,7 @@ class Worker:
 
 
 def create_app(pipeline_factory: Callable | None = None, token: str | None = None, limits: Limits | None = None,
-               queue_size: int = 4):
+               queue_size: int = 4, ui: bool = False):
     from controlstack import annotators
 
     if pipeline_factory is None:
@@ -226,4 +226,10 @@ def create_app(pipeline_factory: Callable | None = None, token: str | None = Non
                        for n, t, d, r, h in annotators.annotator_class(name).describe()]
                 for name in annotators.available()}
 
+    if ui:  # the web UI at "/", over the same pipeline and lock; mounted last (a mount at "/" matches all)
+        import gradio as gr
+
+        from controlstack.serve.ui import build
+
+        app = gr.mount_gradio_app(app, build(worker.pipe, worker.run_lock), path="/")
     return app
