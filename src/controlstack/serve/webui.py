@@ -179,8 +179,8 @@ def parse_generation(payload, registered_controlnets, limits: Limits, img2img: b
         module = u.get("module", "none") or "none"
         if not isinstance(module, str):
             raise ControlstackError(f"{where}.module must be a string")
-        mode = _choice(u.get("control_mode", 0), WEBUI_CONTROL_MODES, MODE_BY_INDEX, f"{where}.control_mode")
-        modes.add(mode)
+        if "control_mode" in u:  # absent: the models' recommended mode, as the Python API does
+            modes.add(_choice(u["control_mode"], WEBUI_CONTROL_MODES, MODE_BY_INDEX, f"{where}.control_mode"))
         start = _number(u, "guidance_start", 0.0, 0, 1)
         end = _number(u, "guidance_end", 1.0, 0, 1)
         if start > end:
