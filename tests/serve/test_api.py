@@ -191,3 +191,15 @@ def test_detect_and_annotate(client):
     assert r.status_code == 400 and "cannot be set over HTTP" in r.json()["error"]
     r = client.post("/controlnet/detect", json={"controlnet_module": "rm -rf", "controlnet_input_images": []})
     assert r.status_code == 400 and "unknown" in r.json()["error"]
+
+
+def test_progress_events_and_the_sdapi_extras(client):
+    r = client.post("/v1/generate", json={"prompt": "x", "steps": 3, "width": 64, "height": 64})
+    job_id = r.json()["id"]
+    with client.stream("GET", f"/v1/jobs/{job_id}/events") as stream:
+        events = [json.loads(line[6:]) for line in stream.iter_lines() if line.startswith("data: ")]
+    assert events[-1]["status"] == "done" and events[-1]["progress"] == [3, 3]
+    assert [e["progress"][0] for e in events] == sorted(e["progress"][0] for e in events)  # steps only go up
+    assert client.get("/sdapi/v1/progress").json()["progress"] == 0.0  # nothing running now
+    assert client.get("/sdapi/v1/options").json()["sd_model_checkpoint"] == "tiny"
+    assert client.get("/sdapi/v1/scripts").json() == {"txt2img": ["controlnet"], "img2img": ["controlnet"]}

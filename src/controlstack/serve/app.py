@@ -37,6 +37,7 @@ class Worker:
         self._factory, self._pipe = pipeline_factory, None
         self._run, self._slots = threading.Lock(), threading.BoundedSemaphore(queue_size + 1)
         self.run_lock = self._run  # /v1 jobs run under the same lock: one generation at a time
+        self.current = [0, 0]       # steps done / total of the running sd-webui generation (/sdapi/v1/progress)
         self._load = threading.Lock()
 
     @property
@@ -58,7 +59,13 @@ class Worker:
                                     annotator_params=c["params"]) for c in job.controls]
                 kw = dict(job.kwargs)
                 prompt = kw.pop("prompt")
-                return self.pipe(prompt, controls, progress=False, return_result=True, **kw)
+                self.current = [0, kw.get("steps") or 0]
+                try:
+                    return self.pipe(prompt, controls, progress=False, return_result=True,
+                                     step_callback=lambda done, total: self.current.__setitem__(slice(None),
+                                                                                                [done, total]), **kw)
+                finally:
+                    self.current = [0, 0]
         finally:
             self._slots.release()
 
@@ -138,6 +145,22 @@ def create_app(pipeline_factory: Callable | None = None, token: str | None = Non
         pipe = worker.pipe
         return [{"title": pipe.name, "model_name": pipe.name, "hash": pipe.model_hash, "filename": pipe.name}]
 
+    @app.get("/sdapi/v1/options")
+    def options():
+        pipe = worker.pipe
+        return {"sd_model_checkpoint": pipe.name, "sd_checkpoint_hash": pipe.model_hash,
+                "samples_format": "png", "CLIP_stop_at_last_layers": 1}
+
+    @app.get("/sdapi/v1/progress")
+    def progress():
+        done, total = worker.current
+        return {"progress": done / total if total else 0.0, "eta_relative": 0.0, "current_image": None,
+                "state": {"sampling_step": done, "sampling_steps": total, "job_count": 1 if total else 0}}
+
+    @app.get("/sdapi/v1/scripts")
+    def scripts():
+        return {"txt2img": ["controlnet"], "img2img": ["controlnet"]}
+
     @app.get("/controlnet/version")
     def version():
         return {"version": VERSION}
@@ -207,6 +230,32 @@ def create_app(pipeline_factory: Callable | None = None, token: str | None = Non
         record = jobs.get(job_id)
         return record if record is not None else error(404, f"no job '{job_id}' (finished jobs are kept for the "
                                                             "last 100)")
+
+    @app.get("/v1/jobs/{job_id}/events")
+    async def events(job_id: str):
+        """Server-sent events: the job's record whenever it changes, until it ends."""
+        import asyncio
+
+        from fastapi.responses import StreamingResponse
+
+        if jobs.get(job_id) is None:
+            return error(404, f"no job '{job_id}'")
+
+        async def stream():
+            last = None
+            while True:
+                record = jobs.get(job_id)
+                if record is None:
+                    return
+                view = {k: v for k, v in record.items() if k != "images"}
+                if view != last:
+                    yield f"data: {json.dumps(view)}\n\n"
+                    last = view
+                if record["status"] in ("done", "failed", "cancelled"):
+                    return
+                await asyncio.sleep(0.1)
+
+        return StreamingResponse(stream(), media_type="text/event-stream")
 
     @app.delete("/v1/jobs/{job_id}")
     def cancel(job_id: str):
