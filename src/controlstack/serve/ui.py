@@ -12,6 +12,8 @@ without a browser.
 
 from __future__ import annotations
 
+import random
+
 import numpy as np
 from PIL import Image
 
@@ -71,7 +73,8 @@ def generate(pipe, lock, prompt, negative, sampler, steps, cfg, seed, width, hei
     mode = None if control_mode == RECOMMENDED else {v: k for k, v in CONTROL_MODES.items()}[control_mode]
     callback = (lambda done, total: progress(done / total, desc=f"step {done}/{total}")) if progress else None
     with lock:
-        result = pipe(prompt, controls, steps=int(steps), cfg=float(cfg), seed=None if int(seed) < 0 else int(seed),
+        seed = random.randrange(2**32) if int(seed) < 0 else int(seed)  # recorded, so the image can be made again
+        result = pipe(prompt, controls, steps=int(steps), cfg=float(cfg), seed=seed,
                       width=int(width), height=int(height), batch=int(batch),
                       scheduler={v: k for k, v in SAMPLERS.items()}[sampler], mode=mode, negative_prompt=negative,
                       progress=False, return_result=True, step_callback=callback)
