@@ -203,3 +203,17 @@ def test_progress_events_and_the_sdapi_extras(client):
     assert client.get("/sdapi/v1/progress").json()["progress"] == 0.0  # nothing running now
     assert client.get("/sdapi/v1/options").json()["sd_model_checkpoint"] == "tiny"
     assert client.get("/sdapi/v1/scripts").json() == {"txt2img": ["controlnet"], "img2img": ["controlnet"]}
+
+
+def test_a_job_over_the_time_limit_stops_with_a_message(tiny_pipe):
+    from fastapi.testclient import TestClient
+
+    from controlstack.serve.app import create_app
+    from controlstack.serve.webui import Limits
+
+    client = TestClient(create_app(lambda: tiny_pipe, limits=Limits(job_seconds=0.0)))
+    r = client.post("/sdapi/v1/txt2img", json=BODY)
+    assert r.status_code == 400 and "ran longer than the server's 0 s limit" in r.json()["error"]
+    job_id = client.post("/v1/generate", json={"prompt": "x", "steps": 3, "width": 64, "height": 64}).json()["id"]
+    record = _wait(client, job_id)
+    assert record["status"] == "failed" and "ran longer" in record["error"]

@@ -30,15 +30,31 @@ class Busy(Exception):
     """The queue is full."""
 
 
+def deadline_check(seconds: float, report=None):
+    """A ``step_callback`` that stops a generation (between steps) once it has run ``seconds``."""
+    import time
+
+    start = time.monotonic()
+
+    def check(done: int, total: int) -> None:
+        if report is not None:
+            report(done, total)
+        if time.monotonic() - start > seconds:
+            raise ControlstackError(f"the job ran longer than the server's {seconds:g} s limit; lower the steps, "
+                                    "size or batch")
+    return check
+
+
 class Worker:
     """One generation at a time on the pipeline; at most ``queue_size`` waiting."""
 
-    def __init__(self, pipeline_factory: Callable, queue_size: int):
+    def __init__(self, pipeline_factory: Callable, queue_size: int, job_seconds: float = 600.0):
         self._factory, self._pipe = pipeline_factory, None
         self._run, self._slots = threading.Lock(), threading.BoundedSemaphore(queue_size + 1)
         self.run_lock = self._run  # /v1 jobs run under the same lock: one generation at a time
         self.current = [0, 0]       # steps done / total of the running sd-webui generation (/sdapi/v1/progress)
         self._load = threading.Lock()
+        self.job_seconds = job_seconds
 
     @property
     def pipe(self):
@@ -61,9 +77,9 @@ class Worker:
                 prompt = kw.pop("prompt")
                 self.current = [0, kw.get("steps") or 0]
                 try:
+                    report = lambda done, total: self.current.__setitem__(slice(None), [done, total])  # noqa: E731
                     return self.pipe(prompt, controls, progress=False, return_result=True,
-                                     step_callback=lambda done, total: self.current.__setitem__(slice(None),
-                                                                                                [done, total]), **kw)
+                                     step_callback=deadline_check(self.job_seconds, report), **kw)
                 finally:
                     self.current = [0, 0]
         finally:
@@ -81,7 +97,7 @@ def create_app(pipeline_factory: Callable | None = None, token: str | None = Non
     from controlstack.serve.jobs import Jobs, parse_v1
 
     limits = limits or Limits()
-    worker = Worker(pipeline_factory, queue_size)
+    worker = Worker(pipeline_factory, queue_size, limits.job_seconds)
     jobs = Jobs(worker, queue_size)
     app = FastAPI(title="controlstack", version=str(VERSION))
 

@@ -135,12 +135,14 @@ class Jobs:
                 if record["cancel"]:
                     raise Cancelled()
 
+            from controlstack.serve.app import deadline_check
+
             try:
                 kw = dict(kwargs)
                 prompt, controls = kw.pop("prompt"), kw.pop("controls")
                 with self.worker.run_lock:
                     result = self.worker.pipe(prompt, controls, progress=False, return_result=True,
-                                              step_callback=progress, **kw)
+                                              step_callback=deadline_check(self.worker.job_seconds, progress), **kw)
                 self._finish(record, status="done", images=[encode_png(im) for im in result.images],
                              parameters={k: v for k, v in result.parameters.items() if k != "controls"})
             except Cancelled:

@@ -43,6 +43,7 @@ class Limits:
     max_batch: int = 8
     max_controls: int = 4
     max_bytes: int = 20 * 2**20  # one decoded base64 image
+    job_seconds: float = 600.0   # a generation running longer is stopped between steps
 
 
 @dataclass
