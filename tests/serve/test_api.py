@@ -217,3 +217,27 @@ def test_a_job_over_the_time_limit_stops_with_a_message(tiny_pipe):
     job_id = client.post("/v1/generate", json={"prompt": "x", "steps": 3, "width": 64, "height": 64}).json()["id"]
     record = _wait(client, job_id)
     assert record["status"] == "failed" and "ran longer" in record["error"]
+
+
+def test_several_bases_by_name_with_a_memory_budget(tiny_pipe, tiny_components):
+    from fastapi.testclient import TestClient
+
+    from controlstack import Pipeline
+    from controlstack.serve.app import create_app, model_bytes
+
+    loads = []
+
+    def other():
+        loads.append("other")
+        return Pipeline(tiny_components, controlnets={"canny": tiny_pipe.controlnets["canny"]}, name="other")
+
+    budget = model_bytes(tiny_pipe) * 1.5 / 2**30  # room for one base only
+    client = TestClient(create_app({"default": lambda: tiny_pipe, "other": other}, memory_gib=budget))
+    assert [m["model_name"] for m in client.get("/sdapi/v1/sd-models").json()] == ["default", "other"]
+    r = client.post("/sdapi/v1/txt2img", json={**BODY, "override_settings": {"sd_model_checkpoint": "other"}})
+    assert r.status_code == 200 and "Model: other" in json.loads(r.json()["info"])["infotexts"][0]
+    client.post("/sdapi/v1/txt2img", json=BODY)  # the default again: "other" is unloaded (over budget)
+    client.post("/sdapi/v1/txt2img", json={**BODY, "override_settings": {"sd_model_checkpoint": "other"}})
+    assert loads == ["other", "other"]
+    r = client.post("/sdapi/v1/txt2img", json={**BODY, "override_settings": {"sd_model_checkpoint": "../x"}})
+    assert r.status_code == 400 and "is not registered; choose one of default, other" in r.json()["error"]

@@ -23,6 +23,11 @@ def register(sub) -> None:
     p.add_argument("--token", default=None, help="Bearer token clients must send (required off loopback)")
     p.add_argument("--queue", type=int, default=4, help="jobs that may wait; more get 429 with Retry-After")
     p.add_argument("--no-ui", action="store_true", help="the API only, without the web UI at /")
+    p.add_argument("--models", nargs="+", default=[], metavar="DIR",
+                   help="more base models (SD folders or single files), registered by file / folder name beside "
+                        "the bundled 'default'; clients pick one by name")
+    p.add_argument("--memory", type=float, default=8.0, help="GiB of weights kept loaded (least recently used "
+                                                            "bases are unloaded past it)")
     p.set_defaults(func=run)
 
 
@@ -38,8 +43,21 @@ def run(args: argparse.Namespace) -> int:
         import uvicorn
     except ImportError:
         raise ControlstackError("serve needs fastapi and uvicorn: pip install fastapi uvicorn") from None
+    from pathlib import Path
+
+    from controlstack import Pipeline
     from controlstack.serve.app import create_app
 
-    app = create_app(token=args.token, queue_size=args.queue, ui=not args.no_ui)
+    factories = {"default": Pipeline.from_pretrained}
+    for d in args.models:
+        name = Path(d).stem
+        if not Path(d).exists():
+            raise ControlstackError(f"--models: '{d}' does not exist")
+        if name in factories:
+            raise ControlstackError(f"--models: two models named '{name}'; rename one folder or file")
+        factories[name] = (lambda d=d: Pipeline.from_pretrained(d))
+    if args.memory <= 0:
+        raise ControlstackError(f"--memory must be > 0 GiB, got {args.memory}")
+    app = create_app(factories, token=args.token, queue_size=args.queue, ui=not args.no_ui, memory_gib=args.memory)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     return 0

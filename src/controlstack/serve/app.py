@@ -45,23 +45,51 @@ def deadline_check(seconds: float, report=None):
     return check
 
 
-class Worker:
-    """One generation at a time on the pipeline; at most ``queue_size`` waiting."""
+def model_bytes(pipe) -> int:
+    """The weights a loaded pipeline holds (base and the ControlNets it has loaded so far)."""
+    import torch
 
-    def __init__(self, pipeline_factory: Callable, queue_size: int, job_seconds: float = 600.0):
-        self._factory, self._pipe = pipeline_factory, None
+    modules = [pipe.unet, pipe.vae, pipe.text_encoder,
+               *(c for c in pipe.controlnets.values() if isinstance(c, torch.nn.Module))]
+    return sum(p.numel() * p.element_size() for m in modules for p in m.parameters())
+
+
+class Worker:
+    """One generation at a time; at most ``queue_size`` waiting. Bases are registered by name
+    (``factories``: name -> loader; the first is the default), loaded on first use and kept, the
+    least recently used unloaded when their weights pass ``memory_bytes`` (one always stays)."""
+
+    def __init__(self, pipeline_factory: Callable | dict, queue_size: int, job_seconds: float = 600.0,
+                 memory_bytes: float = 8 * 2**30):
+        from collections import OrderedDict
+
+        self.factories = pipeline_factory if isinstance(pipeline_factory, dict) else {"default": pipeline_factory}
+        self.default = next(iter(self.factories))
+        self.loaded: OrderedDict = OrderedDict()
+        self.memory_bytes = memory_bytes
         self._run, self._slots = threading.Lock(), threading.BoundedSemaphore(queue_size + 1)
         self.run_lock = self._run  # /v1 jobs run under the same lock: one generation at a time
         self.current = [0, 0]       # steps done / total of the running sd-webui generation (/sdapi/v1/progress)
         self._load = threading.Lock()
         self.job_seconds = job_seconds
 
+    def base(self, name: str | None = None):
+        """The pipeline of a registered base (``None``: the default); unknown names name the known."""
+        name = self.default if name in (None, "") else name
+        if not isinstance(name, str) or name not in self.factories:
+            raise ControlstackError(f"base model {name!r} is not registered; choose one of {', '.join(self.factories)}")
+        with self._load:
+            if name not in self.loaded:
+                self.loaded[name] = self.factories[name]()
+                while len(self.loaded) > 1 and sum(map(model_bytes, self.loaded.values())) > self.memory_bytes:
+                    oldest = next(k for k in self.loaded if k != name)
+                    del self.loaded[oldest]  # its memory goes with the last reference
+            self.loaded.move_to_end(name)
+            return self.loaded[name]
+
     @property
     def pipe(self):
-        with self._load:  # loaded once, on first use, and kept
-            if self._pipe is None:
-                self._pipe = self._factory()
-        return self._pipe
+        return self.base(None)
 
     def generate(self, job: Job):
         from controlstack import Control
@@ -74,11 +102,11 @@ class Worker:
                                     mask=c["mask"], resize_mode=c["resize_mode"], preprocess=c["module"] or False,
                                     annotator_params=c["params"]) for c in job.controls]
                 kw = dict(job.kwargs)
-                prompt = kw.pop("prompt")
+                prompt, pipe = kw.pop("prompt"), self.base(kw.pop("base", None))
                 self.current = [0, kw.get("steps") or 0]
                 try:
                     report = lambda done, total: self.current.__setitem__(slice(None), [done, total])  # noqa: E731
-                    return self.pipe(prompt, controls, progress=False, return_result=True,
+                    return pipe(prompt, controls, progress=False, return_result=True,
                                      step_callback=deadline_check(self.job_seconds, report), **kw)
                 finally:
                     self.current = [0, 0]
@@ -86,8 +114,11 @@ class Worker:
             self._slots.release()
 
 
-def create_app(pipeline_factory: Callable | None = None, token: str | None = None, limits: Limits | None = None,
-               queue_size: int = 4, ui: bool = False):
+def create_app(pipeline_factory: Callable | dict | None = None, token: str | None = None, limits: Limits | None = None,
+               queue_size: int = 4, ui: bool = False, memory_gib: float = 8.0):
+    """The app. ``pipeline_factory``: a loader of the one base, or ``{name: loader}`` for several
+    (clients pick one by name: sd-webui's ``override_settings.sd_model_checkpoint``, ``/v1``'s
+    ``base``); ``memory_gib`` bounds the weights kept loaded."""
     from controlstack import annotators
 
     if pipeline_factory is None:
@@ -97,7 +128,7 @@ def create_app(pipeline_factory: Callable | None = None, token: str | None = Non
     from controlstack.serve.jobs import Jobs, parse_v1
 
     limits = limits or Limits()
-    worker = Worker(pipeline_factory, queue_size, limits.job_seconds)
+    worker = Worker(pipeline_factory, queue_size, limits.job_seconds, memory_gib * 2**30)
     jobs = Jobs(worker, queue_size)
     app = FastAPI(title="controlstack", version=str(VERSION))
 
@@ -128,7 +159,12 @@ def create_app(pipeline_factory: Callable | None = None, token: str | None = Non
 
     async def generation(request: Request, img2img: bool):
         try:
-            job = parse_generation(await body(request), set(worker.pipe.controlnets), limits, img2img)
+            payload = await body(request)
+            checkpoint = ((payload.get("override_settings") or {}) if isinstance(payload, dict) else {}).get(
+                "sd_model_checkpoint")
+            base = worker.base(checkpoint)
+            job = parse_generation(payload, set(base.controlnets), limits, img2img)
+            job.kwargs["base"] = checkpoint
             result = await run_in_threadpool(worker.generate, job)
         except Busy:
             return error(429, "the queue is full; retry later", **{"Retry-After": "5"})
@@ -158,8 +194,8 @@ def create_app(pipeline_factory: Callable | None = None, token: str | None = Non
 
     @app.get("/sdapi/v1/sd-models")
     def sd_models():
-        pipe = worker.pipe
-        return [{"title": pipe.name, "model_name": pipe.name, "hash": pipe.model_hash, "filename": pipe.name}]
+        return [{"title": name, "model_name": name, "hash": worker.loaded[name].model_hash if name in worker.loaded
+                 else None, "filename": name} for name in worker.factories]
 
     @app.get("/sdapi/v1/options")
     def options():
@@ -234,7 +270,10 @@ def create_app(pipeline_factory: Callable | None = None, token: str | None = Non
     @app.post("/v1/generate", status_code=202)
     async def generate(request: Request):
         try:
-            kwargs = parse_v1(await body(request), set(worker.pipe.controlnets), limits)
+            b = await body(request)
+            name = b.pop("base", None) if isinstance(b, dict) else None
+            kwargs = parse_v1(b, set(worker.base(name).controlnets), limits)
+            kwargs["base"] = name
             return {"id": jobs.submit(kwargs)}
         except Busy:
             return error(429, "the queue is full; retry later", **{"Retry-After": "5"})

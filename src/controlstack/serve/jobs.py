@@ -140,8 +140,9 @@ class Jobs:
             try:
                 kw = dict(kwargs)
                 prompt, controls = kw.pop("prompt"), kw.pop("controls")
+                pipe = self.worker.base(kw.pop("base", None))
                 with self.worker.run_lock:
-                    result = self.worker.pipe(prompt, controls, progress=False, return_result=True,
+                    result = pipe(prompt, controls, progress=False, return_result=True,
                                               step_callback=deadline_check(self.worker.job_seconds, progress), **kw)
                 self._finish(record, status="done", images=[encode_png(im) for im in result.images],
                              parameters={k: v for k, v in result.parameters.items() if k != "controls"})
