@@ -75,7 +75,8 @@ def test_the_lists_clients_read(client):
     assert client.get("/controlnet/model_list").json() == {"model_list": ["canny", "depth"]}
     assert "canny" in client.get("/controlnet/module_list").json()["module_list"]
     assert {"name": "Euler a", "aliases": ["euler_a"], "options": {}} in client.get("/sdapi/v1/samplers").json()
-    assert client.get("/v1/models").json()["controlnets"] == ["canny", "depth"]
+    assert [c["name"] for c in client.get("/v1/models").json()["controlnets"]] == ["canny", "depth"]
+    assert client.get("/openapi.json").json()["paths"]["/sdapi/v1/txt2img"]
     assert "low_threshold" in [p["name"] for p in client.get("/v1/annotators").json()["canny"]]
 
 
@@ -103,6 +104,9 @@ def test_client_errors_are_json_400_naming_the_problem(client, change, message):
 def test_bad_json_huge_images_and_a_missing_init_image(client):
     r = client.post("/sdapi/v1/txt2img", content=b"{not json", headers={"content-type": "application/json"})
     assert r.status_code == 400 and r.json()["error"] == "the request body is not valid JSON"
+    bomb = b64(Image.new("1", (20000, 20000)))  # a few kB of PNG that decodes to 400 M pixels
+    r = client.post("/v1/annotate", json={"annotator": "invert", "image": bomb})
+    assert r.status_code == 400 and "too large" in r.json()["error"]
     big = b64(Image.new("RGB", (5000, 10)))
     r = client.post("/sdapi/v1/txt2img", json={**BODY, "alwayson_scripts": {"ControlNet": {"args": [{**UNIT,
                                                                                                      "image": big}]}}})

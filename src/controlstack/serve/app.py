@@ -319,9 +319,18 @@ def create_app(pipeline_factory: Callable | dict | None = None, token: str | Non
 
     @app.get("/v1/models")
     def models():
+        """Bases and ControlNets by name, each with its model card (README.md) where it has one."""
+        from controlstack.io.settings import model_folder, recommended
+
+        def card(folder) -> str | None:
+            path = None if folder is None else folder / "README.md"
+            return path.read_text() if path is not None and path.is_file() else None
+
         pipe = worker.pipe
-        return {"base": {"name": pipe.name, "native_size": pipe.native_size, "recommended": pipe.recommended},
-                "controlnets": sorted(pipe.controlnets)}
+        return {"bases": [{"name": n, "loaded": n in worker.loaded} for n in worker.factories],
+                "default": {"name": pipe.name, "native_size": pipe.native_size, "recommended": pipe.recommended},
+                "controlnets": [{"name": n, "recommended": recommended(model_folder(n)), "card": card(model_folder(n))}
+                                for n in sorted(pipe.controlnets)]}
 
     @app.get("/v1/annotators")
     def annotator_list():

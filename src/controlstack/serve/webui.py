@@ -74,7 +74,9 @@ def decode_image(data, what: str, limits: Limits) -> Image.Image:
             return im.copy()
     except ControlstackError:
         raise
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+    except Image.DecompressionBombError:  # PIL refuses it at open: a small file claiming a huge image
+        raise ControlstackError(f"{what}: the image is too large (a decompression bomb?)") from None
+    except (OSError, SyntaxError, ValueError):
         raise ControlstackError(f"{what}: not an image PIL can read (PNG, JPEG or WebP)") from None
 
 
