@@ -74,7 +74,8 @@ class Pipeline:
         self.memory_format = torch.contiguous_format
         self.autocast_dtype: torch.dtype | None = None
         self.fast_description = "parity (float32, as diffusers)"
-        self.model_hash: str | None = None  # sd-webui's "Model hash" (set by from_pretrained from the file)
+        self.source: Path | None = None  # the folder / file the base came from (its model hash, lazily)
+        self._model_hash: str | None = None
         # the base folder's recommended settings (io/settings.py): used where a call leaves a value unset
         self.recommended = dict(recommended or {})
         # the words the base was trained on (a closed-vocabulary model, like the bundled one): others warn
@@ -122,13 +123,29 @@ class Pipeline:
         in_bundle = folder.resolve() == assets.BUNDLE_DIR.resolve()
         own = (folder / "controlnets").is_dir()
         controlnets = assets.trained_controlnets(folder) if own else assets.bundled_controlnets()
+        return cls.from_source(components, controlnets, "controlstack-bundle" if in_bundle else str(path), folder)
+
+    @classmethod
+    def from_source(cls, components: SDComponents, controlnets: dict, name: str, source: Path) -> Pipeline:
+        """A pipeline over ``components`` loaded from ``source`` (a folder or a single file), with
+        what the folder's ``controlstack.json`` declares: recommended settings and vocabulary."""
         from controlstack.io.settings import read_settings, recommended
 
-        pipe = cls(components, controlnets=controlnets, name="controlstack-bundle" if in_bundle else str(path),
-                   recommended=recommended(folder), vocabulary=read_settings(folder).get("vocabulary")
-                   if folder.is_dir() else None)
-        pipe.model_hash = model_hash(folder)
+        settings = read_settings(source) if source.is_dir() else {}
+        pipe = cls(components, controlnets=controlnets, name=name, recommended=recommended(source),
+                   vocabulary=settings.get("vocabulary"))
+        pipe.source = source
         return pipe
+
+    @property
+    def model_hash(self) -> str | None:
+        """sd-webui's "Model hash" of the base's file, computed on first use (hashing a multi-GB
+        checkpoint at every load would slow start-up for nothing)."""
+        if self._model_hash is None and self.source is not None:
+            from controlstack.io.checkpoints import model_hash
+
+            self._model_hash = model_hash(self.source)
+        return self._model_hash
 
     def controlnet(self, model: Any):
         """Resolve a Control's ``model``: a ControlNetModel, a bundled name, or a path."""
@@ -549,6 +566,8 @@ class Pipeline:
     def check_memory(self, batch: int, width: int, height: int) -> None:
         """Refuse, in one line, a call that cannot fit this machine's free memory (instead of being
         killed by the kernel mid-run)."""
+        from controlstack.models.speed import available_memory
+
         need = self.memory_needed(batch, width, height)
         free = available_memory()
         if free is not None and need > free:
@@ -564,33 +583,6 @@ class Pipeline:
         from controlstack import annotators
 
         return annotators.for_task(control.task) if control.task else str(control.model)
-
-
-def available_memory() -> int | None:
-    """Bytes of memory available to new allocations (Linux ``MemAvailable``; None elsewhere)."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError):
-        return None
-    return None
-
-
-def model_hash(path: Path) -> str | None:
-    """sd-webui's model hash (the first 10 hex digits of the checkpoint's sha256): of the single
-    file, or of a diffusers folder's U-Net weights."""
-    import hashlib
-
-    file = path if path.is_file() else next((p for p in sorted((path / "unet").glob("diffusion_pytorch_model*"))
-                                             if p.suffix in (".safetensors", ".bin")), None)
-    if file is None:
-        return None
-    h = hashlib.sha256()
-    with open(file, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:10]
 
 
 def _validate(prompt, steps, cfg, width, height, batch, factor):

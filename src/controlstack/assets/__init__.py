@@ -65,14 +65,8 @@ def default_pipeline(cls):
         )
         return cls(tiny_sd(seed=0, max_length=32), controlnets=bundled_controlnets(), name="placeholder-tiny")
     from controlstack.io.checkpoints import load_base
-    from controlstack.io.settings import read_settings, recommended
 
-    from controlstack.pipeline import model_hash
-
-    pipe = cls(load_base(BUNDLE_DIR), controlnets=bundled_controlnets(), name="controlstack-bundle",
-               recommended=recommended(BUNDLE_DIR), vocabulary=read_settings(BUNDLE_DIR).get("vocabulary"))
-    pipe.model_hash = model_hash(BUNDLE_DIR)
-    return pipe
+    return cls.from_source(load_base(BUNDLE_DIR), bundled_controlnets(), "controlstack-bundle", BUNDLE_DIR)
 
 
 _PLACEHOLDER_CN: dict = {}

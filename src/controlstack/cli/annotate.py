@@ -110,12 +110,16 @@ def run(args) -> int:
     if args.width is not None and (args.width < 1 or args.height < 1):
         raise ControlstackError("--width and --height must be positive")
 
+    def sized(size):
+        """The annotator at the pixel-perfect resolution for --width/--height (as it is without);
+        ``size()`` gives the input's size, asked only when needed (a pose JSON is read for it)."""
+        if args.width is None:
+            return annotator
+        return annotator.pixel_perfect(size(), args.width, args.height, args.resize_mode)
+
     def annotate(path: Path | None):
         image = load_image(path) if path is not None else None
-        a = annotator
-        if args.width is not None:
-            size = image.size if image is not None else _json_size(annotator)
-            a = annotator.pixel_perfect(size, args.width, args.height, args.resize_mode)
+        a = sized(lambda: image.size if image is not None else _json_size(annotator))
         return a(image) if image is not None else a()
 
     if is_json:
@@ -150,9 +154,7 @@ def run(args) -> int:
         from controlstack.annotators import pose as P
 
         image = load_image(src)
-        a = annotator.pixel_perfect(image.size, args.width, args.height, args.resize_mode) \
-            if args.width is not None else annotator
-        found = a.estimate(image)
+        found = sized(lambda: image.size).estimate(image)
         atomic_write(out, lambda tmp: P.write_openpose_json(found, tmp))
         print(out)
         return 0

@@ -191,11 +191,11 @@ def run(args: argparse.Namespace) -> int:
 
     pipe = Pipeline.from_pretrained(args.model, allow_pickle=args.allow_pickle, config=args.config)
     controls = [
-        Control(split_task(model)[0], image, weight=w, start=s, end=e, mask=mask_images.get(i),
-                resize_mode=args.resize_mode, task=split_task(model)[1],
-                preprocess=modules[i][0] if i in modules else args.preprocess,
+        Control(name, image, weight=w, start=s, end=e, mask=mask_images.get(i), resize_mode=args.resize_mode,
+                task=task, preprocess=modules[i][0] if i in modules else args.preprocess,
                 annotator_params=modules[i][1] if i in modules else {})
-        for i, ((model, _, w, s, e), image) in enumerate(zip(specs, images))
+        for i, ((name, task), (_, _, w, s, e), image) in enumerate(zip([split_task(m) for m, *_ in specs], specs,
+                                                                        images))
     ]
     result = pipe(args.prompt, controls=controls, return_result=True, **img2img, **sampling_options(args, seed))
     return write_outputs(args, result, seed)

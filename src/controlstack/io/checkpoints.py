@@ -25,6 +25,7 @@ Base models (SD single files and folders) live in :mod:`controlstack.io.sd_singl
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import pickle
@@ -216,7 +217,7 @@ def controlnet_from_state_dict(state: dict, *, config=None, metadata: dict | Non
     return cast_model(assign_exact(model, {back.get(k, k): v for k, v in ldm.items()}, "ControlNet"), torch_dtype)
 
 
-def _stored_dtype(folder: Path):
+def stored_dtype(folder: Path):
     """The floating dtype of a diffusers folder's safetensors weights (None when it cannot tell)."""
     from safetensors import safe_open
 
@@ -224,7 +225,7 @@ def _stored_dtype(folder: Path):
     if not files:
         return None
     with safe_open(str(files[0]), framework="pt") as f:
-        for key in f.keys():
+        for key in f.keys():  # noqa: SIM118 - safe_open is not a dict
             dtype = f.get_slice(key).get_dtype()
             if dtype in ("F16", "BF16", "F32"):
                 return {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}[dtype]
@@ -262,7 +263,7 @@ def load_controlnet(source: str | os.PathLike, *, allow_pickle: bool = False,
                                     "pass a ControlNet folder")
         use_safetensors = _folder_weights(path, allow_pickle)
         if torch_dtype is None:  # keep the stored dtype (from_pretrained would load float32)
-            torch_dtype = _stored_dtype(path)
+            torch_dtype = stored_dtype(path)
         try:
             model = ControlNetModel.from_pretrained(path, use_safetensors=use_safetensors, local_files_only=True,
                                                     torch_dtype=torch_dtype)
@@ -369,3 +370,17 @@ def inspect_checkpoint(source, *, allow_pickle: bool = False) -> dict:
     from controlstack.io.inspect import inspect_checkpoint as _inspect
 
     return _inspect(source, allow_pickle=allow_pickle)
+
+
+def model_hash(path: Path) -> str | None:
+    """sd-webui's model hash (the first 10 hex digits of the checkpoint's sha256): of the single
+    file, or of a diffusers folder's U-Net weights."""
+    file = path if path.is_file() else next((p for p in sorted((path / "unet").glob("diffusion_pytorch_model*"))
+                                             if p.suffix in (".safetensors", ".bin")), None)
+    if file is None:
+        return None
+    h = hashlib.sha256()
+    with open(file, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:10]

@@ -81,9 +81,9 @@ def _load_folder_model(cls, folder: Path, allow_pickle: bool, dtype):
         if bar_was_on:
             hf_logging.enable_progress_bar()
     if dtype is None:  # keep what is stored (diffusers would load float32, transformers "auto")
-        from controlstack.io.checkpoints import _stored_dtype
+        from controlstack.io.checkpoints import stored_dtype
 
-        dtype = _stored_dtype(folder)
+        dtype = stored_dtype(folder)
     return cast_model(model, dtype)
 
 

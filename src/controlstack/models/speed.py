@@ -1,4 +1,4 @@
-"""Run-time checks of what is fast on the machine at hand (never assumed).
+"""Run-time checks of the machine at hand (never assumed): what is fast, how much memory is free.
 
 On GPUs with bf16 tensor cores and CPUs with native bf16 (AVX-512 BF16, AMX) autocast to bf16 is
 ~1.6-2x faster than fp32; on AVX2-only CPUs (the AMD EPYC this project is developed on) oneDNN
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import time
+from pathlib import Path
 
 import torch
 
@@ -47,3 +48,14 @@ def bf16_is_fast(device: str = "cpu", threshold: float = 1.2) -> bool:
     if device.startswith("cuda") and not torch.cuda.is_bf16_supported():
         return False
     return bf16_speedup(device) >= threshold
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to new allocations (Linux ``MemAvailable``; None elsewhere)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        return None
+    return None

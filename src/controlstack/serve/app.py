@@ -67,8 +67,8 @@ class Worker:
         self.default = next(iter(self.factories))
         self.loaded: OrderedDict = OrderedDict()
         self.memory_bytes = memory_bytes
-        self._run, self._slots = threading.Lock(), threading.BoundedSemaphore(queue_size + 1)
-        self.run_lock = self._run  # /v1 jobs run under the same lock: one generation at a time
+        # one generation at a time: sd-webui requests, /v1 jobs and the web UI all take this lock
+        self.run_lock, self._slots = threading.Lock(), threading.BoundedSemaphore(queue_size + 1)
         self.current = [0, 0]       # steps done / total of the running sd-webui generation (/sdapi/v1/progress)
         self._load = threading.Lock()
         self.job_seconds = job_seconds
@@ -97,7 +97,7 @@ class Worker:
         if not self._slots.acquire(blocking=False):
             raise Busy()
         try:
-            with self._run:
+            with self.run_lock:
                 controls = [Control(c["model"], c["image"], weight=c["weight"], start=c["start"], end=c["end"],
                                     mask=c["mask"], resize_mode=c["resize_mode"], preprocess=c["module"] or False,
                                     annotator_params=c["params"]) for c in job.controls]
@@ -105,7 +105,7 @@ class Worker:
                 prompt, pipe = kw.pop("prompt"), self.base(kw.pop("base", None))
                 self.current = [0, kw.get("steps") or 0]
                 try:
-                    report = lambda done, total: self.current.__setitem__(slice(None), [done, total])  # noqa: E731
+                    report = lambda done, total: self.current.__setitem__(slice(None), [done, total])
                     return pipe(prompt, controls, progress=False, return_result=True,
                                      step_callback=deadline_check(self.job_seconds, report), **kw)
                 finally:

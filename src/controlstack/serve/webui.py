@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from PIL import Image
 
 from controlstack.errors import ControlstackError
+from controlstack.io.images import validate_image
 from controlstack.io.png import CONTROL_MODES, RESIZE_MODES, SAMPLERS
 
 WEBUI_SAMPLERS = {v: k for k, v in SAMPLERS.items()}
@@ -71,7 +72,7 @@ def decode_image(data, what: str, limits: Limits) -> Image.Image:
                 raise ControlstackError(f"{what}: {im.size[0]}x{im.size[1]} is too large (max side "
                                         f"{limits.max_side * 4})")
             im.load()
-            return im.copy()
+            return validate_image(im.copy(), what)  # the project's own checks (empty images, odd modes)
     except ControlstackError:
         raise
     except Image.DecompressionBombError:  # PIL refuses it at open: a small file claiming a huge image

@@ -206,27 +206,22 @@ def validate(session: TrainingSession, model: MultiTaskPredictor, val: dict) -> 
 
 
 def render_output(task: str, values: torch.Tensor, scale: int = 2):
-    """An activated output (C, H, W) -> the condition image users get (``models/predictor``'s
-    conventions; pose through the keypoint decoder and the pose renderer, drawn ``scale`` x larger)."""
+    """An activated output (C, H, W) -> the condition image users get: the learned annotators' own
+    conversion (``assets.predictor_condition``), keypoints through their decoder (``keypoints_at``)
+    drawn ``scale`` x larger by the pose renderer."""
     from PIL import Image
 
+    from controlstack import assets
+    from controlstack.annotators.base import to_condition
     from controlstack.annotators.pose import render_animal, render_openpose
 
     v = values.float().cpu().numpy()
-    if task in ("depth", "hed"):
-        return Image.fromarray((v[0] * 255).round().clip(0, 255).astype(np.uint8)).convert("RGB")
-    if task == "normal":
-        return Image.fromarray(((v.transpose(1, 2, 0) + 1) * 127.5).round().clip(0, 255).astype(np.uint8))
-    if task == "seg":
-        from controlstack.world.palette import PALETTE
-
-        return Image.fromarray(PALETTE[v.argmax(0)])
-    from controlstack.models.predictor import decode_keypoints
-
-    found = [p * [scale, scale, 1] for p in decode_keypoints(v)]
+    if task not in KEYPOINTS:
+        return to_condition(assets.predictor_condition(task, v))
     h, w = v.shape[1] * scale, v.shape[2] * scale
-    draw = render_openpose if task == "pose" else render_animal
-    return Image.fromarray(draw(found, w, h) if task == "animal_pose" else draw(found, w, h, hands=False, face=False))
+    found = assets.predictor_keypoints(task, v, w, h)
+    return Image.fromarray(render_openpose(found, w, h, hands=False, face=False) if task == "pose"
+                           else render_animal(found, w, h))
 
 
 def render_target(task: str, batch: dict, i: int):
