@@ -21,7 +21,7 @@ BUNDLED_NAMES = ("canny", "depth", "seg", "pose", "scribble", "softedge")
 REQUIRED_CONTROLNETS = ("canny", "depth", "seg", "pose")  # the bundle is the default once all exist
 CHECKSUMS = "SHA256SUMS"  # `sha256sum -c` format, over every weight and config file of the bundle
 _MODEL_PARTS = ("model_index.json", "controlstack.json", "vae", "unet", "text_encoder", "tokenizer", "scheduler",
-                "controlnets", "mi", "predictor")
+                "controlnets", "mi", "predictor", "evaluation")
 
 
 def has_trained_base(bundle: Path | None = None) -> bool:
@@ -112,6 +112,23 @@ def verify_checksums(bundle: Path = BUNDLE_DIR) -> list[str]:
     problems += [f"{name}: missing" for name in recorded if name not in actual]
     problems += [f"{name}: not recorded in {CHECKSUMS}" for name in actual if name not in recorded]
     return problems
+
+
+# -- the evaluation networks (FID / KID features, CLIP score; evaluation/networks.py) ------------
+
+EVALUATION_NETWORKS = ("features", "clip")
+
+
+def evaluation_folder(name: str, bundle: Path = BUNDLE_DIR) -> Path:
+    """The bundled evaluation network ``name`` (features | clip); a one-line error when missing."""
+    from controlstack.errors import require
+
+    require(name in EVALUATION_NETWORKS, f"unknown evaluation network '{name}'; choose one of "
+                                         f"{', '.join(EVALUATION_NETWORKS)}")
+    folder = bundle / "evaluation" / name
+    require((folder / "config.json").is_file(), f"this checkout has no bundled {name} network ({folder}); "
+                                               f"train it with `controlstack train {name}` or pass your own")
+    return folder
 
 
 # -- the multi-task dense predictor behind the learned annotators (OmniControlNet stage 1) -------

@@ -26,6 +26,7 @@ COMMANDS = (
     "world",
     "train",
     "asym",
+    "evaluate",
     "serve",
     "demo",
 )

@@ -15,7 +15,7 @@ from controlstack.training import RECIPES, recipe
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("train", help="train a VAE, a base text-to-image model or a ControlNet",
+    p = subparsers.add_parser("train", help="train a model: VAE, base, ControlNet, Omni, predictor, or an evaluation network (features, clip)",
                               description=plain(__doc__.splitlines()[0]))
     p.add_argument("recipe", choices=list(RECIPES), help="what to train")
     p.add_argument("--config", required=True, help="YAML config (see src/controlstack/configs/train/)")

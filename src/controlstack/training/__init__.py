@@ -14,13 +14,16 @@ from importlib import import_module
 
 from controlstack.errors import ControlstackError
 
-#: recipe name -> (module, config class name)
+#: recipe name -> (module, config class name[, train function name; default ``train``])
 RECIPES = {
     "vae": ("controlstack.training.vae", "VAEConfig"),
     "base": ("controlstack.training.base", "BaseConfig"),
     "controlnet": ("controlstack.training.controlnet", "ControlNetConfig"),
     "omni": ("controlstack.training.omni", "OmniConfig"),
     "predictor": ("controlstack.training.predictor", "PredictorTrainConfig"),
+    # the evaluation networks (FID / KID features, CLIP score): two recipes of one file
+    "features": ("controlstack.training.evaluators", "FeatureNetTrainConfig", "train_features"),
+    "clip": ("controlstack.training.evaluators", "ClipTrainConfig", "train_clip"),
 }
 
 
@@ -28,9 +31,9 @@ def recipe(name: str):
     """(config class, train function) of a recipe; unknown names list the known ones."""
     if name not in RECIPES:
         raise ControlstackError(f"unknown recipe '{name}'; choose one of {', '.join(RECIPES)}")
-    module_name, config_name = RECIPES[name]
+    module_name, config_name, *function = RECIPES[name]
     module = import_module(module_name)
-    return getattr(module, config_name), module.train
+    return getattr(module, config_name), getattr(module, function[0] if function else "train")
 
 
 __all__ = ["RECIPES", "recipe"]

@@ -58,7 +58,7 @@ PROBE_STEPS = 40  # steps of a budget probe: past the first steps' warm-up, shor
 @dataclass
 class Stage:
     name: str
-    recipe: str                 # vae | base | controlnet | world
+    recipe: str                 # a training recipe (vae | base | controlnet | ...) or world
     target: Path                # the file whose presence means "done"
     condition: str = ""         # for ControlNet stages
     init_from: Path | None = None  # a refining stage starts from this bundled model
@@ -92,6 +92,10 @@ def stages(bundle: Path = BUNDLE_DIR) -> list[Stage]:
     out.append(Stage("predictor", "predictor", bundle / "predictor" / "model.safetensors", dest=bundle / "predictor"))
     omni = bundle / "controlnets" / "omni"
     out.append(Stage("omni", "omni", omni / weights, "omni", bundle / "controlnets" / "canny", "omni", omni))
+    # the networks FID / KID and CLIP score look through (evaluation/networks.py, docs/evaluation.md)
+    for name, target in (("features", "model.safetensors"), ("clip", "model.safetensors")):
+        dest = bundle / "evaluation" / name
+        out.append(Stage(name, name, dest / target, dest=dest))
     return out
 
 
@@ -266,6 +270,13 @@ def run_stage(stage: Stage, work_root: Path, bundle: Path, configs: Path | None 
         tmp = bundle / ".predictor.partial"
         save_predictor(load_predictor(model_dir), tmp, dtype=__import__("torch").float16)
         shutil.rmtree(stage.dest, ignore_errors=True)
+        tmp.rename(stage.dest)
+    elif stage.recipe in ("features", "clip"):  # small: copied as trained (fp32), card written below
+        tmp = bundle / f".{stage.name}.partial"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(model_dir, tmp)
+        shutil.rmtree(stage.dest, ignore_errors=True)
+        stage.dest.parent.mkdir(parents=True, exist_ok=True)
         tmp.rename(stage.dest)
     elif stage.recipe == "base":
         from diffusers import UNet2DConditionModel

@@ -68,6 +68,36 @@ def _check_type(name: str, value: Any, hint: Any) -> Any:
     return value
 
 
+def coerce_fields(config) -> None:
+    """Check and coerce every field of a dataclass instance to its annotated type (one-line errors)."""
+    hints = get_type_hints(type(config))
+    for f in dataclasses.fields(config):
+        setattr(config, f.name, _check_type(f.name, getattr(config, f.name), hints[f.name]))
+
+
+def read_yaml(path: str | Path) -> dict:
+    """A YAML config file as a dict, with one-line errors for a missing file or bad syntax."""
+    path = Path(path)
+    if not path.is_file():
+        raise ControlstackError(f"config file '{path}' not found; pass an existing YAML file")
+    try:
+        return yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        line = getattr(getattr(exc, "problem_mark", None), "line", None)
+        where = f" (line {line + 1})" if line is not None else ""
+        raise ControlstackError(f"config file '{path}' is not valid YAML{where}; fix its syntax") from None
+
+
+def check_keys(cls, values: dict) -> None:
+    """Every key of ``values`` must be a field of dataclass ``cls``."""
+    if not isinstance(values, dict):
+        raise ControlstackError(f"a {cls.__name__} must be a mapping of keys to values, got {type(values).__name__}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in values:
+        if key not in names:
+            raise ControlstackError(f"unknown config key '{key}' for {cls.__name__}; known keys: {', '.join(sorted(names))}")
+
+
 @dataclass
 class TrainConfig:
     """Fields shared by every recipe. Steps count optimiser updates (after gradient accumulation)."""
@@ -109,9 +139,7 @@ class TrainConfig:
     num_validation_images: int = 4
 
     def __post_init__(self) -> None:
-        hints = get_type_hints(type(self))
-        for f in dataclasses.fields(self):
-            setattr(self, f.name, _check_type(f.name, getattr(self, f.name), hints[f.name]))
+        coerce_fields(self)
         positive = ("resolution", "max_steps", "batch_size", "gradient_accumulation_steps",
                     "checkpoint_every", "checkpoints_total_limit", "validate_every", "log_every")
         for name in positive:
@@ -138,29 +166,13 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict, **overrides: Any) -> Self:
-        if not isinstance(values, dict):
-            raise ControlstackError(f"a {cls.__name__} must be a mapping of keys to values, got {type(values).__name__}")
-        names = {f.name for f in dataclasses.fields(cls)}
-        for key in values:
-            if key not in names:
-                raise ControlstackError(
-                    f"unknown config key '{key}' for {cls.__name__}; known keys: {', '.join(sorted(names))}"
-                )
+        check_keys(cls, values)
         merged = {**values, **{k: v for k, v in overrides.items() if v is not None}}
         return cls(**merged)
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides: Any) -> Self:
-        path = Path(path)
-        if not path.is_file():
-            raise ControlstackError(f"config file '{path}' not found; pass an existing YAML file")
-        try:
-            values = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            line = getattr(getattr(exc, "problem_mark", None), "line", None)
-            where = f" (line {line + 1})" if line is not None else ""
-            raise ControlstackError(f"config file '{path}' is not valid YAML{where}; fix its syntax") from None
-        return cls.from_dict(values, **overrides)
+        return cls.from_dict(read_yaml(path), **overrides)
 
     def to_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}

@@ -84,8 +84,19 @@ def seg_to_classes(seg: np.ndarray) -> np.ndarray:
     """The world's seg colours (palette) -> class ids (H, W); unknown colours -> the nearest."""
     from controlstack.world.palette import PALETTE
 
-    d = ((seg[:, :, None, :].astype(np.int32) - PALETTE[None, None].astype(np.int32)) ** 2).sum(-1)
-    return d.argmin(-1).astype(np.int64)
+    # exact palette colours by a packed-RGB lookup (the export's maps are lossless PNGs); only the
+    # colours the palette lacks go through the nearest-colour search
+    pal = PALETTE.astype(np.int64)
+    keys = (pal[:, 0] << 16) | (pal[:, 1] << 8) | pal[:, 2]
+    packed = (seg[..., 0].astype(np.int64) << 16) | (seg[..., 1].astype(np.int64) << 8) | seg[..., 2]
+    order = np.argsort(keys)
+    pos = np.clip(np.searchsorted(keys[order], packed), 0, len(keys) - 1)
+    ids = order[pos]
+    odd = keys[ids] != packed
+    if odd.any():
+        d = ((seg[odd][:, None, :].astype(np.int64) - pal[None]) ** 2).sum(-1)
+        ids[odd] = d.argmin(-1)
+    return ids.astype(np.int64)
 
 
 def instances(keypoints_json: str, task: str) -> list[np.ndarray]:

@@ -1,0 +1,290 @@
+"""``controlstack evaluate``: a grid of generations on held-out world scenes, measured the papers' way.
+
+The grid is model × control type × mode × CFG × prompt style (:class:`EvaluateConfig`). Every
+cell generates one image per held-out scene (seeds ``[HELD_OUT_SEED, start + i]``, never used in
+training; sampling seed ``seed + i``) and is measured against the same scenes' real renders:
+
+* FID / KID on the project's feature network and CLIP score on its world CLIP
+  (``quality.py``; a user's own Inception / CLIP can replace either);
+* condition fidelity of the control type (``fidelity.py``) -- for the no-control rows, of every
+  control type of the grid: the baseline a control must beat;
+* optionally Asym / NAsym of each ControlNet (``asym.py``; MIControlNet's conservativity measure).
+
+Models (the ControlNet of a row, per control type): ``plain`` is the base's ControlNet of that
+name, ``mi`` its Minimal Impact ControlNet ``mi-<type>``, ``omni`` the Omni ControlNet with the
+type's task token, anything else a ControlNet folder or file. Prompt styles: ``empty`` (no
+prompt: the paper's hardest test of control), ``brief`` (the first noun phrase and the ground,
+``mi.brief_caption``) and ``full`` (the scene's caption). CLIP score always compares the image with
+the full caption.
+
+Generations are cached as PNGs under ``DIR/images/<row>/`` with the settings they were made
+with; a rerun skips what exists with the same settings, so an interrupted run resumes. Output:
+``DIR/metrics.json`` (schema in :func:`run`) and ``DIR/report.html`` (``html.py``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from controlstack.errors import require
+from controlstack.training.config import check_keys, coerce_fields, read_yaml
+
+PROMPT_STYLES = ("empty", "brief", "full")
+MODEL_KINDS = ("plain", "mi", "omni")
+NONE = "none"
+#: the world's condition columns a row can use (Omni reads ``softedge`` through its ``hed`` token)
+CONTROL_TYPES = ("canny", "depth", "seg", "pose", "normal", "softedge", "scribble")
+OMNI_TASK = {"softedge": "hed"}
+
+
+@dataclass
+class EvaluateConfig:
+    scenes: int = 8                                   # held-out world scenes per row
+    seed: int = 0                                     # sampling seed of scene i: seed + i
+    start: int = 0                                    # first held-out scene index
+    base: str = ""                                    # SD folder / file; "" = the bundle
+    controls: tuple[str, ...] = ("canny", "depth")    # control types; "none" = the base alone
+    models: tuple[str, ...] = ("plain",)              # plain | mi | omni | a ControlNet path
+    modes: tuple[str, ...] = ("auto",)                # injection modes; auto = what the models recommend
+    cfg: tuple[float, ...] = (7.5,)
+    prompt_styles: tuple[str, ...] = ("full",)        # empty | brief | full
+    steps: int = 20
+    scheduler: str = "unipc"
+    size: int = 0                                     # 0: the base's native size
+    features: str = ""                                # FID / KID network: "" bundled; a FeatureNet folder or TorchScript .pt
+    trust_torchscript: bool = False                   # allow features to be TorchScript (it runs code)
+    clip: str = ""                                    # CLIP folder; "" bundled
+    asym_steps: int = 0                               # > 0: Asym / NAsym of each ControlNet on this many batches of 4
+    grid_scenes: int = 4                              # scenes shown per grid in the report
+    extra: dict = field(default_factory=dict)         # free-form notes copied into metrics.json
+
+    def __post_init__(self) -> None:
+        from controlstack.injection import available
+        from controlstack.sampling.schedulers import SCHEDULERS
+
+        for name in ("controls", "models", "modes", "cfg", "prompt_styles"):
+            v = getattr(self, name)
+            if isinstance(v, (str, int, float)) and not isinstance(v, bool):
+                setattr(self, name, (v,))
+        coerce_fields(self)
+        require(self.scenes >= 2, f"--scenes must be >= 2 (FID / KID need two images), got {self.scenes}")
+        require(self.steps >= 1 and self.start >= 0 and self.seed >= 0 and self.size >= 0 and self.asym_steps >= 0,
+                "--steps must be >= 1; --start, --seed, --size and asym_steps >= 0")
+        require(self.size == 0 or self.size % 8 == 0, f"--size must be a multiple of 8, got {self.size}")
+        require(self.grid_scenes >= 1, "grid_scenes must be >= 1")
+        for c in self.controls:
+            require(c == NONE or c in CONTROL_TYPES, f"unknown control type '{c}'; choose from {NONE}, "
+                                                     f"{', '.join(CONTROL_TYPES)}")
+        for s in self.prompt_styles:
+            require(s in PROMPT_STYLES, f"unknown prompt style '{s}'; choose from {', '.join(PROMPT_STYLES)}")
+        for m in self.modes:
+            require(m == "auto" or m in available(), f"unknown mode '{m}'; choose from auto, {', '.join(available())}")
+        for c in self.cfg:
+            require(1.0 <= c <= 30.0, f"--cfg values must be in [1, 30], got {c}")
+        require(self.scheduler in SCHEDULERS, f"unknown scheduler '{self.scheduler}'; choose from {', '.join(SCHEDULERS)}")
+        for m in self.models:
+            require(m in MODEL_KINDS or Path(m).exists(), f"model '{m}' is neither {', '.join(MODEL_KINDS)} nor a path")
+        require(self.controls and self.models and self.modes and self.cfg and self.prompt_styles,
+                "controls, models, modes, cfg and prompt_styles each need at least one value")
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, **overrides) -> EvaluateConfig:
+        values = read_yaml(path)
+        check_keys(cls, values)
+        return cls(**{**values, **{k: v for k, v in overrides.items() if v is not None}})
+
+    def rows(self) -> list[dict]:
+        """The grid's cells: {model, control, mode, cfg, prompt_style}; no-control rows once per CFG × style."""
+        out = []
+        for c in self.controls:
+            for model in (["base"] if c == NONE else self.models):
+                for mode in (["-"] if c == NONE else self.modes):
+                    for cfg in self.cfg:
+                        for style in self.prompt_styles:
+                            out.append({"model": model, "control": None if c == NONE else c, "mode": mode,
+                                        "cfg": cfg, "prompt_style": style})
+        return out
+
+
+def row_key(row: dict) -> str:
+    """A folder name for a row: readable, and unique (a path model adds a short hash)."""
+    model = row["model"]
+    if model not in (*MODEL_KINDS, "base"):
+        model = Path(model).stem[:24] + "-" + hashlib.sha256(model.encode()).hexdigest()[:6]
+    parts = [model, row["control"] or NONE, *([row["mode"]] if row["control"] else []), f"cfg{row['cfg']:g}",
+             row["prompt_style"]]
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", "-".join(parts))
+
+
+def prompt_for(style: str, caption: str) -> str:
+    from controlstack.evaluation.mi import brief_caption
+
+    return {"empty": "", "brief": brief_caption(caption), "full": caption}[style]
+
+
+def control_for(row: dict, condition: Image.Image):
+    """The row's :class:`~controlstack.Control` for a condition image."""
+    from controlstack import Control
+
+    c, model = row["control"], row["model"]
+    if model == "plain":
+        return Control(c, condition)
+    if model == "mi":
+        return Control(f"mi-{c}", condition)
+    if model == "omni":
+        return Control("omni", condition, task=OMNI_TASK.get(c, c))
+    return Control(model, condition)
+
+
+def held_out_scenes(config: EvaluateConfig, size: int) -> list[dict]:
+    from controlstack.world import HELD_OUT_SEED, WorldConfig, render, sample_scene
+
+    return [render(sample_scene([HELD_OUT_SEED, config.start + i], WorldConfig(size=size)), size)
+            for i in range(config.scenes)]
+
+
+def _settings(config: EvaluateConfig, pipe, row: dict, size: int) -> dict:
+    """What a cached image depends on besides its row: a change regenerates the row."""
+    return {"row": row, "steps": config.steps, "scheduler": config.scheduler, "size": size, "seed": config.seed,
+            "start": config.start, "base": config.base or "bundle", "model_hash": pipe.model_hash}
+
+
+def generate_row(pipe, config: EvaluateConfig, row: dict, scenes: list[dict], folder: Path, size: int, bar) -> list[np.ndarray]:
+    """The row's images (from the cache when its settings match), as uint8 arrays."""
+    settings = _settings(config, pipe, row, size)
+    record = folder / "settings.json"
+    if record.is_file() and json.loads(record.read_text()) != settings:
+        for old in folder.glob("*.png"):  # made with other settings: stale, never mixed in
+            old.unlink()
+    folder.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps(settings, indent=1))
+    images = []
+    for i, scene in enumerate(scenes):
+        path = folder / f"{i:04d}.png"
+        if not path.is_file():
+            controls = [] if row["control"] is None else [control_for(row, Image.fromarray(scene[row["control"]]).convert("RGB"))]
+            image = pipe(prompt_for(row["prompt_style"], scene["text"]), controls, steps=config.steps, cfg=row["cfg"],
+                         seed=config.seed + i, width=size, height=size, scheduler=config.scheduler,
+                         mode=None if row["mode"] in ("auto", "-") else row["mode"], progress=False)[0]
+            tmp = path.with_suffix(".tmp.png")
+            image.save(tmp)
+            os.replace(tmp, path)  # a killed run never leaves half a PNG behind
+        images.append(np.asarray(Image.open(path).convert("RGB")))
+        bar.update(1)
+    return images
+
+
+def measure_row(row: dict, images, scenes, real, captions, network, scorer, config: EvaluateConfig, predictor) -> dict:
+    from controlstack.evaluation.fidelity import FidelityMeter, supported
+    from controlstack.evaluation.quality import clip_score, fid_kid
+    from controlstack.training.predictor import instances
+
+    out = {**row, **fid_kid(network, real, images), "clip_score": clip_score(scorer, images, captions)}
+    types = [row["control"]] if row["control"] else [c for c in config.controls if c != NONE]
+    fidelity: dict = {}
+    for c in types:
+        if not supported(c):
+            continue
+        meter = FidelityMeter(c, predictor)
+        for g, s in zip(images, scenes):
+            meter.add(g, s[c], instances(s["keypoints"], "pose") if c == "pose" else None)
+        res = meter.result()
+        tv = res.pop("tv")
+        fidelity.update(res if row["control"] else {f"{c}.{k}": v for k, v in res.items()})
+        fidelity["tv"] = tv
+    out["fidelity"] = fidelity
+    return out
+
+
+def run(config: EvaluateConfig, out_dir: str | Path, progress: bool = True) -> dict:
+    """Generate (or reuse), measure and report the grid; returns the metrics.json dict::
+
+        {"rows": [{"model", "control" (None for none), "mode", "cfg", "prompt_style",
+                   "fid", "kid", "clip_score", "fidelity": {metric: value}}],
+         "reference": {"clip_real_matched", "clip_real_shuffled", "fid_real_split", "kid_real_split", "tv_real"},
+         "config": {...}, "scenes": N, "size": S, "networks": {"features", "clip"}}
+    """
+    from tqdm.auto import tqdm
+
+    from controlstack import Pipeline, assets
+    from controlstack.evaluation.html import write_report
+    from controlstack.evaluation.mi import total_variation
+    from controlstack.evaluation.networks import ClipScorer, load_feature_extractor
+    from controlstack.evaluation.quality import reference
+    from controlstack.io.paths import output_folder
+
+    out = output_folder(out_dir)
+    network = load_feature_extractor(config.features or None, allow_torchscript=config.trust_torchscript)
+    scorer = ClipScorer.load(config.clip or None)
+    pipe = Pipeline.from_pretrained(config.base or None)
+    rows = config.rows()
+    _check_models(pipe, rows)
+    size = config.size or pipe.native_size
+    scenes = held_out_scenes(config, size)
+    real = [np.asarray(s["image"]) for s in scenes]
+    captions = [s["text"] for s in scenes]
+    folder = assets.predictor_folder()
+    predictor = assets.load_predictor(folder) if folder is not None else None
+
+    images: dict[str, list[np.ndarray]] = {}
+    with tqdm(total=len(rows) * len(scenes), desc="evaluate", unit="image", disable=not progress) as bar:
+        for row in rows:
+            key = row_key(row)
+            bar.set_postfix_str(key)
+            images[key] = generate_row(pipe, config, row, scenes, out / "images" / key, size, bar)
+    measured = [measure_row(row, images[row_key(row)], scenes, real, captions, network, scorer, config, predictor)
+                for row in tqdm(rows, desc="measure", unit="row", disable=not progress)]
+    if config.asym_steps:
+        _add_asym(pipe, config, measured, progress)
+    ref = reference(network, scorer, real, captions)
+    ref["tv_real"] = float(np.mean([total_variation(r) for r in real]))
+    report = {"rows": measured, "reference": ref, "config": _portable(asdict(config)), "scenes": len(scenes),
+              "size": size, "networks": {"features": config.features or "bundled", "clip": config.clip or "bundled"}}
+    tmp = out / "metrics.json.tmp"
+    tmp.write_text(json.dumps(report, indent=2, default=float))
+    os.replace(tmp, out / "metrics.json")
+    write_report(report, scenes, images, out / "report.html", grid_scenes=config.grid_scenes)
+    return report
+
+
+def _check_models(pipe, rows: list[dict]) -> None:
+    """Every row's ControlNet exists before anything is generated (one line naming the first missing)."""
+    for row in rows:
+        if row["control"] is None:
+            continue
+        c, model = row["control"], row["model"]
+        name = {"plain": c, "mi": f"mi-{c}", "omni": "omni"}.get(model, model)
+        if model in MODEL_KINDS:
+            require(name in pipe.controlnets, f"model '{model}' needs the ControlNet '{name}', which this base "
+                                              f"does not have; it has {', '.join(pipe.controlnets) or 'none'}")
+
+
+def _add_asym(pipe, config: EvaluateConfig, measured: list[dict], progress: bool) -> None:
+    from controlstack.evaluation.asym import measure_asym
+
+    done: dict = {}
+    for row in measured:
+        if row["control"] is None:
+            continue
+        model = row["model"]
+        name = {"plain": row["control"], "mi": f"mi-{row['control']}"}.get(model, model)
+        if model == "omni":
+            continue  # Omni's branch needs its task token: not what measure_asym feeds it
+        key = (name, row["mode"])
+        if key not in done:
+            r = measure_asym(pipe, name, condition=row["control"], batch=4, steps=config.asym_steps, seed=config.seed,
+                             mode=None if row["mode"] == "auto" else row["mode"], progress=progress)
+            done[key] = {"asym": r.asym, "nasym": r.nasym}
+        row["fidelity"].update(done[key])
+
+
+def _portable(values: dict) -> dict:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}

@@ -1,0 +1,81 @@
+"""Image quality and text-image agreement: FID, KID and CLIP score, with their reference points.
+
+* FID (Heusel et al. 2017) and KID (Bińkowski et al. 2018, the unbiased MMD² with the cubic
+  polynomial kernel, averaged over random subsets) come from ``torchmetrics`` with the feature
+  network of ``evaluation/networks.py`` plugged in as its custom extractor; images enter as uint8
+  and are resized by clean-fid's rule inside the network.
+* CLIP score (Hessel et al. 2021): ``100 · max(cos(E_I(x), E_T(c)), 0)`` averaged over pairs.
+
+A number alone says little, so :func:`reference` measures each metric's ceiling and floor on the
+same real scenes: the CLIP score of the real renders with their own captions and with shuffled
+ones, and the FID / KID between two halves of the real renders (what two samples of the *same*
+distribution score at this set size -- FID is biased upward at small N).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import torch
+
+from controlstack.errors import require
+
+KID_SUBSETS = 100
+
+
+def _batch(images) -> torch.Tensor:
+    """uint8 (H, W, 3) arrays or PIL images -> uint8 (B, 3, H, W)."""
+    a = np.stack([np.asarray(im.convert("RGB") if hasattr(im, "convert") else im, np.uint8) for im in images])
+    return torch.from_numpy(a).permute(0, 3, 1, 2).contiguous()
+
+
+def features(network, images, batch_size: int = 64) -> torch.Tensor:
+    """The network's features of a list of images, in batches (float64, for the statistics)."""
+    out = [network(_batch(images[i:i + batch_size])) for i in range(0, len(images), batch_size)]
+    return torch.cat(out).double()
+
+
+def fid_kid(network, real, fake, seed: int = 0) -> dict[str, float]:
+    """FID and KID (mean over ``KID_SUBSETS`` subsets of min(50, N) images) between two sets."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+    from torchmetrics.image.kid import KernelInceptionDistance
+
+    require(len(real) >= 2 and len(fake) >= 2, f"FID / KID need >= 2 images per set, got {len(real)} and {len(fake)}")
+    fid = FrechetInceptionDistance(feature=network, reset_real_features=True, normalize=False)
+    subset = min(50, len(real), len(fake))
+    with warnings.catch_warnings():  # "KID keeps all features in memory": a few thousand rows at most here
+        warnings.simplefilter("ignore", UserWarning)
+        kid = KernelInceptionDistance(feature=network, subsets=KID_SUBSETS, subset_size=subset, normalize=False)
+    for images, is_real in ((real, True), (fake, False)):
+        for i in range(0, len(images), 64):
+            b = _batch(images[i:i + 64])
+            fid.update(b, real=is_real)
+            kid.update(b, real=is_real)
+    torch.manual_seed(seed)  # KID's subsets are drawn with torch's global generator
+    kid_mean, _ = kid.compute()
+    return {"fid": float(fid.compute()), "kid": float(kid_mean)}
+
+
+def clip_score(scorer, images, texts: list[str]) -> float:
+    """Mean CLIP score ``100 · max(cos, 0)`` of (image, text) pairs."""
+    scores = np.concatenate([scorer.scores(images[i:i + 64], texts[i:i + 64]) for i in range(0, len(texts), 64)])
+    return float(scores.mean())
+
+
+def shuffled(texts: list[str]) -> list[str]:
+    """Each text replaced by another scene's (a cyclic shift: no text keeps its own image)."""
+    return texts[1:] + texts[:1]
+
+
+def reference(network, scorer, real, captions: list[str]) -> dict[str, float]:
+    """The metrics' reference points on the real images of the evaluated scenes."""
+    half = len(real) // 2
+    out = {"clip_real_matched": clip_score(scorer, real, captions),
+           "clip_real_shuffled": clip_score(scorer, real, shuffled(captions))}
+    if half >= 2:
+        split = fid_kid(network, real[:half], real[half:2 * half])
+        out.update(fid_real_split=split["fid"], kid_real_split=split["kid"])
+    else:
+        out.update(fid_real_split=float("nan"), kid_real_split=float("nan"))
+    return out

@@ -1,0 +1,101 @@
+"""``controlstack evaluate``: the grid, its validation, the cache / resume and the report's schema."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from controlstack.errors import ControlstackError
+from controlstack.evaluation.evaluate import EvaluateConfig, row_key
+
+
+def test_grid_rows_and_validation():
+    cfg = EvaluateConfig(scenes=2, controls=("canny", "none"), models=("plain", "omni"), modes=("balanced", "controlnet"),
+                         cfg=(1.0, 7.0), prompt_styles=("empty", "full"))
+    rows = cfg.rows()
+    assert len(rows) == 2 * 2 * 2 * 2 + 2 * 2  # no-control rows: once per CFG x style
+    assert {row_key(r) for r in rows if r["control"] is None} == {"base-none-cfg1-empty", "base-none-cfg1-full",
+                                                                    "base-none-cfg7-empty", "base-none-cfg7-full"}
+    assert EvaluateConfig(controls="depth").controls == ("depth",)  # one value from YAML / Python
+    for bad, match in [({"scenes": 1}, "--scenes must be >= 2"), ({"controls": ("mlsd",)}, "unknown control type"),
+                       ({"prompt_styles": ("long",)}, "unknown prompt style"), ({"modes": ("loud",)}, "unknown mode"),
+                       ({"cfg": (0.5,)}, r"--cfg values must be in \[1, 30\]"), ({"models": ("nowhere",)}, "nor a path"),
+                       ({"steps": "ten"}, "must be an integer")]:
+        with pytest.raises(ControlstackError, match=match):
+            EvaluateConfig(**bad)
+
+
+def test_yaml_config_rejects_unknown_keys(tmp_path):
+    path = tmp_path / "grid.yaml"
+    path.write_text("scenes: 3\ncolour: red\n")
+    with pytest.raises(ControlstackError, match="unknown config key 'colour'"):
+        EvaluateConfig.from_yaml(path)
+    path.write_text("scenes: 3\ncontrols: [canny, none]\ncfg: [3, 7]\n")
+    cfg = EvaluateConfig.from_yaml(path, steps=2)
+    assert cfg.scenes == 3 and cfg.cfg == (3.0, 7.0) and cfg.steps == 2
+
+
+@pytest.fixture(scope="module")
+def tiny_networks(tmp_path_factory):
+    """Random (untrained) feature and CLIP networks: the report's plumbing, not its numbers."""
+    from controlstack.evaluation.networks import (
+        ClipNetConfig,
+        FeatureNet,
+        FeatureNetConfig,
+        build_clip,
+        preprocessor_config,
+        save_feature_net,
+    )
+    from controlstack.training.tokenizer import build_tokenizer
+
+    root = tmp_path_factory.mktemp("nets")
+    torch.manual_seed(0)
+    save_feature_net(FeatureNet(FeatureNetConfig(image_size=32, widths=[8, 16], num_features=4)), root / "features")
+    tok = build_tokenizer("world", 16)
+    clip = build_clip(ClipNetConfig(image_size=32, width=32, layers=1, heads=2, projection_dim=8, max_length=16), tok)
+    clip.save_pretrained(root / "clip")
+    tok.save_pretrained(root / "clip")
+    (root / "clip" / "preprocessor_config.json").write_text(json.dumps(preprocessor_config(32)))
+    return root
+
+
+def test_evaluate_writes_the_report_and_resumes(tiny_networks, tmp_path, capsys):
+    from controlstack.cli.main import main
+
+    out = tmp_path / "ev"
+    args = ["evaluate", "--scenes", "2", "--controls", "canny,none", "--steps", "2", "--out", str(out),
+            "--features", str(tiny_networks / "features"), "--clip", str(tiny_networks / "clip")]
+    assert main(args) == 0
+    report = json.loads((out / "metrics.json").read_text())
+    assert [(r["model"], r["control"]) for r in report["rows"]] == [("plain", "canny"), ("base", None)]
+    for r in report["rows"]:
+        assert {"model", "control", "mode", "cfg", "prompt_style", "fid", "kid", "clip_score", "fidelity"} <= set(r)
+        assert np.isfinite(r["fid"]) and 0 <= r["clip_score"] <= 100
+    assert set(report["rows"][0]["fidelity"]) == {"edge_f1", "tv"}
+    assert set(report["rows"][1]["fidelity"]) == {"canny.edge_f1", "tv"}  # the no-control baseline
+    assert {"clip_real_matched", "clip_real_shuffled", "fid_real_split"} <= set(report["reference"])
+    page = (out / "report.html").read_text()
+    for section in ("Reference points", "<h2>Rows</h2>", "canny.edge_f1", "FID against CLIP score", "data:image/png;base64,"):
+        assert section in page
+    assert "src='http" not in page and 'src="http' not in page  # self-contained
+
+    pngs = sorted((out / "images").rglob("*.png"))
+    assert len(pngs) == 4
+    stamps = {p: p.stat().st_mtime_ns for p in pngs}
+    assert main(args) == 0  # same settings: every image comes from the cache
+    assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())
+    assert json.loads((out / "metrics.json").read_text())["rows"] == report["rows"]
+    assert main([*args[:6], "3", *args[7:]]) == 0  # --steps 3: the rows are made again
+    assert all(p.stat().st_mtime_ns != t for p, t in stamps.items())
+
+
+def test_missing_controlnet_is_named_before_generating(tiny_networks, tmp_path, capsys):
+    from controlstack.cli.main import main
+
+    code = main(["evaluate", "--scenes", "2", "--controls", "normal", "--steps", "1", "--out", str(tmp_path / "x"),
+                 "--features", str(tiny_networks / "features"), "--clip", str(tiny_networks / "clip")])
+    assert code == 2 and "needs the ControlNet 'normal'" in capsys.readouterr().err
+    assert not (tmp_path / "x" / "images").exists()
