@@ -20,6 +20,12 @@ def test_grid_rows_and_validation():
     assert {row_key(r) for r in rows if r["control"] is None} == {"base-none-cfg1-empty", "base-none-cfg1-full",
                                                                     "base-none-cfg7-empty", "base-none-cfg7-full"}
     assert EvaluateConfig(controls="depth").controls == ("depth",)  # one value from YAML / Python
+    from controlstack.evaluation.evaluate import parse_mode
+
+    assert parse_mode("controlnet:layer_weights=uniform") == ("controlnet", {"layer_weights": "uniform"})
+    assert parse_mode("mi:lambda_max=20") == ("mi", {"lambda_max": 20.0})
+    with pytest.raises(ControlstackError, match="layer_weights must be one of"):
+        EvaluateConfig(modes=("controlnet:layer_weights=loud",))
     for bad, match in [({"scenes": 1}, "--scenes must be >= 2"), ({"controls": ("mlsd",)}, "unknown control type"),
                        ({"prompt_styles": ("long",)}, "unknown prompt style"), ({"modes": ("loud",)}, "unknown mode"),
                        ({"cfg": (0.5,)}, r"--cfg values must be in \[1, 30\]"), ({"models": ("nowhere",)}, "nor a path"),

@@ -53,6 +53,7 @@ def test_torchscript_inception_is_opt_in(tmp_path):
     net = load_feature_extractor(path, allow_torchscript=True)
     f = net(torch.full((1, 3, 64, 64), 255, dtype=torch.uint8))
     assert net.num_features == 2048 and f.shape == (1, 2048) and float(f[0, 0]) == pytest.approx(255.0, abs=1e-3)
+    assert load_feature_extractor(tmp_path, allow_torchscript=True).num_features == 2048  # an Inception folder
     (tmp_path / "junk.pt").write_bytes(b"not a model")
     with pytest.raises(ControlstackError, match="not a TorchScript Inception"):
         load_feature_extractor(tmp_path / "junk.pt", allow_torchscript=True)

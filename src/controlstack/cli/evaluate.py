@@ -46,7 +46,8 @@ def register(subparsers) -> None:
                    help="ControlNet per control type: plain (its own), mi (mi-TYPE), omni (the Omni ControlNet), or a "
                         "path (default plain)")
     p.add_argument("--modes", type=_names, default=None,
-                   help="injection modes: auto (the models' recommendation), balanced, controlnet, prompt, sum, mi, ...")
+                   help="injection modes: auto (the models' recommendation), balanced, controlnet, prompt, sum, mi, ...; "
+                        "options as NAME:KEY=VALUE, e.g. controlnet:layer_weights=uniform")
     p.add_argument("--cfg", type=_numbers, default=None, help="CFG scales, comma-separated (default 7.5)")
     p.add_argument("--prompt-styles", type=_names, default=None, help="empty,brief,full (default full)")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default 20)")

@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from controlstack.errors import require
+from controlstack.errors import ControlstackError, require
 from controlstack.training.config import check_keys, coerce_fields, read_yaml
 
 PROMPT_STYLES = ("empty", "brief", "full")
@@ -53,7 +53,7 @@ class EvaluateConfig:
     base: str = ""                                    # SD folder / file; "" = the bundle
     controls: tuple[str, ...] = ("canny", "depth")    # control types; "none" = the base alone
     models: tuple[str, ...] = ("plain",)              # plain | mi | omni | a ControlNet path
-    modes: tuple[str, ...] = ("auto",)                # injection modes; auto = what the models recommend
+    modes: tuple[str, ...] = ("auto",)                # injection modes (NAME or NAME:KEY=VALUE); auto = what the models recommend
     cfg: tuple[float, ...] = (7.5,)
     prompt_styles: tuple[str, ...] = ("full",)        # empty | brief | full
     steps: int = 20
@@ -86,7 +86,15 @@ class EvaluateConfig:
         for s in self.prompt_styles:
             require(s in PROMPT_STYLES, f"unknown prompt style '{s}'; choose from {', '.join(PROMPT_STYLES)}")
         for m in self.modes:
-            require(m == "auto" or m in available(), f"unknown mode '{m}'; choose from auto, {', '.join(available())}")
+            name, options = parse_mode(m)
+            require(name == "auto" or name in available(), f"unknown mode '{name}'; choose from auto, {', '.join(available())}")
+            if name != "auto":
+                from controlstack.injection import make_injection
+
+                try:  # unknown options fail here, before anything runs
+                    make_injection(name, **options)
+                except TypeError:
+                    raise ControlstackError(f"mode '{m}': '{name}' takes no option(s) {', '.join(options)}") from None
         for c in self.cfg:
             require(1.0 <= c <= 30.0, f"--cfg values must be in [1, 30], got {c}")
         require(self.scheduler in SCHEDULERS, f"unknown scheduler '{self.scheduler}'; choose from {', '.join(SCHEDULERS)}")
@@ -112,6 +120,21 @@ class EvaluateConfig:
                             out.append({"model": model, "control": None if c == NONE else c, "mode": mode,
                                         "cfg": cfg, "prompt_style": style})
         return out
+
+
+def parse_mode(spec: str) -> tuple[str, dict]:
+    """``controlnet:layer_weights=uniform`` -> ("controlnet", {"layer_weights": "uniform"}); numbers
+    become floats (``mi:lambda_max=20``); several options are separated by ``;``."""
+    name, _, rest = spec.partition(":")
+    options = {}
+    for item in filter(None, rest.split(";")):
+        key, eq, value = item.partition("=")
+        require(eq and key, f"mode '{spec}': give options as NAME:KEY=VALUE (e.g. controlnet:layer_weights=uniform)")
+        try:
+            options[key] = float(value)
+        except ValueError:
+            options[key] = value
+    return name, options
 
 
 def row_key(row: dict) -> str:
@@ -171,9 +194,11 @@ def generate_row(pipe, config: EvaluateConfig, row: dict, scenes: list[dict], fo
         path = folder / f"{i:04d}.png"
         if not path.is_file():
             controls = [] if row["control"] is None else [control_for(row, Image.fromarray(scene[row["control"]]).convert("RGB"))]
+            mode, options = parse_mode(row["mode"])
             image = pipe(prompt_for(row["prompt_style"], scene["text"]), controls, steps=config.steps, cfg=row["cfg"],
                          seed=config.seed + i, width=size, height=size, scheduler=config.scheduler,
-                         mode=None if row["mode"] in ("auto", "-") else row["mode"], progress=False)[0]
+                         mode=None if mode in ("auto", "-") else mode, mode_options=options or None,
+                         progress=False)[0]
             tmp = path.with_suffix(".tmp.png")
             image.save(tmp)
             os.replace(tmp, path)  # a killed run never leaves half a PNG behind
@@ -280,8 +305,9 @@ def _add_asym(pipe, config: EvaluateConfig, measured: list[dict], progress: bool
             continue  # Omni's branch needs its task token: not what measure_asym feeds it
         key = (name, row["mode"])
         if key not in done:
+            mode, options = parse_mode(row["mode"])
             r = measure_asym(pipe, name, condition=row["control"], batch=4, steps=config.asym_steps, seed=config.seed,
-                             mode=None if row["mode"] == "auto" else row["mode"], progress=progress)
+                             mode=None if mode == "auto" else mode, mode_options=options, progress=progress)
             done[key] = {"asym": r.asym, "nasym": r.nasym}
         row["fidelity"].update(done[key])
 

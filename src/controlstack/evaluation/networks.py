@@ -151,13 +151,17 @@ class TorchScriptInception(nn.Module):
 
 def load_feature_extractor(source: str | Path | None = None, allow_torchscript: bool = False) -> nn.Module:
     """The FID / KID feature network: the bundled one (``None``), a :class:`FeatureNet` folder, or
-    (with ``allow_torchscript``) a TorchScript Inception file."""
+    (with ``allow_torchscript``) a TorchScript Inception file, or a folder holding one."""
     if source is None:
         from controlstack import assets
 
         return load_feature_net(assets.evaluation_folder("features"))
     p = Path(source)
     require(p.exists(), f"feature network '{p}' not found")
+    if p.is_dir() and not (p / CONFIG).is_file():  # an Inception folder: the TorchScript file inside it
+        scripts = sorted(p.glob("*.pt"))
+        require(len(scripts) == 1, f"'{p}' holds neither a FeatureNet (config.json) nor one TorchScript .pt file")
+        p = scripts[0]
     if p.is_file():
         require(allow_torchscript, f"'{p}' is TorchScript, which runs code when loaded; pass --trust-torchscript "
                                    "(Python: allow_torchscript=True) if you trust it")

@@ -258,6 +258,10 @@ def load_controlnet(source: str | os.PathLike, *, allow_pickle: bool = False,
             raise ControlstackError(f"folder '{source}' has no config.json; pass a diffusers ControlNet folder "
                                     "(config.json + diffusion_pytorch_model.safetensors) or a single file")
         cfg = _config_file(path)
+        if cfg.get("_class_name") == "LiteControlNetModel":  # the architecture ablation (models/lite.py)
+            from controlstack.models.lite import LiteControlNetModel
+
+            return LiteControlNetModel.from_pretrained(path, torch_dtype=torch_dtype or torch.float32).eval()
         if cfg.get("_class_name", "ControlNetModel") != "ControlNetModel":
             raise ControlstackError(f"'{source}' holds a {cfg['_class_name']}, not a ControlNetModel; "
                                     "pass a ControlNet folder")

@@ -207,6 +207,8 @@ class ControlNetRunner:
         cross_attention_kwargs: dict | None = None,
     ) -> Residuals:
         cn = self.controlnet
+        if hasattr(cn, "residuals"):  # ControlNet-lite (models/lite.py): convolutions only, no time or text
+            return cn.residuals(sample, hint_features)
         if attention_mask is not None:
             attention_mask = ((1 - attention_mask.to(sample.dtype)) * -10000.0).unsqueeze(1)
         timesteps = timestep

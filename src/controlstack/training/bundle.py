@@ -361,6 +361,8 @@ def write_model_card(bundle: Path = BUNDLE_DIR) -> Path:
         folder = bundle / info.get("dest", f"controlnets/{info.get('condition')}")
         if info.get("recipe") == "predictor" and folder.is_dir():
             (folder / "README.md").write_text("\n".join(_predictor_card(bundle, name, info)) + "\n")
+        if info.get("recipe") in ("features", "clip") and folder.is_dir():
+            (folder / "README.md").write_text("\n".join(_evaluation_card(bundle, name, info)) + "\n")
         if info.get("recipe") not in ("controlnet", "omni") or not folder.is_dir():
             continue
         lineage = _lineage(name, stages_info)
@@ -386,6 +388,37 @@ def write_model_card(bundle: Path = BUNDLE_DIR) -> Path:
         card += _mi_numbers(bundle, name, info) + _omni_numbers(bundle, info)
         (folder / "README.md").write_text("\n".join(card) + "\n")
     return path
+
+
+def _evaluation_card(bundle: Path, name: str, info: dict) -> list[str]:
+    """An evaluation network's card (docs/evaluation.md): its stage, config and measured numbers."""
+    what = {"features": ("FID / KID feature network", "a 4-stage CNN whose 64-wide embedding is the FID / KID "
+                         "feature; trained to predict the scene graph's content (caption words, seg class areas, "
+                         "the number of visible things, the sky's colour). Load with "
+                         "`controlstack.evaluation.networks.load_feature_net`."),
+            "clip": ("World CLIP", "transformers' `CLIPModel` (ViT 128 px / patch 16, width 128, 4 layers per "
+                     "tower, 64-d joint space) trained contrastively on world photos and captions; a standard "
+                     "CLIP folder (`CLIPModel.from_pretrained`). CLIP score = 100 * max(cos, 0).")}[name]
+    card = [f"# {what[0]} (evaluation)", "", f"Trained by `make bundle` (stage `{name}`) from random initialisation "
+            f"on the world export: {what[1]} See docs/evaluation.md.", "", *_stage_rows({name: info}), "",
+            f"Data: {info['data']}.", "", "Config:", "", "```yaml",
+            yaml.safe_dump(info["config"], sort_keys=False).strip(), "```"]
+    metrics = bundle / "evaluation" / "metrics.json"
+    if metrics.is_file():
+        m = json.loads(metrics.read_text())
+        if name == "clip":
+            r = m["clip"]["retrieval"]
+            card += ["", f"Measured on {m['scenes']} held-out scenes (`benchmarks/evaluation_networks.py`): caption "
+                         f"retrieval top-1 {r['image_to_text']:.1%} image -> caption, {r['text_to_image']:.1%} caption "
+                         f"-> image (chance {1 / m['clip']['candidates']:.1%}); CLIP score of real renders "
+                         f"{m['clip']['clip_real_matched']:.1f} with their captions, {m['clip']['clip_real_shuffled']:.1f} "
+                         f"with shuffled ones; the true caption beats a one-colour swap in {m['clip']['binding']:.1%}."]
+        else:
+            t = m["features"]["fid_table"]
+            card += ["", f"Measured on {m['scenes']} held-out scenes (`benchmarks/evaluation_networks.py`), FID "
+                         "against half of the real renders:", "", "| set | FID | KID |", "| --- | ---: | ---: |"]
+            card += [f"| {k} | {v['fid']:.3f} | {v['kid']:.4f} |" for k, v in t.items()]
+    return card
 
 
 def _predictor_card(bundle: Path, name: str, info: dict) -> list[str]:

@@ -60,6 +60,9 @@ from controlstack.training.validation import (
 )
 
 
+ARCHITECTURES = ("copy", "lite")
+
+
 @dataclass
 class ControlNetConfig(TrainConfig):
     base: str = ""                          # the base recipe's output: a Stable Diffusion folder
@@ -71,6 +74,12 @@ class ControlNetConfig(TrainConfig):
     init_from: str = ""
     # hint encoder channels, one per stage: len - 1 stride-2 convs = log2(VAE downsampling) + 1 entries
     hint_channels: tuple[int, ...] = list_field(16, 32, 64, 128)
+    # the ControlNet paper's architecture ablation (docs/paper-claims.md): copy = the trainable copy of
+    # the encoder; lite = one convolution per block (models/lite.py). zero_init false: the zero
+    # convolutions start at PyTorch's default initialisation instead (a "standard" convolution)
+    architecture: str = "copy"
+    zero_init: bool = True
+    max_rows: int = 0                       # train on the first N rows of data only (0: all): the data-scale ablation
     caption_dropout: float = 0.5            # the paper: 50% of prompts replaced by ""
     use_ema: bool = False
     ema_decay: float = 0.9999
@@ -104,6 +113,12 @@ class ControlNetConfig(TrainConfig):
                 f"config keys 'object_column' and 'condition' both name '{self.condition}'; use two columns")
         require(0.0 < self.ema_decay < 1.0, "config key 'ema_decay' must be in (0, 1)")
         require(self.num_inference_steps >= 1, "config key 'num_inference_steps' must be >= 1")
+        require(self.max_rows >= 0, "config key 'max_rows' must be >= 0 (0: every row)")
+        require(self.architecture in ARCHITECTURES,
+                f"config key 'architecture' is '{self.architecture}'; choose one of {', '.join(ARCHITECTURES)}")
+        require(not self.init_from or (self.architecture == "copy" and self.zero_init),
+                "config keys 'architecture' / 'zero_init' shape a fresh ControlNet; leave them at copy / true "
+                "with 'init_from'")
         self._check_mi()
 
     def _check_mi(self) -> None:
@@ -148,9 +163,11 @@ def load_base(path: str):
     return base
 
 
-def build_controlnet(unet, vae, hint_channels, init: str = ""):
+def build_controlnet(unet, vae, hint_channels, init: str = "", architecture: str = "copy", zero_init: bool = True):
     """``ControlNetModel.from_unet``; the hint encoder must land exactly at latent resolution.
-    With ``init`` (fine-tuning) the trained ControlNet there instead, checked against the base."""
+    With ``init`` (fine-tuning) the trained ControlNet there instead, checked against the base.
+    ``architecture`` lite: ``LiteControlNetModel``; ``zero_init`` False: every zero convolution
+    (the residual outputs and the hint encoder's last layer) re-initialised as nn.Conv2d does."""
     from diffusers import ControlNetModel
 
     if init:
@@ -164,7 +181,17 @@ def build_controlnet(unet, vae, hint_channels, init: str = ""):
     require(len(hint_channels) == need,
             f"config key 'hint_channels' has {len(hint_channels)} entries ({2 ** (len(hint_channels) - 1)}x "
             f"downsampling) but the base's VAE downsamples {factor}x; give it {need} entries")
-    return ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=tuple(hint_channels))
+    if architecture == "lite":
+        from controlstack.models.lite import LiteControlNetModel
+
+        model = LiteControlNetModel.from_unet(unet, conditioning_embedding_out_channels=tuple(hint_channels))
+    else:
+        model = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=tuple(hint_channels))
+    if not zero_init:
+        for conv in [*model.controlnet_down_blocks, model.controlnet_mid_block,
+                     model.controlnet_cond_embedding.conv_out]:
+            conv.reset_parameters()  # seeded by the session's set_seed, like the rest of the init
+    return model
 
 
 def controlnet_eps(unet, controlnet, noisy, t, text_emb, hint, injection=None, control_input=None,
@@ -244,7 +271,8 @@ def train(config: ControlNetConfig, resume: bool = False):
     task_tokens = task_ids = None
     if tasks:
         task_tokens, task_ids = _trainable_task_tokens(tokenizer, text_encoder, tasks, config)
-    model = ControlledUNet(base.unet, build_controlnet(base.unet, vae, config.hint_channels, config.init_from),
+    model = ControlledUNet(base.unet, build_controlnet(base.unet, vae, config.hint_channels, config.init_from,
+                                                            config.architecture, config.zero_init),
                            make_injection(config.injection, **config.injection_options), text_encoder, task_tokens)
     model.controlnet.train()
     # the ControlNet learns the base's own parameterisation (ε or v), read from its scheduler config
@@ -252,6 +280,8 @@ def train(config: ControlNetConfig, resume: bool = False):
 
     cache, dataset, transform = training_rows(config.latent_cache, acc, vae, dataset, config.resolution, hints=hints,
                                               regions=regions)
+    if config.max_rows:  # after the latent cache, which covers every row of the export by its index
+        dataset = dataset.select(range(min(config.max_rows, len(dataset))))
     loader = make_dataloader(dataset, transform, config.batch_size, config.num_workers)
     val = first_rows(val_set, config.num_validation_images,
                      RowTransform(config.resolution, targets=("image",), hints=tuple(hint_columns.values()),

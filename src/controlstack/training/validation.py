@@ -95,7 +95,9 @@ def sample_controlnet(vae, text_encoder, tokenizer, unet, controlnet, scheduler_
     """Prompt + hint -> image with diffusers' ``StableDiffusionControlNetPipeline`` (``mode="sum"``),
     or through the project's own pipeline for another injection (a model trained with ``mi``
     is validated with ``mi``, as it will be used)."""
-    if mode != "sum":
+    from diffusers import ControlNetModel
+
+    if mode != "sum" or not isinstance(controlnet, ControlNetModel):  # MI, or ControlNet-lite
         from controlstack.control import Control
         from controlstack.models.tiny import SDComponents
         from controlstack.pipeline import Pipeline
