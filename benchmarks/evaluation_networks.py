@@ -11,7 +11,7 @@ On ``--scenes`` held-out world scenes (never trained on):
   (the same layout in other colours) -- side by side with the FID on the bundled VAE encoder's
   features that the project used before. A content feature must rank the hue rotation far from the real renders; the VAE's does not.
 
-Writes ``bundle/evaluation/metrics.json`` (read by the model cards) and the numbers block of
+Writes ``bundle/evaluation.json`` (read by the model cards) and the numbers block of
 docs/evaluation.md::
 
     .venv/bin/python benchmarks/evaluation_networks.py --scenes 200
@@ -147,9 +147,12 @@ def main() -> None:
            "clip": {**clip_numbers(scorer, images, captions),
                     "parameters": sum(p.numel() for p in scorer.model.parameters())},
            "features": feature_numbers(images, captions, scenes)}
-    out = assets.BUNDLE_DIR / "evaluation" / "metrics.json"
+    out = assets.BUNDLE_DIR / "evaluation.json"  # beside mi.json / omni.json: numbers, not model files (no checksum)
     out.write_text(json.dumps(res, indent=1))
     write_block(block(res))
+    from controlstack.training.bundle import write_model_card
+
+    write_model_card()  # the networks' cards carry these numbers
     print("\n".join(block(res)))
     print(re.sub(r"\s+", " ", f"wrote {out} and {DOC}"))
 

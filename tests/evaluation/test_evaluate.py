@@ -75,6 +75,8 @@ def test_evaluate_writes_the_report_and_resumes(tiny_networks, tmp_path, capsys)
     args = ["evaluate", "--scenes", "2", "--controls", "canny,none", "--steps", "2", "--out", str(out),
             "--features", str(tiny_networks / "features"), "--clip", str(tiny_networks / "clip")]
     assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "plain / canny / auto / cfg 7.5 / full" in printed and "reference: real renders" in printed
     report = json.loads((out / "metrics.json").read_text())
     assert [(r["model"], r["control"]) for r in report["rows"]] == [("plain", "canny"), ("base", None)]
     for r in report["rows"]:

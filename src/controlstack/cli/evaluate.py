@@ -77,5 +77,20 @@ def run(args: argparse.Namespace) -> int:
     except TypeError as exc:  # a YAML value of the wrong shape for a field
         raise ControlstackError(f"bad evaluate config: {exc}") from None
     report = evaluate(config, args.out)
+    print(summary(report))
     print(f"{len(report['rows'])} rows on {report['scenes']} scenes: {args.out}/metrics.json, {args.out}/report.html")
     return 0
+
+
+def summary(report: dict) -> str:
+    """The rows as a plain-text table (the report has them all, with plots and grids)."""
+    from controlstack.evaluation.html import label
+
+    lines = [f"{'row':52s} {'FID':>8s} {'KID':>8s} {'CLIP':>6s}  fidelity"]
+    for r in report["rows"]:
+        fid = ", ".join(f"{k} {v:.3f}" for k, v in r["fidelity"].items() if k != "tv")
+        lines.append(f"{label(r):52s} {r['fid']:8.3f} {r['kid']:8.4f} {r['clip_score']:6.2f}  {fid}")
+    ref = report["reference"]
+    lines.append(f"{'reference: real renders':52s} {ref['fid_real_split']:8.3f} {ref['kid_real_split']:8.4f} "
+                 f"{ref['clip_real_matched']:6.2f}  (CLIP with shuffled captions {ref['clip_real_shuffled']:.2f})")
+    return "\n".join(lines)

@@ -73,8 +73,10 @@ class FeatureNetConfig:
 
 
 def _stage(cin: int, cout: int) -> nn.Sequential:
+    # no norm after a stage's last conv: GroupNorm there would zero every group's mean, and the
+    # embedding is a spatial mean -- colour and brightness would reach it only as higher moments
     return nn.Sequential(nn.Conv2d(cin, cout, 3, 2, 1), nn.GroupNorm(8, cout), nn.SiLU(),
-                         nn.Conv2d(cout, cout, 3, 1, 1), nn.GroupNorm(8, cout), nn.SiLU())
+                         nn.Conv2d(cout, cout, 3, 1, 1), nn.SiLU())
 
 
 class FeatureNet(nn.Module):

@@ -403,7 +403,7 @@ def _evaluation_card(bundle: Path, name: str, info: dict) -> list[str]:
             f"on the world export: {what[1]} See docs/evaluation.md.", "", *_stage_rows({name: info}), "",
             f"Data: {info['data']}.", "", "Config:", "", "```yaml",
             yaml.safe_dump(info["config"], sort_keys=False).strip(), "```"]
-    metrics = bundle / "evaluation" / "metrics.json"
+    metrics = bundle / "evaluation.json"
     if metrics.is_file():
         m = json.loads(metrics.read_text())
         if name == "clip":
