@@ -184,7 +184,7 @@ def measure(scenes: int) -> dict:
                                      for r in rows_of(rep, control=None)}
         out["reference"] = rep["reference"]
     # CFG resolution weighting: no prompt, CFG 7, control on both halves vs the conditional half
-    rep = evaluate(ev / "cfg", scenes, controls=("canny", "depth", "seg", "pose"), models=("plain",),
+    rep = evaluate(ev / "cfg", scenes, controls=("canny", "depth"), models=("plain",),
                    modes=("balanced", "controlnet", "controlnet:layer_weights=uniform"), cfg=(7.0,),
                    prompt_styles=("empty",))
     out["cfg_weighting"] = rep["rows"]

@@ -79,3 +79,22 @@ def test_clip_folder_round_trip_and_scores(tmp_path):
     assert scorer.pixel_values(images).shape == (2, 3, 32, 32)  # shortest edge to 32, centre crop
     with pytest.raises(ControlstackError, match="is not a CLIP folder"):
         ClipScorer.load(tmp_path)
+
+
+def test_bundled_networks_load_and_give_pinned_outputs():
+    """The shipped feature network and world CLIP, on held-out scene 0 (never trained on)."""
+    from controlstack import assets
+    from controlstack.world import HELD_OUT_SEED, WorldConfig, render, sample_scene
+
+    if not (assets.BUNDLE_DIR / "evaluation" / "clip" / "config.json").is_file():
+        pytest.skip("this checkout has no bundled evaluation networks")
+    scene = render(sample_scene([HELD_OUT_SEED, 0], WorldConfig(size=128)), 128)
+    image = np.asarray(scene["image"])
+    net = load_feature_extractor()
+    f = net(torch.from_numpy(image).permute(2, 0, 1)[None])
+    assert f.shape == (1, 64) and torch.equal(f, net(torch.from_numpy(image).permute(2, 0, 1)[None]))
+    np.testing.assert_allclose(f[0, :4].numpy(), [2.1101, 6.2747, 4.9298, -2.5795], atol=2e-3)
+    scorer = ClipScorer.load()
+    own = scorer.scores([image], [scene["text"]])[0]
+    assert own == pytest.approx(81.02, abs=0.05)  # its own caption
+    assert scorer.scores([image], ["an empty scene on snow"])[0] < 10  # another scene's

@@ -226,6 +226,9 @@ class ClipScorer:
         p = Path(folder)
         require((p / "config.json").is_file() and (p / "preprocessor_config.json").is_file(),
                 f"'{p}' is not a CLIP folder (config.json, model weights, tokenizer, preprocessor_config.json)")
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # its "Loading weights" bar at every load: noise in a report run
         try:
             model = CLIPModel.from_pretrained(p, torch_dtype=torch.float32)
             tokenizer = CLIPTokenizer.from_pretrained(p)
