@@ -18,7 +18,7 @@ the project's feature network, CLIP score on its world CLIP, condition fidelity 
 writes the block of docs/paper-claims.md between its markers, plus docs/images/claims-*.png::
 
     .venv/bin/python benchmarks/paper_claims.py train --runs zero lite --steps 1200
-    .venv/bin/python benchmarks/paper_claims.py measure --scenes 64
+    .venv/bin/python benchmarks/paper_claims.py measure --scenes 48
 """
 
 from __future__ import annotations
@@ -306,7 +306,7 @@ def main() -> None:
     t.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS))
     t.add_argument("--steps", type=int, default=1200)
     m = sub.add_parser("measure")
-    m.add_argument("--scenes", type=int, default=64)
+    m.add_argument("--scenes", type=int, default=48)
     m.add_argument("--write-only", action="store_true", help="rewrite the doc from outputs/claims/claims.json")
     args = ap.parse_args()
     if args.cmd == "train":

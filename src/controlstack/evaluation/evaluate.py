@@ -174,10 +174,23 @@ def held_out_scenes(config: EvaluateConfig, size: int) -> list[dict]:
             for i in range(config.scenes)]
 
 
+def call_mode(row: dict) -> tuple[str | None, dict | None]:
+    """The (mode, mode_options) a row passes to the pipeline: ``auto`` -> (None, None), the models'
+    recommendation; an explicit mode -> its own options, ``{}`` when none are given, so that
+    ``controlnet`` means the mode's defaults even where a model recommends other options."""
+    mode, options = parse_mode(row["mode"])
+    return (None, None) if mode in ("auto", "-") else (mode, options)
+
+
 def _settings(config: EvaluateConfig, pipe, row: dict, size: int) -> dict:
-    """What a cached image depends on besides its row: a change regenerates the row."""
+    """What a cached image depends on besides its row -- including the mode and options the pipeline
+    resolves, which a model's recommendation can change: a change regenerates the row."""
+    mode, options = call_mode(row)
+    probe = [] if row["control"] is None else [control_for(row, Image.new("RGB", (8, 8)))]
+    resolved = pipe.settings(probe, config.steps, row["cfg"], mode, options)
     return {"row": row, "steps": config.steps, "scheduler": config.scheduler, "size": size, "seed": config.seed,
-            "start": config.start, "base": config.base or "bundle", "model_hash": pipe.model_hash}
+            "start": config.start, "base": config.base or "bundle", "model_hash": pipe.model_hash,
+            "resolved": {"mode": resolved["mode"], "mode_options": resolved["mode_options"]}}
 
 
 def generate_row(pipe, config: EvaluateConfig, row: dict, scenes: list[dict], folder: Path, size: int, bar) -> list[np.ndarray]:
@@ -194,11 +207,10 @@ def generate_row(pipe, config: EvaluateConfig, row: dict, scenes: list[dict], fo
         path = folder / f"{i:04d}.png"
         if not path.is_file():
             controls = [] if row["control"] is None else [control_for(row, Image.fromarray(scene[row["control"]]).convert("RGB"))]
-            mode, options = parse_mode(row["mode"])
+            mode, options = call_mode(row)
             image = pipe(prompt_for(row["prompt_style"], scene["text"]), controls, steps=config.steps, cfg=row["cfg"],
                          seed=config.seed + i, width=size, height=size, scheduler=config.scheduler,
-                         mode=None if mode in ("auto", "-") else mode, mode_options=options or None,
-                         progress=False)[0]
+                         mode=mode, mode_options=options, progress=False)[0]
             tmp = path.with_suffix(".tmp.png")
             image.save(tmp)
             os.replace(tmp, path)  # a killed run never leaves half a PNG behind

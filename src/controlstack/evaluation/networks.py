@@ -66,6 +66,9 @@ class FeatureNetConfig:
     words: list[str] = field(default_factory=list)    # caption words it predicts (multi-hot)
     classes: list[str] = field(default_factory=list)  # seg classes whose area it predicts
     max_count: int = 8           # visible things: 0 .. max_count (more are max_count)
+    # the features FID / KID see are the embedding / feature_scale, its RMS over training photos:
+    # unit-sized like Inception's, so KID's kernel (x·y / d + 1)³ is in its usual range
+    feature_scale: float = 1.0
 
     @property
     def num_outputs(self) -> int:
@@ -109,7 +112,7 @@ class FeatureNet(nn.Module):
         x = clean_resize(images, self.config.image_size) if images.shape[-1] != self.config.image_size \
             or images.shape[-2] != self.config.image_size else images.float()
         p = next(self.parameters())
-        return self.embedding((x / 127.5 - 1).to(p)).float()
+        return (self.embedding((x / 127.5 - 1).to(p)) / self.config.feature_scale).float()
 
 
 def save_feature_net(model: FeatureNet, folder: str | Path, dtype: torch.dtype = torch.float32) -> Path:

@@ -143,7 +143,16 @@ def train_features(config: FeatureNetTrainConfig, resume: bool = False):
             break
     bar.close()
     net = acc.unwrap_model(model).eval()
+    net.config.feature_scale = feature_rms(net, dataset, model_config.image_size)
     return session.export(lambda d: save_feature_net(net, d))
+
+
+@torch.no_grad()
+def feature_rms(net: FeatureNet, dataset, size: int, rows: int = 512) -> float:
+    """The embedding's root mean square over the first ``rows`` training photos (``feature_scale``)."""
+    images = [image_to_tensor(im, size, True) for im in dataset.select(range(min(rows, len(dataset))))["image"]]
+    f = torch.cat([net.embedding(torch.stack(images[i:i + 64])) for i in range(0, len(images), 64)])
+    return float(f.pow(2).mean().sqrt())
 
 
 # -- CLIP -----------------------------------------------------------------------------------------
