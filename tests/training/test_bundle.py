@@ -29,6 +29,10 @@ TINY |= {"predictor": dict(max_steps=1, batch_size=2, embed_dim=8, num_heads=[1,
                            stem_width=4, checkpoint_every=1, validate_every=1, log_every=1, num_validation_images=1),
          "omni": dict(max_steps=1, batch_size=2, tasks=["canny", "depth", "seg"], checkpoint_every=1, validate_every=1,
                       log_every=1, num_validation_images=3, num_inference_steps=2)}
+# the evaluation networks (FID / KID features, world CLIP)
+TINY |= {"features": dict(max_steps=1, batch_size=2, widths=[8, 16], num_features=4, checkpoint_every=1, log_every=1),
+         "clip": dict(max_steps=1, batch_size=2, width=16, layers=1, heads=2, projection_dim=8, checkpoint_every=1,
+                      log_every=1)}
 
 
 def test_bundle_stages_end_to_end(tmp_path, monkeypatch):
@@ -73,6 +77,13 @@ def test_bundle_stages_end_to_end(tmp_path, monkeypatch):
     assert load_predictor(out / "predictor").config.embed_dim == 8
     # the base's parameterisation reaches the bundle's scheduler, which every sampler reads
     assert json.loads((out / "scheduler" / "scheduler_config.json").read_text())["prediction_type"] == "v_prediction"
+    b.run(["features", "clip"], work, out)
+    from controlstack.evaluation.networks import ClipScorer, load_feature_net
+
+    assert load_feature_net(out / "evaluation" / "features").config.feature_scale > 0
+    assert ClipScorer.load(out / "evaluation" / "clip").model.config.projection_dim == 8
+    assert "World CLIP (evaluation)" in (out / "evaluation" / "clip" / "README.md").read_text()
+    stages = json.loads((out / "stages.json").read_text())
     assert stages["vae"]["steps"] == 1 and stages["controlnet-canny"]["condition"] == "canny"
     assert all(b.is_done(s, work) for s in b.stages(out))
     card = (out / "README.md").read_text()
