@@ -48,7 +48,7 @@ def test_torchscript_inception_is_opt_in(tmp_path):
 
     path = tmp_path / "inception-2015-12-05.pt"
     torch.jit.script(Fake()).save(str(path))
-    with pytest.raises(ControlstackError, match="TorchScript, which runs code"):
+    with pytest.raises(ControlstackError, match="as TorchScript, which runs code"):
         load_feature_extractor(path)
     net = load_feature_extractor(path, allow_torchscript=True)
     f = net(torch.full((1, 3, 64, 64), 255, dtype=torch.uint8))

@@ -168,8 +168,8 @@ def load_feature_extractor(source: str | Path | None = None, allow_torchscript: 
         require(len(scripts) == 1, f"'{p}' holds neither a FeatureNet (config.json) nor one TorchScript .pt file")
         p = scripts[0]
     if p.is_file():
-        require(allow_torchscript, f"'{p}' is TorchScript, which runs code when loaded; pass --trust-torchscript "
-                                   "(Python: allow_torchscript=True) if you trust it")
+        require(allow_torchscript, f"'{p}' would be loaded as TorchScript, which runs code; pass --trust-torchscript "
+                                   "(Python: allow_torchscript=True) if you trust the file")
         try:
             return TorchScriptInception(p)
         except RuntimeError as exc:
