@@ -52,8 +52,9 @@ def fid_kid(network, real, fake, seed: int = 0) -> dict[str, float]:
             b = _batch(images[i:i + 64])
             fid.update(b, real=is_real)
             kid.update(b, real=is_real)
-    torch.manual_seed(seed)  # KID's subsets are drawn with torch's global generator
-    kid_mean, _ = kid.compute()
+    with torch.random.fork_rng(devices=[]):  # KID draws its subsets from the global generator: seed it, then restore it
+        torch.manual_seed(seed)
+        kid_mean, _ = kid.compute()
     return {"fid": float(fid.compute()), "kid": float(kid_mean)}
 
 
