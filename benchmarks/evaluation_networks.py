@@ -28,6 +28,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageFilter
 
+from docblock import write_block
+
 from controlstack import assets
 from controlstack.evaluation.evaluate import EvaluateConfig, held_out_scenes
 from controlstack.evaluation.networks import ClipScorer, load_feature_extractor
@@ -135,13 +137,6 @@ def block(res: dict) -> list[str]:
     return lines
 
 
-def write_block(lines: list[str]) -> None:
-    text = DOC.read_text()
-    head, _, rest = text.partition(BEGIN)
-    _, _, tail = rest.partition(END)
-    DOC.write_text(head + BEGIN + "\n" + "\n".join(lines) + "\n" + END + tail)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--scenes", type=int, default=200)
@@ -157,7 +152,7 @@ def main() -> None:
            "features": feature_numbers(images, captions, scenes)}
     out = assets.BUNDLE_DIR / "evaluation.json"  # beside mi.json / omni.json: numbers, not model files (no checksum)
     out.write_text(json.dumps(res, indent=1))
-    write_block(block(res))
+    write_block(DOC, BEGIN, END, block(res))
     from controlstack.training.bundle import write_model_card
 
     write_model_card()  # the networks' cards carry these numbers

@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from docblock import write_block
 
 SPECIALISTS = Path("outputs/omni/specialists")
 
@@ -237,13 +238,6 @@ def controlnet_figure(rows, extra, out: Path) -> None:
     make_labelled_grid(grid, ["condition", "Omni", "specialised", "real"]).save(out / "omni-controlnet.png")
 
 
-def write_block(doc: Path, lines: list[str]) -> None:
-    start, end = "<!-- omni-tables:start -->", "<!-- omni-tables:end -->"
-    text = doc.read_text() if doc.is_file() else f"{start}\n{end}\n"
-    head, rest = text.split(start, 1)
-    doc.write_text(head + start + "\n" + "\n".join(lines) + "\n" + end + rest.split(end, 1)[1])
-
-
 def run_tables(args) -> None:
     """Measure what is asked (the predictor table, the ControlNet table or both), merge it into
     ``--json``'s earlier numbers, and write the doc block from everything measured."""
@@ -288,7 +282,7 @@ def run_tables(args) -> None:
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
     if args.doc:
-        write_block(Path(args.doc), lines)
+        write_block(Path(args.doc), "<!-- omni-tables:start -->", "<!-- omni-tables:end -->", lines)
 
 
 def main() -> None:

@@ -32,6 +32,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from docblock import write_block
+
 from controlstack import assets
 
 WORK = Path("outputs/claims")
@@ -292,13 +294,6 @@ def block(out: dict) -> list[str]:
     return lines
 
 
-def write_block(lines: list[str]) -> None:
-    text = DOC.read_text()
-    head, _, rest = text.partition(BEGIN)
-    _, _, tail = rest.partition(END)
-    DOC.write_text(head + BEGIN + "\n" + "\n".join(lines) + "\n" + END + tail)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -319,7 +314,7 @@ def main() -> None:
         out = measure(args.scenes)
         path.write_text(json.dumps(out, indent=1, default=float))
     figures(out)
-    write_block(block(out))
+    write_block(DOC, BEGIN, END, block(out))
     print(f"{DOC} updated")
 
 
