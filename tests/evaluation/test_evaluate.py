@@ -52,7 +52,7 @@ def tiny_networks(tmp_path_factory):
         FeatureNet,
         FeatureNetConfig,
         build_clip,
-        preprocessor_config,
+        save_clip,
         save_feature_net,
     )
     from controlstack.training.tokenizer import build_tokenizer
@@ -62,9 +62,7 @@ def tiny_networks(tmp_path_factory):
     save_feature_net(FeatureNet(FeatureNetConfig(image_size=32, widths=[8, 16], num_features=4)), root / "features")
     tok = build_tokenizer("world", 16)
     clip = build_clip(ClipNetConfig(image_size=32, width=32, layers=1, heads=2, projection_dim=8, max_length=16), tok)
-    clip.save_pretrained(root / "clip")
-    tok.save_pretrained(root / "clip")
-    (root / "clip" / "preprocessor_config.json").write_text(json.dumps(preprocessor_config(32)))
+    save_clip(clip, tok, root / "clip")
     return root
 
 

@@ -17,7 +17,7 @@ from controlstack.evaluation.networks import (
     clean_resize,
     load_feature_extractor,
     load_feature_net,
-    preprocessor_config,
+    save_clip,
     save_feature_net,
 )
 
@@ -60,17 +60,13 @@ def test_torchscript_inception_is_opt_in(tmp_path):
 
 
 def test_clip_folder_round_trip_and_scores(tmp_path):
-    import json
-
     from controlstack.training.tokenizer import build_tokenizer
 
     tok = build_tokenizer("world", 16)
     torch.manual_seed(0)
     model = build_clip(ClipNetConfig(image_size=32, patch_size=16, width=32, layers=1, heads=2, projection_dim=8,
                                      max_length=16), tok)
-    model.save_pretrained(tmp_path / "clip")
-    tok.save_pretrained(tmp_path / "clip")
-    (tmp_path / "clip" / "preprocessor_config.json").write_text(json.dumps(preprocessor_config(32)))
+    save_clip(model, tok, tmp_path / "clip")
     scorer = ClipScorer.load(tmp_path / "clip")
     images = [np.full((32, 48, 3), 30, np.uint8), np.full((32, 32, 3), 220, np.uint8)]
     texts = ["a red sphere on grass", "a dog"]

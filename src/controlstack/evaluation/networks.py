@@ -211,6 +211,17 @@ def preprocessor_config(image_size: int) -> dict:
             "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711]}
 
 
+def save_clip(model, tokenizer, folder: str | Path) -> Path:
+    """A CLIP folder as ``ClipScorer.load`` and transformers read it: the model (safetensors), its
+    tokenizer and ``preprocessor_config.json`` for the model's image size."""
+    folder = Path(folder)
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    (folder / "preprocessor_config.json").write_text(
+        json.dumps(preprocessor_config(model.config.vision_config.image_size), indent=2))
+    return folder
+
+
 class ClipScorer:
     """A CLIP folder (the bundled world CLIP, or a local real one) -> embeddings and CLIP score."""
 

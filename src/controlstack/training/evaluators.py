@@ -31,6 +31,7 @@ from controlstack.evaluation.networks import (
     FeatureNetConfig,
     build_clip,
     preprocessor_config,
+    save_clip,
     save_feature_net,
 )
 from controlstack.training.config import TrainConfig, list_field
@@ -125,26 +126,36 @@ def train_features(config: FeatureNetTrainConfig, resume: bool = False):
     dataset = load_image_dataset(config.data, {"image": "image", "text": "text", "seg": "seg", "instances": "instances"})
     loader = make_dataloader(dataset, FeatureRows(model_config), config.batch_size, config.num_workers)
     torch.manual_seed(config.seed)
-    model = FeatureNet(model_config)
-    optimizer = make_optimizer(model.parameters(), config)
-    lr_scheduler = make_lr_scheduler(optimizer, config, acc.num_processes)
+
+    def loss_of(model, batch):
+        losses = feature_loss(acc.unwrap_model(model), batch)
+        session.log_extra(**{f"loss_{k}": float(v.detach()) for k, v in losses.items()})
+        return sum(losses.values())
+
+    net = fit(session, FeatureNet(model_config), loader, loss_of)
+    net.config.feature_scale = feature_rms(net, dataset, model_config.image_size)
+    return session.export(lambda d: save_feature_net(net, d))
+
+
+def fit(session: TrainingSession, model, loader, loss_of):
+    """Both recipes' loop: AdamW and the schedule, ``accelerate``, exact resume, one optimiser step
+    per ``loss_of(model, batch)``; returns the trained model, unwrapped, in eval mode."""
+    acc = session.accelerator
+    optimizer = make_optimizer(model.parameters(), session.config)
+    lr_scheduler = make_lr_scheduler(optimizer, session.config, acc.num_processes)
     model, optimizer, loader, lr_scheduler = acc.prepare(model, optimizer, loader, lr_scheduler)
     session.restore()
     bar = session.progress()
     for batch in batches(acc, loader, session.micro) if not session.done else ():
         with acc.accumulate(model), acc.autocast():
-            losses = feature_loss(acc.unwrap_model(model), batch)
-            session.log_extra(**{f"loss_{k}": float(v.detach()) for k, v in losses.items()})
-            session.optimize(model, sum(losses.values()), optimizer, lr_scheduler)
+            session.optimize(model, loss_of(model, batch), optimizer, lr_scheduler)
         if not acc.sync_gradients:
             continue
         session.end_step(bar, lr_scheduler)
         if session.done:
             break
     bar.close()
-    net = acc.unwrap_model(model).eval()
-    net.config.feature_scale = feature_rms(net, dataset, model_config.image_size)
-    return session.export(lambda d: save_feature_net(net, d))
+    return acc.unwrap_model(model).eval()
 
 
 @torch.no_grad()
@@ -201,36 +212,12 @@ def train_clip(config: ClipTrainConfig, resume: bool = False):
     from controlstack.training.tokenizer import build_tokenizer
 
     session = TrainingSession(config, "clip", resume)
-    acc = session.accelerator
     tokenizer = build_tokenizer("world", config.max_length)
     pre = preprocessor_config(config.resolution)
     dataset = load_image_dataset(config.data, {"image": "image", "text": "text"})
     loader = make_dataloader(dataset, ClipRows(tokenizer, pre, config.max_length), config.batch_size, config.num_workers)
     torch.manual_seed(config.seed)
-    model = build_clip(config.model_config(), tokenizer)
-    optimizer = make_optimizer(model.parameters(), config)
-    lr_scheduler = make_lr_scheduler(optimizer, config, acc.num_processes)
-    model, optimizer, loader, lr_scheduler = acc.prepare(model, optimizer, loader, lr_scheduler)
-    session.restore()
-    bar = session.progress()
-    for batch in batches(acc, loader, session.micro) if not session.done else ():
-        with acc.accumulate(model), acc.autocast():
-            loss = model(**batch, return_loss=True).loss
-            session.optimize(model, loss, optimizer, lr_scheduler)
-        if not acc.sync_gradients:
-            continue
-        session.end_step(bar, lr_scheduler)
-        if session.done:
-            break
-    bar.close()
-    net = acc.unwrap_model(model).eval()
-
-    def write(folder):
-        import json
-
-        net.save_pretrained(folder, safe_serialization=True)
-        tokenizer.save_pretrained(folder)
-        (folder / "preprocessor_config.json").write_text(json.dumps(pre, indent=2))
-
-    return session.export(write)
+    net = fit(session, build_clip(config.model_config(), tokenizer), loader,
+              lambda model, batch: model(**batch, return_loss=True).loss)
+    return session.export(lambda d: save_clip(net, tokenizer, d))
 
