@@ -219,12 +219,13 @@ def generate_row(pipe, config: EvaluateConfig, row: dict, scenes: list[dict], fo
     return images
 
 
-def measure_row(row: dict, images, scenes, real, captions, network, scorer, config: EvaluateConfig, predictor) -> dict:
+def measure_row(row: dict, images, scenes, captions, fid_kid, scorer, config: EvaluateConfig, predictor) -> dict:
+    """One row's numbers; ``fid_kid`` is a :class:`~controlstack.evaluation.quality.FidKid` of the real renders."""
     from controlstack.evaluation.fidelity import FidelityMeter, supported
-    from controlstack.evaluation.quality import clip_score, fid_kid
+    from controlstack.evaluation.quality import clip_score
     from controlstack.training.predictor import instances
 
-    out = {**row, **fid_kid(network, real, images), "clip_score": clip_score(scorer, images, captions)}
+    out = {**row, **fid_kid(images), "clip_score": clip_score(scorer, images, captions)}
     types = [row["control"]] if row["control"] else [c for c in config.controls if c != NONE]
     fidelity: dict = {}
     for c in types:
@@ -255,7 +256,7 @@ def run(config: EvaluateConfig, out_dir: str | Path, progress: bool = True) -> d
     from controlstack.evaluation.html import write_report
     from controlstack.evaluation.mi import total_variation
     from controlstack.evaluation.networks import ClipScorer, load_feature_extractor
-    from controlstack.evaluation.quality import reference
+    from controlstack.evaluation.quality import FidKid, reference
     from controlstack.io.paths import output_folder
 
     out = output_folder(out_dir)
@@ -277,7 +278,8 @@ def run(config: EvaluateConfig, out_dir: str | Path, progress: bool = True) -> d
             key = row_key(row)
             bar.set_postfix_str(key)
             images[key] = generate_row(pipe, config, row, scenes, out / "images" / key, size, bar)
-    measured = [measure_row(row, images[row_key(row)], scenes, real, captions, network, scorer, config, predictor)
+    against_real = FidKid(network, real)  # the real renders' features, once for every row
+    measured = [measure_row(row, images[row_key(row)], scenes, captions, against_real, scorer, config, predictor)
                 for row in tqdm(rows, desc="measure", unit="row", disable=not progress)]
     if config.asym_steps:
         _add_asym(pipe, config, measured, progress)

@@ -36,26 +36,45 @@ def features(network, images, batch_size: int = 64) -> torch.Tensor:
     return torch.cat(out).double()
 
 
-def fid_kid(network, real, fake, seed: int = 0) -> dict[str, float]:
-    """FID and KID (mean over ``KID_SUBSETS`` subsets of min(50, N) images) between two sets."""
-    from torchmetrics.image.fid import FrechetInceptionDistance
-    from torchmetrics.image.kid import KernelInceptionDistance
+class FidKid:
+    """FID and KID (mean over ``KID_SUBSETS`` subsets of min(50, N) images) of image sets against
+    one real set, whose features are computed once (torchmetrics keeps them across ``reset``)."""
 
-    require(len(real) >= 2 and len(fake) >= 2, f"FID / KID need >= 2 images per set, got {len(real)} and {len(fake)}")
-    fid = FrechetInceptionDistance(feature=network, reset_real_features=True, normalize=False)
-    subset = min(50, len(real), len(fake))
-    with warnings.catch_warnings():  # "KID keeps all features in memory": a few thousand rows at most here
-        warnings.simplefilter("ignore", UserWarning)
-        kid = KernelInceptionDistance(feature=network, subsets=KID_SUBSETS, subset_size=subset, normalize=False)
-    for images, is_real in ((real, True), (fake, False)):
+    def __init__(self, network, real, seed: int = 0):
+        from torchmetrics.image.fid import FrechetInceptionDistance
+        from torchmetrics.image.kid import KernelInceptionDistance
+
+        require(len(real) >= 2, f"FID / KID need >= 2 images per set, got {len(real)} real")
+        self.n_real, self.seed = len(real), seed
+        self.fid = FrechetInceptionDistance(feature=network, reset_real_features=False, normalize=False)
+        with warnings.catch_warnings():  # "KID keeps all features in memory": a few thousand rows at most here
+            warnings.simplefilter("ignore", UserWarning)
+            self.kid = KernelInceptionDistance(feature=network, subsets=KID_SUBSETS, subset_size=2,
+                                               reset_real_features=False, normalize=False)
+        self._update(real, True)
+
+    def _update(self, images, real: bool) -> None:
         for i in range(0, len(images), 64):
             b = _batch(images[i:i + 64])
-            fid.update(b, real=is_real)
-            kid.update(b, real=is_real)
-    with torch.random.fork_rng(devices=[]):  # KID draws its subsets from the global generator: seed it, then restore it
-        torch.manual_seed(seed)
-        kid_mean, _ = kid.compute()
-    return {"fid": float(fid.compute()), "kid": float(kid_mean)}
+            self.fid.update(b, real=real)
+            self.kid.update(b, real=real)
+
+    def __call__(self, fake) -> dict[str, float]:
+        require(len(fake) >= 2, f"FID / KID need >= 2 images per set, got {self.n_real} and {len(fake)}")
+        self.fid.reset()  # the previous set's features go, the real ones stay
+        self.kid.reset()
+        self._update(fake, False)
+        self.kid.subset_size = min(50, self.n_real, len(fake))
+        with torch.random.fork_rng(devices=[]):  # KID draws its subsets from the global generator: seed it, then restore it
+            torch.manual_seed(self.seed)
+            kid_mean, _ = self.kid.compute()
+        return {"fid": float(self.fid.compute()), "kid": float(kid_mean)}
+
+
+def fid_kid(network, real, fake, seed: int = 0) -> dict[str, float]:
+    """FID and KID between two sets (:class:`FidKid` for one real set against several)."""
+    require(len(real) >= 2 and len(fake) >= 2, f"FID / KID need >= 2 images per set, got {len(real)} and {len(fake)}")
+    return FidKid(network, real, seed)(fake)
 
 
 def clip_score(scorer, images, texts: list[str]) -> float:
