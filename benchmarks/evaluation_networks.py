@@ -31,7 +31,7 @@ from PIL import Image, ImageFilter
 from docblock import write_block
 
 from controlstack import assets
-from controlstack.evaluation.evaluate import EvaluateConfig, held_out_scenes
+from controlstack.evaluation.evaluate import held_out_scenes
 from controlstack.evaluation.networks import ClipScorer, load_feature_extractor
 from controlstack.evaluation.quality import clip_score, fid_kid, shuffled
 
@@ -74,7 +74,6 @@ def feature_numbers(images, captions, scenes) -> dict:
     from controlstack.evaluation.metrics import frechet_distance
     from controlstack.evaluation.mi import to_vae_input, vae_features
     from controlstack.training.evaluators import content_words, scene_labels
-    from controlstack.training.predictor import seg_to_classes  # noqa: F401  (scene_labels' dependency)
 
     net = load_feature_extractor()
     pipe = Pipeline.from_pretrained()
@@ -142,7 +141,7 @@ def main() -> None:
     ap.add_argument("--scenes", type=int, default=200)
     args = ap.parse_args()
     torch.set_num_threads(1)
-    scenes = held_out_scenes(EvaluateConfig(scenes=args.scenes, start=0), 128)
+    scenes = held_out_scenes(args.scenes, 128)
     images = [np.asarray(s["image"]) for s in scenes]
     captions = [s["text"] for s in scenes]
     scorer = ClipScorer.load()

@@ -106,8 +106,7 @@ def step_zero(scenes: int = 4) -> dict:
     from controlstack.training.controlnet import build_controlnet
 
     pipe = Pipeline.from_pretrained()
-    cfg = type("C", (), {"scenes": scenes, "start": 0})()
-    rows = held_out_scenes(cfg, pipe.native_size)
+    rows = held_out_scenes(scenes, pipe.native_size)
     out = {}
     for label, arch, zero in (("copy, zero convolutions", "copy", True), ("lite, zero convolutions", "lite", True),
                               ("copy, standard convolutions", "copy", False)):
@@ -135,7 +134,7 @@ def composition(pairs: int, steps: int = 20, cfg: float = 7.0) -> tuple[dict, li
 
     pipe = Pipeline.from_pretrained()
     size = pipe.native_size
-    rows = held_out_scenes(type("C", (), {"scenes": 2 * pairs, "start": 1000})(), size)
+    rows = held_out_scenes(2 * pairs, size, start=1000)
     rng = np.random.default_rng(0)
     res = {k: [[], []] for k in ("both", "alone")}
     grid = []
@@ -212,7 +211,7 @@ def figures(out: dict) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from controlstack.evaluation.evaluate import EvaluateConfig, held_out_scenes, row_key
+    from controlstack.evaluation.evaluate import held_out_scenes, row_key
     from controlstack.io.png import make_labelled_grid
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
@@ -239,7 +238,7 @@ def figures(out: dict) -> None:
             plt.close(fig)
         # the ablation grid: condition | real | zero | standard | lite, no prompt
         names = [n for n in ("zero", "standard", "lite") if n in out["runs"]]
-        scenes = held_out_scenes(EvaluateConfig(scenes=4), 128)
+        scenes = held_out_scenes(4, 128)
         tiles = []
         for i, s in enumerate(scenes):
             row = [Image.fromarray(s["canny"]).convert("RGB"), Image.fromarray(s["image"])]

@@ -167,11 +167,11 @@ def control_for(row: dict, condition: Image.Image):
     return Control(model, condition)
 
 
-def held_out_scenes(config: EvaluateConfig, size: int) -> list[dict]:
+def held_out_scenes(n: int, size: int, start: int = 0) -> list[dict]:
+    """The renders (every column) of held-out world scenes ``[HELD_OUT_SEED, start + i]``, i < n."""
     from controlstack.world import HELD_OUT_SEED, WorldConfig, render, sample_scene
 
-    return [render(sample_scene([HELD_OUT_SEED, config.start + i], WorldConfig(size=size)), size)
-            for i in range(config.scenes)]
+    return [render(sample_scene([HELD_OUT_SEED, start + i], WorldConfig(size=size)), size) for i in range(n)]
 
 
 def call_mode(row: dict) -> tuple[str | None, dict | None]:
@@ -266,7 +266,7 @@ def run(config: EvaluateConfig, out_dir: str | Path, progress: bool = True) -> d
     rows = config.rows()
     _check_models(pipe, rows)
     size = config.size or pipe.native_size
-    scenes = held_out_scenes(config, size)
+    scenes = held_out_scenes(config.scenes, size, config.start)
     real = [np.asarray(s["image"]) for s in scenes]
     captions = [s["text"] for s in scenes]
     folder = assets.predictor_folder()

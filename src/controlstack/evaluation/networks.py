@@ -109,8 +109,7 @@ class FeatureNet(nn.Module):
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = clean_resize(images, self.config.image_size) if images.shape[-1] != self.config.image_size \
-            or images.shape[-2] != self.config.image_size else images.float()
+        x = clean_resize(images, self.config.image_size)
         p = next(self.parameters())
         return (self.embedding((x / 127.5 - 1).to(p)) / self.config.feature_scale).float()
 
