@@ -153,18 +153,18 @@ def prompt_for(style: str, caption: str) -> str:
     return {"empty": "", "brief": brief_caption(caption), "full": caption}[style]
 
 
+def controlnet_name(row: dict) -> str:
+    """The ControlNet a control row uses: a bundled name (``canny``, ``mi-canny``, ``omni``) or its path."""
+    c, model = row["control"], row["model"]
+    return {"plain": c, "mi": f"mi-{c}", "omni": "omni"}.get(model, model)
+
+
 def control_for(row: dict, condition: Image.Image):
-    """The row's :class:`~controlstack.Control` for a condition image."""
+    """The row's :class:`~controlstack.Control` for a condition image (Omni: with the type's task)."""
     from controlstack import Control
 
-    c, model = row["control"], row["model"]
-    if model == "plain":
-        return Control(c, condition)
-    if model == "mi":
-        return Control(f"mi-{c}", condition)
-    if model == "omni":
-        return Control("omni", condition, task=OMNI_TASK.get(c, c))
-    return Control(model, condition)
+    task = OMNI_TASK.get(row["control"], row["control"]) if row["model"] == "omni" else None
+    return Control(controlnet_name(row), condition, task=task)
 
 
 def held_out_scenes(n: int, size: int, start: int = 0) -> list[dict]:
@@ -299,8 +299,7 @@ def _check_models(pipe, rows: list[dict]) -> None:
     for row in rows:
         if row["control"] is None:
             continue
-        c, model = row["control"], row["model"]
-        name = {"plain": c, "mi": f"mi-{c}", "omni": "omni"}.get(model, model)
+        model, name = row["model"], controlnet_name(row)
         if model in MODEL_KINDS:
             require(name in pipe.controlnets, f"model '{model}' needs the ControlNet '{name}', which this base "
                                               f"does not have; it has {', '.join(pipe.controlnets) or 'none'}")
@@ -313,10 +312,9 @@ def _add_asym(pipe, config: EvaluateConfig, measured: list[dict], progress: bool
     for row in measured:
         if row["control"] is None:
             continue
-        model = row["model"]
-        name = {"plain": row["control"], "mi": f"mi-{row['control']}"}.get(model, model)
-        if model == "omni":
+        if row["model"] == "omni":
             continue  # Omni's branch needs its task token: not what measure_asym feeds it
+        name = controlnet_name(row)
         key = (name, row["mode"])
         if key not in done:
             mode, options = parse_mode(row["mode"])
