@@ -1,21 +1,22 @@
-"""Inference speed: controlstack vs diffusers' StableDiffusionControlNetPipeline, same weights.
+"""Inference speed: controlstack's tiers vs diffusers' StableDiffusionControlNetPipeline, same weights.
 
 Builds one model of SD-1.5 layout at reduced width (block_out_channels 64/128/256/256, cross-
 attention where SD-1.5 has it), at 256x256 images (32x32 latents) by default -- ``--size 512``
-gives SD's 64x64 latents at ~4x the time --, runs both pipelines with the same
-seed for ``--steps`` steps, and prints images/s (median of ``--runs`` after one warm-up) and the
-ratio for: 1 control; 3 controls; 1 control with window 0-0.5; and our "fast" mode with its PSNR
-against the float32 output. Also prints the physical limit: model FLOPs per image
-(torch.utils.flop_counter) over the measured fp32 GEMM rate, and each pipeline's fraction of it.
+gives SD's 64x64 latents at ~4x the time --, and prints, in one run, for 1 and 3 controls with the
+full window and 0-0.5: images/s of diffusers and of each tier (parity, compiled, fast), the ratio,
+PSNR against diffusers' image, and each one's fraction of the physical limit (model FLOPs per
+image over the measured fp32 GEMM rate). Then, each in a process of its own for one image with
+one control: start-up (compiling into an empty cache = first process; loading it = second
+process) and peak memory (max RSS).
 
-    .venv/bin/python benchmarks/inference.py                 # the full benchmark (~10 min here)
-    .venv/bin/python benchmarks/inference.py --quick         # 4 steps, 256 px, 1 run: a smoke test
+    .venv/bin/python benchmarks/inference.py                 # the full benchmark (~30 min here, most of it compiling)
+    .venv/bin/python benchmarks/inference.py --size 512      # SD-1.5's latent size
+    .venv/bin/python benchmarks/inference.py --quick         # 4 steps, 1 run, no start-up table: a smoke test
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import statistics
 import time
 
@@ -113,28 +114,107 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
     return float("inf") if mse == 0 else 10 * np.log10(1.0 / mse)
 
 
+TIER_NAMES = ("parity", "compiled", "fast")
+
+
+def tier_pipeline(comps, tier: str) -> Pipeline:
+    return Pipeline(comps, name="bench").optimize(tier) if tier != "parity" else Pipeline(comps, name="bench")
+
+
+def timed(fns: dict, runs: int) -> tuple[dict, dict]:
+    """Median seconds of each callable, run round-robin (a, b, c, a, b, c, ...) after one warm-up
+    each, so a drift in machine load hits all alike; returns ({name: seconds}, {name: last output})."""
+    outs = {k: fn() for k, fn in fns.items()}
+    times: dict = {k: [] for k in fns}
+    for _ in range(runs):
+        for k, fn in fns.items():
+            t = time.perf_counter()
+            outs[k] = fn()
+            times[k].append(time.perf_counter() - t)
+    return {k: statistics.median(v) for k, v in times.items()}, outs
+
+
+def child(args) -> None:
+    """One image, one control, in this process: start-up seconds, compile / load seconds, peak RSS."""
+    import json
+    import resource
+
+    comps, cns = build()
+    image = hint(args.size, 0)
+    t = time.perf_counter()
+    if args.child == "diffusers":
+        from diffusers import StableDiffusionControlNetPipeline
+
+        ref = StableDiffusionControlNetPipeline(
+            vae=comps.vae, text_encoder=comps.text_encoder, tokenizer=comps.tokenizer, unet=comps.unet,
+            controlnet=cns[0], scheduler=make_scheduler("unipc"), safety_checker=None, feature_extractor=None,
+            requires_safety_checker=False)
+        ref.set_progress_bar_config(disable=True)
+        ref("a photo", image=image, num_inference_steps=args.steps, guidance_scale=7.5, width=args.size,
+            height=args.size, generator=torch.Generator("cpu").manual_seed(0), output_type="np")
+        seconds = {}
+    else:
+        pipe = tier_pipeline(comps, args.child)
+        pipe("a photo", controls=[Control(cns[0], image)], steps=args.steps, cfg=7.5, seed=0, width=args.size,
+             height=args.size, output_type="np", progress=False)
+        graphs = [g for r in [pipe._unet_runner, pipe._vae_decoder, *pipe._runners.values()] if r is not None
+                  for g in vars(r).values() if hasattr(g, "seconds")]
+        seconds = {k: sum(g.seconds[k] for g in graphs) for k in ("compile", "load")}
+    print(json.dumps({"first_image_s": time.perf_counter() - t, **seconds,
+                      "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+
+
+def startup_table(args) -> None:
+    """Each tier twice in fresh processes sharing one empty cache: compile, then load."""
+    import json
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    print(f"\n{'one image, 1 control, own process':34s} {'first image s':>13s} {'compile s':>9s} {'load s':>7s}"
+          f" {'peak MiB':>9s}")
+    with tempfile.TemporaryDirectory() as cache:
+        env = {**os.environ, "CONTROLSTACK_CACHE": cache}
+        for name in ("diffusers", *TIER_NAMES):
+            for which in ("first process", "second process") if name in ("compiled", "fast") else ("",):
+                cmd = [sys.executable, __file__, "--child", name, "--size", str(args.size), "--steps", str(args.steps)]
+                if args.threads:
+                    cmd += ["--threads", str(args.threads)]
+                done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+                if done.returncode:
+                    print(f"{name}: failed: {done.stderr.strip().splitlines()[-1:]}")
+                    continue
+                r = json.loads(done.stdout.strip().splitlines()[-1])
+                print(f"{(name + ', ' + which) if which else name:34s} {r['first_image_s']:13.1f} "
+                      f"{r.get('compile', 0):9.1f} {r.get('load', 0):7.1f} {r['peak_mib']:9.0f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--size", type=int, default=256)
-    ap.add_argument("--quick", action="store_true", help="4 steps, 256 px, 1 run")
+    ap.add_argument("--quick", action="store_true", help="4 steps, 1 run, no start-up table")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.quick:
-        args.steps, args.size, args.runs = 4, 256, 1
+        args.steps, args.runs = 4, 1
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.child:
+        return child(args)
     from diffusers import MultiControlNetModel, StableDiffusionControlNetPipeline
 
     comps, cns = build()
-    pipe = Pipeline(comps, name="bench")
+    pipes = {name: tier_pipeline(comps, name) for name in TIER_NAMES}
     hints = [hint(args.size, k) for k in range(3)]
     common = dict(width=args.size, height=args.size)
     print(f"# {args.size}x{args.size}, {args.steps} steps, unipc, cfg 7.5, median of {args.runs}, "
-          f"{torch.get_num_threads()} threads")
+          f"{torch.get_num_threads()} threads; fast = {pipes['fast'].tier.describe()}")
 
-    def theirs(n, **kw):
+    def theirs(n, end=1.0):
         cn = cns[0] if n == 1 else MultiControlNetModel(cns[:n])
         ref = StableDiffusionControlNetPipeline(
             vae=comps.vae, text_encoder=comps.text_encoder, tokenizer=comps.tokenizer, unet=comps.unet,
@@ -143,36 +223,30 @@ def main() -> None:
         ref.set_progress_bar_config(disable=True)
         image = hints[0] if n == 1 else hints[:n]
         return lambda: ref("a photo", image=image, num_inference_steps=args.steps, guidance_scale=7.5,
-                           generator=torch.Generator("cpu").manual_seed(0), output_type="np", **common, **kw
-                           ).images
+                           control_guidance_end=end, generator=torch.Generator("cpu").manual_seed(0),
+                           output_type="np", **common).images
 
-    def ours(n, p=pipe, start=0.0, end=1.0, controlnets=cns):
-        controls = [Control(controlnets[i], hints[i], start=start, end=end) for i in range(n)]
-        return lambda: p("a photo", controls=controls, steps=args.steps, cfg=7.5, seed=0, scheduler="unipc",
-                         output_type="np", progress=False, **common)
+    def ours(n, pipe, end=1.0):
+        controls = [Control(cns[i], hints[i], end=end) for i in range(n)]
+        return lambda: pipe("a photo", controls=controls, steps=args.steps, cfg=7.5, seed=0, scheduler="unipc",
+                            output_type="np", progress=False, **common)
 
     rate = gemm_rate()
     print(f"measured fp32 GEMM rate: {rate / 1e9:.1f} GFLOP/s")
-    rows = []
-    cases = [("1 control", 1, {}, {}), ("3 controls", 3, {}, {}),
-             ("1 control, window 0-0.5", 1, {"control_guidance_end": 0.5}, {"end": 0.5})]
-    reference_image = None
-    for label, n, dkw, okw in cases:
-        t_d, t_o, img_d, img_o = timed_pair(theirs(n, **dkw), ours(n, **okw), args.runs)
-        if reference_image is None:
-            reference_image = img_o
-        flops = flops_per_image(comps, cns, n, args.steps, args.size, okw.get("end", 1.0))
-        rows.append((label, 1 / t_d, 1 / t_o, t_d / t_o, float(np.abs(img_o - img_d).max()), flops))
-    # its own copy of the weights: optimize() changes the modules' memory format in place
-    fast = Pipeline(copy.deepcopy(comps), name="bench").optimize("fast")
-    t_d1, t_f, _, img_f = timed_pair(theirs(1), ours(1, p=fast, controlnets=copy.deepcopy(cns[:1])), args.runs)
-    print(f"\n{'case':28s} {'diffusers img/s':>16s} {'ours img/s':>11s} {'ratio':>6s} {'max|diff|':>10s}"
-          f" {'GFLOP/img':>10s} {'diffusers %peak':>15s} {'ours %peak':>10s}")
-    for label, d, o, r, diff, flops in rows:
-        print(f"{label:28s} {d:16.4f} {o:11.4f} {r:6.2f} {diff:10.1e} {flops / 1e9:10.1f}"
-              f" {100 * flops * d / rate:14.1f}% {100 * flops * o / rate:9.1f}%")
-    print(f"{'fast mode, 1 control':28s} {1 / t_d1:16.4f} {1 / t_f:11.4f} {t_d1 / t_f:6.2f} "
-          f"PSNR vs fp32 {psnr(img_f, reference_image):.1f} dB  ({fast.fast_description})")
+    print(f"\n{'case':26s} {'pipeline':10s} {'img/s':>8s} {'ratio':>6s} {'PSNR dB':>8s} {'GFLOP/img':>10s}"
+          f" {'% of limit':>10s}")
+    for n, end in ((1, 1.0), (3, 1.0), (1, 0.5), (3, 0.5)):
+        label = f"{n} control{'s' if n > 1 else ''}" + (f", window 0-{end:g}" if end < 1 else "")
+        fns = {"diffusers": theirs(n, end), **{name: ours(n, p, end) for name, p in pipes.items()}}
+        times, outs = timed(fns, args.runs)
+        flops = flops_per_image(comps, cns, n, args.steps, args.size, end)
+        for name, t in times.items():
+            quality = "" if name == "diffusers" else f"{psnr(outs[name], outs['diffusers']):8.1f}"
+            print(f"{label:26s} {name:10s} {1 / t:8.4f} {times['diffusers'] / t:6.2f} {quality:>8s} "
+                  f"{flops / 1e9:10.1f} {100 * flops / t / rate:9.1f}%")
+            label = ""
+    if not args.quick:
+        startup_table(args)
 
 
 if __name__ == "__main__":

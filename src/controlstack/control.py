@@ -129,6 +129,7 @@ class Branch:
         self._masks: dict[tuple[int, int], torch.Tensor] = {}
         # own text embedding (uncond, cond) -- Omni's "<task> prompt"; None: the denoiser's
         self.encoder_hidden_states = encoder_hidden_states
+        self.last: Residuals | None = None  # the runner's last output, unweighted (denoiser.Reuse)
 
     def active(self, step: Step) -> bool:
         return in_window(self.start, self.end, step)
@@ -143,14 +144,19 @@ class Branch:
             self._masks[size] = m.to(like.dtype)
         return self._masks[size]
 
-    def __call__(self, x, t, encoder_hidden_states, step: Step, cond_only: bool = False) -> Residuals:
+    def __call__(self, x, t, encoder_hidden_states, step: Step, cond_only: bool = False,
+                 reuse: bool = False) -> Residuals:
         """``x``: the CFG batch ``[uncond; cond]`` (or the cond half alone when ``cond_only`` or
-        without CFG), ``encoder_hidden_states`` the matching text embedding."""
-        if self.encoder_hidden_states is not None:
-            uncond, cond = self.encoder_hidden_states
-            both = uncond is not None and not cond_only and x.shape[0] == 2 * cond.shape[0]
-            encoder_hidden_states = torch.cat([uncond, cond]) if both else cond
-        res = self.runner(x, t, encoder_hidden_states, self.hint_features)
+        without CFG), ``encoder_hidden_states`` the matching text embedding. ``reuse``: take the
+        last computed residuals instead of running the ControlNet (weight and mask still apply)."""
+        if reuse and self.last is not None:
+            res = self.last
+        else:
+            if self.encoder_hidden_states is not None:
+                uncond, cond = self.encoder_hidden_states
+                both = uncond is not None and not cond_only and x.shape[0] == 2 * cond.shape[0]
+                encoder_hidden_states = torch.cat([uncond, cond]) if both else cond
+            res = self.last = self.runner(x, t, encoder_hidden_states, self.hint_features)
         w = weight_at(self.weight, step.progress)
         downs = [d * w for d in res.downs]
         mid = res.mid * w

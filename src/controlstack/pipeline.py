@@ -21,12 +21,19 @@ import torch
 from PIL import Image
 
 from controlstack.control import Branch, Control
-from controlstack.denoiser import ControlledDenoiser
+from controlstack.denoiser import ControlledDenoiser, Reuse
 from controlstack.errors import ControlstackError
 from controlstack.injection import make_injection
 from controlstack.io.checkpoints import check_compatible
 from controlstack.io.images import image_to_tensor, resize_image, to_rgb
 from controlstack.models.runner import ControlNetRunner, UNetRunner
+from controlstack.models.tiers import (
+    CompiledControlNetRunner,
+    CompiledUNetRunner,
+    CompiledVAEDecoder,
+    Tier,
+    make_tier,
+)
 from controlstack.models.tiny import SDComponents
 from controlstack.sampling import make_scheduler, sample
 
@@ -70,10 +77,10 @@ class Pipeline:
         # name -> ControlNetModel or a zero-argument loader (bundled models load on first use)
         self.controlnets: dict[str, Any] = dict(controlnets or {})
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.tier = Tier()
         self._unet_runner = UNetRunner(self.unet)
-        self.memory_format = torch.contiguous_format
-        self.autocast_dtype: torch.dtype | None = None
-        self.fast_description = "parity (float32, as diffusers)"
+        self._runners: dict[int, Any] = {}  # id(ControlNet) -> its compiled runner (compiled tiers)
+        self._vae_decoder = None
         self.source: Path | None = None  # the folder / file the base came from (its model hash, lazily)
         self._model_hash: str | None = None
         # the base folder's recommended settings (io/settings.py): used where a call leaves a value unset
@@ -81,24 +88,27 @@ class Pipeline:
         # the words the base was trained on (a closed-vocabulary model, like the bundled one): others warn
         self.vocabulary = {w.lower() for w in vocabulary} if vocabulary else None
 
-    def optimize(self, mode: str = "fast") -> Pipeline:
-        """``"parity"``: float32 exactly as diffusers. ``"fast"``: channels-last convolutions
-        (oneDNN's fast path on CPU) and bf16 autocast *only* where a probe shows native bf16 is
-        faster than fp32 -- on AVX2-only CPUs bf16 matmuls are ~100x slower, so it is never assumed.
-        """
-        from controlstack.models.speed import bf16_is_fast
-
-        if mode not in ("parity", "fast"):
-            raise ControlstackError(f"unknown optimisation mode '{mode}'; choose parity or fast")
-        fast = mode == "fast"
-        self.memory_format = torch.channels_last if fast else torch.contiguous_format
-        self.autocast_dtype = torch.bfloat16 if fast and bf16_is_fast() else None
-        for module in [self.unet, self.vae] + [c for c in self.controlnets.values() if isinstance(c, torch.nn.Module)]:
-            module.to(memory_format=self.memory_format)
-        parts = ["channels_last"] if fast else []
-        parts += ["bf16 autocast"] if self.autocast_dtype else (["fp32 (bf16 not faster here)"] if fast else [])
-        self.fast_description = ", ".join(parts) if fast else "parity (float32, as diffusers)"
+    def optimize(self, tier: str = "compiled", *, precision: str | None = None) -> Pipeline:
+        """Switch the speed tier (``models/tiers.py``, docs/speed.md): ``"parity"`` (float32 eager,
+        as diffusers; the default), ``"compiled"`` (the same math through AOTInductor, compiled
+        once per shape and cached under ``~/.cache/controlstack``) or ``"fast"`` (compiled, bf16 where
+        measured faster here -- or ``precision="fp32"/"bf16"`` --, encoder / ControlNet reuse)."""
+        self.tier = make_tier(tier, precision)
+        self._runners.clear()
+        if self.tier.compiled:
+            self._unet_runner = CompiledUNetRunner(self.unet, self.tier.precision)
+            self._vae_decoder = CompiledVAEDecoder(self.vae, self.tier.precision)
+        else:
+            self._unet_runner, self._vae_decoder = UNetRunner(self.unet), None
         return self
+
+    def runner(self, controlnet) -> ControlNetRunner:
+        """The runner of a ControlNet in this tier (compiled ones are kept: their graphs are loaded)."""
+        if not self.tier.compiled:
+            return ControlNetRunner(controlnet)
+        if id(controlnet) not in self._runners:
+            self._runners[id(controlnet)] = CompiledControlNetRunner(controlnet, self.tier.precision)
+        return self._runners[id(controlnet)]
 
     @property
     def native_size(self) -> int:
@@ -165,7 +175,7 @@ class Pipeline:
                 f"control model '{model}' is neither a bundled ControlNet ({known}) nor an existing path"
             )
         check_compatible(cn, self.unet)  # mismatched channels would fail mid-run otherwise
-        return cn.eval().to(memory_format=self.memory_format)
+        return cn.eval()
 
     def trained_with_mi(self, model: Any) -> bool:
         """Whether a Control's model was trained with the ``mi`` injection (its folder's
@@ -302,7 +312,7 @@ class Pipeline:
                     batch: int = 1, do_cfg: bool = False, inpaint_mask: Any = None) -> Branch:
         controlnet = self.controlnet(control.model)
         text = self.task_text(controlnet, control, prompts, batch, do_cfg)  # before the image: cheap checks first
-        runner = ControlNetRunner(controlnet)
+        runner = self.runner(controlnet)
         hint = self.prepare_hint(control, width, height, inpaint_mask).to(runner.dtype)
         with torch.no_grad():
             features = runner.embed_hint(hint)  # once per run, not per step
@@ -417,8 +427,9 @@ class Pipeline:
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, generator=None) -> np.ndarray:
         """VAE decode and diffusers' post-processing -> float array (B, H, W, 3) in [0, 1]."""
-        image = self.vae.decode(latents / self.vae.config.scaling_factor, return_dict=False,
-                                generator=generator)[0]
+        latents = latents / self.vae.config.scaling_factor
+        image = self._vae_decoder(latents) if self._vae_decoder else \
+            self.vae.decode(latents, return_dict=False, generator=generator)[0]
         image = (image * 0.5 + 0.5).clamp(0, 1)
         return image.cpu().permute(0, 2, 3, 1).float().numpy()
 
@@ -516,8 +527,9 @@ class Pipeline:
             latents = torch.randn(shape, generator=generator, dtype=self.unet.dtype)
         else:
             latents, loop = self.img2img_start(init_image, inpaint_mask, strength, shape, sched, generator, do_cfg)
+        reuse = Reuse(self.tier.reuse_every, self.tier.reuse_after) if self.tier.reuse_every > 1 else None
         denoiser = ControlledDenoiser(self._unet_runner, branches, injection, cond, uncond, cfg,
-                                      unet_extra=loop.pop("unet_extra", None))
+                                      unet_extra=loop.pop("unet_extra", None), reuse=reuse)
         if step_callback is not None:
             blend = loop.get("callback")
 
@@ -526,16 +538,14 @@ class Pipeline:
                 return blend(step, latents) if blend is not None else None
 
             loop["callback"] = after_step
-        with torch.autocast("cpu", dtype=self.autocast_dtype or torch.bfloat16,
-                            enabled=self.autocast_dtype is not None):
-            latents = sample(denoiser, sched, latents, steps, generator=generator, eta=eta, progress=progress,
-                             **loop)
+        latents = sample(denoiser, sched, latents, steps, generator=generator, eta=eta, progress=progress, **loop)
         images = self.decode(latents, generator)
         params = {
             **({"img2img": {"strength": strength, "inpaint": inpaint_mask is not None}} if init_image is not None else {}),
             "prompt": prompt, "negative_prompt": negative_prompt, "steps": steps, "cfg": cfg,
             "seed": seed, "width": width, "height": height, "scheduler": scheduler, "mode": mode,
             "model": self.name, **({"mode_options": dict(mode_options)} if mode_options else {}),
+            **({"optimize": self.tier.name} if self.tier.name != "parity" else {}),
             "controls": [
                 {"model": c.model if isinstance(c.model, str) else type(c.model).__name__,
                  "weight": c.weight, "start": c.start, "end": c.end,

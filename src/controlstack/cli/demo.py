@@ -17,6 +17,7 @@ and prints its path.
 from __future__ import annotations
 
 import argparse
+import time
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +37,8 @@ def register(sub) -> None:
     p.add_argument("--mode", default="controlnet", help="control mode (default: the bundle's, controlnet)")
     p.add_argument("--layer-weights", default="uniform", choices=("resolution", "soft", "uniform"),
                    help="with --mode controlnet")
+    p.add_argument("--optimize", default="parity", choices=("parity", "compiled", "fast"),
+                   help="speed tier (docs/speed.md); the first compiled run compiles every model once")
     p.set_defaults(func=run)
 
 
@@ -68,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
     from controlstack.io.png import atomic_save, make_labelled_grid
     from controlstack.world import HELD_OUT_SEED
 
-    pipe = Pipeline.from_pretrained()
+    pipe = Pipeline.from_pretrained().optimize(args.optimize)
     size = pipe.native_size
     # MI models are measured elsewhere; the Omni ControlNet gets the from-image row below
     names = sorted(n for n in pipe.controlnets if not n.startswith("mi-") and n != "omni")
@@ -95,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
         photo, _ = photo_canny(size)
         jobs.append(("photo -> depth + canny (omni)", PHOTO_PROMPT, OMNI_TASKS, None, photo))
 
-    rows = []
+    rows, started = [], time.perf_counter()
     for label, prompt, controls, condition, reference in tqdm(jobs, desc="demo", unit="row", dynamic_ncols=True):
         if controls is OMNI_TASKS:  # the integrated path: conditions made from the photograph in the call
             result = pipe.from_image(reference, list(OMNI_TASKS), prompt, mode=args.mode, mode_options=options,
@@ -106,6 +109,8 @@ def run(args: argparse.Namespace) -> int:
         generated = pipe(prompt, controls=controls, mode=args.mode, mode_options=options, **kw)[0]
         plain = pipe(prompt, **kw)[0]
         rows.append((label, [condition, generated, reference, plain]))
+    seconds = time.perf_counter() - started
+    images = 2 * len(rows)
     grid = make_labelled_grid(rows, ["condition", "generated", "real", "no control"])
     params = {"prompt": " | ".join(f"{label}: {prompt}" for label, prompt, *_ in jobs), "steps": args.steps, "seed": args.seed,
               "cfg": args.cfg, "mode": args.mode, **({"mode_options": options} if options else {}),
@@ -114,5 +119,6 @@ def run(args: argparse.Namespace) -> int:
     out = atomic_save(grid, Path(args.out) / "demo.png", params)
     if assets.is_placeholder():
         print("note: no trained bundle in this checkout; the demo ran on a tiny random placeholder model")
+    print(f"{images} images in {seconds:.1f} s ({seconds / images:.2f} s per image, {pipe.tier.describe()})")
     print(out)
     return 0

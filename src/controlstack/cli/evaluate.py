@@ -58,6 +58,8 @@ def register(subparsers) -> None:
     p.add_argument("--trust-torchscript", action="store_true", default=None,
                    help="allow --features to be TorchScript, which runs code when loaded")
     p.add_argument("--clip", default=None, help="CLIP folder (CLIPModel + tokenizer + preprocessor; default: bundled)")
+    p.add_argument("--optimize", default=None, choices=("parity", "compiled", "fast"),
+                   help="speed tier the images are made in (default parity; docs/speed.md)")
     p.add_argument("--out", required=True, help="output folder (metrics.json, report.html, images/)")
     p.set_defaults(func=run)
 
@@ -70,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
              "controls": args.controls, "models": args.models, "modes": args.modes, "cfg": args.cfg,
              "prompt_styles": args.prompt_styles, "steps": args.steps, "scheduler": args.scheduler,
              "size": args.size, "features": args.features, "trust_torchscript": args.trust_torchscript,
-             "clip": args.clip}
+             "clip": args.clip, "optimize": args.optimize}
     try:
         config = (EvaluateConfig.from_yaml(args.config, **flags) if args.config else
                   EvaluateConfig(**{k: v for k, v in flags.items() if v is not None}))

@@ -75,6 +75,9 @@ def register(sub) -> None:
     p.add_argument("--grid", action="store_true",
                    help="also write a grid of the batch (with --from-image: photo | each condition | generated)")
     p.add_argument("--allow-pickle", action="store_true", help="allow loading pickle checkpoints you trust")
+    p.add_argument("--optimize", default="parity", choices=("parity", "compiled", "fast"),
+                   help="speed tier: parity (float32, as diffusers), compiled (same math, compiled once per size "
+                        "and cached), fast (compiled + measured approximations); docs/speed.md")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
 
@@ -190,6 +193,7 @@ def run(args: argparse.Namespace) -> int:
     seed = args.seed if args.seed >= 0 else random.randrange(2**32)
 
     pipe = Pipeline.from_pretrained(args.model, allow_pickle=args.allow_pickle, config=args.config)
+    pipe.optimize(args.optimize)
     controls = [
         Control(name, image, weight=w, start=s, end=e, mask=mask_images.get(i), resize_mode=args.resize_mode,
                 task=task, preprocess=modules[i][0] if i in modules else args.preprocess,
@@ -219,6 +223,7 @@ def run_from_image(args, seed: int) -> int:
         raise ControlstackError("--tasks is empty; name at least one task, e.g. --tasks depth")
     photo = load_image(args.from_image)
     pipe = Pipeline.from_pretrained(args.model, allow_pickle=args.allow_pickle, config=args.config)
+    pipe.optimize(args.optimize)
     result = pipe.from_image(photo, tasks, args.prompt, model=args.omni, resize_mode=args.resize_mode,
                              return_result=True, **sampling_options(args, seed))
     return write_outputs(args, result, seed, photo)

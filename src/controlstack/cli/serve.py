@@ -28,6 +28,8 @@ def register(sub) -> None:
                         "the bundled 'default'; clients pick one by name")
     p.add_argument("--memory", type=float, default=8.0, help="GiB of weights kept loaded (least recently used "
                                                             "bases are unloaded past it)")
+    p.add_argument("--optimize", default="parity", choices=("parity", "compiled", "fast"),
+                   help="speed tier of every model served (docs/speed.md)")
     p.set_defaults(func=run)
 
 
@@ -48,14 +50,14 @@ def run(args: argparse.Namespace) -> int:
     from controlstack import Pipeline
     from controlstack.serve.app import create_app
 
-    factories = {"default": Pipeline.from_pretrained}
+    factories = {"default": lambda: Pipeline.from_pretrained().optimize(args.optimize)}
     for d in args.models:
         name = Path(d).stem
         if not Path(d).exists():
             raise ControlstackError(f"--models: '{d}' does not exist")
         if name in factories:
             raise ControlstackError(f"--models: two models named '{name}'; rename one folder or file")
-        factories[name] = (lambda d=d: Pipeline.from_pretrained(d))
+        factories[name] = (lambda d=d: Pipeline.from_pretrained(d).optimize(args.optimize))
     if args.memory <= 0:
         raise ControlstackError(f"--memory must be > 0 GiB, got {args.memory}")
     app = create_app(factories, token=args.token, queue_size=args.queue, ui=not args.no_ui, memory_gib=args.memory)

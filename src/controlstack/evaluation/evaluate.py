@@ -35,6 +35,7 @@ import numpy as np
 from PIL import Image
 
 from controlstack.errors import ControlstackError, require
+from controlstack.models.tiers import TIERS
 from controlstack.training.config import check_keys, coerce_fields, read_yaml
 
 PROMPT_STYLES = ("empty", "brief", "full")
@@ -64,6 +65,7 @@ class EvaluateConfig:
     clip: str = ""                                    # CLIP folder; "" bundled
     asym_steps: int = 0                               # > 0: Asym / NAsym of each ControlNet on this many batches of 4
     grid_scenes: int = 4                              # scenes shown per grid in the report
+    optimize: str = "parity"                          # speed tier the images are made in (models/tiers.py)
     extra: dict = field(default_factory=dict)         # free-form notes copied into metrics.json
 
     def __post_init__(self) -> None:
@@ -80,6 +82,7 @@ class EvaluateConfig:
                 "--steps must be >= 1; --start, --seed, --size and asym_steps >= 0")
         require(self.size == 0 or self.size % 8 == 0, f"--size must be a multiple of 8, got {self.size}")
         require(self.grid_scenes >= 1, "grid_scenes must be >= 1")
+        require(self.optimize in TIERS, f"unknown optimize tier '{self.optimize}'; choose from {', '.join(TIERS)}")
         for c in self.controls:
             require(c == NONE or c in CONTROL_TYPES, f"unknown control type '{c}'; choose from {NONE}, "
                                                      f"{', '.join(CONTROL_TYPES)}")
@@ -190,6 +193,7 @@ def _settings(config: EvaluateConfig, pipe, row: dict, size: int) -> dict:
     resolved = pipe.settings(probe, config.steps, row["cfg"], mode, options)
     return {"row": row, "steps": config.steps, "scheduler": config.scheduler, "size": size, "seed": config.seed,
             "start": config.start, "base": config.base or "bundle", "model_hash": pipe.model_hash,
+            **({"optimize": pipe.tier.describe()} if pipe.tier.name != "parity" else {}),
             "resolved": {"mode": resolved["mode"], "mode_options": resolved["mode_options"]}}
 
 
@@ -262,7 +266,7 @@ def run(config: EvaluateConfig, out_dir: str | Path, progress: bool = True) -> d
     out = output_folder(out_dir)
     network = load_feature_extractor(config.features or None, allow_torchscript=config.trust_torchscript)
     scorer = ClipScorer.load(config.clip or None)
-    pipe = Pipeline.from_pretrained(config.base or None)
+    pipe = Pipeline.from_pretrained(config.base or None).optimize(config.optimize)
     rows = config.rows()
     _check_models(pipe, rows)
     size = config.size or pipe.native_size

@@ -84,6 +84,24 @@ class UNetRunner:
         if cfg.addition_embed_type == "image_hint":
             raise NotImplementedError("U-Nets with addition_embed_type='image_hint' are not supported")
 
+    def time_embed(self, sample, timestep, encoder_hidden_states, *, class_labels=None, timestep_cond=None,
+                   added_cond_kwargs: dict | None = None) -> torch.Tensor:
+        """The embedding every resnet reads: time (+ class / added conditions), after time_embed_act.
+        Also what the decoder needs at a step whose encoder features are reused (``denoiser.Reuse``)."""
+        unet = self.unet
+        t_emb = unet.get_time_embed(sample=sample, timestep=timestep)
+        emb = unet.time_embedding(t_emb, timestep_cond)
+        class_emb = unet.get_class_embed(sample=sample, class_labels=class_labels)
+        if class_emb is not None:
+            emb = torch.cat([emb, class_emb], dim=-1) if unet.config.class_embeddings_concat else emb + class_emb
+        aug_emb = unet.get_aug_embed(
+            emb=emb, encoder_hidden_states=encoder_hidden_states, added_cond_kwargs=added_cond_kwargs
+        )
+        emb = emb + aug_emb if aug_emb is not None else emb
+        if unet.time_embed_act is not None:
+            emb = unet.time_embed_act(emb)
+        return emb
+
     def encode(
         self,
         sample: torch.Tensor,
@@ -107,17 +125,8 @@ class UNetRunner:
         if unet.config.center_input_sample:
             sample = 2 * sample - 1.0
 
-        t_emb = unet.get_time_embed(sample=sample, timestep=timestep)
-        emb = unet.time_embedding(t_emb, timestep_cond)
-        class_emb = unet.get_class_embed(sample=sample, class_labels=class_labels)
-        if class_emb is not None:
-            emb = torch.cat([emb, class_emb], dim=-1) if unet.config.class_embeddings_concat else emb + class_emb
-        aug_emb = unet.get_aug_embed(
-            emb=emb, encoder_hidden_states=encoder_hidden_states, added_cond_kwargs=added_cond_kwargs
-        )
-        emb = emb + aug_emb if aug_emb is not None else emb
-        if unet.time_embed_act is not None:
-            emb = unet.time_embed_act(emb)
+        emb = self.time_embed(sample, timestep, encoder_hidden_states, class_labels=class_labels,
+                              timestep_cond=timestep_cond, added_cond_kwargs=added_cond_kwargs)
         encoder_hidden_states = unet.process_encoder_hidden_states(
             encoder_hidden_states=encoder_hidden_states, added_cond_kwargs=added_cond_kwargs
         )

@@ -26,18 +26,26 @@ def _best_time(fn, repeats: int = 3) -> float:
 
 
 @functools.cache
-def bf16_speedup(device: str = "cpu", size: int = 256) -> float:
-    """fp32 time / bf16-autocast time for a ``size``^3 matmul (> 1 means bf16 is faster)."""
+def bf16_speedup(device: str = "cpu") -> float:
+    """fp32 time / bf16 time (> 1: bf16 is faster) of a model-shaped workload: a 3x3 convolution
+    (64 channels, 32x32, batch 2) and a 512^3 matmul, operands already in each dtype -- as frozen
+    compiled graphs and bf16 weights hold them. An earlier probe timed one 256^3 matmul under
+    autocast (plus a ``.item()`` per call): the per-call casts and the sync dominated, and it
+    reported 1.03x on an AMX Xeon where the U-Net + ControlNet step runs 1.35x faster in bf16."""
     dev = torch.device(device)
     g = torch.Generator().manual_seed(0)
-    a = torch.randn(size, size, generator=g).to(dev)
-    b = torch.randn(size, size, generator=g).to(dev)
+    x, w = torch.randn(2, 64, 32, 32, generator=g), torch.randn(64, 64, 3, 3, generator=g)
+    a, b = torch.randn(512, 512, generator=g), torch.randn(512, 512, generator=g)
 
     def run(dtype):
+        xs, ws, as_, bs = (t.to(dev, dtype) for t in (x, w, a, b))
+
         def fn():
-            with torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32):
-                for _ in range(4):
-                    (a @ b).sum().item()
+            for _ in range(2):
+                torch.nn.functional.conv2d(xs, ws, padding=1)
+                as_ @ bs
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
         return fn
 
     return _best_time(run(torch.float32)) / _best_time(run(torch.bfloat16))
