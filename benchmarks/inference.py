@@ -197,6 +197,7 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=256)
     ap.add_argument("--quick", action="store_true", help="4 steps, 1 run, no start-up table")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--no-startup", action="store_true", help="skip the start-up / peak-memory table")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.quick:
@@ -245,7 +246,7 @@ def main() -> None:
             print(f"{label:26s} {name:10s} {1 / t:8.4f} {times['diffusers'] / t:6.2f} {quality:>8s} "
                   f"{flops / 1e9:10.1f} {100 * flops / t / rate:9.1f}%")
             label = ""
-    if not args.quick:
+    if not (args.quick or args.no_startup):
         startup_table(args)
 
 

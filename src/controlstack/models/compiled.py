@@ -22,6 +22,7 @@ first such failure is logged once.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -74,6 +75,7 @@ def _machine() -> str:
     return f"{platform.machine()}|{platform.processor()}|{flags}"
 
 
+@functools.cache
 def _environment() -> str:
     import diffusers
 
@@ -161,11 +163,15 @@ class CompiledGraph:
         import torch._inductor.config as inductor_config
 
         dtype = PRECISIONS[self.precision]
-        module = self.module if dtype == torch.float32 else copy.deepcopy(self.module).to(dtype)
+        module = self.module
+        if dtype != torch.float32:  # a bf16 copy; diffusers' warning about fp32-kept modules lists none here
+            module = copy.deepcopy(module)
+            for t in list(module.parameters()) + list(module.buffers()):
+                t.data = t.data.to(dtype) if t.is_floating_point() else t.data
         graph = Graph(module, self.fn, dtype).eval()
-        shapes = " ".join("x".join(map(str, a.shape)) for a in args if a.dim() > 1)
-        log.warning(f"compiling the {self.label} for {shapes} ({self.precision}); once per machine, "
-                    f"cached in {path.parent}")
+        shape = "x".join(map(str, args[0].shape))
+        log.warning(f"compiling the {self.label} for {shape} input ({self.precision}); once per machine and "
+                    f"size, cached in {path.parent}")
         t = time.perf_counter()
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.pt2")
