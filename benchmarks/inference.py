@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -123,24 +124,36 @@ def tier_pipeline(comps, tier: str) -> Pipeline:
 
 def timed(fns: dict, runs: int) -> tuple[dict, dict]:
     """Median seconds of each callable, run round-robin (a, b, c, a, b, c, ...) after one warm-up
-    each, so a drift in machine load hits all alike; returns ({name: seconds}, {name: last output})."""
-    outs = {k: fn() for k, fn in fns.items()}
+    each, so a drift in machine load hits all alike; returns ({name: seconds}, {name: last output},
+    {name: MiB its first call needed beyond what was resident before it})."""
+    outs, extra = {k: fn() for k, fn in fns.items()}, {}
     times: dict = {k: [] for k in fns}
     for _ in range(runs):
         for k, fn in fns.items():
+            before = reset_peak() if k not in extra else 0.0  # working memory of a warm call
             t = time.perf_counter()
             outs[k] = fn()
             times[k].append(time.perf_counter() - t)
-    return {k: statistics.median(v) for k, v in times.items()}, outs
+            extra.setdefault(k, peak_mib() - before)
+    return {k: statistics.median(v) for k, v in times.items()}, outs, extra
+
+
+def reset_peak() -> float:
+    """Reset the peak-RSS mark (Linux ``clear_refs``); returns the resident MiB now."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+    return peak_mib()
 
 
 def child(args) -> None:
     """One image, one control, in this process: start-up seconds, compile / load seconds, peak RSS."""
     import json
-    import resource
 
     comps, cns = build()
     image = hint(args.size, 0)
+    reset_peak()  # the peak of the generation, not of building the models
     t = time.perf_counter()
     if args.child == "diffusers":
         from diffusers import StableDiffusionControlNetPipeline
@@ -160,8 +173,17 @@ def child(args) -> None:
         graphs = [g for r in [pipe._unet_runner, pipe._vae_decoder, *pipe._runners.values()] if r is not None
                   for g in vars(r).values() if hasattr(g, "seconds")]
         seconds = {k: sum(g.seconds[k] for g in graphs) for k in ("compile", "load")}
-    print(json.dumps({"first_image_s": time.perf_counter() - t, **seconds,
-                      "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+    print(json.dumps({"first_image_s": time.perf_counter() - t, **seconds, "peak_mib": peak_mib()}))
+
+
+def peak_mib() -> float:
+    """Peak resident memory since the last reset (VmHWM), else since the start (ru_maxrss)."""
+    import resource
+
+    for line in Path("/proc/self/status").read_text().splitlines() if Path("/proc/self/status").exists() else []:
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def startup_table(args) -> None:
@@ -235,16 +257,16 @@ def main() -> None:
     rate = gemm_rate()
     print(f"measured fp32 GEMM rate: {rate / 1e9:.1f} GFLOP/s")
     print(f"\n{'case':26s} {'pipeline':10s} {'img/s':>8s} {'ratio':>6s} {'PSNR dB':>8s} {'GFLOP/img':>10s}"
-          f" {'% of limit':>10s}")
+          f" {'% of limit':>10s} {'+MiB':>6s}")
     for n, end in ((1, 1.0), (3, 1.0), (1, 0.5), (3, 0.5)):
         label = f"{n} control{'s' if n > 1 else ''}" + (f", window 0-{end:g}" if end < 1 else "")
         fns = {"diffusers": theirs(n, end), **{name: ours(n, p, end) for name, p in pipes.items()}}
-        times, outs = timed(fns, args.runs)
+        times, outs, extra = timed(fns, args.runs)
         flops = flops_per_image(comps, cns, n, args.steps, args.size, end)
         for name, t in times.items():
             quality = "" if name == "diffusers" else f"{psnr(outs[name], outs['diffusers']):8.1f}"
             print(f"{label:26s} {name:10s} {1 / t:8.4f} {times['diffusers'] / t:6.2f} {quality:>8s} "
-                  f"{flops / 1e9:10.1f} {100 * flops / t / rate:9.1f}%")
+                  f"{flops / 1e9:10.1f} {100 * flops / t / rate:9.1f}% {extra[name]:6.0f}")
             label = ""
     if not (args.quick or args.no_startup):
         startup_table(args)

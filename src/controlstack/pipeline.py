@@ -92,7 +92,10 @@ class Pipeline:
         """Switch the speed tier (``models/tiers.py``, docs/speed.md): ``"parity"`` (float32 eager,
         as diffusers; the default), ``"compiled"`` (the same math through AOTInductor, compiled
         once per shape and cached under ``~/.cache/controlstack``) or ``"fast"`` (compiled, bf16 where
-        measured faster here -- or ``precision="fp32"/"bf16"`` --, encoder / ControlNet reuse)."""
+        measured faster here, unless the model's ``controlstack.json`` recommends a precision, or
+        ``precision="fp32"/"bf16"`` --, encoder / ControlNet reuse)."""
+        if tier == "fast" and precision is None:  # a model may say bf16 costs it fidelity (the bundle does)
+            precision = self.recommended.get("precision")
         self.tier = make_tier(tier, precision)
         self._runners.clear()
         if self.tier.compiled:

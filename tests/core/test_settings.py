@@ -72,7 +72,7 @@ def test_the_bundle_declares_its_settings():
     for name in ("canny", "depth", "seg", "pose"):
         assert recommended(assets.BUNDLE_DIR / "controlnets" / name) == \
             {"mode": "controlnet", "mode_options": {"layer_weights": "uniform"}}
-    assert recommended(assets.BUNDLE_DIR) == {"cfg": 7.0, "steps": 20}
+    assert recommended(assets.BUNDLE_DIR) == {"cfg": 7.0, "steps": 20, "precision": "fp32"}
     assert recommended(assets.BUNDLE_DIR / "controlnets" / "mi-canny")["mode"] == "mi"
 
 

@@ -71,7 +71,9 @@ def recommended_mode(folder: str | Path) -> tuple[str, dict] | None:
 RECOMMENDED = {"mode": (lambda v: isinstance(v, str) and v != "", "a mode name"),
                "mode_options": (lambda v: isinstance(v, dict), "an object of mode options"),
                "cfg": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0, "a number >= 0"),
-               "steps": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "an integer >= 1")}
+               "steps": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "an integer >= 1"),
+               # the fast tier's graph precision for this model (docs/speed.md), where measured to matter
+               "precision": (lambda v: v in ("fp32", "bf16"), "fp32 or bf16")}
 
 
 def recommended(folder: str | Path | None) -> dict:
