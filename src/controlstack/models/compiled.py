@@ -79,9 +79,9 @@ def _machine() -> str:
 def _environment() -> str:
     import diffusers
 
-    from controlstack.models import runner
+    from controlstack.models import runner, tiers  # tiers holds the graph functions
 
-    sources = "".join(Path(m.__file__).read_text() for m in (runner,) if m.__file__) + Path(__file__).read_text()
+    sources = "".join(Path(m.__file__).read_text() for m in (runner, tiers) if m.__file__) + Path(__file__).read_text()
     return "|".join([str(FORMAT), torch.__version__, diffusers.__version__, _machine(),
                      hashlib.sha256(sources.encode()).hexdigest()])
 
