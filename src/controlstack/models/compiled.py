@@ -114,12 +114,14 @@ class CompiledGraph:
     """``fn(module, *tensors) -> tuple of tensors`` compiled per input signature, loaded from the
     disk cache when it is there. Calling it with new shapes compiles (or loads) another package."""
 
-    def __init__(self, kind: str, label: str, module: torch.nn.Module, fn, precision: str = "fp32"):
+    def __init__(self, kind: str, label: str, module: torch.nn.Module, fn, precision: str = "fp32",
+                 same_weights_as: CompiledGraph | None = None):
         if precision not in PRECISIONS:
             raise ValueError(f"unknown precision {precision!r}")
         self.kind, self.label, self.fn, self.precision = kind, label, fn, precision
         self.module = module
         self._weights: str | None = None
+        self._same = same_weights_as  # the U-Net's two halves hash its weights once (~3 s for SD-1.5)
         self._loaded: dict[tuple, object] = {}
         self.failed: str | None = None  # why this graph runs eagerly (once it could not be built)
         self.seconds: dict[str, float] = {"compile": 0.0, "load": 0.0}
@@ -127,7 +129,7 @@ class CompiledGraph:
     @property
     def weights(self) -> str:
         if self._weights is None:
-            self._weights = weights_digest(self.module)
+            self._weights = self._same.weights if self._same is not None else weights_digest(self.module)
         return self._weights
 
     def eager(self, *args):

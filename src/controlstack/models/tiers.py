@@ -117,7 +117,8 @@ class CompiledUNetRunner(UNetRunner):
     def __init__(self, unet, precision: str = "fp32"):
         super().__init__(unet)
         self.encoder = CompiledGraph("unet-encode", "U-Net encoder", unet, _encode, precision)
-        self.decoder = CompiledGraph("unet-decode", "U-Net decoder", unet, _decode, precision)
+        self.decoder = CompiledGraph("unet-decode", "U-Net decoder", unet, _decode, precision,
+                                     same_weights_as=self.encoder)
         self.fallback = _Once()
 
     def encode(self, sample, timestep, encoder_hidden_states, **kw):
