@@ -170,8 +170,7 @@ def child(args) -> None:
         pipe = tier_pipeline(comps, args.child)
         pipe("a photo", controls=[Control(cns[0], image)], steps=args.steps, cfg=7.5, seed=0, width=args.size,
              height=args.size, output_type="np", progress=False)
-        graphs = [g for r in [pipe._unet_runner, pipe._vae_decoder, *pipe._runners.values()] if r is not None
-                  for g in vars(r).values() if hasattr(g, "seconds")]
+        graphs = pipe.runners.graphs()
         seconds = {k: sum(g.seconds[k] for g in graphs) for k in ("compile", "load")}
     print(json.dumps({"first_image_s": time.perf_counter() - t, **seconds, "peak_mib": peak_mib()}))
 

@@ -21,19 +21,12 @@ import torch
 from PIL import Image
 
 from controlstack.control import Branch, Control
-from controlstack.denoiser import ControlledDenoiser, Reuse
+from controlstack.denoiser import ControlledDenoiser
 from controlstack.errors import ControlstackError
 from controlstack.injection import make_injection
 from controlstack.io.checkpoints import check_compatible
 from controlstack.io.images import image_to_tensor, resize_image, to_rgb
-from controlstack.models.runner import ControlNetRunner, UNetRunner
-from controlstack.models.tiers import (
-    CompiledControlNetRunner,
-    CompiledUNetRunner,
-    CompiledVAEDecoder,
-    Tier,
-    make_tier,
-)
+from controlstack.models.tiers import Runners, Tier, make_tier
 from controlstack.models.tiny import SDComponents
 from controlstack.sampling import make_scheduler, sample
 
@@ -77,10 +70,7 @@ class Pipeline:
         # name -> ControlNetModel or a zero-argument loader (bundled models load on first use)
         self.controlnets: dict[str, Any] = dict(controlnets or {})
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
-        self.tier = Tier()
-        self._unet_runner = UNetRunner(self.unet)
-        self._runners: dict[int, Any] = {}  # id(ControlNet) -> its compiled runner (compiled tiers)
-        self._vae_decoder = None
+        self.tier = Tier()  # parity; also sets self.runners
         self.source: Path | None = None  # the folder / file the base came from (its model hash, lazily)
         self._model_hash: str | None = None
         # the base folder's recommended settings (io/settings.py): used where a call leaves a value unset
@@ -97,21 +87,15 @@ class Pipeline:
         if tier == "fast" and precision is None:  # a model may say bf16 costs it fidelity (the bundle does)
             precision = self.recommended.get("precision")
         self.tier = make_tier(tier, precision)
-        self._runners.clear()
-        if self.tier.compiled:
-            self._unet_runner = CompiledUNetRunner(self.unet, self.tier.precision)
-            self._vae_decoder = CompiledVAEDecoder(self.vae, self.tier.precision)
-        else:
-            self._unet_runner, self._vae_decoder = UNetRunner(self.unet), None
         return self
 
-    def runner(self, controlnet) -> ControlNetRunner:
-        """The runner of a ControlNet in this tier (compiled ones are kept: their graphs are loaded)."""
-        if not self.tier.compiled:
-            return ControlNetRunner(controlnet)
-        if id(controlnet) not in self._runners:
-            self._runners[id(controlnet)] = CompiledControlNetRunner(controlnet, self.tier.precision)
-        return self._runners[id(controlnet)]
+    @property
+    def tier(self) -> Tier:
+        return self.runners.tier
+
+    @tier.setter
+    def tier(self, tier: Tier) -> None:
+        self.runners = Runners(self.unet, self.vae, tier)
 
     @property
     def native_size(self) -> int:
@@ -315,7 +299,7 @@ class Pipeline:
                     batch: int = 1, do_cfg: bool = False, inpaint_mask: Any = None) -> Branch:
         controlnet = self.controlnet(control.model)
         text = self.task_text(controlnet, control, prompts, batch, do_cfg)  # before the image: cheap checks first
-        runner = self.runner(controlnet)
+        runner = self.runners.controlnet(controlnet)
         hint = self.prepare_hint(control, width, height, inpaint_mask).to(runner.dtype)
         with torch.no_grad():
             features = runner.embed_hint(hint)  # once per run, not per step
@@ -431,8 +415,7 @@ class Pipeline:
     def decode(self, latents: torch.Tensor, generator=None) -> np.ndarray:
         """VAE decode and diffusers' post-processing -> float array (B, H, W, 3) in [0, 1]."""
         latents = latents / self.vae.config.scaling_factor
-        image = self._vae_decoder(latents) if self._vae_decoder else \
-            self.vae.decode(latents, return_dict=False, generator=generator)[0]
+        image = self.runners.decode_vae(latents, generator)
         image = (image * 0.5 + 0.5).clamp(0, 1)
         return image.cpu().permute(0, 2, 3, 1).float().numpy()
 
@@ -530,9 +513,8 @@ class Pipeline:
             latents = torch.randn(shape, generator=generator, dtype=self.unet.dtype)
         else:
             latents, loop = self.img2img_start(init_image, inpaint_mask, strength, shape, sched, generator, do_cfg)
-        reuse = Reuse(self.tier.reuse_every, self.tier.reuse_after) if self.tier.reuse_every > 1 else None
-        denoiser = ControlledDenoiser(self._unet_runner, branches, injection, cond, uncond, cfg,
-                                      unet_extra=loop.pop("unet_extra", None), reuse=reuse)
+        denoiser = ControlledDenoiser(self.runners.unet, branches, injection, cond, uncond, cfg,
+                                      unet_extra=loop.pop("unet_extra", None), reuse=self.tier.reuse)
         if step_callback is not None:
             blend = loop.get("callback")
 

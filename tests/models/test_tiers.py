@@ -187,11 +187,11 @@ def test_reuse_skips_encoder_and_controlnet_between_key_steps(tiny_components, t
     pipe = Pipeline(tiny_components, name="tiny")
     controls = [Control(tiny_controlnets[0], hint_images[0])]
     exact = pipe("a red box", controls, **{**KW, "steps": 8})
-    pipe.tier = Tier("fast", reuse_every=2, reuse_after=0.25)  # reuse alone, eager: no compiling in this test
+    pipe.tier = Tier("fast", reuse=Reuse(every=2, after=0.25))  # reuse alone, eager: no compiling in this test
     approx = pipe("a red box", controls, **{**KW, "steps": 8})
     assert seen[7] == (8, 8) and seen[-1] == (5, 5)  # key steps 0, 1, 2, 4, 6
     assert 25.0 < psnr(approx, exact) < 80.0
-    pipe.tier = Tier("fast", reuse_every=1)
+    pipe.tier = Tier("fast", reuse=Reuse(every=1))
     np.testing.assert_array_equal(pipe("a red box", controls, **{**KW, "steps": 8}), exact)
 
 
@@ -199,7 +199,7 @@ def test_make_tier():
     assert make_tier("parity") == Tier()
     assert make_tier("compiled") == Tier("compiled", compiled=True)
     fast = make_tier("fast", precision="bf16")
-    assert fast.compiled and fast.precision == "bf16" and fast.reuse_every == 2
+    assert fast.compiled and fast.precision == "bf16" and fast.reuse == Reuse(2, 0.25)
     assert make_tier("fast").precision in ("fp32", "bf16")  # measured here
     with pytest.raises(ControlstackError, match="unknown optimisation tier 'turbo'"):
         make_tier("turbo")

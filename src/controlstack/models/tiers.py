@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
+from controlstack.denoiser import Reuse
 from controlstack.errors import ControlstackError
 from controlstack.injection.base import Residuals
 from controlstack.models.compiled import CompiledGraph
@@ -41,20 +42,19 @@ class Tier:
     name: str = "parity"
     compiled: bool = False
     precision: str = "fp32"            # "fp32" | "bf16" (fast tier, where measured faster)
-    reuse_every: int = 1               # U-Net encoder and ControlNets every k-th step (1 = every step)
-    reuse_after: float = 0.0           # ... only after this fraction of the steps (the layout forms early)
+    reuse: Reuse | None = None         # U-Net encoder / ControlNet reuse between key steps (fast tier)
 
     def describe(self) -> str:
         if not self.compiled:
             return "parity (float32 eager, as diffusers)"
         parts = [f"compiled ({self.precision}, AOTInductor)"]
-        if self.reuse_every > 1:
-            parts.append(f"encoder + ControlNets every {self.reuse_every} steps after {self.reuse_after:.0%}")
+        if self.reuse is not None:
+            parts.append(f"encoder + ControlNets every {self.reuse.every} steps after {self.reuse.after:.0%}")
         return ", ".join(parts)
 
 
 #: the fast tier's reuse: chosen on the bench model and the bundled one (docs/speed.md)
-FAST_REUSE_EVERY, FAST_REUSE_AFTER = 2, 0.25
+FAST_REUSE = Reuse(every=2, after=0.25)
 
 
 def make_tier(name: str, precision: str | None = None) -> Tier:
@@ -69,8 +69,7 @@ def make_tier(name: str, precision: str | None = None) -> Tier:
         from controlstack.models.speed import bf16_is_fast
 
         precision = "bf16" if bf16_is_fast() else "fp32"
-    return Tier("fast", compiled=True, precision=precision, reuse_every=FAST_REUSE_EVERY,
-                reuse_after=FAST_REUSE_AFTER)
+    return Tier("fast", compiled=True, precision=precision, reuse=FAST_REUSE)
 
 
 class _Once:
@@ -164,3 +163,33 @@ class CompiledVAEDecoder:
 
     def __call__(self, latents: torch.Tensor) -> torch.Tensor:
         return self.graph(latents)[0]
+
+
+class Runners:
+    """What a pipeline calls in one tier: the U-Net's runner, each ControlNet's (kept per model: a
+    compiled one holds its loaded graphs) and the VAE decoder."""
+
+    def __init__(self, unet, vae, tier: Tier):
+        self.tier, self.vae = tier, vae
+        self.unet = CompiledUNetRunner(unet, tier.precision) if tier.compiled else UNetRunner(unet)
+        self.vae_decoder = CompiledVAEDecoder(vae, tier.precision) if tier.compiled else None
+        self._controlnets: dict[int, CompiledControlNetRunner] = {}  # id(ControlNet) -> its runner
+
+    def controlnet(self, controlnet) -> ControlNetRunner:
+        if not self.tier.compiled:
+            return ControlNetRunner(controlnet)
+        if id(controlnet) not in self._controlnets:
+            self._controlnets[id(controlnet)] = CompiledControlNetRunner(controlnet, self.tier.precision)
+        return self._controlnets[id(controlnet)]
+
+    def decode_vae(self, latents: torch.Tensor, generator=None) -> torch.Tensor:
+        if self.vae_decoder is not None:
+            return self.vae_decoder(latents)
+        return self.vae.decode(latents, return_dict=False, generator=generator)[0]
+
+    def graphs(self) -> list[CompiledGraph]:
+        """Every compiled graph (their ``seconds`` say how long compiling / loading took)."""
+        if not self.tier.compiled:
+            return []
+        return [self.unet.encoder, self.unet.decoder, self.vae_decoder.graph,
+                *(r.graph for r in self._controlnets.values())]
