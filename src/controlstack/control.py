@@ -145,10 +145,11 @@ class Branch:
         return self._masks[size]
 
     def __call__(self, x, t, encoder_hidden_states, step: Step, cond_only: bool = False,
-                 reuse: bool = False) -> Residuals:
+                 reuse: bool = False, added: dict | None = None) -> Residuals:
         """``x``: the CFG batch ``[uncond; cond]`` (or the cond half alone when ``cond_only`` or
-        without CFG), ``encoder_hidden_states`` the matching text embedding. ``reuse``: take the
-        last computed residuals instead of running the ControlNet (weight and mask still apply)."""
+        without CFG), ``encoder_hidden_states`` the matching text embedding, ``added`` the matching
+        SDXL added conditions. ``reuse``: take the last computed residuals instead of running the
+        ControlNet (weight and mask still apply)."""
         if reuse and self.last is not None:
             res = self.last
         else:
@@ -156,7 +157,8 @@ class Branch:
                 uncond, cond = self.encoder_hidden_states
                 both = uncond is not None and not cond_only and x.shape[0] == 2 * cond.shape[0]
                 encoder_hidden_states = torch.cat([uncond, cond]) if both else cond
-            res = self.last = self.runner(x, t, encoder_hidden_states, self.hint_features)
+            kw = {"added_cond_kwargs": added} if added else {}
+            res = self.last = self.runner(x, t, encoder_hidden_states, self.hint_features, **kw)
         w = weight_at(self.weight, step.progress)
         downs = [d * w for d in res.downs]
         mid = res.mid * w

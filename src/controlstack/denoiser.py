@@ -12,6 +12,11 @@
 
 With no active branch nothing is added and the result is the plain U-Net's, bit for bit.
 
+SDXL bases also read *added conditions* (the pooled text embedding and the micro-conditioning
+ids, ``models/sdxl.py``): they are batched like the text embedding and go with it to the U-Net
+and to every branch (the conditional half alone for ``cond_only`` strategies, as diffusers' SDXL
+pipelines do in guess mode).
+
 :class:`Reuse` (the ``fast`` tier) skips steps 1-2 for some steps: FasterDiffusion (Li et al., 2023,
 "Faster Diffusion: Rethinking the Role of UNet Encoder in Diffusion Models", Sec. 3.2: encoder
 features change little between adjacent steps while decoder features change much) runs the
@@ -63,6 +68,7 @@ class ControlledDenoiser:
         guidance_scale: float,
         unet_extra: torch.Tensor | None = None,  # extra U-Net input channels (9-channel inpainting), CFG-batched
         reuse: Reuse | None = None,       # fast tier: encoder / ControlNet features reused between key steps
+        added: tuple[dict | None, dict] | None = None,  # SDXL: (uncond, cond) added conditions; None: SD-1.x
     ):
         self.unet = unet
         self.branches = branches
@@ -71,6 +77,10 @@ class ControlledDenoiser:
         self.cfg = uncond is not None
         self.guidance_scale = guidance_scale
         self.emb = torch.cat([uncond, cond]) if self.cfg else cond
+        self.added_cond = added[1] if added else None
+        self.added = {k: torch.cat([added[0][k], v]) for k, v in added[1].items()} if added and self.cfg \
+            else self.added_cond
+        self.unet_kw = {"added_cond_kwargs": self.added} if self.added else {}
         self.unet_extra = unet_extra
         self.reuse = reuse
         self._encoded = None  # the last key step's (h, mid, ctx)
@@ -85,21 +95,22 @@ class ControlledDenoiser:
         fresh = self.reuse is None or self.reuse.fresh(step)
         if fresh or self._encoded is None:
             self.encoder_calls += 1
-            h, mid, ctx = self.unet.encode(unet_in, t, self.emb)
+            h, mid, ctx = self.unet.encode(unet_in, t, self.emb, **self.unet_kw)
             if self.reuse is not None:
                 self._encoded = h, mid, ctx
         else:  # the decoder reads the key step's features at this step's time embedding
             h, mid, ctx = self._encoded
-            ctx = replace(ctx, emb=self.unet.time_embed(unet_in, t, self.emb))
+            ctx = replace(ctx, emb=self.unet.time_embed(unet_in, t, self.emb, **self.unet_kw))
         active = [b for b in self.branches if b.active(step)]
         residuals = []
         for branch in active:
             reuse = not fresh and branch.last is not None
             self.calls += not reuse
             if self.injection.cond_only and self.cfg:
-                residuals.append(_pad_uncond(branch(x, t, self.cond, step, cond_only=True, reuse=reuse)))
+                residuals.append(_pad_uncond(branch(x, t, self.cond, step, cond_only=True, reuse=reuse,
+                                                    added=self.added_cond)))
             else:
-                residuals.append(branch(x_in, t, self.emb, step, reuse=reuse))
+                residuals.append(branch(x_in, t, self.emb, step, reuse=reuse, added=self.added))
         adds = self.injection(h, mid, residuals) if residuals else None
         eps = self.unet.decode(h, mid, ctx, adds)
         if self.cfg:

@@ -27,7 +27,9 @@ from controlstack.injection import make_injection
 from controlstack.io.checkpoints import check_compatible
 from controlstack.io.images import image_to_tensor, resize_image, to_rgb
 from controlstack.models.tiers import Runners, Tier, make_tier
+from controlstack.models.family import family_of
 from controlstack.models.tiny import SDComponents
+from controlstack.prompting import Prompting
 from controlstack.sampling import make_scheduler, sample
 
 MAX_SIZE = 4096
@@ -50,8 +52,9 @@ class GenerationResult:
     conditions: list = field(default_factory=list)  # from_image: the condition made for each task
 
 
-class Pipeline:
-    """A base model plus the ControlNets it has loaded (cached by name/path)."""
+class Pipeline(Prompting):
+    """A base model (SD-1.x / 2.x or SDXL, told by its U-Net: ``family``) plus the ControlNets it
+    has loaded (cached by name/path)."""
 
     def __init__(
         self,
@@ -65,6 +68,12 @@ class Pipeline:
         self.vae = components.vae.eval()
         self.text_encoder = components.text_encoder.eval()
         self.tokenizer = components.tokenizer
+        self.text_encoder_2 = components.text_encoder_2.eval() if components.text_encoder_2 is not None else None
+        self.tokenizer_2 = components.tokenizer_2
+        self.family = family_of(self.unet)  # "sd" | "sdxl" (models/family.py)
+        if self.family == "sdxl" and (self.text_encoder_2 is None or self.tokenizer_2 is None):
+            raise ControlstackError("an SDXL U-Net needs both text encoders and tokenizers (text_encoder_2, tokenizer_2)")
+        self.force_zeros_for_empty_prompt = components.force_zeros_for_empty_prompt
         self.scheduler_config = components.scheduler_config
         self.name = name
         # name -> ControlNetModel or a zero-argument loader (bundled models load on first use)
@@ -210,59 +219,6 @@ class Pipeline:
         return {**(options or {}), "lambda_max": INFERENCE_ONLY_LAMBDA_MAX}
 
     # ----------------------------------------------------------------------------- pieces
-    def check_prompt(self, prompt: str, what: str = "prompt") -> None:
-        """One-line warnings (never errors) for a prompt the text encoder will not read whole: longer
-        than its window (the rest is cut, as diffusers cuts it), or with words outside the model's
-        vocabulary (a closed-vocabulary model spells them as pieces it never learned as a word)."""
-        import re
-
-        log = logging.getLogger("controlstack")
-        n = len(self.tokenizer(prompt, truncation=False, verbose=False).input_ids)
-        if n > self.tokenizer.model_max_length:
-            log.warning(f"{what} is {n} tokens; the text encoder reads {self.tokenizer.model_max_length}, the rest "
-                        "is ignored")
-        if self.vocabulary is not None:
-            unknown = sorted({w for w in re.findall(r"[a-z]+", prompt.lower()) if w not in self.vocabulary})
-            if unknown:
-                log.warning(f"{what}: words the model was not trained on: {', '.join(unknown)} (its vocabulary: "
-                            "controlstack.world.VOCABULARY)")
-
-    @torch.no_grad()
-    def encode_prompt(self, prompt: str, batch: int, task_token: int | None = None) -> torch.Tensor:
-        """CLIP text embedding, as diffusers' ``encode_prompt`` (padding to max length, no clip skip).
-        ``task_token``: an Omni task token's id, put right after the start token (as in training)."""
-        tok = self.tokenizer(
-            [prompt], padding="max_length", max_length=self.tokenizer.model_max_length,
-            truncation=True, return_tensors="pt",
-        )
-        ids, mask = tok.input_ids, tok.attention_mask
-        if task_token is not None:
-            from controlstack.models.task_tokens import with_task_token
-
-            ids, mask = with_task_token(ids, torch.tensor([task_token])), with_task_token(mask, torch.tensor([1]))
-        mask = mask if getattr(self.text_encoder.config, "use_attention_mask", False) else None
-        emb = self.text_encoder(ids, attention_mask=mask)[0].to(self.text_encoder.dtype)
-        return emb.repeat(1, batch, 1).view(batch, emb.shape[1], -1)
-
-    def task_text(self, controlnet, control: Control, prompts: tuple[str, str], batch: int, do_cfg: bool):
-        """An Omni ControlNet's own text embedding ``(uncond, cond)``: its task token prefixed to the
-        negative and the positive prompt (the U-Net keeps the plain prompt); None for a plain one."""
-        tokens = getattr(controlnet, "task_tokens", None)
-        name = control.model if isinstance(control.model, (str, os.PathLike)) else type(control.model).__name__
-        if tokens is None:
-            if control.task is not None:
-                raise ControlstackError(f"control model '{name}' has no task tokens; task='{control.task}' is "
-                                        "for an Omni ControlNet (e.g. model='omni')")
-            return None
-        if control.task not in tokens:
-            what = "needs a task" if control.task is None else f"has no task '{control.task}'"
-            raise ControlstackError(f"Omni ControlNet '{name}' {what}; choose one of {', '.join(tokens)}")
-        from controlstack.models.task_tokens import add_task_tokens
-
-        token = add_task_tokens(self.tokenizer, self.text_encoder, {control.task: tokens[control.task]})[control.task]
-        cond = self.encode_prompt(prompts[0], batch, token)
-        return (self.encode_prompt(prompts[1], batch, token) if do_cfg else None), cond
-
     def prepare_hint(self, control: Control, width: int, height: int, inpaint_mask: Any = None) -> torch.Tensor:
         """Condition image -> (1, 3, H, W) tensor in [0, 1] at the output size. The ``inpaint``
         annotator gives ControlNet 1.1's inpaint hint instead: the image with the masked pixels at
@@ -296,20 +252,48 @@ class Pipeline:
         return image_to_tensor(image)
 
     def make_branch(self, control: Control, width: int, height: int, prompts: tuple[str, str] = ("", ""),
-                    batch: int = 1, do_cfg: bool = False, inpaint_mask: Any = None) -> Branch:
+                    batch: int = 1, do_cfg: bool = False, inpaint_mask: Any = None, hint_batch: int = 1) -> Branch:
+        """``hint_batch``: the batch the branch runs at (2 x batch with CFG unless the injection is
+        cond-only). The hint is encoded at that batch, as diffusers does: oneDNN convolves a batch
+        of 1 and of 2 with different kernels (~2e-7 apart), and the images would differ in the last bit."""
         controlnet = self.controlnet(control.model)
         text = self.task_text(controlnet, control, prompts, batch, do_cfg)  # before the image: cheap checks first
         runner = self.runners.controlnet(controlnet)
-        hint = self.prepare_hint(control, width, height, inpaint_mask).to(runner.dtype)
         with torch.no_grad():
-            features = runner.embed_hint(hint)  # once per run, not per step
+            features = self.hint_features(runner, control, width, height, inpaint_mask, hint_batch)
+        return Branch(runner, features, control.weight, control.start, control.end, control.mask, text)
+
+    def make_branches(self, controls: Sequence[Control], width: int, height: int, prompts: tuple[str, str], batch: int,
+                      do_cfg: bool, inpaint_mask: Any, hint_batch: int) -> list:
+        """One branch per control, except that the controls of one ControlNet-Union model make one
+        fused branch (``models/union.py``), at the place of the first of them."""
+        from controlstack.models.union import UnionBranch, control_id, group_unions
+
+        branches = []
+        for item in group_unions(controls, self.controlnet):
+            if isinstance(item, Control):
+                branches.append(self.make_branch(item, width, height, prompts, batch, do_cfg, inpaint_mask, hint_batch))
+                continue
+            cn = self.controlnet(item[0].model)
+            name = item[0].model if isinstance(item[0].model, (str, os.PathLike)) else type(cn).__name__
+            ids = [control_id(cn, c.task, str(name)) for c in item]
+            runner = self.runners.controlnet(cn)
+            with torch.no_grad():
+                conditions = [self.hint_features(runner, c, width, height, inpaint_mask, hint_batch) for c in item]
+            branches.append(UnionBranch(runner, item, conditions, ids))
+        return branches
+
+    def hint_features(self, runner, control: Control, width: int, height: int, inpaint_mask: Any, hint_batch: int):
+        """The hint encoder's features of ``control``'s condition, at the latent size."""
+        hint = self.prepare_hint(control, width, height, inpaint_mask).to(runner.dtype)
+        features = runner.embed_hint(hint.repeat(hint_batch, 1, 1, 1))  # once per run, not per step
         expected = (height // self.vae_scale_factor, width // self.vae_scale_factor)
         if tuple(features.shape[-2:]) != expected:
             raise ControlstackError(
                 f"ControlNet hint encoder downsamples to {tuple(features.shape[-2:])} but the base's latents "
                 f"are {expected}; the ControlNet was trained for a VAE with another downsampling"
             )
-        return Branch(runner, features, control.weight, control.start, control.end, control.mask, text)
+        return features
 
     def from_image(self, photo, tasks: Sequence[str], prompt: str, *, model: Any = "omni",
                    weight: float | Sequence[float] = 1.0, resize_mode: str = "just_resize",
@@ -414,7 +398,12 @@ class Pipeline:
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, generator=None) -> np.ndarray:
         """VAE decode and diffusers' post-processing -> float array (B, H, W, 3) in [0, 1]."""
-        latents = latents / self.vae.config.scaling_factor
+        config = self.vae.config
+        if config.get("latents_mean") is not None and config.get("latents_std") is not None:  # diffusers' SDXL rule
+            mean, std = (torch.tensor(config[k]).view(1, -1, 1, 1).to(latents) for k in ("latents_mean", "latents_std"))
+            latents = latents * std / config.scaling_factor + mean
+        else:
+            latents = latents / config.scaling_factor
         image = self.runners.decode_vae(latents, generator)
         image = (image * 0.5 + 0.5).clamp(0, 1)
         return image.cpu().permute(0, 2, 3, 1).float().numpy()
@@ -445,6 +434,9 @@ class Pipeline:
         output_type: str = "pil",
         progress: bool = True,
         return_result: bool = False,
+        original_size: tuple[int, int] | None = None,
+        crops_coords_top_left: tuple[int, int] | None = None,
+        target_size: tuple[int, int] | None = None,
     ):
         """Generate ``batch`` images; returns PIL images (or a float array with output_type='np').
 
@@ -460,6 +452,8 @@ class Pipeline:
         the batch with seed ``seed + i``).
         ``step_callback(done, total)`` runs after every sampling step (progress; raising in it stops
         the run between steps, which is how the server cancels a job).
+        ``original_size``, ``crops_coords_top_left``, ``target_size`` (SDXL bases only): the
+        micro-conditioning, (height, width) / (top, left); None = the output size and (0, 0).
         """
         width = self.native_size if width is None else width
         height = self.native_size if height is None else height
@@ -471,12 +465,14 @@ class Pipeline:
         steps, cfg, mode, mode_options = used["steps"], used["cfg"], used["mode"], used["mode_options"]
         _validate(prompt, steps, cfg, width, height, batch, self.vae_scale_factor)
         self.check_memory(batch, width * (hires or 1), height * (hires or 1))
+        micro = {"original_size": original_size, "crops_coords_top_left": crops_coords_top_left,
+                 "target_size": target_size}
         if hires is not None:
             return self._hires(hires, hires_strength, prompt, controls, steps=steps, cfg=cfg, seed=seed, width=width,
                                height=height, scheduler=scheduler, mode=mode, negative_prompt=negative_prompt,
                                batch=batch, mode_options=mode_options, init_image=init_image, strength=strength,
                                inpaint_mask=inpaint_mask, eta=eta, output_type=output_type, progress=progress,
-                               return_result=return_result, step_callback=step_callback)
+                               return_result=return_result, step_callback=step_callback, **micro)
         native = self.native_size
         if not (native / 2 <= width <= native * 2 and native / 2 <= height <= native * 2):
             logging.getLogger("controlstack").warning(
@@ -492,14 +488,11 @@ class Pipeline:
                 f"{MAX_CFG_HIGH_ORDER:g}")
         sched = make_scheduler(scheduler, self.scheduler_config)
 
-        self.check_prompt(prompt)
-        if negative_prompt:
-            self.check_prompt(negative_prompt, "negative prompt")
-        cond = self.encode_prompt(prompt, batch)
         do_cfg = cfg > 1 and self.unet.config.time_cond_proj_dim is None
-        uncond = self.encode_prompt(negative_prompt or "", batch) if do_cfg else None
-        branches = [self.make_branch(c, width, height, (prompt, negative_prompt or ""), batch, do_cfg, inpaint_mask)
-                    for c in controls]
+        cond, uncond, added = self.text_conditions(prompt, negative_prompt, batch, do_cfg, (height, width), micro)
+        hint_batch = batch * (2 if do_cfg and not injection.cond_only else 1)
+        branches = self.make_branches(controls, width, height, (prompt, negative_prompt or ""), batch, do_cfg,
+                                      inpaint_mask, hint_batch)
 
         generator = torch.Generator("cpu").manual_seed(int(seed)) if seed is not None else None
         shape = (batch, self.unet.config.out_channels, height // self.vae_scale_factor,
@@ -514,7 +507,7 @@ class Pipeline:
         else:
             latents, loop = self.img2img_start(init_image, inpaint_mask, strength, shape, sched, generator, do_cfg)
         denoiser = ControlledDenoiser(self.runners.unet, branches, injection, cond, uncond, cfg,
-                                      unet_extra=loop.pop("unet_extra", None), reuse=self.tier.reuse)
+                                      unet_extra=loop.pop("unet_extra", None), reuse=self.tier.reuse, added=added)
         if step_callback is not None:
             blend = loop.get("callback")
 
@@ -530,6 +523,7 @@ class Pipeline:
             "prompt": prompt, "negative_prompt": negative_prompt, "steps": steps, "cfg": cfg,
             "seed": seed, "width": width, "height": height, "scheduler": scheduler, "mode": mode,
             "model": self.name, **({"mode_options": dict(mode_options)} if mode_options else {}),
+            **{k: list(v) for k, v in micro.items() if v is not None},
             **({"optimize": self.tier.name} if self.tier.name != "parity" else {}),
             "controls": [
                 {"model": c.model if isinstance(c.model, str) else type(c.model).__name__,

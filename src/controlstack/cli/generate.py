@@ -40,6 +40,12 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, default=-1, help="seed (-1: random, recorded in the PNG)")
     p.add_argument("--width", type=int, default=None, help="default: the model's native size")
     p.add_argument("--height", type=int, default=None, help="default: the model's native size")
+    p.add_argument("--original-size", type=int, nargs=2, default=None, metavar=("HEIGHT", "WIDTH"),
+                   help="SDXL micro-conditioning: the size the image claims to come from (default: the output size)")
+    p.add_argument("--crops-coords-top-left", type=int, nargs=2, default=None, metavar=("TOP", "LEFT"),
+                   help="SDXL micro-conditioning: the crop's top-left corner (default: 0 0)")
+    p.add_argument("--target-size", type=int, nargs=2, default=None, metavar=("HEIGHT", "WIDTH"),
+                   help="SDXL micro-conditioning: the intended size (default: the output size)")
     p.add_argument("--batch", type=int, default=1, help="images per run (one generator, as diffusers)")
     p.add_argument("--mode", default=None,
                    help="control mode: balanced, prompt, controlnet, mi (also sum, guess); default: what the "
@@ -210,6 +216,8 @@ def sampling_options(args, seed: int) -> dict:
             "scheduler": args.scheduler, "mode": args.mode,
             "mode_options": {"layer_weights": args.layer_weights} if args.layer_weights else None,
             "negative_prompt": args.negative, "batch": args.batch, "progress": not args.no_progress,
+            **{k: tuple(v) for k in ("original_size", "crops_coords_top_left", "target_size")
+               if (v := getattr(args, k, None)) is not None},
             **({"hires": args.hires, "hires_strength": args.hires_strength} if args.hires is not None else {})}
 
 

@@ -206,10 +206,40 @@ def resolve_controlnet_config(shapes: dict, metadata: dict | None = None, config
     return orig.infer_controlnet_config(shapes)
 
 
+#: parameters only a ControlNet-Union has (its condition fusion and control-type embedding)
+UNION_KEYS = ("task_embedding", "transformer_layes.", "spatial_ch_projs.", "control_add_embedding.")
+
+
+def union_from_state_dict(state: dict, config=None, metadata: dict | None = None):
+    """A ``ControlNetUnionModel`` from a diffusers-named single file (how xinsir's are shared): the
+    config from ``config`` / our metadata, else the shapes (the fusion's widths, type count and depth;
+    its head count, which no shape shows, is diffusers' default 8)."""
+    from diffusers import ControlNetUnionModel
+
+    if config is not None or (metadata and CONFIG_METADATA_KEY in metadata):
+        cfg = resolve_controlnet_config({}, metadata, config)
+    else:
+        plain = {k: v for k, v in state.items() if not k.startswith(UNION_KEYS)}
+        table = orig.unet_table(plain, orig.layers_per_block_from_diffusers_keys(plain))
+        cfg = orig.infer_controlnet_config({table[k]: tuple(v.shape) for k, v in plain.items()})
+        n_layers = {k.split(".")[1] for k in state if k.startswith("transformer_layes.")}
+        n_types = int(state["task_embedding"].shape[0])
+        cfg.pop("mid_block_type", None)  # the union model's mid block is fixed
+        cfg.update(addition_time_embed_dim=int(state["control_add_embedding.linear_1.weight"].shape[1]) // n_types,
+                   num_control_type=n_types,
+                   num_trans_channel=int(state["task_embedding"].shape[1]),
+                   num_proj_channel=int(state["spatial_ch_projs.weight"].shape[0]), num_trans_layer=len(n_layers))
+    cfg.pop("_class_name", None)
+    model = build_empty(ControlNetUnionModel, cfg, "ControlNet-Union")
+    return assign_exact(model, state, "ControlNet-Union")
+
+
 def controlnet_from_state_dict(state: dict, *, config=None, metadata: dict | None = None,
                                torch_dtype=torch.float32):
     from diffusers import ControlNetModel
 
+    if "task_embedding" in state:
+        return cast_model(union_from_state_dict(state, config, metadata), torch_dtype)
     ldm = _original_names(state)
     cfg = resolve_controlnet_config({k: tuple(v.shape) for k, v in ldm.items()}, metadata, config)
     model = build_empty(ControlNetModel, cfg, "ControlNet")
@@ -262,9 +292,12 @@ def load_controlnet(source: str | os.PathLike, *, allow_pickle: bool = False,
             from controlstack.models.lite import LiteControlNetModel
 
             return LiteControlNetModel.from_pretrained(path, torch_dtype=torch_dtype or torch.float32).eval()
-        if cfg.get("_class_name", "ControlNetModel") != "ControlNetModel":
+        cls_name = cfg.get("_class_name", "ControlNetModel")
+        if cls_name not in ("ControlNetModel", "ControlNetUnionModel"):
             raise ControlstackError(f"'{source}' holds a {cfg['_class_name']}, not a ControlNetModel; "
                                     "pass a ControlNet folder")
+        if cls_name == "ControlNetUnionModel":  # xinsir's ControlNet-Union / ProMax (models/union.py)
+            from diffusers import ControlNetUnionModel as ControlNetModel
         use_safetensors = _folder_weights(path, allow_pickle)
         if torch_dtype is None:  # keep the stored dtype (from_pretrained would load float32)
             torch_dtype = stored_dtype(path)
@@ -306,18 +339,25 @@ def save_controlnet(model, dest: str | os.PathLike, *, format: str = "auto") -> 
         raise ControlstackError(f"unknown checkpoint format '{format}'; use one of: diffusers, original")
     if format == "original" and dest.suffix.lower() != ".safetensors":
         raise ControlstackError(f"the original format is written as one .safetensors file; name '{dest}' *.safetensors")
+    union = type(model).__name__ == "ControlNetUnionModel"  # it has no original (LDM) form: diffusers names
     with atomic_output(dest) as tmp:
         if format == "diffusers":
             model.save_pretrained(tmp, safe_serialization=True)
         else:
-            save_file(controlnet_to_original(model), str(tmp),
-                      metadata={"format": "pt", CONFIG_METADATA_KEY: _config_json(model)})
+            state = {k: v.detach().contiguous() for k, v in model.state_dict().items()} if union \
+                else controlnet_to_original(model)
+            save_file(state, str(tmp), metadata={"format": "pt", CONFIG_METADATA_KEY: _config_json(model)})
     return dest
 
 
 # ----------------------------------------------------------------------------------- compatibility
 def check_compatible(controlnet, unet) -> None:
-    """Raise unless ``controlnet``'s residuals fit ``unet`` (channels, layout, text width)."""
+    """Raise unless ``controlnet``'s residuals fit ``unet`` (family, channels, layout, text width)."""
+    from controlstack.models.family import describe, family_of
+
+    if family_of(controlnet) != family_of(unet):
+        raise ControlstackError(f"this ControlNet is for {describe(family_of(controlnet))} but the base model is "
+                                f"{describe(family_of(unet))}; use a ControlNet trained for the base's family")
     c, u = controlnet.config, unet.config
     problems = []
     # the latents' channels are the U-Net's *output* channels: an SD inpainting U-Net takes 9 (latents,

@@ -63,7 +63,8 @@ def _summary(shapes: dict, dtypes: dict) -> dict:
 
 def _arch(config: dict, source: str) -> dict:
     arch = {k: (list(config[k]) if isinstance(config[k], tuple) else config[k]) for k in _ARCH_FIELDS if k in config}
-    arch["family"] = orig.family(config.get("cross_attention_dim"))
+    # SDXL is told by its added text-time embedding (models/family.py), whatever its text width
+    arch["family"] = "SDXL" if config.get("addition_embed_type") == "text_time" else orig.family(config.get("cross_attention_dim"))
     if config.get("in_channels") == 9:
         arch["variant"] = "inpainting (9 input channels)"
     arch["config_source"] = source
@@ -90,7 +91,7 @@ def _inspect_folder(path: Path, allow_pickle: bool) -> dict:
     if (path / "model_index.json").is_file():
         index = json.loads((path / "model_index.json").read_text())
         shapes, dtypes = {}, {}
-        for part in ("unet", "vae", "text_encoder"):
+        for part in ("unet", "vae", "text_encoder", "text_encoder_2"):
             if (path / part).is_dir():
                 s, d = _folder_weights(path / part, allow_pickle)
                 shapes.update({f"{part}.{k}": v for k, v in s.items()})

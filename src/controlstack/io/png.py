@@ -42,6 +42,12 @@ def format_parameters(params: dict) -> str:
         f"Size: {params.get('width')}x{params.get('height')}",
         *([f"Model hash: {params['model_hash']}"] if params.get("model_hash") else []), f"Model: {params.get('model')}",
     ]
+    # SDXL micro-conditioning, when set; sizes as "Size:" spells them (width x height), crop as top,left
+    for key, label in (("original_size", "Original size"), ("target_size", "Target size")):
+        if params.get(key) is not None:
+            fields.append(f"{label}: {params[key][1]}x{params[key][0]}")
+    if params.get("crops_coords_top_left") is not None:
+        fields.append("Crop top-left: {},{}".format(*params["crops_coords_top_left"]))
     if "batch_pos" in params:
         fields.append(f"Batch pos: {params['batch_pos']}")
     if "img2img" in params:

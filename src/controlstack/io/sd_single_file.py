@@ -87,12 +87,12 @@ def _load_folder_model(cls, folder: Path, allow_pickle: bool, dtype):
     return cast_model(model, dtype)
 
 
-def _tokenizer_from(folder: Path):
+def _tokenizer_from(folder: Path, sub: str = "tokenizer"):
     from transformers import CLIPTokenizer
 
-    if not (folder / "tokenizer").is_dir():
-        raise ControlstackError(f"'{folder}' has no tokenizer/ folder; pass a diffusers SD folder with a tokenizer")
-    return CLIPTokenizer.from_pretrained(folder / "tokenizer", local_files_only=True)
+    if not (folder / sub).is_dir():
+        raise ControlstackError(f"'{folder}' has no {sub}/ folder; pass a diffusers SD folder with a tokenizer")
+    return CLIPTokenizer.from_pretrained(folder / sub, local_files_only=True)
 
 
 def _scheduler_config(folder: Path | None) -> dict:
@@ -101,16 +101,26 @@ def _scheduler_config(folder: Path | None) -> dict:
 
 
 def _load_base_folder(path: Path, allow_pickle: bool, dtype) -> SDComponents:
+    """SD-1.x / 2.x, or SDXL when model_index.json names a second text encoder (text_encoder_2/,
+    tokenizer_2/: StableDiffusionXLPipeline's layout)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     _require_base_folder(path)
+    index = _json(path / "model_index.json")
+    xl = (index.get("text_encoder_2") or [None])[0] is not None
+    if xl and not (path / "text_encoder_2").is_dir():
+        raise ControlstackError(f"'{path}' is an SDXL folder without text_encoder_2/; the folder is incomplete")
     return SDComponents(
         unet=_load_folder_model(UNet2DConditionModel, path / "unet", allow_pickle, dtype),
         vae=_load_folder_model(AutoencoderKL, path / "vae", allow_pickle, dtype),
         text_encoder=_load_folder_model(CLIPTextModel, path / "text_encoder", allow_pickle, dtype),
         tokenizer=_tokenizer_from(path),
         scheduler_config=_scheduler_config(path),
+        text_encoder_2=_load_folder_model(CLIPTextModelWithProjection, path / "text_encoder_2", allow_pickle, dtype)
+        if xl else None,
+        tokenizer_2=_tokenizer_from(path, "tokenizer_2") if xl else None,
+        force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", True)),
     )
 
 
@@ -198,6 +208,9 @@ def _load_base_file(path: Path, allow_pickle: bool, config, dtype) -> SDComponen
 
     state, metadata = read_tensors(path, allow_pickle=allow_pickle)
     _require_base_state(state)
+    if any(k.startswith("conditioner.embedders.") for k in state):
+        raise ControlstackError("this is an SDXL single-file checkpoint; reading SDXL single files is not supported "
+                                "yet: pass the model's diffusers folder (model_index.json, unet/, text_encoder_2/, ...)")
     unet_cfg, vae_cfg, text_cfg, folder = _base_configs(state, metadata, config)
     unet = _unet_from_state(state, unet_cfg, dtype)
     vae = build_empty(AutoencoderKL, vae_cfg, "VAE")
@@ -263,9 +276,13 @@ def _save_folder(components: SDComponents, folder: Path) -> None:
     components.vae.save_pretrained(folder / "vae", safe_serialization=True)
     components.text_encoder.save_pretrained(folder / "text_encoder", safe_serialization=True)
     components.tokenizer.save_pretrained(folder / "tokenizer")
+    xl = components.text_encoder_2 is not None
+    if xl:
+        components.text_encoder_2.save_pretrained(folder / "text_encoder_2", safe_serialization=True)
+        components.tokenizer_2.save_pretrained(folder / "tokenizer_2")
     sched_cls.from_config(sched_cfg).save_config(folder / "scheduler")
     index = {
-        "_class_name": "StableDiffusionPipeline",
+        "_class_name": "StableDiffusionXLPipeline" if xl else "StableDiffusionPipeline",
         "_diffusers_version": diffusers.__version__,
         "feature_extractor": [None, None],
         "requires_safety_checker": False,
@@ -276,6 +293,14 @@ def _save_folder(components: SDComponents, folder: Path) -> None:
         "unet": ["diffusers", type(components.unet).__name__],
         "vae": ["diffusers", type(components.vae).__name__],
     }
+    if xl:  # StableDiffusionXLPipeline's fields: no safety checker, a second encoder and tokenizer
+        for key in ("feature_extractor", "requires_safety_checker", "safety_checker"):
+            index.pop(key)
+        index.update({"text_encoder_2": ["transformers", type(components.text_encoder_2).__name__],
+                      "tokenizer_2": ["transformers", type(components.tokenizer_2).__name__],
+                      "force_zeros_for_empty_prompt": components.force_zeros_for_empty_prompt,
+                      "image_encoder": [None, None], "feature_extractor": [None, None]})
+        index = dict(sorted(index.items()))
     (folder / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
@@ -289,6 +314,9 @@ def save_base(components: SDComponents, dest: str | os.PathLike, *, format: str 
         format = "original" if dest.suffix.lower() == ".safetensors" else "diffusers"
     if format not in ("diffusers", "original"):
         raise ControlstackError(f"unknown checkpoint format '{format}'; use one of: diffusers, original")
+    if format == "original" and components.text_encoder_2 is not None:
+        raise ControlstackError("writing an SDXL base as a single file is not supported yet; save it as a diffusers "
+                                "folder (a destination without .safetensors)")
     with atomic_output(dest) as tmp:
         if format == "original":
             metadata = {"format": "pt"}

@@ -79,9 +79,9 @@ def _machine() -> str:
 def _environment() -> str:
     import diffusers
 
-    from controlstack.models import runner, tiers  # tiers holds the graph functions
+    from controlstack.models import runner, tiers, token_downsampling  # tiers holds the graph functions
 
-    sources = "".join(Path(m.__file__).read_text() for m in (runner, tiers) if m.__file__) + Path(__file__).read_text()
+    sources = "".join(Path(m.__file__).read_text() for m in (runner, tiers, token_downsampling) if m.__file__) + Path(__file__).read_text()
     return "|".join([str(FORMAT), torch.__version__, diffusers.__version__, _machine(),
                      hashlib.sha256(sources.encode()).hexdigest()])
 
@@ -98,14 +98,16 @@ def cache_key(kind: str, weights: str, args: tuple[torch.Tensor, ...], precision
 
 class Graph(torch.nn.Module):
     """A tensors-in, tuple-of-tensors-out view of ``fn`` over ``module``'s weights, run in
-    ``dtype``: float inputs are cast to it and float outputs back to float32, inside the graph."""
+    ``dtype``: float inputs are cast to it and float outputs back to float32, inside the graph.
+    Inputs at the positions in ``exact`` stay float32: a timestep (bf16 rounds 999 to 1000) or
+    SDXL's size ids, which the model embeds sinusoidally in float32 itself."""
 
-    def __init__(self, module: torch.nn.Module, fn, dtype: torch.dtype):
+    def __init__(self, module: torch.nn.Module, fn, dtype: torch.dtype, exact: tuple[int, ...] = ()):
         super().__init__()
-        self.module, self.fn, self.dtype = module, fn, dtype
+        self.module, self.fn, self.dtype, self.exact = module, fn, dtype, exact
 
     def forward(self, *args):
-        args = [a.to(self.dtype) if a.is_floating_point() else a for a in args]
+        args = [a.to(self.dtype) if a.is_floating_point() and i not in self.exact else a for i, a in enumerate(args)]
         out = self.fn(self.module, *args)
         return tuple(o.float() if o.is_floating_point() else o for o in out)
 
@@ -115,10 +117,10 @@ class CompiledGraph:
     disk cache when it is there. Calling it with new shapes compiles (or loads) another package."""
 
     def __init__(self, kind: str, label: str, module: torch.nn.Module, fn, precision: str = "fp32",
-                 same_weights_as: CompiledGraph | None = None):
+                 same_weights_as: CompiledGraph | None = None, exact: tuple[int, ...] = ()):
         if precision not in PRECISIONS:
             raise ValueError(f"unknown precision {precision!r}")
-        self.kind, self.label, self.fn, self.precision = kind, label, fn, precision
+        self.kind, self.label, self.fn, self.precision, self.exact = kind, label, fn, precision, exact
         self.module = module
         self._weights: str | None = None
         self._same = same_weights_as  # the U-Net's two halves hash its weights once (~3 s for SD-1.5)
@@ -170,7 +172,7 @@ class CompiledGraph:
             module = copy.deepcopy(module)
             for t in list(module.parameters()) + list(module.buffers()):
                 t.data = t.data.to(dtype) if t.is_floating_point() else t.data
-        graph = Graph(module, self.fn, dtype).eval()
+        graph = Graph(module, self.fn, dtype, self.exact).eval()
         shape = "x".join(map(str, args[0].shape))
         log.warning(f"compiling the {self.label} for {shape} input ({self.precision}); once per machine and "
                     f"size, cached in {path.parent}")

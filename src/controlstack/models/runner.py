@@ -220,6 +220,17 @@ class ControlNetRunner:
             return cn.residuals(sample, hint_features)
         if attention_mask is not None:
             attention_mask = ((1 - attention_mask.to(sample.dtype)) * -10000.0).unsqueeze(1)
+        emb = self.embedding(sample, timestep, encoder_hidden_states, class_labels, timestep_cond, added_cond_kwargs)
+        sample = cn.conv_in(sample)
+        if hint_features.shape[0] != sample.shape[0]:  # one hint for the whole batch / CFG halves
+            hint_features = hint_features.expand(sample.shape[0], -1, -1, -1)
+        return self.encoder(sample + hint_features, emb, encoder_hidden_states, attention_mask, cross_attention_kwargs)
+
+    def embedding(self, sample, timestep, encoder_hidden_states, class_labels=None, timestep_cond=None,
+                  added_cond_kwargs=None, extra: torch.Tensor | None = None) -> torch.Tensor:
+        """The time (+ class, + added) embedding; ``extra`` (ControlNet-Union's control-type
+        embedding) is added before the added conditions, in diffusers' order."""
+        cn = self.controlnet
         timesteps = timestep
         if not torch.is_tensor(timesteps):
             dtype = torch.float64 if isinstance(timestep, float) else torch.int64
@@ -236,12 +247,12 @@ class ControlNetRunner:
                 class_labels = cn.time_proj(class_labels)
             emb = emb + cn.class_embedding(class_labels).to(dtype=cn.dtype)
         aug_emb = self._aug_embed(encoder_hidden_states, added_cond_kwargs)
-        emb = emb + aug_emb if aug_emb is not None else emb
+        emb = emb + extra if extra is not None else emb
+        return emb + aug_emb if aug_emb is not None else emb
 
-        sample = cn.conv_in(sample)
-        if hint_features.shape[0] != sample.shape[0]:  # one hint for the whole batch / CFG halves
-            hint_features = hint_features.expand(sample.shape[0], -1, -1, -1)
-        sample = sample + hint_features
+    def encoder(self, sample, emb, encoder_hidden_states, attention_mask=None, cross_attention_kwargs=None) -> Residuals:
+        """conv_in's output (plus the hint's features) through the trainable copy and the zero convolutions."""
+        cn = self.controlnet
         sample, feats = _run_down_blocks(
             cn.down_blocks, sample, emb, encoder_hidden_states, attention_mask, cross_attention_kwargs, None
         )

@@ -9,16 +9,19 @@
   shaped workload; AVX2-only CPUs stay float32), and FasterDiffusion-style reuse (Li et al., 2023,
   "Faster Diffusion: Rethinking the Role of UNet Encoder in Diffusion Models"): after the first
   steps the U-Net encoder and every ControlNet run only every ``every``-th step, their features
-  reused by the decoder in between (:class:`controlstack.denoiser.Reuse`).
+  reused by the decoder in between (:class:`controlstack.denoiser.Reuse`); and token downsampling
+  (Smith et al., 2024, "ToDo"): self-attention over >= 4096 tokens takes its keys and values from
+  the 2 x 2-pooled map (:mod:`controlstack.models.token_downsampling`).
 
 The runners here have the interface of :class:`UNetRunner` / :class:`ControlNetRunner`, so the
 denoiser, the injection strategies, masks, schedules and windows work unchanged; a call the graph
-cannot serve (attention masks, class labels, SDXL's added conditions) runs the parity path and
-says so once.
+cannot serve (attention masks, class labels) runs the parity path and says so once; SDXL's added
+conditions (pooled text, size ids) are two more graph inputs.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 
@@ -29,6 +32,7 @@ from controlstack.errors import ControlstackError
 from controlstack.injection.base import Residuals
 from controlstack.models.compiled import CompiledGraph
 from controlstack.models.runner import ControlNetRunner, UNetContext, UNetRunner
+from controlstack.models.token_downsampling import MIN_TOKENS, downsampled
 
 log = logging.getLogger("controlstack")
 
@@ -43,6 +47,7 @@ class Tier:
     compiled: bool = False
     precision: str = "fp32"            # "fp32" | "bf16" (fast tier, where measured faster)
     reuse: Reuse | None = None         # U-Net encoder / ControlNet reuse between key steps (fast tier)
+    token_downsampling: int = 1        # self-attention keys / values pooled this much at >= MIN_TOKENS (fast)
 
     def describe(self) -> str:
         if not self.compiled:
@@ -50,11 +55,15 @@ class Tier:
         parts = [f"compiled ({self.precision}, AOTInductor)"]
         if self.reuse is not None:
             parts.append(f"encoder + ControlNets every {self.reuse.every} steps after {self.reuse.after:.0%}")
+        if self.token_downsampling > 1:
+            parts.append(f"self-attention keys / values pooled {self.token_downsampling}x{self.token_downsampling} "
+                         f"at >= {MIN_TOKENS} tokens")
         return ", ".join(parts)
 
 
-#: the fast tier's reuse: chosen on the bench model and the bundled one (docs/speed.md)
+#: the fast tier's reuse and token downsampling: chosen on the bench model and the bundled one (docs/speed.md)
 FAST_REUSE = Reuse(every=2, after=0.25)
+FAST_TOKEN_DOWNSAMPLING = 2
 
 
 def make_tier(name: str, precision: str | None = None) -> Tier:
@@ -69,7 +78,8 @@ def make_tier(name: str, precision: str | None = None) -> Tier:
         from controlstack.models.speed import bf16_is_fast
 
         precision = "bf16" if bf16_is_fast() else "fp32"
-    return Tier("fast", compiled=True, precision=precision, reuse=FAST_REUSE)
+    return Tier("fast", compiled=True, precision=precision, reuse=FAST_REUSE,
+                token_downsampling=FAST_TOKEN_DOWNSAMPLING)
 
 
 class _Once:
@@ -85,48 +95,77 @@ class _Once:
 
 
 # ---------------------------------------------------------------------------- graph functions
-def _encode(unet, sample, timestep, text):
-    h, mid, ctx = UNetRunner(unet).encode(sample, timestep, text)
+def _added_kw(added: tuple) -> dict:
+    """SDXL's added conditions, graph inputs ``(pooled text, time ids)``, as the runners take them."""
+    return {"added_cond_kwargs": {"text_embeds": added[0], "time_ids": added[1]}} if added else {}
+
+
+def _encode(unet, sample, timestep, text, *added, pool=1):
+    with downsampled(unet, sample.shape[-2:], pool):
+        h, mid, ctx = UNetRunner(unet).encode(sample, timestep, text, **_added_kw(added))
     return (*h, mid, ctx.emb, ctx.encoder_hidden_states)
 
 
-def _decode(unet, *tensors):
+def _decode(unet, *tensors, pool=1):
     *h, mid, emb, text = tensors
     up_factor = 2**unet.num_upsamplers
     ctx = UNetContext(emb, text, any(d % up_factor for d in h[0].shape[-2:]), None, None, None)
-    return (UNetRunner(unet).decode(list(h), mid, ctx),)
+    with downsampled(unet, h[0].shape[-2:], pool):  # h[0]: conv_in's output, at the latent's size
+        return (UNetRunner(unet).decode(list(h), mid, ctx),)
 
 
-def _controlnet(controlnet, sample, timestep, text, features):
-    res = ControlNetRunner(controlnet)(sample, timestep, text, features)
+def _controlnet(controlnet, sample, timestep, text, features, *added, pool=1):
+    with downsampled(controlnet, sample.shape[-2:], pool):
+        res = ControlNetRunner(controlnet)(sample, timestep, text, features, **_added_kw(added))
     return (*res.downs, res.mid)
+
+
+def _pooled(size, pool: int) -> bool:
+    """Whether token downsampling ``pool`` changes a graph at latent ``size``: only there is it
+    compiled as a graph of its own (below, the plain graphs and their packages serve)."""
+    return pool > 1 and size[-2] * size[-1] >= MIN_TOKENS
 
 
 def _vae_decode(vae, latents):
     return (vae.decode(latents, return_dict=False)[0],)
 
 
-def _plain(kwargs: dict) -> str | None:
-    """Why keyword arguments keep a call off the graph (None: they do not)."""
-    given = [k for k, v in kwargs.items() if v is not None]
-    return f"{', '.join(given)} are not compiled" if given else None
+def _split(kw: dict) -> tuple[tuple, str | None]:
+    """The graph's extra inputs from keyword arguments -- SDXL's added conditions -- and why the
+    rest keeps a call off the graph (None: nothing does)."""
+    kw = {k: v for k, v in kw.items() if v is not None}
+    added = kw.pop("added_cond_kwargs", None)
+    extra = ()
+    if added is not None and set(added) == {"text_embeds", "time_ids"}:
+        extra = (added["text_embeds"], added["time_ids"])
+    elif added is not None:
+        kw["added_cond_kwargs"] = added
+    return extra, (f"{', '.join(kw)} are not compiled" if kw else None)
 
 
 class CompiledUNetRunner(UNetRunner):
-    def __init__(self, unet, precision: str = "fp32"):
+    def __init__(self, unet, precision: str = "fp32", pool: int = 1):
         super().__init__(unet)
-        self.encoder = CompiledGraph("unet-encode", "U-Net encoder", unet, _encode, precision)
-        self.decoder = CompiledGraph("unet-decode", "U-Net decoder", unet, _decode, precision,
-                                     same_weights_as=self.encoder)
+        self.pool = pool
+        self.encoder = CompiledGraph("unet-encode", "U-Net encoder", unet, _encode, precision, exact=(1, 4))
+        self.decoder = CompiledGraph("unet-decode", "U-Net decoder", unet, _decode, precision, same_weights_as=self.encoder)
+        if pool > 1:
+            self.pooled = (CompiledGraph(f"unet-encode-todo{pool}", "U-Net encoder", unet,
+                                         functools.partial(_encode, pool=pool), precision, self.encoder, exact=(1, 4)),
+                           CompiledGraph(f"unet-decode-todo{pool}", "U-Net decoder", unet,
+                                         functools.partial(_decode, pool=pool), precision, self.encoder))
         self.fallback = _Once()
 
+    def graphs(self, size) -> tuple[CompiledGraph, CompiledGraph]:
+        return self.pooled if _pooled(size, self.pool) else (self.encoder, self.decoder)
+
     def encode(self, sample, timestep, encoder_hidden_states, **kw):
-        reason = _plain(kw)
+        extra, reason = _split(kw)
         if reason:
             self.fallback(reason)
             return super().encode(sample, timestep, encoder_hidden_states, **kw)
         timestep = torch.as_tensor(timestep)
-        *h, mid, emb, text = self.encoder(sample, timestep, encoder_hidden_states)
+        *h, mid, emb, text = self.graphs(sample.shape)[0](sample, timestep, encoder_hidden_states, *extra)
         up_factor = 2**self.unet.num_upsamplers
         ctx = UNetContext(emb, text, any(d % up_factor for d in sample.shape[-2:]), None, None, None)
         return list(h), mid, ctx
@@ -137,23 +176,27 @@ class CompiledUNetRunner(UNetRunner):
         if adds is not None:
             h = [a + b for a, b in zip(h, adds.downs)]
             mid = mid + adds.mid
-        return self.decoder(*h, mid, ctx.emb, ctx.encoder_hidden_states)[0]
+        return self.graphs(h[0].shape)[1](*h, mid, ctx.emb, ctx.encoder_hidden_states)[0]
 
 
 class CompiledControlNetRunner(ControlNetRunner):
-    def __init__(self, controlnet, precision: str = "fp32", graph: CompiledGraph | None = None):
+    def __init__(self, controlnet, precision: str = "fp32", pool: int = 1):
         super().__init__(controlnet)
-        self.graph = graph or CompiledGraph("controlnet", "ControlNet", controlnet, _controlnet, precision)
+        self.pool = pool
+        self.graph = CompiledGraph("controlnet", "ControlNet", controlnet, _controlnet, precision, exact=(1, 5))
+        self.pooled = CompiledGraph(f"controlnet-todo{pool}", "ControlNet", controlnet,
+                                    functools.partial(_controlnet, pool=pool), precision, self.graph, exact=(1, 5))
         self.fallback = _Once()
 
     def __call__(self, sample, timestep, encoder_hidden_states, hint_features, **kw) -> Residuals:
-        reason = _plain(kw)
+        extra, reason = _split(kw)
         if reason:
             self.fallback(reason)
             return super().__call__(sample, timestep, encoder_hidden_states, hint_features, **kw)
         if hint_features.shape[0] != sample.shape[0]:
             hint_features = hint_features.expand(sample.shape[0], -1, -1, -1).contiguous()
-        *downs, mid = self.graph(sample, torch.as_tensor(timestep), encoder_hidden_states, hint_features)
+        graph = self.pooled if _pooled(sample.shape, self.pool) else self.graph
+        *downs, mid = graph(sample, torch.as_tensor(timestep), encoder_hidden_states, hint_features, *extra)
         return Residuals(list(downs), mid)
 
 
@@ -171,15 +214,24 @@ class Runners:
 
     def __init__(self, unet, vae, tier: Tier):
         self.tier, self.vae = tier, vae
-        self.unet = CompiledUNetRunner(unet, tier.precision) if tier.compiled else UNetRunner(unet)
+        pool = tier.token_downsampling
+        self.unet = CompiledUNetRunner(unet, tier.precision, pool) if tier.compiled else UNetRunner(unet)
         self.vae_decoder = CompiledVAEDecoder(vae, tier.precision) if tier.compiled else None
         self._controlnets: dict[int, CompiledControlNetRunner] = {}  # id(ControlNet) -> its runner
+        self.fallback = _Once()
 
     def controlnet(self, controlnet) -> ControlNetRunner:
+        from controlstack.models.union import UnionRunner, is_union
+
+        if is_union(controlnet):  # its fusion of a varying number of conditions is not compiled
+            if self.tier.compiled:
+                self.fallback("ControlNet-Union models are not compiled")
+            return UnionRunner(controlnet)
         if not self.tier.compiled:
             return ControlNetRunner(controlnet)
         if id(controlnet) not in self._controlnets:
-            self._controlnets[id(controlnet)] = CompiledControlNetRunner(controlnet, self.tier.precision)
+            self._controlnets[id(controlnet)] = CompiledControlNetRunner(
+                controlnet, self.tier.precision, self.tier.token_downsampling)
         return self._controlnets[id(controlnet)]
 
     def decode_vae(self, latents: torch.Tensor, generator=None) -> torch.Tensor:
@@ -191,5 +243,7 @@ class Runners:
         """Every compiled graph (their ``seconds`` say how long compiling / loading took)."""
         if not self.tier.compiled:
             return []
-        return [self.unet.encoder, self.unet.decoder, self.vae_decoder.graph,
-                *(r.graph for r in self._controlnets.values())]
+        graphs = [self.unet.encoder, self.unet.decoder, *getattr(self.unet, "pooled", ()), self.vae_decoder.graph]
+        for r in self._controlnets.values():
+            graphs += [r.graph] + ([r.pooled] if r.pool > 1 else [])
+        return graphs

@@ -74,18 +74,29 @@ def byte_level_tokenizer(max_length: int = 77, words: list[str] | None = None):
 
 @dataclass
 class SDComponents:
-    """The four parts of a Stable Diffusion base model."""
+    """The parts of a Stable Diffusion base model: SD-1.x / 2.x have one text encoder, SDXL two
+    (``text_encoder_2`` gives the pooled embedding its U-Net adds to the time embedding)."""
 
     unet: torch.nn.Module
     vae: torch.nn.Module
     text_encoder: torch.nn.Module
     tokenizer: object
     scheduler_config: dict | None = None  # the model's own noise schedule (None = SD-1.x's)
+    text_encoder_2: torch.nn.Module | None = None  # SDXL: CLIPTextModelWithProjection (OpenCLIP bigG)
+    tokenizer_2: object | None = None
+    force_zeros_for_empty_prompt: bool = True  # SDXL: an empty negative prompt is zeros (diffusers' default)
+
+    @property
+    def family(self) -> str:
+        from controlstack.models.family import family_of
+
+        return family_of(self.unet)
 
 
 def tiny_unet(seed: int = 0, block_out_channels=(32, 64), cross_attention_dim: int = 32, sample_size: int = 8,
-              in_channels: int = 4):
-    """``in_channels=9``: an SD-inpainting-layout U-Net (latents + mask + masked-image latents)."""
+              in_channels: int = 4, **sdxl):
+    """``in_channels=9``: an SD-inpainting-layout U-Net (latents + mask + masked-image latents).
+    ``sdxl``: the SDXL layout's extra config (:func:`tiny_sdxl_unet`)."""
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(seed)
@@ -101,7 +112,27 @@ def tiny_unet(seed: int = 0, block_out_channels=(32, 64), cross_attention_dim: i
         cross_attention_dim=cross_attention_dim,
         attention_head_dim=4,
         norm_num_groups=8,
+        **sdxl,
     ).eval()
+
+
+#: SDXL's micro-conditioning: six numbers (original size, crop top-left, target size), each
+#: embedded sinusoidally at this width (SDXL: 256) and concatenated with the pooled text embedding
+TINY_TIME_EMBED_DIM = 8
+
+
+def tiny_sdxl_unet(seed: int = 0, block_out_channels=(32, 64), text_dims=(32, 32), sample_size: int = 8,
+                   in_channels: int = 4):
+    """The SDXL U-Net layout at a tiny width: cross-attention over both text encoders' hidden
+    states concatenated, linear attention projections, 2 transformer layers at the deeper level,
+    and the ``text_time`` added embedding (pooled text + micro-conditioning ids)."""
+    n = len(block_out_channels)
+    return tiny_unet(
+        seed, block_out_channels, cross_attention_dim=sum(text_dims), sample_size=sample_size,
+        in_channels=in_channels, use_linear_projection=True, transformer_layers_per_block=(1,) + (2,) * (n - 1),
+        addition_embed_type="text_time", addition_time_embed_dim=TINY_TIME_EMBED_DIM,
+        projection_class_embeddings_input_dim=6 * TINY_TIME_EMBED_DIM + text_dims[1],
+    )
 
 
 def tiny_vae(seed: int = 0, block_out_channels=(8, 16, 16, 16)):
@@ -123,8 +154,11 @@ def tiny_vae(seed: int = 0, block_out_channels=(8, 16, 16, 16)):
     ).eval()
 
 
-def tiny_text_encoder(seed: int = 0, hidden_size: int = 32, vocab_size: int = 514, max_length: int = 77):
-    from transformers import CLIPTextConfig, CLIPTextModel
+def tiny_text_encoder(seed: int = 0, hidden_size: int = 32, vocab_size: int = 514, max_length: int = 77,
+                      with_projection: bool = False):
+    """A 2-layer CLIP text model; ``with_projection``: SDXL's second encoder, which also returns the
+    projected pooled embedding (``CLIPTextModelWithProjection``)."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     torch.manual_seed(seed)
     config = CLIPTextConfig(
@@ -139,7 +173,7 @@ def tiny_text_encoder(seed: int = 0, hidden_size: int = 32, vocab_size: int = 51
         pad_token_id=vocab_size - 1,
         projection_dim=hidden_size,
     )
-    return CLIPTextModel(config).eval()
+    return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(config).eval()
 
 
 def tiny_sd(seed: int = 0, max_length: int = 16) -> SDComponents:
@@ -150,6 +184,22 @@ def tiny_sd(seed: int = 0, max_length: int = 16) -> SDComponents:
         vae=tiny_vae(seed + 1),
         text_encoder=tiny_text_encoder(seed + 2, vocab_size=len(tokenizer), max_length=max_length),
         tokenizer=tokenizer,
+    )
+
+
+def tiny_sdxl(seed: int = 0, max_length: int = 16, text_dims=(32, 32)) -> SDComponents:
+    """A complete tiny SDXL-layout model: two text encoders (the second with the pooled
+    projection), the SDXL U-Net layout and an 8x VAE with SDXL's latent scaling factor."""
+    tokenizer = byte_level_tokenizer(max_length=max_length)
+    vae = tiny_vae(seed + 1)
+    vae.register_to_config(scaling_factor=0.13025, force_upcast=True)
+    return SDComponents(
+        unet=tiny_sdxl_unet(seed, text_dims=text_dims),
+        vae=vae,
+        text_encoder=tiny_text_encoder(seed + 2, text_dims[0], len(tokenizer), max_length),
+        tokenizer=tokenizer,
+        text_encoder_2=tiny_text_encoder(seed + 3, text_dims[1], len(tokenizer), max_length, with_projection=True),
+        tokenizer_2=byte_level_tokenizer(max_length=max_length),
     )
 
 
@@ -172,4 +222,36 @@ def tiny_controlnet(unet, seed: int = 0, randomize: bool = True, conditioning_ch
             for layer in zero_layers:
                 layer.weight.copy_(torch.randn(layer.weight.shape, generator=g) * 0.2)
                 layer.bias.copy_(torch.randn(layer.bias.shape, generator=g) * 0.05)
+    return cn.eval()
+
+
+def tiny_union_controlnet(unet, seed: int = 0, num_control_type: int = 8, conditioning_channels=(8, 16, 32, 32)):
+    """A ``ControlNetUnionModel`` (ProMax layout with 8 types by default) over an SDXL-layout U-Net,
+    built as ``from_unet`` does but with the fusion transformer at the U-Net's first width
+    (diffusers' default 320 is SDXL's; ``from_unet`` does not pass it on). Zero layers and the
+    fusion's channel projection get small random weights so that the control acts."""
+    from diffusers import ControlNetUnionModel
+
+    torch.manual_seed(seed)
+    c = unet.config
+    width = c.block_out_channels[0]
+    cn = ControlNetUnionModel(
+        addition_embed_type=c.addition_embed_type, addition_time_embed_dim=c.addition_time_embed_dim,
+        transformer_layers_per_block=c.transformer_layers_per_block, in_channels=4,
+        down_block_types=c.down_block_types, block_out_channels=c.block_out_channels,
+        layers_per_block=c.layers_per_block, norm_num_groups=c.norm_num_groups,
+        cross_attention_dim=c.cross_attention_dim, attention_head_dim=c.attention_head_dim,
+        use_linear_projection=c.use_linear_projection,
+        projection_class_embeddings_input_dim=c.projection_class_embeddings_input_dim,
+        conditioning_embedding_out_channels=tuple(conditioning_channels), num_control_type=num_control_type,
+        num_trans_channel=width, num_trans_head=4, num_proj_channel=width,
+    )
+    for part in ("conv_in", "time_proj", "time_embedding", "add_embedding", "down_blocks", "mid_block"):
+        getattr(cn, part).load_state_dict(getattr(unet, part).state_dict(), strict=False)
+    g = torch.Generator().manual_seed(seed + 1000)
+    with torch.no_grad():
+        for layer in [*cn.controlnet_down_blocks, cn.controlnet_mid_block, cn.controlnet_cond_embedding.conv_out,
+                      cn.spatial_ch_projs]:
+            layer.weight.copy_(torch.randn(layer.weight.shape, generator=g) * 0.2)
+            layer.bias.copy_(torch.randn(layer.bias.shape, generator=g) * 0.05)
     return cn.eval()

@@ -1,0 +1,118 @@
+"""Prompts to what the U-Net reads, as a mixin of :class:`controlstack.pipeline.Pipeline`.
+
+SD-1.x / 2.x: the CLIP text encoder's last hidden states, as diffusers' ``encode_prompt`` (padded
+to the tokenizer's length, no clip skip). SDXL: both encoders' penultimate hidden states
+concatenated, the pooled embedding and the micro-conditioning ids (:mod:`controlstack.models.sdxl`).
+Omni ControlNets get their own embedding: the prompt with the task token after the start token.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+from controlstack.control import Control
+from controlstack.errors import ControlstackError
+
+
+class Prompting:
+    """Text conditioning of a :class:`~controlstack.pipeline.Pipeline` (its ``tokenizer``,
+    ``text_encoder`` and, for SDXL, ``tokenizer_2`` / ``text_encoder_2``)."""
+
+    def check_prompt(self, prompt: str, what: str = "prompt") -> None:
+        """One-line warnings (never errors) for a prompt the text encoder will not read whole: longer
+        than its window (the rest is cut, as diffusers cuts it), or with words outside the model's
+        vocabulary (a closed-vocabulary model spells them as pieces it never learned as a word)."""
+        import re
+
+        log = logging.getLogger("controlstack")
+        n = len(self.tokenizer(prompt, truncation=False, verbose=False).input_ids)
+        if n > self.tokenizer.model_max_length:
+            log.warning(f"{what} is {n} tokens; the text encoder reads {self.tokenizer.model_max_length}, the rest "
+                        "is ignored")
+        if self.vocabulary is not None:
+            unknown = sorted({w for w in re.findall(r"[a-z]+", prompt.lower()) if w not in self.vocabulary})
+            if unknown:
+                log.warning(f"{what}: words the model was not trained on: {', '.join(unknown)} (its vocabulary: "
+                            "controlstack.world.VOCABULARY)")
+
+    @torch.no_grad()
+    def encode_prompt(self, prompt: str, batch: int, task_token: int | None = None) -> torch.Tensor:
+        """CLIP text embedding, as diffusers' ``encode_prompt`` (padding to max length, no clip skip).
+        ``task_token``: an Omni task token's id, put right after the start token (as in training)."""
+        tok = self.tokenizer(
+            [prompt], padding="max_length", max_length=self.tokenizer.model_max_length,
+            truncation=True, return_tensors="pt",
+        )
+        ids, mask = tok.input_ids, tok.attention_mask
+        if task_token is not None:
+            from controlstack.models.task_tokens import with_task_token
+
+            ids, mask = with_task_token(ids, torch.tensor([task_token])), with_task_token(mask, torch.tensor([1]))
+        mask = mask if getattr(self.text_encoder.config, "use_attention_mask", False) else None
+        emb = self.text_encoder(ids, attention_mask=mask)[0].to(self.text_encoder.dtype)
+        return emb.repeat(1, batch, 1).view(batch, emb.shape[1], -1)
+
+    @torch.no_grad()
+    def encode_text(self, prompt: str, batch: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(hidden, pooled)``: the cross-attention embedding and, for SDXL, the pooled one (else None)."""
+        if self.family != "sdxl":
+            return self.encode_prompt(prompt, batch), None
+        from controlstack.models import sdxl
+
+        return sdxl.encode_prompt(prompt, [self.tokenizer, self.tokenizer_2], [self.text_encoder, self.text_encoder_2],
+                                  batch)
+
+    def text_conditions(self, prompt: str, negative_prompt: str, batch: int, do_cfg: bool, size: tuple[int, int],
+                        micro: dict) -> tuple[torch.Tensor, torch.Tensor | None, tuple[dict | None, dict] | None]:
+        """``(cond, uncond, added)`` for the denoiser: the prompt's and the negative prompt's text
+        embeddings (``uncond`` None without CFG) and, for SDXL, their added conditions (pooled text
+        and micro-conditioning ids; ``micro`` holds ``original_size`` / ``crops_coords_top_left`` /
+        ``target_size``, None = diffusers' defaults: the output ``size`` (h, w) and (0, 0))."""
+        self.check_prompt(prompt)
+        if negative_prompt:
+            self.check_prompt(negative_prompt, "negative prompt")
+        given = {k: v for k, v in micro.items() if v is not None}
+        if self.family != "sdxl":
+            if given:
+                raise ControlstackError(f"{', '.join(given)}: SDXL micro-conditioning, but this base is "
+                                        "Stable Diffusion 1.x/2.x")
+            cond = self.encode_prompt(prompt, batch)
+            return cond, (self.encode_prompt(negative_prompt or "", batch) if do_cfg else None), None
+        from controlstack.models import sdxl
+
+        cond, pooled = self.encode_text(prompt, batch)
+        uncond = neg_pooled = None
+        if do_cfg and not negative_prompt and self.force_zeros_for_empty_prompt:
+            uncond, neg_pooled = torch.zeros_like(cond), torch.zeros_like(pooled)
+        elif do_cfg:
+            uncond, neg_pooled = self.encode_text(negative_prompt, batch)
+        ids = sdxl.add_time_ids(
+            self.unet, pooled.shape[-1],
+            sdxl.check_size(given.get("original_size", size), "original_size"),
+            sdxl.check_size(given.get("crops_coords_top_left", (0, 0)), "crops_coords_top_left"),
+            sdxl.check_size(given.get("target_size", size), "target_size"))
+        added = (sdxl.added_conditions(neg_pooled, ids) if do_cfg else None, sdxl.added_conditions(pooled, ids))
+        return cond, uncond, added
+
+    def task_text(self, controlnet, control: Control, prompts: tuple[str, str], batch: int, do_cfg: bool):
+        """An Omni ControlNet's own text embedding ``(uncond, cond)``: its task token prefixed to the
+        negative and the positive prompt (the U-Net keeps the plain prompt); None for a plain one."""
+        tokens = getattr(controlnet, "task_tokens", None)
+        name = control.model if isinstance(control.model, (str, os.PathLike)) else type(control.model).__name__
+        if tokens is None:
+            if control.task is not None:
+                raise ControlstackError(f"control model '{name}' has no task tokens; task='{control.task}' is "
+                                        "for an Omni ControlNet (e.g. model='omni')")
+            return None
+        if control.task not in tokens:
+            what = "needs a task" if control.task is None else f"has no task '{control.task}'"
+            raise ControlstackError(f"Omni ControlNet '{name}' {what}; choose one of {', '.join(tokens)}")
+        from controlstack.models.task_tokens import add_task_tokens
+
+        token = add_task_tokens(self.tokenizer, self.text_encoder, {control.task: tokens[control.task]})[control.task]
+        cond = self.encode_prompt(prompts[0], batch, token)
+        return (self.encode_prompt(prompts[1], batch, token) if do_cfg else None), cond
+
