@@ -12,6 +12,12 @@ process) and peak memory (max RSS).
     .venv/bin/python benchmarks/inference.py                 # the full benchmark (~30 min here, most of it compiling)
     .venv/bin/python benchmarks/inference.py --size 512      # SD-1.5's latent size
     .venv/bin/python benchmarks/inference.py --quick         # 4 steps, 1 run, no start-up table: a smoke test
+    .venv/bin/python benchmarks/inference.py --family sdxl   # the SDXL layout, against StableDiffusionXLControlNetPipeline
+
+``--family sdxl`` builds SDXL's layout at reduced width: block_out_channels 64/128/256 (SDXL:
+320/640/1280) with no attention at the first level and 1/2/2 transformer layers (SDXL: 1/2/10),
+two text encoders (hidden 128 + 128, the second with the pooled projection) and the text-time
+added embedding (size ids embedded at 32 each; SDXL: 256).
 """
 
 from __future__ import annotations
@@ -29,19 +35,34 @@ from controlstack.models.tiny import SDComponents, byte_level_tokenizer, tiny_te
 from controlstack.sampling import make_scheduler
 
 
-def build(seed: int = 0) -> tuple[SDComponents, list]:
+def build(seed: int = 0, family: str = "sd") -> tuple[SDComponents, list]:
     from diffusers import ControlNetModel, UNet2DConditionModel
 
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        sample_size=64, block_out_channels=(64, 128, 256, 256), layers_per_block=2,
-        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-        cross_attention_dim=256, attention_head_dim=8, norm_num_groups=32,
-    ).eval()
     tok = byte_level_tokenizer(max_length=77)
-    comps = SDComponents(unet, tiny_vae(seed + 1, (32, 64, 64, 64)),
-                         tiny_text_encoder(seed + 2, hidden_size=256, vocab_size=len(tok)), tok)
+    if family == "sdxl":
+        unet = UNet2DConditionModel(
+            sample_size=64, block_out_channels=(64, 128, 256), layers_per_block=2,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            transformer_layers_per_block=(1, 2, 2), attention_head_dim=(2, 4, 8), use_linear_projection=True,
+            cross_attention_dim=256, addition_embed_type="text_time", addition_time_embed_dim=32,
+            projection_class_embeddings_input_dim=6 * 32 + 128, norm_num_groups=32,
+        ).eval()
+        comps = SDComponents(unet, tiny_vae(seed + 1, (32, 64, 64, 64)),
+                             tiny_text_encoder(seed + 2, hidden_size=128, vocab_size=len(tok)), tok,
+                             text_encoder_2=tiny_text_encoder(seed + 3, hidden_size=128, vocab_size=len(tok),
+                                                              with_projection=True),
+                             tokenizer_2=byte_level_tokenizer(max_length=77))
+    else:
+        unet = UNet2DConditionModel(
+            sample_size=64, block_out_channels=(64, 128, 256, 256), layers_per_block=2,
+            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+            cross_attention_dim=256, attention_head_dim=8, norm_num_groups=32,
+        ).eval()
+        comps = SDComponents(unet, tiny_vae(seed + 1, (32, 64, 64, 64)),
+                             tiny_text_encoder(seed + 2, hidden_size=256, vocab_size=len(tok)), tok)
     cns = []
     for i in range(3):
         torch.manual_seed(seed + 10 + i)
@@ -51,6 +72,23 @@ def build(seed: int = 0) -> tuple[SDComponents, list]:
                 layer.weight.normal_(0, 0.02)
         cns.append(cn)
     return comps, cns
+
+
+def reference_pipeline(comps, controlnet):
+    """diffusers' ControlNet pipeline of the model's family, on the same weights."""
+    if comps.text_encoder_2 is not None:
+        from diffusers import StableDiffusionXLControlNetPipeline
+
+        return StableDiffusionXLControlNetPipeline(
+            vae=comps.vae, text_encoder=comps.text_encoder, text_encoder_2=comps.text_encoder_2,
+            tokenizer=comps.tokenizer, tokenizer_2=comps.tokenizer_2, unet=comps.unet, controlnet=controlnet,
+            scheduler=make_scheduler("unipc"), add_watermarker=False)
+    from diffusers import StableDiffusionControlNetPipeline
+
+    return StableDiffusionControlNetPipeline(
+        vae=comps.vae, text_encoder=comps.text_encoder, tokenizer=comps.tokenizer, unet=comps.unet,
+        controlnet=controlnet, scheduler=make_scheduler("unipc"), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False)
 
 
 def hint(size: int, k: int) -> PIL.Image.Image:  # noqa: F821
@@ -101,10 +139,13 @@ def flops_per_image(comps, cns, n_controls, steps, size, active_fraction=1.0) ->
         return fc.get_total_flops()
 
     x, emb, t = torch.randn(2, 4, size // 8, size // 8), torch.randn(2, 77, 256), torch.tensor(500)
+    kw = {}
+    if comps.text_encoder_2 is not None:  # SDXL: pooled text and the six size ids
+        kw = {"added_cond_kwargs": {"text_embeds": torch.randn(2, 128), "time_ids": torch.full((2, 6), float(size))}}
     runner, cnr = UNetRunner(comps.unet), ControlNetRunner(cns[0])
     feats = cnr.embed_hint(torch.rand(1, 3, size, size))
-    unet = count(lambda: runner(x, t, emb))
-    controlnet = count(lambda: cnr(x, t, emb, feats))
+    unet = count(lambda: runner(x, t, emb, **kw))
+    controlnet = count(lambda: cnr(x, t, emb, feats, **kw))
     hint = count(lambda: cnr.embed_hint(torch.rand(1, 3, size, size)))
     vae = count(lambda: comps.vae.decode(torch.randn(1, 4, size // 8, size // 8)))
     return steps * (unet + n_controls * active_fraction * controlnet) + n_controls * hint + vae
@@ -151,17 +192,12 @@ def child(args) -> None:
     """One image, one control, in this process: start-up seconds, compile / load seconds, peak RSS."""
     import json
 
-    comps, cns = build()
+    comps, cns = build(family=args.family)
     image = hint(args.size, 0)
     reset_peak()  # the peak of the generation, not of building the models
     t = time.perf_counter()
     if args.child == "diffusers":
-        from diffusers import StableDiffusionControlNetPipeline
-
-        ref = StableDiffusionControlNetPipeline(
-            vae=comps.vae, text_encoder=comps.text_encoder, tokenizer=comps.tokenizer, unet=comps.unet,
-            controlnet=cns[0], scheduler=make_scheduler("unipc"), safety_checker=None, feature_extractor=None,
-            requires_safety_checker=False)
+        ref = reference_pipeline(comps, cns[0])
         ref.set_progress_bar_config(disable=True)
         ref("a photo", image=image, num_inference_steps=args.steps, guidance_scale=7.5, width=args.size,
             height=args.size, generator=torch.Generator("cpu").manual_seed(0), output_type="np")
@@ -199,7 +235,8 @@ def startup_table(args) -> None:
         env = {**os.environ, "CONTROLSTACK_CACHE": cache}
         for name in ("diffusers", *TIER_NAMES):
             for which in ("first process", "second process") if name in ("compiled", "fast") else ("",):
-                cmd = [sys.executable, __file__, "--child", name, "--size", str(args.size), "--steps", str(args.steps)]
+                cmd = [sys.executable, __file__, "--child", name, "--size", str(args.size), "--steps", str(args.steps),
+                       "--family", args.family]
                 if args.threads:
                     cmd += ["--threads", str(args.threads)]
                 done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
@@ -218,6 +255,8 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=256)
     ap.add_argument("--quick", action="store_true", help="4 steps, 1 run, no start-up table")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--family", default="sd", choices=("sd", "sdxl"),
+                    help="the model layout: SD-1.5's (default) or SDXL's, both at reduced width")
     ap.add_argument("--no-startup", action="store_true", help="skip the start-up / peak-memory table")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -227,21 +266,18 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     if args.child:
         return child(args)
-    from diffusers import MultiControlNetModel, StableDiffusionControlNetPipeline
+    from diffusers import MultiControlNetModel
 
-    comps, cns = build()
+    comps, cns = build(family=args.family)
     pipes = {name: tier_pipeline(comps, name) for name in TIER_NAMES}
     hints = [hint(args.size, k) for k in range(3)]
     common = dict(width=args.size, height=args.size)
-    print(f"# {args.size}x{args.size}, {args.steps} steps, unipc, cfg 7.5, median of {args.runs}, "
+    print(f"# {args.family} layout, {args.size}x{args.size}, {args.steps} steps, unipc, cfg 7.5, median of {args.runs}, "
           f"{torch.get_num_threads()} threads; fast = {pipes['fast'].tier.describe()}")
 
     def theirs(n, end=1.0):
         cn = cns[0] if n == 1 else MultiControlNetModel(cns[:n])
-        ref = StableDiffusionControlNetPipeline(
-            vae=comps.vae, text_encoder=comps.text_encoder, tokenizer=comps.tokenizer, unet=comps.unet,
-            controlnet=cn, scheduler=make_scheduler("unipc"), safety_checker=None,
-            feature_extractor=None, requires_safety_checker=False)
+        ref = reference_pipeline(comps, cn)
         ref.set_progress_bar_config(disable=True)
         image = hints[0] if n == 1 else hints[:n]
         return lambda: ref("a photo", image=image, num_inference_steps=args.steps, guidance_scale=7.5,

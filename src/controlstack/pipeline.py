@@ -114,21 +114,25 @@ class Pipeline(Prompting):
     # ----------------------------------------------------------------------------- loading
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike | None = None, *, allow_pickle: bool = False,
-                        config: str | os.PathLike | None = None) -> Pipeline:
-        """A diffusers SD folder or single-file checkpoint; ``None`` = the bundled default model."""
+                        config: str | os.PathLike | None = None, torch_dtype=torch.float32) -> Pipeline:
+        """A diffusers SD / SDXL folder or single-file checkpoint; ``None`` = the bundled default model.
+        ``torch_dtype``: the weights' dtype (``torch.bfloat16`` halves an SDXL U-Net's 10 GB; None
+        keeps what is stored); ControlNets loaded by path follow the base's."""
         from controlstack import assets
 
         if path is None:
             return assets.default_pipeline(cls)
         from controlstack.io.checkpoints import load_base
 
-        components = load_base(path, allow_pickle=allow_pickle, config=config)
+        components = load_base(path, allow_pickle=allow_pickle, config=config, torch_dtype=torch_dtype)
         # a folder in the bundle's layout (the shipped bundle, or bundle-v2 half-trained: some
         # ControlNets pending) brings its own ControlNets; a plain SD folder gets the bundled ones
         folder = Path(path)
         in_bundle = folder.resolve() == assets.BUNDLE_DIR.resolve()
         own = (folder / "controlnets").is_dir()
-        controlnets = assets.trained_controlnets(folder) if own else assets.bundled_controlnets()
+        # the bundled ControlNets are SD-1.x-layout: an SDXL base gets none it could not run
+        plain = {} if components.family == "sdxl" else assets.bundled_controlnets()
+        controlnets = assets.trained_controlnets(folder) if own else plain
         return cls.from_source(components, controlnets, "controlstack-bundle" if in_bundle else str(path), folder)
 
     @classmethod
@@ -164,7 +168,7 @@ class Pipeline(Prompting):
         elif os.path.exists(model):
             from controlstack.io.checkpoints import load_controlnet
 
-            cn = self.controlnets[str(model)] = load_controlnet(model)
+            cn = self.controlnets[str(model)] = load_controlnet(model, torch_dtype=self.unet.dtype)
         else:
             known = ", ".join(sorted(self.controlnets)) or "none bundled"
             raise ControlstackError(
@@ -526,7 +530,7 @@ class Pipeline(Prompting):
             **{k: list(v) for k, v in micro.items() if v is not None},
             **({"optimize": self.tier.name} if self.tier.name != "parity" else {}),
             "controls": [
-                {"model": c.model if isinstance(c.model, str) else type(c.model).__name__,
+                {"model": str(c.model) if isinstance(c.model, (str, os.PathLike)) else type(c.model).__name__,
                  "weight": c.weight, "start": c.start, "end": c.end,
                  "mask": c.mask is not None, "resize_mode": c.resize_mode,
                  "preprocess": c.preprocess, "module": self.module_name(c), **({"task": c.task} if c.task else {})}

@@ -122,3 +122,17 @@ def test_cli_generate_on_sdxl_writes_diffusers_image(xl, xl_cn, xl_dir, tmp_path
     expected = ref("a red box", image=hint_images[0], num_inference_steps=4, guidance_scale=6.0, height=64, width=64,
                    original_size=(128, 96), generator=torch.Generator("cpu").manual_seed(3)).images[0]
     np.testing.assert_array_equal(got, np.asarray(expected))
+
+
+def test_served_bases_offer_the_controlnets_of_their_family(xl, xl_cn, xl_dir, tiny_controlnets, tmp_path):
+    from controlstack.cli.serve import controlnet_families, with_controlnets
+
+    paths = [str(save_controlnet(xl_cn, tmp_path / "canny-xl")), str(save_controlnet(tiny_controlnets[0], tmp_path / "canny15"))]
+    found = controlnet_families(paths)
+    assert {k: v[1] for k, v in found.items()} == {"canny-xl": "sdxl", "canny15": "sd"}
+    pipe = Pipeline.from_pretrained(xl_dir)
+    assert pipe.controlnets == {}  # the bundled ControlNets are SD-1.x: not offered to an SDXL base
+    assert sorted(with_controlnets(pipe, found).controlnets) == ["canny-xl"]
+    assert _same(pipe.controlnet("canny-xl"), xl_cn)
+    with pytest.raises(ControlstackError, match="is a base, not a ControlNet"):
+        controlnet_families([str(xl_dir)])

@@ -26,6 +26,9 @@ def register(sub) -> None:
     p.add_argument("--models", nargs="+", default=[], metavar="DIR",
                    help="more base models (SD folders or single files), registered by file / folder name beside "
                         "the bundled 'default'; clients pick one by name")
+    p.add_argument("--controlnets", nargs="+", default=[], metavar="PATH",
+                   help="ControlNets (folders or single files) offered by file / folder name to every served base "
+                        "of their family (SD-1.x ones to SD-1.x bases, SDXL ones to SDXL bases)")
     p.add_argument("--memory", type=float, default=8.0, help="GiB of weights kept loaded (least recently used "
                                                             "bases are unloaded past it)")
     p.add_argument("--optimize", default="parity", choices=("parity", "compiled", "fast"),
@@ -50,16 +53,50 @@ def run(args: argparse.Namespace) -> int:
     from controlstack import Pipeline
     from controlstack.serve.app import create_app
 
-    factories = {"default": lambda: Pipeline.from_pretrained().optimize(args.optimize)}
+    controlnets = controlnet_families(args.controlnets)
+
+    def load(path=None):
+        return with_controlnets(Pipeline.from_pretrained(path), controlnets).optimize(args.optimize)
+
+    factories = {"default": load}
     for d in args.models:
         name = Path(d).stem
         if not Path(d).exists():
             raise ControlstackError(f"--models: '{d}' does not exist")
         if name in factories:
             raise ControlstackError(f"--models: two models named '{name}'; rename one folder or file")
-        factories[name] = (lambda d=d: Pipeline.from_pretrained(d).optimize(args.optimize))
+        factories[name] = (lambda d=d: load(d))
     if args.memory <= 0:
         raise ControlstackError(f"--memory must be > 0 GiB, got {args.memory}")
     app = create_app(factories, token=args.token, queue_size=args.queue, ui=not args.no_ui, memory_gib=args.memory)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     return 0
+
+
+def controlnet_families(paths: list[str]) -> dict[str, tuple[str, str]]:
+    """name (file / folder stem) -> (path, family) of each ``--controlnets`` entry, read from its
+    header (nothing is loaded until a request uses it)."""
+    from pathlib import Path
+
+    from controlstack.io.checkpoints import inspect_checkpoint
+
+    out: dict[str, tuple[str, str]] = {}
+    for p in paths:
+        name = Path(p).stem
+        if name in out:
+            raise ControlstackError(f"--controlnets: two ControlNets named '{name}'; rename one folder or file")
+        info = inspect_checkpoint(p)
+        if info["kind"] != "controlnet":
+            raise ControlstackError(f"--controlnets: '{p}' is a {info['kind']}, not a ControlNet")
+        out[name] = (p, "sdxl" if info["arch"]["family"] == "SDXL" else "sd")
+    return out
+
+
+def with_controlnets(pipe, controlnets: dict[str, tuple[str, str]]):
+    """``pipe`` with the ControlNets of its family added (lazily loaded, in the base's dtype)."""
+    from controlstack.io.checkpoints import load_controlnet
+
+    for name, (path, family) in controlnets.items():
+        if family == pipe.family:
+            pipe.controlnets[name] = lambda path=path: load_controlnet(path, torch_dtype=pipe.unet.dtype)
+    return pipe
