@@ -90,14 +90,44 @@ def test_controlnets_of_the_other_family_are_one_line_errors(xl, xl_cn, tiny_com
         Pipeline(tiny_components)("a", [Control(xl_cn, hint_images[0])], steps=1, progress=False)
 
 
-def test_sdxl_single_file_bases_are_named_not_crashed(xl, tmp_path):
-    with pytest.raises(ControlstackError, match="SDXL base as a single file is not supported yet"):
-        save_base(xl, tmp_path / "xl.safetensors")
-    path = tmp_path / "sd_xl_base.safetensors"
-    save_file({"model.diffusion_model.conv_in.weight": torch.zeros(4, 4, 3, 3),
-               "conditioner.embedders.1.model.text_projection": torch.zeros(4, 4)}, str(path))
-    with pytest.raises(ControlstackError, match="SDXL single-file checkpoint"):
-        load_base(path)
+def test_sdxl_single_file_round_trip(xl, xl_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    path = save_base(xl, tmp_path / "sd_xl_tiny.safetensors")
+    raw = load_file(path)
+    # Stability's layout: LDM U-Net / VAE, CLIP-L under embedders.0, OpenCLIP bigG under embedders.1
+    assert torch.equal(raw["model.diffusion_model.label_emb.0.0.weight"], xl.unet.add_embedding.linear_1.weight)
+    assert torch.equal(raw["conditioner.embedders.0.transformer.text_model.final_layer_norm.weight"],
+                       xl.text_encoder.state_dict()["final_layer_norm.weight"])
+    te2 = xl.text_encoder_2.state_dict()
+    assert torch.equal(raw["conditioner.embedders.1.model.text_projection"], te2["text_projection.weight"].T)
+    fused = raw["conditioner.embedders.1.model.transformer.resblocks.1.attn.in_proj_weight"]
+    assert torch.equal(fused[32:64], te2["text_model.encoder.layers.1.self_attn.k_proj.weight"])  # q, k, v stacked
+    back = load_base(path, config=xl_dir)  # configs embedded; the folder gives the tokenizers
+    for part in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        assert _same(getattr(back, part), getattr(xl, part)), part
+    assert back.family == "sdxl" and inspect_checkpoint(path)["arch"]["family"] == "SDXL"
+    with pytest.raises(ControlstackError, match="carries no tokenizer"):
+        load_base(path)  # a tiny vocabulary: no cached CLIP tokenizer fits it
+
+
+def test_sdxl_single_file_without_config_reads_the_tensors(xl, tmp_path):
+    # sd-webui's files carry no config: SDXL 1.0's, with what the shapes tell from the shapes
+    from safetensors.torch import load_file
+
+    from controlstack.io.sd_single_file import load_unet
+    from controlstack.io.sdxl_single_file import infer_open_clip_config
+
+    bare = tmp_path / "bare.safetensors"
+    save_file(load_file(save_base(xl, tmp_path / "xl.safetensors")), str(bare))
+    unet = load_unet(bare)
+    assert _same(unet, xl.unet) and unet.config.addition_embed_type == "text_time"
+    assert list(unet.config.transformer_layers_per_block) == [1, 2] and unet.config.cross_attention_dim == 64
+    shapes = {k.removeprefix("conditioner.embedders.1.model."): tuple(v.shape) for k, v in load_file(bare).items()
+              if k.startswith("conditioner.embedders.1.model.")}
+    assert infer_open_clip_config(shapes) == {"vocab_size": 514, "hidden_size": 32, "projection_dim": 32,
+                                              "max_position_embeddings": 16, "num_hidden_layers": 2,
+                                              "intermediate_size": 64, "num_attention_heads": 1}
 
 
 def test_cli_generate_on_sdxl_writes_diffusers_image(xl, xl_cn, xl_dir, tmp_path, hint_images):

@@ -134,7 +134,7 @@ def _inspect_file(path: Path, allow_pickle: bool) -> dict:
         else:
             arch = _arch(orig.infer_unet_config(unet), "inferred from tensors")
         arch["vae"] = any(k.startswith(orig.VAE_PREFIX) for k in shapes)
-        arch["text_encoder"] = any(k.startswith("cond_stage_model.") for k in shapes)
+        arch["text_encoder"] = any(k.startswith(("cond_stage_model.", "conditioner.embedders.")) for k in shapes)
         arch["ema_weights"] = sum(k.startswith("model_ema.") for k in shapes) > 100
         return {"format": "original", "container": container, "kind": "base", "arch": arch, **summary}
     raise ControlstackError(f"'{path}' is not a recognised checkpoint (neither a ControlNet nor a Stable Diffusion "

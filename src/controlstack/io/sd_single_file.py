@@ -184,8 +184,10 @@ def load_unet(source, *, allow_pickle: bool = False, config=None, torch_dtype=to
     elif METADATA_KEYS["unet"] in metadata:
         cfg = json.loads(metadata[METADATA_KEYS["unet"]])
     else:
-        cfg = {**_json(SD15_CONFIGS / "unet" / "config.json"),
-               **orig.infer_unet_config(_shapes(_strip(state, orig.UNET_PREFIX)))}
+        from controlstack.io.sdxl_single_file import SDXL_CONFIGS, is_sdxl_state
+
+        defaults = (SDXL_CONFIGS if is_sdxl_state(state) else SD15_CONFIGS) / "unet" / "config.json"
+        cfg = {**_json(defaults), **orig.infer_unet_config(_shapes(_strip(state, orig.UNET_PREFIX)))}
     return _unet_from_state(state, cfg, torch_dtype)
 
 
@@ -208,9 +210,10 @@ def _load_base_file(path: Path, allow_pickle: bool, config, dtype) -> SDComponen
 
     state, metadata = read_tensors(path, allow_pickle=allow_pickle)
     _require_base_state(state)
-    if any(k.startswith("conditioner.embedders.") for k in state):
-        raise ControlstackError("this is an SDXL single-file checkpoint; reading SDXL single files is not supported "
-                                "yet: pass the model's diffusers folder (model_index.json, unet/, text_encoder_2/, ...)")
+    from controlstack.io import sdxl_single_file as xl
+
+    if xl.is_sdxl_state(state):
+        return xl.load_sdxl_state(state, metadata, config, dtype)
     unet_cfg, vae_cfg, text_cfg, folder = _base_configs(state, metadata, config)
     unet = _unet_from_state(state, unet_cfg, dtype)
     vae = build_empty(AutoencoderKL, vae_cfg, "VAE")
@@ -232,7 +235,7 @@ def _load_base_file(path: Path, allow_pickle: bool, config, dtype) -> SDComponen
 
 def load_base(source: str | os.PathLike, *, allow_pickle: bool = False, config: str | os.PathLike | None = None,
               torch_dtype=torch.float32) -> SDComponents:
-    """A Stable Diffusion base from a diffusers folder or an SD-1.x single file (offline)."""
+    """A Stable Diffusion base from a diffusers folder or an SD-1.x / SDXL single file (offline)."""
     path = existing_path(source, "base model")
     if path.is_dir():
         return _load_base_folder(path, allow_pickle, torch_dtype)
@@ -240,8 +243,9 @@ def load_base(source: str | os.PathLike, *, allow_pickle: bool = False, config: 
 
 
 # ----------------------------------------------------------------------------------- writing
-def base_to_original(components: SDComponents) -> dict:
-    """The LDM single-file state dict of ``components`` (U-Net, VAE, CLIP text encoder)."""
+def base_to_original(components: SDComponents, clip_prefix: str | None = orig.CLIP_PREFIX) -> dict:
+    """The LDM single-file state dict of ``components`` (U-Net, VAE, and under ``clip_prefix`` the
+    CLIP text encoder; SDXL's encoders go elsewhere: :mod:`controlstack.io.sdxl_single_file`)."""
     out = {}
     unet = components.unet.state_dict()
     for k, new in orig.unet_table(unet, components.unet.config.layers_per_block).items():
@@ -250,8 +254,8 @@ def base_to_original(components: SDComponents) -> dict:
     for k, new in orig.vae_table(vae, len(components.vae.config.block_out_channels)).items():
         t = vae[k]
         out[orig.VAE_PREFIX + new] = t[:, :, None, None] if orig.is_vae_attention_matrix(new) else t
-    for k, t in components.text_encoder.state_dict().items():
-        out[orig.CLIP_PREFIX + k.removeprefix("text_model.")] = t
+    for k, t in (components.text_encoder.state_dict().items() if clip_prefix else ()):
+        out[clip_prefix + k.removeprefix("text_model.")] = t
     return {k: v.detach().contiguous() for k, v in out.items()}
 
 
@@ -314,15 +318,16 @@ def save_base(components: SDComponents, dest: str | os.PathLike, *, format: str 
         format = "original" if dest.suffix.lower() == ".safetensors" else "diffusers"
     if format not in ("diffusers", "original"):
         raise ControlstackError(f"unknown checkpoint format '{format}'; use one of: diffusers, original")
-    if format == "original" and components.text_encoder_2 is not None:
-        raise ControlstackError("writing an SDXL base as a single file is not supported yet; save it as a diffusers "
-                                "folder (a destination without .safetensors)")
     with atomic_output(dest) as tmp:
         if format == "original":
+            from controlstack.io import sdxl_single_file as xl
+
+            xl_base = components.text_encoder_2 is not None
             metadata = {"format": "pt"}
-            for part, key in METADATA_KEYS.items():
+            for part, key in (xl.METADATA_KEYS if xl_base else METADATA_KEYS).items():
                 metadata[key] = _model_json(getattr(components, part))
-            save_file(base_to_original(components), str(tmp), metadata=metadata)
+            state = xl.sdxl_to_original(components) if xl_base else base_to_original(components)
+            save_file(state, str(tmp), metadata=metadata)
         else:
             _save_folder(components, tmp)
     return dest
