@@ -113,6 +113,31 @@ def in_window(start: float, end: float, step: Step) -> bool:
     return not (i / n < start or (i + 1) / n > end)
 
 
+class RegionMask:
+    """A control's region mask, resized to each residual's resolution (area averaging, cached)."""
+
+    def __init__(self, mask: np.ndarray | None):
+        if mask is not None and float(mask.min()) == 1.0:
+            mask = None  # a mask of ones is no mask: skip the multiply so results are bit-identical
+        self.mask = None if mask is None else torch.from_numpy(np.ascontiguousarray(mask))[None, None]
+        self._sizes: dict[tuple[int, int], torch.Tensor] = {}
+
+    def at(self, like: torch.Tensor) -> torch.Tensor:
+        size = tuple(like.shape[-2:])
+        if size not in self._sizes:
+            m = self.mask.to(like.device, torch.float32)
+            if m.shape[-2:] != size:
+                m = F.interpolate(m, size=size, mode="area") if size[0] <= m.shape[-2] else \
+                    F.interpolate(m, size=size, mode="bilinear", align_corners=False)
+            self._sizes[size] = m.to(like.dtype)
+        return self._sizes[size]
+
+    def __call__(self, res: Residuals) -> Residuals:
+        if self.mask is None:
+            return res
+        return Residuals([d * self.at(d) for d in res.downs], res.mid * self.at(res.mid))
+
+
 class Branch:
     """One control inside one run: a ControlNet runner with its cached hint features."""
 
@@ -123,10 +148,8 @@ class Branch:
         self.hint_features = hint_features          # computed once per run
         self.weight = weight                        # float or keyframes (validated)
         self.start, self.end = start, end
-        if mask is not None and float(mask.min()) == 1.0:
-            mask = None  # a mask of ones is no mask: skip the multiply so results are bit-identical
-        self.mask = None if mask is None else torch.from_numpy(np.ascontiguousarray(mask))[None, None]
-        self._masks: dict[tuple[int, int], torch.Tensor] = {}
+        self.region = RegionMask(mask)
+        self.mask = self.region.mask
         # own text embedding (uncond, cond) -- Omni's "<task> prompt"; None: the denoiser's
         self.encoder_hidden_states = encoder_hidden_states
         self.last: Residuals | None = None  # the runner's last output, unweighted (denoiser.Reuse)
@@ -135,14 +158,7 @@ class Branch:
         return in_window(self.start, self.end, step)
 
     def mask_at(self, like: torch.Tensor) -> torch.Tensor:
-        size = tuple(like.shape[-2:])
-        if size not in self._masks:
-            m = self.mask.to(like.device, torch.float32)
-            if m.shape[-2:] != size:
-                m = F.interpolate(m, size=size, mode="area") if size[0] <= m.shape[-2] else \
-                    F.interpolate(m, size=size, mode="bilinear", align_corners=False)
-            self._masks[size] = m.to(like.dtype)
-        return self._masks[size]
+        return self.region.at(like)
 
     def __call__(self, x, t, encoder_hidden_states, step: Step, cond_only: bool = False,
                  reuse: bool = False, added: dict | None = None) -> Residuals:
@@ -160,9 +176,4 @@ class Branch:
             kw = {"added_cond_kwargs": added} if added else {}
             res = self.last = self.runner(x, t, encoder_hidden_states, self.hint_features, **kw)
         w = weight_at(self.weight, step.progress)
-        downs = [d * w for d in res.downs]
-        mid = res.mid * w
-        if self.mask is not None:
-            downs = [d * self.mask_at(d) for d in downs]
-            mid = mid * self.mask_at(mid)
-        return Residuals(downs, mid)
+        return self.region(Residuals([d * w for d in res.downs], res.mid * w))

@@ -193,3 +193,12 @@ def test_png_parameters_carry_the_micro_conditioning(xl_pipe, xl_controlnets, hi
     assert "Target size" not in result.images[0].info["parameters"]  # only what was set
     saved = read_parameters(atomic_save(result.images[0], tmp_path / "a.png", result.parameters))
     assert saved["controlstack"]["original_size"] == [96, 80] and "target_size" not in saved["controlstack"]
+
+
+def test_hires_fix_on_sdxl_recomputes_the_size_ids(xl_pipe, xl_controlnets, hint_images):
+    # the second pass is img2img at twice the size; unset micro-conditioning follows the new size
+    result = xl_pipe("a red box", [Control(xl_controlnets[0], hint_images[0])], steps=2, seed=1, width=32, height=32,
+                     hires=2, progress=False, return_result=True, output_type="np")
+    assert result.images.shape == (1, 64, 64, 3) and result.parameters["hires"]["first_pass"] == [32, 32]
+    _, _, added = xl_pipe.text_conditions("a", "", 1, False, (64, 64), {})
+    assert added[1]["time_ids"].tolist() == [[64, 64, 0, 0, 64, 64]]

@@ -25,7 +25,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from controlstack.control import Control, in_window, weight_at
+from controlstack.control import Control, RegionMask, in_window, weight_at
 from controlstack.errors import ControlstackError
 from controlstack.injection.base import Residuals
 from controlstack.models.runner import ControlNetRunner
@@ -124,10 +124,7 @@ class UnionBranch:
             raise ControlstackError("controls of one ControlNet-Union model are fused into one pass, so they share one "
                                     "mask: give them all the same mask (or none)")
         self.runner, self.controls, self.conditions, self.ids = runner, controls, conditions, ids
-        from controlstack.control import Branch
-
-        # weights and masks of the fused residuals: the mask (shared) the way a Branch applies it
-        self._mask = Branch(runner, None, 1.0, 0.0, 1.0, controls[0].mask)
+        self.region = RegionMask(controls[0].mask)  # the shared mask, applied to the fused residuals
         self.last: Residuals | None = None  # the last output (denoiser.Reuse), weights included
 
     def active(self, step: Step) -> bool:
@@ -141,6 +138,4 @@ class UnionBranch:
             scales = [weight_at(c.weight, step.progress) * float(in_window(c.start, c.end, step)) for c in self.controls]
             kw = {"added_cond_kwargs": added} if added else {}
             res = self.last = self.runner(x, t, encoder_hidden_states, self.conditions, self.ids, scales, **kw)
-        if self._mask.mask is None:
-            return res
-        return Residuals([d * self._mask.mask_at(d) for d in res.downs], res.mid * self._mask.mask_at(res.mid))
+        return self.region(res)
