@@ -202,3 +202,12 @@ def test_hires_fix_on_sdxl_recomputes_the_size_ids(xl_pipe, xl_controlnets, hint
     assert result.images.shape == (1, 64, 64, 3) and result.parameters["hires"]["first_pass"] == [32, 32]
     _, _, added = xl_pipe.text_conditions("a", "", 1, False, (64, 64), {})
     assert added[1]["time_ids"].tolist() == [[64, 64, 0, 0, 64, 64]]
+
+
+def test_a_batch_of_two_matches_diffusers(xl, xl_pipe, xl_controlnets, hint_images):
+    # the added conditions are batched like the text: [uncond x B; cond x B]
+    cn = xl_controlnets[0]
+    expected = reference("StableDiffusionXLControlNetPipeline", xl, cn, image=hint_images[0], num_images_per_prompt=2,
+                         negative_prompt="blurry")
+    got = ours(xl_pipe, [Control(cn, hint_images[0])], batch=2, negative_prompt="blurry")
+    assert got.shape == (2, SIZE, SIZE, 3) and np.abs(got - expected).max() < 1e-4
