@@ -376,7 +376,11 @@ class Pipeline(Prompting):
                                     width=width).to(self.vae.dtype)
 
         def encode(image):
-            return self.vae.encode(image).latent_dist.sample(generator) * self.vae.config.scaling_factor
+            z, config = self.vae.encode(image).latent_dist.sample(generator), self.vae.config
+            if config.get("latents_mean") is not None and config.get("latents_std") is not None:  # diffusers' SDXL rule
+                mean, std = (torch.tensor(config[k]).view(1, -1, 1, 1).to(z) for k in ("latents_mean", "latents_std"))
+                return (z - mean) * config.scaling_factor / std
+            return z * config.scaling_factor
 
         inpaint = inpaint_mask is not None
         image_latents = None

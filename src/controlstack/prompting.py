@@ -88,7 +88,7 @@ class Prompting:
         if do_cfg and not negative_prompt and self.force_zeros_for_empty_prompt:
             uncond, neg_pooled = torch.zeros_like(cond), torch.zeros_like(pooled)
         elif do_cfg:
-            uncond, neg_pooled = self.encode_text(negative_prompt, batch)
+            uncond, neg_pooled = self.encode_text(negative_prompt or "", batch)
         ids = sdxl.add_time_ids(
             self.unet, pooled.shape[-1],
             sdxl.check_size(given.get("original_size", size), "original_size"),

@@ -211,3 +211,13 @@ def test_a_batch_of_two_matches_diffusers(xl, xl_pipe, xl_controlnets, hint_imag
                          negative_prompt="blurry")
     got = ours(xl_pipe, [Control(cn, hint_images[0])], batch=2, negative_prompt="blurry")
     assert got.shape == (2, SIZE, SIZE, 3) and np.abs(got - expected).max() < 1e-4
+
+
+def test_odd_negative_prompts_and_sizes_are_handled(xl, xl_pipe):
+    import dataclasses
+
+    no_zeros = Pipeline(dataclasses.replace(xl, force_zeros_for_empty_prompt=False))
+    _, uncond, _ = no_zeros.text_conditions("a", None, 1, True, (64, 64), {})
+    assert uncond.abs().sum() > 0  # the empty prompt encoded, as diffusers does without force_zeros
+    with pytest.raises(ControlstackError, match="original_size must be a pair"):
+        xl_pipe.text_conditions("a", "", 1, True, (64, 64), {"original_size": (float("inf"), 64)})

@@ -145,3 +145,59 @@ def test_cli_control_names_the_task(xl, union, tmp_path, hints):
             "--seed", "1", "--no-progress", "--out", str(tmp_path / "out")]
     assert main([*args, "--control", f"{model}/depth:{tmp_path / 'd.png'}"]) == 0
     assert main([*args, "--control", f"{model}:{tmp_path / 'd.png'}"]) == 2  # no task: one line, exit 2
+
+
+def test_inspect_and_serve_know_union_files(union, tmp_path):
+    from safetensors.torch import save_file
+
+    from controlstack.cli.serve import controlnet_families
+    from controlstack.io.checkpoints import inspect_checkpoint, save_controlnet
+
+    bare = tmp_path / "promax.safetensors"
+    save_file({k: v.contiguous() for k, v in union.state_dict().items()}, str(bare))
+    for path in (save_controlnet(union, tmp_path / "u"), save_controlnet(union, tmp_path / "u.safetensors"), bare):
+        info = inspect_checkpoint(path)
+        assert info["kind"] == "controlnet" and info["arch"]["family"] == "SDXL", path
+    assert "8 control types" in inspect_checkpoint(bare)["arch"]["variant"]
+    assert controlnet_families([str(tmp_path / "u"), str(bare)]) == {"u": (str(tmp_path / "u"), "sdxl"),
+                                                                     "promax": (str(bare), "sdxl")}
+    broken = tmp_path / "broken.safetensors"
+    save_file({"task_embedding": torch.zeros(8, 32)}, str(broken))
+    from controlstack.io.checkpoints import load_controlnet
+
+    with pytest.raises(ControlstackError, match="lacks 'spatial_ch_projs.weight'"):
+        load_controlnet(broken)
+
+
+class _Counting:
+    """A stand-in union runner: residuals of ones, counting its calls."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, x, t, text, conditions, ids, scales, **kw):
+        from controlstack.injection.base import Residuals
+
+        self.calls += 1
+        return Residuals([torch.ones(1, 1, 2, 2) * sum(scales)], torch.ones(1, 1, 1, 1))
+
+
+def test_reuse_replays_a_union_only_at_the_same_weights(hints, union):
+    from controlstack.sampling.loop import Step
+
+    def branch(*controls):
+        runner = _Counting()
+        return runner, UnionBranch(runner, list(controls), [torch.zeros(1)] * len(controls), [1] * len(controls))
+
+    # one condition: residuals are scaled at each step, so a reuse step applies its own weight
+    runner, one = branch(Control(union, hints[0], task="depth", weight=[(0.0, 1.0), (1.0, 0.0)]))
+    first = one(None, None, None, Step(0, 4, torch.tensor(0)))
+    reused = one(None, None, None, Step(2, 4, torch.tensor(0)), reuse=True)
+    assert runner.calls == 1 and float(reused.mid) == pytest.approx(float(first.mid) * (1 - 2 / 3))
+    # several: fused with their weights inside, so a window closing forces a fresh pass
+    runner, two = branch(Control(union, hints[0], task="depth", end=0.5), Control(union, hints[1], task="canny"))
+    two(None, None, None, Step(0, 4, torch.tensor(0)))
+    two(None, None, None, Step(1, 4, torch.tensor(0)), reuse=True)  # both still active: replayed
+    assert runner.calls == 1
+    two(None, None, None, Step(2, 4, torch.tensor(0)), reuse=True)  # depth's window closed: recomputed
+    assert runner.calls == 2

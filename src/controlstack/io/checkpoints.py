@@ -219,6 +219,11 @@ def union_from_state_dict(state: dict, config=None, metadata: dict | None = None
     if config is not None or (metadata and CONFIG_METADATA_KEY in metadata):
         cfg = resolve_controlnet_config({}, metadata, config)
     else:
+        missing = [k for k in ("task_embedding", "spatial_ch_projs.weight", "control_add_embedding.linear_1.weight")
+                   if k not in state]
+        if missing:
+            raise ControlstackError(f"the ControlNet-Union file lacks '{missing[0]}'; it is truncated or not a union "
+                                    "model: pass --config with its config.json, or the model's folder")
         plain = {k: v for k, v in state.items() if not k.startswith(UNION_KEYS)}
         table = orig.unet_table(plain, orig.layers_per_block_from_diffusers_keys(plain))
         cfg = orig.infer_controlnet_config({table[k]: tuple(v.shape) for k, v in plain.items()})
@@ -365,7 +370,10 @@ def check_compatible(controlnet, unet) -> None:
     for field, label, ufield in [("in_channels", "latent channels", "out_channels"),
                                  ("block_out_channels", "block channels", "block_out_channels"),
                                  ("layers_per_block", "layers per block", "layers_per_block"),
-                                 ("cross_attention_dim", "cross-attention dim", "cross_attention_dim")]:
+                                 ("cross_attention_dim", "cross-attention dim", "cross_attention_dim"),
+                                 ("addition_time_embed_dim", "size-id embedding", "addition_time_embed_dim"),
+                                 ("projection_class_embeddings_input_dim", "added-embedding width",
+                                  "projection_class_embeddings_input_dim")]:
         cv, uv = c.get(field), u.get(ufield)
         cv, uv = (list(cv), list(uv)) if isinstance(cv, (list, tuple)) else (cv, uv)
         if cv != uv:

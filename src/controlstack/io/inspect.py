@@ -102,7 +102,8 @@ def _inspect_folder(path: Path, allow_pickle: bool) -> dict:
     if (path / "config.json").is_file():
         cfg = json.loads((path / "config.json").read_text())
         name = cfg.get("_class_name", "unknown")
-        kind = {"ControlNetModel": "controlnet", "UNet2DConditionModel": "unet", "AutoencoderKL": "vae"}.get(name, name)
+        kind = {"ControlNetModel": "controlnet", "ControlNetUnionModel": "controlnet", "UNet2DConditionModel": "unet",
+                "AutoencoderKL": "vae"}.get(name, name)
         shapes, dtypes = _folder_weights(path, allow_pickle)
         return {"format": "diffusers", "container": "folder", "kind": kind, "arch": _arch(cfg, "config.json"),
                 **_summary(shapes, dtypes)}
@@ -122,6 +123,18 @@ def _inspect_file(path: Path, allow_pickle: bool) -> dict:
         else:
             arch = _arch(orig.infer_controlnet_config(ldm), "inferred from tensors")
         return {"format": "original", "container": container, "kind": "controlnet", "arch": arch, **summary}
+    if "task_embedding" in shapes:  # ControlNet-Union (diffusers names only; xinsir's files, or ours)
+        from controlstack.io.checkpoints import UNION_KEYS
+
+        if CONFIG_METADATA_KEY in metadata:
+            arch = _arch(json.loads(metadata[CONFIG_METADATA_KEY]), "embedded config")
+        else:
+            plain = {k: v for k, v in shapes.items() if not k.startswith(UNION_KEYS)}
+            table = orig.unet_table(plain, orig.layers_per_block_from_diffusers_keys(plain))
+            arch = _arch(orig.infer_controlnet_config({table[k]: v for k, v in plain.items()}), "inferred from tensors")
+        arch["variant"] = f"ControlNet-Union ({shapes['task_embedding'][0]} control types)"
+        return {"format": "diffusers (single file)", "container": container, "kind": "controlnet", "arch": arch,
+                **summary}
     if "controlnet_cond_embedding.conv_in.weight" in shapes:
         table = orig.unet_table(shapes, orig.layers_per_block_from_diffusers_keys(shapes))
         arch = _arch(orig.infer_controlnet_config({table[k]: v for k, v in shapes.items()}), "inferred from tensors")

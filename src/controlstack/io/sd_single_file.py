@@ -91,7 +91,8 @@ def _tokenizer_from(folder: Path, sub: str = "tokenizer"):
     from transformers import CLIPTokenizer
 
     if not (folder / sub).is_dir():
-        raise ControlstackError(f"'{folder}' has no {sub}/ folder; pass a diffusers SD folder with a tokenizer")
+        raise ControlstackError(f"'{folder}' has no {sub}/ folder; pass a diffusers SD folder with its tokenizer(s) "
+                                "(tokenizer/, and tokenizer_2/ for SDXL)")
     return CLIPTokenizer.from_pretrained(folder / sub, local_files_only=True)
 
 
@@ -184,10 +185,11 @@ def load_unet(source, *, allow_pickle: bool = False, config=None, torch_dtype=to
     elif METADATA_KEYS["unet"] in metadata:
         cfg = json.loads(metadata[METADATA_KEYS["unet"]])
     else:
-        from controlstack.io.sdxl_single_file import SDXL_CONFIGS, is_sdxl_state
+        from controlstack.io.sdxl_single_file import SDXL_CONFIGS
 
-        defaults = (SDXL_CONFIGS if is_sdxl_state(state) else SD15_CONFIGS) / "unet" / "config.json"
-        cfg = {**_json(defaults), **orig.infer_unet_config(_shapes(_strip(state, orig.UNET_PREFIX)))}
+        inferred = orig.infer_unet_config(_shapes(_strip(state, orig.UNET_PREFIX)))
+        xl = inferred.get("addition_embed_type") == "text_time"  # SDXL's added embedding, with or without encoders
+        cfg = {**_json((SDXL_CONFIGS if xl else SD15_CONFIGS) / "unet" / "config.json"), **inferred}
     return _unet_from_state(state, cfg, torch_dtype)
 
 

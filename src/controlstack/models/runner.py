@@ -277,5 +277,5 @@ class ControlNetRunner:
             text_embeds = added_cond_kwargs["text_embeds"]
             time_ids = added_cond_kwargs["time_ids"]
             time_embeds = cn.add_time_proj(time_ids.flatten()).reshape((text_embeds.shape[0], -1))
-            return cn.add_embedding(torch.concat([text_embeds, time_embeds], dim=-1).to(text_embeds.dtype))
+            return cn.add_embedding(torch.concat([text_embeds, time_embeds], dim=-1).to(cn.dtype))  # diffusers: emb.dtype
         raise NotImplementedError(f"ControlNet addition_embed_type={kind!r} is not supported")

@@ -61,7 +61,7 @@ def check_size(value, name: str) -> Size:
     try:
         a, b = (int(v) for v in value)
         ok = all(float(v) == int(v) for v in value) and len(tuple(value)) == 2
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         ok = False
     low = 0 if name == "crops_coords_top_left" else 1
     if not ok or a < low or b < low:

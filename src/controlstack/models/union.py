@@ -12,7 +12,8 @@ latent. So several conditions of one union model are *one* forward pass with one
 
 Weights follow diffusers' ``StableDiffusionXLControlNetUnionPipeline``: one condition -> its
 residuals scaled by its weight; several -> each condition's features and ``alpha`` scaled inside
-the fusion, residuals unscaled. A condition outside its window gets weight 0 (it stays in the
+the fusion, residuals unscaled (so the fast tier's reuse replays several conditions' residuals only
+while their weights stay the same). A condition outside its window gets weight 0 (it stays in the
 fusion, as in diffusers); when no condition is in its window the model is not run at all --
 diffusers still runs it with every condition at 0 and adds what the bare latent gives.
 
@@ -109,10 +110,9 @@ class UnionRunner(ControlNetRunner):
         for i, (cond, scale) in enumerate(zip(feats, scales)):
             alpha = cn.spatial_ch_projs(x[:, i]).unsqueeze(-1).unsqueeze(-1)
             fused += cond + alpha if single else cond + alpha * scale
-        res = self.encoder(sample + fused, emb, encoder_hidden_states)
-        if single:
-            return Residuals([d * scales[0] for d in res.downs], res.mid * scales[0])
-        return res
+        # one condition: diffusers scales the residuals; that is left to the branch (UnionBranch), which
+        # scales the same residuals by the same number, so a reuse step can apply its own weight
+        return self.encoder(sample + fused, emb, encoder_hidden_states)
 
 
 class UnionBranch:
@@ -125,17 +125,22 @@ class UnionBranch:
                                     "mask: give them all the same mask (or none)")
         self.runner, self.controls, self.conditions, self.ids = runner, controls, conditions, ids
         self.region = RegionMask(controls[0].mask)  # the shared mask, applied to the fused residuals
-        self.last: Residuals | None = None  # the last output (denoiser.Reuse), weights included
+        self.last: Residuals | None = None  # the last output (denoiser.Reuse); one condition: unscaled
+        self._scales: list[float] | None = None  # the scales ``last`` was fused with (several conditions)
 
     def active(self, step: Step) -> bool:
         return any(in_window(c.start, c.end, step) for c in self.controls)
 
     def __call__(self, x, t, encoder_hidden_states, step: Step, cond_only: bool = False, reuse: bool = False,
                  added: dict | None = None) -> Residuals:
-        if reuse and self.last is not None:
-            res = self.last
-        else:
-            scales = [weight_at(c.weight, step.progress) * float(in_window(c.start, c.end, step)) for c in self.controls]
+        scales = [weight_at(c.weight, step.progress) * float(in_window(c.start, c.end, step)) for c in self.controls]
+        single = len(self.controls) == 1
+        # several conditions are scaled inside the fusion: their residuals are reused only at the same scales
+        if not (reuse and self.last is not None and (single or scales == self._scales)):
             kw = {"added_cond_kwargs": added} if added else {}
-            res = self.last = self.runner(x, t, encoder_hidden_states, self.conditions, self.ids, scales, **kw)
+            self.last = self.runner(x, t, encoder_hidden_states, self.conditions, self.ids, scales, **kw)
+            self._scales = scales
+        res = self.last
+        if single:
+            res = Residuals([d * scales[0] for d in res.downs], res.mid * scales[0])
         return self.region(res)
