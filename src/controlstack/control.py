@@ -176,4 +176,6 @@ class Branch:
             kw = {"added_cond_kwargs": added} if added else {}
             res = self.last = self.runner(x, t, encoder_hidden_states, self.hint_features, **kw)
         w = weight_at(self.weight, step.progress)
-        return self.region(Residuals([d * w for d in res.downs], res.mid * w))
+        if w != 1.0:  # x * 1.0 is x, bit for bit: skip 13+ elementwise passes per step at the usual weight
+            res = Residuals([d * w for d in res.downs], res.mid * w)
+        return self.region(res)
