@@ -149,16 +149,12 @@ class Branch:
         self.weight = weight                        # float or keyframes (validated)
         self.start, self.end = start, end
         self.region = RegionMask(mask)
-        self.mask = self.region.mask
         # own text embedding (uncond, cond) -- Omni's "<task> prompt"; None: the denoiser's
         self.encoder_hidden_states = encoder_hidden_states
         self.last: Residuals | None = None  # the runner's last output, unweighted (denoiser.Reuse)
 
     def active(self, step: Step) -> bool:
         return in_window(self.start, self.end, step)
-
-    def mask_at(self, like: torch.Tensor) -> torch.Tensor:
-        return self.region.at(like)
 
     def __call__(self, x, t, encoder_hidden_states, step: Step, cond_only: bool = False,
                  reuse: bool = False, added: dict | None = None) -> Residuals:
@@ -175,7 +171,4 @@ class Branch:
                 encoder_hidden_states = torch.cat([uncond, cond]) if both else cond
             kw = {"added_cond_kwargs": added} if added else {}
             res = self.last = self.runner(x, t, encoder_hidden_states, self.hint_features, **kw)
-        w = weight_at(self.weight, step.progress)
-        if w != 1.0:  # x * 1.0 is x, bit for bit: skip 13+ elementwise passes per step at the usual weight
-            res = Residuals([d * w for d in res.downs], res.mid * w)
-        return self.region(res)
+        return self.region(res.times(weight_at(self.weight, step.progress)))

@@ -26,8 +26,8 @@ from controlstack.errors import ControlstackError
 from controlstack.injection import make_injection
 from controlstack.io.checkpoints import check_compatible
 from controlstack.io.images import image_to_tensor, resize_image, to_rgb
-from controlstack.models.tiers import Runners, Tier, make_tier
 from controlstack.models.family import family_of
+from controlstack.models.tiers import Runners, Tier, make_tier
 from controlstack.models.tiny import SDComponents
 from controlstack.prompting import Prompting
 from controlstack.sampling import make_scheduler, sample
@@ -376,11 +376,9 @@ class Pipeline(Prompting):
                                     width=width).to(self.vae.dtype)
 
         def encode(image):
-            z, config = self.vae.encode(image).latent_dist.sample(generator), self.vae.config
-            if config.get("latents_mean") is not None and config.get("latents_std") is not None:  # diffusers' SDXL rule
-                mean, std = (torch.tensor(config[k]).view(1, -1, 1, 1).to(z) for k in ("latents_mean", "latents_std"))
-                return (z - mean) * config.scaling_factor / std
-            return z * config.scaling_factor
+            z = self.vae.encode(image).latent_dist.sample(generator)
+            mean, std = self.latent_stats(z)
+            return (z - mean) * self.vae.config.scaling_factor / std
 
         inpaint = inpaint_mask is not None
         image_latents = None
@@ -403,16 +401,19 @@ class Pipeline(Prompting):
                 loop["callback"] = InpaintBlend(scheduler, image_latents, noise, mask)
         return noise, loop
 
+    def latent_stats(self, like: torch.Tensor) -> tuple:
+        """The VAE's per-channel latent ``(mean, std)`` where its config has them (diffusers' SDXL rule:
+        ``z = (x - mean) * scaling_factor / std``), else ``(0.0, 1.0)``, which leave every value as is."""
+        config = self.vae.config
+        if config.get("latents_mean") is None or config.get("latents_std") is None:
+            return 0.0, 1.0
+        return tuple(torch.tensor(config[k]).view(1, -1, 1, 1).to(like) for k in ("latents_mean", "latents_std"))
+
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, generator=None) -> np.ndarray:
         """VAE decode and diffusers' post-processing -> float array (B, H, W, 3) in [0, 1]."""
-        config = self.vae.config
-        if config.get("latents_mean") is not None and config.get("latents_std") is not None:  # diffusers' SDXL rule
-            mean, std = (torch.tensor(config[k]).view(1, -1, 1, 1).to(latents) for k in ("latents_mean", "latents_std"))
-            latents = latents * std / config.scaling_factor + mean
-        else:
-            latents = latents / config.scaling_factor
-        image = self.runners.decode_vae(latents, generator)
+        mean, std = self.latent_stats(latents)
+        image = self.runners.decode_vae(latents * std / self.vae.config.scaling_factor + mean, generator)
         image = (image * 0.5 + 0.5).clamp(0, 1)
         return image.cpu().permute(0, 2, 3, 1).float().numpy()
 

@@ -34,6 +34,11 @@ class Residuals:
         """Multiply skip i by ``weights[i]`` and the middle by ``weights[-1]``."""
         return Residuals([d * w for d, w in zip(self.downs, weights)], self.mid * weights[-1])
 
+    def times(self, weight: float) -> Residuals:
+        """Every tensor times ``weight``; itself at exactly 1 (``x * 1.0`` is ``x``, bit for bit, and
+        skipping saves an elementwise pass per tensor per step at the usual weight)."""
+        return self if weight == 1.0 else Residuals([d * weight for d in self.downs], self.mid * weight)
+
 
 class Injection:
     """Base class. Subclasses set ``name`` and implement :meth:`__call__`."""

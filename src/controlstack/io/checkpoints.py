@@ -210,30 +210,36 @@ def resolve_controlnet_config(shapes: dict, metadata: dict | None = None, config
 UNION_KEYS = ("task_embedding", "transformer_layes.", "spatial_ch_projs.", "control_add_embedding.")
 
 
+def infer_union_config(shapes: dict[str, tuple]) -> dict:
+    """A ``ControlNetUnionModel`` config from diffusers-named shapes: the ControlNet part as for
+    any ControlNet, the fusion's widths, type count and depth from its own tensors (its head count,
+    which no shape shows, is diffusers' default 8)."""
+    missing = [k for k in ("task_embedding", "spatial_ch_projs.weight", "control_add_embedding.linear_1.weight")
+               if k not in shapes]
+    if missing:
+        raise ControlstackError(f"the ControlNet-Union file lacks '{missing[0]}'; it is truncated or not a union "
+                                "model: pass --config with its config.json, or the model's folder")
+    plain = {k: v for k, v in shapes.items() if not k.startswith(UNION_KEYS)}
+    table = orig.unet_table(plain, orig.layers_per_block_from_diffusers_keys(plain))
+    cfg = orig.infer_controlnet_config({table[k]: tuple(v) for k, v in plain.items()})
+    n_types, width = (int(n) for n in shapes["task_embedding"])
+    cfg.pop("mid_block_type", None)  # the union model's mid block is fixed
+    cfg.update(addition_time_embed_dim=int(shapes["control_add_embedding.linear_1.weight"][1]) // n_types,
+               num_control_type=n_types, num_trans_channel=width,
+               num_proj_channel=int(shapes["spatial_ch_projs.weight"][0]),
+               num_trans_layer=len({k.split(".")[1] for k in shapes if k.startswith("transformer_layes.")}))
+    return cfg
+
+
 def union_from_state_dict(state: dict, config=None, metadata: dict | None = None):
     """A ``ControlNetUnionModel`` from a diffusers-named single file (how xinsir's are shared): the
-    config from ``config`` / our metadata, else the shapes (the fusion's widths, type count and depth;
-    its head count, which no shape shows, is diffusers' default 8)."""
+    config from ``config`` / our metadata, else the shapes (:func:`infer_union_config`)."""
     from diffusers import ControlNetUnionModel
 
     if config is not None or (metadata and CONFIG_METADATA_KEY in metadata):
         cfg = resolve_controlnet_config({}, metadata, config)
     else:
-        missing = [k for k in ("task_embedding", "spatial_ch_projs.weight", "control_add_embedding.linear_1.weight")
-                   if k not in state]
-        if missing:
-            raise ControlstackError(f"the ControlNet-Union file lacks '{missing[0]}'; it is truncated or not a union "
-                                    "model: pass --config with its config.json, or the model's folder")
-        plain = {k: v for k, v in state.items() if not k.startswith(UNION_KEYS)}
-        table = orig.unet_table(plain, orig.layers_per_block_from_diffusers_keys(plain))
-        cfg = orig.infer_controlnet_config({table[k]: tuple(v.shape) for k, v in plain.items()})
-        n_layers = {k.split(".")[1] for k in state if k.startswith("transformer_layes.")}
-        n_types = int(state["task_embedding"].shape[0])
-        cfg.pop("mid_block_type", None)  # the union model's mid block is fixed
-        cfg.update(addition_time_embed_dim=int(state["control_add_embedding.linear_1.weight"].shape[1]) // n_types,
-                   num_control_type=n_types,
-                   num_trans_channel=int(state["task_embedding"].shape[1]),
-                   num_proj_channel=int(state["spatial_ch_projs.weight"].shape[0]), num_trans_layer=len(n_layers))
+        cfg = infer_union_config({k: tuple(v.shape) for k, v in state.items()})
     cfg.pop("_class_name", None)
     model = build_empty(ControlNetUnionModel, cfg, "ControlNet-Union")
     return assign_exact(model, state, "ControlNet-Union")

@@ -124,14 +124,12 @@ def _inspect_file(path: Path, allow_pickle: bool) -> dict:
             arch = _arch(orig.infer_controlnet_config(ldm), "inferred from tensors")
         return {"format": "original", "container": container, "kind": "controlnet", "arch": arch, **summary}
     if "task_embedding" in shapes:  # ControlNet-Union (diffusers names only; xinsir's files, or ours)
-        from controlstack.io.checkpoints import UNION_KEYS
+        from controlstack.io.checkpoints import infer_union_config
 
         if CONFIG_METADATA_KEY in metadata:
             arch = _arch(json.loads(metadata[CONFIG_METADATA_KEY]), "embedded config")
         else:
-            plain = {k: v for k, v in shapes.items() if not k.startswith(UNION_KEYS)}
-            table = orig.unet_table(plain, orig.layers_per_block_from_diffusers_keys(plain))
-            arch = _arch(orig.infer_controlnet_config({table[k]: v for k, v in plain.items()}), "inferred from tensors")
+            arch = _arch(infer_union_config(shapes), "inferred from tensors")
         arch["variant"] = f"ControlNet-Union ({shapes['task_embedding'][0]} control types)"
         return {"format": "diffusers (single file)", "container": container, "kind": "controlnet", "arch": arch,
                 **summary}

@@ -30,6 +30,16 @@ import torch
 from controlstack.errors import ControlstackError
 from controlstack.io import original as orig
 from controlstack.io.checkpoints import _config_file, assign_exact, build_empty, cast_model, existing_path
+from controlstack.io.sd_single_file import (
+    _json,
+    _require_base_folder,
+    _scheduler_config,
+    _single_file_tokenizer,
+    _strip,
+    _tokenizer_from,
+    _unet_from_state,
+    base_to_original,
+)
 from controlstack.models.tiny import SDComponents
 
 SDXL_CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "sdxl"
@@ -45,14 +55,6 @@ _OPENCLIP = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "mlp.c_fc": "mlp.fc1"
 
 def is_sdxl_state(keys) -> bool:
     return any(k.startswith("conditioner.embedders.") for k in keys)
-
-
-def _json(path: Path) -> dict:
-    return json.loads(path.read_text())
-
-
-def _strip(state: dict, prefix: str) -> dict:
-    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
 
 def infer_open_clip_config(shapes: dict[str, tuple]) -> dict:
@@ -73,8 +75,6 @@ def infer_open_clip_config(shapes: dict[str, tuple]) -> dict:
 def _configs(state: dict, metadata: dict, config) -> tuple[dict, Path | None]:
     """part -> config: ``config`` folder > our metadata > SDXL 1.0's + what the shapes tell."""
     if config is not None:
-        from controlstack.io.sd_single_file import _require_base_folder
-
         folder = existing_path(config, "config")
         _require_base_folder(folder)
         if not (folder / "text_encoder_2").is_dir():
@@ -93,8 +93,6 @@ def _configs(state: dict, metadata: dict, config) -> tuple[dict, Path | None]:
 
 
 def _tokenizers(folder: Path | None, vocab_size: int):
-    from controlstack.io.sd_single_file import _single_file_tokenizer, _tokenizer_from
-
     if folder is not None:
         return _tokenizer_from(folder), _tokenizer_from(folder, "tokenizer_2")
     first = _single_file_tokenizer(None, vocab_size)
@@ -117,8 +115,6 @@ def load_sdxl_state(state: dict, metadata: dict, config, dtype) -> SDComponents:
     from diffusers import AutoencoderKL
     from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint, convert_open_clip_checkpoint
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
-
-    from controlstack.io.sd_single_file import _scheduler_config, _unet_from_state
 
     cfgs, folder = _configs(state, metadata, config)
     unet = _unet_from_state(state, cfgs["unet"], dtype)
@@ -154,8 +150,6 @@ def open_clip_to_original(model) -> dict:
 
 def sdxl_to_original(components: SDComponents) -> dict:
     """The single-file state dict of an SDXL base (U-Net, VAE, both text encoders)."""
-    from controlstack.io.sd_single_file import base_to_original
-
     out = base_to_original(components, clip_prefix=None)
     for k, t in components.text_encoder.state_dict().items():
         if not k.endswith("position_ids"):

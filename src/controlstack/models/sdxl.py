@@ -26,24 +26,15 @@ from controlstack.errors import ControlstackError
 Size = tuple[int, int]
 
 
-def _tokens(tokenizer, prompt: str) -> torch.Tensor:
-    return tokenizer([prompt], padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                     return_tensors="pt").input_ids
-
-
 @torch.no_grad()
-def encode_prompt(prompt: str, tokenizers: Sequence, text_encoders: Sequence, batch: int = 1,
-                  max_length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(hidden (batch, L, D1 + D2), pooled (batch, P))`` for one prompt. ``max_length``: pad /
-    cut to this many tokens instead of each tokenizer's own (diffusers pads the negative prompt
-    to the positive one's length)."""
+def encode_prompt(prompt: str, tokenizers: Sequence, text_encoders: Sequence,
+                  batch: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(hidden (batch, L, D1 + D2), pooled (batch, P))`` for one prompt, each tokenizer padding
+    to its own length (as diffusers pads both the prompt and the negative prompt)."""
     hidden, pooled = [], None
     for tokenizer, encoder in zip(tokenizers, text_encoders):
-        if max_length is None:
-            ids = _tokens(tokenizer, prompt)
-        else:
-            ids = tokenizer([prompt], padding="max_length", max_length=max_length, truncation=True,
-                            return_tensors="pt").input_ids
+        ids = tokenizer([prompt], padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                        return_tensors="pt").input_ids
         out = encoder(ids, output_hidden_states=True)
         if pooled is None and out[0].ndim == 2:  # CLIPTextModelWithProjection's text_embeds
             pooled = out[0]

@@ -149,11 +149,10 @@ class CompiledUNetRunner(UNetRunner):
         self.pool = pool
         self.encoder = CompiledGraph("unet-encode", "U-Net encoder", unet, _encode, precision, exact=(1, 4))
         self.decoder = CompiledGraph("unet-decode", "U-Net decoder", unet, _decode, precision, same_weights_as=self.encoder)
-        if pool > 1:
-            self.pooled = (CompiledGraph(f"unet-encode-todo{pool}", "U-Net encoder", unet,
-                                         functools.partial(_encode, pool=pool), precision, self.encoder, exact=(1, 4)),
-                           CompiledGraph(f"unet-decode-todo{pool}", "U-Net decoder", unet,
-                                         functools.partial(_decode, pool=pool), precision, self.encoder))
+        self.pooled = (CompiledGraph(f"unet-encode-todo{pool}", "U-Net encoder", unet,
+                                     functools.partial(_encode, pool=pool), precision, self.encoder, exact=(1, 4)),
+                       CompiledGraph(f"unet-decode-todo{pool}", "U-Net decoder", unet,
+                                     functools.partial(_decode, pool=pool), precision, self.encoder)) if pool > 1 else ()
         self.fallback = _Once()
 
     def graphs(self, size) -> tuple[CompiledGraph, CompiledGraph]:
@@ -185,7 +184,8 @@ class CompiledControlNetRunner(ControlNetRunner):
         self.pool = pool
         self.graph = CompiledGraph("controlnet", "ControlNet", controlnet, _controlnet, precision, exact=(1, 5))
         self.pooled = CompiledGraph(f"controlnet-todo{pool}", "ControlNet", controlnet,
-                                    functools.partial(_controlnet, pool=pool), precision, self.graph, exact=(1, 5))
+                                    functools.partial(_controlnet, pool=pool), precision, self.graph,
+                                    exact=(1, 5)) if pool > 1 else None
         self.fallback = _Once()
 
     def __call__(self, sample, timestep, encoder_hidden_states, hint_features, **kw) -> Residuals:
@@ -243,7 +243,7 @@ class Runners:
         """Every compiled graph (their ``seconds`` say how long compiling / loading took)."""
         if not self.tier.compiled:
             return []
-        graphs = [self.unet.encoder, self.unet.decoder, *getattr(self.unet, "pooled", ()), self.vae_decoder.graph]
+        graphs = [self.unet.encoder, self.unet.decoder, *self.unet.pooled, self.vae_decoder.graph]
         for r in self._controlnets.values():
-            graphs += [r.graph] + ([r.pooled] if r.pool > 1 else [])
+            graphs += [r.graph] + ([r.pooled] if r.pooled else [])
         return graphs

@@ -82,7 +82,8 @@ def group_unions(controls: list[Control], resolve) -> list[Control | list[Contro
 
 
 class UnionRunner(ControlNetRunner):
-    """``ControlNetUnionModel.forward`` with the hint encoder split out (once per run per condition)."""
+    """``ControlNetUnionModel.forward`` with the hint encoder split out (once per run per condition;
+    ``conditions`` are those features, at the batch the branch runs at)."""
 
     def __call__(self, sample, timestep, encoder_hidden_states, conditions: list[torch.Tensor], ids: list[int],
                  scales: list[float], *, added_cond_kwargs: dict | None = None) -> Residuals:
@@ -98,7 +99,6 @@ class UnionRunner(ControlNetRunner):
         single = len(ids) == 1  # diffusers scales one condition's residuals, several inside the fusion
         tokens, feats = [], []
         for cond, idx, scale in zip(conditions, ids, scales):
-            cond = cond if cond.shape[0] == batch else cond[-batch:]  # cond-only strategies: the conditional half
             seq = torch.mean(cond, dim=(2, 3)) + cn.task_embedding[idx]
             tokens.append(seq.unsqueeze(1) if single else seq.unsqueeze(1) * scale)
             feats.append(cond if single else cond * scale)
@@ -140,7 +140,4 @@ class UnionBranch:
             kw = {"added_cond_kwargs": added} if added else {}
             self.last = self.runner(x, t, encoder_hidden_states, self.conditions, self.ids, scales, **kw)
             self._scales = scales
-        res = self.last
-        if single:
-            res = Residuals([d * scales[0] for d in res.downs], res.mid * scales[0])
-        return self.region(res)
+        return self.region(self.last.times(scales[0]) if single else self.last)
