@@ -39,3 +39,33 @@ def pipe(tiny_components):
     from controlstack import Pipeline
 
     return Pipeline(tiny_components, name="tiny")
+
+
+@pytest.fixture(scope="session")
+def xl():
+    """A tiny seeded SDXL-layout base (two text encoders, the text-time embedding)."""
+    from controlstack.models.tiny import tiny_sdxl
+
+    return tiny_sdxl(seed=0)
+
+
+@pytest.fixture(scope="session")
+def xl_controlnets(xl):
+    from controlstack.models.tiny import tiny_controlnet
+
+    return [tiny_controlnet(xl.unet, seed=s) for s in (5, 7)]
+
+
+@pytest.fixture(scope="session")
+def xl_union(xl):
+    """A tiny ControlNet-Union (ProMax layout, 8 control types) over the tiny SDXL base."""
+    from controlstack.models.tiny import tiny_union_controlnet
+
+    return tiny_union_controlnet(xl.unet, seed=9)
+
+
+@pytest.fixture(scope="session")
+def xl_pipe(xl):
+    from controlstack import Pipeline
+
+    return Pipeline(xl, name="tiny-xl")

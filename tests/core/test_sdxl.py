@@ -17,25 +17,6 @@ STEPS, SIZE, CFG, SEED = 6, 64, 7.5, 1234
 
 
 @pytest.fixture(scope="module")
-def xl():
-    from controlstack.models.tiny import tiny_sdxl
-
-    return tiny_sdxl(seed=0)
-
-
-@pytest.fixture(scope="module")
-def xl_controlnets(xl):
-    from controlstack.models.tiny import tiny_controlnet
-
-    return [tiny_controlnet(xl.unet, seed=s) for s in (5, 7)]
-
-
-@pytest.fixture(scope="module")
-def xl_pipe(xl):
-    return Pipeline(xl, name="tiny-xl")
-
-
-@pytest.fixture(scope="module")
 def init_image():
     g = np.random.default_rng(3)
     return Image.fromarray((g.random((SIZE, SIZE, 3)) * 255).astype(np.uint8))

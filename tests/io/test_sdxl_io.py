@@ -22,17 +22,8 @@ from controlstack.io.checkpoints import (
 
 
 @pytest.fixture(scope="module")
-def xl():
-    from controlstack.models.tiny import tiny_sdxl
-
-    return tiny_sdxl(seed=0)
-
-
-@pytest.fixture(scope="module")
-def xl_cn(xl):
-    from controlstack.models.tiny import tiny_controlnet
-
-    return tiny_controlnet(xl.unet, seed=5)
+def xl_cn(xl_controlnets):
+    return xl_controlnets[0]
 
 
 @pytest.fixture(scope="module")

@@ -221,26 +221,21 @@ def test_a_model_can_recommend_the_fast_tiers_precision():
 
 
 @needs_compiler
-def test_sdxl_added_conditions_are_graph_inputs(cache, hint_images, caplog):
+def test_sdxl_added_conditions_are_graph_inputs(cache, hint_images, caplog, xl, xl_controlnets, xl_union):
     # SDXL's pooled text and size ids enter the U-Net and ControlNet graphs as two more inputs: no
     # fallback to parity, the same image up to rounding, and the fast tier with a union model beside
     # it runs the union eagerly and says so once
-    from controlstack.models.tiny import tiny_controlnet, tiny_sdxl, tiny_union_controlnet
-
-    xl = tiny_sdxl(seed=0)
-    cn = tiny_controlnet(xl.unet, seed=5)
-    controls = [Control(cn, hint_images[0])]
+    controls = [Control(xl_controlnets[0], hint_images[0])]
     micro = {"original_size": (96, 80)}
     parity = Pipeline(xl)("a red box", controls, **KW, **micro)
     with caplog.at_level(logging.WARNING, "controlstack"):
         got = Pipeline(xl).optimize("compiled")("a red box", controls, **KW, **micro)
     assert 0 < float(np.abs(got - parity).max()) < 1e-5
     assert not [r for r in caplog.records if "runs in parity" in r.message]
-    union = tiny_union_controlnet(xl.unet, seed=9)
     caplog.clear()
     with caplog.at_level(logging.WARNING, "controlstack"):
         pipe = Pipeline(xl).optimize("compiled")
-        both = [*controls, Control(union, hint_images[1], task="depth")]
+        both = [*controls, Control(xl_union, hint_images[1], task="depth")]
         for _ in range(2):
             out = pipe("a red box", both, **KW)
     assert [r.message for r in caplog.records if "runs in parity" in r.message] == \
