@@ -20,7 +20,7 @@ demo: $(STAMP)
 	$(BIN)/controlstack demo --out outputs/demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -n 2 tests
+	$(BIN)/python -m pytest -n 2 --durations=15 tests
 
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -n 2 -m '' tests

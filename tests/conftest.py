@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 torch.set_num_threads(1)  # xdist runs two workers on two cores
+# and so do the subprocesses the CLI tests start: two workers each starting a two-thread torch on
+# two cores oversubscribe them (measured several times slower on a loaded machine)
+os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"
 
 
 @pytest.fixture(scope="session")

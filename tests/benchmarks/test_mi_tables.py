@@ -1,24 +1,26 @@
 """benchmarks/mi_tables.py runs end to end on 2 scenes and writes docs/mi.md's tables (numbers not
-asserted: they are the report's, measured on the full protocol)."""
+asserted: they are the report's, measured on the full protocol). In-process: a subprocess would
+spend most of the test importing torch and diffusers again."""
 
 from __future__ import annotations
 
 import json
-import subprocess
+import runpy
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_mi_tables_on_two_scenes(tmp_path):
+def test_mi_tables_on_two_scenes(tmp_path, monkeypatch):
     doc = tmp_path / "docs" / "mi.md"
     doc.parent.mkdir()
     doc.write_text("# old\n\n## Findings\n\nkept by hand\n")
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "mi_tables.py"), "--pairs", "1", "--scenes", "2", "--steps", "1",
+    script = str(ROOT / "benchmarks" / "mi_tables.py")
+    argv = [script, "--pairs", "1", "--scenes", "2", "--steps", "1",
            "--asym-batch", "1", "--asym-steps", "1", "--out", str(tmp_path / "out"), "--doc", str(doc)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    monkeypatch.setattr(sys, "argv", argv)
+    runpy.run_path(script, run_name="__main__")
     report = json.loads((tmp_path / "out" / "mi.json").read_text())
     rows = report["ablation"]["canny+seg"]["rows"]
     assert rows[0]["variant"] == "plain ControlNets + sum" and len(rows) >= 2

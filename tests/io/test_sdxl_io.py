@@ -19,6 +19,7 @@ from controlstack.io.checkpoints import (
     save_base,
     save_controlnet,
 )
+from tests.parity import assert_same_image
 
 
 @pytest.fixture(scope="module")
@@ -142,7 +143,7 @@ def test_cli_generate_on_sdxl_writes_diffusers_image(xl, xl_cn, xl_dir, tmp_path
     ref.set_progress_bar_config(disable=True)
     expected = ref("a red box", image=hint_images[0], num_inference_steps=4, guidance_scale=6.0, height=64, width=64,
                    original_size=(128, 96), generator=torch.Generator("cpu").manual_seed(3)).images[0]
-    np.testing.assert_array_equal(got, np.asarray(expected))
+    assert_same_image(got, np.asarray(expected))
 
 
 def test_served_bases_offer_the_controlnets_of_their_family(xl, xl_cn, xl_dir, tiny_controlnets, tmp_path):
