@@ -10,11 +10,36 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 
 import torch
 
 from controlstack.control import Control
 from controlstack.errors import ControlstackError
+
+# A ContextVar, not a module flag: the server runs users' jobs in threads, and a demo or evaluation
+# running beside one must not switch off that job's warnings (each thread has its own context).
+_PROJECT_PROMPTS: ContextVar[bool] = ContextVar("controlstack_project_prompts", default=False)
+
+
+@contextmanager
+def project_prompts() -> Iterator[None]:
+    """Inside it, prompts are the project's own (world captions: ``controlstack demo``,
+    ``controlstack evaluate``) and a prompt longer than the text encoder's window does not warn.
+
+    Why not cut the captions to the window instead: the encoder already cuts them (``truncation=True``),
+    exactly where the base's training cut the same captions (``training/diffusion.py``), so their
+    tail was never read in training either and the warning would tell a user nothing about their
+    own input; cutting the text ourselves would need a decode / re-encode round trip that need not
+    give the same tokens, and would change the captions that reports and PNG parameters record.
+    The unknown-word warning stays: under a user's base that lacks the world's words it is news."""
+    token = _PROJECT_PROMPTS.set(True)
+    try:
+        yield
+    finally:
+        _PROJECT_PROMPTS.reset(token)
 
 
 class Prompting:
@@ -24,12 +49,13 @@ class Prompting:
     def check_prompt(self, prompt: str, what: str = "prompt") -> None:
         """One-line warnings (never errors) for a prompt the text encoder will not read whole: longer
         than its window (the rest is cut, as diffusers cuts it), or with words outside the model's
-        vocabulary (a closed-vocabulary model spells them as pieces it never learned as a word)."""
+        vocabulary (a closed-vocabulary model spells them as pieces it never learned as a word).
+        Inside :func:`project_prompts` the length is not checked."""
         import re
 
         log = logging.getLogger("controlstack")
         n = len(self.tokenizer(prompt, truncation=False, verbose=False).input_ids)
-        if n > self.tokenizer.model_max_length:
+        if n > self.tokenizer.model_max_length and not _PROJECT_PROMPTS.get():
             log.warning(f"{what} is {n} tokens; the text encoder reads {self.tokenizer.model_max_length}, the rest "
                         "is ignored")
         if self.vocabulary is not None:

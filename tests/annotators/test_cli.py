@@ -71,7 +71,11 @@ def test_list(capsys):
     code, out, _ = main(capsys, "--list")
     assert code == 0
     assert "canny" in out and "low_threshold: int = 100  (in [1, 255])" in out
-    assert "depth (learned: the bundled predictor, or weights=DIR)" in out
+    # where users choose: a learned annotator says it is for world scenes, and what photos need
+    assert ("depth (learned, trained on the procedural world: reliable on its scenes, not on photographs; "
+            "on photos use weights=DIR (local MiDaS weights; no classical annotator estimates depth))") in out
+    assert "hed (learned, trained on the procedural world" in out and "use softedge, canny, lineart or lines," in out
+    assert "canny  [edges]" in out  # classical ones carry no such note
 
 
 @pytest.mark.parametrize("args, message", [

@@ -105,3 +105,93 @@ def test_condition_annotators_refuse_a_photograph_naming_the_one_that_fits(coffe
         annotators.get("normal", resolution=None)(coffee_small)
     grey = coffee_small.convert("L")
     assert annotators.get("normal", resolution=None)(grey).size == grey.size  # a grey (depth) image is fine
+
+
+# -- pose_estimate's confidence gate, on the bundled predictor ---------------------------------
+
+def _bundled_or_skip():
+    from controlstack import assets
+
+    if assets.predictor_folder() is None:
+        pytest.skip("this checkout has no bundled predictor")
+
+
+def _held_out(index: int) -> dict:
+    from controlstack.world import HELD_OUT_SEED, WorldConfig, render, sample_scene
+
+    return render(sample_scene([HELD_OUT_SEED, index], WorldConfig(size=128)), 128)
+
+
+@pytest.mark.parametrize("index", [1, 2])
+def test_pose_estimate_keeps_the_skeletons_of_world_scenes_with_people(index):
+    import json
+
+    _bundled_or_skip()
+    scene = _held_out(index)
+    assert json.loads(scene["keypoints"])["people"]  # the scene has people
+    a = annotators.get("pose_estimate", resolution=None)
+    assert len(a.estimate(scene["image"]).people) >= 1
+    assert np.asarray(a(scene["image"])).max() > 0
+
+
+def _photo(name: str) -> np.ndarray:
+    import skimage.data
+
+    return getattr(skimage.data, name)()
+
+
+@pytest.mark.parametrize("what", ["coffee", "rocket", "astronaut", "flat", "scene 11", "scene 25", "scene 34"])
+def test_pose_estimate_draws_nothing_where_no_figure_is_found(what):
+    """skimage photographs (no person it can find: it was trained on renders), a flat image and
+    held-out world scenes without people or animals give an all-black pose map."""
+    import json
+
+    _bundled_or_skip()
+    if what == "flat":
+        image = np.full((96, 128, 3), 128, np.uint8)
+    elif what.startswith("scene"):
+        scene = _held_out(int(what.split()[1]))
+        kp = json.loads(scene["keypoints"])
+        assert kp.get("people", []) == [] and kp.get("animals", []) == []  # no figure in the scene
+        image = scene["image"]
+    else:
+        image = _photo(what)
+    a = annotators.get("pose_estimate")
+    found = a.estimate(image)
+    assert found.people == [] and found.animals == []
+    assert np.asarray(a(image)).max() == 0
+
+
+def test_the_confidence_gate_is_what_clears_the_photographs():
+    """Without the gate (confidence 0) the same photographs get skeletons: the test above tests the gate."""
+    _bundled_or_skip()
+    from controlstack.annotators.learned import ANIMAL_CONFIDENCE, PEOPLE_CONFIDENCE
+
+    ungated = annotators.get("pose_estimate", confidence=0, animal_confidence=0)
+    for name in ("coffee", "rocket"):
+        assert len(ungated.estimate(_photo(name)).animals) >= 5
+    assert len(ungated.estimate(_photo("astronaut")).people) >= 1
+    a = annotators.get("pose_estimate")
+    assert (a.confidence, a.animal_confidence) == (PEOPLE_CONFIDENCE, ANIMAL_CONFIDENCE) == (0.40, 0.29)
+    with pytest.raises(ControlstackError, match=r"pose_estimate: confidence must be in \[0, 1\], got 1.5"):
+        annotators.get("pose_estimate", confidence=1.5)
+
+
+def test_decode_drops_instances_below_the_confidence_after_grouping():
+    """Two people with centre peaks 0.9 and 0.5: a gate of 0.6 drops the weaker one and leaves the
+    stronger one's keypoints exactly as without the gate."""
+    from controlstack.models.predictor import decode_keypoints
+
+    k, size = 2, 32
+    values = np.zeros((k + 3, size, size), np.float32)
+    for (r, c), peak in (((8, 8), 0.9), ((24, 24), 0.5)):
+        values[k, r, c] = peak                          # the centre
+        values[0, r - 2, c], values[1, r + 2, c] = 0.8, 0.7  # two keypoints voting for it
+        values[k + 2, r - 2, c] = 2 / size               # offsets: keypoint -> centre
+        values[k + 2, r + 2, c] = -2 / size
+    every = decode_keypoints(values)
+    assert len(every) == 2
+    kept = decode_keypoints(values, min_confidence=0.6)
+    assert len(kept) == 1 and np.array_equal(kept[0], every[0])
+    assert kept[0][0, 2] == pytest.approx(0.8)
+    assert decode_keypoints(values, min_confidence=0.95) == []

@@ -66,14 +66,30 @@ def tiny_networks(tmp_path_factory):
     return root
 
 
-def test_evaluate_writes_the_report_and_resumes(tiny_networks, tmp_path, capsys):
+def test_evaluate_writes_the_report_and_resumes(tiny_networks, tmp_path, capsys, caplog):
     from controlstack.cli.main import main
+    from controlstack.evaluation.evaluate import KID_NOTE
 
     out = tmp_path / "ev"
     args = ["evaluate", "--scenes", "2", "--controls", "canny,none", "--steps", "2", "--out", str(out),
             "--features", str(tiny_networks / "features"), "--clip", str(tiny_networks / "clip")]
-    assert main(args) == 0
+    with caplog.at_level("WARNING", logger="controlstack"):
+        assert main(args) == 0
     printed = capsys.readouterr().out
+    # 2 scenes, 4 features: below the 8 FID needs -- said once, in one line, before generating
+    small = [r.getMessage() for r in caplog.records if "FID needs" in r.getMessage()]
+    assert small == [("2 scenes is below the 8 FID needs with this feature network (2 x its 4 features, so each half "
+                      "of the real-vs-real reference has a full-rank covariance): FID here is mostly small-sample "
+                      "bias, the real-vs-real FID can exceed the rows', and KID can be negative; use more --scenes "
+                      "before reading FID")]
+    # the scenes' own captions never warn, though scene 1's is longer than the bundle's window
+    from controlstack import Pipeline
+    from controlstack.evaluation.evaluate import held_out_scenes
+
+    tokenizer = Pipeline.from_pretrained().tokenizer
+    caption = held_out_scenes(2, 128)[1]["text"]
+    assert len(tokenizer(caption, verbose=False).input_ids) > tokenizer.model_max_length
+    assert "the text encoder reads" not in caplog.text
     assert "plain / canny / auto / cfg 7.5 / full" in printed and "reference: real renders" in printed
     report = json.loads((out / "metrics.json").read_text())
     assert [(r["model"], r["control"]) for r in report["rows"]] == [("plain", "canny"), ("base", None)]
@@ -83,7 +99,13 @@ def test_evaluate_writes_the_report_and_resumes(tiny_networks, tmp_path, capsys)
     assert set(report["rows"][0]["fidelity"]) == {"edge_f1", "tv"}
     assert set(report["rows"][1]["fidelity"]) == {"canny.edge_f1", "tv"}  # the no-control baseline
     assert {"clip_real_matched", "clip_real_shuffled", "fid_real_split"} <= set(report["reference"])
+    assert report["sample"] == {"feature_dim": 4, "fid_min_scenes": 8, "fid_reliable": False}
+    assert report["notes"][0] == small[0]
+    assert (KID_NOTE in report["notes"]) == any(k < 0 for k in [r["kid"] for r in report["rows"]]
+                                                 + [report["reference"]["kid_real_split"]])
     page = (out / "report.html").read_text()
+    assert "<p class=warn>2 scenes is below the 8 FID needs" in page
+    assert "FID needs at least 8 scenes" in page and "KID is an unbiased estimate of the squared MMD" in page
     for section in ("Reference points", "<h2>Rows</h2>", "canny.edge_f1", "FID against CLIP score", "data:image/png;base64,"):
         assert section in page
     assert "src='http" not in page and 'src="http' not in page  # self-contained
@@ -105,3 +127,17 @@ def test_missing_controlnet_is_named_before_generating(tiny_networks, tmp_path, 
                  "--features", str(tiny_networks / "features"), "--clip", str(tiny_networks / "clip")])
     assert code == 2 and "needs the ControlNet 'normal'" in capsys.readouterr().err
     assert not (tmp_path / "x" / "images").exists()
+
+
+def test_the_fid_sample_threshold_is_twice_the_feature_dimension():
+    from controlstack.evaluation.evaluate import small_sample_note
+    from controlstack.evaluation.networks import load_feature_extractor
+    from controlstack.evaluation.quality import FID_SCENES_PER_FEATURE, fid_min_scenes
+
+    assert FID_SCENES_PER_FEATURE == 2
+    bundled = load_feature_extractor(None).num_features
+    assert bundled == 64 and fid_min_scenes(bundled) == 128
+    assert fid_min_scenes(2048) == 4096  # NVIDIA's Inception (--features inception-2015-12-05.pt)
+    assert small_sample_note(128, 64) is None
+    note = small_sample_note(127, 64)
+    assert note.startswith("127 scenes is below the 128 FID needs") and "\n" not in note

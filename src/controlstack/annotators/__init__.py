@@ -45,6 +45,27 @@ _REGISTRY = {
 FOR_TASK = {"canny": "canny", "depth": "depth", "seg": "seg_estimate", "pose": "pose_estimate", "hed": "hed",
             "scribble": "scribble_hed", "normal": "normal_estimate", "softedge": "softedge", "lineart": "lineart"}
 LEARNED = ("depth", "hed", "scribble_hed", "normal_estimate", "seg_estimate", "pose_estimate")
+#: What to use on a photograph instead of a learned annotator: the bundled predictor saw only
+#: 128-px world renders, so on photos it answers with the world's priors (a sky / ground split for
+#: depth and seg, blurry depth-like soft edges, a random scribble net); real weights (weights=DIR,
+#: controlnet_aux's default detector named) or a classical annotator are what works there.
+ON_PHOTOS = {
+    "depth": "weights=DIR (local MiDaS weights; no classical annotator estimates depth)",
+    "hed": "softedge, canny, lineart or lines, or weights=DIR (HED)",
+    "scribble_hed": "scribble, or weights=DIR (HED)",
+    "normal_estimate": "weights=DIR (NormalBae), or normal on a real depth map",
+    "seg_estimate": "weights=DIR with detector=CLASS, or seg on a label map you have",
+    "pose_estimate": "weights=DIR (OpenPose), or pose on a pose JSON",
+}
+
+
+def photo_note(name: str) -> str:
+    """One line for where users choose an annotator ("" for the classical ones): a learned one is
+    reliable on the procedural world's scenes, not on photographs, and what to use there."""
+    if name not in LEARNED:
+        return ""
+    return (f"learned, trained on the procedural world: reliable on its scenes, not on photographs; "
+            f"on photos use {ON_PHOTOS[name]}")
 
 
 def available() -> list[str]:
@@ -82,4 +103,4 @@ def for_task(task: str) -> str:
                             f"{', '.join(FOR_TASK)}")
 
 
-__all__ = ["FOR_TASK", "LEARNED", "annotator_class", "available", "for_task", "get"]
+__all__ = ["FOR_TASK", "LEARNED", "ON_PHOTOS", "annotator_class", "available", "for_task", "get", "photo_note"]

@@ -162,7 +162,7 @@ def predictor_condition(task: str, values):
     return to_condition_array(task, values)
 
 
-def predictor_keypoints(task: str, values, width: int, height: int) -> list:
+def predictor_keypoints(task: str, values, width: int, height: int, min_confidence: float = 0.0) -> list:
     from controlstack.models.predictor import keypoints_at
 
-    return keypoints_at(task, values, width, height)
+    return keypoints_at(task, values, width, height, min_confidence)

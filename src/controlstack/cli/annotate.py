@@ -36,7 +36,7 @@ def register(sub) -> None:
     p.add_argument("--resize-mode", default="just_resize",
                    help="just_resize, crop_and_resize or resize_and_fill (for --width/--height)")
     p.add_argument("--list", action="store_true", help="list annotators and their parameters")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (a folder of images shows one)")
     p.set_defaults(func=run)
 
 
@@ -46,7 +46,8 @@ def list_text() -> str:
     lines = []
     for name in annotators.available():
         cls = annotators.annotator_class(name)
-        tag = " (learned: the bundled predictor, or weights=DIR)" if cls.LEARNED else ""
+        note = annotators.photo_note(name)
+        tag = f" ({note})" if note else ""
         doc = (cls.__module__.rsplit(".", 1)[-1])
         lines.append(f"{name}{tag}  [{doc}]")
         for pname, tname, default, rng, help_ in cls.describe():

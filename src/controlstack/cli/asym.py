@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from controlstack.cli.text import plain
+from controlstack.cli.text import DefaultsFormatter, plain
 
 
 def register(subparsers) -> None:
@@ -18,7 +18,7 @@ def register(subparsers) -> None:
 
     p = subparsers.add_parser(
         "asym", help="Jacobian asymmetry (Asym, NAsym) that a ControlNet adds to the base",
-        description=plain(__doc__.splitlines()[0]), formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        description=plain(__doc__.splitlines()[0]), formatter_class=DefaultsFormatter)
     p.add_argument("--controlnet", required=True, help="a bundled ControlNet name (canny, mi-canny, ...) or a path")
     p.add_argument("--model", default=None, help="base model folder or file (default: the bundled model)")
     p.add_argument("--data", default=None,

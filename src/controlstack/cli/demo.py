@@ -28,11 +28,15 @@ OMNI_TASKS = ("depth", "canny")  # the demo's from-image row
 
 
 def register(sub) -> None:
-    p = sub.add_parser("demo", help="run the bundled default model on every bundled control")
-    p.add_argument("--out", default="outputs/demo")
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--cfg", type=float, default=7.0)
+    from controlstack.cli.text import DefaultsFormatter
+
+    p = sub.add_parser("demo", help="run the bundled default model on every bundled control",
+                       description="Run the bundled default model on every bundled control; write one labelled "
+                                   "grid PNG.", formatter_class=DefaultsFormatter)
+    p.add_argument("--out", default="outputs/demo", help="output folder (the grid is <out>/demo.png)")
+    p.add_argument("--steps", type=int, default=20, help="sampling steps")
+    p.add_argument("--seed", type=int, default=0, help="seed of every row")
+    p.add_argument("--cfg", type=float, default=7.0, help="classifier-free guidance scale")
     # the bundle's recommended setting (docs/training.md): control on the conditional CFG half
     p.add_argument("--mode", default="controlnet", help="control mode (default: the bundle's, controlnet)")
     p.add_argument("--layer-weights", default="uniform", choices=("resolution", "soft", "uniform"),
@@ -69,6 +73,7 @@ def run(args: argparse.Namespace) -> int:
 
     from controlstack import Control, Pipeline, assets
     from controlstack.io.png import atomic_save, make_labelled_grid
+    from controlstack.prompting import project_prompts
     from controlstack.world import HELD_OUT_SEED
 
     pipe = Pipeline.from_pretrained().optimize(args.optimize)
@@ -99,16 +104,18 @@ def run(args: argparse.Namespace) -> int:
         jobs.append(("photo -> depth + canny (omni)", PHOTO_PROMPT, OMNI_TASKS, None, photo))
 
     rows, started = [], time.perf_counter()
-    for label, prompt, controls, condition, reference in tqdm(jobs, desc="demo", unit="row", dynamic_ncols=True):
-        if controls is OMNI_TASKS:  # the integrated path: conditions made from the photograph in the call
-            result = pipe.from_image(reference, list(OMNI_TASKS), prompt, mode=args.mode, mode_options=options,
-                                     return_result=True, **kw)
-            generated, condition = result.images[0], Image.blend(*result.conditions, 0.5)
-            rows.append((label, [condition, generated, reference, pipe(prompt, **kw)[0]]))
-            continue
-        generated = pipe(prompt, controls=controls, mode=args.mode, mode_options=options, **kw)[0]
-        plain = pipe(prompt, **kw)[0]
-        rows.append((label, [condition, generated, reference, plain]))
+    # every prompt here is the project's own (world captions, PHOTO_PROMPT): no length warnings
+    with project_prompts():
+        for label, prompt, controls, condition, reference in tqdm(jobs, desc="demo", unit="row", dynamic_ncols=True):
+            if controls is OMNI_TASKS:  # the integrated path: conditions made from the photograph in the call
+                result = pipe.from_image(reference, list(OMNI_TASKS), prompt, mode=args.mode, mode_options=options,
+                                         return_result=True, **kw)
+                generated, condition = result.images[0], Image.blend(*result.conditions, 0.5)
+                rows.append((label, [condition, generated, reference, pipe(prompt, **kw)[0]]))
+                continue
+            generated = pipe(prompt, controls=controls, mode=args.mode, mode_options=options, **kw)[0]
+            plain = pipe(prompt, **kw)[0]
+            rows.append((label, [condition, generated, reference, plain]))
     seconds = time.perf_counter() - started
     images = 2 * len(rows)
     grid = make_labelled_grid(rows, ["condition", "generated", "real", "no control"])

@@ -10,10 +10,13 @@ def plain(text: str) -> str:
 
 
 class DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """``--help`` shows each flag's default, except where there is none to show (None, False, [])
-    -- those flags say in their own help what happens when they are left out."""
+    """``--help`` shows each flag's default, except where there is none to show (None, False, [],
+    "") -- those flags say in their own help what happens when they are left out -- and where the
+    help already names it (``(default: the bundled model)``, ``%(default)s``): never two defaults."""
 
     def _get_help_string(self, action):
-        if action.default in (None, False, [], argparse.SUPPRESS) or "default" in (action.help or ""):
+        # by identity / type: a default of 0 is a value to show, though 0 == False
+        nothing = action.default is None or action.default is False or action.default in ([], "", argparse.SUPPRESS)
+        if nothing or "default" in (action.help or "").lower():
             return action.help
         return super()._get_help_string(action)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 from dataclasses import asdict, dataclass, field
@@ -246,22 +247,44 @@ def measure_row(row: dict, images, scenes, captions, fid_kid, scorer, config: Ev
     return out
 
 
+#: Why a KID can be negative, for the report and metrics.json (KID: Bińkowski et al. 2018)
+KID_NOTE = ("KID is an unbiased estimate of the squared MMD: its true value is >= 0, but the estimate scatters "
+            "around it, widely at small N, so a KID whose true value is near 0 (the real-vs-real split) or one "
+            "from few scenes can come out negative; read a negative KID as no difference measurable at this N")
+
+
+def small_sample_note(scenes: int, num_features: int) -> str | None:
+    """The one-line warning for an evaluation too small for FID (None from ``fid_min_scenes`` up)."""
+    from controlstack.evaluation.quality import FID_SCENES_PER_FEATURE, fid_min_scenes
+
+    need = fid_min_scenes(num_features)
+    if scenes >= need:
+        return None
+    return (f"{scenes} scenes is below the {need} FID needs with this feature network ({FID_SCENES_PER_FEATURE} x its "
+            f"{num_features} features, so each half of the real-vs-real reference has a full-rank covariance): "
+            "FID here is mostly small-sample bias, the real-vs-real FID can exceed the rows', and KID can be "
+            "negative; use more --scenes before reading FID")
+
+
 def run(config: EvaluateConfig, out_dir: str | Path, progress: bool = True) -> dict:
     """Generate (or reuse), measure and report the grid; returns the metrics.json dict::
 
         {"rows": [{"model", "control" (None for none), "mode", "cfg", "prompt_style",
                    "fid", "kid", "clip_score", "fidelity": {metric: value}}],
          "reference": {"clip_real_matched", "clip_real_shuffled", "fid_real_split", "kid_real_split", "tv_real"},
-         "config": {...}, "scenes": N, "size": S, "networks": {"features", "clip"}}
-    """
+         "config": {...}, "scenes": N, "size": S, "networks": {"features", "clip"},
+         "sample": {"feature_dim", "fid_min_scenes", "fid_reliable"}, "notes": [one-line caveats]}
+
+    Below ``quality.fid_min_scenes`` scenes it logs one warning before generating (and notes it)."""
     from tqdm.auto import tqdm
 
     from controlstack import Pipeline, assets
     from controlstack.evaluation.html import write_report
     from controlstack.evaluation.mi import total_variation
     from controlstack.evaluation.networks import ClipScorer, load_feature_extractor
-    from controlstack.evaluation.quality import FidKid, reference
+    from controlstack.evaluation.quality import FidKid, fid_min_scenes, reference
     from controlstack.io.paths import output_folder
+    from controlstack.prompting import project_prompts
 
     out = output_folder(out_dir)
     network = load_feature_extractor(config.features or None, allow_torchscript=config.trust_torchscript)
@@ -271,13 +294,18 @@ def run(config: EvaluateConfig, out_dir: str | Path, progress: bool = True) -> d
     _check_models(pipe, rows)
     size = config.size or pipe.native_size
     scenes = held_out_scenes(config.scenes, size, config.start)
+    small = small_sample_note(len(scenes), network.num_features)
+    if small:  # before the long part, so a user can stop and ask for more scenes
+        logging.getLogger("controlstack").warning(small)
     real = [np.asarray(s["image"]) for s in scenes]
     captions = [s["text"] for s in scenes]
     folder = assets.predictor_folder()
     predictor = assets.load_predictor(folder) if folder is not None else None
 
     images: dict[str, list[np.ndarray]] = {}
-    with tqdm(total=len(rows) * len(scenes), desc="evaluate", unit="image", disable=not progress) as bar:
+    # every prompt is a held-out scene's own caption (or its brief form): no length warnings
+    with project_prompts(), tqdm(total=len(rows) * len(scenes), desc="evaluate", unit="image",
+                                 disable=not progress) as bar:
         for row in rows:
             key = row_key(row)
             bar.set_postfix_str(key)
@@ -289,8 +317,13 @@ def run(config: EvaluateConfig, out_dir: str | Path, progress: bool = True) -> d
         _add_asym(pipe, config, measured, progress)
     ref = reference(network, scorer, real, captions)
     ref["tv_real"] = float(np.mean([total_variation(r) for r in real]))
+    kids = [r["kid"] for r in measured] + [ref["kid_real_split"]]
+    notes = [n for n in (small, KID_NOTE if any(k < 0 for k in kids) else None) if n]
     report = {"rows": measured, "reference": ref, "config": _portable(asdict(config)), "scenes": len(scenes),
-              "size": size, "networks": {"features": config.features or "bundled", "clip": config.clip or "bundled"}}
+              "size": size, "networks": {"features": config.features or "bundled", "clip": config.clip or "bundled"},
+              "sample": {"feature_dim": int(network.num_features), "fid_min_scenes": fid_min_scenes(network.num_features),
+                         "fid_reliable": small is None},
+              "notes": notes}
     tmp = out / "metrics.json.tmp"
     tmp.write_text(json.dumps(report, indent=2, default=float))
     os.replace(tmp, out / "metrics.json")

@@ -21,7 +21,7 @@ from controlstack.evaluation.fidelity import LOWER_IS_BETTER, METRICS
 STYLE = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px;color:#222}
 table{border-collapse:collapse;margin:1em 0;font-size:13px}th,td{border:1px solid #ccc;padding:3px 7px;text-align:right}
 th{background:#f3f3f3}td.l,th.l{text-align:left}img{max-width:100%;image-rendering:pixelated}
-.note{color:#666;font-size:13px}"""
+.note{color:#666;font-size:13px}.warn{background:#fff4d6;border-left:4px solid #e0a800;padding:6px 10px}"""
 
 
 def data_uri(image: Image.Image) -> str:
@@ -158,11 +158,16 @@ def grids(report: dict, scenes: list[dict], images: dict, grid_scenes: int) -> l
 
 
 def write_report(report: dict, scenes: list[dict], images: dict, path, grid_scenes: int = 4) -> None:
+    from controlstack.evaluation.evaluate import KID_NOTE
+    from controlstack.evaluation.quality import FID_SCENES_PER_FEATURE
+
     ref = report["reference"]
     cfg = report["config"]
+    sample = report.get("sample", {})
     parts = [f"<!doctype html><html><head><meta charset=utf-8><title>controlstack evaluate</title>"
              f"<style>{STYLE}</style></head><body>",
              "<h1>controlstack evaluate</h1>",
+             *[f"<p class=warn>{html.escape(n)}.</p>" for n in report.get("notes", []) if n != KID_NOTE],
              f"<p>{report['scenes']} held-out world scenes (from index {cfg['start']}) at {report['size']} px, "
              f"{cfg['steps']} {html.escape(cfg['scheduler'])} steps, sampling seeds {cfg['seed']}+i. Base: "
              f"{html.escape(cfg['base'] or 'the bundle')}. FID / KID features: {html.escape(report['networks']['features'])}; "
@@ -172,6 +177,9 @@ def write_report(report: dict, scenes: list[dict], images: dict, path, grid_scen
              "</table><p class=note>CLIP score of the real renders with their own captions (the ceiling) and with "
              "another scene's caption (chance); FID / KID between two halves of the real renders (what the same "
              "distribution scores at this set size); the real renders' total variation.</p>",
+             f"<p class=note>FID needs at least {sample.get('fid_min_scenes', '?')} scenes with this feature network "
+             f"({FID_SCENES_PER_FEATURE} x its {sample.get('feature_dim', '?')} features: each half of the real-vs-real split needs a "
+             f"full-rank covariance); below that its small-sample bias dominates. {html.escape(KID_NOTE)}.</p>",
              "<h2>Rows</h2>", table(report["rows"]),
              "<p class=note>Fidelity of no-control rows is measured for each control type of the grid "
              "(<code>type.metric</code>): the baseline a control must beat. tv: total variation of the images.</p>",

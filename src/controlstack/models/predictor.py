@@ -158,7 +158,7 @@ def _subpixel(heat: np.ndarray, r: int, c: int) -> tuple[float, float]:
 
 
 def decode_keypoints(values: np.ndarray, threshold: float = 0.25, center_threshold: float = 0.3,
-                     reach: float = 0.15) -> list[np.ndarray]:
+                     reach: float = 0.15, min_confidence: float = 0.0) -> list[np.ndarray]:
     """Activated keypoint outputs ``(K + 3, H, W)`` -> instances, each ``(K, 3)``: x, y (pixels) and
     the heatmap score (0 = not found).
 
@@ -166,10 +166,15 @@ def decode_keypoints(values: np.ndarray, threshold: float = 0.25, center_thresho
     ``its position + offset`` and joins the nearest detected centre if its vote lands within
     ``reach`` x the image size of it (one peak per keypoint type and instance, the strongest).
     Peaks that vote for no detected centre are dropped: on photographs far from the training data
-    they would otherwise join into long spurious limbs."""
+    they would otherwise join into long spurious limbs.
+
+    ``min_confidence``: instances whose centre peak -- the instance's detection score, as in
+    CenterNet (Zhou et al. 2019, "Objects as Points") -- is below it are dropped *after* grouping,
+    so the instances kept get the same keypoints as without it (``pose_estimate``'s gate)."""
     k = values.shape[0] - 3
     h, w = values.shape[1:]
-    centers = [(c + 0.5, r + 0.5) for r, c, _ in _peaks(values[k], center_threshold)]
+    peaks = _peaks(values[k], center_threshold)
+    centers = [(c + 0.5, r + 0.5) for r, c, _ in peaks]
     found = [(j, p) for j in range(k) for p in _peaks(values[j], threshold)]
     people = [np.zeros((k, 3)) for _ in centers]
     for j, (r, c, score) in found if centers else ():
@@ -181,7 +186,7 @@ def decode_keypoints(values: np.ndarray, threshold: float = 0.25, center_thresho
         if score > people[i][j, 2]:
             x, y = _subpixel(values[j], r, c)
             people[i][j] = (x, y, score)
-    return [p for p in people if (p[:, 2] > 0).sum() >= 2]
+    return [p for p, (_, _, score) in zip(people, peaks) if (p[:, 2] > 0).sum() >= 2 and score >= min_confidence]
 
 
 def keypoint_targets(instances: list[np.ndarray], k: int, size: int, sigma: float = 1.0,
@@ -300,8 +305,11 @@ def to_condition_array(task: str, values: np.ndarray) -> np.ndarray:
 DECODE_THRESHOLDS = {"pose": (0.25, 0.3), "animal_pose": (0.1, 0.1)}
 
 
-def keypoints_at(task: str, values: np.ndarray, width: int, height: int) -> list[np.ndarray]:
+def keypoints_at(task: str, values: np.ndarray, width: int, height: int,
+                 min_confidence: float = 0.0) -> list[np.ndarray]:
     """Decoded instances of a keypoint task (outputs at the head's resolution), in pixels of a
-    ``width`` x ``height`` image."""
+    ``width`` x ``height`` image; ``min_confidence``: see :func:`decode_keypoints` (0 keeps every
+    instance, as the fidelity metrics measure)."""
     h, w = values.shape[1:]
-    return [p * [width / w, height / h, 1] for p in decode_keypoints(values, *DECODE_THRESHOLDS[task])]
+    found = decode_keypoints(values, *DECODE_THRESHOLDS[task], min_confidence=min_confidence)
+    return [p * [width / w, height / h, 1] for p in found]

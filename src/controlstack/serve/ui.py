@@ -81,11 +81,23 @@ def generate(pipe, lock, prompt, negative, sampler, steps, cfg, seed, width, hei
     return result.images, format_parameters(result.parameters)
 
 
+PREPROCESSOR_INFO = ("learned ones (depth, hed, scribble_hed, normal_estimate, seg_estimate, pose_estimate) are "
+                     "trained on the procedural world: reliable on its scenes, not on photographs; on a photo use "
+                     "canny, softedge, lineart, lines or scribble (controlstack annotate --list says more)")
+
+
+def preprocessor_choices() -> list[tuple[str, str]]:
+    """(label, annotator name) for the Preprocessor dropdown: a learned one's label says it is for
+    world scenes (its one-line note, with what to use on photos, is in ``annotate --list``)."""
+    from controlstack import annotators
+
+    return [("none", "none")] + [(f"{n} (learned: world scenes, not photos)" if n in annotators.LEARNED else n, n)
+                                 for n in annotators.available()]
+
+
 def build(pipe, lock):
     """The gradio Blocks over ``pipe``."""
     import gradio as gr
-
-    from controlstack import annotators
 
     size = pipe.native_size
     with gr.Blocks(title="controlstack") as demo:
@@ -112,7 +124,8 @@ def build(pipe, lock):
                             image = gr.ImageMask(label="Image (draw to mask where the control acts)", type="numpy")
                             condition = gr.Image(label="Preprocessor preview", interactive=False)
                         with gr.Row():
-                            pre = gr.Dropdown(["none", *annotators.available()], value="none", label="Preprocessor")
+                            pre = gr.Dropdown(preprocessor_choices(), value="none", label="Preprocessor",
+                                              info=PREPROCESSOR_INFO)
                             model = gr.Dropdown(sorted(pipe.controlnets), value=None, label="Model")
                             res = gr.Slider(64, 1024, value=size, step=8, label="Preprocessor Resolution")
                         with gr.Row():
