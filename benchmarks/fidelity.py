@@ -248,4 +248,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from controlstack.prompting import project_prompts
+
+    with project_prompts():  # world captions run past the 32-token window by design: no warning
+        main()

@@ -316,4 +316,7 @@ def half_join(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 if __name__ == "__main__":
-    main()
+    from controlstack.prompting import project_prompts
+
+    with project_prompts():  # world captions run past the 32-token window by design: no warning
+        main()
