@@ -4,7 +4,8 @@ A ``Control`` is validated on construction (the one place user values become tru
 the ControlNet (a bundled name, a path or a ``ControlNetModel``), the condition image, its weight
 -- a float or a strength schedule of keyframes ``[(progress, weight), ...]`` interpolated
 linearly in sampling progress (0 at the first step, 1 at the last) --, the diffusers start/end
-window, an optional region mask and the resize mode.
+window (None: the model's recommended one, else the whole run), an optional region mask and the
+resize mode.
 
 A ``Branch`` is one prepared control inside one run: the ControlNet runner, the hint features
 computed once (not per step), and the weight / window / mask rules applied to the residuals it
@@ -63,12 +64,13 @@ def weight_at(weight: float | tuple[tuple[float, float], ...], progress: float) 
 
 @dataclass
 class Control:
-    """One control: ``Control(model, image, weight=1.0, start=0.0, end=1.0, mask=None)``.
+    """One control: ``Control(model, image, weight=1.0, start=None, end=None, mask=None)``.
 
     model        -- a bundled ControlNet name ('canny', 'depth', ...), a path, or a ControlNetModel
     image        -- the condition (PIL image or array), used as it is unless ``preprocess`` is set
     weight       -- float, or strength schedule [(progress, weight), ...]
-    start, end   -- active while ``not (i/N < start or (i+1)/N > end)`` (diffusers' rule)
+    start, end   -- active while ``not (i/N < start or (i+1)/N > end)`` (diffusers' rule); None: unset,
+                    the pipeline resolves it to the model's recommended window, else 0.0 / 1.0
     mask         -- region (PIL/array, soft allowed) where the control acts; None = everywhere
     resize_mode  -- just_resize | crop_and_resize | resize_and_fill (to the output size)
     preprocess   -- run the annotator of the same name (or the named one) on ``image`` first
@@ -79,8 +81,8 @@ class Control:
     model: Any
     image: Any
     weight: Weight = 1.0
-    start: float = 0.0
-    end: float = 1.0
+    start: float | None = None
+    end: float | None = None
     mask: Any = None
     resize_mode: str = "just_resize"
     preprocess: bool | str = False
@@ -92,8 +94,9 @@ class Control:
             raise ControlstackError("control model is empty; pass a bundled name, a path or a ControlNetModel")
         self.image = validate_image(self.image, "control image")
         self.weight = validate_weight(self.weight)
-        self.start, self.end = float(self.start), float(self.end)
-        if not (0.0 <= self.start <= self.end <= 1.0):
+        self.start, self.end = (None if v is None else float(v) for v in (self.start, self.end))
+        start, end = 0.0 if self.start is None else self.start, 1.0 if self.end is None else self.end
+        if not (0.0 <= start <= end <= 1.0):
             raise ControlstackError(
                 f"control window start={self.start}, end={self.end} is invalid; need 0 <= start <= end <= 1"
             )
@@ -107,9 +110,11 @@ class Control:
             )
 
 
-def in_window(start: float, end: float, step: Step) -> bool:
-    """diffusers' ``controlnet_keep`` rule: off iff ``i/N < start or (i+1)/N > end``."""
+def in_window(start: float | None, end: float | None, step: Step) -> bool:
+    """diffusers' ``controlnet_keep`` rule: off iff ``i/N < start or (i+1)/N > end`` (an unset
+    bound, None, is the whole run's: 0 / 1)."""
     i, n = step.index, step.count
+    start, end = 0.0 if start is None else start, 1.0 if end is None else end
     return not (i / n < start or (i + 1) / n > end)
 
 

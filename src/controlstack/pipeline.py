@@ -23,6 +23,7 @@ from PIL import Image
 from controlstack.control import Branch, Control
 from controlstack.denoiser import ControlledDenoiser
 from controlstack.errors import ControlstackError
+from controlstack.img2img import Img2Img
 from controlstack.injection import make_injection
 from controlstack.io.checkpoints import check_compatible
 from controlstack.io.images import image_to_tensor, resize_image, to_rgb
@@ -30,6 +31,11 @@ from controlstack.models.family import family_of
 from controlstack.models.tiers import Runners, Tier, make_tier
 from controlstack.models.tiny import SDComponents
 from controlstack.prompting import Prompting
+from controlstack.recommendations import (  # noqa: F401 (the constants are re-exported)
+    INFERENCE_ONLY_LAMBDA_MAX,
+    SMALL_CONTROLNET,
+    Recommendations,
+)
 from controlstack.sampling import make_scheduler, sample
 
 MAX_SIZE = 4096
@@ -39,8 +45,6 @@ MAX_SIZE = 4096
 #: 3.1 for all at CFG 3, bundled canny on held-out scenes); that combination is refused.
 HIGH_ORDER_MULTISTEP = ("pndm", "lms")
 MAX_CFG_HIGH_ORDER = 4.0
-#: λ cap of the ``mi`` mode for ControlNets that were not trained with it (``Pipeline.mi_options``).
-INFERENCE_ONLY_LAMBDA_MAX = 2.0
 
 
 @dataclass
@@ -52,7 +56,7 @@ class GenerationResult:
     conditions: list = field(default_factory=list)  # from_image: the condition made for each task
 
 
-class Pipeline(Prompting):
+class Pipeline(Prompting, Img2Img, Recommendations):
     """A base model (SD-1.x / 2.x or SDXL, told by its U-Net: ``family``) plus the ControlNets it
     has loaded (cached by name/path)."""
 
@@ -86,6 +90,7 @@ class Pipeline(Prompting):
         self.recommended = dict(recommended or {})
         # the words the base was trained on (a closed-vocabulary model, like the bundled one): others warn
         self.vocabulary = {w.lower() for w in vocabulary} if vocabulary else None
+        self._warned_weak = False  # warn_if_weak: once per pipeline
 
     def optimize(self, tier: str = "compiled", *, precision: str | None = None) -> Pipeline:
         """Switch the speed tier (``models/tiers.py``, docs/speed.md): ``"parity"`` (float32 eager,
@@ -176,51 +181,6 @@ class Pipeline(Prompting):
             )
         check_compatible(cn, self.unet)  # mismatched channels would fail mid-run otherwise
         return cn.eval()
-
-    def trained_with_mi(self, model: Any) -> bool:
-        """Whether a Control's model was trained with the ``mi`` injection (its folder's
-        ``controlstack.json`` says so; bundled names and paths are looked up; a model object counts as
-        plain: pass ``mode_options={"lambda_max": 20}`` for an MI model loaded by hand)."""
-        from controlstack.io.settings import model_folder, read_settings
-
-        folder = model_folder(model)
-        return folder is not None and (read_settings(folder).get("training") or {}).get("injection") == "mi"
-
-    def settings(self, controls: Sequence[Control], steps, cfg, mode, mode_options) -> dict:
-        """The values a call uses: each one given explicitly; else recommended -- the mode (with its
-        options) by the controls' ControlNets when they all recommend the same one, else by the base;
-        cfg and steps by the base --; else the defaults (20 steps, CFG 7.5, ``balanced``). An explicit
-        mode that equals the recommended one takes the recommended options unless options are given."""
-        from controlstack.io.settings import model_folder, recommended
-
-        recs = [recommended(model_folder(c.model)) for c in controls]
-        modes = {(r["mode"], repr(r.get("mode_options") or {})) for r in recs if "mode" in r}
-        rec_mode, rec_options = None, None
-        if len(modes) == 1 and all("mode" in r for r in recs):
-            r = next(r for r in recs if "mode" in r)
-            rec_mode, rec_options = r["mode"], r.get("mode_options")
-        elif "mode" in self.recommended and not modes:
-            rec_mode, rec_options = self.recommended["mode"], self.recommended.get("mode_options")
-        if mode is None:
-            mode, mode_options = rec_mode or "balanced", mode_options if mode_options is not None else rec_options
-        elif mode == rec_mode and mode_options is None:
-            mode_options = rec_options
-        return {"steps": steps if steps is not None else self.recommended.get("steps", 20),
-                "cfg": cfg if cfg is not None else self.recommended.get("cfg", 7.5),
-                "mode": mode, "mode_options": dict(mode_options) if mode_options else None}
-
-    def mi_options(self, mode: str, options: dict | None, controls: Sequence[Control]) -> dict | None:
-        """``mode="mi"`` without an explicit ``lambda_max``: the paper's 20 when every control was
-        trained with the mi injection, else :data:`INFERENCE_ONLY_LAMBDA_MAX`. A ControlNet trained
-        with the plain sum puts out residuals that are small next to the U-Net's own features at the
-        high-resolution skips (|c| / |h| ~ 0.14 for the bundled canny's first skip), where the balanced
-        λ ~ |h|² / |c|² then saturates at 20: the injected feature is ~3x the U-Net's own and the
-        image turns to multicoloured speckle (docs/mi.md, "inference-only mi")."""
-        if mode != "mi" or not controls or "lambda_max" in (options or {}):
-            return options
-        if all(self.trained_with_mi(c.model) for c in controls):
-            return options
-        return {**(options or {}), "lambda_max": INFERENCE_ONLY_LAMBDA_MAX}
 
     # ----------------------------------------------------------------------------- pieces
     def prepare_hint(self, control: Control, width: int, height: int, inpaint_mask: Any = None) -> torch.Tensor:
@@ -355,61 +315,6 @@ class Pipeline(Prompting):
         return GenerationResult(images, params) if return_result else images
 
     @torch.no_grad()
-    def img2img_start(self, init_image, inpaint_mask, strength, shape, scheduler, generator, do_cfg):
-        """The noise and the loop's ``start`` / ``callback`` (and a 9-channel U-Net's extra input) for
-        img2img and inpainting, drawing from ``generator`` in diffusers' order: the init image's
-        latents, the noise, then (inpainting) the masked image's latents."""
-        from diffusers.image_processor import VaeImageProcessor
-
-        from controlstack.io.images import mask_to_array, validate_image
-        from controlstack.sampling.img2img import Img2ImgStart, InpaintBlend
-
-        if not (isinstance(strength, (int, float)) and 0.0 <= strength <= 1.0):
-            raise ControlstackError(f"strength must be a number in [0, 1], got {strength!r}")
-        nine = self.unet.config.in_channels != self.unet.config.out_channels
-        if nine and inpaint_mask is None:
-            raise ControlstackError("this is an inpainting U-Net: pass inpaint_mask with init_image")
-        batch, _, h, w = shape
-        height, width = h * self.vae_scale_factor, w * self.vae_scale_factor
-        processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor, do_convert_rgb=True)
-        init = processor.preprocess(to_rgb(validate_image(init_image, "init image")), height=height,
-                                    width=width).to(self.vae.dtype)
-
-        def encode(image):
-            z = self.vae.encode(image).latent_dist.sample(generator)
-            mean, std = self.latent_stats(z)
-            return (z - mean) * self.vae.config.scaling_factor / std
-
-        inpaint = inpaint_mask is not None
-        image_latents = None
-        if not inpaint or not nine or strength < 1.0:  # diffusers skips it only for 9 channels at strength 1
-            image_latents = encode(init).repeat(batch, 1, 1, 1)
-        noise = torch.randn(shape, generator=generator, dtype=self.unet.dtype)
-        loop: dict = {"start": Img2ImgStart(noise if image_latents is None else image_latents, float(strength),
-                                            pure_noise_at_full=inpaint)}
-        if inpaint:
-            masks = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor, do_normalize=False, do_binarize=True,
-                                      do_convert_grayscale=True)
-            m = Image.fromarray((mask_to_array(inpaint_mask, "inpaint mask") * 255).round().astype(np.uint8))
-            mask = masks.preprocess(m, height=height, width=width)
-            masked_latents = encode(init * (mask < 0.5)).repeat(batch, 1, 1, 1)
-            mask = torch.nn.functional.interpolate(mask, size=(h, w)).to(self.unet.dtype).repeat(batch, 1, 1, 1)
-            if nine:
-                extra = torch.cat([mask, masked_latents], 1)
-                loop["unet_extra"] = torch.cat([extra, extra]) if do_cfg else extra
-            else:
-                loop["callback"] = InpaintBlend(scheduler, image_latents, noise, mask)
-        return noise, loop
-
-    def latent_stats(self, like: torch.Tensor) -> tuple:
-        """The VAE's per-channel latent ``(mean, std)`` where its config has them (diffusers' SDXL rule:
-        ``z = (x - mean) * scaling_factor / std``), else ``(0.0, 1.0)``, which leave every value as is."""
-        config = self.vae.config
-        if config.get("latents_mean") is None or config.get("latents_std") is None:
-            return 0.0, 1.0
-        return tuple(torch.tensor(config[k]).view(1, -1, 1, 1).to(like) for k in ("latents_mean", "latents_std"))
-
-    @torch.no_grad()
     def decode(self, latents: torch.Tensor, generator=None) -> np.ndarray:
         """VAE decode and diffusers' post-processing -> float array (B, H, W, 3) in [0, 1]."""
         mean, std = self.latent_stats(latents)
@@ -451,7 +356,7 @@ class Pipeline(Prompting):
 
         ``width`` / ``height`` default to the model's native size (512 for SD-1.5); ``steps``,
         ``cfg`` and ``mode`` (with ``mode_options``) to what the models recommend (:meth:`settings`),
-        else 20, 7.5 and ``balanced``.
+        else 20, 7.5 and ``balanced``; a control's unset ``start`` / ``end`` likewise (:meth:`with_windows`).
         ``init_image`` makes it img2img (``strength`` in [0, 1]: how much of the schedule runs, 0
         returns the init image); with ``inpaint_mask`` (white = repaint) it inpaints -- as diffusers'
         ControlNet img2img / inpaint pipelines, with a 4-channel U-Net (latent blending) or a
@@ -470,10 +375,14 @@ class Pipeline(Prompting):
         for c in controls:
             if not isinstance(c, Control):
                 raise ControlstackError(f"controls must be Control objects, got {type(c).__name__}")
+        asked_mode = mode
         used = self.settings(controls, steps, cfg, mode, mode_options)
         steps, cfg, mode, mode_options = used["steps"], used["cfg"], used["mode"], used["mode_options"]
         _validate(prompt, steps, cfg, width, height, batch, self.vae_scale_factor)
         self.check_memory(batch, width * (hires or 1), height * (hires or 1))
+        if asked_mode is None:
+            self.warn_if_weak(controls)
+        controls = self.with_windows(controls)  # what runs and what the PNG records
         micro = {"original_size": original_size, "crops_coords_top_left": crops_coords_top_left,
                  "target_size": target_size}
         if hires is not None:

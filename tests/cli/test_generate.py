@@ -159,3 +159,69 @@ def test_preprocess_runs_the_annotator_of_the_same_name(tmp_path):
     img = lambda d: np.asarray(Image.open(d / "00000-1.png"))
     assert np.array_equal(img(a), img(b))
     assert not np.array_equal(img(a), img(c))
+
+
+def test_parse_control_takes_numbers_and_schedules_from_the_right(tmp_path):
+    from controlstack.cli.generate import parse_control
+
+    image = tmp_path / "a:b.png"  # a path that holds ':' stays whole
+    image.write_bytes(b"")
+    assert parse_control(f"canny:{image}") == ("canny", str(image), 1.0, None, None)  # None: recommended
+    assert parse_control(f"canny:{image}:0.5:0.1:0.9") == ("canny", str(image), 0.5, 0.1, 0.9)
+    assert parse_control(f"depth:{image}:0@1,1@0.3") == ("depth", str(image), ((0.0, 1.0), (1.0, 0.3)), None, None)
+    assert parse_control(f"depth:{image}:0@1,0.5@0.8,1@0.3:0:0.8") == (
+        "depth", str(image), ((0.0, 1.0), (0.5, 0.8), (1.0, 0.3)), 0.0, 0.8)
+    assert parse_control("omni/depth:d.png:0.8:0.2") == ("omni/depth", "d.png", 0.8, 0.2, None)
+
+
+@pytest.mark.parametrize("tail, message", [
+    (":abc", "weight 'abc' is not a number; use MODEL:IMAGE[:WEIGHT[:START[:END]]]"),
+    (":0.8:x", "start 'x' is not a number; use MODEL:IMAGE[:WEIGHT[:START[:END]]]"),
+    (":0.8:0:1e", "end '1e' is not a number"),
+    (":0.8:0@1", "start '0@1' is not a number (a P@W schedule goes in the WEIGHT field)"),
+    (":1:0:1:1", "has too many fields; use MODEL:IMAGE[:WEIGHT[:START[:END]]]"),
+    (":0@1,1@x", "weight schedule '0@1,1@x' must be PROGRESS@WEIGHT pairs separated by commas, e.g. 0@1,1@0.3"),
+    (":0@1,1", "weight schedule '0@1,1' must be PROGRESS@WEIGHT pairs"),
+    (":1@1,0@0.3", "schedule progress values must be ascending in [0, 1], got [1.0, 0.0]; e.g. 0@1,1@0.3"),
+    (":0@1,2@0.3", "schedule progress values must be ascending in [0, 1], got [0.0, 2.0]"),
+])
+def test_a_bad_weight_field_is_named_not_taken_for_part_of_the_image(edge_png, tail, message):
+    from controlstack.cli.generate import parse_control
+    from controlstack.errors import ControlstackError
+
+    spec = f"canny:{edge_png}{tail}"
+    with pytest.raises(ControlstackError) as exc:
+        parse_control(spec)
+    assert str(exc.value).startswith(f"--control '{spec}'") and message in str(exc.value)
+    assert "does not exist" not in str(exc.value) and "\n" not in str(exc.value)
+
+
+def test_a_number_like_tail_is_a_bad_weight_even_when_the_image_is_missing(tmp_path):
+    from controlstack.cli.generate import parse_control
+    from controlstack.errors import ControlstackError
+
+    with pytest.raises(ControlstackError, match=r"weight '0,8' is not a number"):
+        parse_control(f"canny:{tmp_path / 'missing.png'}:0,8")
+    # a tail that is not number-like stays part of the (missing) image: load_image says so
+    assert parse_control(f"canny:{tmp_path / 'missing.png'}:v2")[1] == f"{tmp_path / 'missing.png'}:v2"
+
+
+def test_a_schedule_from_the_command_line_equals_the_python_api(tmp_path, edge_png):
+    """``--control canny:IMAGE:0@1,1@0.3`` is ``Control('canny', IMAGE, weight=[(0, 1), (1, 0.3)])``."""
+    from controlstack import Control, Pipeline
+
+    fast = ["--steps", "3", "--width", "64", "--height", "64", "--no-progress", "--seed", "5"]
+    assert main(["generate", "--prompt", "a red box", "--control", f"canny:{edge_png}:0@1,1@0.3",
+                 "--out", str(tmp_path / "s"), *fast]) == 0
+    assert main(["generate", "--prompt", "a red box", "--control", f"canny:{edge_png}",
+                 "--out", str(tmp_path / "c"), *fast]) == 0
+    cli = np.asarray(Image.open(tmp_path / "s" / "00000-5.png").convert("RGB"))
+    schedule = [(0.0, 1.0), (1.0, 0.3)]
+    api = Pipeline.from_pretrained()("a red box", [Control("canny", Image.open(edge_png), weight=schedule)],
+                                     steps=3, seed=5, width=64, height=64, progress=False)[0]
+    assert np.array_equal(cli, np.asarray(api.convert("RGB")))
+    assert not np.array_equal(cli, np.asarray(Image.open(tmp_path / "c" / "00000-5.png").convert("RGB")))
+    meta = read_parameters(tmp_path / "s" / "00000-5.png")
+    assert meta["controlstack"]["controls"][0]["weight"] == [[0.0, 1.0], [1.0, 0.3]]
+    assert "Model: canny, Weight: 0@1,1@0.3, Guidance Start: 0.0" in meta["parameters"]
+    assert meta["parameters"].replace(", Batch pos: 0", "") == api.info["parameters"]  # the CLI numbers every file

@@ -16,7 +16,7 @@ from controlstack.errors import ControlstackError
 def folders(tmp_path, tiny_controlnets):
     out = {}
     for name, rec in [("uniform", {"mode": "controlnet", "mode_options": {"layer_weights": "uniform"}}),
-                      ("mi", {"mode": "mi"}), ("plain", None)]:
+                      ("mi", {"mode": "mi"}), ("plain", None), ("window", {"start": 0.25, "end": 0.5})]:
         tiny_controlnets[0].save_pretrained(tmp_path / name)
         if rec:
             (tmp_path / name / "controlstack.json").write_text(json.dumps({"recommended": rec}))
@@ -72,7 +72,9 @@ def test_the_bundle_declares_its_settings():
     for name in ("canny", "depth", "seg", "pose"):
         assert recommended(assets.BUNDLE_DIR / "controlnets" / name) == \
             {"mode": "controlnet", "mode_options": {"layer_weights": "uniform"}}
-    assert recommended(assets.BUNDLE_DIR) == {"cfg": 7.0, "steps": 20, "precision": "fp32"}
+    # the base declares the mode of its ControlNets: the same its bundled ones declare
+    assert recommended(assets.BUNDLE_DIR) == {"cfg": 7.0, "steps": 20, "precision": "fp32", "mode": "controlnet",
+                                              "mode_options": {"layer_weights": "uniform"}}
     assert recommended(assets.BUNDLE_DIR / "controlnets" / "mi-canny")["mode"] == "mi"
 
 
@@ -107,3 +109,107 @@ def test_high_order_multistep_with_a_cond_only_mode_and_strong_guidance_is_refus
     pipe("x", c, scheduler="lms", mode="controlnet", cfg=4.0, **kw)   # weak guidance: fine
     pipe("x", c, scheduler="pndm", mode="balanced", cfg=7.5, **kw)   # both halves: fine
     pipe("x", [], scheduler="pndm", mode="controlnet", cfg=7.5, **kw)  # no control: nothing to amplify
+
+
+UNIFORM = {"mode": "controlnet", "mode_options": {"layer_weights": "uniform"}}
+
+
+def test_a_base_declares_the_mode_of_controlnets_that_declare_none(tiny_components, tiny_controlnets, folders,
+                                                                    hint_images):
+    pipe = Pipeline(tiny_components, recommended={"mode": "controlnet", "mode_options": {"layer_weights": "uniform"}})
+    resolved = {"steps": 20, "cfg": 7.5, **UNIFORM}
+    plain = Control(folders["plain"], hint_images[0])
+    assert pipe.settings([plain], None, None, None, None) == resolved
+    assert pipe.settings([Control(tiny_controlnets[0], hint_images[0])], None, None, None, None) == resolved  # object
+    # a declared ControlNet and an undeclared one on this base resolve to the same mode
+    assert pipe.settings([Control(folders["uniform"], hint_images[0]), plain], None, None, None, None) == resolved
+    # a ControlNet's own declaration wins over the base's: mi + the base's controlnet disagree -> the default
+    assert pipe.settings([Control(folders["mi"], hint_images[0])], None, None, None, None)["mode"] == "mi"
+    assert pipe.settings([Control(folders["mi"], hint_images[0]), plain], None, None, None, None)["mode"] == "balanced"
+    assert pipe.settings([plain], None, None, "balanced", None)["mode"] == "balanced"  # explicit wins
+    assert pipe.settings([], None, None, None, None)["mode"] == "balanced"  # no ControlNet: nothing to stand in for
+    # the base's options never ride on a ControlNet's own mode
+    mi_base = Pipeline(tiny_components, recommended={"mode": "mi", "mode_options": {"reduce": "position"}})
+    assert mi_base.settings([Control(folders["uniform"], hint_images[0])], None, None, None, None)["mode_options"] \
+        == {"layer_weights": "uniform"}
+
+
+def test_the_bundled_base_and_its_controlnets_resolve_to_one_mode(folders, hint_images):
+    from controlstack import assets
+
+    if assets.is_placeholder():
+        pytest.skip("no trained bundle in this checkout")
+    pipe = Pipeline.from_pretrained()
+    mixed = [Control("canny", hint_images[0]), Control(folders["plain"], hint_images[0])]
+    assert pipe.settings(mixed, None, None, None, None) == {"steps": 20, "cfg": 7.0, **UNIFORM}
+
+
+def test_unset_windows_resolve_to_the_recommendation_else_the_whole_run(tiny_components, folders, hint_images):
+    c = Control(folders["window"], hint_images[0])
+    assert (c.start, c.end) == (None, None)  # unset until the pipeline resolves it
+    pipe = Pipeline(tiny_components)
+
+    def windows(controls):
+        return [(w.start, w.end) for w in pipe.with_windows(controls)]
+
+    assert windows([c]) == [(0.25, 0.5)]
+    assert (c.start, c.end) == (None, None)  # the caller's object is left as it is
+    assert windows([Control(folders["window"], hint_images[0], start=0.0, end=1.0)]) == [(0.0, 1.0)]  # explicit
+    assert windows([Control(folders["window"], hint_images[0], end=0.75)]) == [(0.25, 0.75)]  # key by key
+    assert windows([Control(folders["plain"], hint_images[0])]) == [(0.0, 1.0)]
+    # the base's window stands in for ControlNets that declare none, as its mode does
+    base = Pipeline(tiny_components, recommended={"start": 0.1, "end": 0.9})
+    assert [(w.start, w.end) for w in base.with_windows([Control(folders["plain"], hint_images[0]), c])] == \
+        [(0.1, 0.9), (0.25, 0.5)]
+    with pytest.raises(ControlstackError, match="window start=0.6, end=0.5 .* set both start and end"):
+        pipe.with_windows([Control(folders["window"], hint_images[0], start=0.6)])
+
+
+def test_the_resolved_window_runs_and_is_recorded(tiny_components, folders, hint_images):
+    pipe = Pipeline(tiny_components)
+    kw = {"steps": 4, "width": 64, "height": 64, "seed": 1, "progress": False, "mode": "balanced"}
+    result = pipe("x", [Control(folders["window"], hint_images[0])], return_result=True, output_type="np", **kw)
+    explicit = pipe("x", [Control(folders["window"], hint_images[0], start=0.25, end=0.5)], output_type="np", **kw)
+    whole = pipe("x", [Control(folders["window"], hint_images[0], start=0.0, end=1.0)], output_type="np", **kw)
+    assert np.array_equal(result.images, explicit) and not np.array_equal(result.images, whole)
+    assert (result.parameters["controls"][0]["start"], result.parameters["controls"][0]["end"]) == (0.25, 0.5)
+
+
+def test_bad_recommended_windows_are_one_line(tmp_path):
+    from controlstack.io.settings import recommended
+
+    for rec, message in [({"start": 1.5}, "recommended start must be a number in \\[0, 1\\], got 1.5"),
+                         ({"end": "late"}, "recommended end must be a number in \\[0, 1\\], got 'late'"),
+                         ({"start": 0.8, "end": 0.2}, "recommended start 0.8 is after end 0.2")]:
+        (tmp_path / "controlstack.json").write_text(json.dumps({"recommended": rec}))
+        with pytest.raises(ControlstackError, match=message):
+            recommended(tmp_path)
+    (tmp_path / "controlstack.json").write_text(json.dumps({"recommended": {"start": 0, "end": 0.5}}))
+    assert recommended(tmp_path) == {"start": 0, "end": 0.5}
+
+
+def test_a_small_undeclared_controlnet_in_balanced_warns_once(tiny_components, tiny_controlnets, folders,
+                                                              hint_images, caplog):
+    kw = {"steps": 1, "width": 64, "height": 64, "progress": False}
+    plain = Control(folders["plain"], hint_images[0])
+    with caplog.at_level("WARNING", logger="controlstack"):
+        pipe = Pipeline(tiny_components)
+        pipe("x", [Control(folders["uniform"], hint_images[0])], **kw)  # declared: no warning
+        pipe("x", [plain], mode="balanced", **kw)                        # given: no warning
+        Pipeline(tiny_components, recommended=UNIFORM)("x", [plain], **kw)  # the base declares it: none
+        pipe("x", [], **kw)                                              # no control: nothing to follow
+        assert "declares no recommended mode" not in caplog.text
+        pipe("x", [plain], **kw)
+        pipe("x", [Control(tiny_controlnets[0], hint_images[0])], **kw)
+    assert caplog.text.count("declares no recommended mode") == 1  # once per pipeline
+    assert "--mode controlnet --layer-weights uniform" in caplog.text and "plain" in caplog.text
+
+
+def test_a_big_undeclared_controlnet_does_not_warn(tiny_components, folders, hint_images, caplog, monkeypatch):
+    import controlstack.recommendations as rec
+
+    monkeypatch.setattr(rec, "SMALL_CONTROLNET", 1000)  # the tiny ControlNet counts as big now
+    with caplog.at_level("WARNING", logger="controlstack"):
+        Pipeline(tiny_components)("x", [Control(folders["plain"], hint_images[0])], steps=1, width=64, height=64,
+                                  progress=False)
+    assert "declares no recommended mode" not in caplog.text

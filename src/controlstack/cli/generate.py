@@ -2,9 +2,10 @@
 
 Flags are a contract (scripts and other tools rely on them): --model --prompt --negative --steps
 --cfg --scheduler --seed --width --height --batch --mode --layer-weights --out, repeatable
-``--control MODEL:IMAGE[:WEIGHT[:START[:END]]]`` and ``--mask I:FILE``, ``--preprocess`` (every
-control through its own-named annotator), ``--module I:NAME[,k=v...]`` (one control's annotator),
-``--init IMAGE --strength S --inpaint-mask FILE`` (img2img / inpainting). An Omni ControlNet
+``--control MODEL:IMAGE[:WEIGHT[:START[:END]]]`` (WEIGHT a number or a strength schedule
+``P@W,P@W,...``) and ``--mask I:FILE``, ``--preprocess`` (every control through its own-named
+annotator), ``--module I:NAME[,k=v...]`` (one control's annotator), ``--init IMAGE --strength S
+--inpaint-mask FILE`` (img2img / inpainting). An Omni ControlNet
 takes its task after a slash: ``--control omni/depth:depth.png:0.8``.
 OmniControlNet's integrated path: ``--from-image photo.png --tasks depth,canny`` makes the
 conditions from the photo and generates from them in the same call (``Pipeline.from_image``).
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import re
 from pathlib import Path
 
 from controlstack.cli.text import DefaultsFormatter
@@ -31,7 +33,7 @@ def register(sub) -> None:
     p.add_argument("--config", default=None, metavar="DIR",
                    help="with a single-file --model: a diffusers SD folder (or its model_index.json's folder) for "
                         "the architecture")
-    p.add_argument("--prompt", required=True)
+    p.add_argument("--prompt", required=True, help="what to generate")
     p.add_argument("--negative", default="", help="negative prompt")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's recommendation, else 20)")
     p.add_argument("--cfg", type=float, default=None,
@@ -55,7 +57,9 @@ def register(sub) -> None:
                         "bundled ones: uniform -- else resolution)")
     p.add_argument("--control", action="append", default=[], metavar="MODEL:IMAGE[:WEIGHT[:START[:END]]]",
                    help="a ControlNet (bundled name or path; an Omni ControlNet with its task: omni/depth) "
-                        "and its condition image; repeatable")
+                        "and its condition image; WEIGHT is a number or a strength schedule P@W,P@W,... (weight W "
+                        "at sampling progress P in [0, 1], linear between, e.g. canny:edges.png:0@1,1@0.3:0:0.8); "
+                        "START / END left out: the ControlNet's recommended window, else 0 and 1; repeatable")
     p.add_argument("--init", default=None, metavar="IMAGE", help="img2img: start from this image")
     p.add_argument("--strength", type=float, default=0.75,
                    help="with --init: denoising strength in [0, 1] (0 returns the image; 1 repaints all)")
@@ -84,25 +88,79 @@ def register(sub) -> None:
     p.add_argument("--optimize", default="parity", choices=("parity", "compiled", "fast"),
                    help="speed tier: parity (float32, as diffusers), compiled (same math, compiled once per size "
                         "and cached), fast (compiled + measured approximations); docs/speed.md")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
 
-def parse_control(spec: str) -> tuple[str, str, float, float, float]:
-    """``MODEL:IMAGE[:WEIGHT[:START[:END]]]``; numbers are taken from the right so paths may hold ':'."""
+CONTROL_SYNTAX = "MODEL:IMAGE[:WEIGHT[:START[:END]]]"
+FIELDS = ("weight", "start", "end")
+# what someone typing a number or a P@W schedule writes (and a file name rarely is, whole)
+NUMBER_LIKE = re.compile(r"[-+0-9.,@eE ]*[0-9@][-+0-9.,@eE ]*")
+
+
+def parse_schedule(text: str) -> tuple[tuple[float, float], ...] | None:
+    """``P@W,P@W,...`` -> keyframes ((progress, weight), ...); None when ``text`` is not written as one."""
+    try:
+        return tuple((float(p), float(w)) for p, w in (item.split("@") for item in text.split(",")))
+    except ValueError:  # a non-number, or an item without exactly one '@'
+        return None
+
+
+def parse_field(text: str) -> float | tuple[tuple[float, float], ...] | None:
+    """A WEIGHT / START / END field: a number, a schedule (WEIGHT only; checked by the caller), or None."""
+    try:
+        return float(text)
+    except ValueError:
+        return parse_schedule(text) if "@" in text else None
+
+
+def field_error(spec: str, position: int, text: str) -> ControlstackError:
+    """The one-line error for field ``text`` at WEIGHT / START / END ``position``."""
+    name = FIELDS[position] if position < len(FIELDS) else None
+    if name is None:
+        return ControlstackError(f"--control '{spec}' has too many fields; use {CONTROL_SYNTAX}")
+    if position == 0 and "@" in text:
+        return ControlstackError(f"--control '{spec}': weight schedule '{text}' must be PROGRESS@WEIGHT pairs "
+                                 "separated by commas, e.g. 0@1,1@0.3")
+    schedule = " (a P@W schedule goes in the WEIGHT field)" if "@" in text else ""
+    return ControlstackError(f"--control '{spec}': {name} '{text}' is not a number{schedule}; use {CONTROL_SYNTAX}")
+
+
+def parse_control(spec: str) -> tuple[str, str, float | tuple, float | None, float | None]:
+    """``MODEL:IMAGE[:WEIGHT[:START[:END]]]``; WEIGHT is a number or a strength schedule ``P@W,P@W,...``
+    (keyframes in sampling progress, as ``Control(weight=[(P, W), ...])``). Fields are taken from the
+    right so paths may hold ':'."""
     parts = spec.split(":")
-    numbers: list[float] = []
-    while len(parts) > 2 and len(numbers) < 3:
-        try:
-            numbers.insert(0, float(parts[-1]))
-        except ValueError:
-            break
-        parts.pop()
     if len(parts) < 2 or not parts[0] or not parts[1]:
-        raise ControlstackError(f"--control '{spec}' must look like MODEL:IMAGE[:WEIGHT[:START[:END]]]")
-    defaults = [1.0, 0.0, 1.0]
-    weight, start, end = numbers + defaults[len(numbers):]
-    return parts[0], ":".join(parts[1:]), weight, start, end
+        raise ControlstackError(f"--control '{spec}' must look like {CONTROL_SYNTAX}")
+    model, rest, fields = parts[0], parts[1:], []
+    while len(rest) > 1 and len(fields) < 3 and parse_field(rest[-1]) is not None:
+        fields.insert(0, rest.pop())
+    image = ":".join(rest)
+    if len(rest) > 1 and not os.path.exists(image):
+        # 'edges.png:abc': a prefix of the image exists, or the tail was meant as a number -- name the
+        # bad field rather than say that 'edges.png:abc' does not exist
+        cut = next((k for k in range(len(rest) - 1, 0, -1) if os.path.isfile(":".join(rest[:k]))), None)
+        if cut is None and NUMBER_LIKE.fullmatch(rest[-1]):
+            cut = len(rest) - 1
+        if cut is not None:  # then a field below fails: the one that stopped the scan from the right
+            fields = rest[cut:] + fields
+    if len(fields) > 3:
+        raise field_error(spec, 3, fields[3])
+    values = [parse_field(text) for text in fields]
+    for position, (text, value) in enumerate(zip(fields, values)):
+        if value is None or (position > 0 and isinstance(value, tuple)):
+            raise field_error(spec, position, text)
+    # an unset START / END stays None: the pipeline gives it the ControlNet's recommended window
+    weight, start, end = values + [1.0, None, None][len(values):]
+    if isinstance(weight, tuple):
+        from controlstack.control import validate_weight
+
+        try:
+            weight = validate_weight(weight)
+        except ControlstackError as exc:
+            raise ControlstackError(f"--control '{spec}': {exc}; e.g. 0@1,1@0.3") from None
+    return model, image, weight, start, end
 
 
 def split_task(model: str) -> tuple[str, str | None]:
@@ -179,19 +237,30 @@ def run(args: argparse.Namespace) -> int:
         raise ControlstackError("--from-image and --tasks go together: --from-image photo.png --tasks depth,canny")
     if args.from_image is not None and specs:
         raise ControlstackError("--from-image makes its own controls; drop --control (or --from-image)")
+    from controlstack.cli import preflight
+    from controlstack.io.paths import output_folder
+
+    preflight.check_sizes(args, preflight.base_configs(args.model, args.config))
+    output_folder(args.out)  # a bad --out fails now, not after the generation
     if args.from_image is not None:
         return run_from_image(args, seed=args.seed if args.seed >= 0 else random.randrange(2**32))
     if args.inpaint_mask is not None and args.init is None:
         raise ControlstackError("--inpaint-mask needs --init (the image to repaint)")
     if not 0.0 <= args.strength <= 1.0:
         raise ControlstackError(f"--strength must be in [0, 1], got {args.strength}")
-    from controlstack.io.paths import output_folder
-
-    output_folder(args.out)  # a bad --out fails now, not after the generation
+    models = [split_task(m) for m, *_ in specs]
+    for name, task in models:
+        preflight.check_control(args.model, name, task)
     masks = parse_masks(args.mask, len(specs))
     modules = parse_modules(args.module, len(specs))
-    images = [load_image(image) for _, image, *_ in specs]
     mask_images = {i: load_image(p) for i, p in masks.items()}
+    # Controls validate their image, weight, window, mask and resize mode: all before the model loads
+    controls = [
+        Control(name, load_image(image), weight=w, start=s, end=e, mask=mask_images.get(i),
+                resize_mode=args.resize_mode, task=task, preprocess=modules[i][0] if i in modules else args.preprocess,
+                annotator_params=modules[i][1] if i in modules else {})
+        for i, ((name, task), (_, image, w, s, e)) in enumerate(zip(models, specs))
+    ]
     img2img = {}
     if args.init is not None:
         img2img = {"init_image": load_image(args.init), "strength": args.strength,
@@ -200,13 +269,6 @@ def run(args: argparse.Namespace) -> int:
 
     pipe = Pipeline.from_pretrained(args.model, allow_pickle=args.allow_pickle, config=args.config)
     pipe.optimize(args.optimize)
-    controls = [
-        Control(name, image, weight=w, start=s, end=e, mask=mask_images.get(i), resize_mode=args.resize_mode,
-                task=task, preprocess=modules[i][0] if i in modules else args.preprocess,
-                annotator_params=modules[i][1] if i in modules else {})
-        for i, ((name, task), (_, _, w, s, e), image) in enumerate(zip([split_task(m) for m, *_ in specs], specs,
-                                                                        images))
-    ]
     result = pipe(args.prompt, controls=controls, return_result=True, **img2img, **sampling_options(args, seed))
     return write_outputs(args, result, seed)
 
@@ -229,6 +291,9 @@ def run_from_image(args, seed: int) -> int:
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if not tasks:
         raise ControlstackError("--tasks is empty; name at least one task, e.g. --tasks depth")
+    from controlstack.cli.preflight import check_from_image
+
+    check_from_image(args.model, args.omni, tasks)
     photo = load_image(args.from_image)
     pipe = Pipeline.from_pretrained(args.model, allow_pickle=args.allow_pickle, config=args.config)
     pipe.optimize(args.optimize)

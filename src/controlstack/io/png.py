@@ -56,7 +56,8 @@ def format_parameters(params: dict) -> str:
         fields += [f"Denoising strength: {params['hires']['strength']}", f"Hires upscale: {params['hires']['scale']}",
                    "Hires upscaler: Lanczos"]
     for i, c in enumerate(params.get("controls", [])):
-        weight = c["weight"] if isinstance(c["weight"], float) else list(map(list, c["weight"]))
+        # a schedule in the CLI's own syntax (P@W,P@W): readers split a unit's fields on ", "
+        weight = c["weight"] if isinstance(c["weight"], float) else ",".join(f"{p:g}@{w:g}" for p, w in c["weight"])
         module = c.get("module") or (c.get("preprocess") if isinstance(c.get("preprocess"), str) else None) or "none"
         mode = params.get("mode")
         fields.append(

@@ -2,18 +2,30 @@
 
 Schema (every key optional)::
 
-    {"recommended": {"mode": "mi", "mode_options": {"reduce": "layer"}, "cfg": 7.0, "steps": 20},
+    {"recommended": {"mode": "mi", "mode_options": {"reduce": "layer"}, "start": 0.0, "end": 1.0,
+                     "cfg": 7.0, "steps": 20},
      "training": {...the recipe options that made the model (injection, rebalancing, conservativity)...},
      "omni": {"tasks": [...]}}
 
-A base model folder may hold one too (its ``recommended`` cfg and steps, or a mode for every
-control); a ControlNet folder's ``recommended`` mode is how that ControlNet is meant to be sampled.
-``Pipeline`` uses a recommendation wherever the caller leaves a value unset (``None``).
+``recommended`` is how the model is meant to be used. ``Pipeline`` uses it wherever the caller
+leaves a value unset (``None``); an explicit value always wins:
 
-``recommended`` is how the model is meant to be used: a Minimal Impact ControlNet was trained with
-the ``mi`` injection in its forward pass, so it is sampled (and combined with others) in
-``mode="mi"``. ``training`` is a record for people and tools (``controlstack asym`` reads the mode
-from it when none is given).
+* A ControlNet folder's ``mode`` / ``mode_options`` are how that ControlNet is sampled (a Minimal
+  Impact ControlNet was trained with the ``mi`` injection in its forward pass, so it is sampled and
+  combined in ``mode="mi"``), its ``start`` / ``end`` the control window (diffusers'
+  ``control_guidance_start`` / ``_end``, in [0, 1], start <= end) of a ``Control`` that sets none.
+* A base folder's ``cfg`` and ``steps`` are the call's; its ``mode`` / ``mode_options`` and
+  ``start`` / ``end`` are the ones *its* ControlNets work best with: they stand in for every
+  ControlNet that declares none (a user's own, a model object; the mode with its options as one,
+  ``start`` and ``end`` each). So a bundled ControlNet and a user's undeclared one resolve to the
+  same mode on the bundled base, and the call's mode is the one they all recommend (``balanced``,
+  diffusers' default, when they disagree or nothing declares one; a small ControlNet left there
+  warns, ``recommendations.py``).
+
+``training`` is a record for people and tools (``controlstack asym`` reads the mode from it when
+none is given). The ControlNet recipe writes ``recommended`` into what it exports: the mode it
+trained under (``mi``) or, for a plain or Omni run, the recommendation of ``init_from`` else the
+base's (:func:`inherited`), so a ControlNet a user trains keeps the mode its parents were measured in.
 """
 
 from __future__ import annotations
@@ -67,13 +79,22 @@ def recommended_mode(folder: str | Path) -> tuple[str, dict] | None:
     return (str(rec["mode"]), dict(rec.get("mode_options") or {})) if "mode" in rec else None
 
 
+def _number_01(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and 0.0 <= v <= 1.0
+
+
 #: recommended key -> (type check, what it must be)
 RECOMMENDED = {"mode": (lambda v: isinstance(v, str) and v != "", "a mode name"),
                "mode_options": (lambda v: isinstance(v, dict), "an object of mode options"),
+               # the control window of a Control that sets none (diffusers' control_guidance_start / _end)
+               "start": (_number_01, "a number in [0, 1]"),
+               "end": (_number_01, "a number in [0, 1]"),
                "cfg": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0, "a number >= 0"),
                "steps": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "an integer >= 1"),
                # the fast tier's graph precision for this model (docs/speed.md), where measured to matter
                "precision": (lambda v: v in ("fp32", "bf16"), "fp32 or bf16")}
+#: the recommended keys that describe how a ControlNet is sampled (a base's stand in for its ControlNets')
+CONTROLNET_KEYS = ("mode", "mode_options", "start", "end")
 
 
 def recommended(folder: str | Path | None) -> dict:
@@ -81,11 +102,33 @@ def recommended(folder: str | Path | None) -> dict:
     if folder is None or not Path(folder).is_dir():
         return {}
     rec = read_settings(folder).get("recommended") or {}
+    where = Path(folder) / SETTINGS
+    if not isinstance(rec, dict):
+        raise ControlstackError(f"'{where}': recommended must be an object of settings, got {rec!r}")
     for key, value in rec.items():
         if key not in RECOMMENDED:
-            raise ControlstackError(f"'{Path(folder) / SETTINGS}': unknown recommended key '{key}'; known: "
-                                    f"{', '.join(RECOMMENDED)}")
+            raise ControlstackError(f"'{where}': unknown recommended key '{key}'; known: {', '.join(RECOMMENDED)}")
         ok, what = RECOMMENDED[key]
         if not ok(value):
-            raise ControlstackError(f"'{Path(folder) / SETTINGS}': recommended {key} must be {what}, got {value!r}")
+            raise ControlstackError(f"'{where}': recommended {key} must be {what}, got {value!r}")
+    if rec.get("start", 0.0) > rec.get("end", 1.0):
+        raise ControlstackError(f"'{where}': recommended start {rec.get('start', 0.0)} is after end "
+                                f"{rec.get('end', 1.0)}; need start <= end")
     return dict(rec)
+
+
+def controlnet_recommendation(folder: str | Path | None) -> dict:
+    """The ControlNet part (:data:`CONTROLNET_KEYS`) of a folder's validated recommendation."""
+    rec = recommended(folder)
+    return {k: rec[k] for k in CONTROLNET_KEYS if k in rec}
+
+
+def inherited(init_from: str | Path | None, base: str | Path | None) -> dict:
+    """What a ControlNet trained from ``init_from`` (or fresh, "") on ``base`` should recommend: the
+    ControlNet part of ``init_from``'s recommendation when it declares a mode, else the base's
+    (the mode the base declares for its ControlNets), else ``{}``. Fine-tuning keeps the
+    architecture and the base, and with them the mode its residuals were measured to work in."""
+    own = controlnet_recommendation(init_from) if init_from else {}
+    if "mode" in own:
+        return own
+    return controlnet_recommendation(base) if base else {}

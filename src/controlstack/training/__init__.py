@@ -10,9 +10,24 @@ under ``accelerate`` (single CPU, one GPU, or ``accelerate launch`` multi-GPU un
 
 from __future__ import annotations
 
+import logging
 from importlib import import_module
 
 from controlstack.errors import ControlstackError
+
+
+class _TorchvisionFallbackNote(logging.Filter):
+    """Drops transformers' note that ``CLIPImageProcessor`` / ``SiglipImageProcessor`` fall back to their
+    PIL backend without torchvision. transformers >= 5 logs it when a module merely imports those names,
+    and diffusers' pipeline modules do (``pipeline_controlnet.py``, ``loaders/ip_adapter.py``) when the
+    recipes' validation and export import ``StableDiffusion*Pipeline``; no recipe processes an image
+    with them, so the note is noise in every training log. Only that message is dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "requires torchvision (not installed); falling back to" not in record.getMessage()
+
+
+logging.getLogger("transformers.utils.import_utils").addFilter(_TorchvisionFallbackNote())
 
 #: recipe name -> (module, config class name[, train function name; default ``train``])
 RECIPES = {

@@ -59,7 +59,6 @@ from controlstack.training.validation import (
     tensor_to_pil,
 )
 
-
 ARCHITECTURES = ("copy", "lite")
 
 
@@ -373,24 +372,33 @@ def _trainable_task_tokens(tokenizer, text_encoder, tasks, config):
 
 
 def _save(controlnet, folder, config: ControlNetConfig, task_vectors=None) -> None:
-    """The ControlNetModel folder; a model trained with MI options also records them and its
-    recommended mode (``io/settings.py``), so it is sampled as it was trained; an Omni model also
-    its task tokens (``task_tokens.safetensors``) and task list."""
+    """The ControlNetModel folder and its ``controlstack.json`` (``io/settings.py``), so it is sampled
+    as it was trained: a model trained with MI options records them and recommends its own mode
+    (``mi``); any other (plain or Omni) the recommendation it inherits -- ``init_from``'s, else the
+    mode the base declares for its ControlNets (:func:`~controlstack.io.settings.inherited`). Without
+    it a ControlNet fine-tuned from a bundled one would fall back to ``balanced``, where the bundled
+    model's small ControlNets barely act (README, "Control modes"). An Omni model also writes its task
+    tokens (``task_tokens.safetensors``) and task list."""
+    from controlstack.io.settings import inherited, write_settings
+
     controlnet.save_pretrained(folder, safe_serialization=True)
+    settings: dict = {}
+    mi = {k: getattr(config, k) for k in ("injection", "injection_options", "rebalance_probability",
+                                          "conservativity_weight")}
     if task_vectors is not None:
-        from controlstack.io.settings import write_settings
         from controlstack.models.task_tokens import save_task_tokens
 
         save_task_tokens(task_vectors, folder)
-        write_settings(folder, {"omni": {"tasks": list(config.tasks)}})
-        return
-    mi = {k: getattr(config, k) for k in ("injection", "injection_options", "rebalance_probability",
-                                          "conservativity_weight")}
+        settings["omni"] = {"tasks": list(config.tasks)}
     if mi != {"injection": "sum", "injection_options": {}, "rebalance_probability": 0.0, "conservativity_weight": 0.0}:
-        from controlstack.io.settings import write_settings
-
         rec = {"mode": config.injection, **({"mode_options": config.injection_options} if config.injection_options else {})}
-        write_settings(folder, {"recommended": rec, "training": {"condition": config.condition, **mi}})
+        settings.update(recommended=rec, training={"condition": config.condition, **mi})
+    else:
+        rec = inherited(config.init_from, config.base)
+        if rec:
+            settings["recommended"] = rec
+    if settings:
+        write_settings(folder, settings)
 
 
 def _mi_stage2_loss(model, noisy, t, text_emb, hint, target, objects, config, noise_scheduler, generator,

@@ -1,0 +1,79 @@
+"""img2img and inpainting's start, as a mixin of :class:`controlstack.pipeline.Pipeline`.
+
+SDEdit (Meng et al., "SDEdit: Guided Image Synthesis and Editing with Stochastic Differential
+Equations", ICLR 2022): of ``steps`` only the last ``int(steps * strength)`` run, from the init
+image's latents noised to that point. Inpainting either blends the known region back after every
+step (a 4-channel U-Net) or hands a 9-channel inpainting U-Net the mask and the masked image's
+latents. Every draw follows diffusers' ``StableDiffusionControlNetImg2ImgPipeline`` /
+``StableDiffusionControlNetInpaintPipeline``, in their order, so the same seed gives their image.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image
+
+from controlstack.errors import ControlstackError
+from controlstack.io.images import to_rgb
+
+
+class Img2Img:
+    """Encoding images to latents and the loop's start for img2img / inpainting (a
+    :class:`~controlstack.pipeline.Pipeline`'s ``vae``, ``unet`` and ``vae_scale_factor``)."""
+
+    @torch.no_grad()
+    def img2img_start(self, init_image, inpaint_mask, strength, shape, scheduler, generator, do_cfg):
+        """The noise and the loop's ``start`` / ``callback`` (and a 9-channel U-Net's extra input) for
+        img2img and inpainting, drawing from ``generator`` in diffusers' order: the init image's
+        latents, the noise, then (inpainting) the masked image's latents."""
+        from diffusers.image_processor import VaeImageProcessor
+
+        from controlstack.io.images import mask_to_array, validate_image
+        from controlstack.sampling.img2img import Img2ImgStart, InpaintBlend
+
+        if not (isinstance(strength, (int, float)) and 0.0 <= strength <= 1.0):
+            raise ControlstackError(f"strength must be a number in [0, 1], got {strength!r}")
+        nine = self.unet.config.in_channels != self.unet.config.out_channels
+        if nine and inpaint_mask is None:
+            raise ControlstackError("this is an inpainting U-Net: pass inpaint_mask with init_image")
+        batch, _, h, w = shape
+        height, width = h * self.vae_scale_factor, w * self.vae_scale_factor
+        processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor, do_convert_rgb=True)
+        init = processor.preprocess(to_rgb(validate_image(init_image, "init image")), height=height,
+                                    width=width).to(self.vae.dtype)
+
+        inpaint = inpaint_mask is not None
+        image_latents = None
+        if not inpaint or not nine or strength < 1.0:  # diffusers skips it only for 9 channels at strength 1
+            image_latents = self.encode_latents(init, generator).repeat(batch, 1, 1, 1)
+        noise = torch.randn(shape, generator=generator, dtype=self.unet.dtype)
+        loop: dict = {"start": Img2ImgStart(noise if image_latents is None else image_latents, float(strength),
+                                            pure_noise_at_full=inpaint)}
+        if inpaint:
+            masks = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor, do_normalize=False, do_binarize=True,
+                                      do_convert_grayscale=True)
+            m = Image.fromarray((mask_to_array(inpaint_mask, "inpaint mask") * 255).round().astype(np.uint8))
+            mask = masks.preprocess(m, height=height, width=width)
+            masked_latents = self.encode_latents(init * (mask < 0.5), generator).repeat(batch, 1, 1, 1)
+            mask = torch.nn.functional.interpolate(mask, size=(h, w)).to(self.unet.dtype).repeat(batch, 1, 1, 1)
+            if nine:
+                extra = torch.cat([mask, masked_latents], 1)
+                loop["unet_extra"] = torch.cat([extra, extra]) if do_cfg else extra
+            else:
+                loop["callback"] = InpaintBlend(scheduler, image_latents, noise, mask)
+        return noise, loop
+
+    def encode_latents(self, image: torch.Tensor, generator) -> torch.Tensor:
+        """A (B, 3, H, W) image in [-1, 1] -> scaled latents: one posterior sample from ``generator``."""
+        z = self.vae.encode(image).latent_dist.sample(generator)
+        mean, std = self.latent_stats(z)
+        return (z - mean) * self.vae.config.scaling_factor / std
+
+    def latent_stats(self, like: torch.Tensor) -> tuple:
+        """The VAE's per-channel latent ``(mean, std)`` where its config has them (diffusers' SDXL rule:
+        ``z = (x - mean) * scaling_factor / std``), else ``(0.0, 1.0)``, which leave every value as is."""
+        config = self.vae.config
+        if config.get("latents_mean") is None or config.get("latents_std") is None:
+            return 0.0, 1.0
+        return tuple(torch.tensor(config[k]).view(1, -1, 1, 1).to(like) for k in ("latents_mean", "latents_std"))
