@@ -94,6 +94,10 @@ class Control:
             raise ControlstackError("control model is empty; pass a bundled name, a path or a ControlNetModel")
         self.image = validate_image(self.image, "control image")
         self.weight = validate_weight(self.weight)
+        for name in ("start", "end"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float, np.floating, np.integer))):
+                raise ControlstackError(f"control window {name} must be a number in [0, 1] or None, got {v!r}")
         self.start, self.end = (None if v is None else float(v) for v in (self.start, self.end))
         start, end = 0.0 if self.start is None else self.start, 1.0 if self.end is None else self.end
         if not (0.0 <= start <= end <= 1.0):

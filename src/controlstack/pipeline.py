@@ -192,8 +192,7 @@ class Pipeline(Prompting, Img2Img, Recommendations):
             from controlstack import annotators
             from controlstack.io.images import pixel_perfect_resolution
 
-            name = control.preprocess if isinstance(control.preprocess, str) else \
-                annotators.for_task(control.task) if control.task else str(control.model)
+            name = self.module_name(control)
             params = dict(control.annotator_params)
             if name == "inpaint":
                 from controlstack.io.images import mask_to_array
@@ -489,7 +488,7 @@ class Pipeline(Prompting, Img2Img, Recommendations):
             return control.preprocess
         from controlstack import annotators
 
-        return annotators.for_task(control.task) if control.task else str(control.model)
+        return annotators.for_control(control.model, control.task)
 
 
 def _validate(prompt, steps, cfg, width, height, batch, factor):

@@ -75,3 +75,28 @@ def test_resolution_scales_short_side_and_rejects_runaway_aspect():
     assert out.size == (192, 64)
     with pytest.raises(ControlstackError, match=r"invert: resolution 512 makes this 4000x2 image"):
         annotators.get("invert")(np.zeros((2, 4000), np.uint8))
+
+
+@pytest.mark.parametrize("name, condition", [
+    ("mi-canny", "canny"), ("control_v11p_sd15_openpose.safetensors", "pose"), ("control_v11f1p_sd15_depth", "depth"),
+    ("models/control_sd15_mlsd.safetensors", "lines"), ("runs/seg-finetune/model", "seg"), ("omni", None),
+    ("my_controlnet", None)])
+def test_a_controlnets_name_tells_its_condition(name, condition):
+    assert annotators.condition_in_name(name) == condition
+
+
+def test_preprocess_follows_the_condition_a_controlnet_takes(tmp_path):
+    import json
+
+    # the bundled MI models by their training record, an Omni task by its annotator
+    assert annotators.for_control("mi-canny") == "canny" and annotators.for_control("mi-seg") == "seg"
+    assert annotators.for_control("omni", "depth") == "depth" and annotators.for_control("omni", "pose") == "pose_estimate"
+    # a recipe's output folder (named "model") by the condition its controlstack.json records
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "controlstack.json").write_text(json.dumps({"training": {"condition": "scribble"}}))
+    assert annotators.for_control(str(folder)) == "scribble"
+    (folder / "controlstack.json").write_text("{}")
+    with pytest.raises(ControlstackError, match=r"cannot tell which annotator control model '.*model' needs.*"
+                                                r"--module I:canny"):
+        annotators.for_control(str(folder))

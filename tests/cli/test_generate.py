@@ -161,6 +161,38 @@ def test_preprocess_runs_the_annotator_of_the_same_name(tmp_path):
     assert not np.array_equal(img(a), img(c))
 
 
+def test_preprocess_follows_the_condition_type_of_an_mi_model(tmp_path, monkeypatch, capsys):
+    """``mi-canny`` takes canny edges: --preprocess runs the canny annotator (was: "unknown
+    annotator 'mi-canny'" after the model loaded); a model whose condition nothing tells fails
+    before any model is read."""
+    from skimage import data
+
+    from controlstack import Pipeline, annotators
+
+    photo = tmp_path / "photo.png"
+    Image.fromarray(data.astronaut()).resize((64, 64)).save(photo)
+    edges = tmp_path / "edges.png"
+    annotators.get("canny", resolution=64)(Image.open(photo)).save(edges)
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert main(["generate", "--prompt", "p", "--seed", "1", "--preprocess", "--control", f"mi-canny:{photo}",
+                 "--out", str(a), *FAST]) == 0
+    assert main(["generate", "--prompt", "p", "--seed", "1", "--control", f"mi-canny:{edges}",
+                 "--out", str(b), *FAST]) == 0
+    assert np.array_equal(np.asarray(Image.open(a / "00000-1.png")), np.asarray(Image.open(b / "00000-1.png")))
+    assert "Module: canny, Model: mi-canny" in read_parameters(a / "00000-1.png")["parameters"]
+
+    folder = tmp_path / "cn"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    monkeypatch.setattr(Pipeline, "from_pretrained", lambda *a, **k: pytest.fail("a model was loaded"))
+    capsys.readouterr()
+    assert main(["generate", "--prompt", "p", "--preprocess", "--control", f"{folder}:{photo}",
+                 "--out", str(tmp_path / "c"), *FAST]) == 2
+    assert capsys.readouterr().err == (f"controlstack generate: error: cannot tell which annotator control model "
+                                       f"'{folder}' needs to preprocess its image; name one (preprocess='canny'; "
+                                       "on the command line --module I:canny)\n")
+
+
 def test_parse_control_takes_numbers_and_schedules_from_the_right(tmp_path):
     from controlstack.cli.generate import parse_control
 

@@ -56,7 +56,7 @@ def test_a_finetuned_controlnet_keeps_its_parents_recommendation(world_dir, decl
     model = train(tiny_controlnet_config(world_dir, declaring_base, tmp_path / "cn", init_from=parent,
                                          **NO_VALIDATION))
     # init_from's wins over the base's, its window travels with it
-    assert _settings(model) == {"recommended": {"mode": "prompt", "end": 0.8}}
+    assert _settings(model)["recommended"] == {"mode": "prompt", "end": 0.8}
 
 
 def test_a_fresh_controlnet_takes_the_mode_its_base_declares(world_dir, declaring_base, tiny_base_dir, tmp_path):
@@ -64,14 +64,15 @@ def test_a_fresh_controlnet_takes_the_mode_its_base_declares(world_dir, declarin
     from controlstack.training.controlnet import train
 
     model = train(tiny_controlnet_config(world_dir, declaring_base, tmp_path / "cn", **NO_VALIDATION))
-    assert _settings(model) == {"recommended": UNIFORM}  # the ControlNet part only: cfg stays the base's
+    # the ControlNet part only (cfg stays the base's), and the condition preprocess=True annotates with
+    assert _settings(model) == {"recommended": UNIFORM, "training": {"condition": "canny"}}
     # sampled on a base that declares nothing, it still resolves to that mode by itself
     pipe = Pipeline.from_pretrained(tiny_base_dir)
     hint = np.zeros((32, 32, 3), np.uint8)
     assert pipe.settings([Control(model, hint)], None, None, None, None)["mode"] == "controlnet"
-    # neither the base nor init_from declares anything: nothing is written (the defaults apply)
+    # neither the base nor init_from declares anything: no recommendation (the defaults apply)
     plain = train(tiny_controlnet_config(world_dir, tiny_base_dir, tmp_path / "plain", **NO_VALIDATION))
-    assert _settings(plain) is None
+    assert _settings(plain) == {"training": {"condition": "canny"}}
 
 
 def test_an_omni_controlnet_records_its_tasks_and_inherits_the_recommendation(world_dir, declaring_base, tmp_path):
@@ -101,8 +102,8 @@ def test_the_first_finetune_config_runs_on_a_fresh_clone(world_dir, tmp_path):
                "output_dir": str(tmp_path / "ft"), "resolution": 32, "batch_size": 2, "mixed_precision": "no",
                **NO_VALIDATION}
     model = train(ControlNetConfig.from_dict(values))
-    assert _settings(model) == {"recommended": UNIFORM} == {"recommended": json.loads(
-        (assets.BUNDLE_DIR / "controlnets" / "canny" / "controlstack.json").read_text())["recommended"]}
+    assert _settings(model)["recommended"] == UNIFORM == json.loads(
+        (assets.BUNDLE_DIR / "controlnets" / "canny" / "controlstack.json").read_text())["recommended"]
 
 
 def test_training_output_has_no_torchvision_fallback_notes(world_dir, tiny_base_dir, tmp_path):

@@ -15,6 +15,7 @@ Families live one per module (``edges``, ``lines``, ``transforms``, ``normal``, 
 from __future__ import annotations
 
 import importlib
+from os import PathLike
 
 from controlstack.errors import ControlstackError
 
@@ -93,6 +94,45 @@ def get(name: str, **params):
     return cls(**params)
 
 
+#: words of ControlNet names that spell a condition type another way (sd-webui's model names)
+NAME_WORDS = {"openpose": "pose", "mlsd": "lines", "normalbae": "normal", "softedge": "softedge", "hed": "hed"}
+
+
+def condition_in_name(name: str) -> str | None:
+    """The condition type a ControlNet's name or path names, read from its last word backwards:
+    ``mi-canny`` -> canny, ``control_v11p_sd15_openpose.safetensors`` -> pose; None when no word does."""
+    import re
+    from pathlib import PurePath
+
+    for part in reversed(PurePath(name).parts):
+        for word in reversed(re.split(r"[^a-z0-9]+", part.lower().removesuffix(".safetensors"))):
+            word = NAME_WORDS.get(word, word)
+            if word in _REGISTRY or word in FOR_TASK:
+                return word
+    return None
+
+
+def for_control(model, task: str | None = None) -> str:
+    """The annotator ``preprocess=True`` runs for a control: its Omni task's (:func:`for_task`), else
+    the one of the condition its ControlNet takes -- the condition its folder's training record names
+    (the recipes write it: ``mi-canny`` -> canny), else a word of its name. Unknown: a one-line error
+    asking for the annotator by name."""
+    if task:
+        return for_task(task)
+    from controlstack.io.settings import model_folder, read_settings
+
+    folder = model_folder(model)
+    record = (read_settings(folder).get("training") or {}) if folder is not None else {}
+    condition = record.get("condition") if isinstance(record.get("condition"), str) else None
+    if condition is None and isinstance(model, (str, PathLike)):
+        condition = condition_in_name(str(model))
+    if condition is None:
+        what = f"'{model}'" if isinstance(model, (str, PathLike)) else f"a {type(model).__name__}"
+        raise ControlstackError(f"cannot tell which annotator control model {what} needs to preprocess its image; "
+                                "name one (preprocess='canny'; on the command line --module I:canny)")
+    return condition if condition in _REGISTRY else for_task(condition)
+
+
 def for_task(task: str) -> str:
     """The annotator name for an Omni task (a task that is itself an annotator name maps to it)."""
     if task in FOR_TASK:
@@ -103,4 +143,5 @@ def for_task(task: str) -> str:
                             f"{', '.join(FOR_TASK)}")
 
 
-__all__ = ["FOR_TASK", "LEARNED", "ON_PHOTOS", "annotator_class", "available", "for_task", "get", "photo_note"]
+__all__ = ["FOR_TASK", "LEARNED", "ON_PHOTOS", "annotator_class", "available", "condition_in_name", "for_control",
+           "for_task", "get", "photo_note"]

@@ -253,6 +253,12 @@ def run(args: argparse.Namespace) -> int:
         preflight.check_control(args.model, name, task)
     masks = parse_masks(args.mask, len(specs))
     modules = parse_modules(args.module, len(specs))
+    if args.preprocess:  # the annotator follows each control's condition type (mi-canny -> canny)
+        from controlstack import annotators
+
+        for i, (name, task) in enumerate(models):
+            if i not in modules:
+                annotators.for_control(name, task)
     mask_images = {i: load_image(p) for i, p in masks.items()}
     # Controls validate their image, weight, window, mask and resize mode: all before the model loads
     controls = [

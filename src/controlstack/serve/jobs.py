@@ -70,7 +70,7 @@ def parse_v1(body, registered, limits: Limits) -> dict:
             raise ControlstackError(f"controls[{i}]: unknown field(s) {', '.join(extra)}")
         built.append(Control(resolve_model(c.get("model"), registered, f"controls[{i}].model"),
                              decode_image(c.get("image"), f"controls[{i}].image", limits),
-                             weight=c.get("weight", 1.0), start=c.get("start", 0.0), end=c.get("end", 1.0),
+                             weight=c.get("weight", 1.0), start=c.get("start"), end=c.get("end"),  # unset: recommended
                              mask=_image(c.get("mask"), f"controls[{i}].mask", limits),
                              resize_mode=c.get("resize_mode", "just_resize"), preprocess=c.get("preprocess", False),
                              task=c.get("task")))

@@ -185,9 +185,10 @@ def parse_generation(payload, registered_controlnets, limits: Limits, img2img: b
             raise ControlstackError(f"{where}.module must be a string")
         if "control_mode" in u:  # absent: the models' recommended mode, as the Python API does
             modes.add(_choice(u["control_mode"], WEBUI_CONTROL_MODES, MODE_BY_INDEX, f"{where}.control_mode"))
-        start = _number(u, "guidance_start", 0.0, 0, 1)
-        end = _number(u, "guidance_end", 1.0, 0, 1)
-        if start > end:
+        # unset: the model's recommended window (sd-webui's clients usually send both)
+        start = _number(u, "guidance_start", 0.0, 0, 1) if "guidance_start" in u else None
+        end = _number(u, "guidance_end", 1.0, 0, 1) if "guidance_end" in u else None
+        if start is not None and end is not None and start > end:
             raise ControlstackError(f"{where}: guidance_start {start} is after guidance_end {end}")
         params: dict = {}
         if module.startswith("canny"):

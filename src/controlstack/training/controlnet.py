@@ -397,6 +397,8 @@ def _save(controlnet, folder, config: ControlNetConfig, task_vectors=None) -> No
         rec = inherited(config.init_from, config.base)
         if rec:
             settings["recommended"] = rec
+        if task_vectors is None:  # the condition it takes: what preprocess=True annotates with
+            settings["training"] = {"condition": config.condition}
     if settings:
         write_settings(folder, settings)
 
