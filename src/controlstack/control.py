@@ -73,7 +73,8 @@ class Control:
                     the pipeline resolves it to the model's recommended window, else 0.0 / 1.0
     mask         -- region (PIL/array, soft allowed) where the control acts; None = everywhere
     resize_mode  -- just_resize | crop_and_resize | resize_and_fill (to the output size)
-    preprocess   -- run the annotator of the same name (or the named one) on ``image`` first
+    preprocess   -- run an annotator on ``image`` first: the named one, or (True) the one of the condition
+                    the ControlNet takes (``annotators.for_control``: mi-canny -> canny)
     task         -- the condition type for an Omni ControlNet ('depth', 'canny', ...): its task
                     token is prefixed to the prompt the ControlNet sees
     """

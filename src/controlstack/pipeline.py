@@ -356,8 +356,8 @@ class Pipeline(Prompting, Img2Img, Recommendations):
         ``width`` / ``height`` default to the model's native size (512 for SD-1.5); ``steps``,
         ``cfg`` and ``mode`` (with ``mode_options``) to what the models recommend (:meth:`settings`),
         else 20, 7.5 and ``balanced``; a control's unset ``start`` / ``end`` likewise (:meth:`with_windows`).
-        ``init_image`` makes it img2img (``strength`` in [0, 1]: how much of the schedule runs, 0
-        returns the init image); with ``inpaint_mask`` (white = repaint) it inpaints -- as diffusers'
+        ``init_image`` makes it img2img (``strength`` in [0, 1]: how much of the schedule runs; 0 runs
+        no step and returns the init image's VAE round trip); with ``inpaint_mask`` (white = repaint) it inpaints -- as diffusers'
         ControlNet img2img / inpaint pipelines, with a 4-channel U-Net (latent blending) or a
         9-channel inpainting U-Net.
         ``hires`` (sd-webui's hires fix): generate, upscale each image by ``hires`` (Lanczos), then
@@ -488,7 +488,7 @@ class Pipeline(Prompting, Img2Img, Recommendations):
             return control.preprocess
         from controlstack import annotators
 
-        return annotators.for_control(control.model, control.task)
+        return annotators.for_control(control.model, control.task, self.source)
 
 
 def _validate(prompt, steps, cfg, width, height, batch, factor):

@@ -32,7 +32,7 @@ class Recommendations:
         plain: pass ``mode_options={"lambda_max": 20}`` for an MI model loaded by hand)."""
         from controlstack.io.settings import model_folder, read_settings
 
-        folder = model_folder(model)
+        folder = model_folder(model, self.source)
         return folder is not None and (read_settings(folder).get("training") or {}).get("injection") == "mi"
 
     def control_recommendations(self, controls: Sequence[Control]) -> list[dict]:
@@ -44,7 +44,7 @@ class Recommendations:
         base = {k: self.recommended[k] for k in CONTROLNET_KEYS if k in self.recommended}
         recs = []
         for c in controls:
-            own = controlnet_recommendation(model_folder(c.model))
+            own = controlnet_recommendation(model_folder(c.model, self.source))
             rec = {**{k: v for k, v in base.items() if k in ("start", "end")}, **own}
             if "mode" not in own and "mode" in base:  # a mode's options belong to it: never mixed across folders
                 rec.update({k: base[k] for k in ("mode", "mode_options") if k in base})

@@ -20,7 +20,7 @@ def test_demo_writes_one_labelled_grid_with_parameters(tmp_path, capsys, caplog)
     omni = ["photo -> depth + canny (omni)"] * ("omni" in pipe.controlnets and assets.predictor_folder() is not None)
     window = pipe.tokenizer.model_max_length
     captions = [scene(i, pipe.native_size)["text"] for i in range(len(names) + 1)]
-    assert max(len(pipe.tokenizer(c, verbose=False).input_ids) for c in captions) > window  # what used to warn
+    assert max(len(pipe.tokenizer(c, verbose=False).input_ids) for c in captions) > window  # a caption the encoder cuts
     with caplog.at_level("WARNING", logger="controlstack"):
         assert main(["demo", "--out", str(tmp_path), "--steps", "1"]) == 0
     assert TOO_LONG not in caplog.text  # the project's own captions: no warning

@@ -138,7 +138,7 @@ def test_channel_mismatch(tmp_path, hint_images, capsys):
     assert not (tmp_path / "o").exists()
 
 
-def test_preprocess_runs_the_annotator_of_the_same_name(tmp_path):
+def test_preprocess_runs_the_annotator_of_the_controls_condition(tmp_path):
     """--preprocess on a photo == passing the canny annotator's output (pixel-perfect) directly."""
     from skimage import data
 
@@ -162,9 +162,8 @@ def test_preprocess_runs_the_annotator_of_the_same_name(tmp_path):
 
 
 def test_preprocess_follows_the_condition_type_of_an_mi_model(tmp_path, monkeypatch, capsys):
-    """``mi-canny`` takes canny edges: --preprocess runs the canny annotator (was: "unknown
-    annotator 'mi-canny'" after the model loaded); a model whose condition nothing tells fails
-    before any model is read."""
+    """``mi-canny`` takes canny edges, so --preprocess runs the canny annotator; a model whose
+    condition nothing tells fails before any model is read."""
     from skimage import data
 
     from controlstack import Pipeline, annotators

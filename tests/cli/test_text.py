@@ -49,7 +49,7 @@ def test_every_option_has_help_and_one_default_at_most(path, capsys):
 
 
 def test_the_reported_help_texts(capsys):
-    """demo's flags say their defaults; asym's --model says its own default once (issue 33, item 14)."""
+    """demo's flags say their defaults; asym's --model says its own default once."""
     def help_of(*path):
         with pytest.raises(SystemExit):
             main([*path, "--help"])

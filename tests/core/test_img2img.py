@@ -63,7 +63,7 @@ def test_img2img_matches_diffusers(pipe, tiny_components, tiny_controlnets, hint
     expected = _reference("img2img", tiny_components, cn, hint_images[0], init_image, scheduler, strength=strength)
     got = _ours(pipe, [Control(cn, hint_images[0])], init_image, scheduler, strength=strength)
     assert got.shape == expected.shape == (1, SIZE, SIZE, 3)
-    assert np.abs(got - expected).max() < 1e-4
+    assert_same_image(got, expected)
 
 
 def test_img2img_two_controls_window_and_guess_mode(pipe, tiny_components, tiny_controlnets, hint_images, init_image):
@@ -75,11 +75,11 @@ def test_img2img_two_controls_window_and_guess_mode(pipe, tiny_components, tiny_
                           control_guidance_end=[0.8, 1.0])
     got = _ours(pipe, [Control(tiny_controlnets[0], hint_images[0], weight=0.7, end=0.8),
                        Control(tiny_controlnets[1], hint_images[1], weight=1.3, start=0.3)], init_image, strength=0.75)
-    assert np.abs(got - expected).max() < 1e-4
+    assert_same_image(got, expected)
     cn = tiny_controlnets[0]
     expected = _reference("img2img", tiny_components, cn, hint_images[0], init_image, strength=0.6, guess_mode=True)
     got = _ours(pipe, [Control(cn, hint_images[0])], init_image, strength=0.6, mode="guess")
-    assert np.abs(got - expected).max() < 1e-4
+    assert_same_image(got, expected)
 
 
 def test_strength_zero_returns_the_init_image_through_the_vae(pipe, tiny_controlnets, hint_images, init_image):
@@ -100,7 +100,7 @@ def test_inpaint_with_a_4_channel_unet_matches_diffusers(pipe, tiny_components, 
     expected = _reference("inpaint", tiny_components, cn, hint_images[0], init_image, mask_image=mask_image,
                           strength=strength)
     got = _ours(pipe, [Control(cn, hint_images[0])], init_image, inpaint_mask=mask_image, strength=strength)
-    assert np.abs(got - expected).max() < 1e-4
+    assert_same_image(got, expected)
 
 
 def test_inpaint_two_controls_and_guess_mode(pipe, tiny_components, tiny_controlnets, hint_images, init_image,
@@ -112,7 +112,7 @@ def test_inpaint_two_controls_and_guess_mode(pipe, tiny_components, tiny_control
                           strength=1.0, guess_mode=True)
     got = _ours(pipe, [Control(tiny_controlnets[0], hint_images[0]), Control(tiny_controlnets[1], hint_images[1])],
                 init_image, inpaint_mask=mask_image, strength=1.0, mode="guess")
-    assert np.abs(got - expected).max() < 1e-4
+    assert_same_image(got, expected)
 
 
 @pytest.mark.parametrize("strength", [1.0, 0.6])
@@ -125,7 +125,7 @@ def test_inpaint_with_a_9_channel_unet_matches_diffusers(tiny_components, tiny_c
     expected = _reference("inpaint", nine, cn, hint_images[0], init_image, mask_image=mask_image, strength=strength)
     got = _ours(Pipeline(nine, name="tiny-inpaint"), [Control(cn, hint_images[0])], init_image,
                 inpaint_mask=mask_image, strength=strength)
-    assert np.abs(got - expected).max() < 1e-4
+    assert_same_image(got, expected)
     with pytest.raises(ControlstackError, match="inpainting U-Net: pass init_image and inpaint_mask"):
         Pipeline(nine, name="x")("p", steps=1, width=SIZE, height=SIZE, progress=False)
 

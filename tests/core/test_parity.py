@@ -8,6 +8,7 @@ import torch
 
 from controlstack import Control
 from controlstack.sampling import make_scheduler
+from tests.parity import assert_same_image
 
 STEPS, SIZE, CFG, SEED = 6, 64, 7.5, 1234
 
@@ -38,7 +39,7 @@ def test_one_control(pipe, tiny_components, tiny_controlnets, hint_images, sched
     expected = reference(tiny_components, cn, hint_images[0], scheduler)
     got = ours(pipe, [Control(cn, hint_images[0])], scheduler)
     assert got.shape == expected.shape == (1, SIZE, SIZE, 3)
-    assert np.abs(got - expected).max() < 1e-4
+    assert_same_image(got, expected)
     # and the control did something: not the uncontrolled image
     assert np.abs(got - ours(pipe, [], scheduler)).max() > 1e-2
 
@@ -54,7 +55,7 @@ def test_v_prediction_base_samples_as_diffusers(tiny_components, tiny_controlnet
     v = dataclasses.replace(tiny_components, scheduler_config={**SD_SCHEDULER_CONFIG, "prediction_type": "v_prediction"})
     cn = tiny_controlnets[0]
     got = ours(Pipeline(v, name="tiny-v"), [Control(cn, hint_images[0])], scheduler)
-    assert np.abs(got - reference(v, cn, hint_images[0], scheduler)).max() < 1e-4
+    assert_same_image(got, reference(v, cn, hint_images[0], scheduler))
     assert np.abs(got - ours(Pipeline(tiny_components, name="tiny"), [Control(cn, hint_images[0])], scheduler)).max() > 1e-2
 
 
@@ -65,14 +66,14 @@ def test_two_controls_weighted(pipe, tiny_components, tiny_controlnets, hint_ima
     expected = reference(tiny_components, multi, hint_images, controlnet_conditioning_scale=[0.7, 1.3])
     got = ours(pipe, [Control(tiny_controlnets[0], hint_images[0], weight=0.7),
                       Control(tiny_controlnets[1], hint_images[1], weight=1.3)])
-    assert np.abs(got - expected).max() < 1e-4
+    assert_same_image(got, expected)
 
 
 def test_guess_mode(pipe, tiny_components, tiny_controlnets, hint_images):
     cn = tiny_controlnets[0]
     expected = reference(tiny_components, cn, hint_images[0], guess_mode=True)
     got = ours(pipe, [Control(cn, hint_images[0])], mode="guess")
-    assert np.abs(got - expected).max() < 1e-4
+    assert_same_image(got, expected)
 
 
 def test_window(pipe, tiny_components, tiny_controlnets, hint_images):
@@ -80,14 +81,15 @@ def test_window(pipe, tiny_components, tiny_controlnets, hint_images):
     expected = reference(tiny_components, cn, hint_images[0], control_guidance_start=0.2,
                          control_guidance_end=0.6)
     got = ours(pipe, [Control(cn, hint_images[0], start=0.2, end=0.6)])
-    assert np.abs(got - expected).max() < 1e-4
+    assert_same_image(got, expected)
 
 
 def test_batch_of_images(pipe, tiny_components, tiny_controlnets, hint_images):
     cn = tiny_controlnets[0]
     expected = reference(tiny_components, cn, hint_images[0], num_images_per_prompt=2)
     got = ours(pipe, [Control(cn, hint_images[0])], batch=2)
-    assert got.shape[0] == 2 and np.abs(got - expected).max() < 1e-4
+    assert got.shape[0] == 2
+    assert_same_image(got, expected)
 
 
 def test_no_control_equals_plain_sd(pipe, tiny_components):
@@ -102,7 +104,7 @@ def test_no_control_equals_plain_sd(pipe, tiny_components):
                    generator=torch.Generator("cpu").manual_seed(SEED), output_type="np",
                    negative_prompt="blurry").images
     got = ours(pipe, [], mode="sum")
-    assert np.abs(got - expected).max() < 1e-4
+    assert_same_image(got, expected)
 
 
 def test_fresh_controlnet_is_identity(tiny_components):

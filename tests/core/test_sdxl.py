@@ -12,6 +12,7 @@ from PIL import Image
 from controlstack import Control, Pipeline
 from controlstack.errors import ControlstackError
 from controlstack.sampling import make_scheduler
+from tests.parity import assert_same_image
 
 STEPS, SIZE, CFG, SEED = 6, 64, 7.5, 1234
 
@@ -109,7 +110,7 @@ def test_one_control_matches_diffusers(xl, xl_pipe, xl_controlnets, hint_images,
     expected = reference("StableDiffusionXLControlNetPipeline", xl, cn, image=hint_images[0], scheduler=scheduler)
     got = ours(xl_pipe, [Control(cn, hint_images[0])], scheduler=scheduler)
     assert got.shape == (1, SIZE, SIZE, 3)
-    assert np.abs(got - expected).max() < 1e-4
+    assert_same_image(got, expected)
     assert np.abs(got - ours(xl_pipe, [], scheduler=scheduler)).max() > 1e-2  # the control acts
 
 
@@ -123,14 +124,14 @@ def test_two_controls_window_and_micro_conditioning_match_diffusers(xl, xl_pipe,
     controls = [Control(xl_controlnets[0], hint_images[0], weight=0.8, end=0.5),
                 Control(xl_controlnets[1], hint_images[1], weight=1.2, start=0.2)]
     got = ours(xl_pipe, controls, negative_prompt="blurry", **micro)
-    assert np.abs(got - expected).max() < 1e-4
+    assert_same_image(got, expected)
     assert np.abs(got - ours(xl_pipe, controls, negative_prompt="blurry")).max() > 1e-3  # the ids act
 
 
 def test_guess_mode_matches_diffusers(xl, xl_pipe, xl_controlnets, hint_images):
     cn = xl_controlnets[0]
     expected = reference("StableDiffusionXLControlNetPipeline", xl, cn, image=hint_images[0], guess_mode=True)
-    assert np.abs(ours(xl_pipe, [Control(cn, hint_images[0])], mode="guess") - expected).max() < 1e-4
+    assert_same_image(ours(xl_pipe, [Control(cn, hint_images[0])], mode="guess"), expected)
 
 
 def test_img2img_matches_diffusers(xl, xl_pipe, xl_controlnets, hint_images, init_image):
@@ -139,7 +140,7 @@ def test_img2img_matches_diffusers(xl, xl_pipe, xl_controlnets, hint_images, ini
     expected = reference("StableDiffusionXLControlNetImg2ImgPipeline", xl, cn, image=init_image,
                          control_image=hint_images[0], strength=0.6, controlnet_conditioning_scale=0.8)
     got = ours(xl_pipe, [Control(cn, hint_images[0], weight=0.8)], init_image=init_image, strength=0.6)
-    assert np.abs(got - expected).max() < 1e-4
+    assert_same_image(got, expected)
 
 
 @pytest.mark.parametrize("strength", [0.75, 1.0])
@@ -148,7 +149,7 @@ def test_inpaint_matches_diffusers(xl, xl_pipe, xl_controlnets, hint_images, ini
     expected = reference("StableDiffusionXLControlNetInpaintPipeline", xl, cn, image=init_image, mask_image=mask_image,
                          control_image=hint_images[1], strength=strength)
     got = ours(xl_pipe, [Control(cn, hint_images[1])], init_image=init_image, inpaint_mask=mask_image, strength=strength)
-    assert np.abs(got - expected).max() < 1e-4
+    assert_same_image(got, expected)
 
 
 def test_modes_masks_schedules_and_mi_run_on_sdxl_shapes(xl_pipe, xl_controlnets, hint_images):
@@ -191,7 +192,8 @@ def test_a_batch_of_two_matches_diffusers(xl, xl_pipe, xl_controlnets, hint_imag
     expected = reference("StableDiffusionXLControlNetPipeline", xl, cn, image=hint_images[0], num_images_per_prompt=2,
                          negative_prompt="blurry")
     got = ours(xl_pipe, [Control(cn, hint_images[0])], batch=2, negative_prompt="blurry")
-    assert got.shape == (2, SIZE, SIZE, 3) and np.abs(got - expected).max() < 1e-4
+    assert got.shape == (2, SIZE, SIZE, 3)
+    assert_same_image(got, expected)
 
 
 def test_odd_negative_prompts_and_sizes_are_handled(xl, xl_pipe):

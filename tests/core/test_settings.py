@@ -213,3 +213,24 @@ def test_a_big_undeclared_controlnet_does_not_warn(tiny_components, folders, hin
         Pipeline(tiny_components)("x", [Control(folders["plain"], hint_images[0])], steps=1, width=64, height=64,
                                   progress=False)
     assert "declares no recommended mode" not in caplog.text
+
+
+def test_a_base_folders_own_controlnets_are_read_from_it(tiny_components, tmp_path, hint_images):
+    """``--model base/`` in the bundle's layout brings ``base/controlnets/NAME``: a name resolves
+    there (as the loader resolves it), for its recommendation and its condition, not to the
+    bundled ControlNet of the same name."""
+    from controlstack import annotators
+    from controlstack.io.settings import model_folder
+
+    base = tmp_path / "base"
+    for name, condition in (("foo", "canny"), ("canny", "depth")):
+        (base / "controlnets" / name).mkdir(parents=True)
+        (base / "controlnets" / name / "controlstack.json").write_text(json.dumps(
+            {"recommended": {"mode": "prompt", "end": 0.5}, "training": {"condition": condition}}))
+    assert model_folder("foo", base) == base / "controlnets" / "foo" and model_folder("foo") is None
+    pipe = Pipeline(tiny_components, name="tiny")
+    pipe.source = base
+    assert pipe.control_recommendations([Control("canny", hint_images[0])]) == [{"mode": "prompt", "end": 0.5}]
+    assert pipe.settings([Control("foo", hint_images[0])], None, None, None, None)["mode"] == "prompt"
+    assert annotators.for_control("foo", base=base) == "canny"
+    assert annotators.for_control("canny", base=base) == "depth" and annotators.for_control("canny") == "canny"

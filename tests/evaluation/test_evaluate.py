@@ -68,7 +68,7 @@ def tiny_networks(tmp_path_factory):
 
 def test_evaluate_writes_the_report_and_resumes(tiny_networks, tmp_path, capsys, caplog):
     from controlstack.cli.main import main
-    from controlstack.evaluation.evaluate import KID_NOTE
+    from controlstack.evaluation.quality import KID_NOTE
 
     out = tmp_path / "ev"
     args = ["evaluate", "--scenes", "2", "--controls", "canny,none", "--steps", "2", "--out", str(out),
@@ -130,9 +130,8 @@ def test_missing_controlnet_is_named_before_generating(tiny_networks, tmp_path, 
 
 
 def test_the_fid_sample_threshold_is_twice_the_feature_dimension():
-    from controlstack.evaluation.evaluate import small_sample_note
     from controlstack.evaluation.networks import load_feature_extractor
-    from controlstack.evaluation.quality import FID_SCENES_PER_FEATURE, fid_min_scenes
+    from controlstack.evaluation.quality import FID_SCENES_PER_FEATURE, fid_min_scenes, small_sample_note
 
     assert FID_SCENES_PER_FEATURE == 2
     bundled = load_feature_extractor(None).num_features

@@ -81,7 +81,7 @@ def test_guess_mode_matches_diffusers(xl, xl_union, xl_pipe, hints):
     expected = reference(xl, xl_union, cfg=1.0, control_image=hints, control_mode=[0, 6], guess_mode=True)
     got = ours(xl_pipe, [Control(xl_union, hints[0], task="pose"), Control(xl_union, hints[1], task="tile")], cfg=1.0,
                mode="guess")
-    assert np.abs(got - expected).max() < 1e-4
+    assert_same_image(got, expected)
     assert np.isfinite(ours(xl_pipe, [Control(xl_union, hints[0], task="pose")], mode="guess")).all()  # with CFG too
 
 

@@ -49,3 +49,19 @@ def test_preview_and_generate_with_a_drawn_mask(tiny_pipe):
     with pytest.raises(ControlstackError, match="upload an image"):
         preview(None, "canny")
     assert preview(Image.fromarray(photo), "none").size == (64, 64)
+
+
+def test_choosing_a_model_sets_its_recommended_window(tiny_components, tmp_path):
+    import json
+
+    from controlstack import Pipeline
+    from controlstack.serve.ui import recommended_window
+
+    base = tmp_path / "base"
+    (base / "controlnets" / "late").mkdir(parents=True)
+    (base / "controlnets" / "late" / "controlstack.json").write_text(json.dumps({"recommended": {"start": 0.4}}))
+    (base / "controlstack.json").write_text(json.dumps({"recommended": {"end": 0.9}}))
+    pipe = Pipeline.from_source(tiny_components, {}, "tiny", base)
+    assert recommended_window(pipe, "late") == (0.4, 0.9)  # the ControlNet's start, the base's end
+    assert recommended_window(pipe, None) == (0.0, 0.9)
+    assert recommended_window(Pipeline(tiny_components, name="tiny"), "canny") == (0.0, 1.0)

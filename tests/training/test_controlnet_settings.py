@@ -117,3 +117,14 @@ def test_training_output_has_no_torchvision_fallback_notes(world_dir, tiny_base_
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "cn" / "samples" / "step-0000001.png").is_file()  # the pipeline import did happen
     assert not re.search(r"torchvision|ImageProcessor", proc.stderr), proc.stderr
+
+
+def test_a_plain_finetune_of_an_mi_model_does_not_keep_its_mi_mode(tmp_path, declaring_base):
+    from controlstack.io.settings import inherited
+
+    parent = tmp_path / "mi"
+    parent.mkdir()
+    (parent / "controlstack.json").write_text(json.dumps(
+        {"recommended": {"mode": "mi", "mode_options": {"reduce": "layer"}}, "training": {"injection": "mi"}}))
+    assert inherited(parent, declaring_base, "mi") == {"mode": "mi", "mode_options": {"reduce": "layer"}}
+    assert inherited(parent, declaring_base, "sum") == UNIFORM  # the base's, not the parent's mi

@@ -95,37 +95,50 @@ def get(name: str, **params):
 
 
 #: words of ControlNet names that spell a condition type another way (sd-webui's model names)
-NAME_WORDS = {"openpose": "pose", "mlsd": "lines", "normalbae": "normal", "softedge": "softedge", "hed": "hed"}
+NAME_WORDS = {"openpose": "pose", "mlsd": "lines", "normalbae": "normal"}
+
+
+def _known(condition) -> bool:
+    return isinstance(condition, str) and (condition in _REGISTRY or condition in FOR_TASK)
 
 
 def condition_in_name(name: str) -> str | None:
-    """The condition type a ControlNet's name or path names, read from its last word backwards:
-    ``mi-canny`` -> canny, ``control_v11p_sd15_openpose.safetensors`` -> pose; None when no word does."""
+    """The condition type a ControlNet's name names, read from its last word backwards: ``mi-canny``
+    -> canny, ``control_v11p_sd15_openpose.safetensors`` -> pose; a recipe's output folder ``model``
+    by its parent's name (``runs/seg-finetune/model`` -> seg). None when no word does."""
     import re
     from pathlib import PurePath
 
-    for part in reversed(PurePath(name).parts):
+    path = PurePath(name)
+    parts = [path.name] + ([path.parent.name] if path.name == "model" else [])
+    for part in parts:
         for word in reversed(re.split(r"[^a-z0-9]+", part.lower().removesuffix(".safetensors"))):
-            word = NAME_WORDS.get(word, word)
-            if word in _REGISTRY or word in FOR_TASK:
+            if _known(word := NAME_WORDS.get(word, word)):
                 return word
     return None
 
 
-def for_control(model, task: str | None = None) -> str:
+def controlnet_condition(model, folder=None) -> str | None:
+    """The condition a ControlNet takes: the one its folder's training record names (the recipes
+    write it), else a word of its name (:func:`condition_in_name`); None when neither is a known
+    condition type."""
+    from controlstack.io.settings import training_record
+
+    recorded = training_record(folder).get("condition")
+    if _known(recorded):
+        return recorded
+    return condition_in_name(str(model)) if isinstance(model, (str, PathLike)) else None
+
+
+def for_control(model, task: str | None = None, base=None) -> str:
     """The annotator ``preprocess=True`` runs for a control: its Omni task's (:func:`for_task`), else
-    the one of the condition its ControlNet takes -- the condition its folder's training record names
-    (the recipes write it: ``mi-canny`` -> canny), else a word of its name. Unknown: a one-line error
-    asking for the annotator by name."""
+    the one of the condition its ControlNet takes (:func:`controlnet_condition`; ``model`` resolved as
+    a ControlNet name of ``base``, else a path). Unknown: a one-line error asking for one by name."""
     if task:
         return for_task(task)
-    from controlstack.io.settings import model_folder, read_settings
+    from controlstack.io.settings import model_folder
 
-    folder = model_folder(model)
-    record = (read_settings(folder).get("training") or {}) if folder is not None else {}
-    condition = record.get("condition") if isinstance(record.get("condition"), str) else None
-    if condition is None and isinstance(model, (str, PathLike)):
-        condition = condition_in_name(str(model))
+    condition = controlnet_condition(model, model_folder(model, base))
     if condition is None:
         what = f"'{model}'" if isinstance(model, (str, PathLike)) else f"a {type(model).__name__}"
         raise ControlstackError(f"cannot tell which annotator control model {what} needs to preprocess its image; "
@@ -143,5 +156,5 @@ def for_task(task: str) -> str:
                             f"{', '.join(FOR_TASK)}")
 
 
-__all__ = ["FOR_TASK", "LEARNED", "ON_PHOTOS", "annotator_class", "available", "condition_in_name", "for_control",
-           "for_task", "get", "photo_note"]
+__all__ = ["FOR_TASK", "LEARNED", "ON_PHOTOS", "annotator_class", "available", "condition_in_name",
+           "controlnet_condition", "for_control", "for_task", "get", "photo_note"]

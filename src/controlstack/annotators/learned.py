@@ -170,7 +170,7 @@ class SegEstimate(LearnedAnnotator):
 #: Default instance-confidence gates of ``pose_estimate`` (the centre heatmap's peak: an instance's
 #: detection score, CenterNet-style; ``models.predictor.decode_keypoints``). The decode thresholds
 #: were chosen for recall on world scenes; on photographs the bundled predictor (trained on 128-px
-#: renders only) finds weak centres on cups, rockets and fur and drew skeletons there. Each value is
+#: renders only) finds weak centres on cups, rockets and fur, which the decode alone turns into skeletons. Each value is
 #: the first 0.01 step at least 0.01 above the strongest centre on skimage's astronaut, coffee,
 #: chelsea and rocket (people 0.386, animals 0.276). Cost on 100 training scenes ([0, 19000 + i]):
 #: people PCK@0.1 0.231 -> 0.222, keypoint precision 0.204 -> 0.227, 59 of 60 scenes with people

@@ -3,8 +3,8 @@
 Flags are a contract (scripts and other tools rely on them): --model --prompt --negative --steps
 --cfg --scheduler --seed --width --height --batch --mode --layer-weights --out, repeatable
 ``--control MODEL:IMAGE[:WEIGHT[:START[:END]]]`` (WEIGHT a number or a strength schedule
-``P@W,P@W,...``) and ``--mask I:FILE``, ``--preprocess`` (every control through its own-named
-annotator), ``--module I:NAME[,k=v...]`` (one control's annotator), ``--init IMAGE --strength S
+``P@W,P@W,...``) and ``--mask I:FILE``, ``--preprocess`` (every control through the annotator of the
+condition its ControlNet takes), ``--module I:NAME[,k=v...]`` (one control's annotator), ``--init IMAGE --strength S
 --inpaint-mask FILE`` (img2img / inpainting). An Omni ControlNet
 takes its task after a slash: ``--control omni/depth:depth.png:0.8``.
 OmniControlNet's integrated path: ``--from-image photo.png --tasks depth,canny`` makes the
@@ -62,7 +62,11 @@ def register(sub) -> None:
                         "START / END left out: the ControlNet's recommended window, else 0 and 1; repeatable")
     p.add_argument("--init", default=None, metavar="IMAGE", help="img2img: start from this image")
     p.add_argument("--strength", type=float, default=0.75,
-                   help="with --init: denoising strength in [0, 1] (0 returns the image; 1 repaints all)")
+                   help="with --init: denoising strength in [0, 1]: the last int(steps * S) steps run, from the "
+                        "image noised to that point; 0 (or under 1/steps) runs none and returns the image's VAE "
+                        "round trip at the output size, not the image -- on the bundled model's small VAE a photo "
+                        "already loses detail there, and every step repaints it towards the bundle's world "
+                        "(docs/img2img.md); 1 repaints all")
     p.add_argument("--inpaint-mask", default=None, metavar="FILE",
                    help="with --init: repaint where this mask is white (inpainting)")
     p.add_argument("--hires", type=float, default=None, metavar="SCALE",
@@ -75,7 +79,8 @@ def register(sub) -> None:
     p.add_argument("--mask", action="append", default=[], metavar="I:FILE",
                    help="region mask for control I (0-based); repeatable")
     p.add_argument("--preprocess", action="store_true",
-                   help="run each control's image through the annotator of the same name first")
+                   help="run each control's image through the annotator of the condition its ControlNet takes first "
+                        "(its training record, else its name: mi-canny -> canny; an Omni task's own)")
     p.add_argument("--module", action="append", default=[], metavar="I:NAME[,k=v...]",
                    help="sd-webui's preprocessor module for control I (0-based): run annotator NAME with these "
                         "parameters on its image first, e.g. 0:canny,low_threshold=50; repeatable")
@@ -258,7 +263,7 @@ def run(args: argparse.Namespace) -> int:
 
         for i, (name, task) in enumerate(models):
             if i not in modules:
-                annotators.for_control(name, task)
+                annotators.for_control(name, task, args.model)
     mask_images = {i: load_image(p) for i, p in masks.items()}
     # Controls validate their image, weight, window, mask and resize mode: all before the model loads
     controls = [

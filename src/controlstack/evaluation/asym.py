@@ -37,23 +37,14 @@ class AsymResult:
 
 
 def condition_of(name: str, folder=None) -> str:
-    """The condition column a ControlNet reads: its bundled name (``canny``, ``mi-canny``), else
-    the ``training.condition`` of its settings file."""
-    from controlstack.training.rebalance import BLANK
+    """The condition column a ControlNet reads (:func:`controlstack.annotators.controlnet_condition`:
+    its folder's training record, else a word of its name such as ``mi-canny``'s)."""
+    from controlstack.annotators import controlnet_condition
 
-    base = name.removeprefix("mi-")
-    if base in BLANK:
-        return base
-    if folder is not None:
-        from pathlib import Path
-
-        from controlstack.io.settings import read_settings
-
-        if Path(folder).is_dir():
-            cond = (read_settings(folder).get("training") or {}).get("condition")
-            if cond:
-                return str(cond)
-    raise ControlstackError(f"cannot tell which condition ControlNet '{name}' reads; pass --condition (e.g. canny)")
+    condition = controlnet_condition(name, folder)
+    if condition is None:
+        raise ControlstackError(f"cannot tell which condition ControlNet '{name}' reads; pass --condition (e.g. canny)")
+    return condition
 
 
 def held_out_rows(n: int, start: int, size: int, condition: str) -> list[dict]:
@@ -104,7 +95,7 @@ def measure_asym(pipe, controlnet, condition: str | None = None, data: str | Non
     require(isinstance(steps, int) and steps >= 1, f"--steps must be a positive integer, got {steps}")
     name = controlnet if isinstance(controlnet, str) else "model"
     model = pipe.controlnet(controlnet)
-    folder = model_folder(controlnet)
+    folder = model_folder(controlnet, pipe.source)
     condition = condition or condition_of(str(name), folder)
     if mode is None:
         rec = recommended_mode(folder) if folder is not None else None

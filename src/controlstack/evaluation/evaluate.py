@@ -247,25 +247,6 @@ def measure_row(row: dict, images, scenes, captions, fid_kid, scorer, config: Ev
     return out
 
 
-#: Why a KID can be negative, for the report and metrics.json (KID: Bińkowski et al. 2018)
-KID_NOTE = ("KID is an unbiased estimate of the squared MMD: its true value is >= 0, but the estimate scatters "
-            "around it, widely at small N, so a KID whose true value is near 0 (the real-vs-real split) or one "
-            "from few scenes can come out negative; read a negative KID as no difference measurable at this N")
-
-
-def small_sample_note(scenes: int, num_features: int) -> str | None:
-    """The one-line warning for an evaluation too small for FID (None from ``fid_min_scenes`` up)."""
-    from controlstack.evaluation.quality import FID_SCENES_PER_FEATURE, fid_min_scenes
-
-    need = fid_min_scenes(num_features)
-    if scenes >= need:
-        return None
-    return (f"{scenes} scenes is below the {need} FID needs with this feature network ({FID_SCENES_PER_FEATURE} x its "
-            f"{num_features} features, so each half of the real-vs-real reference has a full-rank covariance): "
-            "FID here is mostly small-sample bias, the real-vs-real FID can exceed the rows', and KID can be "
-            "negative; use more --scenes before reading FID")
-
-
 def run(config: EvaluateConfig, out_dir: str | Path, progress: bool = True) -> dict:
     """Generate (or reuse), measure and report the grid; returns the metrics.json dict::
 
@@ -282,7 +263,7 @@ def run(config: EvaluateConfig, out_dir: str | Path, progress: bool = True) -> d
     from controlstack.evaluation.html import write_report
     from controlstack.evaluation.mi import total_variation
     from controlstack.evaluation.networks import ClipScorer, load_feature_extractor
-    from controlstack.evaluation.quality import FidKid, fid_min_scenes, reference
+    from controlstack.evaluation.quality import KID_NOTE, FidKid, fid_min_scenes, reference, small_sample_note
     from controlstack.io.paths import output_folder
     from controlstack.prompting import project_prompts
 

@@ -158,8 +158,7 @@ def grids(report: dict, scenes: list[dict], images: dict, grid_scenes: int) -> l
 
 
 def write_report(report: dict, scenes: list[dict], images: dict, path, grid_scenes: int = 4) -> None:
-    from controlstack.evaluation.evaluate import KID_NOTE
-    from controlstack.evaluation.quality import FID_SCENES_PER_FEATURE
+    from controlstack.evaluation.quality import FID_SCENES_PER_FEATURE, KID_NOTE
 
     ref = report["reference"]
     cfg = report["config"]
@@ -177,9 +176,10 @@ def write_report(report: dict, scenes: list[dict], images: dict, path, grid_scen
              "</table><p class=note>CLIP score of the real renders with their own captions (the ceiling) and with "
              "another scene's caption (chance); FID / KID between two halves of the real renders (what the same "
              "distribution scores at this set size); the real renders' total variation.</p>",
-             f"<p class=note>FID needs at least {sample.get('fid_min_scenes', '?')} scenes with this feature network "
-             f"({FID_SCENES_PER_FEATURE} x its {sample.get('feature_dim', '?')} features: each half of the real-vs-real split needs a "
-             f"full-rank covariance); below that its small-sample bias dominates. {html.escape(KID_NOTE)}.</p>",
+             (f"<p class=note>FID needs at least {sample.get('fid_min_scenes', '?')} scenes with this feature network "
+              f"({FID_SCENES_PER_FEATURE} x its {sample.get('feature_dim', '?')} features: each half of the real-vs-real "
+              f"split needs a full-rank covariance); below that its small-sample bias dominates. "
+              f"{html.escape(KID_NOTE)}.</p>"),
              "<h2>Rows</h2>", table(report["rows"]),
              "<p class=note>Fidelity of no-control rows is measured for each control type of the grid "
              "(<code>type.metric</code>): the baseline a control must beat. tv: total variation of the images.</p>",

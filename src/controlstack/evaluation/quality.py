@@ -38,6 +38,23 @@ def fid_min_scenes(num_features: int) -> int:
     return FID_SCENES_PER_FEATURE * int(num_features)
 
 
+#: Why a KID can be negative, for the report and metrics.json (KID: Bińkowski et al. 2018)
+KID_NOTE = ("KID is an unbiased estimate of the squared MMD: its true value is >= 0, but the estimate scatters "
+            "around it, widely at small N, so a KID whose true value is near 0 (the real-vs-real split) or one "
+            "from few scenes can come out negative; read a negative KID as no difference measurable at this N")
+
+
+def small_sample_note(scenes: int, num_features: int) -> str | None:
+    """The one-line warning for an evaluation too small for FID (None from ``fid_min_scenes`` up)."""
+    need = fid_min_scenes(num_features)
+    if scenes >= need:
+        return None
+    return (f"{scenes} scenes is below the {need} FID needs with this feature network ({FID_SCENES_PER_FEATURE} x its "
+            f"{num_features} features, so each half of the real-vs-real reference has a full-rank covariance): "
+            "FID here is mostly small-sample bias, the real-vs-real FID can exceed the rows', and KID can be "
+            "negative; use more --scenes before reading FID")
+
+
 def _batch(images) -> torch.Tensor:
     """uint8 (H, W, 3) arrays or PIL images -> uint8 (B, 3, H, W)."""
     a = np.stack([np.asarray(im.convert("RGB") if hasattr(im, "convert") else im, np.uint8) for im in images])

@@ -52,19 +52,28 @@ def read_settings(folder: str | Path) -> dict:
     return data
 
 
-def model_folder(model) -> Path | None:
-    """The folder a Control's model names: an existing folder, else the bundled ControlNet of that
-    name; None for anything else (a single file, a model object, an unknown name)."""
+def model_folder(model, base: str | Path | None = None) -> Path | None:
+    """The folder a Control's model names, resolved as ``Pipeline.controlnet`` resolves it: a
+    ControlNet name of the base (``base/controlnets/NAME`` for a base folder in the bundle's layout,
+    else the bundled ControlNet of that name), else an existing folder; None for anything else (a
+    single file, a model object, an unknown name)."""
     import os
+
+    from controlstack import assets
 
     if not isinstance(model, (str, os.PathLike)):
         return None
-    if Path(model).is_dir():
-        return Path(model)
-    from controlstack import assets
+    own = Path(base) / "controlnets" if base is not None and (Path(base) / "controlnets").is_dir() else None
+    root = own or assets.BUNDLE_DIR / "controlnets"
+    if Path(model).name == str(model) and (root / str(model)).is_dir():  # a plain name, names first
+        return root / str(model)
+    return Path(model) if Path(model).is_dir() else None
 
-    folder = assets.BUNDLE_DIR / "controlnets" / str(model)
-    return folder if folder.is_dir() else None
+
+def training_record(folder: str | Path | None) -> dict:
+    """A model folder's ``training`` record (``{}`` without one)."""
+    record = read_settings(folder).get("training") if folder is not None and Path(folder).is_dir() else None
+    return record if isinstance(record, dict) else {}
 
 
 def write_settings(folder: str | Path, settings: dict) -> Path:
@@ -123,12 +132,15 @@ def controlnet_recommendation(folder: str | Path | None) -> dict:
     return {k: rec[k] for k in CONTROLNET_KEYS if k in rec}
 
 
-def inherited(init_from: str | Path | None, base: str | Path | None) -> dict:
-    """What a ControlNet trained from ``init_from`` (or fresh, "") on ``base`` should recommend: the
-    ControlNet part of ``init_from``'s recommendation when it declares a mode, else the base's
-    (the mode the base declares for its ControlNets), else ``{}``. Fine-tuning keeps the
-    architecture and the base, and with them the mode its residuals were measured to work in."""
-    own = controlnet_recommendation(init_from) if init_from else {}
+def inherited(init_from: str | Path | None, base: str | Path | None, injection: str = "sum") -> dict:
+    """What a ControlNet trained with ``injection`` from ``init_from`` (or fresh, "") on ``base``
+    should recommend: the ControlNet part of ``init_from``'s recommendation when it declares a mode
+    and was trained with the same injection, else the base's (the mode the base declares for its
+    ControlNets), else ``{}``. Fine-tuning keeps the architecture and the base, and with them the
+    mode its residuals were measured to work in; a plain fine-tune of an MI model does not keep the
+    ``mi`` injection its parent's mode assumes (λ would be capped as for a plain ControlNet)."""
+    same = init_from and training_record(init_from).get("injection", "sum") == injection
+    own = controlnet_recommendation(init_from) if same else {}
     if "mode" in own:
         return own
     return controlnet_recommendation(base) if base else {}

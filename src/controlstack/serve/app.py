@@ -329,8 +329,8 @@ def create_app(pipeline_factory: Callable | dict | None = None, token: str | Non
         pipe = worker.pipe
         return {"bases": [{"name": n, "loaded": n in worker.loaded} for n in worker.factories],
                 "default": {"name": pipe.name, "native_size": pipe.native_size, "recommended": pipe.recommended},
-                "controlnets": [{"name": n, "recommended": recommended(model_folder(n)), "card": card(model_folder(n))}
-                                for n in sorted(pipe.controlnets)]}
+                "controlnets": [{"name": n, "recommended": recommended(model_folder(n, pipe.source)),
+                                 "card": card(model_folder(n, pipe.source))} for n in sorted(pipe.controlnets)]}
 
     @app.get("/v1/annotators")
     def annotator_list():

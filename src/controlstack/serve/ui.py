@@ -86,6 +86,17 @@ PREPROCESSOR_INFO = ("learned ones (depth, hed, scribble_hed, normal_estimate, s
                      "canny, softedge, lineart, lines or scribble (controlstack annotate --list says more)")
 
 
+def recommended_window(pipe, model: str | None) -> tuple[float, float]:
+    """The start / end a unit's sliders take when its model is chosen: the ControlNet's recommended
+    window, else the base's, else 0 / 1 -- what the API gives a control that leaves them unset."""
+    from controlstack.io.settings import controlnet_recommendation, model_folder
+
+    rec = {k: pipe.recommended[k] for k in ("start", "end") if k in pipe.recommended}
+    rec.update({k: v for k, v in controlnet_recommendation(model_folder(model, pipe.source)).items()
+                if k in ("start", "end")} if model else {})
+    return float(rec.get("start", 0.0)), float(rec.get("end", 1.0))
+
+
 def preprocessor_choices() -> list[tuple[str, str]]:
     """(label, annotator name) for the Preprocessor dropdown: a learned one's label says it is for
     world scenes (its one-line note, with what to use on photos, is in ``annotate --list``)."""
@@ -133,6 +144,7 @@ def build(pipe, lock):
                             start = gr.Slider(0, 1, value=0.0, step=0.01, label="Starting Control Step")
                             end = gr.Slider(0, 1, value=1.0, step=0.01, label="Ending Control Step")
                         gr.Button("Preview").click(_safe(preview), [image, pre, res], condition)
+                        model.change(lambda name: recommended_window(pipe, name), model, [start, end])
                         unit_widgets.append((enabled, image, pre, model, weight, start, end))
             with gr.Column(scale=2):
                 run = gr.Button("Generate", variant="primary")

@@ -394,7 +394,7 @@ def _save(controlnet, folder, config: ControlNetConfig, task_vectors=None) -> No
         rec = {"mode": config.injection, **({"mode_options": config.injection_options} if config.injection_options else {})}
         settings.update(recommended=rec, training={"condition": config.condition, **mi})
     else:
-        rec = inherited(config.init_from, config.base)
+        rec = inherited(config.init_from, config.base, config.injection)
         if rec:
             settings["recommended"] = rec
         if task_vectors is None:  # the condition it takes: what preprocess=True annotates with
