@@ -39,6 +39,7 @@ from controlstack.recommendations import (  # noqa: F401 (the constants are re-e
 from controlstack.sampling import make_scheduler, sample
 
 MAX_SIZE = 4096
+MAX_HIRES = 8.0  # the hires fix's largest upscale factor
 #: 4th-order linear multistep schedulers (PLMS, LMS): with a control on the conditional CFG half only
 #: (modes controlnet, guess) and strong guidance they amplify the guided control term into speckle
 #: (README, "Control modes": high-frequency energy 8.3 / 6.9 vs 4.8 for unipc / euler at CFG 7.5, the same
@@ -295,10 +296,10 @@ class Pipeline(Prompting, Img2Img, Recommendations):
 
     def _hires(self, scale, hires_strength, prompt, controls, *, output_type, return_result, **kw):
         """The hires fix: the first pass, Lanczos upscaling, img2img at the larger size."""
-        if not (isinstance(scale, (int, float)) and 1.0 <= scale <= 8.0):
-            raise ControlstackError(f"hires must be an upscale factor in [1, 8], got {scale!r}")
+        if not (isinstance(scale, (int, float)) and 1.0 <= scale <= MAX_HIRES):
+            raise ControlstackError(f"hires must be an upscale factor in [1, {MAX_HIRES:g}], got {scale!r}")
         f = self.vae_scale_factor
-        w2, h2 = (max(f, round(kw[k] * scale / f) * f) for k in ("width", "height"))
+        w2, h2 = hires_size(kw["width"], kw["height"], scale, f)
         _validate(prompt, kw["steps"], kw["cfg"], w2, h2, kw["batch"], f)
         first = self(prompt, controls, output_type="pil", return_result=True, **kw)
         images, seed = [], kw["seed"]
@@ -461,24 +462,12 @@ class Pipeline(Prompting, Img2Img, Recommendations):
         return GenerationResult(images, params) if return_result else images
 
     def memory_needed(self, batch: int, width: int, height: int) -> int:
-        """A lower bound of the bytes a call needs beyond the loaded weights: the U-Net's first-level
-        activations for the CFG batch (a dozen live tensors) and the VAE decoder's full-resolution
-        ones (input, output and a normalisation of its widest level). Real peaks are higher."""
-        f = self.vae_scale_factor
-        unet = 2 * batch * (height // f) * (width // f) * self.unet.config.block_out_channels[0] * 4 * 12
-        vae = batch * height * width * self.vae.config.block_out_channels[0] * 4 * 3
-        return unet + vae
+        """:func:`memory_needed` of this pipeline's U-Net and VAE."""
+        return memory_needed(self.unet.config.block_out_channels[0], self.vae.config.block_out_channels[0],
+                             self.vae_scale_factor, batch, width, height)
 
     def check_memory(self, batch: int, width: int, height: int) -> None:
-        """Refuse, in one line, a call that cannot fit this machine's free memory (instead of being
-        killed by the kernel mid-run)."""
-        from controlstack.models.speed import available_memory
-
-        need = self.memory_needed(batch, width, height)
-        free = available_memory()
-        if free is not None and need > free:
-            raise ControlstackError(f"batch {batch} at {width}x{height} needs at least {need / 2**30:.1f} GiB, more "
-                                    f"than the {free / 2**30:.1f} GiB free; lower the batch or the size")
+        check_memory(self.memory_needed(batch, width, height), batch, width, height)
 
     def module_name(self, control: Control) -> str:
         """The annotator a control's image goes through ('none' without preprocessing)."""
@@ -489,6 +478,32 @@ class Pipeline(Prompting, Img2Img, Recommendations):
         from controlstack import annotators
 
         return annotators.for_control(control.model, control.task, self.source)
+
+
+def hires_size(width: int, height: int, scale: float, factor: int) -> tuple[int, int]:
+    """The hires fix's second-pass size: each side scaled, rounded to the VAE's factor."""
+    return max(factor, round(width * scale / factor) * factor), max(factor, round(height * scale / factor) * factor)
+
+
+def memory_needed(unet_width: int, vae_width: int, factor: int, batch: int, width: int, height: int) -> int:
+    """A lower bound of the bytes a call needs beyond the loaded weights: the U-Net's first-level
+    activations (``unet_width`` channels) for the CFG batch (a dozen live tensors) and the VAE
+    decoder's full-resolution ones (``vae_width`` channels: input, output and a normalisation of its
+    widest level). Real peaks are higher."""
+    unet = 2 * batch * (height // factor) * (width // factor) * unet_width * 4 * 12
+    vae = batch * height * width * vae_width * 4 * 3
+    return unet + vae
+
+
+def check_memory(need: int, batch: int, width: int, height: int) -> None:
+    """Refuse, in one line, a call that needs more than this machine's free memory (instead of
+    being killed by the kernel mid-run)."""
+    from controlstack.models.speed import available_memory
+
+    free = available_memory()
+    if free is not None and need > free:
+        raise ControlstackError(f"batch {batch} at {width}x{height} needs at least {need / 2**30:.1f} GiB, more "
+                                f"than the {free / 2**30:.1f} GiB free; lower the batch or the size")
 
 
 def _validate(prompt, steps, cfg, width, height, batch, factor):

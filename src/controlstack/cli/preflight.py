@@ -11,12 +11,10 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from types import SimpleNamespace
 
 from controlstack.errors import ControlstackError
 
 VAE_FACTOR = 8  # every supported family's (SD-1.x / 2.x, SDXL), where no VAE config says otherwise
-MAX_HIRES = 8.0  # Pipeline._hires' range is [1, 8]
 
 
 def controlnet_folders(model: str | None) -> dict[str, Path | None]:
@@ -119,7 +117,7 @@ def base_configs(model: str | None, config: str | None) -> tuple[dict, dict] | N
 
 def check_sizes(args, configs: tuple[dict, dict] | None) -> None:
     """--width / --height / --batch / --hires / --hires-strength, as the pipeline will check them."""
-    from controlstack.pipeline import MAX_SIZE, Pipeline
+    from controlstack.pipeline import MAX_HIRES, MAX_SIZE, check_memory, hires_size, memory_needed
 
     unet, vae = configs or ({}, {})
     f = 2 ** (len(vae["block_out_channels"]) - 1) if "block_out_channels" in vae else VAE_FACTOR
@@ -138,15 +136,12 @@ def check_sizes(args, configs: tuple[dict, dict] | None) -> None:
     width, height = args.width or native, args.height or native
     if width is None or height is None:
         return
-    if scale is not None:  # the second pass's size, rounded as Pipeline._hires rounds it
-        w2, h2 = (max(f, round(v * scale / f) * f) for v in (width, height))
+    if scale is not None:  # the second pass's size, as the pipeline computes it
+        w2, h2 = hires_size(width, height, scale, f)
         if max(w2, h2) > MAX_SIZE:
             raise ControlstackError(f"--hires {scale:g} takes {width}x{height} to {w2}x{h2}, over {MAX_SIZE}; lower "
                                     "--hires, --width or --height")
-    if configs is not None and "block_out_channels" in unet:
-        # what Pipeline.check_memory reads of a loaded pipeline, from the configs: its own estimate
-        # and message, before any weight is read
-        shapes = SimpleNamespace(vae_scale_factor=f, unet=SimpleNamespace(config=SimpleNamespace(**unet)),
-                         vae=SimpleNamespace(config=SimpleNamespace(**vae)))
-        shapes.memory_needed = lambda *a: Pipeline.memory_needed(shapes, *a)
-        Pipeline.check_memory(shapes, args.batch, width * (scale or 1), height * (scale or 1))
+    if "block_out_channels" in unet and "block_out_channels" in vae:  # the pipeline's own estimate and message
+        w, h = width * (scale or 1), height * (scale or 1)
+        check_memory(memory_needed(unet["block_out_channels"][0], vae["block_out_channels"][0], f, args.batch, w, h),
+                     args.batch, w, h)
