@@ -222,6 +222,7 @@ def test_a_model_can_recommend_the_fast_tiers_precision():
     assert pipe.optimize("fast", precision="bf16").tier.precision == "bf16"
 
 
+@pytest.mark.slow  # compiles four more graphs (~2 min on 2 cores): make test-all runs it
 @needs_compiler
 def test_sdxl_added_conditions_are_graph_inputs(cache, hint_images, caplog, xl, xl_controlnets, xl_union):
     # SDXL's pooled text and size ids enter the U-Net and ControlNet graphs as two more inputs: no
