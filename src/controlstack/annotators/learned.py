@@ -188,7 +188,8 @@ class PoseEstimate(LearnedAnnotator):
     animals: bool = param(True, "detect animals (AP-10K, 17 points)")
     confidence: float = param(PEOPLE_CONFIDENCE, "draw a person only if the predictor's confidence (its instance-centre "
                                                  "peak) reaches this; 0 = every decoded one (default: measured on the "
-                                                 "bundled predictor, docs/annotators.md)", lo=0, hi=1)
+                                                 "bundled predictor, docs/annotators.md; a multi-task predictor's "
+                                                 "gate: OpenPose weights and a loader= ignore it)", lo=0, hi=1)
     animal_confidence: float = param(ANIMAL_CONFIDENCE, "the same for animals", lo=0, hi=1)
 
     def estimate(self, image):

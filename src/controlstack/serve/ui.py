@@ -17,6 +17,7 @@ import random
 import numpy as np
 from PIL import Image
 
+from controlstack.annotators import LEARNED
 from controlstack.errors import ControlstackError
 from controlstack.io.png import CONTROL_MODES, SAMPLERS, format_parameters
 
@@ -81,9 +82,9 @@ def generate(pipe, lock, prompt, negative, sampler, steps, cfg, seed, width, hei
     return result.images, format_parameters(result.parameters)
 
 
-PREPROCESSOR_INFO = ("learned ones (depth, hed, scribble_hed, normal_estimate, seg_estimate, pose_estimate) are "
-                     "trained on the procedural world: reliable on its scenes, not on photographs; on a photo use "
-                     "canny, softedge, lineart, lines or scribble (controlstack annotate --list says more)")
+PREPROCESSOR_INFO = (f"learned ones ({', '.join(LEARNED)}) are trained on the procedural world: reliable on its "
+                     "scenes, not on photographs; on a photo use canny, softedge, lineart, lines or scribble "
+                     "(controlstack annotate --list says more)")
 
 
 def recommended_window(pipe, model: str | None) -> tuple[float, float]:
