@@ -109,6 +109,10 @@ def test_the_first_finetune_config_runs_on_a_fresh_clone(world_dir, tmp_path):
 def test_training_output_has_no_torchvision_fallback_notes(world_dir, tiny_base_dir, tmp_path):
     """transformers notes that its image processors fall back to PIL when diffusers' pipeline modules
     are imported (validation sampling) without torchvision; the recipes never use them."""
+    import importlib.util
+
+    if importlib.util.find_spec("torchvision") is not None:
+        pytest.skip("torchvision is installed here: transformers has nothing to note")
     config = tmp_path / "cn.yaml"
     values = tiny_controlnet_config(world_dir, tiny_base_dir, tmp_path / "cn", max_steps=1, validate_every=1).to_dict()
     config.write_text(yaml.safe_dump(values))
