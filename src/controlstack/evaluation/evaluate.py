@@ -192,10 +192,12 @@ def _settings(config: EvaluateConfig, pipe, row: dict, size: int) -> dict:
     mode, options = call_mode(row)
     probe = [] if row["control"] is None else [control_for(row, Image.new("RGB", (8, 8)))]
     resolved = pipe.settings(probe, config.steps, row["cfg"], mode, options)
+    probe = pipe.with_windows(probe)
     return {"row": row, "steps": config.steps, "scheduler": config.scheduler, "size": size, "seed": config.seed,
             "start": config.start, "base": config.base or "bundle", "model_hash": pipe.model_hash,
             **({"optimize": pipe.tier.describe()} if pipe.tier.name != "parity" else {}),
-            "resolved": {"mode": resolved["mode"], "mode_options": resolved["mode_options"]}}
+            "resolved": {"mode": resolved["mode"], "mode_options": resolved["mode_options"],
+                         **({"window": [probe[0].start, probe[0].end]} if probe else {})}}
 
 
 def generate_row(pipe, config: EvaluateConfig, row: dict, scenes: list[dict], folder: Path, size: int, bar) -> list[np.ndarray]:
