@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from controlstack.control import Control
@@ -26,25 +27,36 @@ class Recommendations:
     """Resolution of a :class:`~controlstack.pipeline.Pipeline` call's unset settings (its ``recommended``
     base settings and ``controlnet()`` loader)."""
 
+    def folder_of(self, model: Any):
+        """The folder a control's model names for this pipeline (``io.settings.model_folder``): a
+        ControlNet name of the base it was loaded from, else an existing folder. A pipeline built from
+        components in memory (no ``source``) names its ControlNets by name only: none of them has a
+        folder, so a name never picks up the bundled ControlNet's settings."""
+        from controlstack.io.settings import model_folder
+
+        if self.source is None:
+            return Path(model) if isinstance(model, (str, os.PathLike)) and Path(model).is_dir() else None
+        return model_folder(model, self.source)
+
     def trained_with_mi(self, model: Any) -> bool:
         """Whether a Control's model was trained with the ``mi`` injection (its folder's
         ``controlstack.json`` says so; bundled names and paths are looked up; a model object counts as
         plain: pass ``mode_options={"lambda_max": 20}`` for an MI model loaded by hand)."""
-        from controlstack.io.settings import model_folder, read_settings
+        from controlstack.io.settings import read_settings
 
-        folder = model_folder(model, self.source)
+        folder = self.folder_of(model)
         return folder is not None and (read_settings(folder).get("training") or {}).get("injection") == "mi"
 
     def control_recommendations(self, controls: Sequence[Control]) -> list[dict]:
         """Each control's recommended ControlNet settings (``io/settings.py``): its folder's mode with its
         options, else the mode the base declares for its ControlNets; its folder's ``start`` / ``end``,
         else the base's, key by key."""
-        from controlstack.io.settings import CONTROLNET_KEYS, controlnet_recommendation, model_folder
+        from controlstack.io.settings import CONTROLNET_KEYS, controlnet_recommendation
 
         base = {k: self.recommended[k] for k in CONTROLNET_KEYS if k in self.recommended}
         recs = []
         for c in controls:
-            own = controlnet_recommendation(model_folder(c.model, self.source))
+            own = controlnet_recommendation(self.folder_of(c.model))
             rec = {**{k: v for k, v in base.items() if k in ("start", "end")}, **own}
             if "mode" not in own and "mode" in base:  # a mode's options belong to it: never mixed across folders
                 rec.update({k: base[k] for k in ("mode", "mode_options") if k in base})

@@ -138,48 +138,37 @@ def test_channel_mismatch(tmp_path, hint_images, capsys):
     assert not (tmp_path / "o").exists()
 
 
-def test_preprocess_runs_the_annotator_of_the_controls_condition(tmp_path):
-    """--preprocess on a photo == passing the canny annotator's output (pixel-perfect) directly."""
+@pytest.fixture()
+def photo_png(tmp_path):
     from skimage import data
-
-    from controlstack import annotators
 
     photo = tmp_path / "photo.png"
     Image.fromarray(data.astronaut()).resize((64, 64)).save(photo)
+    return photo
+
+
+@pytest.mark.parametrize("model", ["canny", "mi-canny"])
+def test_preprocess_runs_the_annotator_of_the_controls_condition(tmp_path, photo_png, model):
+    """--preprocess on a photo == passing the canny annotator's output (pixel-perfect) directly;
+    ``mi-canny`` takes canny edges too (its training record says so)."""
+    from controlstack import annotators
+
     edges = tmp_path / "edges.png"
-    annotators.get("canny", resolution=64)(Image.open(photo)).save(edges)
-    a, b = tmp_path / "a", tmp_path / "b"
-    assert main(["generate", "--prompt", "p", "--seed", "1", "--preprocess", "--control", f"canny:{photo}",
-                 "--out", str(a), *FAST]) == 0
-    assert main(["generate", "--prompt", "p", "--seed", "1", "--control", f"canny:{edges}",
-                 "--out", str(b), *FAST]) == 0
-    c = tmp_path / "c"
-    assert main(["generate", "--prompt", "p", "--seed", "1", "--control", f"canny:{photo}",
-                 "--out", str(c), *FAST]) == 0
+    annotators.get("canny", resolution=64)(Image.open(photo_png)).save(edges)
+    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    for out, image, pre in ((a, photo_png, ["--preprocess"]), (b, edges, []), (c, photo_png, [])):
+        assert main(["generate", "--prompt", "p", "--seed", "1", *pre, "--control", f"{model}:{image}",
+                     "--out", str(out), *FAST]) == 0
     img = lambda d: np.asarray(Image.open(d / "00000-1.png"))
     assert np.array_equal(img(a), img(b))
     assert not np.array_equal(img(a), img(c))
+    assert f"Module: canny, Model: {model}," in read_parameters(a / "00000-1.png")["parameters"]
 
 
-def test_preprocess_follows_the_condition_type_of_an_mi_model(tmp_path, monkeypatch, capsys):
-    """``mi-canny`` takes canny edges, so --preprocess runs the canny annotator; a model whose
-    condition nothing tells fails before any model is read."""
-    from skimage import data
+def test_preprocess_fails_before_loading_where_nothing_tells_the_condition(tmp_path, photo_png, monkeypatch, capsys):
+    from controlstack import Pipeline
 
-    from controlstack import Pipeline, annotators
-
-    photo = tmp_path / "photo.png"
-    Image.fromarray(data.astronaut()).resize((64, 64)).save(photo)
-    edges = tmp_path / "edges.png"
-    annotators.get("canny", resolution=64)(Image.open(photo)).save(edges)
-    a, b = tmp_path / "a", tmp_path / "b"
-    assert main(["generate", "--prompt", "p", "--seed", "1", "--preprocess", "--control", f"mi-canny:{photo}",
-                 "--out", str(a), *FAST]) == 0
-    assert main(["generate", "--prompt", "p", "--seed", "1", "--control", f"mi-canny:{edges}",
-                 "--out", str(b), *FAST]) == 0
-    assert np.array_equal(np.asarray(Image.open(a / "00000-1.png")), np.asarray(Image.open(b / "00000-1.png")))
-    assert "Module: canny, Model: mi-canny" in read_parameters(a / "00000-1.png")["parameters"]
-
+    photo = photo_png
     folder = tmp_path / "cn"
     folder.mkdir()
     (folder / "config.json").write_text("{}")
@@ -254,5 +243,6 @@ def test_a_schedule_from_the_command_line_equals_the_python_api(tmp_path, edge_p
     assert not np.array_equal(cli, np.asarray(Image.open(tmp_path / "c" / "00000-5.png").convert("RGB")))
     meta = read_parameters(tmp_path / "s" / "00000-5.png")
     assert meta["controlstack"]["controls"][0]["weight"] == [[0.0, 1.0], [1.0, 0.3]]
-    assert "Model: canny, Weight: 0@1,1@0.3, Guidance Start: 0.0" in meta["parameters"]
+    # canny's recommended window starts half-way
+    assert "Model: canny, Weight: 0@1,1@0.3, Guidance Start: 0.5" in meta["parameters"]
     assert meta["parameters"].replace(", Batch pos: 0", "") == api.info["parameters"]  # the CLI numbers every file

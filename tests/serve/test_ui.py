@@ -64,4 +64,5 @@ def test_choosing_a_model_sets_its_recommended_window(tiny_components, tmp_path)
     pipe = Pipeline.from_source(tiny_components, {}, "tiny", base)
     assert recommended_window(pipe, "late") == (0.4, 0.9)  # the ControlNet's start, the base's end
     assert recommended_window(pipe, None) == (0.0, 0.9)
+    # a pipeline over in-memory components: its "canny" is its own, not the bundled one (start 0.5)
     assert recommended_window(Pipeline(tiny_components, name="tiny"), "canny") == (0.0, 1.0)

@@ -102,7 +102,7 @@ def test_the_first_finetune_config_runs_on_a_fresh_clone(world_dir, tmp_path):
                "output_dir": str(tmp_path / "ft"), "resolution": 32, "batch_size": 2, "mixed_precision": "no",
                **NO_VALIDATION}
     model = train(ControlNetConfig.from_dict(values))
-    assert _settings(model)["recommended"] == UNIFORM == json.loads(
+    assert _settings(model)["recommended"] == {**UNIFORM, "start": 0.5} == json.loads(
         (assets.BUNDLE_DIR / "controlnets" / "canny" / "controlstack.json").read_text())["recommended"]
 
 

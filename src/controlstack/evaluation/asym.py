@@ -86,7 +86,7 @@ def measure_asym(pipe, controlnet, condition: str | None = None, data: str | Non
     from tqdm.auto import tqdm
 
     from controlstack.injection import make_injection
-    from controlstack.io.settings import model_folder, recommended_mode
+    from controlstack.io.settings import recommended_mode
     from controlstack.training.conservativity import epsilon_part, hutchinson_traces, rademacher
     from controlstack.training.controlnet import controlnet_eps
     from controlstack.training.diffusion import add_noise, encode_latents, sd_noise_scheduler, tokenize
@@ -95,7 +95,7 @@ def measure_asym(pipe, controlnet, condition: str | None = None, data: str | Non
     require(isinstance(steps, int) and steps >= 1, f"--steps must be a positive integer, got {steps}")
     name = controlnet if isinstance(controlnet, str) else "model"
     model = pipe.controlnet(controlnet)
-    folder = model_folder(controlnet, pipe.source)
+    folder = pipe.folder_of(controlnet)
     condition = condition or condition_of(str(name), folder)
     if mode is None:
         rec = recommended_mode(folder) if folder is not None else None

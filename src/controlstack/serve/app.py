@@ -320,7 +320,7 @@ def create_app(pipeline_factory: Callable | dict | None = None, token: str | Non
     @app.get("/v1/models")
     def models():
         """Bases and ControlNets by name, each with its model card (README.md) where it has one."""
-        from controlstack.io.settings import model_folder, recommended
+        from controlstack.io.settings import recommended
 
         def card(folder) -> str | None:
             path = None if folder is None else folder / "README.md"
@@ -329,8 +329,8 @@ def create_app(pipeline_factory: Callable | dict | None = None, token: str | Non
         pipe = worker.pipe
         return {"bases": [{"name": n, "loaded": n in worker.loaded} for n in worker.factories],
                 "default": {"name": pipe.name, "native_size": pipe.native_size, "recommended": pipe.recommended},
-                "controlnets": [{"name": n, "recommended": recommended(model_folder(n, pipe.source)),
-                                 "card": card(model_folder(n, pipe.source))} for n in sorted(pipe.controlnets)]}
+                "controlnets": [{"name": n, "recommended": recommended(pipe.folder_of(n)), "card": card(pipe.folder_of(n))}
+                                for n in sorted(pipe.controlnets)]}
 
     @app.get("/v1/annotators")
     def annotator_list():

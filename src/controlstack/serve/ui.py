@@ -90,10 +90,10 @@ PREPROCESSOR_INFO = (f"learned ones ({', '.join(LEARNED)}) are trained on the pr
 def recommended_window(pipe, model: str | None) -> tuple[float, float]:
     """The start / end a unit's sliders take when its model is chosen: the ControlNet's recommended
     window, else the base's, else 0 / 1 -- what the API gives a control that leaves them unset."""
-    from controlstack.io.settings import controlnet_recommendation, model_folder
+    from controlstack.io.settings import controlnet_recommendation
 
     rec = {k: pipe.recommended[k] for k in ("start", "end") if k in pipe.recommended}
-    rec.update({k: v for k, v in controlnet_recommendation(model_folder(model, pipe.source)).items()
+    rec.update({k: v for k, v in controlnet_recommendation(pipe.folder_of(model)).items()
                 if k in ("start", "end")} if model else {})
     return float(rec.get("start", 0.0)), float(rec.get("end", 1.0))
 
