@@ -29,10 +29,12 @@ class Pose(Annotator):
     scale: float = param(1.0, "scale skeletons about the canvas centre", lo=0.05, hi=20)
     move_x: float = param(0.0, "move skeletons right by this fraction of the canvas width", lo=-2, hi=2)
     move_y: float = param(0.0, "move skeletons down by this fraction of the canvas height", lo=-2, hi=2)
+    #: a pose given as data instead of a file named by ``json`` (the server's content-only input); not a parameter
+    pose_data: P.PoseData | None = None
 
     def edited(self) -> P.PoseData:
-        """The JSON's pose after this annotator's edits, on the JSON's own canvas."""
-        pose = P.read_openpose_json(self.json)
+        """The pose (``pose_data``, else the JSON file's) after this annotator's edits, on its own canvas."""
+        pose = self.pose_data if self.pose_data is not None else P.read_openpose_json(self.json)
         if self.mirror:
             pose = P.mirror(pose)
         if self.scale != 1.0:
@@ -42,7 +44,7 @@ class Pose(Annotator):
         return pose
 
     def __call__(self, image=None) -> Image.Image:
-        if self.json is None:
+        if self.json is None and self.pose_data is None:
             if image is None:
                 raise_missing()
             rgb = self.prepare(image)

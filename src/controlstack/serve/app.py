@@ -1,11 +1,15 @@
 """The HTTP server: sd-webui's API (the subset sd-webui-controlnet's clients use) and the project's
 own ``/v1``, over the Python API, one FastAPI app.
 
-Safety first: models by registered name only (``webui.resolve_model``), caps on body size, images,
-steps, size and batch (``webui.Limits``), a bounded queue that answers 429 with ``Retry-After`` when
-full, generation in a worker thread (the event loop keeps answering), a Bearer token compared in
-constant time when one is set (``controlstack serve`` requires it off loopback), and errors as
-JSON naming the problem -- 4xx for the client's, a bare 500 for a bug: never a traceback or a path.
+Safety first: no field is ever opened as a server path (images are base64 data, models and bases
+registered names, annotator parameters content only: ``spec``, ``annotate``), bodies are read under
+caps on size, nesting and values before they are parsed (``bodies``), every field is validated
+when the request arrives, into one :class:`~.spec.JobSpec` for ``/v1`` and sd-webui alike, so only
+valid jobs are queued; caps on images, steps, size and batch (``spec.Limits``), a bounded queue that
+answers 429 with ``Retry-After`` when full, generation in a worker thread (the event loop keeps
+answering), a Bearer token compared in constant time when one is set (``controlstack serve``
+requires it off loopback), and errors as JSON naming the problem -- 4xx for the client's, a bare
+500 for a bug: never a traceback or a path.
 """
 
 from __future__ import annotations
@@ -20,7 +24,9 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from controlstack.errors import ControlstackError
-from controlstack.serve.webui import Job, Limits, encode_png, parse_generation
+from controlstack.serve.bodies import ClientError, read_json
+from controlstack.serve.spec import JobSpec, Limits, encode_png, number, spec_from_v1
+from controlstack.serve.webui import parse_generation
 
 MAX_BODY = 64 * 2**20
 VERSION = 2  # what sd-webui-controlnet's /controlnet/version answers to clients that check it
@@ -91,18 +97,13 @@ class Worker:
     def pipe(self):
         return self.base(None)
 
-    def generate(self, job: Job):
-        from controlstack import Control
-
+    def generate(self, spec: JobSpec):
         if not self._slots.acquire(blocking=False):
             raise Busy()
         try:
             with self.run_lock:
-                controls = [Control(c["model"], c["image"], weight=c["weight"], start=c["start"], end=c["end"],
-                                    mask=c["mask"], resize_mode=c["resize_mode"], preprocess=c["module"] or False,
-                                    annotator_params=c["params"]) for c in job.controls]
-                kw = dict(job.kwargs)
-                prompt, pipe = kw.pop("prompt"), self.base(kw.pop("base", None))
+                prompt, controls, kw = spec.call_args()
+                pipe = self.base(spec.base)
                 self.current = [0, kw.get("steps") or 0]
                 try:
                     report = lambda done, total: self.current.__setitem__(slice(None), [done, total])
@@ -125,15 +126,20 @@ def create_app(pipeline_factory: Callable | dict | None = None, token: str | Non
         from controlstack import Pipeline
 
         pipeline_factory = Pipeline.from_pretrained
-    from controlstack.serve.jobs import Jobs, parse_v1
+    from controlstack.serve.jobs import Jobs
 
     limits = limits or Limits()
     worker = Worker(pipeline_factory, queue_size, limits.job_seconds, memory_gib * 2**30)
     jobs = Jobs(worker, queue_size)
     app = FastAPI(title="controlstack", version=str(VERSION))
+    app.state.worker, app.state.jobs = worker, jobs  # for operators and tests (holding run_lock pauses generation)
 
     def error(status: int, message: str, **headers) -> JSONResponse:
         return JSONResponse({"error": message}, status_code=status, headers=headers or None)
+
+    def refused(exc: ControlstackError) -> JSONResponse:
+        """A client's mistake: its status (400 unless a ClientError says otherwise), one line."""
+        return error(getattr(exc, "status", 400), str(exc))
 
     @app.middleware("http")
     async def guard(request: Request, call_next):
@@ -141,35 +147,26 @@ def create_app(pipeline_factory: Callable | dict | None = None, token: str | Non
             given = request.headers.get("authorization", "")
             if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
                 return error(401, "missing or wrong token: send 'Authorization: Bearer <token>'")
-        if int(request.headers.get("content-length") or 0) > MAX_BODY:
+        length = request.headers.get("content-length") or "0"
+        if not length.isdigit():  # int() of it would raise here, outside the try: a 500
+            return error(400, "the Content-Length header is not a number")
+        if int(length) > MAX_BODY:
             return error(413, f"request body larger than {MAX_BODY // 2**20} MiB")
         try:
             return await call_next(request)
         except Exception:  # a bug: say so, without a traceback or a path
             return error(500, "internal error")
 
-    async def body(request: Request) -> dict:
-        raw = await request.body()
-        if len(raw) > MAX_BODY:
-            raise ControlstackError(f"request body larger than {MAX_BODY // 2**20} MiB")
-        try:
-            return json.loads(raw or b"{}")
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise ControlstackError("the request body is not valid JSON") from None
-
     async def generation(request: Request, img2img: bool):
         try:
-            payload = await body(request)
-            checkpoint = ((payload.get("override_settings") or {}) if isinstance(payload, dict) else {}).get(
-                "sd_model_checkpoint")
-            base = worker.base(checkpoint)
-            job = parse_generation(payload, set(base.controlnets), limits, img2img)
-            job.kwargs["base"] = checkpoint
-            result = await run_in_threadpool(worker.generate, job)
+            payload = await read_json(request, MAX_BODY)
+            # decoding images and loading a base take CPU time: off the event loop
+            spec = await run_in_threadpool(parse_generation, payload, worker.base, limits, img2img)
+            result = await run_in_threadpool(worker.generate, spec)
         except Busy:
             return error(429, "the queue is full; retry later", **{"Retry-After": "5"})
         except ControlstackError as exc:
-            return error(400, str(exc))
+            return refused(exc)
         p = result.parameters
         infotexts = [im.info.get("parameters", "") for im in result.images]
         info = {"prompt": p["prompt"], "negative_prompt": p["negative_prompt"], "seed": p["seed"],
@@ -228,57 +225,66 @@ def create_app(pipeline_factory: Callable | dict | None = None, token: str | Non
     @app.post("/controlnet/detect")
     async def detect(request: Request):
         """sd-webui-controlnet's preprocessor endpoint: run one annotator on each image."""
-        from controlstack.serve.webui import decode_image
+        from controlstack.serve.annotate import run_annotator
+        from controlstack.serve.spec import decode_image, short
+
+        def value(b: dict, key: str, default, lo: int, hi: int) -> int:
+            v = b.get(key)  # sd-webui-controlnet sends -1 (or null) for "the preprocessor's default"
+            return default if v is None or v == -1 else int(number(v, key, lo, hi))
 
         try:
-            b = await body(request)
+            b = await read_json(request, MAX_BODY)
             module = b.get("controlnet_module", "none")
-            if module not in annotators.available():
-                raise ControlstackError(f"controlnet_module {module!r} is unknown; see /controlnet/module_list")
+            if not isinstance(module, str) or module not in annotators.available():
+                raise ClientError(f"'controlnet_module' {short(module)} is unknown; see /controlnet/module_list")
             images = b.get("controlnet_input_images")
             if not isinstance(images, list) or not images or len(images) > limits.max_batch:
-                raise ControlstackError(f"controlnet_input_images must be a list of 1-{limits.max_batch} base64 images")
-            params = {"resolution": int(b.get("controlnet_processor_res", 512))}
+                raise ClientError(f"'controlnet_input_images' must be a list of 1-{limits.max_batch} base64 images")
+            params = {"resolution": value(b, "controlnet_processor_res", 512, 64, limits.max_side * 2)}
             if module == "canny":
-                params |= {"low_threshold": int(b.get("controlnet_threshold_a", 100)),
-                           "high_threshold": int(b.get("controlnet_threshold_b", 200))}
-            annotator = annotators.get(module, **params)
-            decoded = [decode_image(im, f"controlnet_input_images[{i}]", limits) for i, im in enumerate(images)]
-            out = await run_in_threadpool(lambda: [annotator(im) for im in decoded])
-        except (ControlstackError, TypeError, ValueError) as exc:
-            return error(400, str(exc))
+                params |= {"low_threshold": value(b, "controlnet_threshold_a", 100, 1, 255),
+                           "high_threshold": value(b, "controlnet_threshold_b", 200, 1, 255)}
+            try:
+                annotator = annotators.get(module, **params)
+            except ControlstackError as exc:
+                raise ClientError(str(exc)) from None
+            out = await run_in_threadpool(lambda: [
+                run_annotator(annotator, decode_image(im, f"controlnet_input_images[{i}]", limits), {})
+                for i, im in enumerate(images)])
+        except ControlstackError as exc:
+            return refused(exc)
         return {"images": [encode_png(im) for im in out], "info": "Success"}
 
     @app.post("/v1/annotate")
     async def annotate(request: Request):
-        from controlstack.serve.webui import decode_image
+        from controlstack.serve.annotate import http_annotator, run_annotator
+        from controlstack.serve.spec import decode_image
+
+        def run(b: dict):
+            unknown = sorted(set(b) - {"annotator", "params", "image"})
+            if unknown:
+                raise ClientError(f"unknown field(s) {', '.join(u[:40] for u in unknown[:5])}; known: annotator, "
+                                  "image, params")
+            annotator, call = http_annotator(b.get("annotator"), b.get("params", {}), limits)
+            return run_annotator(annotator, decode_image(b.get("image"), "image", limits), call)
 
         try:
-            b = await body(request)
-            name, params = b.get("annotator"), b.get("params", {})
-            if not isinstance(name, str) or not isinstance(params, dict):
-                raise ControlstackError("give 'annotator' (a name from /v1/annotators) and 'params' (an object)")
-            if "weights" in params:
-                raise ControlstackError("'weights' (a server path) cannot be set over HTTP")
-            annotator = annotators.get(name, **params)
-            image = decode_image(b.get("image"), "image", limits)
-            out = await run_in_threadpool(annotator, image)
-        except (ControlstackError, TypeError, ValueError) as exc:
-            return error(400, str(exc))
+            out = await run_in_threadpool(run, await read_json(request, MAX_BODY))
+        except ControlstackError as exc:
+            return refused(exc)
         return {"image": encode_png(out)}
 
     @app.post("/v1/generate", status_code=202)
     async def generate(request: Request):
         try:
-            b = await body(request)
-            name = b.pop("base", None) if isinstance(b, dict) else None
-            kwargs = parse_v1(b, set(worker.base(name).controlnets), limits)
-            kwargs["base"] = name
-            return {"id": jobs.submit(kwargs)}
+            b = await read_json(request, MAX_BODY)
+            # the whole job is validated now, off the event loop: only valid jobs take a queue slot
+            spec = await run_in_threadpool(spec_from_v1, b, worker.base, limits)
+            return {"id": jobs.submit(spec)}
         except Busy:
             return error(429, "the queue is full; retry later", **{"Retry-After": "5"})
         except ControlstackError as exc:
-            return error(400, str(exc))
+            return refused(exc)
 
     @app.get("/v1/jobs/{job_id}")
     def job(job_id: str):

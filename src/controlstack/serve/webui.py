@@ -7,113 +7,84 @@
 ``processor_res``, ``threshold_a``, ``threshold_b``, ``guidance_start``, ``guidance_end``,
 ``control_mode``, ``pixel_perfect``, ``enabled``. Spellings are sd-webui's (``io/png.py``).
 
-Everything a client sends is validated here, once: unknown samplers / modes name the choices,
-images are decoded from base64 under size caps, and **models are addressed by registered name
-only** -- sd-webui's ``"control_v11p_sd15_canny [d14c016b]"`` resolves to the registered name it
-contains, and a path is never opened.
+Everything a client sends is validated here, once, into the same :class:`~.spec.JobSpec` that
+``/v1/generate`` builds (and :func:`~.spec.check_spec` on it): every field this server reads is typed
+and ranged, and sd-webui's other fields (:data:`IGNORED_FIELDS`: hires fix, face restoration,
+scripts, ...) are type-checked as sd-webui's pydantic models would, then ignored; unknown fields are
+ignored as sd-webui ignores them. ``override_settings`` must be an object: its
+``sd_model_checkpoint`` (a string) picks the base, its other keys are ignored (clients send
+sd-webui's settings; this server has none of them). Images are base64 data under size caps, and
+**models are addressed by registered name only** -- sd-webui's ``"control_v11p_sd15_canny
+[d14c016b]"`` resolves to the registered name it contains, and a path is never opened.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
-import io
-import random
-import re
-from dataclasses import dataclass, field
-
-from PIL import Image
-
 from controlstack.errors import ControlstackError
-from controlstack.io.images import validate_image
 from controlstack.io.png import CONTROL_MODES, RESIZE_MODES, SAMPLERS
+from controlstack.serve.bodies import ClientError
+from controlstack.serve.spec import (  # noqa: F401  (Limits, decode_image, encode_png: this module's old API)
+    ControlSpec,
+    JobSpec,
+    Limits,
+    check_spec,
+    decode_image,
+    draw_seed,
+    encode_png,
+    flag,
+    number,
+    resolve_model,
+    short,
+    text,
+)
 
 WEBUI_SAMPLERS = {v: k for k, v in SAMPLERS.items()}
 WEBUI_CONTROL_MODES = {v: k for k, v in CONTROL_MODES.items()}
 WEBUI_RESIZE_MODES = {v: k for k, v in RESIZE_MODES.items()}
 MODE_BY_INDEX = ["balanced", "prompt", "controlnet"]
 RESIZE_BY_INDEX = ["just_resize", "crop_and_resize", "resize_and_fill"]
+#: the JobSpec field -> the sd-webui field a message names
+NAMES = {"cfg": "cfg_scale", "batch": "batch_size", "scheduler": "sampler_name", "init_image": "init_images[0]",
+         "inpaint_mask": "mask", "strength": "denoising_strength"}
+
+# sd-webui's txt2img / img2img fields this server does not use, by type (null allowed, as sd-webui's
+# Optional fields): a wrong type is a 400 as sd-webui's 422 would be; a right one is ignored
+_INT, _NUM, _BOOL, _STR, _LIST, _OBJ = (int,), (int, float), (bool,), (str,), (list,), (dict,)
+IGNORED_FIELDS = {
+    "styles": _LIST, "subseed": _INT, "subseed_strength": _NUM, "seed_resize_from_h": _INT,
+    "seed_resize_from_w": _INT, "scheduler": _STR, "n_iter": _INT, "restore_faces": _BOOL, "tiling": _BOOL,
+    "do_not_save_samples": _BOOL, "do_not_save_grid": _BOOL, "eta": _NUM, "s_min_uncond": _NUM, "s_churn": _NUM,
+    "s_tmax": _NUM, "s_tmin": _NUM, "s_noise": _NUM, "override_settings_restore_afterwards": _BOOL,
+    "refiner_checkpoint": _STR, "refiner_switch_at": _NUM, "disable_extra_networks": _BOOL, "comments": _OBJ,
+    "enable_hr": _BOOL, "firstphase_width": _INT, "firstphase_height": _INT, "hr_scale": _NUM,
+    "hr_upscaler": _STR, "hr_second_pass_steps": _INT, "hr_resize_x": _INT, "hr_resize_y": _INT,
+    "hr_checkpoint_name": _STR, "hr_sampler_name": _STR, "hr_scheduler": _STR, "hr_prompt": _STR,
+    "hr_negative_prompt": _STR, "force_task_id": _STR, "script_name": _STR, "script_args": _LIST,
+    "send_images": _BOOL, "save_images": _BOOL, "infotext": _STR, "firstpass_image": _STR,
+    # img2img
+    "resize_mode": _INT, "image_cfg_scale": _NUM, "mask_blur_x": _INT, "mask_blur_y": _INT, "mask_blur": _INT,
+    "mask_round": _BOOL, "inpainting_fill": _INT, "inpaint_full_res": (bool, int), "inpaint_full_res_padding": _INT,
+    "inpainting_mask_invert": _INT, "initial_noise_multiplier": _NUM, "latent_mask": _STR,
+    "include_init_images": _BOOL,
+}
+#: sd-webui-controlnet unit fields this server does not use, by type
+IGNORED_UNIT_FIELDS = {"low_vram": _BOOL, "save_detected_map": _BOOL, "input_mode": _STR, "batch_images": _STR,
+                       "hr_option": _STR, "advanced_weighting": _LIST, "effective_region_mask": _STR,
+                       "union_control_type": _STR, "is_ui": _BOOL}
 
 
-@dataclass
-class Limits:
-    """What one request may ask for (the server's caps)."""
-
-    max_side: int = 1024        # width / height of the output and of every uploaded image
-    max_steps: int = 150
-    max_batch: int = 8
-    max_controls: int = 4
-    max_bytes: int = 20 * 2**20  # one decoded base64 image
-    job_seconds: float = 600.0   # a generation running longer is stopped between steps
-
-
-@dataclass
-class Job:
-    """A validated generation: ``Pipeline.__call__`` keyword arguments plus the controls' specs."""
-
-    kwargs: dict
-    controls: list = field(default_factory=list)  # (model name, image, weight, start, end, mode, module, params)
-
-
-def decode_image(data, what: str, limits: Limits) -> Image.Image:
-    """A base64 string (optionally a ``data:image/...;base64,`` URL) -> a loaded PIL image."""
-    if not isinstance(data, str) or not data:
-        raise ControlstackError(f"{what}: expected a base64-encoded image string")
-    data = data.split(",", 1)[1] if data.startswith("data:") else data
-    if len(data) * 3 // 4 > limits.max_bytes:
-        raise ControlstackError(f"{what}: image larger than {limits.max_bytes // 2**20} MiB")
-    try:
-        raw = base64.b64decode(data, validate=True)
-    except (binascii.Error, ValueError):
-        raise ControlstackError(f"{what}: not valid base64") from None
-    try:
-        with Image.open(io.BytesIO(raw)) as im:
-            if max(im.size) > limits.max_side * 4 or im.size[0] * im.size[1] > (limits.max_side * 4) ** 2:
-                raise ControlstackError(f"{what}: {im.size[0]}x{im.size[1]} is too large (max side "
-                                        f"{limits.max_side * 4})")
-            im.load()
-            return validate_image(im.copy(), what)  # the project's own checks (empty images, odd modes)
-    except ControlstackError:
-        raise
-    except Image.DecompressionBombError:  # PIL refuses it at open: a small file claiming a huge image
-        raise ControlstackError(f"{what}: the image is too large (a decompression bomb?)") from None
-    except (OSError, SyntaxError, ValueError):
-        raise ControlstackError(f"{what}: not an image PIL can read (PNG, JPEG or WebP)") from None
-
-
-def encode_png(image: Image.Image) -> str:
-    """PIL -> base64 PNG, the infotext in its ``parameters`` chunk (as sd-webui's API returns)."""
-    from PIL import PngImagePlugin
-
-    info = PngImagePlugin.PngInfo()
-    if "parameters" in image.info:
-        info.add_text("parameters", image.info["parameters"])
-    buf = io.BytesIO()
-    image.save(buf, format="PNG", pnginfo=info)
-    return base64.b64encode(buf.getvalue()).decode()
-
-
-def resolve_model(name, registered, what: str = "model") -> str:
-    """A registered name from a client's model string (sd-webui sends file names with a hash)."""
-    if not isinstance(name, str) or not name.strip():
-        raise ControlstackError(f"{what}: give a model name, one of {', '.join(sorted(registered))}")
-    text = name.strip()
-    if text in registered:
-        return text
-    stem = re.sub(r"\s*\[[0-9a-fA-F]+\]$", "", text)  # "control_v11p_sd15_canny [d14c016b]"
-    candidates = [r for r in registered if re.search(rf"(^|[_\-.]){re.escape(r)}($|[_\-.])", stem)]
-    if len(candidates) == 1 and "/" not in text and "\\" not in text and ".." not in text:
-        return candidates[0]
-    raise ControlstackError(f"{what} '{name}' is not a registered model; choose one of {', '.join(sorted(registered))}")
-
-
-def _number(payload: dict, key: str, default, lo=None, hi=None, kind=float):
-    value = payload.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and int(value) != value):
-        raise ControlstackError(f"'{key}' must be {'an integer' if kind is int else 'a number'}, got {value!r}")
-    if (lo is not None and value < lo) or (hi is not None and value > hi):
-        raise ControlstackError(f"'{key}' must be in [{lo}, {hi}], got {value}")
-    return kind(value)
+def check_types(payload: dict, table: dict, where: str = "") -> None:
+    for key, kinds in table.items():
+        value = payload.get(key)
+        if value is None:
+            continue
+        ok = isinstance(value, kinds) and (bool in kinds or not isinstance(value, bool))
+        if ok and kinds == _INT and isinstance(value, float):
+            ok = False
+        if not ok:
+            noun = {_INT: "an integer", _NUM: "a number", _BOOL: "true or false", _STR: "a string", _LIST: "a list",
+                    _OBJ: "an object"}.get(kinds, "true / false or an integer")
+            raise ClientError(f"'{where}{key}' must be {noun}, got {short(value)}")
 
 
 def _choice(value, table: dict, by_index: list, key: str) -> str:
@@ -123,88 +94,141 @@ def _choice(value, table: dict, by_index: list, key: str) -> str:
         return table[value]
     if isinstance(value, str) and value in by_index:
         return value
-    raise ControlstackError(f"'{key}' {value!r} is unknown; choose one of {', '.join(table)} (or 0-{len(by_index) - 1})")
+    raise ClientError(f"'{key}' {short(value)} is unknown; choose one of {', '.join(table)} (or 0-{len(by_index) - 1})")
 
 
-def units(payload: dict) -> list[dict]:
-    scripts = payload.get("alwayson_scripts") or {}
+def get(payload: dict, key: str, default):
+    """A field's value; null is the default, as in sd-webui's Optional fields."""
+    value = payload.get(key)
+    return default if value is None else value
+
+
+def _unset(u: dict, key: str) -> bool:
+    """sd-webui-controlnet sends -1 for a preprocessor value it leaves to the preprocessor."""
+    return u.get(key) is None or u.get(key) == -1
+
+
+def units(payload: dict) -> list[tuple[int, dict]]:
+    """The enabled ControlNet units, each with its index among all the units sent."""
+    scripts = payload.get("alwayson_scripts")
+    if scripts is None:
+        return []
     if not isinstance(scripts, dict):
-        raise ControlstackError("'alwayson_scripts' must be an object")
-    entry = scripts.get("ControlNet", scripts.get("controlnet")) or {}
+        raise ClientError("'alwayson_scripts' must be an object")
+    key = "ControlNet" if "ControlNet" in scripts else "controlnet"
+    entry = scripts.get(key)
+    if entry is None:
+        return []
     args = entry.get("args", []) if isinstance(entry, dict) else None
     if not isinstance(args, list) or not all(isinstance(a, dict) for a in args):
-        raise ControlstackError("'alwayson_scripts.ControlNet.args' must be a list of unit objects")
-    return [a for a in args if a.get("enabled", True)]
+        raise ClientError(f"'alwayson_scripts.{key}.args' must be a list of unit objects")
+    return [(i, a) for i, a in enumerate(args) if flag(get(a, "enabled", True), f"ControlNet unit {i}.enabled")]
 
 
-def parse_generation(payload, registered_controlnets, limits: Limits, img2img: bool = False) -> Job:
-    """An sd-webui txt2img / img2img body -> a validated :class:`Job`."""
+def base_name(payload: dict) -> str | None:
+    """``override_settings.sd_model_checkpoint``: the base a request picks (None: the default)."""
+    settings = payload.get("override_settings")
+    if settings is None:
+        return None
+    if not isinstance(settings, dict):
+        raise ClientError(f"'override_settings' must be an object, got {short(settings)}")
+    return text(settings.get("sd_model_checkpoint"), "override_settings.sd_model_checkpoint", 200, allow_none=True)
+
+
+def parse_unit(u: dict, i: int, registered, limits: Limits, modes: set) -> ControlSpec:
+    from controlstack import annotators
+
+    where = f"ControlNet unit {i}"
+    check_types(u, IGNORED_UNIT_FIELDS, f"{where}.")
+    if u.get("image", u.get("input_image")) is None:
+        raise ClientError(f"'{where}.image' is missing (a base64 condition or photo)")
+    raw = u.get("image", u.get("input_image"))
+    raw = raw.get("image") if isinstance(raw, dict) else raw  # sd-webui also sends {"image": ..., "mask": ...}
+    image = decode_image(raw, f"{where}.image", limits)
+    model = resolve_model(u.get("model"), registered, f"{where}.model")
+    module = u.get("module", "none") or "none"
+    if not isinstance(module, str) or (module not in ("none", "None") and module not in annotators.available()):
+        raise ClientError(f"'{where}.module' {short(module)} is unknown; see /controlnet/module_list")
+    pixel_perfect = flag(get(u, "pixel_perfect", False), f"{where}.pixel_perfect")
+    if u.get("control_mode") is not None:  # absent: the models' recommended mode, as the Python API does
+        modes.add(_choice(u["control_mode"], WEBUI_CONTROL_MODES, MODE_BY_INDEX, f"{where}.control_mode"))
+    # unset: the model's recommended window (sd-webui's clients usually send both)
+    start = None if u.get("guidance_start") is None else number(u["guidance_start"], f"{where}.guidance_start", 0, 1)
+    end = None if u.get("guidance_end") is None else number(u["guidance_end"], f"{where}.guidance_end", 0, 1)
+    if start is not None and end is not None and start > end:
+        raise ClientError(f"'{where}': guidance_start {start} is after guidance_end {end}")
+    params: dict = {}
+    if module.startswith("canny"):
+        params = {"low_threshold": 100 if _unset(u, "threshold_a") else
+                  int(number(u["threshold_a"], f"{where}.threshold_a", 1, 255)),
+                  "high_threshold": 200 if _unset(u, "threshold_b") else
+                  int(number(u["threshold_b"], f"{where}.threshold_b", 1, 255))}
+    else:  # typed even where unused: a client's wrong type is a mistake to show
+        for key in ("threshold_a", "threshold_b"):
+            if u.get(key) is not None:
+                number(u[key], f"{where}.{key}")
+    if not _unset(u, "processor_res"):
+        res = number(u["processor_res"], f"{where}.processor_res", 64, limits.max_side * 2, integer=True)
+        if not pixel_perfect:
+            params["resolution"] = res
+    mask = u.get("mask")
+    return ControlSpec(
+        model=model, image=image, weight=number(get(u, "weight", 1.0), f"{where}.weight", -10, 10), start=start,
+        end=end, resize_mode=_choice(get(u, "resize_mode", 1), WEBUI_RESIZE_MODES, RESIZE_BY_INDEX,
+                                     f"{where}.resize_mode"),
+        preprocess=False if module in ("none", "None") else module, annotator_params=params,
+        mask=None if mask in (None, "") else decode_image(mask, f"{where}.mask", limits))
+
+
+def parse_generation(payload: dict, base_of, limits: Limits, img2img: bool = False) -> JobSpec:
+    """An sd-webui txt2img / img2img body -> a validated :class:`~.spec.JobSpec` (``base_of(name)``:
+    a registered base's pipeline; :func:`~.spec.check_spec` included)."""
     if not isinstance(payload, dict):
-        raise ControlstackError("the request body must be a JSON object")
-    prompt = payload.get("prompt", "")
-    negative = payload.get("negative_prompt", "")
-    if not isinstance(prompt, str) or not isinstance(negative, str):
-        raise ControlstackError("'prompt' and 'negative_prompt' must be strings")
-    sampler = payload.get("sampler_name") or payload.get("sampler_index") or "Euler a"
+        raise ClientError("the request body must be a JSON object")
+    check_types(payload, IGNORED_FIELDS)
+    base = base_name(payload)
+    try:
+        pipe = base_of(base)
+    except ControlstackError as exc:
+        raise ClientError(f"'override_settings.sd_model_checkpoint': {exc}") from None
+    # sampler_index: sd-webui's older name, used when sampler_name is absent (typed either way)
+    index = text(payload.get("sampler_index"), "sampler_index", 100, allow_none=True)
+    sampler = text(payload.get("sampler_name"), "sampler_name", 100, allow_none=True) or index or "Euler a"
     if sampler not in WEBUI_SAMPLERS and sampler not in SAMPLERS:
-        raise ControlstackError(f"'sampler_name' {sampler!r} is unknown; choose one of {', '.join(WEBUI_SAMPLERS)}")
-    seed = _number(payload, "seed", -1, -1, 2**63 - 1, int)
-    kwargs = {
-        "prompt": prompt, "negative_prompt": negative,
-        "steps": _number(payload, "steps", 20, 1, limits.max_steps, int),
-        "cfg": _number(payload, "cfg_scale", 7.0, 0, 30),
-        "width": _number(payload, "width", 512, 8, limits.max_side, int),
-        "height": _number(payload, "height", 512, 8, limits.max_side, int),
-        "batch": _number(payload, "batch_size", 1, 1, limits.max_batch, int),
-        "scheduler": WEBUI_SAMPLERS.get(sampler, sampler),
-        "seed": random.randrange(2**32) if seed == -1 else seed,
-    }
+        raise ClientError(f"'sampler_name' {short(sampler)} is unknown; choose one of {', '.join(WEBUI_SAMPLERS)}")
+    spec = JobSpec(
+        prompt=text(get(payload, "prompt", ""), "prompt", limits.max_prompt),
+        negative_prompt=text(get(payload, "negative_prompt", ""), "negative_prompt", limits.max_prompt),
+        steps=number(get(payload, "steps", 20), "steps", 1, limits.max_steps, integer=True),
+        cfg=number(get(payload, "cfg_scale", 7.0), "cfg_scale", 0, 30),
+        width=number(get(payload, "width", 512), "width", 8, limits.max_side, integer=True),
+        height=number(get(payload, "height", 512), "height", 8, limits.max_side, integer=True),
+        batch=number(get(payload, "batch_size", 1), "batch_size", 1, limits.max_batch, integer=True),
+        scheduler=WEBUI_SAMPLERS.get(sampler, sampler), seed=draw_seed(payload.get("seed", -1), "seed"), base=base)
     if img2img:
         images = payload.get("init_images")
         if not isinstance(images, list) or not images:
-            raise ControlstackError("img2img needs 'init_images': a list with one base64 image")
-        kwargs["init_image"] = decode_image(images[0], "init_images[0]", limits)
-        kwargs["strength"] = _number(payload, "denoising_strength", 0.75, 0, 1)
-        if payload.get("mask"):
-            kwargs["inpaint_mask"] = decode_image(payload["mask"], "mask", limits)
-    controls = []
+            raise ClientError("img2img needs 'init_images': a list with one base64 image")
+        spec.init_image = decode_image(images[0], "init_images[0]", limits)
+        spec.strength = number(get(payload, "denoising_strength", 0.75), "denoising_strength", 0, 1)
+        if payload.get("mask") not in (None, ""):
+            spec.inpaint_mask = decode_image(payload["mask"], "mask", limits)
+    else:
+        for key in ("init_images", "mask"):  # txt2img has no such fields: typed, not used
+            if payload.get(key) is not None and not isinstance(payload[key], (list if key == "init_images" else str)):
+                raise ClientError(f"'{key}' has the wrong type for txt2img, got {short(payload[key])}")
+        if payload.get("denoising_strength") is not None:  # sd-webui's hires fix strength: not used here
+            number(payload["denoising_strength"], "denoising_strength", 0, 1)
     us = units(payload)
     if len(us) > limits.max_controls:
-        raise ControlstackError(f"{len(us)} ControlNet units; at most {limits.max_controls}")
-    modes = set()
-    for i, u in enumerate(us):
-        where = f"ControlNet unit {i}"
-        if "image" not in u and "input_image" not in u:
-            raise ControlstackError(f"{where}: 'image' is missing (a base64 condition or photo)")
-        raw = u.get("image", u.get("input_image"))
-        raw = raw.get("image") if isinstance(raw, dict) else raw  # sd-webui also sends {"image": ..., "mask": ...}
-        image = decode_image(raw, f"{where}.image", limits)
-        model = resolve_model(u.get("model"), registered_controlnets, f"{where}.model")
-        module = u.get("module", "none") or "none"
-        if not isinstance(module, str):
-            raise ControlstackError(f"{where}.module must be a string")
-        if "control_mode" in u:  # absent: the models' recommended mode, as the Python API does
-            modes.add(_choice(u["control_mode"], WEBUI_CONTROL_MODES, MODE_BY_INDEX, f"{where}.control_mode"))
-        # unset: the model's recommended window (sd-webui's clients usually send both)
-        start = _number(u, "guidance_start", 0.0, 0, 1) if "guidance_start" in u else None
-        end = _number(u, "guidance_end", 1.0, 0, 1) if "guidance_end" in u else None
-        if start is not None and end is not None and start > end:
-            raise ControlstackError(f"{where}: guidance_start {start} is after guidance_end {end}")
-        params: dict = {}
-        if module.startswith("canny"):
-            params = {"low_threshold": int(_number(u, "threshold_a", 100, 1, 255)),
-                      "high_threshold": int(_number(u, "threshold_b", 200, 1, 255))}
-        if "processor_res" in u and not u.get("pixel_perfect", False):
-            params["resolution"] = int(_number(u, "processor_res", 512, 64, limits.max_side * 2))
-        controls.append({
-            "model": model, "image": image, "weight": _number(u, "weight", 1.0, -10, 10), "start": start, "end": end,
-            "resize_mode": _choice(u.get("resize_mode", 1), WEBUI_RESIZE_MODES, RESIZE_BY_INDEX, f"{where}.resize_mode"),
-            "module": None if module in ("none", "None") else module, "params": params,
-            "mask": decode_image(u["mask"], f"{where}.mask", limits) if u.get("mask") else None,
-        })
+        raise ClientError(f"{len(us)} ControlNet units; at most {limits.max_controls}")
+    modes: set = set()
+    registered = set(pipe.controlnets)
+    spec.controls = [parse_unit(u, i, registered, limits, modes) for i, u in us]
     if len(modes) > 1:
-        raise ControlstackError(f"ControlNet units ask for different control modes ({', '.join(sorted(modes))}); "
-                                "this server applies one mode per generation: give them the same one")
+        raise ClientError(f"ControlNet units ask for different control modes ({', '.join(sorted(modes))}); "
+                          "this server applies one mode per generation: give them the same one")
     if modes:
-        kwargs["mode"] = modes.pop()
-    return Job(kwargs, controls)
+        spec.mode = modes.pop()
+    check_spec(spec, pipe, limits, {**NAMES, **{f"controls[{k}]": f"ControlNet unit {i}" for k, (i, _) in enumerate(us)}})
+    return spec
