@@ -1,4 +1,4 @@
-"""The controlled denoiser: one step of generation as data (see DESIGN.md).
+"""The controlled denoiser: one step of generation as data (docs/design.md, "One generation").
 
 ``ControlledDenoiser(x, t, step) -> ε`` is what the sampling loop calls. Per step it
 

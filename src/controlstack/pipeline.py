@@ -131,7 +131,7 @@ class Pipeline(Prompting, Img2Img, Recommendations):
         from controlstack.io.checkpoints import load_base
 
         components = load_base(path, allow_pickle=allow_pickle, config=config, torch_dtype=torch_dtype)
-        # a folder in the bundle's layout (the shipped bundle, or bundle-v2 half-trained: some
+        # a folder in the bundle's layout (the shipped bundle, or one being trained with some
         # ControlNets pending) brings its own ControlNets; a plain SD folder gets the bundled ones
         folder = Path(path)
         in_bundle = folder.resolve() == assets.BUNDLE_DIR.resolve()

@@ -310,7 +310,8 @@ def run(config: EvaluateConfig, out_dir: str | Path, progress: bool = True) -> d
     tmp = out / "metrics.json.tmp"
     tmp.write_text(json.dumps(report, indent=2, default=float))
     os.replace(tmp, out / "metrics.json")
-    write_report(report, scenes, images, out / "report.html", grid_scenes=config.grid_scenes)
+    write_report(report, scenes, [images[row_key(row)] for row in rows], out / "report.html",
+                 grid_scenes=config.grid_scenes)
     return report
 
 

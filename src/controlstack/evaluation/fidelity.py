@@ -1,5 +1,5 @@
 """Condition fidelity per control type: re-extract the condition from the generated image and
-compare it with the input (ControlNet paper Sec. 4.3 and Table 2's protocol; METHOD_NOTES §4).
+compare it with the input (ControlNet paper Sec. 4.3 and Table 2's protocol; docs/method.md §4).
 
 The re-extraction is the project's own: canny for edges, the bundled multi-task predictor
 (OmniControlNet stage 1, ``models/predictor.py``) for depth, soft edges, normals, segmentation and

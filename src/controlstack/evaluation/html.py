@@ -136,28 +136,31 @@ def plots(report: dict) -> list[tuple[str, str]]:
     return out
 
 
-def grids(report: dict, scenes: list[dict], images: dict, grid_scenes: int) -> list[tuple[str, str]]:
-    from controlstack.evaluation.evaluate import row_key
+def grids(report: dict, scenes: list[dict], images: list, grid_scenes: int) -> list[tuple[str, str]]:
+    """One grid per control type: scenes down, condition | real | each row's image across.
+    ``images[i]`` are the generations of ``report["rows"][i]``, one per scene."""
     from controlstack.io.png import make_labelled_grid
 
     rows = report["rows"]
     n = min(grid_scenes, len(scenes))
     out = []
     for c in dict.fromkeys(r["control"] for r in rows):
-        mine = [r for r in rows if r["control"] == c]
+        mine = [(r, ims) for r, ims in zip(rows, images) if r["control"] == c]
         first = [] if c is None else ["condition"]
-        columns = first + ["real"] + [short_label(r) for r in mine]
+        columns = first + ["real"] + [short_label(r) for r, _ in mine]
         tiles = []
         for i in range(n):
             row_tiles = ([Image.fromarray(np.asarray(scenes[i][c])).convert("RGB")] if c else []) + \
                         [Image.fromarray(np.asarray(scenes[i]["image"]))] + \
-                        [Image.fromarray(images[row_key(r)][i]) for r in mine]
+                        [Image.fromarray(ims[i]) for _, ims in mine]
             tiles.append((f"scene {i}", row_tiles))
         out.append((f"{c or 'no control'}", data_uri(make_labelled_grid(tiles, columns))))
     return out
 
 
-def write_report(report: dict, scenes: list[dict], images: dict, path, grid_scenes: int = 4) -> None:
+def write_report(report: dict, scenes: list[dict], images: list, path, grid_scenes: int = 4) -> None:
+    """``report.html``: notes, reference points, the rows' table, plots and grids. ``images[i]``: the
+    generations of ``report["rows"][i]``, so this page needs nothing of ``evaluate`` but its report."""
     from controlstack.evaluation.quality import FID_SCENES_PER_FEATURE, KID_NOTE
 
     ref = report["reference"]

@@ -1,4 +1,4 @@
-"""Condition-fidelity metrics (ControlNet paper, Sec. 4.3; METHOD_NOTES §4).
+"""Condition-fidelity metrics (ControlNet paper, Sec. 4.3; docs/method.md §4).
 
 The paper evaluates control by re-extracting the condition from the generated image and comparing
 it with the input. For edges this is an F-score with a small distance tolerance -- 2 px, the usual

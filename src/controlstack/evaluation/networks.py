@@ -9,8 +9,8 @@ downloaded here, so the project trains its own on world images, whose content is
   scene graph says: the caption's content words (classes, colours, textures, poses, ground), each
   seg class's area, the number of visible things and the sky's colour. Its ``num_features``-wide
   embedding (before those heads) is the FID / KID feature. Because it was trained to tell scene
-  content apart, distances in it measure content, not reconstruction (the VAE encoder features
-  the project used before measured the latter).
+  content apart, distances in it measure content, not reconstruction (which is what a VAE
+  encoder's features measure).
 * a small CLIP -- transformers' :class:`~transformers.CLIPModel` (ViT image tower, text tower over
   the world's tokenizer), trained contrastively on world photos and their captions.
 

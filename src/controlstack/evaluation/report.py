@@ -1,6 +1,6 @@
 """The fidelity report (``benchmarks/fidelity.py --json``) as the Markdown table the README and the
-bundle's model card show, with each number next to the target the bundle issue sets (ControlNet
-paper Sec. 4.3 for condition fidelity; METHOD_NOTES §4)."""
+bundle's model card show, with each number next to the target the project sets for the bundle
+(:data:`TARGETS`; ControlNet paper Sec. 4.3 for condition fidelity, docs/method.md §4)."""
 
 from __future__ import annotations
 

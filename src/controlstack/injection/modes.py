@@ -5,7 +5,7 @@
 * ``prompt`` ("My prompt is more important") -- both halves, layer weights
   ``0.825 ** (N - 1 - i)`` over the N = skips + middle residuals (sd-webui-controlnet).
 * ``controlnet`` ("ControlNet is more important") -- the paper's CFG resolution weighting
-  (ControlNet, Sec. 3.4 / METHOD_NOTES §1): control on the conditional half only and
+  (ControlNet, Sec. 3.4; docs/method.md §1): control on the conditional half only and
   ``w_i = 64 / h_i`` with h_i the block's resolution, normalised so the lowest resolution gets 1.
   Deriving the weights from the residual shapes (not from the constant 13 of SD-1.x) makes the
   mode work for models with other block counts, like the bundled 16x16-latent model.

@@ -19,164 +19,38 @@ Transfer (ControlNet paper, Zhang et al. 2023, "transfer to community models"; t
 weights the ControlNet copies from the U-Net.
 
 Base models (SD single files and folders) live in :mod:`controlstack.io.sd_single_file`;
-``inspect_checkpoint`` in :mod:`controlstack.io.inspect`; both are re-exported here.
+``inspect_checkpoint`` in :mod:`controlstack.io.inspect`; both are re-exported here, as the one
+entry point callers (and tests) patch. The file helpers every checkpoint module shares (reading
+tensors, the pickle policy, atomic writes) are :mod:`controlstack.io.tensors`, below all of them.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
-import pickle
-import shutil
-import uuid
 from pathlib import Path
 
 import torch
 
 from controlstack.errors import ControlstackError
 from controlstack.io import original as orig
+from controlstack.io.original import infer_union_config
+from controlstack.io.tensors import (
+    CONFIG_METADATA_KEY,
+    assign_exact,
+    atomic_output,
+    build_empty,
+    cast_model,
+    config_file,
+    existing_path,
+    folder_uses_safetensors,
+    read_tensors,
+    stored_dtype,
+)
 
-PICKLE_SUFFIXES = (".ckpt", ".pth", ".pt", ".bin")
-SAFETENSORS_SUFFIXES = (".safetensors",)
-CONFIG_METADATA_KEY = "controlstack.config"
 # parameter-name prefixes the ControlNet copies from the U-Net (trainable copy of the encoder)
 SHARED_PREFIXES = ("conv_in.", "time_embedding.", "class_embedding.", "add_embedding.", "down_blocks.", "mid_block.")
-PICKLE_HINT = "pass --allow-pickle / allow_pickle=True if you trust the file"
-
-
-# ----------------------------------------------------------------------------------- files
-def existing_path(source: str | os.PathLike, what: str = "checkpoint") -> Path:
-    path = Path(source).expanduser()
-    if not path.exists():
-        raise ControlstackError(f"{what} '{source}' does not exist; check the path")
-    return path
-
-
-def _check_pickle(path: Path, allow_pickle: bool) -> None:
-    if not allow_pickle:
-        raise ControlstackError(f"'{path}' is a pickle file, which can run code when loaded; {PICKLE_HINT}, "
-                                "or convert it to .safetensors")
-
-
-def read_tensors(source: str | os.PathLike, *, allow_pickle: bool = False) -> tuple[dict, dict]:
-    """(state dict, safetensors metadata) of one weights file; pickle only with ``allow_pickle``."""
-    path = existing_path(source)
-    suffix = path.suffix.lower()
-    if suffix in SAFETENSORS_SUFFIXES:
-        from safetensors import SafetensorError, safe_open
-
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})  # noqa: SIM118
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise ControlstackError(f"cannot read '{path}' as safetensors ({exc}); the file is corrupt or "
-                                    "truncated, download it again") from None
-    if suffix in PICKLE_SUFFIXES:
-        _check_pickle(path, allow_pickle)
-        try:
-            state = torch.load(str(path), map_location="cpu", weights_only=True)
-        except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, TypeError) as exc:
-            raise ControlstackError(f"cannot read '{path}' with torch.load(weights_only=True) "
-                                    f"({type(exc).__name__}); it is corrupt or holds more than tensors") from None
-        while isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-            state = state["state_dict"]  # Lightning-style checkpoints nest the weights
-        if not isinstance(state, dict):
-            raise ControlstackError(f"'{path}' holds a {type(state).__name__}, not a dict of tensors")
-        return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}, {}
-    raise ControlstackError(f"unknown checkpoint format '{suffix or path.name}' for '{path}'; use .safetensors "
-                            f"(or {'/'.join(PICKLE_SUFFIXES)} with --allow-pickle) or a diffusers folder")
-
-
-@contextlib.contextmanager
-def atomic_output(dest: str | os.PathLike):
-    """Yield a temporary sibling path; on success it replaces ``dest``, on failure it is removed, so a
-    failed write never leaves a partial file or folder behind."""
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.parent / f".{dest.name}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
-        yield tmp
-        umask = os.umask(0)
-        os.umask(umask)
-        # safetensors (and diffusers' save_pretrained through it) creates 0600 files; give the usual ones
-        for f in ([tmp] if tmp.is_file() else [p for p in tmp.rglob("*") if p.is_file()]):
-            os.chmod(f, 0o666 & ~umask)
-        if dest.exists() or dest.is_symlink():  # --overwrite: swap, then drop the old one
-            old = dest.parent / f".{dest.name}.old-{uuid.uuid4().hex[:8]}"
-            dest.rename(old)
-            tmp.rename(dest)
-            if old.is_dir() and not old.is_symlink():
-                shutil.rmtree(old)
-            else:
-                old.unlink()
-        else:
-            tmp.rename(dest)
-    finally:
-        if tmp.is_dir():
-            shutil.rmtree(tmp, ignore_errors=True)
-        elif tmp.exists():
-            tmp.unlink()
-
-
-def _config_file(config: str | os.PathLike, subfolder: str | None = None) -> dict:
-    """A diffusers config dict from a config.json or a folder holding one (or ``subfolder/config.json``)."""
-    path = existing_path(config, "config")
-    if path.is_dir():
-        candidates = [path / "config.json"] + ([path / subfolder / "config.json"] if subfolder else [])
-        found = [c for c in candidates if c.is_file()]
-        if not found:
-            raise ControlstackError(f"config folder '{path}' has no config.json; pass the folder of a diffusers "
-                                    "model (the one holding config.json)")
-        path = found[0]
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise ControlstackError(f"cannot read config '{path}' ({exc}); pass a valid config.json") from None
-
-
-def build_empty(cls, config: dict, what: str):
-    """``cls.from_config(config)`` with empty (meta) parameters: a full-size model is built without a
-    random initialisation and the checkpoint's tensors are then assigned (as diffusers' single-file
-    loader does). Buffers stay real (``include_buffers=False``)."""
-    from accelerate import init_empty_weights
-
-    try:
-        with init_empty_weights():
-            return cls.from_config(config)
-    except (ValueError, TypeError, KeyError, AttributeError) as exc:
-        raise ControlstackError(f"invalid {what} config ({type(exc).__name__}: {exc}); pass --config "
-                                "with the model's config.json") from None
-
-
-def cast_model(model, dtype):
-    """``model`` in ``dtype`` (None keeps the checkpoint's), cast only when needed."""
-    if dtype is not None and any(p.dtype != dtype for p in model.parameters()):
-        from diffusers.utils import logging as dlogging
-
-        level = dlogging.get_verbosity()
-        dlogging.set_verbosity_error()  # its "modules to keep in float32: []" note is noise for these models
-        try:
-            model = model.to(dtype)
-        finally:
-            dlogging.set_verbosity(level)
-    return model.eval()
-
-
-def assign_exact(model, state: dict, what: str):
-    """Load exactly the tensors of ``state`` into ``model`` (same names, same shapes) or say which differ."""
-    expected = model.state_dict()
-    missing = sorted(expected.keys() - state.keys())
-    unexpected = sorted(state.keys() - expected.keys())
-    wrong = sorted(k for k in expected.keys() & state.keys() if tuple(expected[k].shape) != tuple(state[k].shape))
-    if missing or unexpected or wrong:
-        detail = "; ".join(f"{len(names)} {label} (e.g. {names[0]})" for label, names in
-                           [("missing", missing), ("unexpected", unexpected), ("with other shapes", wrong)] if names)
-        raise ControlstackError(f"the {what} tensors do not match its architecture: {detail}; "
-                                "pass --config with the model's own config.json")
-    model.load_state_dict(state, strict=True, assign=True)
-    return model.eval()
 
 
 # ----------------------------------------------------------------------------------- ControlNet
@@ -200,35 +74,10 @@ def _original_names(state: dict) -> dict:
 def resolve_controlnet_config(shapes: dict, metadata: dict | None = None, config=None) -> dict:
     """Explicit ``config`` > config we embedded in the file > inference from tensor shapes."""
     if config is not None:
-        return _config_file(config, "controlnet")
+        return config_file(config, "controlnet")
     if metadata and CONFIG_METADATA_KEY in metadata:
         return json.loads(metadata[CONFIG_METADATA_KEY])
     return orig.infer_controlnet_config(shapes)
-
-
-#: parameters only a ControlNet-Union has (its condition fusion and control-type embedding)
-UNION_KEYS = ("task_embedding", "transformer_layes.", "spatial_ch_projs.", "control_add_embedding.")
-
-
-def infer_union_config(shapes: dict[str, tuple]) -> dict:
-    """A ``ControlNetUnionModel`` config from diffusers-named shapes: the ControlNet part as for
-    any ControlNet, the fusion's widths, type count and depth from its own tensors (its head count,
-    which no shape shows, is diffusers' default 8)."""
-    missing = [k for k in ("task_embedding", "spatial_ch_projs.weight", "control_add_embedding.linear_1.weight")
-               if k not in shapes]
-    if missing:
-        raise ControlstackError(f"the ControlNet-Union file lacks '{missing[0]}'; it is truncated or not a union "
-                                "model: pass --config with its config.json, or the model's folder")
-    plain = {k: v for k, v in shapes.items() if not k.startswith(UNION_KEYS)}
-    table = orig.unet_table(plain, orig.layers_per_block_from_diffusers_keys(plain))
-    cfg = orig.infer_controlnet_config({table[k]: tuple(v) for k, v in plain.items()})
-    n_types, width = (int(n) for n in shapes["task_embedding"])
-    cfg.pop("mid_block_type", None)  # the union model's mid block is fixed
-    cfg.update(addition_time_embed_dim=int(shapes["control_add_embedding.linear_1.weight"][1]) // n_types,
-               num_control_type=n_types, num_trans_channel=width,
-               num_proj_channel=int(shapes["spatial_ch_projs.weight"][0]),
-               num_trans_layer=len({k.split(".")[1] for k in shapes if k.startswith("transformer_layes.")}))
-    return cfg
 
 
 def union_from_state_dict(state: dict, config=None, metadata: dict | None = None):
@@ -258,31 +107,6 @@ def controlnet_from_state_dict(state: dict, *, config=None, metadata: dict | Non
     return cast_model(assign_exact(model, {back.get(k, k): v for k, v in ldm.items()}, "ControlNet"), torch_dtype)
 
 
-def stored_dtype(folder: Path):
-    """The floating dtype of a diffusers folder's safetensors weights (None when it cannot tell)."""
-    from safetensors import safe_open
-
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        return None
-    with safe_open(str(files[0]), framework="pt") as f:
-        for key in f.keys():  # noqa: SIM118 - safe_open is not a dict
-            dtype = f.get_slice(key).get_dtype()
-            if dtype in ("F16", "BF16", "F32"):
-                return {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}[dtype]
-    return None
-
-
-def _folder_weights(folder: Path, allow_pickle: bool) -> bool:
-    """``use_safetensors`` for a diffusers model folder, enforcing the pickle policy."""
-    if any(folder.glob("*.safetensors")):
-        return True
-    if any(folder.glob("*.bin")):
-        _check_pickle(folder / "diffusion_pytorch_model.bin", allow_pickle)
-        return False
-    raise ControlstackError(f"model folder '{folder}' has no weights (*.safetensors); save the model there again")
-
-
 def load_controlnet(source: str | os.PathLike, *, allow_pickle: bool = False,
                     config: str | os.PathLike | None = None, torch_dtype=torch.float32):
     """A ``diffusers.ControlNetModel`` from a diffusers folder or an original/diffusers single file.
@@ -298,7 +122,7 @@ def load_controlnet(source: str | os.PathLike, *, allow_pickle: bool = False,
         if not (path / "config.json").is_file():
             raise ControlstackError(f"folder '{source}' has no config.json; pass a diffusers ControlNet folder "
                                     "(config.json + diffusion_pytorch_model.safetensors) or a single file")
-        cfg = _config_file(path)
+        cfg = config_file(path)
         if cfg.get("_class_name") == "LiteControlNetModel":  # the architecture ablation (models/lite.py)
             from controlstack.models.lite import LiteControlNetModel
 
@@ -309,7 +133,7 @@ def load_controlnet(source: str | os.PathLike, *, allow_pickle: bool = False,
                                     "pass a ControlNet folder")
         if cls_name == "ControlNetUnionModel":  # xinsir's ControlNet-Union / ProMax (models/union.py)
             from diffusers import ControlNetUnionModel as ControlNetModel
-        use_safetensors = _folder_weights(path, allow_pickle)
+        use_safetensors = folder_uses_safetensors(path, allow_pickle)
         if torch_dtype is None:  # keep the stored dtype (from_pretrained would load float32)
             torch_dtype = stored_dtype(path)
         try:

@@ -14,12 +14,7 @@ from pathlib import Path
 
 from controlstack.errors import ControlstackError
 from controlstack.io import original as orig
-from controlstack.io.checkpoints import (
-    CONFIG_METADATA_KEY,
-    SAFETENSORS_SUFFIXES,
-    existing_path,
-    read_tensors,
-)
+from controlstack.io.tensors import CONFIG_METADATA_KEY, SAFETENSORS_SUFFIXES, existing_path, read_tensors
 
 _SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
                        "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
@@ -124,12 +119,10 @@ def _inspect_file(path: Path, allow_pickle: bool) -> dict:
             arch = _arch(orig.infer_controlnet_config(ldm), "inferred from tensors")
         return {"format": "original", "container": container, "kind": "controlnet", "arch": arch, **summary}
     if "task_embedding" in shapes:  # ControlNet-Union (diffusers names only; xinsir's files, or ours)
-        from controlstack.io.checkpoints import infer_union_config
-
         if CONFIG_METADATA_KEY in metadata:
             arch = _arch(json.loads(metadata[CONFIG_METADATA_KEY]), "embedded config")
         else:
-            arch = _arch(infer_union_config(shapes), "inferred from tensors")
+            arch = _arch(orig.infer_union_config(shapes), "inferred from tensors")
         arch["variant"] = f"ControlNet-Union ({shapes['task_embedding'][0]} control types)"
         return {"format": "diffusers (single file)", "container": container, "kind": "controlnet", "arch": arch,
                 **summary}

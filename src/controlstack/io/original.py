@@ -18,6 +18,8 @@ construction. The rules are generic in the number of down blocks and ``layers_pe
 * VAE (``ldm/modules/diffusionmodules/model.py``): ``encoder.down.{i}.block.{j}``, decoder up blocks
   numbered in reverse, ``mid.block_{1,2}`` / ``mid.attn_1`` with 1x1-conv q/k/v/proj_out.
 * CLIP text encoder: the transformers module under ``cond_stage_model.transformer.``.
+* ControlNet-Union (:func:`infer_union_config`): diffusers names only, its ControlNet part read
+  through the same U-Net encoder table.
 
 The reading direction is cross-checked in the tests against diffusers' own converters
 (``diffusers.loaders.single_file_utils``) and ``ControlNetModel.from_single_file``.
@@ -263,3 +265,28 @@ def infer_clip_config(shapes: dict[str, tuple]) -> dict:
         # heads are invisible in the weights: CLIP uses 64-dim heads (12 for SD-1.x's 768)
         "num_attention_heads": max(1, int(hidden) // 64),
     }
+
+
+#: parameters only a ControlNet-Union has (diffusers names: it has no LDM form) (its condition fusion and control-type embedding)
+UNION_KEYS = ("task_embedding", "transformer_layes.", "spatial_ch_projs.", "control_add_embedding.")
+
+
+def infer_union_config(shapes: dict[str, tuple]) -> dict:
+    """A ``ControlNetUnionModel`` config from diffusers-named shapes: the ControlNet part as for
+    any ControlNet, the fusion's widths, type count and depth from its own tensors (its head count,
+    which no shape shows, is diffusers' default 8)."""
+    missing = [k for k in ("task_embedding", "spatial_ch_projs.weight", "control_add_embedding.linear_1.weight")
+               if k not in shapes]
+    if missing:
+        raise ControlstackError(f"the ControlNet-Union file lacks '{missing[0]}'; it is truncated or not a union "
+                                "model: pass --config with its config.json, or the model's folder")
+    plain = {k: v for k, v in shapes.items() if not k.startswith(UNION_KEYS)}
+    table = unet_table(plain, layers_per_block_from_diffusers_keys(plain))
+    cfg = infer_controlnet_config({table[k]: tuple(v) for k, v in plain.items()})
+    n_types, width = (int(n) for n in shapes["task_embedding"])
+    cfg.pop("mid_block_type", None)  # the union model's mid block is fixed
+    cfg.update(addition_time_embed_dim=int(shapes["control_add_embedding.linear_1.weight"][1]) // n_types,
+               num_control_type=n_types, num_trans_channel=width,
+               num_proj_channel=int(shapes["spatial_ch_projs.weight"][0]),
+               num_trans_layer=len({k.split(".")[1] for k in shapes if k.startswith("transformer_layes.")}))
+    return cfg

@@ -20,7 +20,6 @@ diffusers' ``scripts/convert_diffusers_to_original_stable_diffusion.py``), so th
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 from pathlib import Path
@@ -29,43 +28,39 @@ import torch
 
 from controlstack.errors import ControlstackError
 from controlstack.io import original as orig
-from controlstack.io.checkpoints import (
-    _config_file,
-    _folder_weights,
+from controlstack.io.single_file_common import (
+    SD15_CONFIGS,
+    base_to_original,
+    read_json,
+    require_base_folder,
+    scheduler_config,
+    single_file_tokenizer,
+    strip_prefix,
+    tokenizer_from,
+    unet_from_state,
+)
+from controlstack.io.tensors import (
     assign_exact,
     atomic_output,
     build_empty,
     cast_model,
+    config_file,
     existing_path,
+    folder_uses_safetensors,
     read_tensors,
+    stored_dtype,
 )
 from controlstack.models.tiny import SDComponents
 
-SD15_CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "sd15"
 METADATA_KEYS = {"unet": "controlstack.unet_config", "vae": "controlstack.vae_config",
                  "text_encoder": "controlstack.text_encoder_config"}
-CLIP_L_TOKENIZER = "openai/clip-vit-large-patch14"
-
-
-def _json(path: Path) -> dict:
-    return json.loads(path.read_text())
 
 
 # ----------------------------------------------------------------------------------- folders
-def _require_base_folder(path: Path) -> None:
-    if (path / "model_index.json").is_file():
-        return
-    if (path / "config.json").is_file():
-        raise ControlstackError(f"'{path}' is a single-model folder (config.json), not a Stable Diffusion "
-                                "model; pass a diffusers SD folder with model_index.json or a single-file checkpoint")
-    raise ControlstackError(f"folder '{path}' has no model_index.json; pass a diffusers Stable Diffusion folder "
-                            "(model_index.json, unet/, vae/, text_encoder/, tokenizer/) or a single-file checkpoint")
-
-
 def _load_folder_model(cls, folder: Path, allow_pickle: bool, dtype):
     if not (folder / "config.json").is_file():
         raise ControlstackError(f"'{folder}' has no config.json; the Stable Diffusion folder is incomplete")
-    use_safetensors = _folder_weights(folder, allow_pickle)
+    use_safetensors = folder_uses_safetensors(folder, allow_pickle)
     # transformers 5 draws a "Loading weights" bar on stderr for every model, which would bury a
     # CLI's one-line error under progress lines; loading a local folder takes well under a second
     from transformers.utils import logging as hf_logging
@@ -81,24 +76,8 @@ def _load_folder_model(cls, folder: Path, allow_pickle: bool, dtype):
         if bar_was_on:
             hf_logging.enable_progress_bar()
     if dtype is None:  # keep what is stored (diffusers would load float32, transformers "auto")
-        from controlstack.io.checkpoints import stored_dtype
-
         dtype = stored_dtype(folder)
     return cast_model(model, dtype)
-
-
-def _tokenizer_from(folder: Path, sub: str = "tokenizer"):
-    from transformers import CLIPTokenizer
-
-    if not (folder / sub).is_dir():
-        raise ControlstackError(f"'{folder}' has no {sub}/ folder; pass a diffusers SD folder with its tokenizer(s) "
-                                "(tokenizer/, and tokenizer_2/ for SDXL)")
-    return CLIPTokenizer.from_pretrained(folder / sub, local_files_only=True)
-
-
-def _scheduler_config(folder: Path | None) -> dict:
-    path = (folder / "scheduler" / "scheduler_config.json") if folder else None
-    return _json(path if path and path.is_file() else SD15_CONFIGS / "scheduler" / "scheduler_config.json")
 
 
 def _load_base_folder(path: Path, allow_pickle: bool, dtype) -> SDComponents:
@@ -107,8 +86,8 @@ def _load_base_folder(path: Path, allow_pickle: bool, dtype) -> SDComponents:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    _require_base_folder(path)
-    index = _json(path / "model_index.json")
+    require_base_folder(path)
+    index = read_json(path / "model_index.json")
     xl = (index.get("text_encoder_2") or [None])[0] is not None
     if xl and not (path / "text_encoder_2").is_dir():
         raise ControlstackError(f"'{path}' is an SDXL folder without text_encoder_2/; the folder is incomplete")
@@ -116,20 +95,16 @@ def _load_base_folder(path: Path, allow_pickle: bool, dtype) -> SDComponents:
         unet=_load_folder_model(UNet2DConditionModel, path / "unet", allow_pickle, dtype),
         vae=_load_folder_model(AutoencoderKL, path / "vae", allow_pickle, dtype),
         text_encoder=_load_folder_model(CLIPTextModel, path / "text_encoder", allow_pickle, dtype),
-        tokenizer=_tokenizer_from(path),
-        scheduler_config=_scheduler_config(path),
+        tokenizer=tokenizer_from(path),
+        scheduler_config=scheduler_config(path),
         text_encoder_2=_load_folder_model(CLIPTextModelWithProjection, path / "text_encoder_2", allow_pickle, dtype)
         if xl else None,
-        tokenizer_2=_tokenizer_from(path, "tokenizer_2") if xl else None,
+        tokenizer_2=tokenizer_from(path, "tokenizer_2") if xl else None,
         force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", True)),
     )
 
 
 # ----------------------------------------------------------------------------------- single files
-def _strip(state: dict, prefix: str) -> dict:
-    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-
-
 def _shapes(state: dict) -> dict:
     return {k: tuple(v.shape) for k, v in state.items()}
 
@@ -148,9 +123,9 @@ def _base_configs(state: dict, metadata: dict, config) -> tuple[dict, dict, dict
     """(unet, vae, text encoder) configs: ``config`` folder > our metadata > SD-1.5 + tensor shapes."""
     if config is not None:
         folder = existing_path(config, "config")
-        _require_base_folder(folder)
-        return (_config_file(folder / "unet"), _config_file(folder / "vae"),
-                _config_file(folder / "text_encoder"), folder)
+        require_base_folder(folder)
+        return (config_file(folder / "unet"), config_file(folder / "vae"),
+                config_file(folder / "text_encoder"), folder)
     configs = []
     for part, prefix, infer in [("unet", orig.UNET_PREFIX, orig.infer_unet_config),
                                 ("vae", orig.VAE_PREFIX, orig.infer_vae_config),
@@ -158,16 +133,8 @@ def _base_configs(state: dict, metadata: dict, config) -> tuple[dict, dict, dict
         if METADATA_KEYS[part] in metadata:
             configs.append(json.loads(metadata[METADATA_KEYS[part]]))
         else:
-            configs.append({**_json(SD15_CONFIGS / part / "config.json"), **infer(_shapes(_strip(state, prefix)))})
+            configs.append({**read_json(SD15_CONFIGS / part / "config.json"), **infer(_shapes(strip_prefix(state, prefix)))})
     return (*configs, None)
-
-
-def _unet_from_state(state: dict, cfg: dict, dtype):
-    from diffusers import UNet2DConditionModel
-    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
-
-    model = build_empty(UNet2DConditionModel, cfg, "U-Net")
-    return cast_model(assign_exact(model, convert_ldm_unet_checkpoint(state, dict(model.config)), "U-Net"), dtype)
 
 
 def load_unet(source, *, allow_pickle: bool = False, config=None, torch_dtype=torch.float32):
@@ -176,7 +143,7 @@ def load_unet(source, *, allow_pickle: bool = False, config=None, torch_dtype=to
 
     path = existing_path(source, "base model")
     if path.is_dir():
-        _require_base_folder(path)
+        require_base_folder(path)
         return _load_folder_model(UNet2DConditionModel, path / "unet", allow_pickle, torch_dtype)
     state, metadata = read_tensors(path, allow_pickle=allow_pickle)
     _require_base_state(state)
@@ -187,22 +154,10 @@ def load_unet(source, *, allow_pickle: bool = False, config=None, torch_dtype=to
     else:
         from controlstack.io.sdxl_single_file import SDXL_CONFIGS
 
-        inferred = orig.infer_unet_config(_shapes(_strip(state, orig.UNET_PREFIX)))
+        inferred = orig.infer_unet_config(_shapes(strip_prefix(state, orig.UNET_PREFIX)))
         xl = inferred.get("addition_embed_type") == "text_time"  # SDXL's added embedding, with or without encoders
-        cfg = {**_json((SDXL_CONFIGS if xl else SD15_CONFIGS) / "unet" / "config.json"), **inferred}
-    return _unet_from_state(state, cfg, torch_dtype)
-
-
-def _single_file_tokenizer(folder: Path | None, vocab_size: int):
-    if folder is not None:
-        return _tokenizer_from(folder)
-    if vocab_size == 49408:  # CLIP ViT-L/14's vocabulary: SD-1.x's tokenizer, if the user has it cached
-        from transformers import CLIPTokenizer
-
-        with contextlib.suppress(OSError, ValueError):  # not in the local cache: the error below says what to do
-            return CLIPTokenizer.from_pretrained(CLIP_L_TOKENIZER, local_files_only=True)
-    raise ControlstackError("a single-file checkpoint carries no tokenizer; pass --config DIR (config=DIR), a "
-                            "diffusers Stable Diffusion folder of the same model with a tokenizer/ folder")
+        cfg = {**read_json((SDXL_CONFIGS if xl else SD15_CONFIGS) / "unet" / "config.json"), **inferred}
+    return unet_from_state(state, cfg, torch_dtype)
 
 
 def _load_base_file(path: Path, allow_pickle: bool, config, dtype) -> SDComponents:
@@ -217,7 +172,7 @@ def _load_base_file(path: Path, allow_pickle: bool, config, dtype) -> SDComponen
     if xl.is_sdxl_state(state):
         return xl.load_sdxl_state(state, metadata, config, dtype)
     unet_cfg, vae_cfg, text_cfg, folder = _base_configs(state, metadata, config)
-    unet = _unet_from_state(state, unet_cfg, dtype)
+    unet = unet_from_state(state, unet_cfg, dtype)
     vae = build_empty(AutoencoderKL, vae_cfg, "VAE")
     vae = cast_model(assign_exact(vae, convert_ldm_vae_checkpoint(state, dict(vae.config)), "VAE"), dtype)
     # transformers >= 5.6 flattened CLIPTextModel (no ``text_model.`` level); position_ids is a buffer
@@ -230,9 +185,9 @@ def _load_base_file(path: Path, allow_pickle: bool, config, dtype) -> SDComponen
     with init_empty_weights():
         text_encoder = CLIPTextModel(CLIPTextConfig.from_dict(text_cfg))
     text_encoder = cast_model(assign_exact(text_encoder, clip, "text encoder"), dtype)
-    tokenizer = _single_file_tokenizer(folder, text_encoder.config.vocab_size)
+    tokenizer = single_file_tokenizer(folder, text_encoder.config.vocab_size)
     return SDComponents(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-                        scheduler_config=_scheduler_config(folder))
+                        scheduler_config=scheduler_config(folder))
 
 
 def load_base(source: str | os.PathLike, *, allow_pickle: bool = False, config: str | os.PathLike | None = None,
@@ -245,22 +200,6 @@ def load_base(source: str | os.PathLike, *, allow_pickle: bool = False, config: 
 
 
 # ----------------------------------------------------------------------------------- writing
-def base_to_original(components: SDComponents, clip_prefix: str | None = orig.CLIP_PREFIX) -> dict:
-    """The LDM single-file state dict of ``components`` (U-Net, VAE, and under ``clip_prefix`` the
-    CLIP text encoder; SDXL's encoders go elsewhere: :mod:`controlstack.io.sdxl_single_file`)."""
-    out = {}
-    unet = components.unet.state_dict()
-    for k, new in orig.unet_table(unet, components.unet.config.layers_per_block).items():
-        out[orig.UNET_PREFIX + new] = unet[k]
-    vae = components.vae.state_dict()
-    for k, new in orig.vae_table(vae, len(components.vae.config.block_out_channels)).items():
-        t = vae[k]
-        out[orig.VAE_PREFIX + new] = t[:, :, None, None] if orig.is_vae_attention_matrix(new) else t
-    for k, t in (components.text_encoder.state_dict().items() if clip_prefix else ()):
-        out[clip_prefix + k.removeprefix("text_model.")] = t
-    return {k: v.detach().contiguous() for k, v in out.items()}
-
-
 def _model_json(model) -> str:
     if hasattr(model, "to_json_string"):
         cfg = json.loads(model.to_json_string())
@@ -274,7 +213,7 @@ def _save_folder(components: SDComponents, folder: Path) -> None:
     (whose import pulls in transformers' image processors and costs seconds)."""
     import diffusers
 
-    sched_cfg = dict(components.scheduler_config or _scheduler_config(None))
+    sched_cfg = dict(components.scheduler_config or scheduler_config(None))
     sched_name = str(sched_cfg.get("_class_name", "PNDMScheduler"))
     sched_cls = getattr(diffusers, sched_name, None) or diffusers.PNDMScheduler
     folder.mkdir(parents=True)

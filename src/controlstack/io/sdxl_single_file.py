@@ -29,17 +29,17 @@ import torch
 
 from controlstack.errors import ControlstackError
 from controlstack.io import original as orig
-from controlstack.io.checkpoints import _config_file, assign_exact, build_empty, cast_model, existing_path
-from controlstack.io.sd_single_file import (
-    _json,
-    _require_base_folder,
-    _scheduler_config,
-    _single_file_tokenizer,
-    _strip,
-    _tokenizer_from,
-    _unet_from_state,
+from controlstack.io.single_file_common import (
     base_to_original,
+    read_json,
+    require_base_folder,
+    scheduler_config,
+    single_file_tokenizer,
+    strip_prefix,
+    tokenizer_from,
+    unet_from_state,
 )
+from controlstack.io.tensors import assign_exact, build_empty, cast_model, config_file, existing_path
 from controlstack.models.tiny import SDComponents
 
 SDXL_CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "sdxl"
@@ -76,26 +76,26 @@ def _configs(state: dict, metadata: dict, config) -> tuple[dict, Path | None]:
     """part -> config: ``config`` folder > our metadata > SDXL 1.0's + what the shapes tell."""
     if config is not None:
         folder = existing_path(config, "config")
-        _require_base_folder(folder)
+        require_base_folder(folder)
         if not (folder / "text_encoder_2").is_dir():
             raise ControlstackError(f"--config '{folder}' is not an SDXL folder (no text_encoder_2/)")
-        return {part: _config_file(folder / part) for part in METADATA_KEYS}, folder
+        return {part: config_file(folder / part) for part in METADATA_KEYS}, folder
     shapes = {k: tuple(v.shape) for k, v in state.items()}
-    infer = {"unet": lambda: orig.infer_unet_config(_strip(shapes, orig.UNET_PREFIX)),
-             "vae": lambda: orig.infer_vae_config(_strip(shapes, orig.VAE_PREFIX)),
-             "text_encoder": lambda: orig.infer_clip_config(_strip(shapes, TE1_PREFIX)),
-             "text_encoder_2": lambda: infer_open_clip_config(_strip(shapes, TE2_PREFIX))}
+    infer = {"unet": lambda: orig.infer_unet_config(strip_prefix(shapes, orig.UNET_PREFIX)),
+             "vae": lambda: orig.infer_vae_config(strip_prefix(shapes, orig.VAE_PREFIX)),
+             "text_encoder": lambda: orig.infer_clip_config(strip_prefix(shapes, TE1_PREFIX)),
+             "text_encoder_2": lambda: infer_open_clip_config(strip_prefix(shapes, TE2_PREFIX))}
     out = {}
     for part, key in METADATA_KEYS.items():
         out[part] = json.loads(metadata[key]) if key in metadata else \
-            {**_json(SDXL_CONFIGS / part / "config.json"), **infer[part]()}
+            {**read_json(SDXL_CONFIGS / part / "config.json"), **infer[part]()}
     return out, None
 
 
 def _tokenizers(folder: Path | None, vocab_size: int):
     if folder is not None:
-        return _tokenizer_from(folder), _tokenizer_from(folder, "tokenizer_2")
-    first = _single_file_tokenizer(None, vocab_size)
+        return tokenizer_from(folder), tokenizer_from(folder, "tokenizer_2")
+    first = single_file_tokenizer(None, vocab_size)
     second = type(first).from_pretrained(first.name_or_path, local_files_only=True, pad_token="!")
     return first, second
 
@@ -117,15 +117,15 @@ def load_sdxl_state(state: dict, metadata: dict, config, dtype) -> SDComponents:
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     cfgs, folder = _configs(state, metadata, config)
-    unet = _unet_from_state(state, cfgs["unet"], dtype)
+    unet = unet_from_state(state, cfgs["unet"], dtype)
     vae = build_empty(AutoencoderKL, cfgs["vae"], "VAE")
     vae = cast_model(assign_exact(vae, convert_ldm_vae_checkpoint(state, dict(vae.config)), "VAE"), dtype)
-    te1 = _text_model(CLIPTextModel, cfgs["text_encoder"], _strip(state, TE1_PREFIX), "first text encoder", dtype)
+    te1 = _text_model(CLIPTextModel, cfgs["text_encoder"], strip_prefix(state, TE1_PREFIX), "first text encoder", dtype)
     width = SimpleNamespace(config=SimpleNamespace(hidden_size=cfgs["text_encoder_2"]["hidden_size"]))
     te2_state = convert_open_clip_checkpoint(width, state, prefix=TE2_PREFIX)
     te2 = _text_model(CLIPTextModelWithProjection, cfgs["text_encoder_2"], te2_state, "second text encoder", dtype)
     tokenizer, tokenizer_2 = _tokenizers(folder, te1.config.vocab_size)
-    scheduler = _scheduler_config(folder) if folder else _json(SDXL_CONFIGS / "scheduler" / "scheduler_config.json")
+    scheduler = scheduler_config(folder) if folder else read_json(SDXL_CONFIGS / "scheduler" / "scheduler_config.json")
     return SDComponents(unet=unet, vae=vae, text_encoder=te1, tokenizer=tokenizer, scheduler_config=scheduler,
                         text_encoder_2=te2, tokenizer_2=tokenizer_2)
 

@@ -7,7 +7,8 @@ TorchInductor into a ``.pt2`` package: fused GroupNorm/SiLU/attention glue, weig
 pre-packed for oneDNN. The package is written once under :func:`cache_dir` and loaded in ~1 s by
 the next process; its name is a digest of everything that could change the code it holds: the
 weights, the input shapes and dtypes, the precision, the torch / diffusers versions, the source of
-the runners, and the CPU's instruction set (the kernels are built for the host ISA).
+the graph functions and runners (:mod:`~controlstack.models.graphs`), and the CPU's instruction
+set (the kernels are built for the host ISA).
 
 Why AOTInductor and nothing else (docs/speed.md, measured on the bench U-Net + ControlNet step,
 2 threads, Intel Xeon with AMX): 1.56x eager at 128 px and 1.57x at 256 px, where OpenVINO (fp32
@@ -79,9 +80,9 @@ def _machine() -> str:
 def _environment() -> str:
     import diffusers
 
-    from controlstack.models import runner, tiers, token_downsampling  # tiers holds the graph functions
+    from controlstack.models import graphs, runner, token_downsampling  # what the compiled code comes from
 
-    sources = "".join(Path(m.__file__).read_text() for m in (runner, tiers, token_downsampling) if m.__file__) + Path(__file__).read_text()
+    sources = "".join(Path(m.__file__).read_text() for m in (graphs, runner, token_downsampling) if m.__file__) + Path(__file__).read_text()
     return "|".join([str(FORMAT), torch.__version__, diffusers.__version__, _machine(),
                      hashlib.sha256(sources.encode()).hexdigest()])
 

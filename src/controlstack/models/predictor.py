@@ -1,6 +1,6 @@
 """OmniControlNet's stage 1: one multi-task dense predictor that makes the conditions from a photo.
 
-OmniControlNet (Wang et al. 2024, Sec. 3.1; METHOD_NOTES §3): a Swin Transformer backbone gives
+OmniControlNet (Wang et al. 2024, Sec. 3.1; docs/method.md §3): a Swin Transformer backbone gives
 features at 1/4, 1/8, 1/16 and 1/32; each level is projected to a common width and refined by a
 multi-head FPN (top-down pathway; one output head per level, all brought to 1/4 and
 concatenated); a learned task embedding (one-hot task -> a vector over the concatenated

@@ -31,8 +31,9 @@ from controlstack.denoiser import Reuse
 from controlstack.errors import ControlstackError
 from controlstack.injection.base import Residuals
 from controlstack.models.compiled import CompiledGraph
+from controlstack.models.graphs import controlnet_graph, decode_graph, encode_graph, vae_decode_graph
 from controlstack.models.runner import ControlNetRunner, UNetContext, UNetRunner
-from controlstack.models.token_downsampling import MIN_TOKENS, downsampled
+from controlstack.models.token_downsampling import MIN_TOKENS
 
 log = logging.getLogger("controlstack")
 
@@ -94,40 +95,11 @@ class _Once:
             log.warning(f"this call runs in parity: {reason}")
 
 
-# ---------------------------------------------------------------------------- graph functions
-def _added_kw(added: tuple) -> dict:
-    """SDXL's added conditions, graph inputs ``(pooled text, time ids)``, as the runners take them."""
-    return {"added_cond_kwargs": {"text_embeds": added[0], "time_ids": added[1]}} if added else {}
-
-
-def _encode(unet, sample, timestep, text, *added, pool=1):
-    with downsampled(unet, sample.shape[-2:], pool):
-        h, mid, ctx = UNetRunner(unet).encode(sample, timestep, text, **_added_kw(added))
-    return (*h, mid, ctx.emb, ctx.encoder_hidden_states)
-
-
-def _decode(unet, *tensors, pool=1):
-    *h, mid, emb, text = tensors
-    up_factor = 2**unet.num_upsamplers
-    ctx = UNetContext(emb, text, any(d % up_factor for d in h[0].shape[-2:]), None, None, None)
-    with downsampled(unet, h[0].shape[-2:], pool):  # h[0]: conv_in's output, at the latent's size
-        return (UNetRunner(unet).decode(list(h), mid, ctx),)
-
-
-def _controlnet(controlnet, sample, timestep, text, features, *added, pool=1):
-    with downsampled(controlnet, sample.shape[-2:], pool):
-        res = ControlNetRunner(controlnet)(sample, timestep, text, features, **_added_kw(added))
-    return (*res.downs, res.mid)
-
-
+# ---------------------------------------------------------------------------- graphs
 def _pooled(size, pool: int) -> bool:
     """Whether token downsampling ``pool`` changes a graph at latent ``size``: only there is it
     compiled as a graph of its own (below, the plain graphs and their packages serve)."""
     return pool > 1 and size[-2] * size[-1] >= MIN_TOKENS
-
-
-def _vae_decode(vae, latents):
-    return (vae.decode(latents, return_dict=False)[0],)
 
 
 def _split(kw: dict) -> tuple[tuple, str | None]:
@@ -147,12 +119,12 @@ class CompiledUNetRunner(UNetRunner):
     def __init__(self, unet, precision: str = "fp32", pool: int = 1):
         super().__init__(unet)
         self.pool = pool
-        self.encoder = CompiledGraph("unet-encode", "U-Net encoder", unet, _encode, precision, exact=(1, 4))
-        self.decoder = CompiledGraph("unet-decode", "U-Net decoder", unet, _decode, precision, same_weights_as=self.encoder)
+        self.encoder = CompiledGraph("unet-encode", "U-Net encoder", unet, encode_graph, precision, exact=(1, 4))
+        self.decoder = CompiledGraph("unet-decode", "U-Net decoder", unet, decode_graph, precision, same_weights_as=self.encoder)
         self.pooled = (CompiledGraph(f"unet-encode-todo{pool}", "U-Net encoder", unet,
-                                     functools.partial(_encode, pool=pool), precision, self.encoder, exact=(1, 4)),
+                                     functools.partial(encode_graph, pool=pool), precision, self.encoder, exact=(1, 4)),
                        CompiledGraph(f"unet-decode-todo{pool}", "U-Net decoder", unet,
-                                     functools.partial(_decode, pool=pool), precision, self.encoder)) if pool > 1 else ()
+                                     functools.partial(decode_graph, pool=pool), precision, self.encoder)) if pool > 1 else ()
         self.fallback = _Once()
 
     def graphs(self, size) -> tuple[CompiledGraph, CompiledGraph]:
@@ -182,9 +154,9 @@ class CompiledControlNetRunner(ControlNetRunner):
     def __init__(self, controlnet, precision: str = "fp32", pool: int = 1):
         super().__init__(controlnet)
         self.pool = pool
-        self.graph = CompiledGraph("controlnet", "ControlNet", controlnet, _controlnet, precision, exact=(1, 5))
+        self.graph = CompiledGraph("controlnet", "ControlNet", controlnet, controlnet_graph, precision, exact=(1, 5))
         self.pooled = CompiledGraph(f"controlnet-todo{pool}", "ControlNet", controlnet,
-                                    functools.partial(_controlnet, pool=pool), precision, self.graph,
+                                    functools.partial(controlnet_graph, pool=pool), precision, self.graph,
                                     exact=(1, 5)) if pool > 1 else None
         self.fallback = _Once()
 
@@ -202,7 +174,7 @@ class CompiledControlNetRunner(ControlNetRunner):
 
 class CompiledVAEDecoder:
     def __init__(self, vae, precision: str = "fp32"):
-        self.graph = CompiledGraph("vae-decode", "VAE decoder", vae, _vae_decode, precision)
+        self.graph = CompiledGraph("vae-decode", "VAE decoder", vae, vae_decode_graph, precision)
 
     def __call__(self, latents: torch.Tensor) -> torch.Tensor:
         return self.graph(latents)[0]

@@ -72,8 +72,7 @@ def stages(bundle: Path = BUNDLE_DIR) -> list[Stage]:
         Stage("vae", "vae", bundle / "vae" / "diffusion_pytorch_model.safetensors"),
         # the decoder fine-tuned on noisy latents (encoder frozen): done when recorded in stages.json
         Stage("vae-decoder", "vae", bundle / "stages.json", init_from=bundle / "vae"),
-        # v-prediction from the first step (configs/bundle/base.yaml; v1 fine-tuned an ε-base to v
-        # in a separate stage, base-v, recorded in the shipped bundle's stages.json)
+        # v-prediction from the first step, so no separate ε-to-v stage (configs/bundle/base.yaml says why)
         Stage("base", "base", bundle / "unet" / "diffusion_pytorch_model.safetensors"),
     ]
     out += [Stage(f"controlnet-{c}", "controlnet", bundle / "controlnets" / c / "diffusion_pytorch_model.safetensors", c)
@@ -152,7 +151,7 @@ def _write_clock(clock: Path, seconds: float) -> None:
 def _timed_training(stage: Stage, config, work: Path) -> tuple[Path, float]:
     """Train (resuming if a checkpoint exists); returns the model folder and the total wall time
     over every run of this stage (kept in the work folder across interruptions). The clock is
-    also written every :data:`CLOCK_EVERY` seconds while training: a session's stop kills the run
+    also written every :data:`CLOCK_EVERY` seconds while training: a kill from outside stops the run
     without unwinding it, and its minutes would otherwise be missing from the record."""
     import threading
 

@@ -251,7 +251,7 @@ def train(config: ControlNetConfig, resume: bool = False):
     session = TrainingSession(config, "controlnet", resume)
     acc = session.accelerator
 
-    tasks = tuple(getattr(config, "tasks", ()))  # Omni (omni.py): one hint column per task
+    tasks = tuple(getattr(config, "tasks", ()))  # Omni (omni.py, omni_tasks.py): one hint column per task
     hint_columns = config.hint_columns() if tasks else {config.condition: "hint"}
     columns = {config.image_column: "image", config.caption_column: "text", **hint_columns, **object_columns(config)}
     regions = None
@@ -313,7 +313,7 @@ def train(config: ControlNetConfig, resume: bool = False):
         control_ids = None
         if tasks:  # own random stream: a task per sample; the ControlNet reads "<task> caption"
             from controlstack.models.task_tokens import with_task_token
-            from controlstack.training.omni import pick_hints
+            from controlstack.training.omni_tasks import pick_hints
 
             hint, k = pick_hints(batch, tasks, session.step_generator(stream=3))
             control_ids = with_task_token(ids, task_ids[k])
@@ -451,7 +451,7 @@ def validate(session: TrainingSession, net: ControlledUNet, base, vae, text_enco
     net.controlnet.eval()
     tasks = tuple(getattr(cfg, "tasks", ()))
     if tasks:  # Omni: row i shows task i mod K
-        from controlstack.training.omni import validation_samples
+        from controlstack.training.omni_tasks import validation_samples
 
         hints, generated, fidelity = validation_samples(net, base, vae, text_encoder, val, cfg)
     else:

@@ -1,6 +1,6 @@
 """Recipe: OmniControlNet's stage 2 -- one ControlNet for every condition type, told apart by task tokens.
 
-OmniControlNet (Wang et al. 2024, Sec. 3.2; METHOD_NOTES §3): each condition type is a learned
+OmniControlNet (Wang et al. 2024, Sec. 3.2; docs/method.md §3): each condition type is a learned
 word (textual inversion), prefixed to the prompt, and one ControlNet is trained on a mix of
 condition types. It is the ControlNet recipe (``controlnet.py``) with these options, not a copy:
 
@@ -19,21 +19,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 from controlstack.errors import require
 from controlstack.training.config import list_field
 from controlstack.training.controlnet import ControlNetConfig, train
+from controlstack.training.omni_tasks import TASK_COLUMNS, pick_hints, task_column, validation_samples
 
-__all__ = ["TASK_COLUMNS", "OmniConfig", "pick_hints", "train"]  # train: the ControlNet recipe's own
-
-#: task name -> the world export's column holding its condition (``hed`` is the soft edge)
-TASK_COLUMNS = {"canny": "canny", "depth": "depth", "seg": "seg", "pose": "pose", "hed": "softedge",
-                "scribble": "scribble", "normal": "normal"}
-
-
-def task_column(task: str) -> str:
-    return TASK_COLUMNS.get(task, task)
+# train: the ControlNet recipe's own; the per-task pieces it calls live in omni_tasks.py
+__all__ = ["TASK_COLUMNS", "OmniConfig", "pick_hints", "task_column", "train", "validation_samples"]
 
 
 @dataclass
@@ -59,38 +51,5 @@ class OmniConfig(ControlNetConfig):
         return {task_column(t): f"hint_{t}" for t in self.tasks}
 
 
-def pick_hints(batch: dict, tasks, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """One task per sample, uniformly: ``(hint (B, 3, H, W), task index (B,))``."""
-    stacked = torch.stack([batch[f"hint_{t}"] for t in tasks])        # (K, B, 3, H, W)
-    b = stacked.shape[1]
-    k = torch.randint(0, len(tasks), (b,), generator=generator)
-    return stacked[k.to(stacked.device), torch.arange(b, device=stacked.device)], k
-
-
 def is_omni(config) -> bool:
     return isinstance(config, OmniConfig)
-
-
-@torch.no_grad()
-def validation_samples(net, base, vae, text_encoder, val: dict, cfg: OmniConfig):
-    """Validation rows for the Omni ControlNet: row ``i`` uses task ``i mod K`` through the
-    project's pipeline (``Control(..., task=...)``), as users sample it. Returns (hints, generated,
-    mean edge fidelity over the rows)."""
-    from controlstack.control import Control
-    from controlstack.models.tiny import SDComponents
-    from controlstack.pipeline import Pipeline
-    from controlstack.training.validation import condition_fidelity, tensor_to_pil
-
-    net.controlnet.task_tokens = net.task_tokens.rows()  # what a loaded Omni model carries
-    pipe = Pipeline(SDComponents(net.unet, vae, text_encoder, base.tokenizer, base.scheduler_config))
-    hints, generated, scores = [], [], []
-    for i, prompt in enumerate(val["text"]):
-        task = cfg.tasks[i % len(cfg.tasks)]
-        hint = tensor_to_pil(val[f"hint_{task}"][i:i + 1], signed=False)[0]
-        image = pipe(prompt, [Control(net.controlnet, hint, weight=cfg.conditioning_scale, task=task)],
-                     steps=cfg.num_inference_steps, cfg=cfg.guidance_scale, seed=cfg.seed + i,
-                     width=cfg.resolution, height=cfg.resolution, scheduler="ddim", progress=False)[0]
-        hints.append(hint)
-        generated.append(image)
-        scores.append(condition_fidelity(task_column(task), [hint], [image]))
-    return hints, generated, float(sum(scores) / max(len(scores), 1))
