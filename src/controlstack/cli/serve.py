@@ -2,7 +2,9 @@
 
 sd-webui's API subset (``/sdapi/v1/txt2img``, ``/sdapi/v1/img2img`` with ControlNet units,
 ``/controlnet/...``) and the project's ``/v1``. Binds to loopback by default; any other address
-requires ``--token`` (clients send ``Authorization: Bearer T``).
+requires ``--token`` (clients send ``Authorization: Bearer T``). ``/v1`` jobs and their PNGs are
+kept in ``--data DIR`` (a SQLite database, a blobs and a results folder): finished jobs are served
+after a restart, jobs left queued or running run again (docs/serving.md, "Jobs survive restarts").
 """
 
 from __future__ import annotations
@@ -33,6 +35,13 @@ def register(sub) -> None:
                                                             "bases are unloaded past it)")
     p.add_argument("--optimize", default="parity", choices=("parity", "compiled", "fast"),
                    help="speed tier of every model served (docs/speed.md)")
+    p.add_argument("--data", default=None, metavar="DIR",
+                   help="the job store: jobs.sqlite3, blobs/, results/ (default: $XDG_DATA_HOME/controlstack/serve, "
+                        "else ~/.local/share/controlstack/serve)")
+    p.add_argument("--keep-jobs", type=int, default=1000, metavar="N",
+                   help="finished jobs kept with their PNGs (older ones are deleted; queued / running never)")
+    p.add_argument("--keep-days", type=float, default=30.0, metavar="D",
+                   help="finished jobs older than this many days are deleted with their PNGs")
     p.set_defaults(func=run)
 
 
@@ -68,7 +77,14 @@ def run(args: argparse.Namespace) -> int:
         factories[name] = (lambda d=d: load(d))
     if args.memory <= 0:
         raise ControlstackError(f"--memory must be > 0 GiB, got {args.memory}")
-    app = create_app(factories, token=args.token, queue_size=args.queue, ui=not args.no_ui, memory_gib=args.memory)
+    if args.keep_jobs < 0:
+        raise ControlstackError(f"--keep-jobs must be >= 0, got {args.keep_jobs}")
+    if not args.keep_days >= 0:  # NaN too
+        raise ControlstackError(f"--keep-days must be >= 0, got {args.keep_days}")
+    from controlstack.serve.store import default_data_dir
+
+    app = create_app(factories, token=args.token, queue_size=args.queue, ui=not args.no_ui, memory_gib=args.memory,
+                     data=args.data or default_data_dir(), keep_jobs=args.keep_jobs, keep_days=args.keep_days)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     return 0
 

@@ -5,8 +5,9 @@ Safety first: no field is ever opened as a server path (images are base64 data, 
 registered names, annotator parameters content only: ``spec``, ``annotate``), bodies are read under
 caps on size, nesting and values before they are parsed (``bodies``), every field is validated
 when the request arrives, into one :class:`~.spec.JobSpec` for ``/v1`` and sd-webui alike, so only
-valid jobs are queued; caps on images, steps, size and batch (``spec.Limits``), a bounded queue that
-answers 429 with ``Retry-After`` when full, generation in a worker thread (the event loop keeps
+valid jobs are queued; caps on images, steps, size and batch (``spec.Limits``), one bounded queue for
+``/v1`` and sd-webui's generations alike that answers 429 with ``Retry-After`` when full, kept in a
+SQLite store (``store``: a restart loses no job), generation in a worker thread (the event loop keeps
 answering), a Bearer token compared in constant time when one is set (``controlstack serve``
 requires it off loopback), and errors as JSON naming the problem -- 4xx for the client's, a bare
 500 for a bug: never a traceback or a path.
@@ -25,6 +26,7 @@ from starlette.concurrency import run_in_threadpool
 
 from controlstack.errors import ControlstackError
 from controlstack.serve.bodies import ClientError, read_json
+from controlstack.serve.jobs import Busy, deadline_check  # noqa: F401 (here for clients and tests, as before)
 from controlstack.serve.spec import JobSpec, Limits, encode_png, number, spec_from_v1
 from controlstack.serve.webui import parse_generation
 
@@ -32,23 +34,15 @@ MAX_BODY = 64 * 2**20
 VERSION = 2  # what sd-webui-controlnet's /controlnet/version answers to clients that check it
 
 
-class Busy(Exception):
-    """The queue is full."""
+def infotext(png_b64: str) -> str:
+    """The ``parameters`` text of a base64 PNG (PIL reads the text chunks before the pixels)."""
+    import base64
+    import io
 
+    from PIL import Image
 
-def deadline_check(seconds: float, report=None):
-    """A ``step_callback`` that stops a generation (between steps) once it has run ``seconds``."""
-    import time
-
-    start = time.monotonic()
-
-    def check(done: int, total: int) -> None:
-        if report is not None:
-            report(done, total)
-        if time.monotonic() - start > seconds:
-            raise ControlstackError(f"the job ran longer than the server's {seconds:g} s limit; lower the steps, "
-                                    "size or batch")
-    return check
+    with Image.open(io.BytesIO(base64.b64decode(png_b64))) as im:
+        return im.info.get("parameters", "")
 
 
 def model_bytes(pipe) -> int:
@@ -73,11 +67,12 @@ class Worker:
         self.default = next(iter(self.factories))
         self.loaded: OrderedDict = OrderedDict()
         self.memory_bytes = memory_bytes
-        # one generation at a time: sd-webui requests, /v1 jobs and the web UI all take this lock
-        self.run_lock, self._slots = threading.Lock(), threading.BoundedSemaphore(queue_size + 1)
-        self.current = [0, 0]       # steps done / total of the running sd-webui generation (/sdapi/v1/progress)
+        # one generation at a time: the job worker and the web UI take this lock
+        self.run_lock = threading.Lock()
+        self.current = [0, 0]       # steps done / total of the running job (/sdapi/v1/progress)
         self._load = threading.Lock()
         self.job_seconds = job_seconds
+        self.jobs = None            # the job queue (create_app sets it): sd-webui's generations go through it
 
     def base(self, name: str | None = None):
         """The pipeline of a registered base (``None``: the default); unknown names name the known."""
@@ -97,40 +92,41 @@ class Worker:
     def pipe(self):
         return self.base(None)
 
-    def generate(self, spec: JobSpec):
-        if not self._slots.acquire(blocking=False):
-            raise Busy()
-        try:
-            with self.run_lock:
-                prompt, controls, kw = spec.call_args()
-                pipe = self.base(spec.base)
-                self.current = [0, kw.get("steps") or 0]
-                try:
-                    report = lambda done, total: self.current.__setitem__(slice(None), [done, total])
-                    return pipe(prompt, controls, progress=False, return_result=True,
-                                     step_callback=deadline_check(self.job_seconds, report), **kw)
-                finally:
-                    self.current = [0, 0]
-        finally:
-            self._slots.release()
+    def generate(self, spec: JobSpec) -> dict:
+        """Run ``spec`` as a job of the one queue (sd-webui's txt2img / img2img) and wait for it: its
+        finished record. The queue's limit, the time limit and cancelling apply as to ``/v1`` jobs;
+        raises :class:`Busy` when the queue is full."""
+        return self.jobs.wait(self.jobs.submit(spec))
 
 
 def create_app(pipeline_factory: Callable | dict | None = None, token: str | None = None, limits: Limits | None = None,
-               queue_size: int = 4, ui: bool = False, memory_gib: float = 8.0):
+               queue_size: int = 4, ui: bool = False, memory_gib: float = 8.0, data=None,
+               keep_jobs: int | None = None, keep_days: float | None = None):
     """The app. ``pipeline_factory``: a loader of the one base, or ``{name: loader}`` for several
     (clients pick one by name: sd-webui's ``override_settings.sd_model_checkpoint``, ``/v1``'s
-    ``base``); ``memory_gib`` bounds the weights kept loaded."""
+    ``base``); ``memory_gib`` bounds the weights kept loaded. ``data``: the job store's folder
+    (``store``; None: a temporary one, removed at exit -- nothing survives that process);
+    ``keep_jobs`` / ``keep_days``: retention of finished jobs (None: ``jobs.KEEP_JOBS`` / ``KEEP_DAYS``)."""
     from controlstack import annotators
 
     if pipeline_factory is None:
         from controlstack import Pipeline
 
         pipeline_factory = Pipeline.from_pretrained
-    from controlstack.serve.jobs import Jobs
+    from controlstack.serve.jobs import KEEP_DAYS, KEEP_JOBS, Jobs
+    from controlstack.serve.store import Store
 
+    if data is None:
+        import atexit
+        import shutil
+        import tempfile
+
+        data = tempfile.mkdtemp(prefix="controlstack-serve-")
+        atexit.register(shutil.rmtree, data, ignore_errors=True)
     limits = limits or Limits()
     worker = Worker(pipeline_factory, queue_size, limits.job_seconds, memory_gib * 2**30)
-    jobs = Jobs(worker, queue_size)
+    jobs = worker.jobs = Jobs(worker, queue_size, Store(data), KEEP_JOBS if keep_jobs is None else keep_jobs,
+                              KEEP_DAYS if keep_days is None else keep_days)
     app = FastAPI(title="controlstack", version=str(VERSION))
     app.state.worker, app.state.jobs = worker, jobs  # for operators and tests (holding run_lock pauses generation)
 
@@ -162,17 +158,21 @@ def create_app(pipeline_factory: Callable | dict | None = None, token: str | Non
             payload = await read_json(request, MAX_BODY)
             # decoding images and loading a base take CPU time: off the event loop
             spec = await run_in_threadpool(parse_generation, payload, worker.base, limits, img2img)
-            result = await run_in_threadpool(worker.generate, spec)
+            record = await run_in_threadpool(worker.generate, spec)  # a job of the one queue, waited for
         except Busy:
             return error(429, "the queue is full; retry later", **{"Retry-After": "5"})
         except ControlstackError as exc:
             return refused(exc)
-        p = result.parameters
-        infotexts = [im.info.get("parameters", "") for im in result.images]
+        if record["status"] != "done":  # the time limit, a cancel (/sdapi/v1/interrupt), or a bug
+            if record.get("error") == "internal error":
+                return error(500, "internal error")
+            return error(400, record.get("error") or f"the job was {record['status']}")
+        p = record["parameters"]
+        infotexts = [infotext(im) for im in record["images"]]
         info = {"prompt": p["prompt"], "negative_prompt": p["negative_prompt"], "seed": p["seed"],
-                "all_seeds": [p["seed"]] * len(result.images), "steps": p["steps"], "cfg_scale": p["cfg"],
+                "all_seeds": [p["seed"]] * len(infotexts), "steps": p["steps"], "cfg_scale": p["cfg"],
                 "width": p["width"], "height": p["height"], "sampler_name": p["scheduler"], "infotexts": infotexts}
-        return {"images": [encode_png(im) for im in result.images], "parameters": {k: v for k, v in p.items()
+        return {"images": record["images"], "parameters": {k: v for k, v in p.items()
                 if isinstance(v, (str, int, float, bool))}, "info": json.dumps(info)}
 
     @app.post("/sdapi/v1/txt2img")
@@ -202,9 +202,18 @@ def create_app(pipeline_factory: Callable | dict | None = None, token: str | Non
 
     @app.get("/sdapi/v1/progress")
     def progress():
+        """The job that runs now, from whichever endpoint it came; job_count counts the waiting too."""
         done, total = worker.current
         return {"progress": done / total if total else 0.0, "eta_relative": 0.0, "current_image": None,
-                "state": {"sampling_step": done, "sampling_steps": total, "job_count": 1 if total else 0}}
+                "state": {"sampling_step": done, "sampling_steps": total,
+                          "job_count": jobs.store.queued() + len(jobs.running)}}
+
+    @app.post("/sdapi/v1/interrupt")
+    def interrupt():
+        """sd-webui's "stop": the running job stops after its current step (its request answers 400)."""
+        for job_id in list(jobs.running):
+            jobs.cancel(job_id)
+        return {}
 
     @app.get("/sdapi/v1/scripts")
     def scripts():
@@ -289,8 +298,8 @@ def create_app(pipeline_factory: Callable | dict | None = None, token: str | Non
     @app.get("/v1/jobs/{job_id}")
     def job(job_id: str):
         record = jobs.get(job_id)
-        return record if record is not None else error(404, f"no job '{job_id}' (finished jobs are kept for the "
-                                                            "last 100)")
+        return record if record is not None else error(404, f"no job '{job_id[:40]}' (finished jobs are kept "
+                                                            f"for the last {jobs.keep_jobs}, {jobs.keep_days:g} days)")
 
     @app.get("/v1/jobs/{job_id}/events")
     async def events(job_id: str):
@@ -299,20 +308,19 @@ def create_app(pipeline_factory: Callable | dict | None = None, token: str | Non
 
         from fastapi.responses import StreamingResponse
 
-        if jobs.get(job_id) is None:
-            return error(404, f"no job '{job_id}'")
+        if jobs.get(job_id, images=False) is None:
+            return error(404, f"no job '{job_id[:40]}'")
 
         async def stream():
             last = None
             while True:
-                record = jobs.get(job_id)
-                if record is None:
+                view = jobs.get(job_id, images=False)  # the PNGs stay on disk: polled ten times a second
+                if view is None:
                     return
-                view = {k: v for k, v in record.items() if k != "images"}
                 if view != last:
                     yield f"data: {json.dumps(view)}\n\n"
                     last = view
-                if record["status"] in ("done", "failed", "cancelled"):
+                if view["status"] in ("done", "failed", "cancelled"):
                     return
                 await asyncio.sleep(0.1)
 
@@ -321,7 +329,7 @@ def create_app(pipeline_factory: Callable | dict | None = None, token: str | Non
     @app.delete("/v1/jobs/{job_id}")
     def cancel(job_id: str):
         record = jobs.cancel(job_id)
-        return record if record is not None else error(404, f"no job '{job_id}'")
+        return record if record is not None else error(404, f"no job '{job_id[:40]}'")
 
     @app.get("/v1/models")
     def models():
