@@ -1,10 +1,13 @@
 """The web UI in a real browser: Debian's chromium, headless, driven by Selenium through the
-system chromedriver (no browser download). Loads the UI, uploads an image, runs canny in unit 0,
-generates with the bundled model and checks that the gallery shows an image; saves a screenshot.
+system chromedriver (no browser download). The server has a token: the browser is sent to the login
+form, logs in (the session cookie carries the UI's own calls), uploads an image, runs canny in unit
+0, generates with the bundled model -- a job of the server's queue -- and checks that the gallery
+shows an image and the parameters name the job; saves a screenshot.
 Skipped where no chromium / chromedriver is installed (``.ci/run`` installs them)."""
 
 from __future__ import annotations
 
+import re
 import shutil
 import threading
 import time
@@ -13,6 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+TOKEN = "browser-s3cret"
 pytestmark = pytest.mark.skipif(not (shutil.which("chromium") and shutil.which("chromedriver")),
                                 reason="needs Debian's chromium and chromium-driver (apt)")
 
@@ -28,7 +32,7 @@ def server():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(create_app(ui=True), host="127.0.0.1", port=port, log_level="warning"))
+    srv = uvicorn.Server(uvicorn.Config(create_app(ui=True, token=TOKEN), host="127.0.0.1", port=port, log_level="warning"))
     threading.Thread(target=srv.run, daemon=True).start()
     deadline = time.time() + 120
     while not srv.started and time.time() < deadline:
@@ -55,8 +59,10 @@ def test_upload_canny_generate_in_chromium(server, tmp_path):
     driver = webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=options)
     wait = WebDriverWait(driver, 120)
     try:
-        driver.get(server)
+        driver.get(server)  # no cookie yet: the login form
+        wait.until(EC.presence_of_element_located((By.CSS_SELECTOR, "input[name=token]"))).send_keys(TOKEN, Keys.ENTER)
         wait.until(EC.presence_of_element_located((By.CSS_SELECTOR, "input[type=file]")))
+        assert driver.current_url == server
         driver.find_elements(By.CSS_SELECTOR, "input[type=file]")[0].send_keys(str(tmp_path / "photo.png"))
         time.sleep(2)
         driver.find_elements(By.CSS_SELECTOR, "input[data-testid=checkbox]")[0].click()  # unit 0: Enable
@@ -75,6 +81,7 @@ def test_upload_canny_generate_in_chromium(server, tmp_path):
             return next((a for a in areas if "Steps:" in a), "")
 
         wait.until(lambda d: "Module: canny" in parameters(d))
+        assert re.match(r"job-\d+\n", parameters(driver))  # a job of the queue, served by GET /v1/jobs/{id}
         assert driver.find_elements(By.CSS_SELECTOR, ".gallery img, [data-testid='gallery'] img, .grid-wrap img")
         driver.save_screenshot(str(tmp_path / "ui.png"))
         assert (tmp_path / "ui.png").stat().st_size > 10_000

@@ -28,6 +28,7 @@ COMMANDS = (
     "asym",
     "evaluate",
     "serve",
+    "worker",
     "demo",
 )
 

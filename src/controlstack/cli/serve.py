@@ -42,6 +42,11 @@ def register(sub) -> None:
                    help="finished jobs kept with their PNGs (older ones are deleted; queued / running never)")
     p.add_argument("--keep-days", type=float, default=30.0, metavar="D",
                    help="finished jobs older than this many days are deleted with their PNGs")
+    p.add_argument("--broker", default=None, metavar="URL",
+                   help="redis://HOST:6379/0: a front only (no model loaded); jobs run on `controlstack worker` "
+                        "processes (docs/serving.md, \"Several machines\")")
+    p.add_argument("--job-seconds", type=float, default=600.0, help="with --broker: the per-job time limit the "
+                                                                     "workers use too (sets the redelivery time)")
     p.set_defaults(func=run)
 
 
@@ -57,6 +62,17 @@ def run(args: argparse.Namespace) -> int:
         import uvicorn
     except ImportError:
         raise ControlstackError("serve needs fastapi and uvicorn: pip install fastapi uvicorn") from None
+    if args.broker:  # a front of workers (serve/distributed.py): validates and queues, loads nothing
+        from controlstack.serve.distributed import Cluster
+        from controlstack.serve.front import create_front_app
+
+        if not args.broker.startswith(("redis://", "rediss://", "unix://")):
+            raise ControlstackError(f"--broker must be a redis:// URL, got {args.broker[:80]!r}")
+        if not args.job_seconds > 0:  # NaN too
+            raise ControlstackError(f"--job-seconds must be > 0, got {args.job_seconds}")
+        cluster = Cluster(args.broker, args.queue, args.job_seconds, args.keep_days)
+        uvicorn.run(create_front_app(cluster, token=args.token, ui=not args.no_ui), host=args.host, port=args.port, log_level="info")
+        return 0
     from pathlib import Path
 
     from controlstack import Pipeline

@@ -11,6 +11,9 @@ the answer to a path never depends on whether the file exists.
 
 from __future__ import annotations
 
+# at module level: FastAPI resolves the handlers' string annotations (``request: Request``) here
+from fastapi import Request
+
 from controlstack.errors import ControlstackError
 from controlstack.serve.bodies import ClientError, parse_json
 from controlstack.serve.spec import Limits, decode_image, short
@@ -96,3 +99,75 @@ def run_annotator(annotator, image, call: dict, where: str = "params"):
         return annotator(image, **call)
     except ControlstackError as exc:
         raise ClientError(str(exc)) from None
+
+
+def add_routes(app, limits: Limits, refused, max_body: int) -> None:
+    """The annotator endpoints on ``app``: ``/v1/annotators``, ``/v1/annotate``, ``/controlnet/detect``
+    and ``/controlnet/module_list``. One code path for the embedded server (serve/app.py) and a broker
+    front (serve/front.py): annotators need no diffusion model (the learned ones load the bundled
+    predictor on first use, in the process that serves them), so a front runs them itself.
+    ``refused(exc)``: the app's 4xx answer for a ControlstackError."""
+    from starlette.concurrency import run_in_threadpool
+
+    from controlstack import annotators
+    from controlstack.serve.bodies import read_json
+    from controlstack.serve.spec import encode_png, number
+
+    @app.get("/controlnet/module_list")
+    def module_list():
+        return {"module_list": ["none", *annotators.available()]}
+
+    @app.post("/controlnet/detect")
+    async def detect(request: Request):
+        """sd-webui-controlnet's preprocessor endpoint: run one annotator on each image."""
+
+        def value(b: dict, key: str, default, lo: int, hi: int) -> int:
+            v = b.get(key)  # sd-webui-controlnet sends -1 (or null) for "the preprocessor's default"
+            return default if v is None or v == -1 else int(number(v, key, lo, hi))
+
+        try:
+            b = await read_json(request, max_body)
+            module = b.get("controlnet_module", "none")
+            if not isinstance(module, str) or module not in annotators.available():
+                raise ClientError(f"'controlnet_module' {short(module)} is unknown; see /controlnet/module_list")
+            images = b.get("controlnet_input_images")
+            if not isinstance(images, list) or not images or len(images) > limits.max_batch:
+                raise ClientError(f"'controlnet_input_images' must be a list of 1-{limits.max_batch} base64 images")
+            params = {"resolution": value(b, "controlnet_processor_res", 512, 64, limits.max_side * 2)}
+            if module == "canny":
+                params |= {"low_threshold": value(b, "controlnet_threshold_a", 100, 1, 255),
+                           "high_threshold": value(b, "controlnet_threshold_b", 200, 1, 255)}
+            try:
+                annotator = annotators.get(module, **params)
+            except ControlstackError as exc:
+                raise ClientError(str(exc)) from None
+            out = await run_in_threadpool(lambda: [
+                run_annotator(annotator, decode_image(im, f"controlnet_input_images[{i}]", limits), {})
+                for i, im in enumerate(images)])
+        except ControlstackError as exc:
+            return refused(exc)
+        return {"images": [encode_png(im) for im in out], "info": "Success"}
+
+    @app.post("/v1/annotate")
+    async def annotate(request: Request):
+
+        def run(b: dict):
+            unknown = sorted(set(b) - {"annotator", "params", "image"})
+            if unknown:
+                raise ClientError(f"unknown field(s) {', '.join(u[:40] for u in unknown[:5])}; known: annotator, "
+                                  "image, params")
+            annotator, call = http_annotator(b.get("annotator"), b.get("params", {}), limits)
+            return run_annotator(annotator, decode_image(b.get("image"), "image", limits), call)
+
+        try:
+            out = await run_in_threadpool(run, await read_json(request, max_body))
+        except ControlstackError as exc:
+            return refused(exc)
+        return {"image": encode_png(out)}
+
+    @app.get("/v1/annotators")
+    def annotator_list():
+        return {name: [{"name": n, "type": t, "default": d if isinstance(d, (str, int, float, bool, type(None)))
+                        else str(d), "range": r, "help": h}
+                       for n, t, d, r, h in annotators.annotator_class(name).describe()]
+                for name in annotators.available()}

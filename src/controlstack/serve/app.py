@@ -8,30 +8,39 @@ when the request arrives, into one :class:`~.spec.JobSpec` for ``/v1`` and sd-we
 valid jobs are queued; caps on images, steps, size and batch (``spec.Limits``), one bounded queue for
 ``/v1`` and sd-webui's generations alike that answers 429 with ``Retry-After`` when full, kept in a
 SQLite store (``store``: a restart loses no job), generation in a worker thread (the event loop keeps
-answering), a Bearer token compared in constant time when one is set (``controlstack serve``
-requires it off loopback), and errors as JSON naming the problem -- 4xx for the client's, a bare
-500 for a bug: never a traceback or a path.
+answering), a Bearer token (or the web UI's login cookie, ``auth``) compared in constant time when
+one is set (``controlstack serve`` requires it off loopback), and errors as JSON naming the
+problem -- 4xx for the client's, a bare 500 for a bug: never a traceback or a path.
 """
 
 from __future__ import annotations
 
-import hmac
 import json
 import threading
 from collections.abc import Callable
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, RedirectResponse
 from starlette.concurrency import run_in_threadpool
 
 from controlstack.errors import ControlstackError
-from controlstack.serve.bodies import ClientError, read_json
+from controlstack.serve import auth
+from controlstack.serve.bodies import read_json
 from controlstack.serve.jobs import Busy, deadline_check  # noqa: F401 (here for clients and tests, as before)
-from controlstack.serve.spec import JobSpec, Limits, encode_png, number, spec_from_v1
+from controlstack.serve.spec import JobSpec, Limits, spec_from_v1
 from controlstack.serve.webui import parse_generation
 
 MAX_BODY = 64 * 2**20
 VERSION = 2  # what sd-webui-controlnet's /controlnet/version answers to clients that check it
+
+
+SCRIPTS = {"txt2img": ["controlnet"], "img2img": ["controlnet"]}  # /sdapi/v1/scripts: clients check "controlnet"
+
+
+def options_of(name: str, model_hash: str | None) -> dict:
+    """``/sdapi/v1/options``: the settings sd-webui clients read (the checkpoint, the PNG format)."""
+    return {"sd_model_checkpoint": name, "sd_checkpoint_hash": model_hash, "samples_format": "png",
+            "CLIP_stop_at_last_layers": 1}
 
 
 def infotext(png_b64: str) -> str:
@@ -96,7 +105,7 @@ class Worker:
         """Run ``spec`` as a job of the one queue (sd-webui's txt2img / img2img) and wait for it: its
         finished record. The queue's limit, the time limit and cancelling apply as to ``/v1`` jobs;
         raises :class:`Busy` when the queue is full."""
-        return self.jobs.wait(self.jobs.submit(spec))
+        return self.jobs.wait(self.jobs.submit(spec, priority=1))  # someone waits: before batch /v1 jobs
 
 
 def create_app(pipeline_factory: Callable | dict | None = None, token: str | None = None, limits: Limits | None = None,
@@ -107,8 +116,6 @@ def create_app(pipeline_factory: Callable | dict | None = None, token: str | Non
     ``base``); ``memory_gib`` bounds the weights kept loaded. ``data``: the job store's folder
     (``store``; None: a temporary one, removed at exit -- nothing survives that process);
     ``keep_jobs`` / ``keep_days``: retention of finished jobs (None: ``jobs.KEEP_JOBS`` / ``KEEP_DAYS``)."""
-    from controlstack import annotators
-
     if pipeline_factory is None:
         from controlstack import Pipeline
 
@@ -139,10 +146,12 @@ def create_app(pipeline_factory: Callable | dict | None = None, token: str | Non
 
     @app.middleware("http")
     async def guard(request: Request, call_next):
-        if token is not None:
-            given = request.headers.get("authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
-                return error(401, "missing or wrong token: send 'Authorization: Bearer <token>'")
+        # the Bearer header, or the web UI's session cookie (auth: a browser logs in at /login)
+        if token is not None and request.url.path != auth.LOGIN and not auth.authorized(request, token):
+            if auth.wants_page(request):
+                return RedirectResponse(auth.LOGIN, status_code=303)
+            return error(401, "missing or wrong token: send 'Authorization: Bearer <token>' (a browser: log in "
+                              "at /login)")
         length = request.headers.get("content-length") or "0"
         if not length.isdigit():  # int() of it would raise here, outside the try: a 500
             return error(400, "the Content-Length header is not a number")
@@ -152,6 +161,9 @@ def create_app(pipeline_factory: Callable | dict | None = None, token: str | Non
             return await call_next(request)
         except Exception:  # a bug: say so, without a traceback or a path
             return error(500, "internal error")
+
+    if token is not None:
+        auth.add_login(app, token)
 
     async def generation(request: Request, img2img: bool):
         try:
@@ -197,8 +209,7 @@ def create_app(pipeline_factory: Callable | dict | None = None, token: str | Non
     @app.get("/sdapi/v1/options")
     def options():
         pipe = worker.pipe
-        return {"sd_model_checkpoint": pipe.name, "sd_checkpoint_hash": pipe.model_hash,
-                "samples_format": "png", "CLIP_stop_at_last_layers": 1}
+        return options_of(pipe.name, pipe.model_hash)
 
     @app.get("/sdapi/v1/progress")
     def progress():
@@ -217,7 +228,7 @@ def create_app(pipeline_factory: Callable | dict | None = None, token: str | Non
 
     @app.get("/sdapi/v1/scripts")
     def scripts():
-        return {"txt2img": ["controlnet"], "img2img": ["controlnet"]}
+        return SCRIPTS
 
     @app.get("/controlnet/version")
     def version():
@@ -227,61 +238,9 @@ def create_app(pipeline_factory: Callable | dict | None = None, token: str | Non
     def model_list():
         return {"model_list": sorted(worker.pipe.controlnets)}
 
-    @app.get("/controlnet/module_list")
-    def module_list():
-        return {"module_list": ["none", *annotators.available()]}
+    from controlstack.serve.annotate import add_routes
 
-    @app.post("/controlnet/detect")
-    async def detect(request: Request):
-        """sd-webui-controlnet's preprocessor endpoint: run one annotator on each image."""
-        from controlstack.serve.annotate import run_annotator
-        from controlstack.serve.spec import decode_image, short
-
-        def value(b: dict, key: str, default, lo: int, hi: int) -> int:
-            v = b.get(key)  # sd-webui-controlnet sends -1 (or null) for "the preprocessor's default"
-            return default if v is None or v == -1 else int(number(v, key, lo, hi))
-
-        try:
-            b = await read_json(request, MAX_BODY)
-            module = b.get("controlnet_module", "none")
-            if not isinstance(module, str) or module not in annotators.available():
-                raise ClientError(f"'controlnet_module' {short(module)} is unknown; see /controlnet/module_list")
-            images = b.get("controlnet_input_images")
-            if not isinstance(images, list) or not images or len(images) > limits.max_batch:
-                raise ClientError(f"'controlnet_input_images' must be a list of 1-{limits.max_batch} base64 images")
-            params = {"resolution": value(b, "controlnet_processor_res", 512, 64, limits.max_side * 2)}
-            if module == "canny":
-                params |= {"low_threshold": value(b, "controlnet_threshold_a", 100, 1, 255),
-                           "high_threshold": value(b, "controlnet_threshold_b", 200, 1, 255)}
-            try:
-                annotator = annotators.get(module, **params)
-            except ControlstackError as exc:
-                raise ClientError(str(exc)) from None
-            out = await run_in_threadpool(lambda: [
-                run_annotator(annotator, decode_image(im, f"controlnet_input_images[{i}]", limits), {})
-                for i, im in enumerate(images)])
-        except ControlstackError as exc:
-            return refused(exc)
-        return {"images": [encode_png(im) for im in out], "info": "Success"}
-
-    @app.post("/v1/annotate")
-    async def annotate(request: Request):
-        from controlstack.serve.annotate import http_annotator, run_annotator
-        from controlstack.serve.spec import decode_image
-
-        def run(b: dict):
-            unknown = sorted(set(b) - {"annotator", "params", "image"})
-            if unknown:
-                raise ClientError(f"unknown field(s) {', '.join(u[:40] for u in unknown[:5])}; known: annotator, "
-                                  "image, params")
-            annotator, call = http_annotator(b.get("annotator"), b.get("params", {}), limits)
-            return run_annotator(annotator, decode_image(b.get("image"), "image", limits), call)
-
-        try:
-            out = await run_in_threadpool(run, await read_json(request, MAX_BODY))
-        except ControlstackError as exc:
-            return refused(exc)
-        return {"image": encode_png(out)}
+    add_routes(app, limits, refused, MAX_BODY)  # annotators: shared with a broker front (serve/front.py)
 
     @app.post("/v1/generate", status_code=202)
     async def generate(request: Request):
@@ -346,17 +305,10 @@ def create_app(pipeline_factory: Callable | dict | None = None, token: str | Non
                 "controlnets": [{"name": n, "recommended": recommended(pipe.folder_of(n)), "card": card(pipe.folder_of(n))}
                                 for n in sorted(pipe.controlnets)]}
 
-    @app.get("/v1/annotators")
-    def annotator_list():
-        return {name: [{"name": n, "type": t, "default": d if isinstance(d, (str, int, float, bool, type(None)))
-                        else str(d), "range": r, "help": h}
-                       for n, t, d, r, h in annotators.annotator_class(name).describe()]
-                for name in annotators.available()}
-
-    if ui:  # the web UI at "/", over the same pipeline and lock; mounted last (a mount at "/" matches all)
+    if ui:  # the web UI at "/", over the same worker and queue; mounted last (a mount at "/" matches all)
         import gradio as gr
 
         from controlstack.serve.ui import build
 
-        app = gr.mount_gradio_app(app, build(worker.pipe, worker.run_lock), path="/")
+        app = gr.mount_gradio_app(app, build(jobs, limits), path="/")
     return app

@@ -68,13 +68,18 @@ class Jobs:
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
 
-    def submit(self, spec) -> str:
-        job_id = self.store.add(spec, limit=self.size)
+    def submit(self, spec, priority: int = 0) -> str:
+        """Queue ``spec``; ``priority`` 1 for a job someone waits on (web UI, sd-webui): it goes first."""
+        job_id = self.store.add(spec, limit=self.size, priority=priority)
         if job_id is None:
             raise Busy()
         with self.wake:
             self.wake.notify()
         return job_id
+
+    def ui_base(self):
+        """The web UI's base (serve/ui.py's backend): the default one, loaded (None: the default)."""
+        return None, self.worker.pipe
 
     def get(self, job_id: str, images: bool = True) -> dict | None:
         record = self.store.record(job_id, images=images)
@@ -87,13 +92,17 @@ class Jobs:
             self.cancelling.add(job_id)
         return self.get(job_id)
 
-    def wait(self, job_id: str) -> dict:
-        """Block until ``job_id`` ends; its record (sd-webui's requests answer when their job is done)."""
+    def wait(self, job_id: str, report=None) -> dict:
+        """Block until ``job_id`` ends; its record (sd-webui's requests answer when their job is done).
+        ``report(done, total)``: called while it runs (the web UI's progress bar)."""
         event = self.finished.setdefault(job_id, threading.Event())
         try:
-            # the event is set when the worker ends the job; the store is read too, each second, in
+            # the event is set when the worker ends the job; the store is read too, each poll, in
             # case it ended between submit and this line
-            while not event.wait(1.0):
+            while not event.wait(0.25 if report else 1.0):
+                steps = self.running.get(job_id)  # .get: the worker may pop it meanwhile
+                if report is not None and steps is not None:
+                    report(*steps)
                 record = self.get(job_id, images=False)
                 if record is None or record["status"] in FINISHED:
                     break

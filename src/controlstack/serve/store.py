@@ -47,7 +47,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     finished REAL,
     error TEXT,
     results TEXT,
-    parameters TEXT
+    parameters TEXT,
+    priority INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status, n);
 CREATE TABLE IF NOT EXISTS job_blobs (n INTEGER NOT NULL, sha TEXT NOT NULL, PRIMARY KEY (n, sha));
@@ -165,6 +166,9 @@ class Store:
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=FULL")
             self.db.executescript(SCHEMA)
+            columns = {r[1] for r in self.db.execute("PRAGMA table_info(jobs)")}
+            if "priority" not in columns:  # a store made before interactive jobs went first
+                self.db.execute("ALTER TABLE jobs ADD COLUMN priority INTEGER NOT NULL DEFAULT 0")
         except (OSError, sqlite3.Error) as exc:
             raise ControlstackError(f"--data '{self.root}': cannot use it for the job store ({exc})") from None
         self.db.row_factory = sqlite3.Row
@@ -188,8 +192,9 @@ class Store:
             return out
 
     # ---- jobs
-    def add(self, spec: JobSpec, limit: int | None = None) -> str | None:
-        """Store a new queued job; its id, or None when ``limit`` jobs are queued already."""
+    def add(self, spec: JobSpec, limit: int | None = None, priority: int = 0) -> str | None:
+        """Store a new queued job; its id, or None when ``limit`` jobs are queued already. Higher
+        ``priority`` is claimed first (someone waits on an interactive job; a batch job can wait)."""
         data, blobs = dump_spec(spec)  # PNG encoding: outside the lock
 
         def insert(db):
@@ -200,8 +205,8 @@ class Store:
                 path = self.blobs / f"{sha}.png"
                 if not path.exists():
                     atomic_write(path, raw)
-            n = db.execute("INSERT INTO jobs (spec, status, total, created) VALUES (?, 'queued', ?, ?)",
-                           (json.dumps(data), spec.steps or 0, time.time())).lastrowid
+            n = db.execute("INSERT INTO jobs (spec, status, total, created, priority) VALUES (?, 'queued', ?, ?, ?)",
+                           (json.dumps(data), spec.steps or 0, time.time(), int(priority))).lastrowid
             db.executemany("INSERT OR IGNORE INTO job_blobs (n, sha) VALUES (?, ?)", [(n, s) for s in blobs])
             return f"job-{n}"
         return self._write(insert)
@@ -221,9 +226,9 @@ class Store:
         return load_spec(json.loads(self.row(job_id)["spec"]), blob)
 
     def claim(self) -> str | None:
-        """The oldest queued job, now marked running; None when none waits."""
+        """The oldest queued job of the highest priority, now marked running; None when none waits."""
         def take(db):
-            row = db.execute("SELECT n FROM jobs WHERE status = 'queued' ORDER BY n LIMIT 1").fetchone()
+            row = db.execute("SELECT n FROM jobs WHERE status = 'queued' ORDER BY priority DESC, n LIMIT 1").fetchone()
             if row is None:
                 return None
             db.execute("UPDATE jobs SET status = 'running', started = ?, done = 0, attempts = attempts + 1 "

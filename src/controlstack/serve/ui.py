@@ -4,22 +4,34 @@ Labels and defaults follow sd-webui-controlnet where it has them ("ControlNet Un
 "Preprocessor", "Control Weight", "Starting Control Step", "Control Mode", ...). Per unit: an
 image (draw on it to mask where the control acts), a preprocessor with a preview, a model, a
 weight and a window; then prompt and sampling settings, a live progress bar, a gallery with the
-parameters, and "send to unit 0" to reuse a result as a condition. Every call goes through the
-Python API (:class:`~controlstack.Pipeline`), under the server's one-generation-at-a-time lock.
-The functions the widgets call are plain functions (:func:`preview`, :func:`generate`), tested
-without a browser.
+parameters, and "send to unit 0" to reuse a result as a condition. Generate builds the same
+:class:`~.spec.JobSpec` as ``/v1/generate`` and submits it to the server's one job queue (bounded,
+time-limited, cancellable, stored), then shows its progress and result. The functions the widgets
+call are plain functions (:func:`preview`, :func:`job_spec`, :func:`generate`), tested without a
+browser.
+
+One UI for both server shapes: the widgets talk to a *backend* with three methods, implemented by
+the embedded server's :class:`~.jobs.Jobs` (one process, its SQLite queue) and by a broker front's
+:class:`~.distributed.Cluster` (Celery workers; the PNGs come back from the result backend):
+
+- ``ui_base()`` -> ``(name, base)``: the base the widgets offer (``name`` goes in the JobSpec; None:
+  the server's default) and an object with its ``controlnets``, ``native_size``, ``recommended`` and
+  ``folder_of`` (a front's is weightless: :func:`~.spec.check_spec` leaves the rest to the worker);
+- ``submit(spec, priority=1)`` -> job id (raises :class:`~.jobs.Busy` when the queue is full);
+- ``wait(job_id, report)`` -> the finished record with its base64 PNGs, calling ``report(done, total)``
+  while it runs.
+
+Preview runs the annotator in the UI's own process (a front too: annotators need no diffusion model).
 """
 
 from __future__ import annotations
-
-import random
 
 import numpy as np
 from PIL import Image
 
 from controlstack.annotators import LEARNED
 from controlstack.errors import ControlstackError
-from controlstack.io.png import CONTROL_MODES, SAMPLERS, format_parameters
+from controlstack.io.png import CONTROL_MODES, SAMPLERS
 
 UNITS = 3
 RECOMMENDED = "(model's recommendation)"
@@ -54,32 +66,86 @@ def preview(unit_image, preprocessor: str, resolution: int = 512):
     return annotators.get(preprocessor, resolution=int(resolution))(image)
 
 
-def generate(pipe, lock, prompt, negative, sampler, steps, cfg, seed, width, height, batch, control_mode, units,
-             progress=None):
-    """Run one generation from the widgets' values; ``units``: (enabled, image, preprocessor, model,
-    weight, start, end) per unit. Returns (images, parameters text)."""
-    from controlstack import Control
+#: the JobSpec field -> the widget's label, for messages
+LABELS = {"prompt": "Prompt", "negative_prompt": "Negative prompt", "steps": "Sampling steps", "cfg": "CFG Scale",
+          "seed": "Seed", "width": "Width", "height": "Height", "batch": "Batch size", "scheduler": "Sampling method"}
 
-    controls = []
+
+def job_spec(backend, limits, prompt, negative, sampler, steps, cfg, seed, width, height, batch, control_mode, units):
+    """The widgets' values -> the validated :class:`~.spec.JobSpec` ``/v1/generate`` would build
+    (the same checks, the widgets' labels in messages); ``units``: (enabled, image, preprocessor,
+    model, weight, start, end) per unit. The seed is drawn now (-1), so the job records the one used."""
+    from controlstack.serve.spec import ControlSpec, JobSpec, check_spec, draw_seed, number, text
+
+    controls, names = [], {}
     for i, (enabled, value, pre, model, weight, start, end) in enumerate(units):
         if not enabled:
             continue
         image, mask = split_mask(value)
+        where = f"ControlNet Unit {i}"
         if image is None:
-            raise ControlstackError(f"ControlNet Unit {i} is enabled but has no image")
+            raise ControlstackError(f"{where} is enabled but has no image")
         if not model:
-            raise ControlstackError(f"ControlNet Unit {i}: choose a model")
-        controls.append(Control(model, image, weight=float(weight), start=float(start), end=float(end), mask=mask,
-                                preprocess=pre if pre and pre != "none" else False))
-    mode = None if control_mode == RECOMMENDED else {v: k for k, v in CONTROL_MODES.items()}[control_mode]
-    callback = (lambda done, total: progress(done / total, desc=f"step {done}/{total}")) if progress else None
-    with lock:
-        seed = random.randrange(2**32) if int(seed) < 0 else int(seed)  # recorded, so the image can be made again
-        result = pipe(prompt, controls, steps=int(steps), cfg=float(cfg), seed=seed,
-                      width=int(width), height=int(height), batch=int(batch),
-                      scheduler={v: k for k, v in SAMPLERS.items()}[sampler], mode=mode, negative_prompt=negative,
-                      progress=False, return_result=True, step_callback=callback)
-    return result.images, format_parameters(result.parameters)
+            raise ControlstackError(f"{where}: choose a model")
+        if max(image.size) > limits.max_side * 4:  # the cap decode_image puts on an uploaded image
+            raise ControlstackError(f"{where}: the image is {image.size[0]}x{image.size[1]}; at most "
+                                    f"{limits.max_side * 4} px a side")
+        names[f"controls[{len(controls)}]"] = where
+        controls.append(ControlSpec(
+            model, image, weight=number(weight, f"{where} Control Weight", -10, 10),
+            start=number(start, f"{where} Starting Control Step", 0, 1),
+            end=number(end, f"{where} Ending Control Step", 0, 1),
+            mask=None if mask is None else Image.fromarray((mask * 255).astype(np.uint8), "L"),
+            preprocess=pre if pre and pre != "none" else False))
+    if len(controls) > limits.max_controls:
+        raise ControlstackError(f"{len(controls)} units enabled; this server takes at most {limits.max_controls}")
+    spec = JobSpec(
+        prompt=text(prompt or "", "Prompt", limits.max_prompt),
+        negative_prompt=text(negative or "", "Negative prompt", limits.max_prompt),
+        steps=number(steps, "Sampling steps", 1, limits.max_steps, integer=True),
+        cfg=number(cfg, "CFG Scale", 0, 30), seed=draw_seed(int(seed) if seed is not None else -1, "Seed"),
+        width=number(width, "Width", 8, limits.max_side, integer=True),
+        height=number(height, "Height", 8, limits.max_side, integer=True),
+        batch=number(batch, "Batch size", 1, limits.max_batch, integer=True),
+        scheduler={v: k for k, v in SAMPLERS.items()}[sampler], controls=controls,
+        mode=None if control_mode == RECOMMENDED else {v: k for k, v in CONTROL_MODES.items()}[control_mode])
+    name, base = backend.ui_base()
+    spec.base = name
+    check_spec(spec, base, limits, {**LABELS, **names})
+    return spec
+
+
+def generate(backend, limits, *values, progress=None):
+    """Generate button: the widgets' JobSpec (:func:`job_spec`; ``values`` are its arguments after
+    ``limits``) as a job of the server's one queue, waited for while ``progress`` shows its steps.
+    Returns (images, parameters text). The queue's bound, the time limit, cancelling and
+    ``/sdapi/v1/progress`` apply as to ``/v1`` and sd-webui's jobs, and the result is stored."""
+    import base64
+    import io
+
+    from controlstack.serve.jobs import Busy
+
+    spec = job_spec(backend, limits, *values)
+    try:
+        job_id = backend.submit(spec, priority=1)  # someone waits at the page: before batch /v1 jobs
+    except Busy:
+        raise ControlstackError("the queue is full, try again") from None
+    report = None
+    if progress is not None:
+        progress(0.0, desc=f"{job_id} queued")
+        report = lambda done, total: progress(done / total if total else 0.0, desc=f"{job_id} step {done}/{total}")
+    record = backend.wait(job_id, report)
+    if record["status"] != "done":  # the time limit, a cancel (DELETE /v1/jobs/{id}, /sdapi/v1/interrupt), a bug
+        raise ControlstackError(f"{job_id}: {record.get('error') or 'the job was ' + record['status']}")
+    if progress is not None:
+        progress(1.0, desc=f"{job_id} done")
+    images = []
+    for png in record["images"]:
+        with Image.open(io.BytesIO(base64.b64decode(png))) as im:
+            im.load()
+            images.append(im.copy())
+    # the first PNG's infotext: what the job's PNGs carry (sd-webui's "parameters" text)
+    return images, f"{job_id}\n{images[0].info.get('parameters', '') if images else ''}"
 
 
 PREPROCESSOR_INFO = (f"learned ones ({', '.join(LEARNED)}) are trained on the procedural world: reliable on its "
@@ -92,6 +158,8 @@ def recommended_window(pipe, model: str | None) -> tuple[float, float]:
     window, else the base's, else 0 / 1 -- what the API gives a control that leaves them unset."""
     from controlstack.io.settings import controlnet_recommendation
 
+    if pipe is None:  # a front with no worker up yet: the API's own defaults
+        return 0.0, 1.0
     rec = {k: pipe.recommended[k] for k in ("start", "end") if k in pipe.recommended}
     rec.update({k: v for k, v in controlnet_recommendation(pipe.folder_of(model)).items()
                 if k in ("start", "end")} if model else {})
@@ -107,11 +175,17 @@ def preprocessor_choices() -> list[tuple[str, str]]:
                                  for n in annotators.available()]
 
 
-def build(pipe, lock):
-    """The gradio Blocks over ``pipe``."""
+def build(backend, limits):
+    """The gradio Blocks over a ``backend`` (module docstring: its base for the widgets, its queue
+    for Generate) and ``limits``."""
     import gradio as gr
 
-    size = pipe.native_size
+    try:
+        _, pipe = backend.ui_base()
+    except ControlstackError:  # a front started before any worker: defaults now, Generate says why
+        pipe = None
+    size = pipe.native_size if pipe is not None else 512
+    recommended = pipe.recommended if pipe is not None else {}
     with gr.Blocks(title="controlstack") as demo:
         gr.Markdown("# controlstack\nSpatial control for text-to-image diffusion (ControlNet, Minimal Impact, Omni).")
         with gr.Row():
@@ -120,8 +194,8 @@ def build(pipe, lock):
                 negative = gr.Textbox(label="Negative prompt", lines=1)
                 with gr.Row():
                     sampler = gr.Dropdown(list(SAMPLERS.values()), value="UniPC", label="Sampling method")
-                    steps = gr.Slider(1, 150, value=pipe.recommended.get("steps", 20), step=1, label="Sampling steps")
-                    cfg = gr.Slider(0, 30, value=pipe.recommended.get("cfg", 7.5), step=0.5, label="CFG Scale")
+                    steps = gr.Slider(1, 150, value=recommended.get("steps", 20), step=1, label="Sampling steps")
+                    cfg = gr.Slider(0, 30, value=recommended.get("cfg", 7.5), step=0.5, label="CFG Scale")
                 with gr.Row():
                     width = gr.Slider(64, 1024, value=size, step=8, label="Width")
                     height = gr.Slider(64, 1024, value=size, step=8, label="Height")
@@ -138,14 +212,14 @@ def build(pipe, lock):
                         with gr.Row():
                             pre = gr.Dropdown(preprocessor_choices(), value="none", label="Preprocessor",
                                               info=PREPROCESSOR_INFO)
-                            model = gr.Dropdown(sorted(pipe.controlnets), value=None, label="Model")
+                            model = gr.Dropdown(controlnet_names(backend), value=None, label="Model")
                             res = gr.Slider(64, 1024, value=size, step=8, label="Preprocessor Resolution")
                         with gr.Row():
                             weight = gr.Slider(0, 2, value=1.0, step=0.05, label="Control Weight")
                             start = gr.Slider(0, 1, value=0.0, step=0.01, label="Starting Control Step")
                             end = gr.Slider(0, 1, value=1.0, step=0.01, label="Ending Control Step")
                         gr.Button("Preview").click(_safe(preview), [image, pre, res], condition)
-                        model.change(lambda name: recommended_window(pipe, name), model, [start, end])
+                        model.change(lambda name: recommended_window(current_base(backend), name), model, [start, end])
                         unit_widgets.append((enabled, image, pre, model, weight, start, end))
             with gr.Column(scale=2):
                 run = gr.Button("Generate", variant="primary")
@@ -157,12 +231,27 @@ def build(pipe, lock):
         def on_generate(*values, progress=gr.Progress()):
             head, rest = values[:10], values[10:]
             units = [rest[i:i + 7] for i in range(0, len(rest), 7)]
-            return _safe(generate)(pipe, lock, *head, units, progress=progress)
+            return _safe(generate)(backend, limits, *head, units, progress=progress)
 
+        # concurrency_limit=None: every click reaches the server's queue, whose bound answers past it
+        # (gradio's own default, one at a time, would hold the others unseen and unbounded)
         run.click(on_generate, [prompt, negative, sampler, steps, cfg, seed, width, height, batch, mode, *flat],
-                  [gallery, info])
+                  [gallery, info], concurrency_limit=None)
         send.click(lambda g: (g[0][0] if g else None), gallery, unit_widgets[0][1])
     return demo
+
+
+def current_base(backend):
+    """The backend's base now, or None (a front whose workers are all gone)."""
+    try:
+        return backend.ui_base()[1]
+    except ControlstackError:
+        return None
+
+
+def controlnet_names(backend) -> list[str]:
+    base = current_base(backend)
+    return sorted(base.controlnets) if base is not None else []
 
 
 def _safe(fn):
