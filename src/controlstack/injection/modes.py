@@ -17,10 +17,31 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from controlstack.errors import ControlstackError
 from controlstack.injection.base import Injection, register, sum_residuals
+
+
+@dataclass(frozen=True)
+class WebuiMode:
+    """One of sd-webui-controlnet's control modes: our (registry) name, its label, its index."""
+
+    name: str
+    webui: str
+    index: int
+
+
+#: THE control-mode table (sd-webui's three, in its index order); io.png.CONTROL_MODES and the
+#: server's label -> name / index -> name derive from it. Our other modes (sum, guess, mi) have no
+#: sd-webui spelling and are written as they are.
+CONTROL_MODE_TABLE: tuple[WebuiMode, ...] = (
+    WebuiMode("balanced", "Balanced", 0),
+    WebuiMode("prompt", "My prompt is more important", 1),
+    WebuiMode("controlnet", "ControlNet is more important", 2),
+)
 
 
 def resolution_weights(h: list[torch.Tensor], mid: torch.Tensor) -> list[float]:

@@ -17,6 +17,7 @@ computed at the resolution it will be used at (sd-webui-controlnet's rule, see
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +26,24 @@ from PIL import Image, ImageFile, UnidentifiedImageError
 from controlstack.errors import ControlstackError
 
 MAX_SIDE = 4096
-RESIZE_MODES = ("just_resize", "crop_and_resize", "resize_and_fill")
+
+
+@dataclass(frozen=True)
+class ResizeMode:
+    """One resize mode: our name, sd-webui-controlnet's label, its index (``resize_mode`` 0-2)."""
+
+    name: str
+    webui: str
+    index: int
+
+
+#: THE resize-mode table (in sd-webui's index order); every other view derives from it.
+RESIZE_TABLE: tuple[ResizeMode, ...] = (
+    ResizeMode("just_resize", "Just Resize", 0),
+    ResizeMode("crop_and_resize", "Crop and Resize", 1),
+    ResizeMode("resize_and_fill", "Resize and Fill", 2),
+)
+RESIZE_MODES = tuple(r.name for r in RESIZE_TABLE)
 
 # Truncated files must fail loudly, never decode as half-grey images.
 ImageFile.LOAD_TRUNCATED_IMAGES = False

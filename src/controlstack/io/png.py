@@ -21,13 +21,15 @@ from pathlib import Path
 
 from PIL import Image, PngImagePlugin
 
+from controlstack.injection.modes import CONTROL_MODE_TABLE
+from controlstack.io.images import RESIZE_TABLE
+from controlstack.sampling.schedulers import WEBUI_SAMPLER_LABELS
 
-#: our names -> how sd-webui spells them in its infotext (samplers, control modes, resize modes)
-SAMPLERS = {"ddim": "DDIM", "euler": "Euler", "euler_a": "Euler a", "dpmpp_2m": "DPM++ 2M",
-            "dpmpp_2m_karras": "DPM++ 2M Karras", "unipc": "UniPC", "pndm": "PLMS", "lms": "LMS"}
-CONTROL_MODES = {"balanced": "Balanced", "prompt": "My prompt is more important",
-                 "controlnet": "ControlNet is more important"}
-RESIZE_MODES = {"just_resize": "Just Resize", "crop_and_resize": "Crop and Resize", "resize_and_fill": "Resize and Fill"}
+#: our names -> how sd-webui spells them in its infotext (samplers, control modes, resize modes),
+#: views of the one table of each vocabulary (sampling, injection.modes, io.images)
+SAMPLERS = dict(WEBUI_SAMPLER_LABELS)
+CONTROL_MODES = {m.name: m.webui for m in CONTROL_MODE_TABLE}
+RESIZE_MODES = {r.name: r.webui for r in RESIZE_TABLE}
 
 
 def format_parameters(params: dict) -> str:

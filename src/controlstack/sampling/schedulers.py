@@ -7,6 +7,8 @@ so a model trained with another noise schedule samples correctly.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 from controlstack.errors import ControlstackError
 
 # Stable Diffusion 1.x's training schedule (the scheduler_config.json of SD-1.5).
@@ -22,20 +24,41 @@ SD_SCHEDULER_CONFIG = {
     "timestep_spacing": "leading",
 }
 
-# name -> (diffusers class name, extra config overrides)
-SCHEDULERS: dict[str, tuple[str, dict]] = {
-    "ddim": ("DDIMScheduler", {}),
-    "euler": ("EulerDiscreteScheduler", {}),
-    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
-    "dpmpp_2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
-    "dpmpp_2m_karras": (
+@dataclass(frozen=True)
+class Sampler:
+    """One sampler: our name, the diffusers class and config overrides, sd-webui's label."""
+
+    name: str
+    cls: str
+    overrides: dict = field(hash=False)
+    webui: str
+
+
+#: THE sampler table; every other view (SCHEDULERS, io.png.SAMPLERS, the server's label -> name)
+#: derives from it.
+SAMPLER_TABLE: tuple[Sampler, ...] = (
+    Sampler("ddim", "DDIMScheduler", {}, "DDIM"),
+    Sampler("euler", "EulerDiscreteScheduler", {}, "Euler"),
+    Sampler("euler_a", "EulerAncestralDiscreteScheduler", {}, "Euler a"),
+    Sampler(
+        "dpmpp_2m", "DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}, "DPM++ 2M"
+    ),
+    Sampler(
+        "dpmpp_2m_karras",
         "DPMSolverMultistepScheduler",
         {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": True},
+        "DPM++ 2M Karras",
     ),
-    "unipc": ("UniPCMultistepScheduler", {}),
-    "pndm": ("PNDMScheduler", {}),
-    "lms": ("LMSDiscreteScheduler", {}),
-}
+    Sampler("unipc", "UniPCMultistepScheduler", {}, "UniPC"),
+    Sampler("pndm", "PNDMScheduler", {}, "PLMS"),
+    Sampler("lms", "LMSDiscreteScheduler", {}, "LMS"),
+)
+
+# name -> (diffusers class name, extra config overrides)
+SCHEDULERS: dict[str, tuple[str, dict]] = {s.name: (s.cls, s.overrides) for s in SAMPLER_TABLE}
+#: name -> sd-webui's label (infotext's "Sampler:", /sdapi/v1/samplers) and its inverse
+WEBUI_SAMPLER_LABELS: dict[str, str] = {s.name: s.webui for s in SAMPLER_TABLE}
+SAMPLER_BY_LABEL: dict[str, str] = {s.webui: s.name for s in SAMPLER_TABLE}
 
 
 def make_scheduler(name: str, base_config: dict | None = None):

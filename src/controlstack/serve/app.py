@@ -197,9 +197,9 @@ def create_app(pipeline_factory: Callable | dict | None = None, token: str | Non
 
     @app.get("/sdapi/v1/samplers")
     def samplers():
-        from controlstack.io.png import SAMPLERS
+        from controlstack.sampling.schedulers import SAMPLER_TABLE
 
-        return [{"name": v, "aliases": [k], "options": {}} for k, v in SAMPLERS.items()]
+        return [{"name": s.webui, "aliases": [s.name], "options": {}} for s in SAMPLER_TABLE]
 
     @app.get("/sdapi/v1/sd-models")
     def sd_models():

@@ -31,7 +31,8 @@ from PIL import Image
 
 from controlstack.annotators import LEARNED
 from controlstack.errors import ControlstackError
-from controlstack.io.png import CONTROL_MODES, SAMPLERS
+from controlstack.injection.modes import CONTROL_MODE_TABLE
+from controlstack.sampling.schedulers import SAMPLER_BY_LABEL, SAMPLER_TABLE
 
 UNITS = 3
 RECOMMENDED = "(model's recommendation)"
@@ -107,8 +108,8 @@ def job_spec(backend, limits, prompt, negative, sampler, steps, cfg, seed, width
         width=number(width, "Width", 8, limits.max_side, integer=True),
         height=number(height, "Height", 8, limits.max_side, integer=True),
         batch=number(batch, "Batch size", 1, limits.max_batch, integer=True),
-        scheduler={v: k for k, v in SAMPLERS.items()}[sampler], controls=controls,
-        mode=None if control_mode == RECOMMENDED else {v: k for k, v in CONTROL_MODES.items()}[control_mode])
+        scheduler=SAMPLER_BY_LABEL[sampler], controls=controls,
+        mode=None if control_mode == RECOMMENDED else {m.webui: m.name for m in CONTROL_MODE_TABLE}[control_mode])
     name, base = backend.ui_base()
     spec.base = name
     check_spec(spec, base, limits, {**LABELS, **names})
@@ -193,7 +194,7 @@ def build(backend, limits):
                 prompt = gr.Textbox(label="Prompt", lines=2, value="a red cube on grass")
                 negative = gr.Textbox(label="Negative prompt", lines=1)
                 with gr.Row():
-                    sampler = gr.Dropdown(list(SAMPLERS.values()), value="UniPC", label="Sampling method")
+                    sampler = gr.Dropdown([s.webui for s in SAMPLER_TABLE], value="UniPC", label="Sampling method")
                     steps = gr.Slider(1, 150, value=recommended.get("steps", 20), step=1, label="Sampling steps")
                     cfg = gr.Slider(0, 30, value=recommended.get("cfg", 7.5), step=0.5, label="CFG Scale")
                 with gr.Row():
@@ -201,7 +202,7 @@ def build(backend, limits):
                     height = gr.Slider(64, 1024, value=size, step=8, label="Height")
                     batch = gr.Slider(1, 8, value=1, step=1, label="Batch size")
                     seed = gr.Number(value=-1, precision=0, label="Seed")
-                mode = gr.Radio([RECOMMENDED, *CONTROL_MODES.values()], value=RECOMMENDED, label="Control Mode")
+                mode = gr.Radio([RECOMMENDED, *(m.webui for m in CONTROL_MODE_TABLE)], value=RECOMMENDED, label="Control Mode")
                 unit_widgets = []
                 for i in range(UNITS):
                     with gr.Accordion(f"ControlNet Unit {i}", open=i == 0):

@@ -21,7 +21,9 @@ sd-webui's settings; this server has none of them). Images are base64 data under
 from __future__ import annotations
 
 from controlstack.errors import ControlstackError
-from controlstack.io.png import CONTROL_MODES, RESIZE_MODES, SAMPLERS
+from controlstack.injection.modes import CONTROL_MODE_TABLE
+from controlstack.io.images import RESIZE_TABLE
+from controlstack.sampling.schedulers import SAMPLER_BY_LABEL, SCHEDULERS
 from controlstack.serve.bodies import ClientError
 from controlstack.serve.spec import (  # noqa: F401  (Limits, decode_image, encode_png: this module's old API)
     ControlSpec,
@@ -38,11 +40,12 @@ from controlstack.serve.spec import (  # noqa: F401  (Limits, decode_image, enco
     text,
 )
 
-WEBUI_SAMPLERS = {v: k for k, v in SAMPLERS.items()}
-WEBUI_CONTROL_MODES = {v: k for k, v in CONTROL_MODES.items()}
-WEBUI_RESIZE_MODES = {v: k for k, v in RESIZE_MODES.items()}
-MODE_BY_INDEX = ["balanced", "prompt", "controlnet"]
-RESIZE_BY_INDEX = ["just_resize", "crop_and_resize", "resize_and_fill"]
+# sd-webui label -> our name, and sd-webui index -> our name: views of the one table of each vocabulary
+WEBUI_SAMPLERS = dict(SAMPLER_BY_LABEL)
+WEBUI_CONTROL_MODES = {m.webui: m.name for m in CONTROL_MODE_TABLE}
+WEBUI_RESIZE_MODES = {r.webui: r.name for r in RESIZE_TABLE}
+MODE_BY_INDEX = [m.name for m in sorted(CONTROL_MODE_TABLE, key=lambda m: m.index)]
+RESIZE_BY_INDEX = [r.name for r in sorted(RESIZE_TABLE, key=lambda r: r.index)]
 #: the JobSpec field -> the sd-webui field a message names
 NAMES = {"cfg": "cfg_scale", "batch": "batch_size", "scheduler": "sampler_name", "init_image": "init_images[0]",
          "inpaint_mask": "mask", "strength": "denoising_strength"}
@@ -194,7 +197,7 @@ def parse_generation(payload: dict, base_of, limits: Limits, img2img: bool = Fal
     # sampler_index: sd-webui's older name, used when sampler_name is absent (typed either way)
     index = text(payload.get("sampler_index"), "sampler_index", 100, allow_none=True)
     sampler = text(payload.get("sampler_name"), "sampler_name", 100, allow_none=True) or index or "Euler a"
-    if sampler not in WEBUI_SAMPLERS and sampler not in SAMPLERS:
+    if sampler not in WEBUI_SAMPLERS and sampler not in SCHEDULERS:
         raise ClientError(f"'sampler_name' {short(sampler)} is unknown; choose one of {', '.join(WEBUI_SAMPLERS)}")
     spec = JobSpec(
         prompt=text(get(payload, "prompt", ""), "prompt", limits.max_prompt),
