@@ -73,24 +73,10 @@ def run(args: argparse.Namespace) -> int:
         cluster = Cluster(args.broker, args.queue, args.job_seconds, args.keep_days)
         uvicorn.run(create_front_app(cluster, token=args.token, ui=not args.no_ui), host=args.host, port=args.port, log_level="info")
         return 0
-    from pathlib import Path
 
-    from controlstack import Pipeline
     from controlstack.serve.app import create_app
 
-    controlnets = controlnet_families(args.controlnets)
-
-    def load(path=None):
-        return with_controlnets(Pipeline.from_pretrained(path), controlnets).optimize(args.optimize)
-
-    factories = {"default": load}
-    for d in args.models:
-        name = Path(d).stem
-        if not Path(d).exists():
-            raise ControlstackError(f"--models: '{d}' does not exist")
-        if name in factories:
-            raise ControlstackError(f"--models: two models named '{name}'; rename one folder or file")
-        factories[name] = (lambda d=d: load(d))
+    factories = base_factories(args, default=True)
     if args.memory <= 0:
         raise ControlstackError(f"--memory must be > 0 GiB, got {args.memory}")
     if args.keep_jobs < 0:
@@ -132,3 +118,27 @@ def with_controlnets(pipe, controlnets: dict[str, tuple[str, str]]):
         if family == pipe.family:
             pipe.controlnets[name] = lambda path=path: load_controlnet(path, torch_dtype=pipe.unet.dtype)
     return pipe
+
+
+def base_factories(args, default: bool) -> dict:
+    """``{name: loader}`` of the bases a server or worker holds: the bundled one as ``default`` (when
+    ``default``), and each ``--models`` folder / file by its name, each with the ``--controlnets`` of
+    its family and the ``--optimize`` tier; names are checked now, the weights read on first use."""
+    from pathlib import Path
+
+    from controlstack import Pipeline
+
+    controlnets = controlnet_families(args.controlnets)
+
+    def load(path=None):
+        return with_controlnets(Pipeline.from_pretrained(path), controlnets).optimize(args.optimize)
+
+    factories = {"default": load} if default else {}
+    for d in args.models:
+        name = Path(d).stem
+        if not Path(d).exists():
+            raise ControlstackError(f"--models: '{d}' does not exist")
+        if name in factories:
+            raise ControlstackError(f"--models: two models named '{name}'; rename one folder or file")
+        factories[name] = (lambda d=d: load(d))
+    return factories

@@ -33,10 +33,7 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from controlstack import Pipeline
-    from controlstack.cli.serve import controlnet_families, with_controlnets
+    from controlstack.cli.serve import base_factories
 
     if not args.broker.startswith(("redis://", "rediss://", "unix://")):
         raise ControlstackError(f"--broker must be a redis:// URL, got {args.broker[:80]!r}")
@@ -44,19 +41,7 @@ def run(args: argparse.Namespace) -> int:
         raise ControlstackError(f"--concurrency must be >= 1, got {args.concurrency}")
     if not args.job_seconds > 0:
         raise ControlstackError(f"--job-seconds must be > 0, got {args.job_seconds}")
-    controlnets = controlnet_families(args.controlnets)
-
-    def load(path=None):
-        return with_controlnets(Pipeline.from_pretrained(path), controlnets).optimize(args.optimize)
-
-    factories = {} if args.no_default else {"default": load}
-    for d in args.models:
-        name = Path(d).stem
-        if not Path(d).exists():
-            raise ControlstackError(f"--models: '{d}' does not exist")
-        if name in factories:
-            raise ControlstackError(f"--models: two models named '{name}'; rename one folder or file")
-        factories[name] = (lambda d=d: load(d))
+    factories = base_factories(args, default=not args.no_default)
     if not factories:
         raise ControlstackError("no base to hold: give --models or drop --no-default")
     from controlstack.serve.distributed import start_worker

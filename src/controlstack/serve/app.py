@@ -25,7 +25,7 @@ from starlette.concurrency import run_in_threadpool
 
 from controlstack.errors import ControlstackError
 from controlstack.serve import auth
-from controlstack.serve.bodies import read_json
+from controlstack.serve.bodies import ClientError, read_json
 from controlstack.serve.jobs import Busy, deadline_check  # noqa: F401 (here for clients and tests, as before)
 from controlstack.serve.spec import JobSpec, Limits, spec_from_v1
 from controlstack.serve.webui import parse_generation
@@ -52,6 +52,50 @@ def infotext(png_b64: str) -> str:
 
     with Image.open(io.BytesIO(base64.b64decode(png_b64))) as im:
         return im.info.get("parameters", "")
+
+
+def error(status: int, message: str, **headers) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers=headers or None)
+
+
+def add_guard(app: FastAPI, token: str | None) -> None:
+    """The middleware every server shape shares: the token (the Bearer header, or the web UI's
+    session cookie: a browser logs in at /login), the body cap, and no traceback for a bug."""
+    @app.middleware("http")
+    async def guard(request: Request, call_next):
+        if token is not None and request.url.path != auth.LOGIN and not auth.authorized(request, token):
+            if auth.wants_page(request):
+                return RedirectResponse(auth.LOGIN, status_code=303)
+            return error(401, "missing or wrong token: send 'Authorization: Bearer <token>' (a browser: log in "
+                              "at /login)")
+        length = request.headers.get("content-length") or "0"
+        if not length.isdigit():  # int() of it would raise here, outside the try: a 500
+            return error(400, "the Content-Length header is not a number")
+        if int(length) > MAX_BODY:
+            return error(413, f"request body larger than {MAX_BODY // 2**20} MiB")
+        try:
+            return await call_next(request)
+        except Exception:  # noqa: BLE001 (a bug, or a broker away): say so, without a traceback or a path
+            return error(500, "internal error")
+
+    if token is not None:
+        auth.add_login(app, token)
+
+
+def webui_answer(record: dict) -> dict:
+    """sd-webui's txt2img / img2img answer for a finished job record; a job that did not end
+    ``done`` raises a ClientError: 500 for a bug, 400 for the time limit or a cancel."""
+    if record["status"] != "done":
+        if record.get("error") == "internal error":
+            raise ClientError("internal error", status=500)
+        raise ClientError(record.get("error") or f"the job was {record['status']}")
+    p = record["parameters"]
+    infotexts = [infotext(im) for im in record["images"]]
+    info = {"prompt": p["prompt"], "negative_prompt": p["negative_prompt"], "seed": p["seed"],
+            "all_seeds": [p["seed"]] * len(infotexts), "steps": p["steps"], "cfg_scale": p["cfg"],
+            "width": p["width"], "height": p["height"], "sampler_name": p["scheduler"], "infotexts": infotexts}
+    return {"images": record["images"], "parameters": {k: v for k, v in p.items()
+            if isinstance(v, (str, int, float, bool))}, "info": json.dumps(info)}
 
 
 def model_bytes(pipe) -> int:
@@ -137,33 +181,11 @@ def create_app(pipeline_factory: Callable | dict | None = None, token: str | Non
     app = FastAPI(title="controlstack", version=str(VERSION))
     app.state.worker, app.state.jobs = worker, jobs  # for operators and tests (holding run_lock pauses generation)
 
-    def error(status: int, message: str, **headers) -> JSONResponse:
-        return JSONResponse({"error": message}, status_code=status, headers=headers or None)
-
     def refused(exc: ControlstackError) -> JSONResponse:
         """A client's mistake: its status (400 unless a ClientError says otherwise), one line."""
         return error(getattr(exc, "status", 400), str(exc))
 
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
-        # the Bearer header, or the web UI's session cookie (auth: a browser logs in at /login)
-        if token is not None and request.url.path != auth.LOGIN and not auth.authorized(request, token):
-            if auth.wants_page(request):
-                return RedirectResponse(auth.LOGIN, status_code=303)
-            return error(401, "missing or wrong token: send 'Authorization: Bearer <token>' (a browser: log in "
-                              "at /login)")
-        length = request.headers.get("content-length") or "0"
-        if not length.isdigit():  # int() of it would raise here, outside the try: a 500
-            return error(400, "the Content-Length header is not a number")
-        if int(length) > MAX_BODY:
-            return error(413, f"request body larger than {MAX_BODY // 2**20} MiB")
-        try:
-            return await call_next(request)
-        except Exception:  # a bug: say so, without a traceback or a path
-            return error(500, "internal error")
-
-    if token is not None:
-        auth.add_login(app, token)
+    add_guard(app, token)
 
     async def generation(request: Request, img2img: bool):
         try:
@@ -171,21 +193,11 @@ def create_app(pipeline_factory: Callable | dict | None = None, token: str | Non
             # decoding images and loading a base take CPU time: off the event loop
             spec = await run_in_threadpool(parse_generation, payload, worker.base, limits, img2img)
             record = await run_in_threadpool(worker.generate, spec)  # a job of the one queue, waited for
+            return webui_answer(record)
         except Busy:
             return error(429, "the queue is full; retry later", **{"Retry-After": "5"})
         except ControlstackError as exc:
             return refused(exc)
-        if record["status"] != "done":  # the time limit, a cancel (/sdapi/v1/interrupt), or a bug
-            if record.get("error") == "internal error":
-                return error(500, "internal error")
-            return error(400, record.get("error") or f"the job was {record['status']}")
-        p = record["parameters"]
-        infotexts = [infotext(im) for im in record["images"]]
-        info = {"prompt": p["prompt"], "negative_prompt": p["negative_prompt"], "seed": p["seed"],
-                "all_seeds": [p["seed"]] * len(infotexts), "steps": p["steps"], "cfg_scale": p["cfg"],
-                "width": p["width"], "height": p["height"], "sampler_name": p["scheduler"], "infotexts": infotexts}
-        return {"images": record["images"], "parameters": {k: v for k, v in p.items()
-                if isinstance(v, (str, int, float, bool))}, "info": json.dumps(info)}
 
     @app.post("/sdapi/v1/txt2img")
     async def txt2img(request: Request):

@@ -12,13 +12,12 @@ from __future__ import annotations
 import json
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, RedirectResponse
+from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from controlstack.errors import ControlstackError
-from controlstack.serve import auth
 from controlstack.serve.annotate import add_routes
-from controlstack.serve.app import MAX_BODY, SCRIPTS, VERSION, infotext, options_of
+from controlstack.serve.app import MAX_BODY, SCRIPTS, VERSION, add_guard, error, options_of, webui_answer
 from controlstack.serve.bodies import read_json
 from controlstack.serve.distributed import FINISHED, Cluster
 from controlstack.serve.jobs import Busy
@@ -32,33 +31,11 @@ def create_front_app(cluster: Cluster, token: str | None = None, limits: Limits 
     app = FastAPI(title="controlstack (front)", version=str(VERSION))
     app.state.cluster = cluster
 
-    def error(status: int, message: str, **headers) -> JSONResponse:
-        return JSONResponse({"error": message}, status_code=status, headers=headers or None)
-
     def refused(exc: ControlstackError) -> JSONResponse:
         status = getattr(exc, "status", 400)
         return error(status, str(exc), **({"Retry-After": "10"} if status == 503 else {}))
 
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
-        # the Bearer header, or the web UI's session cookie (auth: a browser logs in at /login)
-        if token is not None and request.url.path != auth.LOGIN and not auth.authorized(request, token):
-            if auth.wants_page(request):
-                return RedirectResponse(auth.LOGIN, status_code=303)
-            return error(401, "missing or wrong token: send 'Authorization: Bearer <token>' (a browser: log in "
-                              "at /login)")
-        length = request.headers.get("content-length") or "0"
-        if not length.isdigit():
-            return error(400, "the Content-Length header is not a number")
-        if int(length) > MAX_BODY:
-            return error(413, f"request body larger than {MAX_BODY // 2**20} MiB")
-        try:
-            return await call_next(request)
-        except Exception:  # noqa: BLE001 (a bug, or Redis away): say so, without a traceback or a path
-            return error(500, "internal error")
-
-    if token is not None:
-        auth.add_login(app, token)
+    add_guard(app, token)
     busy = {"Retry-After": "5"}
 
     @app.post("/v1/generate", status_code=202)
@@ -112,21 +89,11 @@ def create_front_app(cluster: Cluster, token: str | None = None, limits: Limits 
             spec = await run_in_threadpool(parse_generation, payload, cluster.base_of, limits, img2img)
             job_id = await run_in_threadpool(cluster.submit, spec, 1)  # interactive: before batch jobs
             record = await run_in_threadpool(cluster.wait, job_id)
+            return webui_answer(record)
         except Busy:
             return error(429, "the queue is full; retry later", **busy)
         except ControlstackError as exc:
             return refused(exc)
-        if record["status"] != "done":
-            if record.get("error") == "internal error":
-                return error(500, "internal error")
-            return error(400, record.get("error") or f"the job was {record['status']}")
-        p = record["parameters"]
-        infotexts = [infotext(im) for im in record["images"]]
-        info = {"prompt": p["prompt"], "negative_prompt": p["negative_prompt"], "seed": p["seed"],
-                "all_seeds": [p["seed"]] * len(infotexts), "steps": p["steps"], "cfg_scale": p["cfg"],
-                "width": p["width"], "height": p["height"], "sampler_name": p["scheduler"], "infotexts": infotexts}
-        return {"images": record["images"], "parameters": {k: v for k, v in p.items()
-                if isinstance(v, (str, int, float, bool))}, "info": json.dumps(info)}
 
     @app.post("/sdapi/v1/txt2img")
     async def txt2img(request: Request):
