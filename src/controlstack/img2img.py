@@ -34,7 +34,7 @@ class Img2Img:
 
         if not (isinstance(strength, (int, float)) and 0.0 <= strength <= 1.0):
             raise ControlstackError(f"strength must be a number in [0, 1], got {strength!r}")
-        nine = self.unet.config.in_channels != self.unet.config.out_channels
+        nine = self.inpainting_unet
         if nine and inpaint_mask is None:
             raise ControlstackError("this is an inpainting U-Net: pass inpaint_mask with init_image")
         batch, _, h, w = shape

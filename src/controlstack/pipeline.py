@@ -48,6 +48,12 @@ HIGH_ORDER_MULTISTEP = ("pndm", "lms")
 MAX_CFG_HIGH_ORDER = 4.0
 
 
+def speckles(scheduler: str, injection, has_controls: bool, cfg: float) -> bool:
+    """Whether a 4th-order multistep scheduler would amplify a conditional-half-only control into
+    speckle (:data:`HIGH_ORDER_MULTISTEP` above :data:`MAX_CFG_HIGH_ORDER`; README, "Control modes")."""
+    return scheduler in HIGH_ORDER_MULTISTEP and injection.cond_only and has_controls and cfg > MAX_CFG_HIGH_ORDER
+
+
 @dataclass
 class GenerationResult:
     """Images plus what produced them (the CLI writes ``parameters`` into the PNGs)."""
@@ -111,6 +117,11 @@ class Pipeline(Prompting, Img2Img, Recommendations):
     @tier.setter
     def tier(self, tier: Tier) -> None:
         self.runners = Runners(self.unet, self.vae, tier)
+
+    @property
+    def inpainting_unet(self) -> bool:
+        """An SD inpainting U-Net: its extra input channels read the mask and the masked image."""
+        return self.unet.config.in_channels != self.unet.config.out_channels
 
     @property
     def native_size(self) -> int:
@@ -398,7 +409,7 @@ class Pipeline(Prompting, Img2Img, Recommendations):
                 "broken composition")
         mode_options = self.mi_options(mode, mode_options, controls)
         injection = make_injection(mode, **(mode_options or {}))
-        if scheduler in HIGH_ORDER_MULTISTEP and injection.cond_only and controls and cfg > MAX_CFG_HIGH_ORDER:
+        if speckles(scheduler, injection, bool(controls), cfg):
             raise ControlstackError(
                 f"scheduler '{scheduler}' with mode '{mode}' at CFG {cfg:g} turns the image to speckle: the control acts "
                 f"on the conditional half only, guidance multiplies it by {cfg:g}, and {scheduler}'s 4th-order "
@@ -419,7 +430,7 @@ class Pipeline(Prompting, Img2Img, Recommendations):
         if init_image is None:
             if inpaint_mask is not None:
                 raise ControlstackError("inpaint_mask needs init_image (the image to repaint)")
-            if self.unet.config.in_channels != self.unet.config.out_channels:
+            if self.inpainting_unet:
                 raise ControlstackError("this is an inpainting U-Net: pass init_image and inpaint_mask")
             latents = torch.randn(shape, generator=generator, dtype=self.unet.dtype)
         else:

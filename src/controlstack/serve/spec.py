@@ -392,7 +392,7 @@ def check_spec(spec: JobSpec, pipe, limits: Limits, names: dict | None = None) -
     ``names``: the client's spelling of spec fields in messages (sd-webui's ``cfg_scale`` ...)."""
     from controlstack import annotators
     from controlstack.injection.base import make_injection
-    from controlstack.pipeline import HIGH_ORDER_MULTISTEP, MAX_CFG_HIGH_ORDER, hires_size
+    from controlstack.pipeline import MAX_CFG_HIGH_ORDER, hires_size, speckles
 
     def n(key: str) -> str:
         return (names or {}).get(key, key)
@@ -412,7 +412,7 @@ def check_spec(spec: JobSpec, pipe, limits: Limits, names: dict | None = None) -
                               f"{limits.max_side * 2} px")
     if spec.inpaint_mask is not None and spec.init_image is None:
         raise ClientError(f"'{n('inpaint_mask')}' needs '{n('init_image')}' (the image to repaint)")
-    if pipe.unet.config.in_channels != pipe.unet.config.out_channels and spec.init_image is None:
+    if pipe.inpainting_unet and spec.init_image is None:
         raise ClientError(f"this base is an inpainting model: give '{n('init_image')}' and '{n('inpaint_mask')}'")
     controls = []
     for i, c in enumerate(spec.controls):
@@ -441,8 +441,7 @@ def check_spec(spec: JobSpec, pipe, limits: Limits, names: dict | None = None) -
         spec.mode_options = check_mode_options(used["mode"], spec.mode_options, n("mode_options"))
         used["mode_options"] = spec.mode_options or None
     injection = make_injection(used["mode"], **(pipe.mi_options(used["mode"], used["mode_options"], controls) or {}))
-    if spec.scheduler in HIGH_ORDER_MULTISTEP and injection.cond_only and controls and \
-            used["cfg"] > MAX_CFG_HIGH_ORDER:
+    if speckles(spec.scheduler, injection, bool(controls), used["cfg"]):
         raise ClientError(f"'{n('scheduler')}' {spec.scheduler} with mode '{used['mode']}' above CFG "
                           f"{MAX_CFG_HIGH_ORDER:g} turns the image to speckle; use unipc, dpmpp_2m, euler or ddim, "
                           f"mode balanced, or '{n('cfg')}' <= {MAX_CFG_HIGH_ORDER:g}")
