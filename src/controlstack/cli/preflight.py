@@ -22,11 +22,11 @@ def controlnet_folders(model: str | None) -> dict[str, Path | None]:
     (a folder in the bundle's layout brings its own, anything else the bundled ones), each with its
     folder; None where it is built in memory (the placeholder's)."""
     from controlstack import assets
+    from controlstack.io.settings import controlnets_root
 
-    if model is not None and (Path(model) / "controlnets").is_dir():
-        root = Path(model) / "controlnets"
-        return {name: root / name for name in assets.trained_controlnets(Path(model))}
-    root = assets.BUNDLE_DIR / "controlnets"
+    root = controlnets_root(model)
+    if root != assets.BUNDLE_DIR / "controlnets":  # the base folder's own
+        return {name: root / name for name in assets.trained_controlnets(root.parent)}
     return {name: root / name if (root / name).is_dir() else None for name in assets.bundled_controlnets()}
 
 

@@ -52,6 +52,15 @@ def read_settings(folder: str | Path) -> dict:
     return data
 
 
+def controlnets_root(base: str | Path | None) -> Path:
+    """Where a base's ControlNet names live: ``base/controlnets`` for a base folder in the bundle's
+    layout (``Pipeline.from_pretrained`` loads those), else the bundle's own ``controlnets``."""
+    from controlstack import assets
+
+    own = Path(base) / "controlnets" if base is not None else None
+    return own if own is not None and own.is_dir() else assets.BUNDLE_DIR / "controlnets"
+
+
 def model_folder(model, base: str | Path | None = None) -> Path | None:
     """The folder a Control's model names, resolved as ``Pipeline.controlnet`` resolves it: a
     ControlNet name of the base (``base/controlnets/NAME`` for a base folder in the bundle's layout,
@@ -59,12 +68,9 @@ def model_folder(model, base: str | Path | None = None) -> Path | None:
     single file, a model object, an unknown name)."""
     import os
 
-    from controlstack import assets
-
     if not isinstance(model, (str, os.PathLike)):
         return None
-    own = Path(base) / "controlnets" if base is not None and (Path(base) / "controlnets").is_dir() else None
-    root = own or assets.BUNDLE_DIR / "controlnets"
+    root = controlnets_root(base)
     if Path(model).name == str(model) and (root / str(model)).is_dir():  # a plain name, names first
         return root / str(model)
     return Path(model) if Path(model).is_dir() else None
