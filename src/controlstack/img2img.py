@@ -23,10 +23,14 @@ class Img2Img:
     :class:`~controlstack.pipeline.Pipeline`'s ``vae``, ``unet`` and ``vae_scale_factor``)."""
 
     @torch.no_grad()
-    def img2img_start(self, init_image, inpaint_mask, strength, shape, scheduler, generator, do_cfg):
+    def img2img_start(self, init_image, inpaint_mask, strength, shape, scheduler, generator, do_cfg,
+                      fill: str = "original"):
         """The noise and the loop's ``start`` / ``callback`` (and a 9-channel U-Net's extra input) for
         img2img and inpainting, drawing from ``generator`` in diffusers' order: the init image's
-        latents, the noise, then (inpainting) the masked image's latents."""
+        latents, the noise, then (inpainting) the masked image's latents. ``init_image`` may be
+        latents already (a tensor: the hires fix's latent upscale). ``fill`` (inpainting, sd-webui's
+        "masked content"): ``latent_noise`` / ``latent_nothing`` replace the masked region's latents
+        by noise / zeros before they are noised (``inpaint.py``)."""
         from diffusers.image_processor import VaeImageProcessor
 
         from controlstack.io.images import mask_to_array, validate_image
@@ -39,14 +43,20 @@ class Img2Img:
             raise ControlstackError("this is an inpainting U-Net: pass inpaint_mask with init_image")
         batch, _, h, w = shape
         height, width = h * self.vae_scale_factor, w * self.vae_scale_factor
-        processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor, do_convert_rgb=True)
-        init = processor.preprocess(to_rgb(validate_image(init_image, "init image")), height=height,
-                                    width=width).to(self.vae.dtype)
+        given = isinstance(init_image, torch.Tensor)  # latents
+        if given and (inpaint_mask is not None or tuple(init_image.shape[1:]) != tuple(shape[1:])):
+            raise ControlstackError(f"init latents must be (1, {shape[1]}, {h}, {w}) without a mask, got "
+                                    f"{tuple(init_image.shape)}")
+        if not given:
+            processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor, do_convert_rgb=True)
+            init = processor.preprocess(to_rgb(validate_image(init_image, "init image")), height=height,
+                                        width=width).to(self.vae.dtype)
 
         inpaint = inpaint_mask is not None
         image_latents = None
         if not inpaint or not nine or strength < 1.0:  # diffusers skips it only for 9 channels at strength 1
-            image_latents = self.encode_latents(init, generator).repeat(batch, 1, 1, 1)
+            image_latents = (init_image.to(self.unet.dtype) if given else
+                             self.encode_latents(init, generator)).repeat(batch, 1, 1, 1)
         noise = torch.randn(shape, generator=generator, dtype=self.unet.dtype)
         loop: dict = {"start": Img2ImgStart(noise if image_latents is None else image_latents, float(strength),
                                             pure_noise_at_full=inpaint)}
@@ -57,6 +67,11 @@ class Img2Img:
             mask = masks.preprocess(m, height=height, width=width)
             masked_latents = self.encode_latents(init * (mask < 0.5), generator).repeat(batch, 1, 1, 1)
             mask = torch.nn.functional.interpolate(mask, size=(h, w)).to(self.unet.dtype).repeat(batch, 1, 1, 1)
+            if fill != "original" and image_latents is not None:  # sd-webui's "latent noise" / "latent nothing"
+                filler = (torch.randn(shape, generator=generator, dtype=self.unet.dtype) if fill == "latent_noise"
+                          else torch.zeros_like(image_latents))
+                image_latents = image_latents * (1 - mask) + filler * mask
+                loop["start"] = Img2ImgStart(image_latents, float(strength), pure_noise_at_full=inpaint)
             if nine:
                 extra = torch.cat([mask, masked_latents], 1)
                 loop["unet_extra"] = torch.cat([extra, extra]) if do_cfg else extra

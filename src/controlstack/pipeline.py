@@ -23,7 +23,9 @@ from PIL import Image
 from controlstack.control import Branch, Control
 from controlstack.denoiser import ControlledDenoiser
 from controlstack.errors import ControlstackError
+from controlstack.hires import MAX_HIRES, hires_size  # noqa: F401 (re-exported: the server's and CLI's checks)
 from controlstack.img2img import Img2Img
+from controlstack.inpaint import InpaintOptions
 from controlstack.injection import make_injection
 from controlstack.io.checkpoints import check_compatible
 from controlstack.io.images import image_to_tensor, resize_image, to_rgb
@@ -37,9 +39,9 @@ from controlstack.recommendations import (  # noqa: F401 (the constants are re-e
     Recommendations,
 )
 from controlstack.sampling import make_scheduler, sample
+from controlstack.sampling.loop import StopSampling
 
 MAX_SIZE = 4096
-MAX_HIRES = 8.0  # the hires fix's largest upscale factor
 #: 4th-order linear multistep schedulers (PLMS, LMS): with a control on the conditional CFG half only
 #: (modes controlnet, guess) and strong guidance they amplify the guided control term into speckle
 #: (README, "Control modes": high-frequency energy 8.3 / 6.9 vs 4.8 for unipc / euler at CFG 7.5, the same
@@ -305,24 +307,27 @@ class Pipeline(Prompting, Img2Img, Recommendations):
         result.conditions = conditions
         return result if return_result else result.images
 
-    def _hires(self, scale, hires_strength, prompt, controls, *, output_type, return_result, **kw):
-        """The hires fix: the first pass, Lanczos upscaling, img2img at the larger size."""
-        if not (isinstance(scale, (int, float)) and 1.0 <= scale <= MAX_HIRES):
-            raise ControlstackError(f"hires must be an upscale factor in [1, {MAX_HIRES:g}], got {scale!r}")
-        f = self.vae_scale_factor
-        w2, h2 = hires_size(kw["width"], kw["height"], scale, f)
-        _validate(prompt, kw["steps"], kw["cfg"], w2, h2, kw["batch"], f)
-        first = self(prompt, controls, output_type="pil", return_result=True, **kw)
-        images, seed = [], kw["seed"]
-        second = {**kw, "width": w2, "height": h2, "batch": 1, "strength": hires_strength, "inpaint_mask": None}
-        for i, image in enumerate(first.images):
-            up = image.resize((w2, h2), Image.Resampling.LANCZOS)
-            images.append(self(prompt, controls, **{**second, "seed": None if seed is None else seed + i,
-                                                     "init_image": up}, output_type=output_type)[0])
-        if output_type != "pil":
-            images = np.stack(images)
-        params = {**first.parameters, "width": w2, "height": h2,
-                  "hires": {"scale": scale, "strength": hires_strength, "first_pass": [kw["width"], kw["height"]]}}
+    def _hires(self, scale, hires_strength, prompt, controls, *, hires_steps, hires_upscaler, output_type,
+               return_result, **kw):
+        """The hires fix (``hires.py``): the first pass, the upscale, img2img at the larger size."""
+        from controlstack.hires import check, run_hires
+
+        check(scale, hires_steps, hires_upscaler)
+        w2, h2 = hires_size(kw["width"], kw["height"], scale, self.vae_scale_factor)
+        _validate(prompt, hires_steps or kw["steps"], kw["cfg"], w2, h2, kw["batch"], self.vae_scale_factor)
+        images, params = run_hires(self, scale, hires_strength, prompt, controls, steps_second=hires_steps,
+                                   upscaler_name=hires_upscaler, output_type=output_type, **kw)
+        if output_type == "pil":
+            label(images, params)
+        return GenerationResult(images, params) if return_result else images
+
+    def _inpaint(self, options: InpaintOptions, prompt, controls, *, output_type, return_result, **kw):
+        """sd-webui's inpainting options (``inpaint.py``) around the pipeline's own inpainting."""
+        from controlstack.inpaint import run_inpaint
+
+        images, params = run_inpaint(self, options, prompt, controls, output_type=output_type, **kw)
+        if output_type == "pil":
+            label(images, params)
         return GenerationResult(images, params) if return_result else images
 
     @torch.no_grad()
@@ -354,6 +359,9 @@ class Pipeline(Prompting, Img2Img, Recommendations):
         inpaint_mask: Any = None,
         hires: float | None = None,
         hires_strength: float = 0.5,
+        hires_steps: int | None = None,
+        hires_upscaler: str = "lanczos",
+        inpaint: InpaintOptions | None = None,
         step_callback: Any = None,
         eta: float = 0.0,
         output_type: str = "pil",
@@ -372,11 +380,18 @@ class Pipeline(Prompting, Img2Img, Recommendations):
         no step and returns the init image's VAE round trip); with ``inpaint_mask`` (white = repaint) it inpaints -- as diffusers'
         ControlNet img2img / inpaint pipelines, with a 4-channel U-Net (latent blending) or a
         9-channel inpainting U-Net.
-        ``hires`` (sd-webui's hires fix): generate, upscale each image by ``hires`` (Lanczos), then
-        img2img it at the larger size with the same controls and ``hires_strength`` (image ``i`` of
-        the batch with seed ``seed + i``).
+        ``inpaint`` (with ``inpaint_mask``): sd-webui's inpainting options -- mask blur, invert, "Only
+        masked", masked content, the init image pasted back outside the mask (``inpaint.py``); None
+        inpaints as diffusers does.
+        ``hires`` (sd-webui's hires fix, ``hires.py``): generate, upscale each image by ``hires`` with
+        ``hires_upscaler`` (a pixel or a latent upscaler), then img2img it at the larger size with the
+        same controls, ``hires_strength`` and ``hires_steps`` (None: ``steps``); image ``i`` of the
+        batch with seed ``seed + i``.
         ``step_callback(done, total)`` runs after every sampling step (progress; raising in it stops
-        the run between steps, which is how the server cancels a job).
+        the run between steps, which is how the server cancels a job; raising
+        :class:`~controlstack.sampling.loop.StopSampling` ends the loop there and decodes the latents
+        reached: sd-webui's interrupt / skip).
+        ``output_type``: 'pil', 'np', or 'latent' (the final latents, not decoded).
         ``original_size``, ``crops_coords_top_left``, ``target_size`` (SDXL bases only): the
         micro-conditioning, (height, width) / (top, left); None = the output size and (0, 0).
         """
@@ -400,8 +415,17 @@ class Pipeline(Prompting, Img2Img, Recommendations):
             return self._hires(hires, hires_strength, prompt, controls, steps=steps, cfg=cfg, seed=seed, width=width,
                                height=height, scheduler=scheduler, mode=mode, negative_prompt=negative_prompt,
                                batch=batch, mode_options=mode_options, init_image=init_image, strength=strength,
-                               inpaint_mask=inpaint_mask, eta=eta, output_type=output_type, progress=progress,
-                               return_result=return_result, step_callback=step_callback, **micro)
+                               inpaint_mask=inpaint_mask, inpaint=inpaint, eta=eta, output_type=output_type,
+                               progress=progress, return_result=return_result, step_callback=step_callback,
+                               hires_steps=hires_steps, hires_upscaler=hires_upscaler, **micro)
+        if inpaint is not None and not isinstance(inpaint, InpaintOptions):
+            raise ControlstackError(f"inpaint must be an InpaintOptions, got {type(inpaint).__name__}")
+        if inpaint is not None and inpaint.image_steps and inpaint_mask is not None and init_image is not None:
+            return self._inpaint(inpaint, prompt, controls, init_image=init_image, inpaint_mask=inpaint_mask,
+                                 width=width, height=height, steps=steps, cfg=cfg, seed=seed, scheduler=scheduler,
+                                 mode=mode, negative_prompt=negative_prompt, batch=batch, mode_options=mode_options,
+                                 strength=strength, eta=eta, progress=progress, step_callback=step_callback,
+                                 output_type=output_type, return_result=return_result, **micro)
         native = self.native_size
         if not (native / 2 <= width <= native * 2 and native / 2 <= height <= native * 2):
             logging.getLogger("controlstack").warning(
@@ -434,19 +458,25 @@ class Pipeline(Prompting, Img2Img, Recommendations):
                 raise ControlstackError("this is an inpainting U-Net: pass init_image and inpaint_mask")
             latents = torch.randn(shape, generator=generator, dtype=self.unet.dtype)
         else:
-            latents, loop = self.img2img_start(init_image, inpaint_mask, strength, shape, sched, generator, do_cfg)
+            latents, loop = self.img2img_start(init_image, inpaint_mask, strength, shape, sched, generator, do_cfg,
+                                               fill=inpaint.fill if inpaint is not None else "original")
         denoiser = ControlledDenoiser(self.runners.unet, branches, injection, cond, uncond, cfg,
                                       unet_extra=loop.pop("unet_extra", None), reuse=self.tier.reuse, added=added)
         if step_callback is not None:
             blend = loop.get("callback")
 
             def after_step(step, latents):
-                step_callback(step.index + 1, step.count)
-                return blend(step, latents) if blend is not None else None
+                out = blend(step, latents) if blend is not None else None
+                try:
+                    step_callback(step.index + 1, step.count)
+                except StopSampling as stop:  # the loop returns these latents: the blend included
+                    stop.latents = latents if out is None else out
+                    raise
+                return out
 
             loop["callback"] = after_step
         latents = sample(denoiser, sched, latents, steps, generator=generator, eta=eta, progress=progress, **loop)
-        images = self.decode(latents, generator)
+        images = None if output_type == "latent" else self.decode(latents, generator)
         params = {
             **({"img2img": {"strength": strength, "inpaint": inpaint_mask is not None}} if init_image is not None else {}),
             "prompt": prompt, "negative_prompt": negative_prompt, "steps": steps, "cfg": cfg,
@@ -463,13 +493,10 @@ class Pipeline(Prompting, Img2Img, Recommendations):
             ],
             **({"model_hash": self.model_hash} if self.model_hash else {}),
         }
-        if output_type == "pil":
-            from controlstack.io.png import format_parameters
-
-            text = format_parameters(params)
-            images = [Image.fromarray((im * 255).round().astype("uint8")) for im in images]
-            for pos, im in enumerate(images):  # as sd-webui's images: the infotext travels with the image
-                im.info["parameters"] = format_parameters({**params, "batch_pos": pos}) if batch > 1 else text
+        if output_type == "latent":
+            images = latents
+        elif output_type == "pil":
+            images = label([Image.fromarray((im * 255).round().astype("uint8")) for im in images], params)
         return GenerationResult(images, params) if return_result else images
 
     def memory_needed(self, batch: int, width: int, height: int) -> int:
@@ -491,9 +518,13 @@ class Pipeline(Prompting, Img2Img, Recommendations):
         return annotators.for_control(control.model, control.task, self.source)
 
 
-def hires_size(width: int, height: int, scale: float, factor: int) -> tuple[int, int]:
-    """The hires fix's second-pass size: each side scaled, rounded to the VAE's factor."""
-    return max(factor, round(width * scale / factor) * factor), max(factor, round(height * scale / factor) * factor)
+def label(images: list, params: dict) -> list:
+    """Each image's infotext, as sd-webui's images carry it (with its batch position past one image)."""
+    from controlstack.io.png import format_parameters
+
+    for pos, im in enumerate(images):
+        im.info["parameters"] = format_parameters({**params, **({"batch_pos": pos} if len(images) > 1 else {})})
+    return images
 
 
 def memory_needed(unet_width: int, vae_width: int, factor: int, batch: int, width: int, height: int) -> int:

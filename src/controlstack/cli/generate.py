@@ -26,6 +26,9 @@ MAX_SEED = 2**63  # torch.Generator.manual_seed takes a signed 64-bit seed
 
 
 def register(sub) -> None:
+    from controlstack.hires import UPSCALERS
+    from controlstack.inpaint import FILLS
+
     p = sub.add_parser("generate", help="generate images with controls",
                        description="Generate images from a prompt and any number of controls.",
                        formatter_class=DefaultsFormatter)
@@ -72,6 +75,22 @@ def register(sub) -> None:
     p.add_argument("--hires", type=float, default=None, metavar="SCALE",
                    help="hires fix: generate, upscale by SCALE, img2img at the larger size with the same controls")
     p.add_argument("--hires-strength", type=float, default=0.5, help="with --hires: the second pass's strength")
+    p.add_argument("--hires-steps", type=int, default=None,
+                   help="with --hires: the second pass's steps (default: --steps; img2img runs int(steps * strength))")
+    p.add_argument("--hires-upscaler", default="lanczos", choices=list(UPSCALERS),
+                   help="with --hires: lanczos / nearest upscale the first pass's pixels, latent* its latents "
+                        "(sd-webui's default 'Latent', never decoded in between)")
+    p.add_argument("--mask-blur", type=int, default=4, help="with --inpaint-mask: blur the mask by this radius (px)")
+    p.add_argument("--mask-invert", action="store_true", help="with --inpaint-mask: repaint where it is black")
+    p.add_argument("--inpaint-full-res", action="store_true",
+                   help="with --inpaint-mask: sd-webui's 'Only masked' -- generate the mask's region (plus "
+                        "--inpaint-padding) at the full output size and paste it back into the init image")
+    p.add_argument("--inpaint-padding", type=int, default=32, help="with --inpaint-full-res: pixels around the mask")
+    p.add_argument("--inpainting-fill", default="original", choices=list(FILLS),
+                   help="with --inpaint-mask: what the masked region starts from (sd-webui's 'Masked content')")
+    p.add_argument("--no-paste-back", action="store_true",
+                   help="with --inpaint-mask: keep the decoded image as it is (diffusers' output) instead of "
+                        "pasting the init image back outside the mask, as sd-webui does")
     p.add_argument("--from-image", default=None, metavar="PHOTO",
                    help="make the --tasks conditions from this photo, then generate with the Omni ControlNet")
     p.add_argument("--tasks", default=None, help="with --from-image: comma-separated tasks, e.g. depth,canny")
@@ -276,6 +295,12 @@ def run(args: argparse.Namespace) -> int:
     if args.init is not None:
         img2img = {"init_image": load_image(args.init), "strength": args.strength,
                    "inpaint_mask": load_image(args.inpaint_mask) if args.inpaint_mask else None}
+        if args.inpaint_mask:
+            from controlstack.inpaint import InpaintOptions
+
+            img2img["inpaint"] = InpaintOptions(mask_blur=args.mask_blur, invert=args.mask_invert,
+                                                full_res=args.inpaint_full_res, padding=args.inpaint_padding,
+                                                fill=args.inpainting_fill, paste_back=not args.no_paste_back)
     seed = args.seed if args.seed >= 0 else random.randrange(2**32)
 
     pipe = Pipeline.from_pretrained(args.model, allow_pickle=args.allow_pickle, config=args.config)
@@ -291,7 +316,8 @@ def sampling_options(args, seed: int) -> dict:
             "negative_prompt": args.negative, "batch": args.batch, "progress": not args.no_progress,
             **{k: tuple(v) for k in ("original_size", "crops_coords_top_left", "target_size")
                if (v := getattr(args, k, None)) is not None},
-            **({"hires": args.hires, "hires_strength": args.hires_strength} if args.hires is not None else {})}
+            **({"hires": args.hires, "hires_strength": args.hires_strength, "hires_steps": args.hires_steps,
+                "hires_upscaler": args.hires_upscaler} if args.hires is not None else {})}
 
 
 def run_from_image(args, seed: int) -> int:

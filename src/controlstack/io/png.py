@@ -21,13 +21,17 @@ from pathlib import Path
 
 from PIL import Image, PngImagePlugin
 
+from controlstack.hires import UPSCALER_TABLE
 from controlstack.injection.modes import CONTROL_MODE_TABLE
+from controlstack.inpaint import FILL_TABLE
 from controlstack.io.images import RESIZE_TABLE
 from controlstack.sampling.schedulers import WEBUI_SAMPLER_LABELS
 
 #: our names -> how sd-webui spells them in its infotext (samplers, control modes, resize modes),
 #: views of the one table of each vocabulary (sampling, injection.modes, io.images)
 SAMPLERS = dict(WEBUI_SAMPLER_LABELS)
+UPSCALERS = {u.name: u.webui for u in UPSCALER_TABLE}
+FILLS = {f.name: f.webui for f in FILL_TABLE}
 CONTROL_MODES = {m.name: m.webui for m in CONTROL_MODE_TABLE}
 RESIZE_MODES = {r.name: r.webui for r in RESIZE_TABLE}
 
@@ -54,9 +58,18 @@ def format_parameters(params: dict) -> str:
         fields.append(f"Batch pos: {params['batch_pos']}")
     if "img2img" in params:
         fields.append(f"Denoising strength: {params['img2img']['strength']}")
+    inpaint = params.get("img2img", {}).get("inpaint_options")
+    if inpaint:  # sd-webui's inpainting fields
+        fields += [f"Mask blur: {inpaint['mask_blur']}",
+                   f"Inpaint area: {'Only masked' if inpaint['full_res'] else 'Whole picture'}",
+                   *([f"Masked area padding: {inpaint['padding']}"] if inpaint["full_res"] else []),
+                   f"Masked content: {FILLS.get(inpaint['fill'], inpaint['fill'])}",
+                   *(["Mask mode: Inpaint not masked"] if inpaint["invert"] else [])]
     if "hires" in params:  # sd-webui's hires fix fields
-        fields += [f"Denoising strength: {params['hires']['strength']}", f"Hires upscale: {params['hires']['scale']}",
-                   "Hires upscaler: Lanczos"]
+        hires = params["hires"]
+        fields += [f"Denoising strength: {hires['strength']}", f"Hires upscale: {hires['scale']}",
+                   *([f"Hires steps: {hires['steps']}"] if hires.get("steps") else []),
+                   f"Hires upscaler: {UPSCALERS.get(hires.get('upscaler', 'lanczos'), hires.get('upscaler'))}"]
     for i, c in enumerate(params.get("controls", [])):
         # a schedule in the CLI's own syntax (P@W,P@W): readers split a unit's fields on ", "
         weight = c["weight"] if isinstance(c["weight"], float) else ",".join(f"{p:g}@{w:g}" for p, w in c["weight"])
@@ -101,6 +114,43 @@ def read_parameters(path: str | os.PathLike) -> dict:
     if "controlstack" in text:
         text["controlstack"] = json.loads(text["controlstack"])
     return text
+
+
+def parse_parameters(text: str) -> dict:
+    """sd-webui's ``parameters`` text -> ``{"prompt", "negative_prompt", field: value, ...}`` (its
+    own parser's rules: the last line holds ``Key: value`` pairs separated by ", ", a value in
+    double quotes may hold commas; every earlier line is the prompt, then ``Negative prompt:``).
+    Values stay strings except the numbers of Steps, CFG scale, Seed, and Size split into
+    ``width`` / ``height``."""
+    import re
+
+    lines = text.strip().split("\n") if isinstance(text, str) else []
+    out: dict = {"prompt": "", "negative_prompt": ""}
+    pairs = re.compile(r'\s*([\w ]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+    last = lines[-1] if lines else ""
+    if len(pairs.findall(last)) < 3:  # no settings line: the whole text is the prompt
+        last, lines = "", lines
+    else:
+        lines = lines[:-1]
+    prompt, negative, in_negative = [], [], False
+    for line in lines:
+        if line.startswith("Negative prompt:"):
+            in_negative, line = True, line[len("Negative prompt:"):].strip()
+        (negative if in_negative else prompt).append(line)
+    out["prompt"], out["negative_prompt"] = "\n".join(prompt), "\n".join(negative)
+    for key, value in pairs.findall(last):
+        value = value.strip()
+        if value.startswith('"') and value.endswith('"'):
+            value = json.loads(value) if value.count('\\') else value[1:-1]
+        out[key.strip()] = value
+    for key, kind in (("Steps", int), ("Seed", int), ("CFG scale", float)):
+        try:
+            out[key] = kind(out[key]) if key in out else out.get(key)
+        except ValueError:
+            pass
+    if isinstance(out.get("Size"), str) and re.fullmatch(r"\d+x\d+", out["Size"]):
+        out["width"], out["height"] = (int(v) for v in out["Size"].split("x"))
+    return {k: v for k, v in out.items() if v is not None}
 
 
 def make_grid(images: list[Image.Image], cols: int | None = None, pad: int = 2) -> Image.Image:

@@ -48,6 +48,14 @@ def step_kwargs(scheduler, generator: torch.Generator | None, eta: float) -> dic
     return kwargs
 
 
+class StopSampling(Exception):
+    """Raised by a step ``callback``: the loop ends after that step and returns the latents reached
+    (``latents`` when the raiser sets them, else the step's own) -- sd-webui's interrupt and skip,
+    which keep the partly denoised image rather than nothing."""
+
+    latents: torch.Tensor | None = None
+
+
 @torch.no_grad()
 def sample(
     denoiser: Denoiser,
@@ -83,6 +91,9 @@ def sample(
         eps = denoiser(x, t, step)
         latents = scheduler.step(eps, t, latents, **extra, return_dict=False)[0]
         if callback is not None:
-            out = callback(step, latents)
+            try:
+                out = callback(step, latents)
+            except StopSampling as stop:
+                return latents if stop.latents is None else stop.latents
             latents = latents if out is None else out
     return latents

@@ -207,14 +207,22 @@ class Cluster:
         return self.get(job_id) or {"id": job_id, "status": "failed", "error": "the job's record expired"}
 
     def interrupt(self) -> list[str]:
-        """sd-webui's "stop" on a front: cancel the running jobs a request of *this* front waits on
+        """sd-webui's "Interrupt" on a front, for the running jobs a request of *this* front waits on
         (its synchronous txt2img / img2img, its web UI's Generate) -- not other fronts' nor /v1 batch
-        jobs, which a client cancels by id. Their requests answer 400 "the job was cancelled"."""
+        jobs, which a client cancels by id: each stops after its current step and ends ``done`` with
+        the images made so far (:meth:`.jobs.Jobs.interrupt`)."""
+        return self._stop("interrupt")
+
+    def skip(self) -> list[str]:
+        """sd-webui's "Skip" for the same jobs: their current batch-count call ends (:meth:`.jobs.Jobs.skip`)."""
+        return self._stop("skip")
+
+    def _stop(self, how: str) -> list[str]:
         stopped = []
         for job_id in list(self.waiting):
             record = self.get(job_id, images=False)
             if record is not None and record["status"] == "running":
-                self.cancel(job_id)
+                self.redis.set(f"{PREFIX}{how}:{job_id}", 1, ex=self.ttl)
                 stopped.append(job_id)
         return stopped
 
@@ -258,7 +266,8 @@ def register_task(app, r, loaded: dict, limits, name: str, ttl: int):
     from PIL import Image
 
     from controlstack.serve.jobs import deadline_check, parameters
-    from controlstack.serve.spec import check_spec, encode_png
+    from controlstack.sampling.loop import StopSampling
+    from controlstack.serve.spec import check_spec, encode_png, run_spec
     from controlstack.serve.store import load_spec
 
     @app.task(bind=True, name=TASK, acks_late=True)
@@ -285,15 +294,16 @@ def register_task(app, r, loaded: dict, limits, name: str, ttl: int):
                 progress[:] = [done, total]
                 if r.exists(f"{PREFIX}cancel:{job_id}"):
                     raise Cancelled()
+                # a skip ends this batch-count call only (consumed); an interrupt ends every call
+                if r.exists(f"{PREFIX}interrupt:{job_id}") or r.getdel(f"{PREFIX}skip:{job_id}"):
+                    raise StopSampling()
                 if time.monotonic() - last[0] > 0.1 or done == total:  # a Redis write per step is wasted
                     last[0] = time.monotonic()
                     self.update_state(state="PROGRESS", meta={"progress": list(progress), "worker": name})
 
-            prompt, controls, kw = spec.call_args()
-            result = pipe(prompt, controls, progress=False, return_result=True,
-                          step_callback=deadline_check(limits.job_seconds, report), **kw)
-            out = {"status": "done", "images": [encode_png(im) for im in result.images],
-                   "parameters": parameters(result.parameters)}
+            images, params = run_spec(pipe, spec, deadline_check(limits.job_seconds, report),
+                                      lambda: bool(r.exists(f"{PREFIX}interrupt:{job_id}")))
+            out = {"status": "done", "images": [encode_png(im) for im in images], "parameters": parameters(params)}
         except Cancelled:
             out = {"status": "cancelled"}
         except ControlstackError as exc:

@@ -20,6 +20,8 @@ import sqlite3
 import threading
 
 from controlstack.errors import ControlstackError
+from controlstack.sampling.loop import StopSampling
+from controlstack.serve.spec import run_spec
 from controlstack.serve.store import FINISHED, Store
 
 KEEP_JOBS = 1000  # finished jobs kept (with their PNGs) for GET ...
@@ -59,6 +61,7 @@ class Jobs:
         self.keep_jobs, self.keep_days = keep_jobs, keep_days
         self.running: dict[str, list] = {}   # job id -> [done, total] while it runs
         self.cancelling: set[str] = set()
+        self.stopping: dict[str, str] = {}   # job id -> "skip" (its current call) / "interrupt" (the job)
         self.finished: dict[str, threading.Event] = {}  # job id -> set when it ends (Jobs.wait)
         self.outcome: dict[str, dict] = {}  # ... and its record, read before retention may delete it
         self.wake = threading.Condition()
@@ -91,6 +94,21 @@ class Jobs:
         if self.store.cancel(job_id) == "running":
             self.cancelling.add(job_id)
         return self.get(job_id)
+
+    def interrupt(self) -> list[str]:
+        """sd-webui's "Interrupt": the running job stops after its current step and ends ``done``
+        with the images made so far (the current call's partly denoised); no further batch-count
+        call starts. The ids it reached."""
+        running = list(self.running)
+        self.stopping.update(dict.fromkeys(running, "interrupt"))
+        return running
+
+    def skip(self) -> list[str]:
+        """sd-webui's "Skip": the running job's current call (one batch of its batch count) ends
+        after its current step with its partly denoised images; the next call runs."""
+        running = [j for j in self.running if self.stopping.get(j) != "interrupt"]
+        self.stopping.update(dict.fromkeys(running, "skip"))
+        return running
 
     def wait(self, job_id: str, report=None) -> dict:
         """Block until ``job_id`` ends; its record (sd-webui's requests answer when their job is done).
@@ -154,19 +172,22 @@ class Jobs:
             progress[:] = [done, total]
             if job_id in self.cancelling:
                 raise Cancelled()
+            how = self.stopping.get(job_id)
+            if how is not None:
+                if how == "skip":  # this call only
+                    self.stopping.pop(job_id, None)
+                raise StopSampling()
 
         try:
-            prompt, controls, kw = spec.call_args()
             pipe = self.worker.base(spec.base)
             with self.worker.run_lock:
                 self.worker.current = progress  # /sdapi/v1/progress reports the job that runs
                 try:
-                    result = pipe(prompt, controls, progress=False, return_result=True,
-                                  step_callback=deadline_check(self.worker.job_seconds, report), **kw)
+                    images, params = run_spec(pipe, spec, deadline_check(self.worker.job_seconds, report),
+                                              lambda: self.stopping.get(job_id) == "interrupt")
                 finally:
                     self.worker.current = [0, 0]
-            self.store.finish(job_id, "done", images=result.images, progress=progress,
-                              parameters=parameters(result.parameters))
+            self.store.finish(job_id, "done", images=images, progress=progress, parameters=parameters(params))
         except Cancelled:
             self.store.finish(job_id, "cancelled", progress=progress)
         except ControlstackError as exc:
@@ -176,6 +197,7 @@ class Jobs:
         finally:
             self.running.pop(job_id, None)
             self.cancelling.discard(job_id)
+            self.stopping.pop(job_id, None)
             if job_id in self.finished:
                 self.outcome[job_id] = self.get(job_id)
                 self.finished[job_id].set()

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from PIL import Image
 
 from controlstack.errors import ControlstackError
+from controlstack.inpaint import FILLS, InpaintOptions
 from controlstack.io.images import validate_image
 from controlstack.serve.bodies import ClientError
 
@@ -208,12 +209,18 @@ class JobSpec:
     inpaint_mask: Image.Image | None = None
     hires: float | None = None
     hires_strength: float = 0.5
+    hires_steps: int | None = None    # None: the first pass's steps
+    hires_upscaler: str = "lanczos"
+    inpaint: InpaintOptions | None = None  # sd-webui's inpainting options (with inpaint_mask)
+    n_iter: int = 1                   # batch count: n_iter runs of ``batch`` images (seed + j * batch)
 
     def call_args(self) -> tuple[str, list, dict]:
-        """``(prompt, controls, kwargs)`` for ``Pipeline.__call__`` (``base`` is the caller's to pick)."""
+        """``(prompt, controls, kwargs)`` for one ``Pipeline.__call__`` (``base`` is the caller's to
+        pick; ``n_iter``: :func:`run_spec` calls it that many times)."""
         kw = {k: getattr(self, k) for k in ("negative_prompt", "steps", "cfg", "seed", "width", "height", "batch",
                                            "scheduler", "mode", "mode_options", "init_image", "strength",
-                                           "inpaint_mask", "hires", "hires_strength")}
+                                           "inpaint_mask", "hires", "hires_strength", "hires_steps",
+                                           "hires_upscaler", "inpaint")}
         return self.prompt, [c.control() for c in self.controls], kw
 
     def to_dict(self) -> dict:
@@ -221,12 +228,14 @@ class JobSpec:
         def value(v):
             if isinstance(v, Image.Image):
                 return encode_png(v)
+            if isinstance(v, InpaintOptions):
+                return v.parameters()
             if isinstance(v, tuple):
                 return [value(x) for x in v]
             return v
 
         unused = {"controls", *(["strength"] if self.init_image is None else []),
-                  *(["hires_strength"] if self.hires is None else [])}  # /v1 refuses them alone
+                  *(["hires_strength", "hires_upscaler"] if self.hires is None else [])}  # /v1 refuses them alone
         out = {k: value(v) for k, v in vars(self).items() if k not in unused and v is not None}
         out["controls"] = [{k: value(v) for k, v in vars(c).items() if v is not None and v != {}}
                            for c in self.controls]
@@ -236,7 +245,8 @@ class JobSpec:
 # ---------------------------------------------------------------------------------------- /v1
 V1_FIELDS = {"prompt", "negative_prompt", "steps", "cfg", "seed", "width", "height", "scheduler", "mode",
              "mode_options", "batch", "controls", "init_image", "strength", "inpaint_mask", "hires",
-             "hires_strength", "base"}
+             "hires_strength", "hires_steps", "hires_upscaler", "inpaint", "n_iter", "base"}
+MAX_N_ITER = 16
 V1_CONTROL_FIELDS = {"model", "image", "weight", "start", "end", "mask", "resize_mode", "preprocess", "task"}
 
 
@@ -254,7 +264,7 @@ def spec_from_v1(body: dict, base_of, limits: Limits) -> JobSpec:
     from controlstack.annotators import available as annotator_names
     from controlstack.injection.base import available as modes
     from controlstack.io.images import RESIZE_MODES
-    from controlstack.pipeline import MAX_HIRES
+    from controlstack.hires import MAX_HIRES, UPSCALERS
     from controlstack.sampling.schedulers import SCHEDULERS
 
     unknown = sorted(set(body) - V1_FIELDS)
@@ -286,7 +296,7 @@ def spec_from_v1(body: dict, base_of, limits: Limits) -> JobSpec:
         negative_prompt=text(body.get("negative_prompt", ""), "negative_prompt", limits.max_prompt),
         steps=opt("steps", lambda v: number(v, "steps", 1, limits.max_steps, integer=True)),
         cfg=opt("cfg", lambda v: number(v, "cfg", 0, 30)),
-        seed=draw_seed(body.get("seed", 0), "seed"),
+        seed=draw_seed(body.get("seed"), "seed"),  # absent: drawn and recorded, as sd-webui's -1
         width=opt("width", lambda v: number(v, "width", 8, limits.max_side, integer=True)),
         height=opt("height", lambda v: number(v, "height", 8, limits.max_side, integer=True)),
         batch=number(body.get("batch", 1), "batch", 1, limits.max_batch, integer=True),
@@ -299,11 +309,18 @@ def spec_from_v1(body: dict, base_of, limits: Limits) -> JobSpec:
         inpaint_mask=image(body.get("inpaint_mask"), "inpaint_mask"),
         hires=opt("hires", lambda v: number(v, "hires", 1, MAX_HIRES)),
         hires_strength=number(body.get("hires_strength", 0.5), "hires_strength", 0, 1),
+        hires_steps=opt("hires_steps", lambda v: number(v, "hires_steps", 1, limits.max_steps, integer=True)),
+        hires_upscaler=one_of(body.get("hires_upscaler", "lanczos"), "hires_upscaler", list(UPSCALERS)),
+        inpaint=opt("inpaint", lambda v: inpaint_options(v, "inpaint")),
+        n_iter=number(body.get("n_iter", 1), "n_iter", 1, MAX_N_ITER, integer=True),
     )
     if "strength" in body and spec.init_image is None:
         raise ClientError("'strength' applies to img2img: give 'init_image' too")
-    if "hires_strength" in body and spec.hires is None:
-        raise ClientError("'hires_strength' applies to the hires fix: give 'hires' too")
+    for key in ("hires_strength", "hires_steps", "hires_upscaler"):
+        if key in body and spec.hires is None:
+            raise ClientError(f"'{key}' applies to the hires fix: give 'hires' too")
+    if spec.inpaint is not None and spec.inpaint_mask is None:
+        raise ClientError("'inpaint' options apply to inpainting: give 'inpaint_mask' too")
     controls = body.get("controls", [])
     if not isinstance(controls, list) or len(controls) > limits.max_controls:
         raise ClientError(f"'controls' must be a list of at most {limits.max_controls} objects")
@@ -331,6 +348,52 @@ def spec_from_v1(body: dict, base_of, limits: Limits) -> JobSpec:
             task=None if c.get("task") is None else text(c["task"], f"{where}.task", 64)))
     check_spec(spec, pipe, limits)
     return spec
+
+
+def inpaint_options(value, what: str) -> InpaintOptions:
+    """An object of :class:`~controlstack.inpaint.InpaintOptions` fields, each typed and ranged."""
+    from controlstack.inpaint import MAX_BLUR, MAX_PADDING
+
+    if not isinstance(value, dict):
+        raise ClientError(f"'{what}' must be an object, got {short(value)}")
+    known = ("mask_blur", "invert", "full_res", "padding", "fill", "paste_back")
+    extra = sorted(set(value) - set(known))
+    if extra:
+        raise ClientError(f"'{what}': unknown field(s) {', '.join(e[:40] for e in extra[:5])}; known: {', '.join(known)}")
+    out = {}
+    for key in ("mask_blur", "padding"):
+        if key in value:
+            out[key] = number(value[key], f"{what}.{key}", 0, MAX_BLUR if key == "mask_blur" else MAX_PADDING,
+                              integer=True)
+    for key in ("invert", "full_res", "paste_back"):
+        if key in value:
+            out[key] = flag(value[key], f"{what}.{key}")
+    if "fill" in value:
+        if value["fill"] not in FILLS:
+            raise ClientError(f"'{what}.fill' {short(value['fill'])} is unknown; choose one of {', '.join(FILLS)}")
+        out["fill"] = value["fill"]
+    return InpaintOptions(**out)
+
+
+def run_spec(pipe, spec: JobSpec, step_callback, interrupted=lambda: False) -> tuple[list, dict]:
+    """Run ``spec`` on ``pipe``: ``n_iter`` calls of ``batch`` images, call ``j`` with seed
+    ``seed + j * batch`` (sd-webui's batch count). ``step_callback`` as ``Pipeline.__call__``'s
+    (raising :class:`~controlstack.sampling.loop.StopSampling` ends the current call with its
+    partial images: skip / interrupt); ``interrupted()`` true: no further call starts. Returns
+    ``(images, parameters)``, the first call's parameters with ``all_seeds``: each image's seed (its
+    call's; image ``k`` of a batch is that seed at batch position ``k``, as its infotext says)."""
+    prompt, controls, kw = spec.call_args()
+    images, seeds, parameters = [], [], None
+    for j in range(spec.n_iter):
+        if j and interrupted():
+            break
+        seed = spec.seed + j * spec.batch
+        result = pipe(prompt, controls, progress=False, return_result=True, step_callback=step_callback,
+                      **{**kw, "seed": seed})
+        images += result.images
+        seeds += [seed] * len(result.images)
+        parameters = parameters or result.parameters
+    return images, {**parameters, "all_seeds": seeds, "n_iter": spec.n_iter}
 
 
 # ---------------------------------------------------------------------------------------- checks
@@ -392,7 +455,8 @@ def check_spec(spec: JobSpec, pipe, limits: Limits, names: dict | None = None) -
     ``names``: the client's spelling of spec fields in messages (sd-webui's ``cfg_scale`` ...)."""
     from controlstack import annotators
     from controlstack.injection.base import make_injection
-    from controlstack.pipeline import MAX_CFG_HIGH_ORDER, hires_size, speckles
+    from controlstack.hires import hires_size
+    from controlstack.pipeline import MAX_CFG_HIGH_ORDER, speckles
 
     def n(key: str) -> str:
         return (names or {}).get(key, key)

@@ -146,6 +146,10 @@ def load_spec(data: dict, blob) -> JobSpec:
     for key in IMAGE_FIELDS:
         if key in data:
             data[key] = blob(data[key]["blob"])
+    if isinstance(data.get("inpaint"), dict):
+        from controlstack.inpaint import InpaintOptions
+
+        data["inpaint"] = InpaintOptions(**data["inpaint"])
     return JobSpec(**data, controls=controls)
 
 
