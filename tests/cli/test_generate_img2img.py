@@ -43,8 +43,39 @@ def test_hires_doubles_the_size(files, tmp_path):
     assert "Hires upscale: 2.0" in read_parameters(out / "00000-3.png")["parameters"]
 
 
+def test_only_masked_inpainting_pastes_back_into_the_init_image(files, tmp_path):
+    out = tmp_path / "out"
+    init = np.zeros((96, 80, 3), np.uint8)
+    init[:, :, 1] = np.arange(80, dtype=np.uint8)[None] * 3
+    Image.fromarray(init).save(files / "init96.png")
+    m = np.zeros((96, 80), np.uint8)
+    m[40:56, 30:46] = 255
+    Image.fromarray(m).save(files / "mask96.png")
+    assert main(["generate", "--prompt", "a red box", "--init", str(files / "init96.png"), "--inpaint-mask",
+                 str(files / "mask96.png"), "--inpaint-full-res", "--inpaint-padding", "8", "--mask-blur", "2",
+                 "--inpainting-fill", "latent_nothing", "--out", str(out), *FAST]) == 0
+    image = np.asarray(Image.open(out / "00000-2.png").convert("RGB"))
+    assert image.shape == init.shape  # the init image's size, not --width / --height
+    far = np.ones((96, 80), bool)
+    far[34:62, 24:52] = False  # the mask plus the blur's reach (2 * int(5.5) + 1 = 11: 5 px) and a margin
+    assert np.array_equal(image[far], init[far]) and np.abs(image[44:52, 34:42].astype(int) - init[44:52, 34:42]).max() > 20
+    text = read_parameters(out / "00000-2.png")["parameters"]
+    assert "Mask blur: 2, Inpaint area: Only masked, Masked area padding: 8, Masked content: latent nothing" in text
+
+
+def test_hires_with_a_latent_upscaler_and_its_own_steps(files, tmp_path):
+    out = tmp_path / "out"
+    assert main(["generate", "--prompt", "a red box", "--hires", "2", "--hires-upscaler", "latent_bicubic",
+                 "--hires-steps", "4", "--out", str(out), "--steps", "2", "--seed", "3", "--width", "32", "--height",
+                 "32", "--no-progress"]) == 0
+    text = read_parameters(out / "00000-3.png")["parameters"]
+    assert Image.open(out / "00000-3.png").size == (64, 64)
+    assert "Hires steps: 4, Hires upscaler: Latent (bicubic)" in text
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--inpaint-mask", "{mask}"], "--inpaint-mask needs --init"),
+    (["--init", "{init}", "--inpaint-mask", "{mask}", "--mask-blur", "-1"], "inpaint mask_blur must be an integer"),
     (["--init", "{init}", "--strength", "1.5"], "--strength must be in [0, 1], got 1.5"),
 ])
 def test_img2img_flag_errors(files, tmp_path, capsys, extra, message):
