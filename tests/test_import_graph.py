@@ -205,3 +205,14 @@ def test_world_runs_without_torch():
     assert {_room(m) for m in reached} <= {"world", "errors"}, sorted(reached)
     heavy = [f"{m} (line {line}) imports {ext}" for m in world for _, line, ext in imports(m) if ext in TORCH_FAMILY]
     assert not heavy, heavy
+
+
+def test_no_family_name_is_compared_outside_the_families():
+    """A base's architecture is its family object's business (models/families/): elsewhere a family
+    name is at most a key of a table, never compared (``== "sdxl"``, ``!= "sd"``)."""
+    import re
+
+    compare = re.compile(r"""(==|!=)\s*["'](sd|sdxl)["']|["'](sd|sdxl)["']\s*(==|!=)""")
+    found = [f"{m} (line {i})" for m, path in MODULES.items() if not m.startswith("controlstack.models.families")
+             for i, line in enumerate(path.read_text().splitlines(), 1) if compare.search(line)]
+    assert not found, found

@@ -29,7 +29,7 @@ from controlstack.inpaint import InpaintOptions
 from controlstack.injection import make_injection
 from controlstack.io.checkpoints import check_compatible
 from controlstack.io.images import image_to_tensor, resize_image, to_rgb
-from controlstack.models.family import family_of
+from controlstack.models.families import family_of
 from controlstack.models.tiers import Runners, Tier, make_tier
 from controlstack.models.tiny import SDComponents
 from controlstack.prompting import Prompting
@@ -83,9 +83,8 @@ class Pipeline(Prompting, Img2Img, Recommendations):
         self.tokenizer = components.tokenizer
         self.text_encoder_2 = components.text_encoder_2.eval() if components.text_encoder_2 is not None else None
         self.tokenizer_2 = components.tokenizer_2
-        self.family = family_of(self.unet)  # "sd" | "sdxl" (models/family.py)
-        if self.family == "sdxl" and (self.text_encoder_2 is None or self.tokenizer_2 is None):
-            raise ControlstackError("an SDXL U-Net needs both text encoders and tokenizers (text_encoder_2, tokenizer_2)")
+        self.family = family_of(self.unet)  # the base's family (models/families/): its text conditioning, ...
+        self.family.check_components(components)
         self.force_zeros_for_empty_prompt = components.force_zeros_for_empty_prompt
         self.scheduler_config = components.scheduler_config
         self.name = name
@@ -149,8 +148,8 @@ class Pipeline(Prompting, Img2Img, Recommendations):
         folder = Path(path)
         in_bundle = folder.resolve() == assets.BUNDLE_DIR.resolve()
         own = (folder / "controlnets").is_dir()
-        # the bundled ControlNets are SD-1.x-layout: an SDXL base gets none it could not run
-        plain = {} if components.family == "sdxl" else assets.bundled_controlnets()
+        # the bundled ControlNets are SD-1.x-layout: a base of another family gets none it could not run
+        plain = assets.bundled_controlnets() if components.family.bundled_controlnets else {}
         controlnets = assets.trained_controlnets(folder) if own else plain
         return cls.from_source(components, controlnets, "controlstack-bundle" if in_bundle else str(path), folder)
 

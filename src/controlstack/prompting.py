@@ -1,9 +1,10 @@
 """Prompts to what the U-Net reads, as a mixin of :class:`controlstack.pipeline.Pipeline`.
 
-SD-1.x / 2.x: the CLIP text encoder's last hidden states, as diffusers' ``encode_prompt`` (padded
-to the tokenizer's length, no clip skip). SDXL: both encoders' penultimate hidden states
-concatenated, the pooled embedding and the micro-conditioning ids (:mod:`controlstack.models.sdxl`).
-Omni ControlNets get their own embedding: the prompt with the task token after the start token.
+The CLIP text encoder's last hidden states, as diffusers' ``encode_prompt`` (padded to the
+tokenizer's length, no clip skip): SD-1.x / 2.x's conditioning; what each family adds (SDXL: a
+second encoder, the pooled embedding, the micro-conditioning ids) is its module's in
+``models/families/``. Omni ControlNets get their own embedding: the prompt with the task token
+after the start token.
 """
 
 from __future__ import annotations
@@ -83,45 +84,21 @@ class Prompting:
 
     @torch.no_grad()
     def encode_text(self, prompt: str, batch: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``(hidden, pooled)``: the cross-attention embedding and, for SDXL, the pooled one (else None)."""
-        if self.family != "sdxl":
-            return self.encode_prompt(prompt, batch), None
-        from controlstack.models import sdxl
-
-        return sdxl.encode_prompt(prompt, [self.tokenizer, self.tokenizer_2], [self.text_encoder, self.text_encoder_2],
-                                  batch)
+        """``(hidden, pooled)``: the cross-attention embedding and, where the family has one
+        (SDXL), the pooled one, else None (``models/families/``)."""
+        return self.family.encode_text(self, prompt, batch)
 
     def text_conditions(self, prompt: str, negative_prompt: str, batch: int, do_cfg: bool, size: tuple[int, int],
                         micro: dict) -> tuple[torch.Tensor, torch.Tensor | None, tuple[dict | None, dict] | None]:
         """``(cond, uncond, added)`` for the denoiser: the prompt's and the negative prompt's text
-        embeddings (``uncond`` None without CFG) and, for SDXL, their added conditions (pooled text
+        embeddings (``uncond`` None without CFG) and the family's added conditions (SDXL: pooled text
         and micro-conditioning ids; ``micro`` holds ``original_size`` / ``crops_coords_top_left`` /
-        ``target_size``, None = diffusers' defaults: the output ``size`` (h, w) and (0, 0))."""
+        ``target_size``, None = diffusers' defaults: the output ``size`` (h, w) and (0, 0)), as
+        ``models/families/`` defines them for the base's family."""
         self.check_prompt(prompt)
         if negative_prompt:
             self.check_prompt(negative_prompt, "negative prompt")
-        given = {k: v for k, v in micro.items() if v is not None}
-        if self.family != "sdxl":
-            if given:
-                raise ControlstackError(f"{', '.join(given)}: SDXL micro-conditioning, but this base is "
-                                        "Stable Diffusion 1.x/2.x")
-            cond = self.encode_prompt(prompt, batch)
-            return cond, (self.encode_prompt(negative_prompt or "", batch) if do_cfg else None), None
-        from controlstack.models import sdxl
-
-        cond, pooled = self.encode_text(prompt, batch)
-        uncond = neg_pooled = None
-        if do_cfg and not negative_prompt and self.force_zeros_for_empty_prompt:
-            uncond, neg_pooled = torch.zeros_like(cond), torch.zeros_like(pooled)
-        elif do_cfg:
-            uncond, neg_pooled = self.encode_text(negative_prompt or "", batch)
-        ids = sdxl.add_time_ids(
-            self.unet, pooled.shape[-1],
-            sdxl.check_size(given.get("original_size", size), "original_size"),
-            sdxl.check_size(given.get("crops_coords_top_left", (0, 0)), "crops_coords_top_left"),
-            sdxl.check_size(given.get("target_size", size), "target_size"))
-        added = (sdxl.added_conditions(neg_pooled, ids) if do_cfg else None, sdxl.added_conditions(pooled, ids))
-        return cond, uncond, added
+        return self.family.text_conditions(self, prompt, negative_prompt, batch, do_cfg, size, micro)
 
     def task_text(self, controlnet, control: Control, prompts: tuple[str, str], batch: int, do_cfg: bool):
         """An Omni ControlNet's own text embedding ``(uncond, cond)``: its task token prefixed to the

@@ -49,11 +49,11 @@ def ours(pipe, controls, **kw):
 
 
 def test_family_is_told_by_the_unet(xl, tiny_components, xl_pipe, pipe):
-    from controlstack.models.family import family_of
+    from controlstack.models.families import family_of, get
 
-    assert family_of(xl.unet) == xl.family == xl_pipe.family == "sdxl"
-    assert family_of(tiny_components.unet) == pipe.family == "sd"
-    assert family_of(dict(xl.unet.config)) == "sdxl"
+    assert family_of(xl.unet) is xl.family is xl_pipe.family is get("sdxl")
+    assert family_of(tiny_components.unet) is pipe.family is get("sd")
+    assert family_of(dict(xl.unet.config)).name == "sdxl" and xl_pipe.family.label == "Stable Diffusion XL"
     assert xl_pipe.native_size == 64  # tiny: sample_size 8 x the VAE's 8 (SDXL's own: 128 x 8 = 1024)
 
 

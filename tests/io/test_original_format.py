@@ -17,6 +17,7 @@ from diffusers.loaders.single_file_utils import (
 from controlstack.io import original as orig
 from controlstack.io.checkpoints import controlnet_to_original
 from controlstack.io.sd_single_file import SD15_CONFIGS, base_to_original
+from controlstack.models.families import family_of
 from controlstack.models.tiny import SDComponents
 
 
@@ -77,7 +78,7 @@ def test_sd15_controlnet_table_matches_diffusers_and_shapes_infer_the_config(met
     assert cfg["conditioning_channels"] == 3
     # what shapes cannot tell: SD-1.x's 8 heads and 32 groups
     assert cfg["attention_head_dim"] == 8 and cfg["norm_num_groups"] == 32 and cfg["use_linear_projection"] is False
-    assert orig.family(cfg["cross_attention_dim"]) == "SD-1.x"
+    assert family_of(cfg).display(cfg) == "SD-1.x"
 
 
 def test_sd21_layout_infers_linear_projection_and_64_dim_heads():
@@ -87,7 +88,7 @@ def test_sd21_layout_infers_linear_projection_and_64_dim_heads():
     shapes = {k.removeprefix("control_model."): tuple(v.shape) for k, v in controlnet_to_original(model).items()}
     cfg = orig.infer_controlnet_config(shapes)
     assert cfg["use_linear_projection"] is True and cfg["attention_head_dim"] == [5, 10, 20, 20]
-    assert orig.family(cfg["cross_attention_dim"]) == "SD-2.x"
+    assert family_of(cfg).display(cfg) == "SD-2.x"
 
 
 def test_sd15_unet_and_vae_tables_match_diffusers_converters():

@@ -43,11 +43,11 @@ def test_sdxl_folder_round_trip(xl, xl_dir):
     index = json.loads((xl_dir / "model_index.json").read_text())
     assert index["_class_name"] == "StableDiffusionXLPipeline" and index["force_zeros_for_empty_prompt"] is True
     back = load_base(xl_dir)
-    assert back.family == "sdxl" and type(back.text_encoder_2).__name__ == "CLIPTextModelWithProjection"
+    assert back.family.name == "sdxl" and type(back.text_encoder_2).__name__ == "CLIPTextModelWithProjection"
     for part in ("unet", "vae", "text_encoder", "text_encoder_2"):
         assert _same(getattr(back, part), getattr(xl, part)), part
     assert back.tokenizer_2("a cat").input_ids == xl.tokenizer_2("a cat").input_ids
-    assert Pipeline.from_pretrained(xl_dir).family == "sdxl"
+    assert Pipeline.from_pretrained(xl_dir).family.name == "sdxl"
     assert inspect_checkpoint(xl_dir)["arch"]["family"] == "SDXL"
 
 
@@ -98,7 +98,7 @@ def test_sdxl_single_file_round_trip(xl, xl_dir, tmp_path):
     back = load_base(path, config=xl_dir)  # configs embedded; the folder gives the tokenizers
     for part in ("unet", "vae", "text_encoder", "text_encoder_2"):
         assert _same(getattr(back, part), getattr(xl, part)), part
-    assert back.family == "sdxl" and inspect_checkpoint(path)["arch"]["family"] == "SDXL"
+    assert back.family.name == "sdxl" and inspect_checkpoint(path)["arch"]["family"] == "SDXL"
     with pytest.raises(ControlstackError, match="carries no tokenizer"):
         load_base(path)  # a tiny vocabulary: no cached CLIP tokenizer fits it
 

@@ -106,7 +106,7 @@ def controlnet_families(paths: list[str]) -> dict[str, tuple[str, str]]:
         info = inspect_checkpoint(p)
         if info["kind"] != "controlnet":
             raise ControlstackError(f"--controlnets: '{p}' is a {info['kind']}, not a ControlNet")
-        out[name] = (p, "sdxl" if info["arch"]["family"] == "SDXL" else "sd")
+        out[name] = (p, info["arch"]["family_name"])
     return out
 
 
@@ -115,7 +115,7 @@ def with_controlnets(pipe, controlnets: dict[str, tuple[str, str]]):
     from controlstack.io.checkpoints import load_controlnet
 
     for name, (path, family) in controlnets.items():
-        if family == pipe.family:
+        if family == pipe.family.name:
             pipe.controlnets[name] = lambda path=path: load_controlnet(path, torch_dtype=pipe.unet.dtype)
     return pipe
 

@@ -188,11 +188,11 @@ def save_controlnet(model, dest: str | os.PathLike, *, format: str = "auto") -> 
 # ----------------------------------------------------------------------------------- compatibility
 def check_compatible(controlnet, unet) -> None:
     """Raise unless ``controlnet``'s residuals fit ``unet`` (family, channels, layout, text width)."""
-    from controlstack.models.family import describe, family_of
+    from controlstack.models.families import family_of
 
-    if family_of(controlnet) != family_of(unet):
-        raise ControlstackError(f"this ControlNet is for {describe(family_of(controlnet))} but the base model is "
-                                f"{describe(family_of(unet))}; use a ControlNet trained for the base's family")
+    if family_of(controlnet) is not family_of(unet):
+        raise ControlstackError(f"this ControlNet is for {family_of(controlnet).label} but the base model is "
+                                f"{family_of(unet).label}; use a ControlNet trained for the base's family")
     c, u = controlnet.config, unet.config
     problems = []
     # the latents' channels are the U-Net's *output* channels: an SD inpainting U-Net takes 9 (latents,

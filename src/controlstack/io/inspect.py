@@ -15,6 +15,7 @@ from pathlib import Path
 from controlstack.errors import ControlstackError
 from controlstack.io import original as orig
 from controlstack.io.tensors import CONFIG_METADATA_KEY, SAFETENSORS_SUFFIXES, existing_path, read_tensors
+from controlstack.models.families import family_of
 
 _SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
                        "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
@@ -58,8 +59,8 @@ def _summary(shapes: dict, dtypes: dict) -> dict:
 
 def _arch(config: dict, source: str) -> dict:
     arch = {k: (list(config[k]) if isinstance(config[k], tuple) else config[k]) for k in _ARCH_FIELDS if k in config}
-    # SDXL is told by its added text-time embedding (models/family.py), whatever its text width
-    arch["family"] = "SDXL" if config.get("addition_embed_type") == "text_time" else orig.family(config.get("cross_attention_dim"))
+    family = family_of(config)  # models/families/: SDXL by its added embedding, whatever its text width
+    arch["family"], arch["family_name"] = family.display(config), family.name
     if config.get("in_channels") == 9:
         arch["variant"] = "inpainting (9 input channels)"
     arch["config_source"] = source

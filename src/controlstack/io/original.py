@@ -42,13 +42,6 @@ _UNET_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "norm2": "out_la
 _VAE_ATTN = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
 _EMBED = {"linear_1": "0.0", "linear_2": "0.2"}  # class/add embedding -> label_emb.0.{0,2}
 
-SD_FAMILIES = {768: "SD-1.x", 1024: "SD-2.x", 2048: "SDXL"}  # by cross-attention (text) width
-
-
-def family(cross_attention_dim: int | None) -> str:
-    return SD_FAMILIES.get(cross_attention_dim, f"custom (cross-attention dim {cross_attention_dim})")
-
-
 # ----------------------------------------------------------------------------------- U-Net / ControlNet
 def _resnet(rest: str) -> str:
     head, _, tail = rest.partition(".")

@@ -50,6 +50,7 @@ from controlstack.io.tensors import (
     read_tensors,
     stored_dtype,
 )
+from controlstack.models.families import family_of, family_of_state
 from controlstack.models.tiny import SDComponents
 
 METADATA_KEYS = {"unet": "controlstack.unet_config", "vae": "controlstack.vae_config",
@@ -155,8 +156,9 @@ def load_unet(source, *, allow_pickle: bool = False, config=None, torch_dtype=to
         from controlstack.io.sdxl_single_file import SDXL_CONFIGS
 
         inferred = orig.infer_unet_config(_shapes(strip_prefix(state, orig.UNET_PREFIX)))
-        xl = inferred.get("addition_embed_type") == "text_time"  # SDXL's added embedding, with or without encoders
-        cfg = {**read_json((SDXL_CONFIGS if xl else SD15_CONFIGS) / "unet" / "config.json"), **inferred}
+        # the family's default configs (SDXL is told by its added embedding, with or without encoders)
+        configs = {"sdxl": SDXL_CONFIGS}.get(family_of(inferred).name, SD15_CONFIGS)
+        cfg = {**read_json(configs / "unet" / "config.json"), **inferred}
     return unet_from_state(state, cfg, torch_dtype)
 
 
@@ -169,8 +171,9 @@ def _load_base_file(path: Path, allow_pickle: bool, config, dtype) -> SDComponen
     _require_base_state(state)
     from controlstack.io import sdxl_single_file as xl
 
-    if xl.is_sdxl_state(state):
-        return xl.load_sdxl_state(state, metadata, config, dtype)
+    own = {"sdxl": xl.load_sdxl_state}.get(family_of_state(state).name)  # a family with its own layout
+    if own is not None:
+        return own(state, metadata, config, dtype)
     unet_cfg, vae_cfg, text_cfg, folder = _base_configs(state, metadata, config)
     unet = unet_from_state(state, unet_cfg, dtype)
     vae = build_empty(AutoencoderKL, vae_cfg, "VAE")

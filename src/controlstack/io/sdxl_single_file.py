@@ -53,10 +53,6 @@ _OPENCLIP = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "mlp.c_fc": "mlp.fc1"
              "attn.out_proj": "self_attn.out_proj"}
 
 
-def is_sdxl_state(keys) -> bool:
-    return any(k.startswith("conditioner.embedders.") for k in keys)
-
-
 def infer_open_clip_config(shapes: dict[str, tuple]) -> dict:
     """``CLIPTextConfig`` fields of an OpenCLIP text tower from its (prefix-free) shapes."""
     if "token_embedding.weight" not in shapes or "text_projection" not in shapes:

@@ -87,8 +87,9 @@ class SDComponents:
     force_zeros_for_empty_prompt: bool = True  # SDXL: an empty negative prompt is zeros (diffusers' default)
 
     @property
-    def family(self) -> str:
-        from controlstack.models.family import family_of
+    def family(self):
+        """The base's family (``models/families/``), told by its U-Net."""
+        from controlstack.models.families import family_of
 
         return family_of(self.unet)
 
