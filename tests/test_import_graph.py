@@ -179,8 +179,8 @@ def test_sampling_knows_no_model_control_or_injection():
     assert not _violations(lambda src, dst: src == "sampling" and dst in ("models", "control", "injection"))
 
 
-def test_injection_imports_only_itself_and_errors():
-    assert not _violations(lambda src, dst: src == "injection" and dst not in ("injection", "errors"))
+def test_injection_imports_only_itself_errors_and_residuals():
+    assert not _violations(lambda src, dst: src == "injection" and dst not in ("injection", "errors", "residuals"))
 
 
 def test_annotators_do_not_import_models():
@@ -216,3 +216,11 @@ def test_no_family_name_is_compared_outside_the_families():
     found = [f"{m} (line {i})" for m, path in MODULES.items() if not m.startswith("controlstack.models.families")
              for i, line in enumerate(path.read_text().splitlines(), 1) if compare.search(line)]
     assert not found, found
+
+
+def test_models_import_nothing_above_them():
+    """models/ (networks, runners, families) sits below the control layer: it never imports the
+    branches, the denoiser, the pipeline and its mixins, nor training / evaluation."""
+    above = {"control", "denoiser", "pipeline", "prompting", "img2img", "inpaint", "hires", "recommendations",
+             "training", "evaluation", "assets"}
+    assert not _violations(lambda src, dst: src == "models" and dst in above)

@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 
 from controlstack.errors import ControlstackError
-from controlstack.injection.base import Residuals
 from controlstack.io.images import RESIZE_MODES, mask_to_array, validate_image
+from controlstack.residuals import Residuals
 from controlstack.sampling.loop import Step
 
 Weight = float | Sequence[tuple[float, float]]
@@ -161,7 +161,7 @@ class Branch:
         self.region = RegionMask(mask)
         # own text embedding (uncond, cond) -- Omni's "<task> prompt"; None: the denoiser's
         self.encoder_hidden_states = encoder_hidden_states
-        self.last: Residuals | None = None  # the runner's last output, unweighted (denoiser.Reuse)
+        self.last: Residuals | None = None  # the runner's last output, unweighted (models.tiers.Reuse)
 
     def active(self, step: Step) -> bool:
         return in_window(self.start, self.end, step)
@@ -182,3 +182,51 @@ class Branch:
             kw = {"added_cond_kwargs": added} if added else {}
             res = self.last = self.runner(x, t, encoder_hidden_states, self.hint_features, **kw)
         return self.region(res.times(weight_at(self.weight, step.progress)))
+
+
+def group_unions(controls: list[Control], resolve) -> list[Control | list[Control]]:
+    """``controls`` in order, the controls of each union model (``resolve(model)`` -> the model)
+    gathered into one list at the place of the first of them."""
+    from controlstack.models.union import is_union
+
+    out: list = []
+    groups: dict[int, list[Control]] = {}
+    for c in controls:
+        model = resolve(c.model)
+        if not is_union(model):
+            out.append(c)
+        elif id(model) in groups:
+            groups[id(model)].append(c)
+        else:
+            groups[id(model)] = [c]
+            out.append(groups[id(model)])
+    return out
+
+
+class UnionBranch:
+    """All the controls of one ControlNet-Union model in one run (``models/union.py``): one forward
+    of its ``UnionRunner``, one set of residuals."""
+
+    def __init__(self, runner, controls: list[Control], conditions: list[torch.Tensor], ids: list[int]):
+        masks = [c.mask for c in controls]
+        if any(m is not None for m in masks) and not all(m is not None and np.array_equal(m, masks[0]) for m in masks):
+            raise ControlstackError("controls of one ControlNet-Union model are fused into one pass, so they share one "
+                                    "mask: give them all the same mask (or none)")
+        self.runner, self.controls, self.conditions, self.ids = runner, controls, conditions, ids
+        self.region = RegionMask(controls[0].mask)  # the shared mask, applied to the fused residuals
+        self.last: Residuals | None = None  # the last output (models.tiers.Reuse); one condition: unscaled
+        self._scales: list[float] | None = None  # the scales ``last`` was fused with (several conditions)
+
+    def active(self, step: Step) -> bool:
+        return any(in_window(c.start, c.end, step) for c in self.controls)
+
+    def __call__(self, x, t, encoder_hidden_states, step: Step, cond_only: bool = False, reuse: bool = False,
+                 added: dict | None = None) -> Residuals:
+        scales = [weight_at(c.weight, step.progress) * float(in_window(c.start, c.end, step)) for c in self.controls]
+        single = len(self.controls) == 1
+        # several conditions are scaled inside the fusion: their residuals are reused only at the same scales
+        if not (reuse and self.last is not None and (single or scales == self._scales)):
+            kw = {"added_cond_kwargs": added} if added else {}
+            self.last = self.runner(x, t, encoder_hidden_states, self.conditions, self.ids, scales, **kw)
+            self._scales = scales
+        return self.region(self.last.times(scales[0]) if single else self.last)

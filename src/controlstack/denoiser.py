@@ -17,7 +17,7 @@ ids, ``models/sdxl.py``): they are batched like the text embedding and go with i
 and to every branch (the conditional half alone for ``cond_only`` strategies, as diffusers' SDXL
 pipelines do in guess mode).
 
-:class:`Reuse` (the ``fast`` tier) skips steps 1-2 for some steps: FasterDiffusion (Li et al., 2023,
+:class:`~controlstack.models.tiers.Reuse` (the ``fast`` tier) skips steps 1-2 for some steps: FasterDiffusion (Li et al., 2023,
 "Faster Diffusion: Rethinking the Role of UNet Encoder in Diffusion Models", Sec. 3.2: encoder
 features change little between adjacent steps while decoder features change much) runs the
 encoder at key steps and lets the decoder reuse its features in between with the current time
@@ -26,14 +26,15 @@ embedding; the ControlNets are encoders too and follow the same key steps.
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import torch
 
 from controlstack.control import Branch
-from controlstack.injection.base import Injection, Residuals
+from controlstack.injection.base import Injection
 from controlstack.models.runner import UNetRunner
+from controlstack.models.tiers import Reuse
+from controlstack.residuals import Residuals
 from controlstack.sampling.loop import Step
 
 
@@ -43,18 +44,6 @@ def _pad_uncond(res: Residuals) -> Residuals:
         [torch.cat([torch.zeros_like(d), d]) for d in res.downs],
         torch.cat([torch.zeros_like(res.mid), res.mid]),
     )
-
-
-@dataclass(frozen=True)
-class Reuse:
-    """Key steps: every step during the first ``after`` of the run, then every ``every``-th."""
-
-    every: int = 1      # the U-Net encoder and the ControlNets run at every ``every``-th step
-    after: float = 0.0  # fraction of the steps at the start that always run (the layout forms there)
-
-    def fresh(self, step: Step) -> bool:
-        first = math.ceil(self.after * step.count)
-        return self.every <= 1 or step.index < first or (step.index - first) % self.every == 0
 
 
 class ControlledDenoiser:

@@ -25,8 +25,8 @@ from controlstack.denoiser import ControlledDenoiser
 from controlstack.errors import ControlstackError
 from controlstack.hires import MAX_HIRES, hires_size  # noqa: F401 (re-exported: the server's and CLI's checks)
 from controlstack.img2img import Img2Img
-from controlstack.inpaint import InpaintOptions
 from controlstack.injection import make_injection
+from controlstack.inpaint import InpaintOptions
 from controlstack.io.checkpoints import check_compatible
 from controlstack.io.images import image_to_tensor, resize_image, to_rgb
 from controlstack.models.families import family_of
@@ -243,7 +243,8 @@ class Pipeline(Prompting, Img2Img, Recommendations):
                       do_cfg: bool, inpaint_mask: Any, hint_batch: int) -> list:
         """One branch per control, except that the controls of one ControlNet-Union model make one
         fused branch (``models/union.py``), at the place of the first of them."""
-        from controlstack.models.union import UnionBranch, control_id, group_unions
+        from controlstack.control import UnionBranch, group_unions
+        from controlstack.models.union import control_id
 
         branches = []
         for item in group_unions(controls, self.controlnet):

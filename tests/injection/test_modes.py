@@ -7,7 +7,7 @@ import torch
 
 from controlstack.errors import ControlstackError
 from controlstack.injection import make_injection
-from controlstack.injection.base import Residuals
+from controlstack.residuals import Residuals
 
 
 def _branch(value: float):

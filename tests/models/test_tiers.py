@@ -1,4 +1,4 @@
-"""The speed tiers (models/tiers.py, models/compiled.py, denoiser.Reuse) on the tiny seeded models.
+"""The speed tiers (models/tiers.py, models/compiled.py, models.tiers.Reuse) on the tiny seeded models.
 
 Compiling is slow (~15-25 s per graph here), so one module-wide cache folder holds the four
 packages (U-Net encoder and decoder for the CFG batch, one ControlNet, the VAE decoder) that the
@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from controlstack import Control, ControlstackError, Pipeline
-from controlstack.denoiser import Reuse
+from controlstack.models.tiers import Reuse
 from controlstack.models import compiled
 from controlstack.models.tiers import CompiledUNetRunner, Tier, make_tier
 from controlstack.sampling import Step

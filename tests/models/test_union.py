@@ -9,8 +9,9 @@ import torch
 from PIL import Image
 
 from controlstack import Control
+from controlstack.control import UnionBranch
 from controlstack.errors import ControlstackError
-from controlstack.models.union import UNION_TASKS, UnionBranch, control_id
+from controlstack.models.union import UNION_TASKS, control_id
 from controlstack.sampling import make_scheduler
 from tests.parity import assert_same_image
 
@@ -158,7 +159,7 @@ class _Counting:
         self.calls = 0
 
     def __call__(self, x, t, text, conditions, ids, scales, **kw):
-        from controlstack.injection.base import Residuals
+        from controlstack.residuals import Residuals
 
         self.calls += 1
         return Residuals([torch.ones(1, 1, 2, 2) * sum(scales)], torch.ones(1, 1, 1, 1))

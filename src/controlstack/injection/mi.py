@@ -51,7 +51,8 @@ from typing import Literal
 import torch
 
 from controlstack.errors import ControlstackError
-from controlstack.injection.base import Injection, Residuals, register
+from controlstack.injection.base import Injection, register
+from controlstack.residuals import Residuals
 
 Reduce = Literal["layer", "position"]
 

@@ -129,7 +129,7 @@ def parse_parameters(text: str) -> dict:
     pairs = re.compile(r'\s*([\w ]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
     last = lines[-1] if lines else ""
     if len(pairs.findall(last)) < 3:  # no settings line: the whole text is the prompt
-        last, lines = "", lines
+        last = ""
     else:
         lines = lines[:-1]
     prompt, negative, in_negative = [], [], False

@@ -22,7 +22,7 @@ from diffusers.models.controlnets.controlnet import ControlNetConditioningEmbedd
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
-from controlstack.injection.base import Residuals
+from controlstack.residuals import Residuals
 
 
 def _zero(conv: nn.Conv2d) -> nn.Conv2d:

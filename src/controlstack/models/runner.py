@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from controlstack.injection.base import Residuals
+from controlstack.residuals import Residuals
 
 
 @dataclass
@@ -87,7 +87,7 @@ class UNetRunner:
     def time_embed(self, sample, timestep, encoder_hidden_states, *, class_labels=None, timestep_cond=None,
                    added_cond_kwargs: dict | None = None) -> torch.Tensor:
         """The embedding every resnet reads: time (+ class / added conditions), after time_embed_act.
-        Also what the decoder needs at a step whose encoder features are reused (``denoiser.Reuse``)."""
+        Also what the decoder needs at a step whose encoder features are reused (``models.tiers.Reuse``)."""
         unet = self.unet
         t_emb = unet.get_time_embed(sample=sample, timestep=timestep)
         emb = unet.time_embedding(t_emb, timestep_cond)

@@ -9,7 +9,7 @@
   shaped workload; AVX2-only CPUs stay float32), and FasterDiffusion-style reuse (Li et al., 2023,
   "Faster Diffusion: Rethinking the Role of UNet Encoder in Diffusion Models"): after the first
   steps the U-Net encoder and every ControlNet run only every ``every``-th step, their features
-  reused by the decoder in between (:class:`controlstack.denoiser.Reuse`); and token downsampling
+  reused by the decoder in between (:class:`Reuse`); and token downsampling
   (Smith et al., 2024, "ToDo"): self-attention over >= 4096 tokens takes its keys and values from
   the 2 x 2-pooled map (:mod:`controlstack.models.token_downsampling`).
 
@@ -23,21 +23,34 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 from dataclasses import dataclass
 
 import torch
 
-from controlstack.denoiser import Reuse
 from controlstack.errors import ControlstackError
-from controlstack.injection.base import Residuals
 from controlstack.models.compiled import CompiledGraph
 from controlstack.models.graphs import controlnet_graph, decode_graph, encode_graph, vae_decode_graph
 from controlstack.models.runner import ControlNetRunner, UNetContext, UNetRunner
 from controlstack.models.token_downsampling import MIN_TOKENS
+from controlstack.residuals import Residuals
+from controlstack.sampling.loop import Step
 
 log = logging.getLogger("controlstack")
 
 TIERS = ("parity", "compiled", "fast")
+
+
+@dataclass(frozen=True)
+class Reuse:
+    """Key steps: every step during the first ``after`` of the run, then every ``every``-th."""
+
+    every: int = 1      # the U-Net encoder and the ControlNets run at every ``every``-th step
+    after: float = 0.0  # fraction of the steps at the start that always run (the layout forms there)
+
+    def fresh(self, step: Step) -> bool:
+        first = math.ceil(self.after * step.count)
+        return self.every <= 1 or step.index < first or (step.index - first) % self.every == 0
 
 
 @dataclass(frozen=True)

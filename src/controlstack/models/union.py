@@ -8,7 +8,7 @@ added, a small transformer attends over these tokens plus one of the latent, and
 channel offset ``alpha`` is added to each condition's features before all are summed into the
 latent. So several conditions of one union model are *one* forward pass with one set of residuals
 -- they share the weights and interact --, and in controlstack they are one branch
-(:class:`UnionBranch`) however many ``Control``s name the model.
+(``control.UnionBranch``) however many ``Control``s name the model.
 
 Weights follow diffusers' ``StableDiffusionXLControlNetUnionPipeline``: one condition -> its
 residuals scaled by its weight; several -> each condition's features and ``alpha`` scaled inside
@@ -23,14 +23,11 @@ models' control ids (the model card's order; ProMax adds tile and repaint).
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
-from controlstack.control import Control, RegionMask, in_window, weight_at
 from controlstack.errors import ControlstackError
-from controlstack.injection.base import Residuals
 from controlstack.models.runner import ControlNetRunner
-from controlstack.sampling.loop import Step
+from controlstack.residuals import Residuals
 
 #: condition type -> control id (xinsir/controlnet-union-sdxl-1.0 and its ProMax)
 UNION_TASKS = {
@@ -62,23 +59,6 @@ def control_id(model, task: str | None, name: str = "ControlNet-Union") -> int:
         raise ControlstackError(f"task '{task}' is control id {UNION_TASKS[task]}, but '{name}' has {n} control types "
                                 f"(tile and repaint need ProMax); choose one of {', '.join(known)}")
     return UNION_TASKS[task]
-
-
-def group_unions(controls: list[Control], resolve) -> list[Control | list[Control]]:
-    """``controls`` in order, the controls of each union model (``resolve(model)`` -> the model)
-    gathered into one list at the place of the first of them."""
-    out: list = []
-    groups: dict[int, list[Control]] = {}
-    for c in controls:
-        model = resolve(c.model)
-        if not is_union(model):
-            out.append(c)
-        elif id(model) in groups:
-            groups[id(model)].append(c)
-        else:
-            groups[id(model)] = [c]
-            out.append(groups[id(model)])
-    return out
 
 
 class UnionRunner(ControlNetRunner):
@@ -113,31 +93,3 @@ class UnionRunner(ControlNetRunner):
         # one condition: diffusers scales the residuals; that is left to the branch (UnionBranch), which
         # scales the same residuals by the same number, so a reuse step can apply its own weight
         return self.encoder(sample + fused, emb, encoder_hidden_states)
-
-
-class UnionBranch:
-    """All the controls of one union model in one run: one forward, one set of residuals."""
-
-    def __init__(self, runner: UnionRunner, controls: list[Control], conditions: list[torch.Tensor], ids: list[int]):
-        masks = [c.mask for c in controls]
-        if any(m is not None for m in masks) and not all(m is not None and np.array_equal(m, masks[0]) for m in masks):
-            raise ControlstackError("controls of one ControlNet-Union model are fused into one pass, so they share one "
-                                    "mask: give them all the same mask (or none)")
-        self.runner, self.controls, self.conditions, self.ids = runner, controls, conditions, ids
-        self.region = RegionMask(controls[0].mask)  # the shared mask, applied to the fused residuals
-        self.last: Residuals | None = None  # the last output (denoiser.Reuse); one condition: unscaled
-        self._scales: list[float] | None = None  # the scales ``last`` was fused with (several conditions)
-
-    def active(self, step: Step) -> bool:
-        return any(in_window(c.start, c.end, step) for c in self.controls)
-
-    def __call__(self, x, t, encoder_hidden_states, step: Step, cond_only: bool = False, reuse: bool = False,
-                 added: dict | None = None) -> Residuals:
-        scales = [weight_at(c.weight, step.progress) * float(in_window(c.start, c.end, step)) for c in self.controls]
-        single = len(self.controls) == 1
-        # several conditions are scaled inside the fusion: their residuals are reused only at the same scales
-        if not (reuse and self.last is not None and (single or scales == self._scales)):
-            kw = {"added_cond_kwargs": added} if added else {}
-            self.last = self.runner(x, t, encoder_hidden_states, self.conditions, self.ids, scales, **kw)
-            self._scales = scales
-        return self.region(self.last.times(scales[0]) if single else self.last)

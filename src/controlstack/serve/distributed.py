@@ -265,8 +265,8 @@ def start_worker(broker: str, factories: dict, job_seconds: float = 600.0, concu
 def register_task(app, r, loaded: dict, limits, name: str, ttl: int):
     from PIL import Image
 
-    from controlstack.serve.jobs import deadline_check, parameters
     from controlstack.sampling.loop import StopSampling
+    from controlstack.serve.jobs import deadline_check, parameters
     from controlstack.serve.spec import check_spec, encode_png, run_spec
     from controlstack.serve.store import load_spec
 

@@ -262,9 +262,9 @@ def spec_from_v1(body: dict, base_of, limits: Limits) -> JobSpec:
     """``/v1/generate``'s body -> a :class:`JobSpec`, every field validated (:func:`check_spec`
     included). ``base_of(name)``: the pipeline of a registered base (None: the default)."""
     from controlstack.annotators import available as annotator_names
+    from controlstack.hires import MAX_HIRES, UPSCALERS
     from controlstack.injection.base import available as modes
     from controlstack.io.images import RESIZE_MODES
-    from controlstack.hires import MAX_HIRES, UPSCALERS
     from controlstack.sampling.schedulers import SCHEDULERS
 
     unknown = sorted(set(body) - V1_FIELDS)
@@ -454,8 +454,8 @@ def check_spec(spec: JobSpec, pipe, limits: Limits, names: dict | None = None) -
     preprocessors) and the mode as the pipeline will resolve them, the scheduler rule, and memory.
     ``names``: the client's spelling of spec fields in messages (sd-webui's ``cfg_scale`` ...)."""
     from controlstack import annotators
-    from controlstack.injection.base import make_injection
     from controlstack.hires import hires_size
+    from controlstack.injection.base import make_injection
     from controlstack.pipeline import MAX_CFG_HIGH_ORDER, speckles
 
     def n(key: str) -> str:
