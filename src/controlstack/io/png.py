@@ -42,10 +42,12 @@ def format_parameters(params: dict) -> str:
     if params.get("negative_prompt"):
         lines.append(f"Negative prompt: {params['negative_prompt']}")
     sampler = params.get("scheduler")
+    # sd-webui's Size is the first pass's under the hires fix (Hires upscale says how much larger)
+    width, height = params.get("hires", {}).get("first_pass") or (params.get("width"), params.get("height"))
     fields = [
         f"Steps: {params.get('steps')}", f"Sampler: {SAMPLERS.get(sampler, sampler)}",
         f"CFG scale: {params.get('cfg')}", f"Seed: {params.get('seed')}",
-        f"Size: {params.get('width')}x{params.get('height')}",
+        f"Size: {width}x{height}",
         *([f"Model hash: {params['model_hash']}"] if params.get("model_hash") else []), f"Model: {params.get('model')}",
     ]
     # SDXL micro-conditioning, when set; sizes as "Size:" spells them (width x height), crop as top,left

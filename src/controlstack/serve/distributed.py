@@ -120,7 +120,7 @@ class Cluster:
         return Weightless(name, held[name])
 
     def ui_base(self) -> tuple[str, Weightless]:
-        """The web UI's base (serve/ui.py's backend): 'default' where a worker holds it, else the first
+        """The web UI's base (serve/ui/'s backend): 'default' where a worker holds it, else the first
         held by name; a ClientError (503) while no worker runs."""
         held = self.bases()
         base = self.base_of("default" if "default" in held or not held else min(held))

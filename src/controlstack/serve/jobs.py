@@ -81,7 +81,7 @@ class Jobs:
         return job_id
 
     def ui_base(self):
-        """The web UI's base (serve/ui.py's backend): the default one, loaded (None: the default)."""
+        """The web UI's base (serve/ui/'s backend): the default one, loaded (None: the default)."""
         return None, self.worker.pipe
 
     def get(self, job_id: str, images: bool = True) -> dict | None:
