@@ -118,17 +118,17 @@ def read_parameters(path: str | os.PathLike) -> dict:
     return text
 
 
-def parse_parameters(text: str) -> dict:
+def parse_parameters(text: str, typed: bool = True) -> dict:
     """sd-webui's ``parameters`` text -> ``{"prompt", "negative_prompt", field: value, ...}`` (its
     own parser's rules: the last line holds ``Key: value`` pairs separated by ", ", a value in
     double quotes may hold commas; every earlier line is the prompt, then ``Negative prompt:``).
-    Values stay strings except the numbers of Steps, CFG scale, Seed, and Size split into
-    ``width`` / ``height``."""
+    Values stay strings except, where ``typed``, the numbers of Steps, CFG scale, Seed, and Size
+    split into ``width`` / ``height``."""
     import re
 
     lines = text.strip().split("\n") if isinstance(text, str) else []
     out: dict = {"prompt": "", "negative_prompt": ""}
-    pairs = re.compile(r'\s*([\w ]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+    pairs = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
     last = lines[-1] if lines else ""
     if len(pairs.findall(last)) < 3:  # no settings line: the whole text is the prompt
         last = ""
@@ -138,13 +138,18 @@ def parse_parameters(text: str) -> dict:
     for line in lines:
         if line.startswith("Negative prompt:"):
             in_negative, line = True, line[len("Negative prompt:"):].strip()
-        (negative if in_negative else prompt).append(line)
+        (negative if in_negative else prompt).append(line.strip())
     out["prompt"], out["negative_prompt"] = "\n".join(prompt), "\n".join(negative)
     for key, value in pairs.findall(last):
         value = value.strip()
-        if value.startswith('"') and value.endswith('"'):
-            value = json.loads(value) if value.count('\\') else value[1:-1]
+        if len(value) > 1 and value[0] == value[-1] == '"':
+            try:
+                value = json.loads(value)
+            except ValueError:
+                value = value[1:-1]
         out[key.strip()] = value
+    if not typed:
+        return out
     for key, kind in (("Steps", int), ("Seed", int), ("CFG scale", float)):
         try:
             out[key] = kind(out[key]) if key in out else out.get(key)

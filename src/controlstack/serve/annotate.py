@@ -22,6 +22,42 @@ from controlstack.serve.spec import Limits, decode_image, short
 SERVER_ONLY = {"weights": "a folder on the server", "detector": "a class loaded from 'weights'",
                "loader": "Python code"}
 MAX_FIGURES = 100  # people + animals in one inline pose JSON (each is drawn: the cost is per figure)
+#: sd-webui-controlnet's two preprocessor sliders (a unit's threshold_a / threshold_b, /controlnet/detect's
+#: controlnet_threshold_a / _b) -> the annotator parameter each sets where the meaning is the same:
+#: (parameter, lo, hi, integer, value when unset: None = the annotator's default)
+SLIDERS = {
+    "canny": (("low_threshold", 1, 255, True, 100), ("high_threshold", 1, 255, True, 200)),
+    "lines": (("value_threshold", 0.01, 2.0, False, None), None),   # sd-webui-controlnet's mlsd
+    "binary": (("threshold", 0, 255, True, None), None),           # ... its "threshold"
+    "tile": (("down_sampling_rate", 1, 8, False, None), None),      # ... tile_resample
+    "normal": (("bg_threshold", 0, 1, False, None), None),          # ... normal_midas
+}
+
+
+def unset(value) -> bool:
+    """sd-webui-controlnet's "the preprocessor's default": null, -1 (any negative number, as its
+    sliders fall back to the default for them)."""
+    return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0)
+
+
+def slider_params(module: str, values, names) -> dict:
+    """The annotator parameters a module's two slider values set (:data:`SLIDERS`); ``names``: the
+    client's field names, for messages. A slider the module has no use for is typed, then unused."""
+    from controlstack.serve.spec import number
+
+    out = {}
+    for value, name, slot in zip(values, names, SLIDERS.get(module, (None, None))):
+        if slot is None:
+            if value is not None:  # typed even where unused: a client's wrong type is a mistake to show
+                number(value, name)
+            continue
+        param, lo, hi, integer, default = slot
+        if not unset(value):
+            v = number(value, name, lo, hi)  # sd-webui's sliders send floats: 100.0 is canny's 100
+            out[param] = int(v) if integer else v
+        elif default is not None:
+            out[param] = default
+    return out
 
 
 def inline_pose(value, what: str):
@@ -89,11 +125,12 @@ def http_annotator(name, params, limits: Limits, where: str = "params"):
     return annotator, call
 
 
-def run_annotator(annotator, image, call: dict, where: str = "params"):
-    """Run it, with the HTTP wording for a missing inpaint mask (the Python API's says ``mask=PATH``)."""
+def run_annotator(annotator, image, call: dict, where: str = "params", mask_name: str | None = None):
+    """Run it, with the HTTP wording for a missing inpaint mask (the Python API's says ``mask=PATH``;
+    ``mask_name``: the client's field for it, ``{where}.mask`` unless given)."""
     if getattr(annotator, "NAME", "") == "inpaint" and "mask" not in call and image.mode not in ("RGBA", "LA", "PA") \
             and not (image.mode == "P" and "transparency" in image.info):
-        raise ClientError(f"'{where}.mask' is missing: give a base64 mask image (white = inpaint), or an image with "
+        raise ClientError(f"'{mask_name or where + '.mask'}' is missing: give a base64 mask image (white = inpaint), or an image with "
                           "transparency (transparent = inpaint)")
     try:
         return annotator(image, **call)
@@ -119,31 +156,40 @@ def add_routes(app, limits: Limits, refused, max_body: int) -> None:
 
     @app.post("/controlnet/detect")
     async def detect(request: Request):
-        """sd-webui-controlnet's preprocessor endpoint: run one annotator on each image."""
-
-        def value(b: dict, key: str, default, lo: int, hi: int) -> int:
-            v = b.get(key)  # sd-webui-controlnet sends -1 (or null) for "the preprocessor's default"
-            return default if v is None or v == -1 else int(number(v, key, lo, hi))
-
+        """sd-webui-controlnet's preprocessor endpoint: run one annotator on each image (the images as
+        ``controlnet_input_images``, or ``controlnet_images`` as webuiapi sends them; the inpaint
+        module's masks as ``controlnet_masks``)."""
         try:
             b = await read_json(request, max_body)
             module = b.get("controlnet_module", "none")
             if not isinstance(module, str) or module not in annotators.available():
                 raise ClientError(f"'controlnet_module' {short(module)} is unknown; see /controlnet/module_list")
-            images = b.get("controlnet_input_images")
+            key = "controlnet_input_images" if "controlnet_input_images" in b else "controlnet_images"
+            images, masks = b.get(key), b.get("controlnet_masks") or []
             if not isinstance(images, list) or not images or len(images) > limits.max_batch:
-                raise ClientError(f"'controlnet_input_images' must be a list of 1-{limits.max_batch} base64 images")
-            params = {"resolution": value(b, "controlnet_processor_res", 512, 64, limits.max_side * 2)}
-            if module == "canny":
-                params |= {"low_threshold": value(b, "controlnet_threshold_a", 100, 1, 255),
-                           "high_threshold": value(b, "controlnet_threshold_b", 200, 1, 255)}
+                raise ClientError(f"'{key}' must be a list of 1-{limits.max_batch} base64 images")
+            if not isinstance(masks, list) or len(masks) > len(images):
+                raise ClientError("'controlnet_masks' must be a list of base64 masks, one per image at most")
+            res = b.get("controlnet_processor_res")
+            params = {"resolution": 512 if unset(res) else
+                      number(res, "controlnet_processor_res", 64, limits.max_side * 2, integer=True)}
+            params |= slider_params(module, (b.get("controlnet_threshold_a"), b.get("controlnet_threshold_b")),
+                                    ("controlnet_threshold_a", "controlnet_threshold_b"))
             try:
                 annotator = annotators.get(module, **params)
             except ControlstackError as exc:
                 raise ClientError(str(exc)) from None
-            out = await run_in_threadpool(lambda: [
-                run_annotator(annotator, decode_image(im, f"controlnet_input_images[{i}]", limits), {})
-                for i, im in enumerate(images)])
+
+            def run() -> list:
+                out = []
+                for i, im in enumerate(images):
+                    call = {"mask": decode_image(masks[i], f"controlnet_masks[{i}]", limits)} if i < len(masks) \
+                        and module == "inpaint" else {}
+                    out.append(run_annotator(annotator, decode_image(im, f"{key}[{i}]", limits), call,
+                                             mask_name=f"controlnet_masks[{i}]"))
+                return out
+
+            out = await run_in_threadpool(run)
         except ControlstackError as exc:
             return refused(exc)
         return {"images": [encode_png(im) for im in out], "info": "Success"}

@@ -1,5 +1,5 @@
-"""The HTTP server: sd-webui's API (the subset sd-webui-controlnet's clients use) and the project's
-own ``/v1``, over the Python API, one FastAPI app.
+"""The HTTP server: sd-webui's API (with sd-webui-controlnet's; docs/webui-api.md lists every field
+and endpoint) and the project's own ``/v1``, over the Python API, one FastAPI app.
 
 Safety first: no field is ever opened as a server path (images are base64 data, models and bases
 registered names, annotator parameters content only: ``spec``, ``annotate``), bodies are read under
@@ -27,31 +27,21 @@ from controlstack.errors import ControlstackError
 from controlstack.serve import auth
 from controlstack.serve.bodies import ClientError, read_json
 from controlstack.serve.jobs import Busy, deadline_check  # noqa: F401 (here for clients and tests, as before)
-from controlstack.serve.spec import JobSpec, Limits, spec_from_v1
-from controlstack.serve.webui import parse_generation
+from controlstack.serve.spec import JobSpec, Limits, short, spec_from_v1
+from controlstack.serve.webui import SCHEDULER_ROWS, answer, parse_generation, png_info
 
 MAX_BODY = 64 * 2**20
 VERSION = 2  # what sd-webui-controlnet's /controlnet/version answers to clients that check it
 
 
 SCRIPTS = {"txt2img": ["controlnet"], "img2img": ["controlnet"]}  # /sdapi/v1/scripts: clients check "controlnet"
+API_PREFIXES = ("/sdapi/", "/controlnet/", "/v1/")  # an unknown path under these: the JSON 404
 
 
 def options_of(name: str, model_hash: str | None) -> dict:
     """``/sdapi/v1/options``: the settings sd-webui clients read (the checkpoint, the PNG format)."""
     return {"sd_model_checkpoint": name, "sd_checkpoint_hash": model_hash, "samples_format": "png",
             "CLIP_stop_at_last_layers": 1}
-
-
-def infotext(png_b64: str) -> str:
-    """The ``parameters`` text of a base64 PNG (PIL reads the text chunks before the pixels)."""
-    import base64
-    import io
-
-    from PIL import Image
-
-    with Image.open(io.BytesIO(base64.b64decode(png_b64))) as im:
-        return im.info.get("parameters", "")
 
 
 def error(status: int, message: str, **headers) -> JSONResponse:
@@ -82,22 +72,6 @@ def add_guard(app: FastAPI, token: str | None) -> None:
         auth.add_login(app, token)
 
 
-def webui_answer(record: dict) -> dict:
-    """sd-webui's txt2img / img2img answer for a finished job record; a job that did not end
-    ``done`` raises a ClientError: 500 for a bug, 400 for the time limit or a cancel."""
-    if record["status"] != "done":
-        if record.get("error") == "internal error":
-            raise ClientError("internal error", status=500)
-        raise ClientError(record.get("error") or f"the job was {record['status']}")
-    p = record["parameters"]
-    infotexts = [infotext(im) for im in record["images"]]
-    info = {"prompt": p["prompt"], "negative_prompt": p["negative_prompt"], "seed": p["seed"],
-            "all_seeds": [p["seed"]] * len(infotexts), "steps": p["steps"], "cfg_scale": p["cfg"],
-            "width": p["width"], "height": p["height"], "sampler_name": p["scheduler"], "infotexts": infotexts}
-    return {"images": record["images"], "parameters": {k: v for k, v in p.items()
-            if isinstance(v, (str, int, float, bool))}, "info": json.dumps(info)}
-
-
 def model_bytes(pipe) -> int:
     """The weights a loaded pipeline holds (base and the ControlNets it has loaded so far)."""
     import torch
@@ -105,6 +79,199 @@ def model_bytes(pipe) -> int:
     modules = [pipe.unet, pipe.vae, pipe.text_encoder,
                *(c for c in pipe.controlnets.values() if isinstance(c, torch.nn.Module))]
     return sum(p.numel() * p.element_size() for m in modules for p in m.parameters())
+
+
+def add_webui_routes(app: FastAPI, control, limits: Limits, refused, ui: bool) -> None:
+    """sd-webui's endpoints that differ between server shapes only in ``control``: the embedded
+    server's :class:`EmbeddedControl`, a front's ``front.FrontControl`` (``interrupt()``, ``skip()``,
+    ``current()`` -> (base name, hash), ``select(name)``, ``models()``); the rest is shared as it is."""
+    from controlstack.hires import UPSCALER_TABLE
+    from controlstack.sampling.schedulers import SAMPLER_TABLE
+
+    @app.post("/sdapi/v1/interrupt")
+    def interrupt():
+        """sd-webui's "stop": running jobs stop after their current step and keep the images made so
+        far (the partial one included); a waiting txt2img / img2img answers 200 with them."""
+        control.interrupt()
+        return {}
+
+    @app.post("/sdapi/v1/skip")
+    def skip():
+        """sd-webui's "skip": the running iteration ends with its partial image, the next one runs."""
+        control.skip()  # sd-webui answers null
+
+    @app.get("/sdapi/v1/options")
+    def options():
+        try:
+            name, model_hash = control.current()
+        except ControlstackError as exc:
+            return refused(exc)
+        return options_of(name, model_hash)
+
+    @app.post("/sdapi/v1/options")
+    async def set_options(request: Request):
+        """``sd_model_checkpoint`` switches the default base (a registered name); the other keys are
+        sd-webui settings this server does not have: accepted and ignored."""
+        try:
+            name = (await read_json(request, MAX_BODY)).get("sd_model_checkpoint")  # read_json: an object
+            if name is not None:
+                if not isinstance(name, str):
+                    raise ClientError(f"'sd_model_checkpoint' must be a string, got {short(name)}")
+                await run_in_threadpool(control.select, name)  # loads it now, as sd-webui does
+        except ControlstackError as exc:
+            return refused(exc)
+        # sd-webui answers null
+
+    @app.get("/sdapi/v1/cmd-flags")
+    def cmd_flags():
+        """sd-webui's command-line flags clients read, with this server's values (no paths)."""
+        return {"api": True, "nowebui": not ui, "listen": None, "port": None, "api_auth": None, "api_log": False,
+                "ckpt_dir": None, "lora_dir": None, "embeddings_dir": None, "data_dir": None,
+                "hide_ui_dir_config": True, "lowvram": False, "medvram": False, "no_half": False,
+                "skip_torch_cuda_test": False, "api_server_stop": False}
+
+    @app.get("/sdapi/v1/memory")
+    def memory():
+        return memory_report()
+
+    @app.get("/sdapi/v1/samplers")
+    def samplers():
+        return [{"name": s.webui, "aliases": [s.name], "options": {}} for s in SAMPLER_TABLE]
+
+    @app.get("/sdapi/v1/schedulers")
+    def schedulers():
+        return list(SCHEDULER_ROWS)
+
+    @app.get("/sdapi/v1/upscalers")
+    def upscalers():
+        """The hires fix's pixel upscalers (``hr_upscaler``); none is a model (scale: what "Lanczos"
+        and "Nearest" are asked for, sd-webui's 4)."""
+        return [{"name": u.webui, "model_name": None, "model_path": None, "model_url": None, "scale": 4.0}
+                for u in UPSCALER_TABLE if u.space == "pixel"]
+
+    @app.get("/sdapi/v1/latent-upscale-modes")
+    def latent_upscale_modes():
+        return [{"name": u.webui} for u in UPSCALER_TABLE if u.space == "latent"]
+
+    @app.get("/sdapi/v1/sd-models")
+    def sd_models():
+        return control.models()
+
+    @app.get("/sdapi/v1/scripts")
+    def scripts():
+        return SCRIPTS
+
+    @app.post("/sdapi/v1/png-info")
+    async def pnginfo(request: Request):
+        try:
+            return await run_in_threadpool(png_info, await read_json(request, MAX_BODY), limits)
+        except ControlstackError as exc:
+            return refused(exc)
+
+    @app.get("/controlnet/version")
+    def version():
+        return {"version": VERSION}
+
+    @app.get("/controlnet/settings")
+    def controlnet_settings():
+        return {"control_net_unit_count": limits.max_controls}
+
+
+def memory_report() -> dict:
+    """``/sdapi/v1/memory`` in sd-webui's shape: this process's RAM (used: its resident size, total:
+    the machine's), CUDA's when there is CUDA, else ``{"error": ...}`` in place."""
+    try:
+        import psutil
+
+        used, total = psutil.Process().memory_info().rss, psutil.virtual_memory().total
+        ram = {"free": total - used, "used": used, "total": total}
+    except Exception as exc:  # noqa: BLE001 (psutil missing or refused: said in place, as sd-webui does)
+        ram = {"error": type(exc).__name__}
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            return {"ram": ram, "cuda": {"error": "unavailable"}}
+        free, total = torch.cuda.mem_get_info()
+        s = torch.cuda.memory_stats()
+
+        def pair(k: str) -> dict:
+            return {"current": s.get(f"{k}.all.current", 0), "peak": s.get(f"{k}.all.peak", 0)}
+
+        cuda = {"system": {"free": free, "used": total - free, "total": total}, "active": pair("active_bytes"),
+                "allocated": pair("allocated_bytes"), "reserved": pair("reserved_bytes"),
+                "inactive": pair("inactive_split_bytes"),
+                "events": {"retries": s.get("num_alloc_retries", 0), "oom": s.get("num_ooms", 0)}}
+    except Exception as exc:  # noqa: BLE001
+        cuda = {"error": type(exc).__name__}
+    return {"ram": ram, "cuda": cuda}
+
+
+def add_not_found(app: FastAPI) -> None:
+    """An unknown endpoint answers 404 with JSON naming the endpoints there are. Call it after the last
+    route: under the API prefixes a catch-all route does it (a web UI mounted at "/" would otherwise
+    answer those paths), a path that exists with other methods answers 405; elsewhere (no web UI) the
+    router's 404 does."""
+    from fastapi.routing import APIRoute
+    from starlette.exceptions import HTTPException
+
+    def listing() -> list[str]:
+        return sorted(f"{m} {r.path}" for r in app.routes if isinstance(r, APIRoute) and r.include_in_schema
+                      and r.path.startswith(API_PREFIXES) for m in sorted(r.methods - {"HEAD"}))
+
+    def methods(path: str) -> list[str]:
+        return sorted({m for r in app.routes if isinstance(r, APIRoute) and r.include_in_schema
+                       and r.path_regex.match(path) for m in r.methods})
+
+    def missing(request: Request):
+        path = request.url.path
+        if path.endswith("/") and methods(path.rstrip("/")):  # as the router would without the catch-all
+            return RedirectResponse(request.url.replace(path=path.rstrip("/")), status_code=307)
+        allowed = methods(path)
+        if allowed:
+            return JSONResponse({"error": f"{request.method} is not allowed on {path[:100]}; use {', '.join(allowed)}"},
+                                status_code=405, headers={"Allow": ", ".join(allowed)})
+        return JSONResponse({"error": f"no endpoint {path[:100]!r}; the endpoints are listed in 'endpoints'",
+                             "endpoints": listing()}, status_code=404)
+
+    for prefix in API_PREFIXES:
+        app.add_api_route(prefix + "{rest:path}", missing, include_in_schema=False,
+                          methods=["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"])
+
+    @app.exception_handler(HTTPException)
+    async def not_found(request: Request, exc: HTTPException):
+        if exc.status_code == 404:
+            return missing(request)
+        return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
+
+
+class EmbeddedControl:
+    """:func:`add_webui_routes`' view of the embedded server: its Worker and job queue."""
+
+    def __init__(self, worker, jobs):
+        self.worker, self.jobs = worker, jobs
+
+    def interrupt(self) -> list:
+        return self.jobs.interrupt()
+
+    def skip(self) -> list:
+        return self.jobs.skip()
+
+    def current(self) -> tuple[str, str | None]:
+        pipe = self.worker.pipe
+        return pipe.name, pipe.model_hash
+
+    def select(self, name: str) -> None:
+        if name not in self.worker.factories:
+            raise ClientError(f"'sd_model_checkpoint' {short(name)} is not registered; choose one of "
+                              f"{', '.join(self.worker.factories)}")
+        self.worker.base(name)
+        self.worker.default = name
+
+    def models(self) -> list[dict]:
+        w = self.worker
+        return [{"title": n, "model_name": n, "hash": w.loaded[n].model_hash if n in w.loaded else None,
+                 "sha256": None, "filename": n, "config": None} for n in w.factories]
 
 
 class Worker:
@@ -193,7 +360,7 @@ def create_app(pipeline_factory: Callable | dict | None = None, token: str | Non
             # decoding images and loading a base take CPU time: off the event loop
             spec = await run_in_threadpool(parse_generation, payload, worker.base, limits, img2img)
             record = await run_in_threadpool(worker.generate, spec)  # a job of the one queue, waited for
-            return webui_answer(record)
+            return await run_in_threadpool(answer, record, payload, img2img)
         except Busy:
             return error(429, "the queue is full; retry later", **{"Retry-After": "5"})
         except ControlstackError as exc:
@@ -207,22 +374,6 @@ def create_app(pipeline_factory: Callable | dict | None = None, token: str | Non
     async def img2img(request: Request):
         return await generation(request, img2img=True)
 
-    @app.get("/sdapi/v1/samplers")
-    def samplers():
-        from controlstack.sampling.schedulers import SAMPLER_TABLE
-
-        return [{"name": s.webui, "aliases": [s.name], "options": {}} for s in SAMPLER_TABLE]
-
-    @app.get("/sdapi/v1/sd-models")
-    def sd_models():
-        return [{"title": name, "model_name": name, "hash": worker.loaded[name].model_hash if name in worker.loaded
-                 else None, "filename": name} for name in worker.factories]
-
-    @app.get("/sdapi/v1/options")
-    def options():
-        pipe = worker.pipe
-        return options_of(pipe.name, pipe.model_hash)
-
     @app.get("/sdapi/v1/progress")
     def progress():
         """The job that runs now, from whichever endpoint it came; job_count counts the waiting too."""
@@ -231,21 +382,6 @@ def create_app(pipeline_factory: Callable | dict | None = None, token: str | Non
                 "state": {"sampling_step": done, "sampling_steps": total,
                           "job_count": jobs.store.queued() + len(jobs.running)}}
 
-    @app.post("/sdapi/v1/interrupt")
-    def interrupt():
-        """sd-webui's "stop": the running job stops after its current step (its request answers 400)."""
-        for job_id in list(jobs.running):
-            jobs.cancel(job_id)
-        return {}
-
-    @app.get("/sdapi/v1/scripts")
-    def scripts():
-        return SCRIPTS
-
-    @app.get("/controlnet/version")
-    def version():
-        return {"version": VERSION}
-
     @app.get("/controlnet/model_list")
     def model_list():
         return {"model_list": sorted(worker.pipe.controlnets)}
@@ -253,6 +389,7 @@ def create_app(pipeline_factory: Callable | dict | None = None, token: str | Non
     from controlstack.serve.annotate import add_routes
 
     add_routes(app, limits, refused, MAX_BODY)  # annotators: shared with a broker front (serve/front.py)
+    add_webui_routes(app, EmbeddedControl(worker, jobs), limits, refused, ui)  # shared with a front too
 
     @app.post("/v1/generate", status_code=202)
     async def generate(request: Request):
@@ -317,6 +454,7 @@ def create_app(pipeline_factory: Callable | dict | None = None, token: str | Non
                 "controlnets": [{"name": n, "recommended": recommended(pipe.folder_of(n)), "card": card(pipe.folder_of(n))}
                                 for n in sorted(pipe.controlnets)]}
 
+    add_not_found(app)  # after the last route, before the web UI's mount
     if ui:  # the web UI at "/", over the same worker and queue; mounted last (a mount at "/" matches all)
         import gradio as gr
 

@@ -3,8 +3,9 @@ sd-webui's synchronous txt2img / img2img, validated here and run by ``controlsta
 processes (:mod:`.distributed`). Same bodies, checks and answers as :func:`.app.create_app`,
 except what needs weights: base-dependent checks run at the worker (the job fails with their
 message). What needs no diffusion model runs here, through the embedded server's code: the
-annotators (``/v1/annotate``, ``/controlnet/detect``: :func:`.annotate.add_routes`) and the web UI
-(:func:`.ui.build` over the :class:`~.distributed.Cluster`: Generate submits through the broker).
+annotators (``/v1/annotate``, ``/controlnet/detect``: :func:`.annotate.add_routes`), sd-webui's other
+endpoints (:func:`.app.add_webui_routes` over :class:`FrontControl`) and the web UI (:func:`.ui.build`
+over the same: Generate submits through the broker).
 """
 
 from __future__ import annotations
@@ -17,18 +18,64 @@ from starlette.concurrency import run_in_threadpool
 
 from controlstack.errors import ControlstackError
 from controlstack.serve.annotate import add_routes
-from controlstack.serve.app import MAX_BODY, SCRIPTS, VERSION, add_guard, error, options_of, webui_answer
-from controlstack.serve.bodies import read_json
+from controlstack.serve.app import MAX_BODY, VERSION, add_guard, add_not_found, add_webui_routes, error
+from controlstack.serve.bodies import ClientError, read_json
 from controlstack.serve.distributed import FINISHED, Cluster
 from controlstack.serve.jobs import Busy
-from controlstack.serve.spec import Limits, spec_from_v1
-from controlstack.serve.webui import parse_generation
+from controlstack.serve.spec import Limits, short, spec_from_v1
+from controlstack.serve.webui import answer, parse_generation
+
+
+class FrontControl:
+    """A front's view of its Cluster for sd-webui's endpoints (:func:`.app.add_webui_routes`) and the
+    web UI's backend (``serve/ui``), with the base a request that names none runs on: ``default``,
+    set by ``POST /sdapi/v1/options`` (None: the workers' 'default'; the UI: ``Cluster.ui_base``)."""
+
+    def __init__(self, cluster: Cluster):
+        self.cluster, self.default = cluster, None
+
+    def base_of(self, name: str | None):
+        return self.cluster.base_of(name or self.default)
+
+    def ui_base(self):
+        if self.default is None:
+            return self.cluster.ui_base()
+        base = self.cluster.base_of(self.default)
+        return base.name, base
+
+    def submit(self, spec, priority: int = 0) -> str:
+        return self.cluster.submit(spec, priority)
+
+    def wait(self, job_id: str, report=None) -> dict:
+        return self.cluster.wait(job_id, report)
+
+    def interrupt(self) -> list:
+        return self.cluster.interrupt()
+
+    def skip(self) -> list:
+        return self.cluster.skip()
+
+    def current(self) -> tuple[str, None]:
+        """The UI's base (no hash: the weights are on the workers)."""
+        return self.ui_base()[0], None
+
+    def select(self, name: str) -> None:
+        held = self.cluster.bases()
+        if name not in held:
+            raise ClientError(f"'sd_model_checkpoint' {short(name)} is not held by a running worker; choose one of "
+                              f"{', '.join(sorted(held)) or 'none (start a controlstack worker)'}")
+        self.default = name
+
+    def models(self) -> list[dict]:
+        return [{"title": n, "model_name": n, "hash": None, "sha256": None, "filename": n, "config": None}
+                for n in sorted(self.cluster.bases())]
 
 
 def create_front_app(cluster: Cluster, token: str | None = None, limits: Limits | None = None, ui: bool = False):
     """The front's app; ``ui``: the web UI at ``/`` (gradio), as the embedded server mounts it."""
     limits = limits or Limits(job_seconds=cluster.job_seconds)
     app = FastAPI(title="controlstack (front)", version=str(VERSION))
+    control = app.state.control = FrontControl(cluster)
     app.state.cluster = cluster
 
     def refused(exc: ControlstackError) -> JSONResponse:
@@ -42,7 +89,8 @@ def create_front_app(cluster: Cluster, token: str | None = None, limits: Limits 
     async def generate(request: Request):
         try:
             b = await read_json(request, MAX_BODY)
-            spec = await run_in_threadpool(spec_from_v1, b, cluster.base_of, limits)
+            spec = await run_in_threadpool(spec_from_v1, b, control.base_of, limits)
+            spec.base = spec.base or control.default
             return {"id": await run_in_threadpool(cluster.submit, spec)}
         except Busy:
             return error(429, "the queue is full; retry later", **busy)
@@ -86,10 +134,11 @@ def create_front_app(cluster: Cluster, token: str | None = None, limits: Limits 
     async def generation(request: Request, img2img: bool):
         try:
             payload = await read_json(request, MAX_BODY)
-            spec = await run_in_threadpool(parse_generation, payload, cluster.base_of, limits, img2img)
+            spec = await run_in_threadpool(parse_generation, payload, control.base_of, limits, img2img)
+            spec.base = spec.base or control.default
             job_id = await run_in_threadpool(cluster.submit, spec, 1)  # interactive: before batch jobs
             record = await run_in_threadpool(cluster.wait, job_id)
-            return webui_answer(record)
+            return await run_in_threadpool(answer, record, payload, img2img)
         except Busy:
             return error(429, "the queue is full; retry later", **busy)
         except ControlstackError as exc:
@@ -114,34 +163,6 @@ def create_front_app(cluster: Cluster, token: str | None = None, limits: Limits 
         return {"progress": done / total if total else 0.0, "eta_relative": 0.0, "current_image": None,
                 "state": {"sampling_step": done, "sampling_steps": total, "job_count": cluster.queued()}}
 
-    @app.post("/sdapi/v1/interrupt")
-    def interrupt():
-        """sd-webui's "stop": the running jobs this front's synchronous requests and web UI wait on
-        stop after their current step (Cluster.interrupt: other fronts' and /v1 jobs go on)."""
-        cluster.interrupt()
-        return {}
-
-    @app.get("/sdapi/v1/options")
-    def options():
-        """The web UI's base (Cluster.ui_base); no hash: the weights are on the workers."""
-        try:
-            name, _ = cluster.ui_base()
-        except ControlstackError as exc:
-            return refused(exc)
-        return options_of(name, None)
-
-    @app.get("/sdapi/v1/scripts")
-    def scripts():
-        return SCRIPTS
-
-    @app.get("/sdapi/v1/sd-models")
-    def sd_models():
-        return [{"title": n, "model_name": n, "hash": None, "filename": n} for n in sorted(cluster.bases())]
-
-    @app.get("/controlnet/version")
-    def version():
-        return {"version": VERSION}
-
     @app.get("/controlnet/model_list")
     def model_list():
         return {"model_list": sorted(set().union(*cluster.bases().values()))}
@@ -151,10 +172,12 @@ def create_front_app(cluster: Cluster, token: str | None = None, limits: Limits 
         return {"bases": [{"name": n, "controlnets": sorted(c)} for n, c in sorted(cluster.bases().items())]}
 
     add_routes(app, limits, refused, MAX_BODY)  # annotators run here, with the embedded server's code
+    add_webui_routes(app, control, limits, refused, ui)  # sd-webui's other endpoints: the embedded server's
+    add_not_found(app)  # after the last route, before the web UI's mount
     if ui:  # mounted last (a mount at "/" matches all); Generate goes through the broker, at priority 1
         import gradio as gr
 
         from controlstack.serve.ui import build
 
-        app = gr.mount_gradio_app(app, build(cluster, limits), path="/")
+        app = gr.mount_gradio_app(app, build(control, limits), path="/")  # the UI follows POST options too
     return app
