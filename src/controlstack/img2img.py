@@ -50,25 +50,26 @@ class Img2Img:
         if not given:
             processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor, do_convert_rgb=True)
             init = processor.preprocess(to_rgb(validate_image(init_image, "init image")), height=height,
-                                        width=width).to(self.vae.dtype)
+                                        width=width).to(self.vae.device, self.vae.dtype)
 
         inpaint = inpaint_mask is not None
         image_latents = None
         if not inpaint or not nine or strength < 1.0:  # diffusers skips it only for 9 channels at strength 1
             image_latents = (init_image.to(self.unet.dtype) if given else
                              self.encode_latents(init, generator)).repeat(batch, 1, 1, 1)
-        noise = torch.randn(shape, generator=generator, dtype=self.unet.dtype)
+        noise = torch.randn(shape, generator=generator, dtype=self.unet.dtype).to(self.unet.device)
         loop: dict = {"start": Img2ImgStart(noise if image_latents is None else image_latents, float(strength),
                                             pure_noise_at_full=inpaint)}
         if inpaint:
             masks = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor, do_normalize=False, do_binarize=True,
                                       do_convert_grayscale=True)
             m = Image.fromarray((mask_to_array(inpaint_mask, "inpaint mask") * 255).round().astype(np.uint8))
-            mask = masks.preprocess(m, height=height, width=width)
+            mask = masks.preprocess(m, height=height, width=width).to(init.device)
             masked_latents = self.encode_latents(init * (mask < 0.5), generator).repeat(batch, 1, 1, 1)
             mask = torch.nn.functional.interpolate(mask, size=(h, w)).to(self.unet.dtype).repeat(batch, 1, 1, 1)
             if fill != "original" and image_latents is not None:  # sd-webui's "latent noise" / "latent nothing"
-                filler = (torch.randn(shape, generator=generator, dtype=self.unet.dtype) if fill == "latent_noise"
+                filler = (torch.randn(shape, generator=generator, dtype=self.unet.dtype).to(mask.device)
+                          if fill == "latent_noise"
                           else torch.zeros_like(image_latents))
                 image_latents = image_latents * (1 - mask) + filler * mask
                 loop["start"] = Img2ImgStart(image_latents, float(strength), pure_noise_at_full=inpaint)
@@ -80,15 +81,8 @@ class Img2Img:
         return noise, loop
 
     def encode_latents(self, image: torch.Tensor, generator) -> torch.Tensor:
-        """A (B, 3, H, W) image in [-1, 1] -> scaled latents: one posterior sample from ``generator``."""
-        z = self.vae.encode(image).latent_dist.sample(generator)
-        mean, std = self.latent_stats(z)
-        return (z - mean) * self.vae.config.scaling_factor / std
+        """A (B, 3, H, W) image in [-1, 1] -> scaled latents: one posterior sample from ``generator``
+        (``models/vae.py``, the one encoder)."""
+        from controlstack.models import vae
 
-    def latent_stats(self, like: torch.Tensor) -> tuple:
-        """The VAE's per-channel latent ``(mean, std)`` where its config has them (diffusers' SDXL rule:
-        ``z = (x - mean) * scaling_factor / std``), else ``(0.0, 1.0)``, which leave every value as is."""
-        config = self.vae.config
-        if config.get("latents_mean") is None or config.get("latents_std") is None:
-            return 0.0, 1.0
-        return tuple(torch.tensor(config[k]).view(1, -1, 1, 1).to(like) for k in ("latents_mean", "latents_std"))
+        return vae.encode(self.vae, image, generator)

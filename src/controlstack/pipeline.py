@@ -262,7 +262,7 @@ class Pipeline(Prompting, Img2Img, Recommendations):
 
     def hint_features(self, runner, control: Control, width: int, height: int, inpaint_mask: Any, hint_batch: int):
         """The hint encoder's features of ``control``'s condition, at the latent size."""
-        hint = self.prepare_hint(control, width, height, inpaint_mask).to(runner.dtype)
+        hint = self.prepare_hint(control, width, height, inpaint_mask).to(self.unet.device, runner.dtype)
         features = runner.embed_hint(hint.repeat(hint_batch, 1, 1, 1))  # once per run, not per step
         expected = (height // self.vae_scale_factor, width // self.vae_scale_factor)
         if tuple(features.shape[-2:]) != expected:
@@ -333,8 +333,9 @@ class Pipeline(Prompting, Img2Img, Recommendations):
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, generator=None) -> np.ndarray:
         """VAE decode and diffusers' post-processing -> float array (B, H, W, 3) in [0, 1]."""
-        mean, std = self.latent_stats(latents)
-        image = self.runners.decode_vae(latents * std / self.vae.config.scaling_factor + mean, generator)
+        from controlstack.models.vae import unscale
+
+        image = self.runners.decode_vae(unscale(latents, self.vae.config), generator)
         image = (image * 0.5 + 0.5).clamp(0, 1)
         return image.cpu().permute(0, 2, 3, 1).float().numpy()
 
@@ -456,7 +457,8 @@ class Pipeline(Prompting, Img2Img, Recommendations):
                 raise ControlstackError("inpaint_mask needs init_image (the image to repaint)")
             if self.inpainting_unet:
                 raise ControlstackError("this is an inpainting U-Net: pass init_image and inpaint_mask")
-            latents = torch.randn(shape, generator=generator, dtype=self.unet.dtype)
+            # drawn on the CPU generator, then moved (diffusers' randn_tensor): the same image on any device
+            latents = torch.randn(shape, generator=generator, dtype=self.unet.dtype).to(self.unet.device)
         else:
             latents, loop = self.img2img_start(init_image, inpaint_mask, strength, shape, sched, generator, do_cfg,
                                                fill=inpaint.fill if inpaint is not None else "original")

@@ -79,7 +79,9 @@ class Prompting:
 
             ids, mask = with_task_token(ids, torch.tensor([task_token])), with_task_token(mask, torch.tensor([1]))
         mask = mask if getattr(self.text_encoder.config, "use_attention_mask", False) else None
-        emb = self.text_encoder(ids, attention_mask=mask)[0].to(self.text_encoder.dtype)
+        device = self.text_encoder.device
+        emb = self.text_encoder(ids.to(device), attention_mask=None if mask is None else mask.to(device))[0]
+        emb = emb.to(self.text_encoder.dtype)
         return emb.repeat(1, batch, 1).view(batch, emb.shape[1], -1)
 
     @torch.no_grad()

@@ -111,10 +111,11 @@ def denoising_loss(pipe, images: list[np.ndarray], prompts: list[str] | None = N
                    timesteps=(100, 300, 500, 700, 900), seed: int = 0) -> float:
     """The base model's mean denoising loss on ``images`` (its own parameterisation: ε or v), at
     fixed timesteps with fixed noise, prompted with ``prompts`` (None: the empty prompt)."""
+    from controlstack.models.vae import encode
     from controlstack.training.diffusion import sd_noise_scheduler, tokenize
 
     sched = sd_noise_scheduler((pipe.scheduler_config or {}).get("prediction_type", "epsilon"))
-    z0 = pipe.vae.encode(to_vae_input(images).to(pipe.vae.dtype)).latent_dist.mean.float() * pipe.vae.config.scaling_factor
+    z0 = encode(pipe.vae, to_vae_input(images), sample=False).float()
     emb = pipe.text_encoder(tokenize(pipe.tokenizer, prompts or [""] * len(images), "cpu"))[0]
     g = torch.Generator().manual_seed(seed)
     losses = []

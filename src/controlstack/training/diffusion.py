@@ -6,7 +6,7 @@ scheduler samples the trained models without conversion. The network predicts ε
 v = sqrt(ᾱ_t) ε - sqrt(1 - ᾱ_t) z_0 (Salimans & Ho 2022, "v-prediction", SD-2.x): at high noise an
 ε-model's error is amplified by 1/sqrt(ᾱ_t) (~15x at t = 999) when the sampler forms z_0, which a
 small model cannot afford; a v-model predicts the image there directly. Latents are
-``vae.encode(x).latent_dist.sample() * scaling_factor`` (LDM, Sec. 3-4). Caption dropout replaces
+``vae.encode(x).latent_dist.sample() * scaling_factor`` (LDM, Sec. 3-4; ``models/vae.py``). Caption dropout replaces
 prompts by the empty string (classifier-free guidance, Ho & Salimans 2022; the ControlNet paper
 drops 50% of prompts so the model must read the condition itself).
 """
@@ -15,13 +15,11 @@ from __future__ import annotations
 
 import torch
 
-SD_SCHEDULE = dict(
-    num_train_timesteps=1000,
-    beta_start=0.00085,
-    beta_end=0.012,
-    beta_schedule="scaled_linear",
-    clip_sample=False,
-)
+from controlstack.sampling.schedulers import SD_SCHEDULER_CONFIG
+
+#: the noise schedule recipes train with: SD-1.x's, the one ``sampling/schedulers.py`` samples with
+SD_SCHEDULE = {k: SD_SCHEDULER_CONFIG[k] for k in ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule",
+                                                   "clip_sample")}
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 
@@ -45,13 +43,12 @@ def sd_sampling_scheduler(prediction_type: str = "epsilon"):
     return scheduler
 
 
-@torch.no_grad()
 def encode_latents(vae, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Images in [-1, 1] -> scaled latents (one posterior sample, fp32, outside autocast)."""
-    with torch.autocast(images.device.type, enabled=False):
-        dist = vae.encode(images.float()).latent_dist
-        noise = torch.randn(dist.mean.shape, generator=generator).to(dist.mean)
-        return (dist.mean + dist.std * noise) * vae.config.scaling_factor
+    """Images in [-1, 1] -> scaled latents: one posterior sample (``models/vae.py``, the encoder
+    inference uses too)."""
+    from controlstack.models.vae import encode
+
+    return encode(vae, images, generator)
 
 
 def add_noise(scheduler, latents: torch.Tensor, generator: torch.Generator):

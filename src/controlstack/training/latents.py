@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from controlstack.models.vae import scale
 from controlstack.training.data import RowTransform
 
 ROW = "row"  # the column the recipes add so a batch knows which cached rows it holds
@@ -43,7 +44,7 @@ class LatentCache:
     def sample(self, rows: torch.Tensor, generator: torch.Generator, device) -> torch.Tensor:
         mean, std = self.mean[rows].to(device), self.std[rows].to(device)
         noise = torch.randn(mean.shape, generator=generator).to(mean)
-        return (mean + std * noise) * self.scaling_factor
+        return scale(mean + std * noise, {"scaling_factor": self.scaling_factor})  # models/vae.py's rule
 
     @classmethod
     @torch.no_grad()

@@ -35,12 +35,10 @@ def validation_samples(net, base, vae, text_encoder, val: dict, cfg):
     ``i mod K`` through the project's pipeline (``Control(..., task=...)``), as users sample it.
     Returns (hints, generated, mean edge fidelity over the rows)."""
     from controlstack.control import Control
-    from controlstack.models.tiny import SDComponents
-    from controlstack.pipeline import Pipeline
-    from controlstack.training.validation import condition_fidelity, tensor_to_pil
+    from controlstack.training.validation import condition_fidelity, tensor_to_pil, validation_pipeline
 
     net.controlnet.task_tokens = net.task_tokens.rows()  # what a loaded Omni model carries
-    pipe = Pipeline(SDComponents(net.unet, vae, text_encoder, base.tokenizer, base.scheduler_config))
+    pipe = validation_pipeline(vae, text_encoder, base.tokenizer, net.unet, base.scheduler_config)
     hints, generated, scores = [], [], []
     for i, prompt in enumerate(val["text"]):
         task = cfg.tasks[i % len(cfg.tasks)]

@@ -10,8 +10,10 @@ edge benchmarks): for ``canny`` the input is already an edge map; for every othe
 proxy compares ``cv2.Canny`` of the condition image (its depth / segment / pose boundaries) with
 ``cv2.Canny`` of the generated image, thresholds 100/200 as in the ControlNet canny annotator.
 
-Sampling goes through diffusers' pipelines behind :func:`sample_text_to_image` and
-:func:`sample_controlnet` (one function each) until the project's own ``Pipeline`` replaces them.
+Samples are drawn through the project's own ``Pipeline`` -- the one sampling loop, as users
+sample the model -- with DDIM on the base's schedule and seed ``seed + i`` for row ``i``: the images
+diffusers' ``StableDiffusionPipeline`` / ``StableDiffusionControlNetPipeline`` give with one
+generator per image (the parity suite holds the pipeline to theirs).
 """
 
 from __future__ import annotations
@@ -64,27 +66,25 @@ def plot_metric(csv_path: Path, metric: str, png_path: Path, title: str) -> None
     plt.close(fig)
 
 
-def _scheduler(scheduler_config):
-    from controlstack.sampling import make_scheduler
+def validation_pipeline(vae, text_encoder, tokenizer, unet, scheduler_config):
+    """The project's pipeline over the models being trained (nothing copied; its ``eval()`` calls are
+    undone by the recipes, which switch their trainable parts back to ``train()``)."""
+    from controlstack.models.tiny import SDComponents
+    from controlstack.pipeline import Pipeline
 
-    return make_scheduler("ddim", scheduler_config)  # with make_scheduler's latent-space defaults
+    return Pipeline(SDComponents(unet, vae, text_encoder, tokenizer, scheduler_config))
 
 
 @torch.no_grad()
 def sample_text_to_image(vae, text_encoder, tokenizer, unet, scheduler_config, prompts: list[str],
                          size: int, steps: int, guidance_scale: float, seed: int) -> list[Image.Image]:
-    """Prompt -> image with diffusers' ``StableDiffusionPipeline`` (DDIM, fixed seeds)."""
-    from diffusers import StableDiffusionPipeline
+    """Prompt -> image (DDIM, seed ``seed + i`` for prompt ``i``)."""
+    from controlstack.prompting import project_prompts
 
-    pipe = StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-        scheduler=_scheduler(scheduler_config), safety_checker=None, feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    gens = [torch.Generator().manual_seed(seed + i) for i in range(len(prompts))]
-    return pipe(prompts, height=size, width=size, num_inference_steps=steps, guidance_scale=guidance_scale,
-                generator=gens).images
+    pipe = validation_pipeline(vae, text_encoder, tokenizer, unet, scheduler_config)
+    with project_prompts():  # world captions: their length is the training's, not news
+        return [pipe(p, [], steps=steps, cfg=guidance_scale, seed=seed + i, width=size, height=size,
+                     scheduler="ddim", progress=False)[0] for i, p in enumerate(prompts)]
 
 
 @torch.no_grad()
@@ -92,30 +92,14 @@ def sample_controlnet(vae, text_encoder, tokenizer, unet, controlnet, scheduler_
                       hints: list[Image.Image], size: int, steps: int, guidance_scale: float,
                       conditioning_scale: float, seed: int, mode: str = "sum",
                       mode_options: dict | None = None) -> list[Image.Image]:
-    """Prompt + hint -> image with diffusers' ``StableDiffusionControlNetPipeline`` (``mode="sum"``),
-    or through the project's own pipeline for another injection (a model trained with ``mi``
-    is validated with ``mi``, as it will be used)."""
-    from diffusers import ControlNetModel
+    """Prompt + hint -> image with the injection the model is trained with (``sum``: diffusers'
+    ControlNet; a model trained with ``mi`` is validated with ``mi``, as it will be used)."""
+    from controlstack.control import Control
+    from controlstack.prompting import project_prompts
 
-    if mode != "sum" or not isinstance(controlnet, ControlNetModel):  # MI, or ControlNet-lite
-        from controlstack.control import Control
-        from controlstack.models.tiny import SDComponents
-        from controlstack.pipeline import Pipeline
-
-        pipe = Pipeline(SDComponents(unet, vae, text_encoder, tokenizer, scheduler_config))
+    pipe = validation_pipeline(vae, text_encoder, tokenizer, unet, scheduler_config)
+    with project_prompts():
         return [pipe(p, [Control(controlnet, h, weight=conditioning_scale)], steps=steps, cfg=guidance_scale,
                      seed=seed + i, width=size, height=size, scheduler="ddim", mode=mode,
                      mode_options=mode_options, progress=False)[0]
                 for i, (p, h) in enumerate(zip(prompts, hints))]
-    from diffusers import StableDiffusionControlNetPipeline
-
-    pipe = StableDiffusionControlNetPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, controlnet=controlnet,
-        scheduler=_scheduler(scheduler_config), safety_checker=None, feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    gens = [torch.Generator().manual_seed(seed + i) for i in range(len(prompts))]
-    return pipe(prompts, image=hints, height=size, width=size, num_inference_steps=steps,
-                guidance_scale=guidance_scale, controlnet_conditioning_scale=conditioning_scale,
-                generator=gens).images
