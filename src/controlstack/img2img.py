@@ -16,6 +16,7 @@ from PIL import Image
 
 from controlstack.errors import ControlstackError
 from controlstack.io.images import to_rgb
+from controlstack.sampling.img2img import Img2ImgStart, InpaintBlend, Start
 
 
 class Img2Img:
@@ -25,16 +26,16 @@ class Img2Img:
     @torch.no_grad()
     def img2img_start(self, init_image, inpaint_mask, strength, shape, scheduler, generator, do_cfg,
                       fill: str = "original"):
-        """The noise and the loop's ``start`` / ``callback`` (and a 9-channel U-Net's extra input) for
-        img2img and inpainting, drawing from ``generator`` in diffusers' order: the init image's
-        latents, the noise, then (inpainting) the masked image's latents. ``init_image`` may be
+        """The loop's :class:`~controlstack.sampling.img2img.Start` for img2img and inpainting -- the
+        noise, where the loop starts, the blend after each step or a 9-channel U-Net's extra input --
+        drawing from ``generator`` in diffusers' order: the init image's latents, the noise, then
+        (inpainting) the masked image's latents. ``init_image`` may be
         latents already (a tensor: the hires fix's latent upscale). ``fill`` (inpainting, sd-webui's
         "masked content"): ``latent_noise`` / ``latent_nothing`` replace the masked region's latents
         by noise / zeros before they are noised (``inpaint.py``)."""
         from diffusers.image_processor import VaeImageProcessor
 
         from controlstack.io.images import mask_to_array, validate_image
-        from controlstack.sampling.img2img import Img2ImgStart, InpaintBlend
 
         if not (isinstance(strength, (int, float)) and 0.0 <= strength <= 1.0):
             raise ControlstackError(f"strength must be a number in [0, 1], got {strength!r}")
@@ -58,8 +59,8 @@ class Img2Img:
             image_latents = (init_image.to(self.unet.dtype) if given else
                              self.encode_latents(init, generator)).repeat(batch, 1, 1, 1)
         noise = torch.randn(shape, generator=generator, dtype=self.unet.dtype).to(self.unet.device)
-        loop: dict = {"start": Img2ImgStart(noise if image_latents is None else image_latents, float(strength),
-                                            pure_noise_at_full=inpaint)}
+        out = Start(noise, Img2ImgStart(noise if image_latents is None else image_latents, float(strength),
+                                        pure_noise_at_full=inpaint))
         if inpaint:
             masks = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor, do_normalize=False, do_binarize=True,
                                       do_convert_grayscale=True)
@@ -72,13 +73,13 @@ class Img2Img:
                           if fill == "latent_noise"
                           else torch.zeros_like(image_latents))
                 image_latents = image_latents * (1 - mask) + filler * mask
-                loop["start"] = Img2ImgStart(image_latents, float(strength), pure_noise_at_full=inpaint)
+                out.start = Img2ImgStart(image_latents, float(strength), pure_noise_at_full=inpaint)
             if nine:
                 extra = torch.cat([mask, masked_latents], 1)
-                loop["unet_extra"] = torch.cat([extra, extra]) if do_cfg else extra
+                out.unet_extra = torch.cat([extra, extra]) if do_cfg else extra
             else:
-                loop["callback"] = InpaintBlend(scheduler, image_latents, noise, mask)
-        return noise, loop
+                out.blend = InpaintBlend(scheduler, image_latents, noise, mask)
+        return out
 
     def encode_latents(self, image: torch.Tensor, generator) -> torch.Tensor:
         """A (B, 3, H, W) image in [-1, 1] -> scaled latents: one posterior sample from ``generator``

@@ -20,15 +20,16 @@ import numpy as np
 import torch
 from PIL import Image
 
-from controlstack.control import Branch, Control
+from controlstack.control import Control
 from controlstack.denoiser import ControlledDenoiser
 from controlstack.errors import ControlstackError
+from controlstack.hints import Hints
 from controlstack.hires import MAX_HIRES, hires_size  # noqa: F401 (re-exported: the server's and CLI's checks)
 from controlstack.img2img import Img2Img
 from controlstack.injection import make_injection
 from controlstack.inpaint import InpaintOptions
 from controlstack.io.checkpoints import check_compatible
-from controlstack.io.images import image_to_tensor, resize_image, to_rgb
+from controlstack.io.images import resize_image, to_rgb
 from controlstack.models.families import family_of
 from controlstack.models.tiers import Runners, Tier, make_tier
 from controlstack.models.tiny import SDComponents
@@ -39,6 +40,7 @@ from controlstack.recommendations import (  # noqa: F401 (the constants are re-e
     Recommendations,
 )
 from controlstack.sampling import make_scheduler, sample
+from controlstack.sampling.img2img import Start
 from controlstack.sampling.loop import StopSampling
 
 MAX_SIZE = 4096
@@ -57,6 +59,57 @@ def speckles(scheduler: str, injection, has_controls: bool, cfg: float) -> bool:
 
 
 @dataclass
+class Generation:
+    """One call's arguments, resolved (:meth:`Pipeline.resolve`: the models' recommendations filled
+    in, checked) -- what the steps of a call read instead of two dozen loose arguments."""
+
+    prompt: str
+    controls: list[Control]
+    steps: int
+    cfg: float
+    mode: str
+    mode_options: dict | None
+    width: int
+    height: int
+    batch: int
+    seed: int | None = 0
+    scheduler: str = "unipc"
+    negative_prompt: str = ""
+    init_image: Any = None
+    strength: float = 0.75
+    inpaint_mask: Any = None
+    inpaint: InpaintOptions | None = None
+    eta: float = 0.0
+    micro: dict = field(default_factory=dict)  # SDXL's original_size / crops_coords_top_left / target_size
+
+    def kwargs(self) -> dict:
+        """``Pipeline.__call__``'s keyword arguments for these values (the hires fix and sd-webui's
+        inpainting call the pipeline again with them)."""
+        out = {k: getattr(self, k) for k in ("steps", "cfg", "seed", "width", "height", "scheduler", "mode",
+                                             "negative_prompt", "batch", "mode_options", "init_image", "strength",
+                                             "inpaint_mask", "inpaint", "eta")}
+        return {**out, **self.micro}
+
+
+def after_each_step(blend, step_callback):
+    """The loop's callback: inpainting's ``blend``, then ``step_callback(done, total)``; a
+    :class:`StopSampling` it raises carries the blended latents, so the loop returns those."""
+    if step_callback is None:
+        return blend
+
+    def after_step(step, latents):
+        out = blend(step, latents) if blend is not None else None
+        try:
+            step_callback(step.index + 1, step.count)
+        except StopSampling as stop:
+            stop.latents = latents if out is None else out
+            raise
+        return out
+
+    return after_step
+
+
+@dataclass
 class GenerationResult:
     """Images plus what produced them (the CLI writes ``parameters`` into the PNGs)."""
 
@@ -65,7 +118,7 @@ class GenerationResult:
     conditions: list = field(default_factory=list)  # from_image: the condition made for each task
 
 
-class Pipeline(Prompting, Img2Img, Recommendations):
+class Pipeline(Prompting, Hints, Img2Img, Recommendations):
     """A base model (SD-1.x / 2.x or SDXL, told by its U-Net: ``family``) plus the ControlNets it
     has loaded (cached by name/path)."""
 
@@ -195,83 +248,6 @@ class Pipeline(Prompting, Img2Img, Recommendations):
         check_compatible(cn, self.unet)  # mismatched channels would fail mid-run otherwise
         return cn.eval()
 
-    # ----------------------------------------------------------------------------- pieces
-    def prepare_hint(self, control: Control, width: int, height: int, inpaint_mask: Any = None) -> torch.Tensor:
-        """Condition image -> (1, 3, H, W) tensor in [0, 1] at the output size. The ``inpaint``
-        annotator gives ControlNet 1.1's inpaint hint instead: the image with the masked pixels at
-        -1 (its own ``mask`` parameter, else the generation's ``inpaint_mask``)."""
-        image = to_rgb(control.image)
-        if control.preprocess:
-            from controlstack import annotators
-            from controlstack.io.images import pixel_perfect_resolution
-
-            name = self.module_name(control)
-            params = dict(control.annotator_params)
-            if name == "inpaint":
-                from controlstack.io.images import mask_to_array
-
-                mask = params.pop("mask", None) or inpaint_mask
-                if mask is None:
-                    raise ControlstackError("the inpaint control needs a mask: pass inpaint_mask (or mask= to the annotator)")
-                if isinstance(mask, (str, os.PathLike)):
-                    from controlstack.io.images import load_image
-
-                    mask = load_image(mask)
-                m = Image.fromarray((mask_to_array(mask, "inpaint mask") * 255).round().astype(np.uint8))
-                small = resize_image(image, width, height, control.resize_mode)
-                hint = annotators.get("inpaint", **{**params, "resolution": None}).hint(
-                    small, resize_image(m, width, height, control.resize_mode))
-                return torch.from_numpy(hint).permute(2, 0, 1)[None]
-            params.setdefault("resolution", pixel_perfect_resolution(image.size, width, height, control.resize_mode))
-            image = to_rgb(annotators.get(name, **params)(image))
-        image = resize_image(image, width, height, control.resize_mode)
-        return image_to_tensor(image)
-
-    def make_branch(self, control: Control, width: int, height: int, prompts: tuple[str, str] = ("", ""),
-                    batch: int = 1, do_cfg: bool = False, inpaint_mask: Any = None, hint_batch: int = 1) -> Branch:
-        """``hint_batch``: the batch the branch runs at (2 x batch with CFG unless the injection is
-        cond-only). The hint is encoded at that batch, as diffusers does: oneDNN convolves a batch
-        of 1 and of 2 with different kernels (~2e-7 apart), and the images would differ in the last bit."""
-        controlnet = self.controlnet(control.model)
-        text = self.task_text(controlnet, control, prompts, batch, do_cfg)  # before the image: cheap checks first
-        runner = self.runners.controlnet(controlnet)
-        with torch.no_grad():
-            features = self.hint_features(runner, control, width, height, inpaint_mask, hint_batch)
-        return Branch(runner, features, control.weight, control.start, control.end, control.mask, text)
-
-    def make_branches(self, controls: Sequence[Control], width: int, height: int, prompts: tuple[str, str], batch: int,
-                      do_cfg: bool, inpaint_mask: Any, hint_batch: int) -> list:
-        """One branch per control, except that the controls of one ControlNet-Union model make one
-        fused branch (``models/union.py``), at the place of the first of them."""
-        from controlstack.control import UnionBranch, group_unions
-        from controlstack.models.union import control_id
-
-        branches = []
-        for item in group_unions(controls, self.controlnet):
-            if isinstance(item, Control):
-                branches.append(self.make_branch(item, width, height, prompts, batch, do_cfg, inpaint_mask, hint_batch))
-                continue
-            cn = self.controlnet(item[0].model)
-            name = item[0].model if isinstance(item[0].model, (str, os.PathLike)) else type(cn).__name__
-            ids = [control_id(cn, c.task, str(name)) for c in item]
-            runner = self.runners.controlnet(cn)
-            with torch.no_grad():
-                conditions = [self.hint_features(runner, c, width, height, inpaint_mask, hint_batch) for c in item]
-            branches.append(UnionBranch(runner, item, conditions, ids))
-        return branches
-
-    def hint_features(self, runner, control: Control, width: int, height: int, inpaint_mask: Any, hint_batch: int):
-        """The hint encoder's features of ``control``'s condition, at the latent size."""
-        hint = self.prepare_hint(control, width, height, inpaint_mask).to(self.unet.device, runner.dtype)
-        features = runner.embed_hint(hint.repeat(hint_batch, 1, 1, 1))  # once per run, not per step
-        expected = (height // self.vae_scale_factor, width // self.vae_scale_factor)
-        if tuple(features.shape[-2:]) != expected:
-            raise ControlstackError(
-                f"ControlNet hint encoder downsamples to {tuple(features.shape[-2:])} but the base's latents "
-                f"are {expected}; the ControlNet was trained for a VAE with another downsampling"
-            )
-        return features
-
     def from_image(self, photo, tasks: Sequence[str], prompt: str, *, model: Any = "omni",
                    weight: float | Sequence[float] = 1.0, resize_mode: str = "just_resize",
                    return_result: bool = False, **kwargs):
@@ -396,110 +372,120 @@ class Pipeline(Prompting, Img2Img, Recommendations):
         ``original_size``, ``crops_coords_top_left``, ``target_size`` (SDXL bases only): the
         micro-conditioning, (height, width) / (top, left); None = the output size and (0, 0).
         """
+        g = self.resolve(prompt, controls, steps=steps, cfg=cfg, seed=seed, width=width, height=height,
+                         scheduler=scheduler, mode=mode, negative_prompt=negative_prompt, batch=batch,
+                         mode_options=mode_options, init_image=init_image, strength=strength,
+                         inpaint_mask=inpaint_mask, inpaint=inpaint, eta=eta, hires=hires,
+                         micro={"original_size": original_size, "crops_coords_top_left": crops_coords_top_left,
+                                "target_size": target_size})
+        if hires is not None:  # two passes of this call (hires.py)
+            return self._hires(hires, hires_strength, g.prompt, g.controls, hires_steps=hires_steps,
+                               hires_upscaler=hires_upscaler, output_type=output_type, return_result=return_result,
+                               step_callback=step_callback, progress=progress, **g.kwargs())
+        if g.inpaint is not None and g.inpaint.image_steps and g.inpaint_mask is not None and g.init_image is not None:
+            kw = g.kwargs()  # sd-webui's inpainting options around this call (inpaint.py)
+            kw.pop("inpaint")
+            return self._inpaint(g.inpaint, g.prompt, g.controls, output_type=output_type, return_result=return_result,
+                                 step_callback=step_callback, progress=progress, **kw)
+        generator = torch.Generator("cpu").manual_seed(int(g.seed)) if g.seed is not None else None
+        latents = self.run(g, generator, step_callback, progress)
+        params = self.record(g)
+        if output_type == "latent":
+            images = latents
+        elif output_type == "pil":
+            images = label([Image.fromarray((im * 255).round().astype("uint8")) for im in self.decode(latents, generator)],
+                           params)
+        else:
+            images = self.decode(latents, generator)
+        return GenerationResult(images, params) if return_result else images
+
+    # ----------------------------------------------------------------------------- the steps of a call
+    def resolve(self, prompt: str, controls: Sequence[Control], *, steps, cfg, mode, mode_options, width, height,
+                batch, hires, **rest) -> Generation:
+        """A call's arguments with the models' recommendations filled in and checked: steps, CFG,
+        mode and its options (:meth:`settings`), the native size, each control's window
+        (:meth:`with_windows`), the sizes, memory and the weak-ControlNet warning."""
         width = self.native_size if width is None else width
         height = self.native_size if height is None else height
         controls = list(controls)
         for c in controls:
             if not isinstance(c, Control):
                 raise ControlstackError(f"controls must be Control objects, got {type(c).__name__}")
-        asked_mode = mode
+        if rest["inpaint"] is not None and not isinstance(rest["inpaint"], InpaintOptions):
+            raise ControlstackError(f"inpaint must be an InpaintOptions, got {type(rest['inpaint']).__name__}")
         used = self.settings(controls, steps, cfg, mode, mode_options)
-        steps, cfg, mode, mode_options = used["steps"], used["cfg"], used["mode"], used["mode_options"]
-        _validate(prompt, steps, cfg, width, height, batch, self.vae_scale_factor)
+        _validate(prompt, used["steps"], used["cfg"], width, height, batch, self.vae_scale_factor)
         self.check_memory(batch, width * (hires or 1), height * (hires or 1))
-        if asked_mode is None:
+        if mode is None:
             self.warn_if_weak(controls)
-        controls = self.with_windows(controls)  # what runs and what the PNG records
-        micro = {"original_size": original_size, "crops_coords_top_left": crops_coords_top_left,
-                 "target_size": target_size}
-        if hires is not None:
-            return self._hires(hires, hires_strength, prompt, controls, steps=steps, cfg=cfg, seed=seed, width=width,
-                               height=height, scheduler=scheduler, mode=mode, negative_prompt=negative_prompt,
-                               batch=batch, mode_options=mode_options, init_image=init_image, strength=strength,
-                               inpaint_mask=inpaint_mask, inpaint=inpaint, eta=eta, output_type=output_type,
-                               progress=progress, return_result=return_result, step_callback=step_callback,
-                               hires_steps=hires_steps, hires_upscaler=hires_upscaler, **micro)
-        if inpaint is not None and not isinstance(inpaint, InpaintOptions):
-            raise ControlstackError(f"inpaint must be an InpaintOptions, got {type(inpaint).__name__}")
-        if inpaint is not None and inpaint.image_steps and inpaint_mask is not None and init_image is not None:
-            return self._inpaint(inpaint, prompt, controls, init_image=init_image, inpaint_mask=inpaint_mask,
-                                 width=width, height=height, steps=steps, cfg=cfg, seed=seed, scheduler=scheduler,
-                                 mode=mode, negative_prompt=negative_prompt, batch=batch, mode_options=mode_options,
-                                 strength=strength, eta=eta, progress=progress, step_callback=step_callback,
-                                 output_type=output_type, return_result=return_result, **micro)
+        return Generation(prompt=prompt, controls=self.with_windows(controls), steps=used["steps"], cfg=used["cfg"],
+                          mode=used["mode"], mode_options=used["mode_options"], width=width, height=height,
+                          batch=batch, **rest)
+
+    def run(self, g: Generation, generator, step_callback=None, progress: bool = True) -> torch.Tensor:
+        """The one sampling loop for ``g``: the injection and scheduler, the text conditions, one
+        branch per control, where the loop starts (noise, or img2img / inpainting), then
+        :func:`~controlstack.sampling.sample` over the controlled denoiser. The final latents."""
         native = self.native_size
-        if not (native / 2 <= width <= native * 2 and native / 2 <= height <= native * 2):
+        if not (native / 2 <= g.width <= native * 2 and native / 2 <= g.height <= native * 2):
             logging.getLogger("controlstack").warning(
-                f"generating at {width}x{height}, far from the model's native {native}x{native}: expect repeated or "
-                "broken composition")
-        mode_options = self.mi_options(mode, mode_options, controls)
-        injection = make_injection(mode, **(mode_options or {}))
-        if speckles(scheduler, injection, bool(controls), cfg):
+                f"generating at {g.width}x{g.height}, far from the model's native {native}x{native}: expect repeated "
+                "or broken composition")
+        g.mode_options = self.mi_options(g.mode, g.mode_options, g.controls)
+        injection = make_injection(g.mode, **(g.mode_options or {}))
+        if speckles(g.scheduler, injection, bool(g.controls), g.cfg):
             raise ControlstackError(
-                f"scheduler '{scheduler}' with mode '{mode}' at CFG {cfg:g} turns the image to speckle: the control acts "
-                f"on the conditional half only, guidance multiplies it by {cfg:g}, and {scheduler}'s 4th-order "
-                f"extrapolation amplifies that term; use unipc, dpmpp_2m, euler or ddim, mode balanced, or CFG <= "
-                f"{MAX_CFG_HIGH_ORDER:g}")
-        sched = make_scheduler(scheduler, self.scheduler_config)
+                f"scheduler '{g.scheduler}' with mode '{g.mode}' at CFG {g.cfg:g} turns the image to speckle: the "
+                f"control acts on the conditional half only, guidance multiplies it by {g.cfg:g}, and {g.scheduler}'s "
+                f"4th-order extrapolation amplifies that term; use unipc, dpmpp_2m, euler or ddim, mode balanced, or "
+                f"CFG <= {MAX_CFG_HIGH_ORDER:g}")
+        sched = make_scheduler(g.scheduler, self.scheduler_config)
+        do_cfg = g.cfg > 1 and self.unet.config.time_cond_proj_dim is None
+        cond, uncond, added = self.text_conditions(g.prompt, g.negative_prompt, g.batch, do_cfg, (g.height, g.width),
+                                                   g.micro)
+        hint_batch = g.batch * (2 if do_cfg and not injection.cond_only else 1)
+        branches = self.make_branches(g.controls, g.width, g.height, (g.prompt, g.negative_prompt or ""), g.batch,
+                                      do_cfg, g.inpaint_mask, hint_batch)
+        start = self.start(g, sched, generator, do_cfg)
+        denoiser = ControlledDenoiser(self.runners.unet, branches, injection, cond, uncond, g.cfg,
+                                      unet_extra=start.unet_extra, reuse=self.tier.reuse, added=added)
+        return sample(denoiser, sched, start.latents, g.steps, generator=generator, eta=g.eta, progress=progress,
+                      start=start.start, callback=after_each_step(start.blend, step_callback))
 
-        do_cfg = cfg > 1 and self.unet.config.time_cond_proj_dim is None
-        cond, uncond, added = self.text_conditions(prompt, negative_prompt, batch, do_cfg, (height, width), micro)
-        hint_batch = batch * (2 if do_cfg and not injection.cond_only else 1)
-        branches = self.make_branches(controls, width, height, (prompt, negative_prompt or ""), batch, do_cfg,
-                                      inpaint_mask, hint_batch)
+    def start(self, g: Generation, scheduler, generator, do_cfg: bool) -> Start:
+        """Where the loop starts: pure noise (txt2img), or the init image's latents noised to the
+        strength's timestep with inpainting's blend or extra input (:meth:`img2img_start`)."""
+        shape = (g.batch, self.unet.config.out_channels, g.height // self.vae_scale_factor,
+                 g.width // self.vae_scale_factor)
+        if g.init_image is not None:
+            return self.img2img_start(g.init_image, g.inpaint_mask, g.strength, shape, scheduler, generator, do_cfg,
+                                      fill=g.inpaint.fill if g.inpaint is not None else "original")
+        if g.inpaint_mask is not None:
+            raise ControlstackError("inpaint_mask needs init_image (the image to repaint)")
+        if self.inpainting_unet:
+            raise ControlstackError("this is an inpainting U-Net: pass init_image and inpaint_mask")
+        # drawn on the CPU generator, then moved (diffusers' randn_tensor): the same image on any device
+        return Start(torch.randn(shape, generator=generator, dtype=self.unet.dtype).to(self.unet.device))
 
-        generator = torch.Generator("cpu").manual_seed(int(seed)) if seed is not None else None
-        shape = (batch, self.unet.config.out_channels, height // self.vae_scale_factor,
-                 width // self.vae_scale_factor)
-        loop: dict = {}
-        if init_image is None:
-            if inpaint_mask is not None:
-                raise ControlstackError("inpaint_mask needs init_image (the image to repaint)")
-            if self.inpainting_unet:
-                raise ControlstackError("this is an inpainting U-Net: pass init_image and inpaint_mask")
-            # drawn on the CPU generator, then moved (diffusers' randn_tensor): the same image on any device
-            latents = torch.randn(shape, generator=generator, dtype=self.unet.dtype).to(self.unet.device)
-        else:
-            latents, loop = self.img2img_start(init_image, inpaint_mask, strength, shape, sched, generator, do_cfg,
-                                               fill=inpaint.fill if inpaint is not None else "original")
-        denoiser = ControlledDenoiser(self.runners.unet, branches, injection, cond, uncond, cfg,
-                                      unet_extra=loop.pop("unet_extra", None), reuse=self.tier.reuse, added=added)
-        if step_callback is not None:
-            blend = loop.get("callback")
-
-            def after_step(step, latents):
-                out = blend(step, latents) if blend is not None else None
-                try:
-                    step_callback(step.index + 1, step.count)
-                except StopSampling as stop:  # the loop returns these latents: the blend included
-                    stop.latents = latents if out is None else out
-                    raise
-                return out
-
-            loop["callback"] = after_step
-        latents = sample(denoiser, sched, latents, steps, generator=generator, eta=eta, progress=progress, **loop)
-        images = None if output_type == "latent" else self.decode(latents, generator)
-        params = {
-            **({"img2img": {"strength": strength, "inpaint": inpaint_mask is not None}} if init_image is not None else {}),
-            "prompt": prompt, "negative_prompt": negative_prompt, "steps": steps, "cfg": cfg,
-            "seed": seed, "width": width, "height": height, "scheduler": scheduler, "mode": mode,
-            "model": self.name, **({"mode_options": dict(mode_options)} if mode_options else {}),
-            **{k: list(v) for k, v in micro.items() if v is not None},
+    def record(self, g: Generation) -> dict:
+        """What produced the images: the PNG's parameters (``io/png.py`` writes sd-webui's infotext)."""
+        return {
+            **({"img2img": {"strength": g.strength, "inpaint": g.inpaint_mask is not None}}
+               if g.init_image is not None else {}),
+            "prompt": g.prompt, "negative_prompt": g.negative_prompt, "steps": g.steps, "cfg": g.cfg,
+            "seed": g.seed, "width": g.width, "height": g.height, "scheduler": g.scheduler, "mode": g.mode,
+            "model": self.name, **({"mode_options": dict(g.mode_options)} if g.mode_options else {}),
+            **{k: list(v) for k, v in g.micro.items() if v is not None},
             **({"optimize": self.tier.name} if self.tier.name != "parity" else {}),
             "controls": [
                 {"model": str(c.model) if isinstance(c.model, (str, os.PathLike)) else type(c.model).__name__,
                  "weight": c.weight, "start": c.start, "end": c.end,
                  "mask": c.mask is not None, "resize_mode": c.resize_mode,
                  "preprocess": c.preprocess, "module": self.module_name(c), **({"task": c.task} if c.task else {})}
-                for c in controls
+                for c in g.controls
             ],
             **({"model_hash": self.model_hash} if self.model_hash else {}),
         }
-        if output_type == "latent":
-            images = latents
-        elif output_type == "pil":
-            images = label([Image.fromarray((im * 255).round().astype("uint8")) for im in images], params)
-        return GenerationResult(images, params) if return_result else images
 
     def memory_needed(self, batch: int, width: int, height: int) -> int:
         """:func:`memory_needed` of this pipeline's U-Net and VAE."""
@@ -508,17 +494,6 @@ class Pipeline(Prompting, Img2Img, Recommendations):
 
     def check_memory(self, batch: int, width: int, height: int) -> None:
         check_memory(self.memory_needed(batch, width, height), batch, width, height)
-
-    def module_name(self, control: Control) -> str:
-        """The annotator a control's image goes through ('none' without preprocessing)."""
-        if not control.preprocess:
-            return "none"
-        if isinstance(control.preprocess, str):
-            return control.preprocess
-        from controlstack import annotators
-
-        return annotators.for_control(control.model, control.task, self.source)
-
 
 def label(images: list, params: dict) -> list:
     """Each image's infotext, as sd-webui's images carry it (with its batch position past one image)."""

@@ -18,9 +18,22 @@ Pure tensor / scheduler code: the pipeline encodes images and masks and hands th
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+
+
+@dataclass
+class Start:
+    """Where one run of the loop starts, typed: the initial latents (pure noise for txt2img, the
+    noise img2img adds), the loop's ``start`` (None: from pure noise), the ``blend`` after each step
+    (4-channel inpainting) and a 9-channel inpainting U-Net's extra input channels."""
+
+    latents: torch.Tensor
+    start: Callable | None = None
+    blend: Callable | None = None
+    unet_extra: torch.Tensor | None = None
 
 
 def truncated_timesteps(scheduler, steps: int, strength: float) -> torch.Tensor:

@@ -1,0 +1,110 @@
+"""Controls to branches, as a mixin of :class:`controlstack.pipeline.Pipeline`: each condition
+image prepared as its ControlNet reads it (annotated, resized, ControlNet 1.1's inpaint hint), its
+hint features encoded once per run, and one :class:`~controlstack.control.Branch` per control --
+one fused :class:`~controlstack.control.UnionBranch` for the controls of a ControlNet-Union model.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from controlstack.control import Branch, Control
+from controlstack.errors import ControlstackError
+from controlstack.io.images import image_to_tensor, resize_image, to_rgb
+
+
+class Hints:
+    """The control-preparation step of a call (a :class:`~controlstack.pipeline.Pipeline`'s
+    ``controlnet()``, ``runners``, ``task_text()``, ``unet``, ``vae_scale_factor`` and ``source``)."""
+
+    def prepare_hint(self, control: Control, width: int, height: int, inpaint_mask: Any = None) -> torch.Tensor:
+        """Condition image -> (1, 3, H, W) tensor in [0, 1] at the output size. The ``inpaint``
+        annotator gives ControlNet 1.1's inpaint hint instead: the image with the masked pixels at
+        -1 (its own ``mask`` parameter, else the generation's ``inpaint_mask``)."""
+        image = to_rgb(control.image)
+        if control.preprocess:
+            from controlstack import annotators
+            from controlstack.io.images import pixel_perfect_resolution
+
+            name = self.module_name(control)
+            params = dict(control.annotator_params)
+            if name == "inpaint":
+                from controlstack.io.images import mask_to_array
+
+                mask = params.pop("mask", None) or inpaint_mask
+                if mask is None:
+                    raise ControlstackError("the inpaint control needs a mask: pass inpaint_mask (or mask= to the annotator)")
+                if isinstance(mask, (str, os.PathLike)):
+                    from controlstack.io.images import load_image
+
+                    mask = load_image(mask)
+                m = Image.fromarray((mask_to_array(mask, "inpaint mask") * 255).round().astype(np.uint8))
+                small = resize_image(image, width, height, control.resize_mode)
+                hint = annotators.get("inpaint", **{**params, "resolution": None}).hint(
+                    small, resize_image(m, width, height, control.resize_mode))
+                return torch.from_numpy(hint).permute(2, 0, 1)[None]
+            params.setdefault("resolution", pixel_perfect_resolution(image.size, width, height, control.resize_mode))
+            image = to_rgb(annotators.get(name, **params)(image))
+        image = resize_image(image, width, height, control.resize_mode)
+        return image_to_tensor(image)
+
+    def make_branch(self, control: Control, width: int, height: int, prompts: tuple[str, str] = ("", ""),
+                    batch: int = 1, do_cfg: bool = False, inpaint_mask: Any = None, hint_batch: int = 1) -> Branch:
+        """``hint_batch``: the batch the branch runs at (2 x batch with CFG unless the injection is
+        cond-only). The hint is encoded at that batch, as diffusers does: oneDNN convolves a batch
+        of 1 and of 2 with different kernels (~2e-7 apart), and the images would differ in the last bit."""
+        controlnet = self.controlnet(control.model)
+        text = self.task_text(controlnet, control, prompts, batch, do_cfg)  # before the image: cheap checks first
+        runner = self.runners.controlnet(controlnet)
+        with torch.no_grad():
+            features = self.hint_features(runner, control, width, height, inpaint_mask, hint_batch)
+        return Branch(runner, features, control.weight, control.start, control.end, control.mask, text)
+
+    def make_branches(self, controls: Sequence[Control], width: int, height: int, prompts: tuple[str, str], batch: int,
+                      do_cfg: bool, inpaint_mask: Any, hint_batch: int) -> list:
+        """One branch per control, except that the controls of one ControlNet-Union model make one
+        fused branch (``models/union.py``), at the place of the first of them."""
+        from controlstack.control import UnionBranch, group_unions
+        from controlstack.models.union import control_id
+
+        branches = []
+        for item in group_unions(controls, self.controlnet):
+            if isinstance(item, Control):
+                branches.append(self.make_branch(item, width, height, prompts, batch, do_cfg, inpaint_mask, hint_batch))
+                continue
+            cn = self.controlnet(item[0].model)
+            name = item[0].model if isinstance(item[0].model, (str, os.PathLike)) else type(cn).__name__
+            ids = [control_id(cn, c.task, str(name)) for c in item]
+            runner = self.runners.controlnet(cn)
+            with torch.no_grad():
+                conditions = [self.hint_features(runner, c, width, height, inpaint_mask, hint_batch) for c in item]
+            branches.append(UnionBranch(runner, item, conditions, ids))
+        return branches
+
+    def hint_features(self, runner, control: Control, width: int, height: int, inpaint_mask: Any, hint_batch: int):
+        """The hint encoder's features of ``control``'s condition, at the latent size."""
+        hint = self.prepare_hint(control, width, height, inpaint_mask).to(self.unet.device, runner.dtype)
+        features = runner.embed_hint(hint.repeat(hint_batch, 1, 1, 1))  # once per run, not per step
+        expected = (height // self.vae_scale_factor, width // self.vae_scale_factor)
+        if tuple(features.shape[-2:]) != expected:
+            raise ControlstackError(
+                f"ControlNet hint encoder downsamples to {tuple(features.shape[-2:])} but the base's latents "
+                f"are {expected}; the ControlNet was trained for a VAE with another downsampling"
+            )
+        return features
+
+    def module_name(self, control: Control) -> str:
+        """The annotator a control's image goes through ('none' without preprocessing)."""
+        if not control.preprocess:
+            return "none"
+        if isinstance(control.preprocess, str):
+            return control.preprocess
+        from controlstack import annotators
+
+        return annotators.for_control(control.model, control.task, self.source)
