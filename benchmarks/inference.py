@@ -31,7 +31,8 @@ import numpy as np
 import torch
 
 from controlstack import Control, Pipeline
-from controlstack.models.tiny import SDComponents, byte_level_tokenizer, tiny_text_encoder, tiny_vae
+from controlstack.models.components import SDComponents
+from controlstack.models.tiny import byte_level_tokenizer, tiny_text_encoder, tiny_vae
 from controlstack.sampling import make_scheduler
 
 

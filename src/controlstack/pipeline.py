@@ -30,9 +30,9 @@ from controlstack.injection import make_injection
 from controlstack.inpaint import InpaintOptions
 from controlstack.io.checkpoints import check_compatible
 from controlstack.io.images import resize_image, to_rgb
+from controlstack.models.components import SDComponents
 from controlstack.models.families import family_of
 from controlstack.models.tiers import Runners, Tier, make_tier
-from controlstack.models.tiny import SDComponents
 from controlstack.prompting import Prompting
 from controlstack.recommendations import (  # noqa: F401 (the constants are re-exported)
     INFERENCE_ONLY_LAMBDA_MAX,

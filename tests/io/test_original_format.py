@@ -17,8 +17,8 @@ from diffusers.loaders.single_file_utils import (
 from controlstack.io import original as orig
 from controlstack.io.checkpoints import controlnet_to_original
 from controlstack.io.sd_single_file import SD15_CONFIGS, base_to_original
+from controlstack.models.components import SDComponents
 from controlstack.models.families import family_of
-from controlstack.models.tiny import SDComponents
 
 
 def _sd15(part, **over):

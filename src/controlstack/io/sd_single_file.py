@@ -50,8 +50,8 @@ from controlstack.io.tensors import (
     read_tensors,
     stored_dtype,
 )
+from controlstack.models.components import SDComponents
 from controlstack.models.families import family_of, family_of_state
-from controlstack.models.tiny import SDComponents
 
 METADATA_KEYS = {"unet": "controlstack.unet_config", "vae": "controlstack.vae_config",
                  "text_encoder": "controlstack.text_encoder_config"}

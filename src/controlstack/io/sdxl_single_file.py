@@ -40,7 +40,7 @@ from controlstack.io.single_file_common import (
     unet_from_state,
 )
 from controlstack.io.tensors import assign_exact, build_empty, cast_model, config_file, existing_path
-from controlstack.models.tiny import SDComponents
+from controlstack.models.components import SDComponents
 
 SDXL_CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "sdxl"
 TE1_PREFIX = "conditioner.embedders.0.transformer.text_model."

@@ -15,7 +15,7 @@ from pathlib import Path
 from controlstack.errors import ControlstackError
 from controlstack.io import original as orig
 from controlstack.io.tensors import assign_exact, build_empty, cast_model
-from controlstack.models.tiny import SDComponents
+from controlstack.models.components import SDComponents
 
 SD15_CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "sd15"
 CLIP_L_TOKENIZER = "openai/clip-vit-large-patch14"

@@ -8,9 +8,10 @@ built from a byte-level vocabulary (every byte is a token, no merges), so nothin
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
 
 import torch
+
+from controlstack.models.components import SDComponents
 
 
 def bytes_to_unicode() -> dict[int, str]:
@@ -70,28 +71,6 @@ def byte_level_tokenizer(max_length: int = 77, words: list[str] | None = None):
     vocab["<|startoftext|>"] = len(vocab)
     vocab["<|endoftext|>"] = len(vocab)
     return CLIPTokenizer(vocab=vocab, merges=list(ranks), model_max_length=max_length)
-
-
-@dataclass
-class SDComponents:
-    """The parts of a Stable Diffusion base model: SD-1.x / 2.x have one text encoder, SDXL two
-    (``text_encoder_2`` gives the pooled embedding its U-Net adds to the time embedding)."""
-
-    unet: torch.nn.Module
-    vae: torch.nn.Module
-    text_encoder: torch.nn.Module
-    tokenizer: object
-    scheduler_config: dict | None = None  # the model's own noise schedule (None = SD-1.x's)
-    text_encoder_2: torch.nn.Module | None = None  # SDXL: CLIPTextModelWithProjection (OpenCLIP bigG)
-    tokenizer_2: object | None = None
-    force_zeros_for_empty_prompt: bool = True  # SDXL: an empty negative prompt is zeros (diffusers' default)
-
-    @property
-    def family(self):
-        """The base's family (``models/families/``), told by its U-Net."""
-        from controlstack.models.families import family_of
-
-        return family_of(self.unet)
 
 
 def tiny_unet(seed: int = 0, block_out_channels=(32, 64), cross_attention_dim: int = 32, sample_size: int = 8,

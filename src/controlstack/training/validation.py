@@ -69,7 +69,7 @@ def plot_metric(csv_path: Path, metric: str, png_path: Path, title: str) -> None
 def validation_pipeline(vae, text_encoder, tokenizer, unet, scheduler_config):
     """The project's pipeline over the models being trained (nothing copied; its ``eval()`` calls are
     undone by the recipes, which switch their trainable parts back to ``train()``)."""
-    from controlstack.models.tiny import SDComponents
+    from controlstack.models.components import SDComponents
     from controlstack.pipeline import Pipeline
 
     return Pipeline(SDComponents(unet, vae, text_encoder, tokenizer, scheduler_config))
