@@ -28,6 +28,7 @@ from controlstack.hires import MAX_HIRES, hires_size  # noqa: F401 (re-exported:
 from controlstack.img2img import Img2Img
 from controlstack.injection import make_injection
 from controlstack.inpaint import InpaintOptions
+from controlstack.lora import Loras
 from controlstack.io.checkpoints import check_compatible
 from controlstack.io.images import resize_image, to_rgb
 from controlstack.models.components import SDComponents
@@ -118,7 +119,7 @@ class GenerationResult:
     conditions: list = field(default_factory=list)  # from_image: the condition made for each task
 
 
-class Pipeline(Prompting, Hints, Img2Img, Recommendations):
+class Pipeline(Prompting, Hints, Img2Img, Recommendations, Loras):
     """A base model (SD-1.x / 2.x or SDXL, told by its U-Net: ``family``) plus the ControlNets it
     has loaded (cached by name/path)."""
 
@@ -152,6 +153,7 @@ class Pipeline(Prompting, Hints, Img2Img, Recommendations):
         # the words the base was trained on (a closed-vocabulary model, like the bundled one): others warn
         self.vocabulary = {w.lower() for w in vocabulary} if vocabulary else None
         self._warned_weak = False  # warn_if_weak: once per pipeline
+        self.lora_dir: Path | None = None  # where a prompt's <lora:NAME:WEIGHT> is found (lora.py)
 
     def optimize(self, tier: str = "compiled", *, precision: str | None = None) -> Pipeline:
         """Switch the speed tier (``models/tiers.py``, docs/speed.md): ``"parity"`` (float32 eager,
@@ -372,6 +374,9 @@ class Pipeline(Prompting, Hints, Img2Img, Recommendations):
         ``original_size``, ``crops_coords_top_left``, ``target_size`` (SDXL bases only): the
         micro-conditioning, (height, width) / (top, left); None = the output size and (0, 0).
         """
+        if "<lora:" in str(prompt) or "<lora:" in str(negative_prompt):  # sd-webui's prompt syntax
+            args = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
+            return self._with_prompt_loras(**args)
         g = self.resolve(prompt, controls, steps=steps, cfg=cfg, seed=seed, width=width, height=height,
                          scheduler=scheduler, mode=mode, negative_prompt=negative_prompt, batch=batch,
                          mode_options=mode_options, init_image=init_image, strength=strength,
@@ -485,7 +490,35 @@ class Pipeline(Prompting, Hints, Img2Img, Recommendations):
                 for c in g.controls
             ],
             **({"model_hash": self.model_hash} if self.model_hash else {}),
+            **({"loras": [{"name": lo.name, "weight": lo.weight, "hash": lo.hash} for lo in self.loras.values()]}
+               if self.loras else {}),
         }
+
+    def _with_prompt_loras(self, prompt, negative_prompt, return_result, output_type, **kw):
+        """A call whose prompt names LoRAs (``<lora:NAME:WEIGHT>``, from :attr:`lora_dir`): each is
+        loaded (or re-weighted) for this call only, the tags leave the text the encoder reads, and
+        the infotext keeps them, as sd-webui's does."""
+        from controlstack.lora import available
+
+        text, wanted = self.prompt_loras(prompt, self.lora_dir)
+        negative, more = self.prompt_loras(negative_prompt, self.lora_dir)
+        files, before, added = available(self.lora_dir), {n: lo.weight for n, lo in self.loras.items()}, []
+        try:
+            for name, weight in wanted + more:
+                if name in before:
+                    self.set_lora_weights({name: weight})
+                elif name not in added:
+                    added.append(self.load_lora(files[name], weight, name))
+            result = self(text, negative_prompt=negative, return_result=True, output_type=output_type, **kw)
+        finally:
+            for name in added:
+                self.unload_lora(name)
+            if before:
+                self.set_lora_weights(before)
+        result.parameters.update(prompt=prompt, negative_prompt=negative_prompt)
+        if output_type == "pil":
+            label(result.images, result.parameters)
+        return result if return_result else result.images
 
     def memory_needed(self, batch: int, width: int, height: int) -> int:
         """:func:`memory_needed` of this pipeline's U-Net and VAE."""

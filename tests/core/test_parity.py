@@ -33,7 +33,7 @@ def ours(pipe, controls, scheduler="unipc", **kw):
                 scheduler=scheduler, negative_prompt="blurry", output_type="np", progress=False, **kw)
 
 
-@pytest.mark.parametrize("scheduler", ["unipc", "ddim", "euler", "euler_a", "dpmpp_2m"])
+@pytest.mark.parametrize("scheduler", ["unipc", "ddim", "euler", "euler_a", "dpmpp_2m", "lcm", "tcd"])
 def test_one_control(pipe, tiny_components, tiny_controlnets, hint_images, scheduler):
     cn = tiny_controlnets[0]
     expected = reference(tiny_components, cn, hint_images[0], scheduler)

@@ -80,6 +80,11 @@ def register(sub) -> None:
     p.add_argument("--hires-upscaler", default="lanczos", choices=list(UPSCALERS),
                    help="with --hires: lanczos / nearest upscale the first pass's pixels, latent* its latents "
                         "(sd-webui's default 'Latent', never decoded in between)")
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]",
+                   help="apply a LoRA to the base (kohya / sd-webui, diffusers or PEFT .safetensors) at WEIGHT "
+                        "(default 1); repeatable, each with its own weight")
+    p.add_argument("--lora-dir", default=None, metavar="DIR",
+                   help="where sd-webui's prompt syntax <lora:NAME:WEIGHT> finds NAME.safetensors")
     p.add_argument("--mask-blur", type=int, default=4, help="with --inpaint-mask: blur the mask by this radius (px)")
     p.add_argument("--mask-invert", action="store_true", help="with --inpaint-mask: repaint where it is black")
     p.add_argument("--inpaint-full-res", action="store_true",
@@ -303,10 +308,38 @@ def run(args: argparse.Namespace) -> int:
                                                 fill=args.inpainting_fill, paste_back=not args.no_paste_back)
     seed = args.seed if args.seed >= 0 else random.randrange(2**32)
 
+    loras = parse_loras(args)
     pipe = Pipeline.from_pretrained(args.model, allow_pickle=args.allow_pickle, config=args.config)
+    with_loras(pipe, args, loras)
     pipe.optimize(args.optimize)
     result = pipe(args.prompt, controls=controls, return_result=True, **img2img, **sampling_options(args, seed))
     return write_outputs(args, result, seed)
+
+
+def parse_loras(args) -> list[tuple[str, float]]:
+    """``--lora FILE[:WEIGHT]`` -> (file, weight), each file read and checked now (format, layout),
+    before the model loads; ``--lora-dir`` must be a folder."""
+    from controlstack.lora import read
+
+    out = []
+    for spec in args.lora:
+        path, _, tail = spec.rpartition(":")
+        try:
+            weight = float(tail) if path else 1.0
+        except ValueError:  # a ':' inside the path, no weight
+            path, weight = spec, 1.0
+        path = path or spec
+        read(path, args.allow_pickle)
+        out.append((path, weight))
+    if args.lora_dir is not None and not os.path.isdir(args.lora_dir):
+        raise ControlstackError(f"--lora-dir '{args.lora_dir}' is not a folder")
+    return out
+
+
+def with_loras(pipe, args, loras) -> None:
+    for path, weight in loras:
+        pipe.load_lora(path, weight, allow_pickle=args.allow_pickle)
+    pipe.lora_dir = args.lora_dir
 
 
 def sampling_options(args, seed: int) -> dict:
@@ -332,7 +365,9 @@ def run_from_image(args, seed: int) -> int:
 
     check_from_image(args.model, args.omni, tasks)
     photo = load_image(args.from_image)
+    loras = parse_loras(args)
     pipe = Pipeline.from_pretrained(args.model, allow_pickle=args.allow_pickle, config=args.config)
+    with_loras(pipe, args, loras)
     pipe.optimize(args.optimize)
     result = pipe.from_image(photo, tasks, args.prompt, model=args.omni, resize_mode=args.resize_mode,
                              return_result=True, **sampling_options(args, seed))

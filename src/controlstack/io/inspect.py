@@ -14,6 +14,7 @@ from pathlib import Path
 
 from controlstack.errors import ControlstackError
 from controlstack.io import original as orig
+from controlstack.io.lora_format import describe as describe_lora
 from controlstack.io.tensors import CONFIG_METADATA_KEY, SAFETENSORS_SUFFIXES, existing_path, read_tensors
 from controlstack.models.families import family_of
 
@@ -142,8 +143,17 @@ def _inspect_file(path: Path, allow_pickle: bool) -> dict:
         arch["text_encoder"] = any(k.startswith(("cond_stage_model.", "conditioner.embedders.")) for k in shapes)
         arch["ema_weights"] = sum(k.startswith("model_ema.") for k in shapes) > 100
         return {"format": "original", "container": container, "kind": "base", "arch": arch, **summary}
-    raise ControlstackError(f"'{path}' is not a recognised checkpoint (neither a ControlNet nor a Stable Diffusion "
-                            "base); pass an SD or ControlNet checkpoint")
+    if shapes and any("lora" in k or k.endswith(".alpha") for k in shapes):
+        lora = describe_lora(shapes)
+        if lora["format"] != "unknown":
+            width = lora.pop("text_width")
+            family = ("unknown (no cross-attention layer adapted)" if width is None else
+                      {768: "SD-1.x", 1024: "SD-2.x", 2048: "SDXL"}.get(width, f"custom (text width {width})"))
+            arch = {"family": family,
+                    "config_source": "its keys", "text_width": width, **lora}
+            return {"format": lora["format"], "container": container, "kind": "lora", "arch": arch, **summary}
+    raise ControlstackError(f"'{path}' is not a recognised checkpoint (neither a ControlNet, a Stable Diffusion "
+                            "base nor a LoRA); pass an SD, ControlNet or LoRA checkpoint")
 
 
 def inspect_checkpoint(source: str | os.PathLike, *, allow_pickle: bool = False) -> dict:

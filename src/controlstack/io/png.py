@@ -60,6 +60,9 @@ def format_parameters(params: dict) -> str:
         fields.append(f"Batch pos: {params['batch_pos']}")
     if "img2img" in params:
         fields.append(f"Denoising strength: {params['img2img']['strength']}")
+    if params.get("loras"):  # sd-webui's: each LoRA's name and short hash
+        listed = ", ".join(f"{lo['name']}: {lo['hash']}" for lo in params["loras"])
+        fields.append(f'Lora hashes: "{listed}"')
     inpaint = params.get("img2img", {}).get("inpaint_options")
     if inpaint:  # sd-webui's inpainting fields
         fields += [f"Mask blur: {inpaint['mask_blur']}",

@@ -52,6 +52,9 @@ SAMPLER_TABLE: tuple[Sampler, ...] = (
     Sampler("unipc", "UniPCMultistepScheduler", {}, "UniPC"),
     Sampler("pndm", "PNDMScheduler", {}, "PLMS"),
     Sampler("lms", "LMSDiscreteScheduler", {}, "LMS"),
+    # few-step samplers for consistency-distilled models (an LCM-LoRA on the base, an LCM / TCD student)
+    Sampler("lcm", "LCMScheduler", {}, "LCM"),
+    Sampler("tcd", "TCDScheduler", {}, "TCD"),
 )
 
 # name -> (diffusers class name, extra config overrides)

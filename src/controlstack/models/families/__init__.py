@@ -49,6 +49,12 @@ class BaseFamily(Protocol):
         """``(cond, uncond, added)`` for the denoiser (``uncond`` None without CFG; ``added``:
         ``(uncond_added, cond_added)`` or None)."""
 
+    def text_encoders(self, pipe) -> list[tuple[str, torch.nn.Module]]:
+        """``(LoRA key prefix, encoder)`` of each text encoder a LoRA may adapt (``lora.py``)."""
+
+    def lora_loader(self):
+        """diffusers' LoRA loader mixin for this family (its classmethods read and place LoRAs)."""
+
 
 def _families() -> tuple:
     from controlstack.models.families import sd, sdxl

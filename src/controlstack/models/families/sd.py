@@ -38,6 +38,14 @@ class SD:
         cond = pipe.encode_prompt(prompt, batch)
         return cond, (pipe.encode_prompt(negative_prompt or "", batch) if do_cfg else None), None
 
+    def text_encoders(self, pipe):
+        return [("text_encoder", pipe.text_encoder)]
+
+    def lora_loader(self):
+        from diffusers.loaders import StableDiffusionLoraLoaderMixin
+
+        return StableDiffusionLoraLoaderMixin
+
     def __repr__(self) -> str:
         return "<family sd>"
 

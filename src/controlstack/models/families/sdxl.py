@@ -56,6 +56,14 @@ class SDXL:
         added = (sdxl.added_conditions(neg_pooled, ids) if do_cfg else None, sdxl.added_conditions(pooled, ids))
         return cond, uncond, added
 
+    def text_encoders(self, pipe):
+        return [("text_encoder", pipe.text_encoder), ("text_encoder_2", pipe.text_encoder_2)]
+
+    def lora_loader(self):
+        from diffusers.loaders import StableDiffusionXLLoraLoaderMixin
+
+        return StableDiffusionXLLoraLoaderMixin
+
     def __repr__(self) -> str:
         return "<family sdxl>"
 
