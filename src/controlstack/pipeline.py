@@ -164,6 +164,8 @@ class Pipeline(Prompting, Hints, Img2Img, Recommendations, Loras):
         if tier == "fast" and precision is None:  # a model may say bf16 costs it fidelity (the bundle does)
             precision = self.recommended.get("precision")
         self.tier = make_tier(tier, precision)
+        if self.tier.compiled and self.loras:  # graphs are compiled from the weights: the LoRAs merged in
+            self.fuse_loras()
         return self
 
     @property

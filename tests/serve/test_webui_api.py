@@ -521,3 +521,31 @@ def test_the_compatibility_page_lists_every_field_and_endpoint(client):
     routes = client.post("/sdapi/v1/nope").json()["endpoints"]
     webui = [r for r in routes if " /sdapi/" in r or " /controlnet/" in r]
     assert [r for r in webui if f"`{r}`" not in page] == []  # "GET /sdapi/v1/options" etc., each in its row
+
+
+def test_loras_are_listed_and_a_prompts_lora_tag_applies_to_that_job(tmp_path):
+    from fastapi.testclient import TestClient
+
+    from controlstack import Pipeline
+    from controlstack.models.tiny import tiny_sd
+    from controlstack.serve.app import create_app
+    from tests.core.test_lora import save_peft
+
+    fresh = lambda: tiny_sd(seed=0, max_length=16)  # noqa: E731
+    folder = tmp_path / "loras"
+    folder.mkdir()
+    save_peft(folder, fresh, 1, "ink")
+    pipe = Pipeline(fresh(), name="tiny")
+    pipe.lora_dir = folder
+    client = TestClient(create_app(lambda: pipe, data=tmp_path / "data", lora_dir=folder))
+    assert client.get("/sdapi/v1/loras").json() == [{"name": "ink", "alias": "ink", "path": "ink.safetensors",
+                                                     "metadata": {}}]
+    body = {"prompt": "a cube <lora:ink:0.7>", "steps": 2, "width": 64, "height": 64, "seed": 3}
+    r = client.post("/sdapi/v1/txt2img", json=body)
+    assert r.status_code == 200, r.text
+    info = json.loads(r.json()["info"])
+    assert info["prompt"] == "a cube <lora:ink:0.7>" and 'Lora hashes: "ink: ' in info["infotexts"][0]
+    plain = client.post("/sdapi/v1/txt2img", json={**body, "prompt": "a cube"}).json()["images"][0]
+    assert plain != r.json()["images"][0] and pipe.loras == {}  # the LoRA applied to that job only
+    r = client.post("/sdapi/v1/txt2img", json={**body, "prompt": "a cube <lora:nope:1>"})
+    assert r.status_code == 400 and "<lora:nope> is not a LoRA file" in r.json()["error"]

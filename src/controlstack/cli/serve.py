@@ -31,6 +31,7 @@ def register(sub) -> None:
     p.add_argument("--controlnets", nargs="+", default=[], metavar="PATH",
                    help="ControlNets (folders or single files) offered by file / folder name to every served base "
                         "of their family (SD-1.x ones to SD-1.x bases, SDXL ones to SDXL bases)")
+    add_lora_dir(p)
     p.add_argument("--memory", type=float, default=8.0, help="GiB of weights kept loaded (least recently used "
                                                             "bases are unloaded past it)")
     p.add_argument("--optimize", default="parity", choices=("parity", "compiled", "fast"),
@@ -71,7 +72,8 @@ def run(args: argparse.Namespace) -> int:
         if not args.job_seconds > 0:  # NaN too
             raise ControlstackError(f"--job-seconds must be > 0, got {args.job_seconds}")
         cluster = Cluster(args.broker, args.queue, args.job_seconds, args.keep_days)
-        uvicorn.run(create_front_app(cluster, token=args.token, ui=not args.no_ui), host=args.host, port=args.port, log_level="info")
+        uvicorn.run(create_front_app(cluster, token=args.token, ui=not args.no_ui, lora_dir=args.lora_dir),
+                    host=args.host, port=args.port, log_level="info")
         return 0
 
     from controlstack.serve.app import create_app
@@ -86,7 +88,8 @@ def run(args: argparse.Namespace) -> int:
     from controlstack.serve.store import default_data_dir
 
     app = create_app(factories, token=args.token, queue_size=args.queue, ui=not args.no_ui, memory_gib=args.memory,
-                     data=args.data or default_data_dir(), keep_jobs=args.keep_jobs, keep_days=args.keep_days)
+                     data=args.data or default_data_dir(), keep_jobs=args.keep_jobs, keep_days=args.keep_days,
+                     lora_dir=args.lora_dir)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     return 0
 
@@ -120,6 +123,11 @@ def with_controlnets(pipe, controlnets: dict[str, tuple[str, str]]):
     return pipe
 
 
+def add_lora_dir(p) -> None:
+    p.add_argument("--lora-dir", default=None, metavar="DIR",
+                   help="LoRA files a prompt's <lora:NAME:WEIGHT> may name (listed at /sdapi/v1/loras)")
+
+
 def base_factories(args, default: bool) -> dict:
     """``{name: loader}`` of the bases a server or worker holds: the bundled one as ``default`` (when
     ``default``), and each ``--models`` folder / file by its name, each with the ``--controlnets`` of
@@ -130,8 +138,14 @@ def base_factories(args, default: bool) -> dict:
 
     controlnets = controlnet_families(args.controlnets)
 
+    lora_dir = getattr(args, "lora_dir", None)
+    if lora_dir is not None and not Path(lora_dir).is_dir():
+        raise ControlstackError(f"--lora-dir '{lora_dir}' is not a folder")
+
     def load(path=None):
-        return with_controlnets(Pipeline.from_pretrained(path), controlnets).optimize(args.optimize)
+        pipe = with_controlnets(Pipeline.from_pretrained(path), controlnets).optimize(args.optimize)
+        pipe.lora_dir = lora_dir
+        return pipe
 
     factories = {"default": load} if default else {}
     for d in args.models:

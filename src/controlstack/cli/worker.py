@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 
+from controlstack.cli.serve import add_lora_dir
 from controlstack.cli.text import DefaultsFormatter, plain
 from controlstack.errors import ControlstackError
 
@@ -23,6 +24,7 @@ def register(sub) -> None:
     p.add_argument("--no-default", action="store_true", help="do not hold the bundled 'default' base")
     p.add_argument("--controlnets", nargs="+", default=[], metavar="PATH",
                    help="ControlNets offered to every held base of their family")
+    add_lora_dir(p)
     p.add_argument("--optimize", default="parity", choices=("parity", "compiled", "fast"),
                    help="speed tier of every model held (docs/speed.md)")
     p.add_argument("--concurrency", type=int, default=1, help="jobs at once (1: a solo pool)")

@@ -95,6 +95,20 @@ def add_webui_routes(app: FastAPI, control, limits: Limits, refused, ui: bool) -
         control.interrupt()
         return {}
 
+    @app.get("/sdapi/v1/loras")
+    def loras():
+        """The LoRA files a prompt's ``<lora:NAME:WEIGHT>`` may name (``--lora-dir``), as sd-webui
+        lists them; ``path`` relative to that folder (the server's own paths stay its own)."""
+        from controlstack.lora import available
+
+        folder = control.lora_dir
+        return [{"name": name, "alias": name, "path": str(path.relative_to(folder)), "metadata": {}}
+                for name, path in available(folder).items()]
+
+    @app.post("/sdapi/v1/refresh-loras")
+    def refresh_loras():
+        return None  # the folder is read at every request
+
     @app.post("/sdapi/v1/skip")
     def skip():
         """sd-webui's "skip": the running iteration ends with its partial image, the next one runs."""
@@ -248,8 +262,8 @@ def add_not_found(app: FastAPI) -> None:
 class EmbeddedControl:
     """:func:`add_webui_routes`' view of the embedded server: its Worker and job queue."""
 
-    def __init__(self, worker, jobs):
-        self.worker, self.jobs = worker, jobs
+    def __init__(self, worker, jobs, lora_dir=None):
+        self.worker, self.jobs, self.lora_dir = worker, jobs, lora_dir
 
     def interrupt(self) -> list:
         return self.jobs.interrupt()
@@ -321,7 +335,7 @@ class Worker:
 
 def create_app(pipeline_factory: Callable | dict | None = None, token: str | None = None, limits: Limits | None = None,
                queue_size: int = 4, ui: bool = False, memory_gib: float = 8.0, data=None,
-               keep_jobs: int | None = None, keep_days: float | None = None):
+               keep_jobs: int | None = None, keep_days: float | None = None, lora_dir=None):
     """The app. ``pipeline_factory``: a loader of the one base, or ``{name: loader}`` for several
     (clients pick one by name: sd-webui's ``override_settings.sd_model_checkpoint``, ``/v1``'s
     ``base``); ``memory_gib`` bounds the weights kept loaded. ``data``: the job store's folder
@@ -389,7 +403,7 @@ def create_app(pipeline_factory: Callable | dict | None = None, token: str | Non
     from controlstack.serve.annotate import add_routes
 
     add_routes(app, limits, refused, MAX_BODY)  # annotators: shared with a broker front (serve/front.py)
-    add_webui_routes(app, EmbeddedControl(worker, jobs), limits, refused, ui)  # shared with a front too
+    add_webui_routes(app, EmbeddedControl(worker, jobs, lora_dir), limits, refused, ui)  # shared with a front too
 
     @app.post("/v1/generate", status_code=202)
     async def generate(request: Request):

@@ -31,8 +31,8 @@ class FrontControl:
     web UI's backend (``serve/ui``), with the base a request that names none runs on: ``default``,
     set by ``POST /sdapi/v1/options`` (None: the workers' 'default'; the UI: ``Cluster.ui_base``)."""
 
-    def __init__(self, cluster: Cluster):
-        self.cluster, self.default = cluster, None
+    def __init__(self, cluster: Cluster, lora_dir=None):
+        self.cluster, self.default, self.lora_dir = cluster, None, lora_dir
 
     def base_of(self, name: str | None):
         return self.cluster.base_of(name or self.default)
@@ -71,11 +71,12 @@ class FrontControl:
                 for n in sorted(self.cluster.bases())]
 
 
-def create_front_app(cluster: Cluster, token: str | None = None, limits: Limits | None = None, ui: bool = False):
+def create_front_app(cluster: Cluster, token: str | None = None, limits: Limits | None = None, ui: bool = False,
+                     lora_dir=None):
     """The front's app; ``ui``: the web UI at ``/`` (gradio), as the embedded server mounts it."""
     limits = limits or Limits(job_seconds=cluster.job_seconds)
     app = FastAPI(title="controlstack (front)", version=str(VERSION))
-    control = app.state.control = FrontControl(cluster)
+    control = app.state.control = FrontControl(cluster, lora_dir)  # lora_dir: the workers' --lora-dir, as seen here
     app.state.cluster = cluster
 
     def refused(exc: ControlstackError) -> JSONResponse:

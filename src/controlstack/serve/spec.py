@@ -463,6 +463,12 @@ def check_spec(spec: JobSpec, pipe, limits: Limits, names: dict | None = None) -
 
     if getattr(pipe, "weightless", False):  # a broker front (serve/distributed.py) holds no weights: the
         return                              # worker runs these checks before it generates, failing the job
+    for key in ("prompt", "negative_prompt"):  # sd-webui's <lora:NAME:WEIGHT>: a file of the server's --lora-dir
+        if "<lora:" in getattr(spec, key):
+            try:
+                pipe.prompt_loras(getattr(spec, key), pipe.lora_dir)
+            except ControlstackError as exc:
+                raise ClientError(f"'{n(key)}': {exc}") from None
     factor = pipe.vae_scale_factor
     width, height = spec.width or pipe.native_size, spec.height or pipe.native_size
     for key, v in (("width", width), ("height", height)):
