@@ -73,7 +73,7 @@ def save_kohya(tmp_path, make, seed: int, name: str, alpha: float = 2.0):
     return path
 
 
-def diffusers_image(components, loras, controlnet=None, hint=None, fuse=False):
+def diffusers_image(components, loras, controlnet=None, hint=None, fuse=False, scheduler="unipc", cfg=7.5):
     """diffusers' own pipeline with ``loras`` [(path, name, weight)] through ``load_lora_weights``."""
     from diffusers import StableDiffusionControlNetPipeline, StableDiffusionPipeline
 
@@ -81,7 +81,7 @@ def diffusers_image(components, loras, controlnet=None, hint=None, fuse=False):
 
     c = components
     parts = {"vae": c.vae, "text_encoder": c.text_encoder, "tokenizer": c.tokenizer, "unet": c.unet,
-             "scheduler": make_scheduler("unipc", None), "safety_checker": None, "feature_extractor": None,
+             "scheduler": make_scheduler(scheduler, None), "safety_checker": None, "feature_extractor": None,
              "requires_safety_checker": False}
     pipe = (StableDiffusionControlNetPipeline(controlnet=controlnet, **parts) if controlnet is not None
             else StableDiffusionPipeline(**parts))
@@ -92,8 +92,9 @@ def diffusers_image(components, loras, controlnet=None, hint=None, fuse=False):
     if fuse:
         pipe.fuse_lora()
     extra = {"image": hint, "controlnet_conditioning_scale": 0.7} if controlnet is not None else {}
-    return pipe("a cube", num_inference_steps=3, generator=torch.Generator().manual_seed(1), height=64, width=64,
-                output_type="np", guidance_scale=7.5, **extra).images
+    return pipe("a cube", num_inference_steps=4 if scheduler == "lcm" else 3, generator=torch.Generator().manual_seed(1),
+                height=64, width=64,
+                output_type="np", guidance_scale=cfg, **extra).images
 
 
 @pytest.fixture()
@@ -123,6 +124,20 @@ def test_two_loras_with_weights_match_diffusers_with_a_controlnet(tmp_path, fres
     pipe.unload_lora()
     assert_same_image(pipe("a cube", control, mode="sum", **KW), plain)
     assert pipe.loras == {}
+
+
+def test_an_lcm_lora_with_the_lcm_sampler_and_a_controlnet_matches_diffusers(tmp_path, fresh, tiny_controlnets,
+                                                                            hint_images):
+    from controlstack import Control, Pipeline
+
+    path = save_kohya(tmp_path, fresh, 5, "lcm")
+    pipe = Pipeline(fresh())
+    pipe.load_lora(path)
+    control = [Control(tiny_controlnets[0], hint_images[0], weight=0.7)]
+    ours = pipe("a cube", control, mode="sum", scheduler="lcm", cfg=1.5, **{**KW, "steps": 4})
+    theirs = diffusers_image(fresh(), [(path, "lcm", 1.0)], tiny_controlnets[0], hint_images[0], scheduler="lcm",
+                             cfg=1.5)
+    assert_same_image(ours, theirs)
 
 
 def test_a_prompts_lora_tag_loads_it_for_that_call_and_the_png_records_it(tmp_path, fresh):
