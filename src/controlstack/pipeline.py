@@ -28,9 +28,9 @@ from controlstack.hires import MAX_HIRES, hires_size  # noqa: F401 (re-exported:
 from controlstack.img2img import Img2Img
 from controlstack.injection import make_injection
 from controlstack.inpaint import InpaintOptions
-from controlstack.lora import Loras
 from controlstack.io.checkpoints import check_compatible
 from controlstack.io.images import resize_image, to_rgb
+from controlstack.lora import Loras
 from controlstack.models.components import SDComponents
 from controlstack.models.families import family_of
 from controlstack.models.tiers import Runners, Tier, make_tier
