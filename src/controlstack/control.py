@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from controlstack.errors import ControlstackError
 from controlstack.io.images import RESIZE_MODES, mask_to_array, validate_image
+from controlstack.models.union import is_union
 from controlstack.residuals import Residuals
 from controlstack.sampling.loop import Step
 
@@ -187,8 +188,6 @@ class Branch:
 def group_unions(controls: list[Control], resolve) -> list[Control | list[Control]]:
     """``controls`` in order, the controls of each union model (``resolve(model)`` -> the model)
     gathered into one list at the place of the first of them."""
-    from controlstack.models.union import is_union
-
     out: list = []
     groups: dict[int, list[Control]] = {}
     for c in controls:
@@ -230,3 +229,23 @@ class UnionBranch:
             self.last = self.runner(x, t, encoder_hidden_states, self.conditions, self.ids, scales, **kw)
             self._scales = scales
         return self.region(self.last.times(scales[0]) if single else self.last)
+
+
+class AdapterBranch:
+    """A T2I-Adapter inside one run (``models/adapter.py``): its feature maps, computed once, added
+    inside the U-Net's encoder at the steps of its window, times its weight (diffusers'
+    ``adapter_conditioning_scale``; its ``adapter_conditioning_factor`` f is the window end=f)."""
+
+    point = "intrablock"  # where the denoiser adds it: inside the encoder, not to the skips
+
+    def __init__(self, features: list[torch.Tensor], weight, start: float, end: float):
+        self.features, self.weight, self.start, self.end = features, weight, start, end
+        self.last = None
+
+    def active(self, step: Step) -> bool:
+        return in_window(self.start, self.end, step)
+
+    def intrablock(self, step: Step) -> list[torch.Tensor]:
+        w = weight_at(self.weight, step.progress)
+        return [f * w for f in self.features]
+

@@ -60,7 +60,9 @@ class ControlledDenoiser:
         added: tuple[dict | None, dict] | None = None,  # SDXL: (uncond, cond) added conditions; None: SD-1.x
     ):
         self.unet = unet
-        self.branches = branches
+        # T2I-Adapters add inside the encoder; every other branch to the skips (its ``point``)
+        self.adapters = [b for b in branches if getattr(b, "point", "skips") == "intrablock"]
+        self.branches = [b for b in branches if getattr(b, "point", "skips") == "skips"]
         self.injection = injection
         self.cond, self.uncond = cond, uncond
         self.cfg = uncond is not None
@@ -76,6 +78,17 @@ class ControlledDenoiser:
         self.calls = 0  # ControlNet forward passes, for tests and benchmarks
         self.encoder_calls = 0
 
+    def intrablock(self, step: Step) -> dict:
+        """The active T2I-Adapters' features at this step, summed per level (diffusers' MultiAdapter
+        order), for the encoder; ``{}`` without any."""
+        active = [b.intrablock(step) for b in self.adapters if b.active(step)]
+        if not active:
+            return {}
+        total = active[0]
+        for more in active[1:]:
+            total = [a + b for a, b in zip(total, more)]
+        return {"intrablock": total}
+
     def __call__(self, x: torch.Tensor, t: torch.Tensor, step: Step) -> torch.Tensor:
         x_in = torch.cat([x, x]) if self.cfg else x
         # an inpainting U-Net also reads the mask and the masked image's latents; the ControlNets read
@@ -84,7 +97,7 @@ class ControlledDenoiser:
         fresh = self.reuse is None or self.reuse.fresh(step)
         if fresh or self._encoded is None:
             self.encoder_calls += 1
-            h, mid, ctx = self.unet.encode(unet_in, t, self.emb, **self.unet_kw)
+            h, mid, ctx = self.unet.encode(unet_in, t, self.emb, **self.unet_kw, **self.intrablock(step))
             if self.reuse is not None:
                 self._encoded = h, mid, ctx
         else:  # the decoder reads the key step's features at this step's time embedding

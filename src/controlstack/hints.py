@@ -14,9 +14,19 @@ import numpy as np
 import torch
 from PIL import Image
 
-from controlstack.control import Branch, Control
+from controlstack import annotators
+from controlstack.control import AdapterBranch, Branch, Control, UnionBranch, group_unions
 from controlstack.errors import ControlstackError
-from controlstack.io.images import image_to_tensor, resize_image, to_rgb
+from controlstack.io.images import (
+    image_to_tensor,
+    load_image,
+    mask_to_array,
+    pixel_perfect_resolution,
+    resize_image,
+    to_rgb,
+)
+from controlstack.models.adapter import adapter_features, is_adapter
+from controlstack.models.union import control_id
 
 
 class Hints:
@@ -29,20 +39,13 @@ class Hints:
         -1 (its own ``mask`` parameter, else the generation's ``inpaint_mask``)."""
         image = to_rgb(control.image)
         if control.preprocess:
-            from controlstack import annotators
-            from controlstack.io.images import pixel_perfect_resolution
-
             name = self.module_name(control)
             params = dict(control.annotator_params)
             if name == "inpaint":
-                from controlstack.io.images import mask_to_array
-
                 mask = params.pop("mask", None) or inpaint_mask
                 if mask is None:
                     raise ControlstackError("the inpaint control needs a mask: pass inpaint_mask (or mask= to the annotator)")
                 if isinstance(mask, (str, os.PathLike)):
-                    from controlstack.io.images import load_image
-
                     mask = load_image(mask)
                 m = Image.fromarray((mask_to_array(mask, "inpaint mask") * 255).round().astype(np.uint8))
                 small = resize_image(image, width, height, control.resize_mode)
@@ -69,12 +72,17 @@ class Hints:
     def make_branches(self, controls: Sequence[Control], width: int, height: int, prompts: tuple[str, str], batch: int,
                       do_cfg: bool, inpaint_mask: Any, hint_batch: int) -> list:
         """One branch per control, except that the controls of one ControlNet-Union model make one
-        fused branch (``models/union.py``), at the place of the first of them."""
-        from controlstack.control import UnionBranch, group_unions
-        from controlstack.models.union import control_id
-
+        fused branch (``models/union.py``), at the place of the first of them; a T2I-Adapter makes
+        an :class:`~controlstack.control.AdapterBranch` (``models/adapter.py``)."""
         branches = []
         for item in group_unions(controls, self.controlnet):
+            if isinstance(item, Control) and is_adapter(self.controlnet(item.model)):
+                hint = self.prepare_hint(item, width, height, inpaint_mask).to(self.unet.device)
+                # computed once at batch 1, then copied to the U-Net's batch (both CFG halves), as diffusers does
+                features = [f.repeat(batch * (2 if do_cfg else 1), 1, 1, 1)
+                            for f in adapter_features(self.controlnet(item.model), hint)]
+                branches.append(AdapterBranch(features, item.weight, item.start, item.end))
+                continue
             if isinstance(item, Control):
                 branches.append(self.make_branch(item, width, height, prompts, batch, do_cfg, inpaint_mask, hint_batch))
                 continue
@@ -105,6 +113,5 @@ class Hints:
             return "none"
         if isinstance(control.preprocess, str):
             return control.preprocess
-        from controlstack import annotators
 
         return annotators.for_control(control.model, control.task, self.source)

@@ -7,6 +7,7 @@ ControlNets that declare none. A call's unset values (``None``) resolve here; ex
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 from collections.abc import Sequence
@@ -15,6 +16,8 @@ from typing import Any
 
 from controlstack.control import Control
 from controlstack.errors import ControlstackError
+from controlstack.io.settings import CONTROLNET_KEYS, controlnet_recommendation, model_folder, read_settings
+from controlstack.models.adapter import is_adapter
 
 #: ControlNets with fewer parameters than this (a tenth of SD-1.5's 361M) that declare no mode get a
 #: one-time warning when sampled in the ``balanced`` fallback (:meth:`Pipeline.warn_if_weak`).
@@ -32,8 +35,6 @@ class Recommendations:
         ControlNet name of the base it was loaded from, else an existing folder. A pipeline built from
         components in memory (no ``source``) names its ControlNets by name only: none of them has a
         folder, so a name never picks up the bundled ControlNet's settings."""
-        from controlstack.io.settings import model_folder
-
         if self.source is None:
             return Path(model) if isinstance(model, (str, os.PathLike)) and Path(model).is_dir() else None
         return model_folder(model, self.source)
@@ -42,8 +43,6 @@ class Recommendations:
         """Whether a Control's model was trained with the ``mi`` injection (its folder's
         ``controlstack.json`` says so; bundled names and paths are looked up; a model object counts as
         plain: pass ``mode_options={"lambda_max": 20}`` for an MI model loaded by hand)."""
-        from controlstack.io.settings import read_settings
-
         folder = self.folder_of(model)
         return folder is not None and (read_settings(folder).get("training") or {}).get("injection") == "mi"
 
@@ -51,8 +50,6 @@ class Recommendations:
         """Each control's recommended ControlNet settings (``io/settings.py``): its folder's mode with its
         options, else the mode the base declares for its ControlNets; its folder's ``start`` / ``end``,
         else the base's, key by key."""
-        from controlstack.io.settings import CONTROLNET_KEYS, controlnet_recommendation
-
         base = {k: self.recommended[k] for k in CONTROLNET_KEYS if k in self.recommended}
         recs = []
         for c in controls:
@@ -94,8 +91,6 @@ class Recommendations:
         """The controls with their window set: an explicit ``start`` / ``end``, else the recommended one
         (:meth:`control_recommendations`), else 0.0 / 1.0 (the whole run, diffusers' default). The
         caller's Control objects are left as they are (copies carry the resolved window)."""
-        import copy
-
         out = []
         for c, rec in zip(controls, self.control_recommendations(controls)):
             if c.start is not None and c.end is not None:
@@ -119,7 +114,7 @@ class Recommendations:
         if self._warned_weak or not controls or self.recommended_mode(controls) is not None:
             return
         for c, rec in zip(controls, self.control_recommendations(controls)):
-            if "mode" in rec:
+            if "mode" in rec or is_adapter(self.controlnet(c.model)):  # modes act on ControlNets' residuals only
                 continue
             n = sum(p.numel() for p in self.controlnet(c.model).parameters())
             if n < SMALL_CONTROLNET:

@@ -128,11 +128,13 @@ def load_controlnet(source: str | os.PathLike, *, allow_pickle: bool = False,
 
             return LiteControlNetModel.from_pretrained(path, torch_dtype=torch_dtype or torch.float32).eval()
         cls_name = cfg.get("_class_name", "ControlNetModel")
-        if cls_name not in ("ControlNetModel", "ControlNetUnionModel"):
-            raise ControlstackError(f"'{source}' holds a {cfg['_class_name']}, not a ControlNetModel; "
-                                    "pass a ControlNet folder")
+        if cls_name not in ("ControlNetModel", "ControlNetUnionModel", "T2IAdapter"):
+            raise ControlstackError(f"'{source}' holds a {cfg['_class_name']}, not a ControlNetModel or T2IAdapter; "
+                                    "pass a ControlNet or T2I-Adapter folder")
         if cls_name == "ControlNetUnionModel":  # xinsir's ControlNet-Union / ProMax (models/union.py)
             from diffusers import ControlNetUnionModel as ControlNetModel
+        if cls_name == "T2IAdapter":  # a control branch too, added inside the encoder (models/adapter.py)
+            from diffusers import T2IAdapter as ControlNetModel
         use_safetensors = folder_uses_safetensors(path, allow_pickle)
         if torch_dtype is None:  # keep the stored dtype (from_pretrained would load float32)
             torch_dtype = stored_dtype(path)
@@ -187,9 +189,17 @@ def save_controlnet(model, dest: str | os.PathLike, *, format: str = "auto") -> 
 
 # ----------------------------------------------------------------------------------- compatibility
 def check_compatible(controlnet, unet) -> None:
-    """Raise unless ``controlnet``'s residuals fit ``unet`` (family, channels, layout, text width)."""
+    """Raise unless ``controlnet``'s residuals fit ``unet`` (family, channels, layout, text width);
+    a T2I-Adapter's feature maps must have the U-Net's block channels, one per block at most."""
+    from controlstack.models.adapter import is_adapter
     from controlstack.models.families import family_of
 
+    if is_adapter(controlnet):
+        channels, blocks = list(controlnet.config.channels), list(unet.config.block_out_channels)
+        if channels != blocks[:len(channels)]:
+            raise ControlstackError(f"T2I-Adapter feature channels {channels} do not fit the base's blocks {blocks}; "
+                                    "use an adapter trained for this base family")
+        return
     if family_of(controlnet) is not family_of(unet):
         raise ControlstackError(f"this ControlNet is for {family_of(controlnet).label} but the base model is "
                                 f"{family_of(unet).label}; use a ControlNet trained for the base's family")

@@ -100,7 +100,7 @@ def _inspect_folder(path: Path, allow_pickle: bool) -> dict:
         cfg = json.loads((path / "config.json").read_text())
         name = cfg.get("_class_name", "unknown")
         kind = {"ControlNetModel": "controlnet", "ControlNetUnionModel": "controlnet", "UNet2DConditionModel": "unet",
-                "AutoencoderKL": "vae"}.get(name, name)
+                "AutoencoderKL": "vae", "T2IAdapter": "t2i-adapter"}.get(name, name)
         shapes, dtypes = _folder_weights(path, allow_pickle)
         return {"format": "diffusers", "container": "folder", "kind": kind, "arch": _arch(cfg, "config.json"),
                 **_summary(shapes, dtypes)}

@@ -42,11 +42,16 @@ class UNetContext:
 
 
 def _run_down_blocks(blocks, sample, emb, ctx_states, attention_mask, cross_attention_kwargs,
-                     encoder_attention_mask) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """conv_in's output through the encoder: returns the last sample and every skip feature."""
+                     encoder_attention_mask, intrablock=None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """conv_in's output through the encoder: returns the last sample and every skip feature.
+    ``intrablock``: a T2I-Adapter's feature maps, one per block from the first, added as diffusers'
+    ``down_intrablock_additional_residuals`` are (inside a cross-attention block before its
+    downsampler; after any other block, in place, so its last skip carries it too)."""
     feats = [sample]
+    extra = list(intrablock or [])
     for block in blocks:
         if getattr(block, "has_cross_attention", False):
+            more = {"additional_residuals": extra.pop(0)} if extra else {}
             sample, res = block(
                 hidden_states=sample,
                 temb=emb,
@@ -54,9 +59,12 @@ def _run_down_blocks(blocks, sample, emb, ctx_states, attention_mask, cross_atte
                 attention_mask=attention_mask,
                 cross_attention_kwargs=cross_attention_kwargs,
                 encoder_attention_mask=encoder_attention_mask,
+                **more,
             )
         else:
             sample, res = block(hidden_states=sample, temb=emb)
+            if extra:
+                sample += extra.pop(0)
         feats.extend(res)
     return sample, feats
 
@@ -114,6 +122,7 @@ class UNetRunner:
         attention_mask=None,
         encoder_attention_mask=None,
         cross_attention_kwargs: dict | None = None,
+        intrablock: list[torch.Tensor] | None = None,
     ) -> tuple[list[torch.Tensor], torch.Tensor, UNetContext]:
         unet = self.unet
         up_factor = 2**unet.num_upsamplers
@@ -133,7 +142,7 @@ class UNetRunner:
 
         sample, h = _run_down_blocks(
             unet.down_blocks, unet.conv_in(sample), emb, encoder_hidden_states,
-            attention_mask, cross_attention_kwargs, encoder_attention_mask,
+            attention_mask, cross_attention_kwargs, encoder_attention_mask, intrablock,
         )
         if unet.mid_block is not None:
             sample = _run_block(
