@@ -10,6 +10,7 @@ after a restart, jobs left queued or running run again (docs/serving.md, "Jobs s
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from controlstack.cli.text import DefaultsFormatter, plain
 from controlstack.errors import ControlstackError
@@ -60,12 +61,12 @@ def run(args: argparse.Namespace) -> int:
     if args.queue < 0:
         raise ControlstackError(f"--queue must be >= 0, got {args.queue}")
     try:
-        import uvicorn
+        import uvicorn  # local: optional dependency
     except ImportError:
         raise ControlstackError("serve needs fastapi and uvicorn: pip install fastapi uvicorn") from None
     if args.broker:  # a front of workers (serve/distributed.py): validates and queues, loads nothing
-        from controlstack.serve.distributed import Cluster
-        from controlstack.serve.front import create_front_app
+        from controlstack.serve.distributed import Cluster  # local: keeps CLI start-up light
+        from controlstack.serve.front import create_front_app  # local: keeps CLI start-up light
 
         if not args.broker.startswith(("redis://", "rediss://", "unix://")):
             raise ControlstackError(f"--broker must be a redis:// URL, got {args.broker[:80]!r}")
@@ -76,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
                     host=args.host, port=args.port, log_level="info")
         return 0
 
-    from controlstack.serve.app import create_app
+    from controlstack.serve.app import create_app  # local: keeps CLI start-up light
 
     factories = base_factories(args, default=True)
     if args.memory <= 0:
@@ -85,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
         raise ControlstackError(f"--keep-jobs must be >= 0, got {args.keep_jobs}")
     if not args.keep_days >= 0:  # NaN too
         raise ControlstackError(f"--keep-days must be >= 0, got {args.keep_days}")
-    from controlstack.serve.store import default_data_dir
+    from controlstack.serve.store import default_data_dir  # local: keeps CLI start-up light
 
     app = create_app(factories, token=args.token, queue_size=args.queue, ui=not args.no_ui, memory_gib=args.memory,
                      data=args.data or default_data_dir(), keep_jobs=args.keep_jobs, keep_days=args.keep_days,
@@ -97,9 +98,7 @@ def run(args: argparse.Namespace) -> int:
 def controlnet_families(paths: list[str]) -> dict[str, tuple[str, str]]:
     """name (file / folder stem) -> (path, family) of each ``--controlnets`` entry, read from its
     header (nothing is loaded until a request uses it)."""
-    from pathlib import Path
-
-    from controlstack.io.checkpoints import inspect_checkpoint
+    from controlstack.io.checkpoints import inspect_checkpoint  # local: keeps CLI start-up light
 
     out: dict[str, tuple[str, str]] = {}
     for p in paths:
@@ -107,15 +106,15 @@ def controlnet_families(paths: list[str]) -> dict[str, tuple[str, str]]:
         if name in out:
             raise ControlstackError(f"--controlnets: two ControlNets named '{name}'; rename one folder or file")
         info = inspect_checkpoint(p)
-        if info["kind"] != "controlnet":
-            raise ControlstackError(f"--controlnets: '{p}' is a {info['kind']}, not a ControlNet")
+        if info["kind"] not in ("controlnet", "t2i-adapter"):  # an adapter is a control model too
+            raise ControlstackError(f"--controlnets: '{p}' is a {info['kind']}, not a ControlNet or T2I-Adapter")
         out[name] = (p, info["arch"]["family_name"])
     return out
 
 
 def with_controlnets(pipe, controlnets: dict[str, tuple[str, str]]):
     """``pipe`` with the ControlNets of its family added (lazily loaded, in the base's dtype)."""
-    from controlstack.io.checkpoints import load_controlnet
+    from controlstack.io.checkpoints import load_controlnet  # local: keeps CLI start-up light
 
     for name, (path, family) in controlnets.items():
         if family == pipe.family.name:
@@ -132,9 +131,7 @@ def base_factories(args, default: bool) -> dict:
     """``{name: loader}`` of the bases a server or worker holds: the bundled one as ``default`` (when
     ``default``), and each ``--models`` folder / file by its name, each with the ``--controlnets`` of
     its family and the ``--optimize`` tier; names are checked now, the weights read on first use."""
-    from pathlib import Path
-
-    from controlstack import Pipeline
+    from controlstack import Pipeline  # local: keeps CLI start-up light
 
     controlnets = controlnet_families(args.controlnets)
 
