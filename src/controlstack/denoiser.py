@@ -58,6 +58,7 @@ class ControlledDenoiser:
         unet_extra: torch.Tensor | None = None,  # extra U-Net input channels (9-channel inpainting), CFG-batched
         reuse: Reuse | None = None,       # fast tier: encoder / ControlNet features reused between key steps
         added: tuple[dict | None, dict] | None = None,  # SDXL: (uncond, cond) added conditions; None: SD-1.x
+        image_embeds: list[torch.Tensor] | None = None,  # IP-Adapters: the U-Net's alone, CFG-batched
     ):
         self.unet = unet
         # T2I-Adapters add inside the encoder; every other branch to the skips (its ``point``)
@@ -72,6 +73,8 @@ class ControlledDenoiser:
         self.added = {k: torch.cat([added[0][k], v]) for k, v in added[1].items()} if added and self.cfg \
             else self.added_cond
         self.unet_kw = {"added_cond_kwargs": self.added} if self.added else {}
+        if image_embeds is not None:  # the ControlNets keep reading the text alone (diffusers' pipelines)
+            self.unet_kw = {"added_cond_kwargs": {**(self.added or {}), "image_embeds": image_embeds}}
         self.unet_extra = unet_extra
         self.reuse = reuse
         self._encoded = None  # the last key step's (h, mid, ctx)

@@ -28,6 +28,7 @@ from controlstack.hires import MAX_HIRES, hires_size  # noqa: F401 (re-exported:
 from controlstack.img2img import Img2Img
 from controlstack.injection import make_injection
 from controlstack.inpaint import InpaintOptions
+from controlstack.ip_adapter import ImagePrompt, ImagePrompts
 from controlstack.io.checkpoints import check_compatible
 from controlstack.io.images import resize_image, to_rgb
 from controlstack.lora import Loras
@@ -82,13 +83,14 @@ class Generation:
     inpaint: InpaintOptions | None = None
     eta: float = 0.0
     micro: dict = field(default_factory=dict)  # SDXL's original_size / crops_coords_top_left / target_size
+    image_prompts: list | None = None  # IP-Adapter image prompts (ip_adapter.py)
 
     def kwargs(self) -> dict:
         """``Pipeline.__call__``'s keyword arguments for these values (the hires fix and sd-webui's
         inpainting call the pipeline again with them)."""
         out = {k: getattr(self, k) for k in ("steps", "cfg", "seed", "width", "height", "scheduler", "mode",
                                              "negative_prompt", "batch", "mode_options", "init_image", "strength",
-                                             "inpaint_mask", "inpaint", "eta")}
+                                             "inpaint_mask", "inpaint", "eta", "image_prompts")}
         return {**out, **self.micro}
 
 
@@ -119,7 +121,7 @@ class GenerationResult:
     conditions: list = field(default_factory=list)  # from_image: the condition made for each task
 
 
-class Pipeline(Prompting, Hints, Img2Img, Recommendations, Loras):
+class Pipeline(Prompting, Hints, Img2Img, Recommendations, Loras, ImagePrompts):
     """A base model (SD-1.x / 2.x or SDXL, told by its U-Net: ``family``) plus the ControlNets it
     has loaded (cached by name/path)."""
 
@@ -343,6 +345,7 @@ class Pipeline(Prompting, Hints, Img2Img, Recommendations, Loras):
         hires_steps: int | None = None,
         hires_upscaler: str = "lanczos",
         inpaint: InpaintOptions | None = None,
+        image_prompts: Sequence[ImagePrompt] | None = None,
         step_callback: Any = None,
         eta: float = 0.0,
         output_type: str = "pil",
@@ -372,6 +375,8 @@ class Pipeline(Prompting, Hints, Img2Img, Recommendations, Loras):
         the run between steps, which is how the server cancels a job; raising
         :class:`~controlstack.sampling.loop.StopSampling` ends the loop there and decodes the latents
         reached: sd-webui's interrupt / skip).
+        ``image_prompts`` (with IP-Adapters loaded, ``load_ip_adapter``): one
+        :class:`~controlstack.ip_adapter.ImagePrompt` per adapter.
         ``output_type``: 'pil', 'np', or 'latent' (the final latents, not decoded).
         ``original_size``, ``crops_coords_top_left``, ``target_size`` (SDXL bases only): the
         micro-conditioning, (height, width) / (top, left); None = the output size and (0, 0).
@@ -382,7 +387,7 @@ class Pipeline(Prompting, Hints, Img2Img, Recommendations, Loras):
         g = self.resolve(prompt, controls, steps=steps, cfg=cfg, seed=seed, width=width, height=height,
                          scheduler=scheduler, mode=mode, negative_prompt=negative_prompt, batch=batch,
                          mode_options=mode_options, init_image=init_image, strength=strength,
-                         inpaint_mask=inpaint_mask, inpaint=inpaint, eta=eta, hires=hires,
+                         inpaint_mask=inpaint_mask, inpaint=inpaint, eta=eta, hires=hires, image_prompts=image_prompts,
                          micro={"original_size": original_size, "crops_coords_top_left": crops_coords_top_left,
                                 "target_size": target_size})
         if hires is not None:  # two passes of this call (hires.py)
@@ -455,7 +460,8 @@ class Pipeline(Prompting, Hints, Img2Img, Recommendations, Loras):
                                       do_cfg, g.inpaint_mask, hint_batch)
         start = self.start(g, sched, generator, do_cfg)
         denoiser = ControlledDenoiser(self.runners.unet, branches, injection, cond, uncond, g.cfg,
-                                      unet_extra=start.unet_extra, reuse=self.tier.reuse, added=added)
+                                      unet_extra=start.unet_extra, reuse=self.tier.reuse, added=added,
+                                      image_embeds=self.image_embeds(g.image_prompts, g.batch, do_cfg))
         return sample(denoiser, sched, start.latents, g.steps, generator=generator, eta=g.eta, progress=progress,
                       start=start.start, callback=after_each_step(start.blend, step_callback))
 

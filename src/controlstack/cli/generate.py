@@ -85,6 +85,12 @@ def register(sub) -> None:
                         "(default 1); repeatable, each with its own weight")
     p.add_argument("--lora-dir", default=None, metavar="DIR",
                    help="where sd-webui's prompt syntax <lora:NAME:WEIGHT> finds NAME.safetensors")
+    p.add_argument("--ip-adapter", action="append", default=[], metavar="FILE",
+                   help="load an IP-Adapter (diffusers / original .safetensors); repeatable, one --image-prompt each")
+    p.add_argument("--image-encoder", default=None, metavar="DIR",
+                   help="with --ip-adapter: its CLIP image encoder (a transformers CLIPVisionModelWithProjection folder)")
+    p.add_argument("--image-prompt", action="append", default=[], metavar="IMAGE[:SCALE]",
+                   help="with --ip-adapter: a reference image at SCALE (default 1), one per adapter, in order")
     p.add_argument("--mask-blur", type=int, default=4, help="with --inpaint-mask: blur the mask by this radius (px)")
     p.add_argument("--mask-invert", action="store_true", help="with --inpaint-mask: repaint where it is black")
     p.add_argument("--inpaint-full-res", action="store_true",
@@ -308,11 +314,12 @@ def run(args: argparse.Namespace) -> int:
                                                 fill=args.inpainting_fill, paste_back=not args.no_paste_back)
     seed = args.seed if args.seed >= 0 else random.randrange(2**32)
 
-    loras = parse_loras(args)
+    loras, prompts = parse_loras(args), image_prompts(args)
     pipe = Pipeline.from_pretrained(args.model, allow_pickle=args.allow_pickle, config=args.config)
     with_loras(pipe, args, loras)
     pipe.optimize(args.optimize)
-    result = pipe(args.prompt, controls=controls, return_result=True, **img2img, **sampling_options(args, seed))
+    result = pipe(args.prompt, controls=controls, return_result=True, **img2img, **sampling_options(args, seed),
+                  **({"image_prompts": prompts} if prompts else {}))
     return write_outputs(args, result, seed)
 
 
@@ -340,6 +347,29 @@ def with_loras(pipe, args, loras) -> None:
     for path, weight in loras:
         pipe.load_lora(path, weight, allow_pickle=args.allow_pickle)
     pipe.lora_dir = args.lora_dir
+    for i, path in enumerate(args.ip_adapter):
+        pipe.load_ip_adapter(path, image_encoder=args.image_encoder if i == 0 else None, allow_pickle=args.allow_pickle)
+
+
+def image_prompts(args) -> list:
+    """``--image-prompt IMAGE[:SCALE]`` -> ImagePrompts, checked before the model loads."""
+    from controlstack.io.images import load_image
+    from controlstack.ip_adapter import ImagePrompt
+
+    if len(args.image_prompt) != len(args.ip_adapter):
+        raise ControlstackError(f"{len(args.image_prompt)} --image-prompt for {len(args.ip_adapter)} --ip-adapter; "
+                                "give one image per adapter")
+    if args.ip_adapter and args.image_encoder is None:
+        raise ControlstackError("--ip-adapter needs --image-encoder DIR (its CLIP image encoder)")
+    out = []
+    for spec in args.image_prompt:
+        path, _, tail = spec.rpartition(":")
+        try:
+            scale = float(tail) if path else 1.0
+        except ValueError:
+            path, scale = spec, 1.0
+        out.append(ImagePrompt(load_image(path or spec), scale))
+    return out
 
 
 def sampling_options(args, seed: int) -> dict:
