@@ -25,6 +25,8 @@ from typing import Any
 import torch
 
 from controlstack.errors import ControlstackError
+from controlstack.io.images import to_rgb, validate_image
+from controlstack.io.tensors import read_tensors
 
 
 @dataclass
@@ -38,8 +40,6 @@ class ImagePrompt:
 
 def read_ip_adapter(path, allow_pickle: bool = False) -> dict:
     """An IP-Adapter file -> ``{"image_proj": {...}, "ip_adapter": {...}}`` (diffusers' layout)."""
-    from controlstack.io.tensors import read_tensors
-
     path = Path(path)
     if not path.is_file():
         raise ControlstackError(f"IP-Adapter '{path}' does not exist; check the path")
@@ -68,6 +68,7 @@ class ImagePrompts:
     def load_ip_adapter(self, path: str | os.PathLike, image_encoder: Any = None, *, allow_pickle: bool = False) -> None:
         """Add an IP-Adapter (several stay loaded: one image prompt each, in load order).
         ``image_encoder``: a ``CLIPVisionModelWithProjection`` or its folder (needed with the first)."""
+        # local: heavy, only this path needs it
         from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
         adapters = self.ip_state()
@@ -93,6 +94,7 @@ class ImagePrompts:
 
     def unload_ip_adapter(self) -> None:
         """Remove every IP-Adapter: the U-Net's attention as it was (diffusers' ``unload_ip_adapter``)."""
+        # local: heavy, only this path needs it
         from diffusers.models.attention_processor import AttnProcessor2_0, IPAdapterAttnProcessor2_0
 
         self.ip_state().clear()
@@ -107,9 +109,8 @@ class ImagePrompts:
         """The image embeddings for the U-Net's ``added_cond_kwargs["image_embeds"]``: one tensor per
         loaded adapter, batched as the U-Net's input (negative first under CFG), with each
         adapter's scale set; none given: zeros at scale 0 (the adapter adds nothing)."""
+        # local: heavy, only this path needs it
         from diffusers.models.embeddings import ImageProjection
-
-        from controlstack.io.images import to_rgb, validate_image
 
         adapters = self.ip_state()
         prompts = list(prompts or [])
@@ -153,7 +154,10 @@ class ImagePrompts:
 
     def _set_scales(self, scales: list) -> None:
         """diffusers' ``set_ip_adapter_scale``: a number or a per-layer-group dict for each adapter."""
+        # local: heavy, only this path needs it
         from diffusers.loaders.unet_loader_utils import _maybe_expand_lora_scales
+
+        # local: heavy, only this path needs it
         from diffusers.models.attention_processor import IPAdapterAttnProcessor, IPAdapterAttnProcessor2_0
 
         configs = _maybe_expand_lora_scales(self.unet, scales, default_scale=0.0)
