@@ -59,6 +59,7 @@ class ControlledDenoiser:
         reuse: Reuse | None = None,       # fast tier: encoder / ControlNet features reused between key steps
         added: tuple[dict | None, dict] | None = None,  # SDXL: (uncond, cond) added conditions; None: SD-1.x
         image_embeds: list[torch.Tensor] | None = None,  # IP-Adapters: the U-Net's alone, CFG-batched
+        ip_masks: list[torch.Tensor] | None = None,      # ... and their region masks, one per adapter
     ):
         self.unet = unet
         # T2I-Adapters add inside the encoder; every other branch to the skips (its ``point``)
@@ -75,6 +76,8 @@ class ControlledDenoiser:
         self.unet_kw = {"added_cond_kwargs": self.added} if self.added else {}
         if image_embeds is not None:  # the ControlNets keep reading the text alone (diffusers' pipelines)
             self.unet_kw = {"added_cond_kwargs": {**(self.added or {}), "image_embeds": image_embeds}}
+        # the encoder's alone: the decoder reads them from its context, the time embedding never
+        self.encode_kw = {"cross_attention_kwargs": {"ip_adapter_masks": ip_masks}} if ip_masks else {}
         self.unet_extra = unet_extra
         self.reuse = reuse
         self._encoded = None  # the last key step's (h, mid, ctx)
@@ -100,7 +103,8 @@ class ControlledDenoiser:
         fresh = self.reuse is None or self.reuse.fresh(step)
         if fresh or self._encoded is None:
             self.encoder_calls += 1
-            h, mid, ctx = self.unet.encode(unet_in, t, self.emb, **self.unet_kw, **self.intrablock(step))
+            h, mid, ctx = self.unet.encode(unet_in, t, self.emb, **self.unet_kw, **self.encode_kw,
+                                           **self.intrablock(step))
             if self.reuse is not None:
                 self._encoded = h, mid, ctx
         else:  # the decoder reads the key step's features at this step's time embedding

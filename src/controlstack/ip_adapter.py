@@ -22,20 +22,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from PIL import Image
 
 from controlstack.errors import ControlstackError
-from controlstack.io.images import to_rgb, validate_image
+from controlstack.io.images import mask_to_array, to_rgb, validate_image
 from controlstack.io.tensors import read_tensors
 
 
 @dataclass
 class ImagePrompt:
-    """One image prompt: the reference image and the adapter's scale (a number, or per layer group
-    as diffusers' ``set_ip_adapter_scale`` takes it)."""
+    """One image prompt: the reference image, the adapter's scale (a number, or per layer group
+    as diffusers' ``set_ip_adapter_scale`` takes it) and a region ``mask`` (white: where the image
+    prompt acts; diffusers' ``IPAdapterMaskProcessor``; None: everywhere)."""
 
     image: Any
     scale: float | dict = 1.0
+    mask: Any = None
 
 
 def read_ip_adapter(path, allow_pickle: bool = False) -> dict:
@@ -138,6 +142,24 @@ class ImagePrompts:
             embeds.append((torch.cat([neg, pos]) if do_cfg else pos).to(self.unet.device))
         self._set_scales(scales)
         return embeds
+
+    def ip_masks(self, prompts, height: int, width: int) -> list[torch.Tensor] | None:
+        """The prompts' region masks for the attention processors (``ip_adapter_masks``), one per
+        adapter -- all ones for a prompt without one, which leaves its tokens as they are; None
+        when no prompt has a mask."""
+        # local: heavy, only this path needs it
+        from diffusers.image_processor import IPAdapterMaskProcessor
+
+        prompts = list(prompts or [])
+        if not any(p.mask is not None for p in prompts):
+            return None
+        processor = IPAdapterMaskProcessor()
+        out = []
+        for i, p in enumerate(prompts):
+            m = np.ones((height, width), np.float32) if p.mask is None else mask_to_array(p.mask, f"image prompt {i} mask")
+            out.append(processor.preprocess(Image.fromarray((m * 255).round().astype(np.uint8), "L"), height=height,
+                                            width=width).to(self.unet.device))
+        return out
 
     def _pixels(self) -> tuple[int, int]:
         size = self.image_encoder.config.image_size

@@ -461,7 +461,8 @@ class Pipeline(Prompting, Hints, Img2Img, Recommendations, Loras, ImagePrompts):
         start = self.start(g, sched, generator, do_cfg)
         denoiser = ControlledDenoiser(self.runners.unet, branches, injection, cond, uncond, g.cfg,
                                       unet_extra=start.unet_extra, reuse=self.tier.reuse, added=added,
-                                      image_embeds=self.image_embeds(g.image_prompts, g.batch, do_cfg))
+                                      image_embeds=self.image_embeds(g.image_prompts, g.batch, do_cfg),
+                                      ip_masks=self.ip_masks(g.image_prompts, g.height, g.width))
         return sample(denoiser, sched, start.latents, g.steps, generator=generator, eta=g.eta, progress=progress,
                       start=start.start, callback=after_each_step(start.blend, step_callback))
 

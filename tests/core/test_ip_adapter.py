@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from controlstack.errors import ControlstackError
 from tests.parity import assert_same_image
@@ -53,7 +54,7 @@ def ip_adapter_file(tmp_path, unet, seed: int, name: str):
     return path
 
 
-def reference(components, controlnet, hint, files, images, scales):
+def reference(components, controlnet, hint, files, images, scales, **extra):
     from diffusers import StableDiffusionControlNetPipeline
     from safetensors.torch import load_file
     from transformers import CLIPImageProcessor
@@ -75,7 +76,7 @@ def reference(components, controlnet, hint, files, images, scales):
     pipe.unet._load_ip_adapter_weights(states)
     pipe.set_ip_adapter_scale(scales)
     return pipe("a cube", image=hint, ip_adapter_image=images, num_inference_steps=3, height=64, width=64,
-                guidance_scale=7.5, generator=torch.Generator().manual_seed(1), output_type="np").images
+                guidance_scale=7.5, generator=torch.Generator().manual_seed(1), output_type="np", **extra).images
 
 
 @pytest.fixture()
@@ -156,3 +157,24 @@ def test_cli_ip_adapter_flags(tmp_path, fresh, hint_images):
     a, b = (np.asarray(Image.open(tmp_path / "out" / f"0000{i}-3.png"), np.int16) for i in (0, 1))
     assert np.abs(a - b).max() > 2  # the image prompt changed the image
     assert main([*common, "--ip-adapter", str(path)]) == 2  # no image prompt, no encoder: one line
+
+
+def test_a_region_mask_keeps_the_image_prompt_to_its_region(tmp_path, fresh, tiny_controlnets, hint_images):
+    from diffusers.image_processor import IPAdapterMaskProcessor
+
+    from controlstack import Control, Pipeline
+    from controlstack.ip_adapter import ImagePrompt
+
+    mask = np.zeros((64, 64), np.uint8)
+    mask[:, :32] = 255
+    pipe = Pipeline(fresh())
+    path = ip_adapter_file(tmp_path, pipe.unet, 1, "ip")
+    pipe.load_ip_adapter(path, image_encoder=image_encoder())
+    control = [Control(tiny_controlnets[0], hint_images[1])]
+    ours = pipe("a cube", control, mode="sum", image_prompts=[ImagePrompt(hint_images[0], 0.9, mask)], **KW)
+    masks = IPAdapterMaskProcessor().preprocess(Image.fromarray(mask, "L"), height=64, width=64)
+    theirs = reference(fresh(), tiny_controlnets[0], hint_images[1], [path], [hint_images[0]], 0.9,
+                       cross_attention_kwargs={"ip_adapter_masks": [masks]})
+    assert_same_image(ours, theirs)
+    unmasked = pipe("a cube", control, mode="sum", image_prompts=[ImagePrompt(hint_images[0], 0.9)], **KW)
+    assert np.abs(ours - unmasked).max() > 1e-3
