@@ -46,3 +46,19 @@ def test_resize_mode_views():
     assert RESIZE_MODES == tuple(png.RESIZE_MODES) == tuple(r.name for r in RESIZE_TABLE)
     assert webui.WEBUI_RESIZE_MODES == {v: k for k, v in png.RESIZE_MODES.items()}
     assert webui.RESIZE_BY_INDEX == ["just_resize", "crop_and_resize", "resize_and_fill"]  # sd-webui's 0, 1, 2
+
+
+def test_the_task_table_is_the_one_vocabulary_of_condition_types():
+    from controlstack.annotators import FOR_TASK, available
+    from controlstack.models.union import UNION_TASKS
+    from controlstack.tasks import TASK_TABLE
+    from controlstack.training.omni_tasks import TASK_COLUMNS
+
+    names = [t.name for t in TASK_TABLE]
+    assert len(names) == len(set(names))
+    assert FOR_TASK == {t.name: t.annotator for t in TASK_TABLE if t.annotator}
+    assert set(FOR_TASK.values()) <= set(available())  # every task's annotator is registered
+    # the Omni tasks in their token order: trained models depend on it
+    assert list(TASK_COLUMNS) == ["canny", "depth", "seg", "pose", "hed", "scribble", "normal"]
+    assert UNION_TASKS["canny"] == 3 and UNION_TASKS["openpose"] == 0 and max(UNION_TASKS.values()) == 7
+    assert list(UNION_TASKS.values()) == sorted(UNION_TASKS.values())

@@ -15,9 +15,13 @@ Families live one per module (``edges``, ``lines``, ``transforms``, ``normal``, 
 from __future__ import annotations
 
 import importlib
+import re
 from os import PathLike
+from pathlib import PurePath
 
 from controlstack.errors import ControlstackError
+from controlstack.io.settings import model_folder, training_record
+from controlstack.tasks import FOR_TASK  # the task table: each condition type's annotator
 
 # name -> "module:Class" (modules relative to this package)
 _REGISTRY = {
@@ -42,9 +46,6 @@ _REGISTRY = {
     "seg_estimate": "learned:SegEstimate",
     "pose_estimate": "learned:PoseEstimate",
 }
-#: Omni ControlNet task -> the annotator that makes its condition from a photo (the integrated path)
-FOR_TASK = {"canny": "canny", "depth": "depth", "seg": "seg_estimate", "pose": "pose_estimate", "hed": "hed",
-            "scribble": "scribble_hed", "normal": "normal_estimate", "softedge": "softedge", "lineart": "lineart"}
 LEARNED = ("depth", "hed", "scribble_hed", "normal_estimate", "seg_estimate", "pose_estimate")
 #: What to use on a photograph instead of a learned annotator: the bundled predictor saw only
 #: 128-px world renders, so on photos it answers with the world's priors (a sky / ground split for
@@ -84,7 +85,7 @@ def annotator_class(name: str):
 
 def get(name: str, **params):
     """A configured annotator: ``get("canny", low_threshold=50)(image) -> PIL RGB``."""
-    from controlstack.annotators.base import unknown_param_message
+    from controlstack.annotators.base import unknown_param_message  # local: heavy, only this path needs it
 
     cls = annotator_class(name)
     known = {f.name for f in cls.parameters()} | ({"loader"} if name in LEARNED else set())
@@ -106,9 +107,6 @@ def condition_in_name(name: str) -> str | None:
     """The condition type a ControlNet's name names, read from its last word backwards: ``mi-canny``
     -> canny, ``control_v11p_sd15_openpose.safetensors`` -> pose; a recipe's output folder ``model``
     by its parent's name (``runs/seg-finetune/model`` -> seg). None when no word does."""
-    import re
-    from pathlib import PurePath
-
     path = PurePath(name)
     parts = [path.name] + ([path.parent.name] if path.name == "model" else [])
     for part in parts:
@@ -122,8 +120,6 @@ def controlnet_condition(model, folder=None) -> str | None:
     """The condition a ControlNet takes: the one its folder's training record names (the recipes
     write it), else a word of its name (:func:`condition_in_name`); None when neither is a known
     condition type."""
-    from controlstack.io.settings import training_record
-
     recorded = training_record(folder).get("condition")
     if _known(recorded):
         return recorded
@@ -136,7 +132,6 @@ def for_control(model, task: str | None = None, base=None) -> str:
     a ControlNet name of ``base``, else a path). Unknown: a one-line error asking for one by name."""
     if task:
         return for_task(task)
-    from controlstack.io.settings import model_folder
 
     condition = controlnet_condition(model, model_folder(model, base))
     if condition is None:

@@ -28,18 +28,7 @@ import torch
 from controlstack.errors import ControlstackError
 from controlstack.models.runner import ControlNetRunner
 from controlstack.residuals import Residuals
-
-#: condition type -> control id (xinsir/controlnet-union-sdxl-1.0 and its ProMax)
-UNION_TASKS = {
-    "pose": 0, "openpose": 0,
-    "depth": 1,
-    "hed": 2, "softedge": 2, "scribble": 2, "pidi": 2,
-    "canny": 3, "lineart": 3, "mlsd": 3,
-    "normal": 4,
-    "seg": 5, "segment": 5,
-    "tile": 6,
-    "inpaint": 7, "repaint": 7,
-}
+from controlstack.tasks import UNION_TASKS  # the task table's view: condition type -> control id
 
 
 def is_union(model) -> bool:

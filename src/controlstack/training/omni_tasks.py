@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import torch
 
+from controlstack.tasks import TASK_COLUMNS  # the task table's view: an Omni task -> its world column
+
 #: task name -> the world export's column holding its condition (``hed`` is the soft edge)
-TASK_COLUMNS = {"canny": "canny", "depth": "depth", "seg": "seg", "pose": "pose", "hed": "softedge",
-                "scribble": "scribble", "normal": "normal"}
 
 
 def task_column(task: str) -> str:
@@ -34,8 +34,12 @@ def validation_samples(net, base, vae, text_encoder, val: dict, cfg):
     """Validation rows for the Omni ControlNet (``cfg``: its ``OmniConfig``): row ``i`` uses task
     ``i mod K`` through the project's pipeline (``Control(..., task=...)``), as users sample it.
     Returns (hints, generated, mean edge fidelity over the rows)."""
-    from controlstack.control import Control
-    from controlstack.training.validation import condition_fidelity, tensor_to_pil, validation_pipeline
+    from controlstack.control import Control  # local: heavy, only this path needs it
+    from controlstack.training.validation import (  # local: heavy, only this path needs it
+        condition_fidelity,
+        tensor_to_pil,
+        validation_pipeline,
+    )
 
     net.controlnet.task_tokens = net.task_tokens.rows()  # what a loaded Omni model carries
     pipe = validation_pipeline(vae, text_encoder, base.tokenizer, net.unet, base.scheduler_config)
