@@ -28,9 +28,11 @@ from controlstack.hires import MAX_HIRES, hires_size  # noqa: F401 (re-exported:
 from controlstack.img2img import Img2Img
 from controlstack.injection import make_injection
 from controlstack.inpaint import InpaintOptions
-from controlstack.ip_adapter import ImagePrompt, ImagePrompts
 from controlstack.io.checkpoints import check_compatible
 from controlstack.io.images import resize_image, to_rgb
+from controlstack.ip_adapter import ImagePrompt, ImagePrompts
+from controlstack.limits import MAX_SIZE, check_memory, memory_needed  # noqa: F401 (re-exported: preflight, serve)
+from controlstack.limits import validate as _validate
 from controlstack.lora import Loras
 from controlstack.models.components import SDComponents
 from controlstack.models.families import family_of
@@ -45,7 +47,6 @@ from controlstack.sampling import make_scheduler, sample
 from controlstack.sampling.img2img import Start
 from controlstack.sampling.loop import StopSampling
 
-MAX_SIZE = 4096
 #: 4th-order linear multistep schedulers (PLMS, LMS): with a control on the conditional CFG half only
 #: (modes controlnet, guess) and strong guidance they amplify the guided control term into speckle
 #: (README, "Control modes": high-frequency energy 8.3 / 6.9 vs 4.8 for unipc / euler at CFG 7.5, the same
@@ -544,40 +545,3 @@ def label(images: list, params: dict) -> list:
     for pos, im in enumerate(images):
         im.info["parameters"] = format_parameters({**params, **({"batch_pos": pos} if len(images) > 1 else {})})
     return images
-
-
-def memory_needed(unet_width: int, vae_width: int, factor: int, batch: int, width: int, height: int) -> int:
-    """A lower bound of the bytes a call needs beyond the loaded weights: the U-Net's first-level
-    activations (``unet_width`` channels) for the CFG batch (a dozen live tensors) and the VAE
-    decoder's full-resolution ones (``vae_width`` channels: input, output and a normalisation of its
-    widest level). Real peaks are higher."""
-    unet = 2 * batch * (height // factor) * (width // factor) * unet_width * 4 * 12
-    vae = batch * height * width * vae_width * 4 * 3
-    return unet + vae
-
-
-def check_memory(need: int, batch: int, width: int, height: int) -> None:
-    """Refuse, in one line, a call that needs more than this machine's free memory (instead of
-    being killed by the kernel mid-run)."""
-    from controlstack.models.speed import available_memory
-
-    free = available_memory()
-    if free is not None and need > free:
-        raise ControlstackError(f"batch {batch} at {width}x{height} needs at least {need / 2**30:.1f} GiB, more "
-                                f"than the {free / 2**30:.1f} GiB free; lower the batch or the size")
-
-
-def _validate(prompt, steps, cfg, width, height, batch, factor):
-    if not isinstance(prompt, str):
-        raise ControlstackError(f"prompt must be a string, got {type(prompt).__name__}")
-    if not isinstance(steps, int) or steps < 1:
-        raise ControlstackError(f"steps must be a positive integer, got {steps}")
-    if not np.isfinite(cfg) or cfg < 0:
-        raise ControlstackError(f"cfg must be a finite number >= 0, got {cfg}")
-    for name, v in (("width", width), ("height", height)):
-        if not isinstance(v, int) or v < factor or v > MAX_SIZE or v % factor:
-            raise ControlstackError(
-                f"{name} must be a multiple of {factor} between {factor} and {MAX_SIZE}, got {v}"
-            )
-    if not isinstance(batch, int) or batch < 1:
-        raise ControlstackError(f"batch must be a positive integer, got {batch}")

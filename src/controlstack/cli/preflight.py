@@ -12,7 +12,11 @@ import json
 import os
 from pathlib import Path
 
+from safetensors import safe_open
+
+from controlstack import annotators, assets
 from controlstack.errors import ControlstackError
+from controlstack.io.settings import controlnets_root, read_settings
 
 VAE_FACTOR = 8  # every supported family's (SD-1.x / 2.x, SDXL), where no VAE config says otherwise
 
@@ -21,9 +25,6 @@ def controlnet_folders(model: str | None) -> dict[str, Path | None]:
     """The ControlNet names the base ``--model`` answers, as ``Pipeline.from_pretrained`` gives them
     (a folder in the bundle's layout brings its own, anything else the bundled ones), each with its
     folder; None where it is built in memory (the placeholder's)."""
-    from controlstack import assets
-    from controlstack.io.settings import controlnets_root
-
     root = controlnets_root(model)
     if root != assets.BUNDLE_DIR / "controlnets":  # the base folder's own
         return {name: root / name for name in assets.trained_controlnets(root.parent)}
@@ -34,13 +35,10 @@ def omni_tasks(folder: Path) -> list[str] | None:
     """An Omni ControlNet folder's tasks: the task tokens it carries (the header of its tokens file,
     what the loaded model checks against), else its ``controlstack.json`` ``omni.tasks``; None
     for a folder with neither (a plain or ControlNet-Union model)."""
-    from controlstack.io.settings import read_settings
-    from controlstack.models.task_tokens import TOKENS_FILE
+    from controlstack.models.task_tokens import TOKENS_FILE  # local: keeps CLI start-up light
 
     tokens = folder / TOKENS_FILE
     if tokens.is_file():
-        from safetensors import safe_open
-
         try:
             with safe_open(str(tokens), framework="pt") as f:
                 return [key.strip("<>") for key in f.keys()]  # noqa: SIM118 -- safe_open is not iterable
@@ -83,8 +81,6 @@ def check_control(base: str | None, model: str, task: str | None) -> None:
 def check_from_image(base: str | None, model: str, tasks: list[str]) -> None:
     """``--from-image ... --tasks T,... --omni MODEL``: an Omni ControlNet with these tasks, each made
     by an annotator."""
-    from controlstack import annotators
-
     folder, _ = resolve(base, model)
     known = omni_tasks(folder) if folder is not None else None
     if known is None:  # only a folder carries task tokens (a single file never does)
@@ -99,8 +95,6 @@ def check_from_image(base: str | None, model: str, tasks: list[str]) -> None:
 def base_configs(model: str | None, config: str | None) -> tuple[dict, dict] | None:
     """The base's U-Net and VAE configs from its folder (the bundle, a diffusers folder, a single
     file's ``--config``); None where only loading would tell (a bare single file, the placeholder)."""
-    from controlstack import assets
-
     if model is None:
         folder = None if assets.is_placeholder() else assets.BUNDLE_DIR
     elif Path(model).is_dir():
@@ -117,7 +111,8 @@ def base_configs(model: str | None, config: str | None) -> tuple[dict, dict] | N
 
 def check_sizes(args, configs: tuple[dict, dict] | None) -> None:
     """--width / --height / --batch / --hires / --hires-strength, as the pipeline will check them."""
-    from controlstack.pipeline import MAX_HIRES, MAX_SIZE, check_memory, hires_size, memory_needed
+    from controlstack.hires import MAX_HIRES, hires_size  # local: keeps CLI start-up light
+    from controlstack.limits import MAX_SIZE, check_memory, memory_needed  # local: keeps CLI start-up light
 
     unet, vae = configs or ({}, {})
     f = 2 ** (len(vae["block_out_channels"]) - 1) if "block_out_channels" in vae else VAE_FACTOR
