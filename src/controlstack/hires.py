@@ -57,7 +57,7 @@ def hires_size(width: int, height: int, scale: float, factor: int) -> tuple[int,
 
 def upscale_latents(latents, size: tuple[int, int], up: Upscaler):
     """(B, C, h, w) latents to ``size`` = (h2, w2), as sd-webui's latent upscale modes."""
-    import torch  # here: the CLI reads this module's table for --help before torch is needed
+    import torch  # local: keeps CLI start-up light (generate's --help reads UPSCALERS, not torch)
 
     antialias = up.antialias and up.mode in ("bilinear", "bicubic")
     return torch.nn.functional.interpolate(latents.float(), size=size, mode=up.mode,

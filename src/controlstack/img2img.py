@@ -15,7 +15,8 @@ import torch
 from PIL import Image
 
 from controlstack.errors import ControlstackError
-from controlstack.io.images import to_rgb
+from controlstack.io.images import mask_to_array, to_rgb, validate_image
+from controlstack.models import vae
 from controlstack.sampling.img2img import Img2ImgStart, InpaintBlend, Start
 
 
@@ -33,9 +34,7 @@ class Img2Img:
         latents already (a tensor: the hires fix's latent upscale). ``fill`` (inpainting, sd-webui's
         "masked content"): ``latent_noise`` / ``latent_nothing`` replace the masked region's latents
         by noise / zeros before they are noised (``inpaint.py``)."""
-        from diffusers.image_processor import VaeImageProcessor
-
-        from controlstack.io.images import mask_to_array, validate_image
+        from diffusers.image_processor import VaeImageProcessor  # local: heavy, only this path needs it
 
         if not (isinstance(strength, (int, float)) and 0.0 <= strength <= 1.0):
             raise ControlstackError(f"strength must be a number in [0, 1], got {strength!r}")
@@ -84,6 +83,4 @@ class Img2Img:
     def encode_latents(self, image: torch.Tensor, generator) -> torch.Tensor:
         """A (B, 3, H, W) image in [-1, 1] -> scaled latents: one posterior sample from ``generator``
         (``models/vae.py``, the one encoder)."""
-        from controlstack.models import vae
-
         return vae.encode(self.vae, image, generator)

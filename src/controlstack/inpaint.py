@@ -32,6 +32,7 @@ import numpy as np
 from PIL import Image, ImageFilter, ImageOps
 
 from controlstack.errors import ControlstackError
+from controlstack.io.images import mask_to_array, to_rgb, validate_image
 
 
 class Fill(NamedTuple):
@@ -100,7 +101,7 @@ class Prepared:
 
 def blur(mask: Image.Image, radius: int) -> Image.Image:
     """sd-webui's mask blur: a separable Gaussian, kernel ``2 * int(2.5 * r + 0.5) + 1``."""
-    import cv2
+    import cv2  # local: heavy, only this path needs it
 
     if radius <= 0:
         return mask
@@ -211,8 +212,6 @@ def run_inpaint(pipe, options: InpaintOptions, prompt, controls, *, init_image, 
                 output_type, **kw) -> tuple[list, dict]:
     """``pipe``'s inpainting with ``options`` (module docstring): prepare, generate, put back.
     Returns ``(images, parameters)``; ``kw``: the rest of ``Pipeline.__call__``'s arguments."""
-    from controlstack.io.images import mask_to_array, to_rgb, validate_image
-
     def as_mask(m, what):
         return Image.fromarray(np.round(mask_to_array(m, what) * 255).astype(np.uint8), "L")
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -19,6 +20,7 @@ import torch
 
 from controlstack.control import Control
 from controlstack.errors import ControlstackError
+from controlstack.models.task_tokens import add_task_tokens, with_task_token
 
 # A ContextVar, not a module flag: the server runs users' jobs in threads, and a demo or evaluation
 # running beside one must not switch off that job's warnings (each thread has its own context).
@@ -52,8 +54,6 @@ class Prompting:
         than its window (the rest is cut, as diffusers cuts it), or with words outside the model's
         vocabulary (a closed-vocabulary model spells them as pieces it never learned as a word).
         Inside :func:`project_prompts` the length is not checked."""
-        import re
-
         log = logging.getLogger("controlstack")
         n = len(self.tokenizer(prompt, truncation=False, verbose=False).input_ids)
         if n > self.tokenizer.model_max_length and not _PROJECT_PROMPTS.get():
@@ -75,8 +75,6 @@ class Prompting:
         )
         ids, mask = tok.input_ids, tok.attention_mask
         if task_token is not None:
-            from controlstack.models.task_tokens import with_task_token
-
             ids, mask = with_task_token(ids, torch.tensor([task_token])), with_task_token(mask, torch.tensor([1]))
         mask = mask if getattr(self.text_encoder.config, "use_attention_mask", False) else None
         device = self.text_encoder.device
@@ -115,7 +113,6 @@ class Prompting:
         if control.task not in tokens:
             what = "needs a task" if control.task is None else f"has no task '{control.task}'"
             raise ControlstackError(f"Omni ControlNet '{name}' {what}; choose one of {', '.join(tokens)}")
-        from controlstack.models.task_tokens import add_task_tokens
 
         token = add_task_tokens(self.tokenizer, self.text_encoder, {control.task: tokens[control.task]})[control.task]
         cond = self.encode_prompt(prompts[0], batch, token)

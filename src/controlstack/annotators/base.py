@@ -220,7 +220,7 @@ def to_condition(a: np.ndarray) -> Image.Image:
     if a.dtype != np.uint8:
         a = np.round(np.clip(a, 0.0, 1.0) * 255.0).astype(np.uint8)
     if a.ndim == 2:
-        import cv2
+        import cv2  # local: heavy, only this path needs it
 
         a = cv2.cvtColor(np.ascontiguousarray(a), cv2.COLOR_GRAY2RGB)  # ~4x faster than np.repeat
     return Image.fromarray(np.ascontiguousarray(a), "RGB")
@@ -233,6 +233,6 @@ def unknown_param_message(cls: type[Annotator], key: str) -> str:
 
 def gray(rgb: np.ndarray) -> np.ndarray:
     """Rec. 601 luma as float32 in [0, 1] (OpenCV's RGB2GRAY weights)."""
-    import cv2
+    import cv2  # local: heavy, only this path needs it
 
     return cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY).astype(np.float32) / 255.0

@@ -130,7 +130,7 @@ class Scribble(Annotator):
 
     def strokes(self, rgb: np.ndarray) -> np.ndarray:
         """The 1-px skeleton of the strong boundaries, after min_length/drop/jitter (bool HxW)."""
-        from skimage.morphology import skeletonize
+        from skimage.morphology import skeletonize  # local: heavy, only this path needs it
 
         soft = soft_edge_map(rgb)
         skel = skeletonize(soft > self.threshold)
@@ -172,7 +172,7 @@ def dilate_strokes(skel: np.ndarray, width: int) -> np.ndarray:
 def strokes_from_soft_edge(soft: np.ndarray, threshold: float = 0.5, width: int = 3) -> np.ndarray:
     """The ControlNet paper's synthesised user scribble from a soft edge map in [0, 1]: threshold,
     thin to a skeleton, dilate (uint8 HxW)."""
-    from skimage.morphology import skeletonize
+    from skimage.morphology import skeletonize  # local: heavy, only this path needs it
 
     return dilate_strokes(skeletonize(soft > threshold), width)
 

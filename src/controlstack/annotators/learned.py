@@ -40,6 +40,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from controlstack import assets
+from controlstack.annotators.aux import load_detector
 from controlstack.annotators.base import Annotator, param, to_condition
 from controlstack.errors import ControlstackError
 
@@ -76,7 +78,6 @@ class LearnedAnnotator(Annotator):
             return None
         if self.weights is not None:
             return Path(self.weights) if is_predictor_folder(self.weights) else None
-        from controlstack import assets
 
         folder = assets.predictor_folder()
         if folder is None:
@@ -90,15 +91,11 @@ class LearnedAnnotator(Annotator):
             return self._predict
         folder = self.predictor_folder()
         if folder is not None:
-            from controlstack import assets
-
             model = assets.load_predictor(folder)
             self._predict = lambda rgb: self.from_outputs(assets.run_predictor(model, rgb, (self.TASK,)), rgb)
         elif self.loader is not None:
             self._predict = self.loader(self.weights)
         else:
-            from controlstack.annotators.aux import load_detector
-
             if not (self.detector or self.DETECTOR):
                 raise ControlstackError(f"{self.NAME}: controlnet_aux has no default detector for this task; "
                                         "pass detector=CLASS, or a predictor folder as weights")
@@ -107,8 +104,6 @@ class LearnedAnnotator(Annotator):
 
     def from_outputs(self, outputs: dict, rgb: np.ndarray) -> np.ndarray:
         """The predictor's activated outputs -> this annotator's condition array."""
-        from controlstack import assets
-
         return assets.predictor_condition(self.TASK, outputs[self.TASK])
 
     def __call__(self, image) -> Image.Image:
@@ -148,7 +143,9 @@ class ScribbleHed(LearnedAnnotator):
     width: int = param(3, "stroke width (px)", lo=1, hi=32)
 
     def from_outputs(self, outputs: dict, rgb: np.ndarray) -> np.ndarray:
-        from controlstack.annotators.edges import strokes_from_soft_edge
+        from controlstack.annotators.edges import (  # local: heavy, only this path needs it
+            strokes_from_soft_edge,
+        )
 
         return strokes_from_soft_edge(outputs["hed"][0], self.threshold, self.width)
 
@@ -195,8 +192,7 @@ class PoseEstimate(LearnedAnnotator):
     def estimate(self, image):
         """The photo's skeletons as :class:`~controlstack.annotators.pose.PoseData` (pixels of the
         annotator's output size): ``to_openpose`` / ``write_openpose_json`` make the JSON."""
-        from controlstack import assets
-        from controlstack.annotators.pose import Person, PoseData
+        from controlstack.annotators.pose import Person, PoseData  # local: heavy, only this path needs it
 
         folder = self.predictor_folder()
         if folder is None:
@@ -211,7 +207,7 @@ class PoseEstimate(LearnedAnnotator):
 
     def predictor(self) -> Callable:
         if self._predict is None and self.predictor_folder() is not None:
-            from controlstack.annotators.pose import render
+            from controlstack.annotators.pose import render  # local: heavy, only this path needs it
 
             self._predict = lambda rgb: render(self.estimate(rgb), hands=False, face=False)
         return super().predictor()

@@ -44,8 +44,8 @@ def merge_segments(segs: np.ndarray, distance: float, angle_deg: float = 4.0) ->
     segments), exact distance/overlap tests run per candidate pair, groups are connected components of the pair graph (scipy), and a group's line is its longest member's
     direction through the length-weighted mean offset, spanning all members' projections.
     """
-    from scipy.sparse import coo_matrix
-    from scipy.sparse.csgraph import connected_components
+    from scipy.sparse import coo_matrix  # local: heavy, only this path needs it
+    from scipy.sparse.csgraph import connected_components  # local: heavy, only this path needs it
 
     n = len(segs)
     if n < 2 or distance <= 0:

@@ -16,6 +16,7 @@ from PIL import Image
 
 from controlstack.annotators import pose as P
 from controlstack.annotators.base import Annotator, param, to_condition
+from controlstack.errors import ControlstackError
 from controlstack.io.images import validate_image
 
 
@@ -49,8 +50,6 @@ class Pose(Annotator):
                 raise_missing()
             rgb = self.prepare(image)
             if looks_like_photo(rgb):
-                from controlstack.errors import ControlstackError
-
                 raise ControlstackError("pose: the image looks like a photograph, not a pose map (stick figures on "
                                         "black); use pose_estimate to detect skeletons in a photo, or pass json=")
             return to_condition(rgb)
@@ -64,8 +63,6 @@ class Pose(Annotator):
 
 
 def raise_missing() -> None:
-    from controlstack.errors import ControlstackError
-
     raise ControlstackError("pose: nothing to render; pass json=POSE.json, or an already-rendered pose image")
 
 

@@ -16,6 +16,8 @@ import hashlib
 import logging
 from pathlib import Path
 
+from controlstack.errors import require
+
 BUNDLE_DIR = Path(__file__).resolve().parent / "bundle"
 BUNDLED_NAMES = ("canny", "depth", "seg", "pose", "scribble", "softedge")
 REQUIRED_CONTROLNETS = ("canny", "depth", "seg", "pose")  # the bundle is the default once all exist
@@ -48,7 +50,7 @@ def bundled_controlnets() -> dict:
 
 def trained_controlnets(bundle: Path = BUNDLE_DIR) -> dict:
     """name -> loader of each ControlNet trained so far in ``bundle`` (complete or not)."""
-    from controlstack.io.checkpoints import load_controlnet
+    from controlstack.io.checkpoints import load_controlnet  # local: heavy, only this path needs it
 
     root = bundle / "controlnets"
     folders = sorted(p for p in root.iterdir() if (p / "config.json").is_file()) if root.is_dir() else []
@@ -58,13 +60,13 @@ def trained_controlnets(bundle: Path = BUNDLE_DIR) -> dict:
 def default_pipeline(cls):
     """``cls`` (Pipeline) over the bundled model, or the tiny placeholder while none is bundled."""
     if is_placeholder():
-        from controlstack.models.tiny import tiny_sd
+        from controlstack.models.tiny import tiny_sd  # local: heavy, only this path needs it
 
         logging.getLogger("controlstack").warning(
             "no trained bundle in this checkout: using a tiny random placeholder model"
         )
         return cls(tiny_sd(seed=0, max_length=32), controlnets=bundled_controlnets(), name="placeholder-tiny")
-    from controlstack.io.checkpoints import load_base
+    from controlstack.io.checkpoints import load_base  # local: heavy, only this path needs it
 
     return cls.from_source(load_base(BUNDLE_DIR), bundled_controlnets(), "controlstack-bundle", BUNDLE_DIR)
 
@@ -73,7 +75,7 @@ _PLACEHOLDER_CN: dict = {}
 
 
 def _placeholder_controlnet(name: str):
-    from controlstack.models.tiny import tiny_controlnet, tiny_unet
+    from controlstack.models.tiny import tiny_controlnet, tiny_unet  # local: heavy, only this path needs it
 
     if name not in _PLACEHOLDER_CN:
         seed = sum(map(ord, name))  # a different, fixed ControlNet per name
@@ -121,8 +123,6 @@ EVALUATION_NETWORKS = ("features", "clip")
 
 def evaluation_folder(name: str, bundle: Path = BUNDLE_DIR) -> Path:
     """The bundled evaluation network ``name`` (features | clip); a one-line error when missing."""
-    from controlstack.errors import require
-
     require(name in EVALUATION_NETWORKS, f"unknown evaluation network '{name}'; choose one of "
                                          f"{', '.join(EVALUATION_NETWORKS)}")
     folder = bundle / "evaluation" / name
@@ -140,29 +140,29 @@ def predictor_folder(bundle: Path = BUNDLE_DIR) -> Path | None:
 
 
 def load_predictor(folder: Path):
-    from controlstack.models.predictor import cached_predictor
+    from controlstack.models.predictor import cached_predictor  # local: heavy, only this path needs it
 
     return cached_predictor(folder)
 
 
 def run_predictor(model, rgb, tasks) -> dict:
-    from controlstack.models.predictor import predict
+    from controlstack.models.predictor import predict  # local: heavy, only this path needs it
 
     return predict(model, rgb, tasks)
 
 
 def predictor_condition(task: str, values):
     """A dense task's output -> its condition array (seg coloured with the world's palette)."""
-    from controlstack.models.predictor import to_condition_array
+    from controlstack.models.predictor import to_condition_array  # local: heavy, only this path needs it
 
     if task == "seg":
-        from controlstack.world.palette import PALETTE
+        from controlstack.world.palette import PALETTE  # local: heavy, only this path needs it
 
         return PALETTE[values.argmax(0)]
     return to_condition_array(task, values)
 
 
 def predictor_keypoints(task: str, values, width: int, height: int, min_confidence: float = 0.0) -> list:
-    from controlstack.models.predictor import keypoints_at
+    from controlstack.models.predictor import keypoints_at  # local: heavy, only this path needs it
 
     return keypoints_at(task, values, width, height, min_confidence)

@@ -16,7 +16,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from controlstack import annotators
 from controlstack.errors import ControlstackError
+from controlstack.io.paths import output_file, output_folder
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 OUT_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".bmp": "BMP",
@@ -41,8 +43,6 @@ def register(sub) -> None:
 
 
 def list_text() -> str:
-    from controlstack import annotators
-
     lines = []
     for name in annotators.available():
         cls = annotators.annotator_class(name)
@@ -93,12 +93,10 @@ def run(args) -> int:
                                 "controlstack annotate canny photo.png --out edges.png")
     if not args.out:
         raise ControlstackError("annotate needs --out FILE (or --out FOLDER for a folder of images)")
-    from controlstack import annotators
-    from controlstack.io.images import load_image
+    from controlstack.io.images import load_image  # local: keeps CLI start-up light
 
     cls = annotators.annotator_class(args.type)
     params = cls.parse(parse_pairs(args.param))
-    from controlstack.io.paths import output_file, output_folder
 
     src, out = Path(args.image), Path(args.out)
     output_folder(out) if src.is_dir() else output_file(out)  # a bad --out fails before any work
@@ -125,7 +123,7 @@ def run(args) -> int:
 
     if is_json:
         if out.suffix.lower() == ".json":
-            from controlstack.annotators import pose as P
+            from controlstack.annotators import pose as P  # local: keeps CLI start-up light
 
             edited = annotator.edited()
             atomic_write(out, lambda tmp: P.write_openpose_json(edited, tmp))
@@ -142,7 +140,7 @@ def run(args) -> int:
             raise ControlstackError(f"folder '{src}' holds no images ({', '.join(IMAGE_SUFFIXES)})")
         if out.exists() and not out.is_dir():
             raise ControlstackError(f"--out '{out}' is a file; IMAGE is a folder, so pass an output folder")
-        from tqdm import tqdm
+        from tqdm import tqdm  # local: keeps CLI start-up light
 
         for path in tqdm(files, desc=f"annotate {args.type}", unit="img", disable=args.no_progress):
             result = annotate(path)
@@ -152,7 +150,7 @@ def run(args) -> int:
         return 0
 
     if args.type == "pose_estimate" and out.suffix.lower() == ".json":  # the keypoints, not the drawing
-        from controlstack.annotators import pose as P
+        from controlstack.annotators import pose as P  # local: keeps CLI start-up light
 
         image = load_image(src)
         found = sized(lambda: image.size).estimate(image)

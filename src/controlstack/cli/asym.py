@@ -11,11 +11,10 @@ from __future__ import annotations
 import argparse
 
 from controlstack.cli.text import DefaultsFormatter, plain
+from controlstack.evaluation import ASYM_BATCH, ASYM_STEPS
 
 
 def register(subparsers) -> None:
-    from controlstack.evaluation.asym import DEFAULT_BATCH, DEFAULT_STEPS
-
     p = subparsers.add_parser(
         "asym", help="Jacobian asymmetry (Asym, NAsym) that a ControlNet adds to the base",
         description=plain(__doc__.splitlines()[0]), formatter_class=DefaultsFormatter)
@@ -25,8 +24,8 @@ def register(subparsers) -> None:
                    help="datasets folder with image, text and the condition column (default: held-out world scenes)")
     p.add_argument("--condition", default=None,
                    help="the condition column the ControlNet reads (default: from its name or its settings file)")
-    p.add_argument("--batch", type=int, default=DEFAULT_BATCH, help="samples per batch")
-    p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="batches (one Rademacher probe per sample)")
+    p.add_argument("--batch", type=int, default=ASYM_BATCH, help="samples per batch")
+    p.add_argument("--steps", type=int, default=ASYM_STEPS, help="batches (one Rademacher probe per sample)")
     p.add_argument("--seed", type=int, default=0, help="seed of the noise, timesteps and probes")
     p.add_argument("--mode", default=None,
                    help="injection the ControlNet is used with (default: its recommended mode, else sum)")
@@ -34,8 +33,8 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from controlstack import Pipeline
-    from controlstack.evaluation.asym import measure_asym
+    from controlstack import Pipeline  # local: keeps CLI start-up light
+    from controlstack.evaluation.asym import measure_asym  # local: keeps CLI start-up light
 
     pipe = Pipeline.from_pretrained(args.model)
     result = measure_asym(pipe, args.controlnet, condition=args.condition, data=args.data, batch=args.batch,

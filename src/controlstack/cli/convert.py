@@ -13,6 +13,7 @@ from pathlib import Path
 
 from controlstack.cli.text import plain
 from controlstack.errors import ControlstackError
+from controlstack.io.paths import output_file
 
 
 def register(subparsers) -> None:
@@ -38,17 +39,21 @@ def output_format(dst: Path, to: str | None, overwrite: bool) -> str:
         raise ControlstackError(f"the original format is one .safetensors file; name the output '{dst}.safetensors'")
     if to == "diffusers" and dst.suffix:
         raise ControlstackError(f"diffusers format is a folder; give an output path without a file extension, not '{dst}'")
-    from controlstack.io.paths import output_file
 
     output_file(dst, "output") if to == "original" else output_file(dst / "config.json", "output")
     return to
 
 
 def run(args) -> int:
-    import torch
+    import torch  # local: keeps CLI start-up light
 
-    from controlstack.io.checkpoints import inspect_checkpoint, load_controlnet, save_base, save_controlnet
-    from controlstack.io.sd_single_file import load_base
+    from controlstack.io.checkpoints import (  # local: keeps CLI start-up light
+        inspect_checkpoint,
+        load_controlnet,
+        save_base,
+        save_controlnet,
+    )
+    from controlstack.io.sd_single_file import load_base  # local: keeps CLI start-up light
 
     dst = Path(args.dst)
     to = output_format(dst, args.to, args.overwrite)

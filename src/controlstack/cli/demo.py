@@ -21,15 +21,18 @@ import time
 from pathlib import Path
 
 import numpy as np
+import skimage.data
 from PIL import Image
+
+from controlstack import annotators
+from controlstack.cli.text import DefaultsFormatter
+from controlstack.io.images import resize_image
 
 PHOTO_PROMPT = "a standing person in white on grass"  # world words only: the bundle's tokenizer
 OMNI_TASKS = ("depth", "canny")  # the demo's from-image row
 
 
 def register(sub) -> None:
-    from controlstack.cli.text import DefaultsFormatter
-
     p = sub.add_parser("demo", help="run the bundled default model on every bundled control",
                        description="Run the bundled default model on every bundled control; write one labelled "
                                    "grid PNG.", formatter_class=DefaultsFormatter)
@@ -48,18 +51,18 @@ def register(sub) -> None:
 
 def scene(index: int, size: int) -> dict:
     """A held-out world scene rendered at ``size``: condition images, the real render, its caption."""
-    from controlstack.world import HELD_OUT_SEED, WorldConfig, render, sample_scene
+    from controlstack.world import (  # local: keeps CLI start-up light
+        HELD_OUT_SEED,
+        WorldConfig,
+        render,
+        sample_scene,
+    )
 
     return render(sample_scene([HELD_OUT_SEED, index], WorldConfig(size=size)), size)
 
 
 def photo_canny(size: int) -> tuple[Image.Image, Image.Image]:
     """scikit-image's astronaut photograph, centre-cropped to ``size``, and its canny map."""
-    import skimage.data
-
-    from controlstack import annotators
-    from controlstack.io.images import resize_image
-
     photo = resize_image(Image.fromarray(skimage.data.astronaut()), size, size, "crop_and_resize")
     return photo, annotators.get("canny")(photo)
 
@@ -69,12 +72,12 @@ def as_image(array) -> Image.Image:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tqdm.auto import tqdm
+    from tqdm.auto import tqdm  # local: keeps CLI start-up light
 
-    from controlstack import Control, Pipeline, assets
-    from controlstack.io.png import atomic_save, make_labelled_grid
-    from controlstack.prompting import project_prompts
-    from controlstack.world import HELD_OUT_SEED
+    from controlstack import Control, Pipeline, assets  # local: keeps CLI start-up light
+    from controlstack.io.png import atomic_save, make_labelled_grid  # local: keeps CLI start-up light
+    from controlstack.prompting import project_prompts  # local: keeps CLI start-up light
+    from controlstack.world import HELD_OUT_SEED  # local: keeps CLI start-up light
 
     pipe = Pipeline.from_pretrained().optimize(args.optimize)
     size = pipe.native_size

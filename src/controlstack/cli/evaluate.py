@@ -65,8 +65,8 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from controlstack.evaluation.evaluate import EvaluateConfig
-    from controlstack.evaluation.evaluate import run as evaluate
+    from controlstack.evaluation.evaluate import EvaluateConfig  # local: keeps CLI start-up light
+    from controlstack.evaluation.evaluate import run as evaluate  # local: keeps CLI start-up light
 
     flags = {"scenes": args.scenes, "seed": args.seed, "start": args.start, "base": args.base,
              "controls": args.controls, "models": args.models, "modes": args.modes, "cfg": args.cfg,
@@ -86,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
 
 def summary(report: dict) -> str:
     """The rows as a plain-text table (the report has them all, with plots and grids)."""
-    from controlstack.evaluation.html import label
+    from controlstack.evaluation.html import label  # local: keeps CLI start-up light
 
     lines = [f"{'row':52s} {'FID':>8s} {'KID':>8s} {'CLIP':>6s}  fidelity"]
     for r in report["rows"]:

@@ -28,7 +28,7 @@ def _human(n: float, units=("B", "KB", "MB", "GB", "TB"), base=1024.0) -> str:
 
 
 def run(args) -> int:
-    from controlstack.io.checkpoints import inspect_checkpoint
+    from controlstack.io.checkpoints import inspect_checkpoint  # local: keeps CLI start-up light
 
     info = inspect_checkpoint(args.path, allow_pickle=args.allow_pickle)
     if args.json:

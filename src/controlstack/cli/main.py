@@ -13,6 +13,7 @@ import importlib
 import logging
 import os
 import sys
+from importlib.metadata import PackageNotFoundError, version
 
 from controlstack.errors import ControlstackError
 
@@ -34,8 +35,6 @@ COMMANDS = (
 
 
 def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
     try:
         return version("controlstack")
     except PackageNotFoundError:  # running from a source tree that is not installed

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from controlstack.cli.convert import output_format
 from controlstack.cli.text import plain
 
 
@@ -27,9 +28,12 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from controlstack.cli.convert import output_format
-    from controlstack.io.checkpoints import load_controlnet, save_controlnet, transfer_controlnet
-    from controlstack.io.sd_single_file import load_unet
+    from controlstack.io.checkpoints import (  # local: keeps CLI start-up light
+        load_controlnet,
+        save_controlnet,
+        transfer_controlnet,
+    )
+    from controlstack.io.sd_single_file import load_unet  # local: keeps CLI start-up light
 
     out = Path(args.out)
     to = output_format(out, None, args.overwrite)

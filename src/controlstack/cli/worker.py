@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from controlstack.cli.serve import add_lora_dir
+from controlstack.cli.serve import add_lora_dir, base_factories
 from controlstack.cli.text import DefaultsFormatter, plain
 from controlstack.errors import ControlstackError
 
@@ -35,8 +35,6 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from controlstack.cli.serve import base_factories
-
     if not args.broker.startswith(("redis://", "rediss://", "unix://")):
         raise ControlstackError(f"--broker must be a redis:// URL, got {args.broker[:80]!r}")
     if args.concurrency < 1:
@@ -46,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     factories = base_factories(args, default=not args.no_default)
     if not factories:
         raise ControlstackError("no base to hold: give --models or drop --no-default")
-    from controlstack.serve.distributed import start_worker
+    from controlstack.serve.distributed import start_worker  # local: keeps CLI start-up light
 
     start_worker(args.broker, factories, job_seconds=args.job_seconds, concurrency=args.concurrency,
                  name=args.name)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 
 from controlstack.errors import ControlstackError
+from controlstack.io.paths import output_parent
 
 
 def _int(name: str, text: str) -> int:
@@ -41,9 +42,8 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from controlstack.io.paths import output_parent
-    from controlstack.world.config import WorldConfig
-    from controlstack.world.export import export_dataset
+    from controlstack.world.config import WorldConfig  # local: keeps CLI start-up light
+    from controlstack.world.export import export_dataset  # local: keeps CLI start-up light
 
     config = WorldConfig(size=_int("size", args.size))
     output_parent(args.out)  # the export is written beside --out and renamed onto it

@@ -19,10 +19,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from tqdm.auto import tqdm
 
+from controlstack.annotators import controlnet_condition
 from controlstack.errors import ControlstackError, require
+from controlstack.evaluation import ASYM_BATCH, ASYM_STEPS
+from controlstack.injection import make_injection
+from controlstack.io.settings import recommended_mode
+from controlstack.training.conservativity import epsilon_part, hutchinson_traces, rademacher
+from controlstack.training.diffusion import add_noise, encode_latents, sd_noise_scheduler, tokenize
 
-DEFAULT_BATCH, DEFAULT_STEPS = 16, 16
+DEFAULT_BATCH, DEFAULT_STEPS = ASYM_BATCH, ASYM_STEPS
 
 
 @dataclass
@@ -39,8 +46,6 @@ class AsymResult:
 def condition_of(name: str, folder=None) -> str:
     """The condition column a ControlNet reads (:func:`controlstack.annotators.controlnet_condition`:
     its folder's training record, else a word of its name such as ``mi-canny``'s)."""
-    from controlstack.annotators import controlnet_condition
-
     condition = controlnet_condition(name, folder)
     if condition is None:
         raise ControlstackError(f"cannot tell which condition ControlNet '{name}' reads; pass --condition (e.g. canny)")
@@ -49,7 +54,12 @@ def condition_of(name: str, folder=None) -> str:
 
 def held_out_rows(n: int, start: int, size: int, condition: str) -> list[dict]:
     """Rows {image, text, hint} of held-out world scenes ``start .. start + n``."""
-    from controlstack.world import HELD_OUT_SEED, WorldConfig, render, sample_scene
+    from controlstack.world import (  # local: heavy, only this path needs it
+        HELD_OUT_SEED,
+        WorldConfig,
+        render,
+        sample_scene,
+    )
 
     rows = []
     for i in range(start, start + n):
@@ -61,7 +71,7 @@ def held_out_rows(n: int, start: int, size: int, condition: str) -> list[dict]:
 
 
 def dataset_rows(path: str, condition: str, n: int, start: int) -> list[dict]:
-    from controlstack.training.data import load_image_dataset
+    from controlstack.training.data import load_image_dataset  # local: heavy, only this path needs it
 
     ds = load_image_dataset(path, {"image": "image", "text": "text", condition: "hint"})
     require(len(ds) >= n, f"dataset '{path}' has {len(ds)} rows; asym needs batch x steps = {n}; lower them")
@@ -70,8 +80,8 @@ def dataset_rows(path: str, condition: str, n: int, start: int) -> list[dict]:
 
 def _to_tensor(images, size: int, signed: bool) -> torch.Tensor:
     """PIL images or arrays (``io/images.validate_image``) -> the recipes' tensors."""
-    from controlstack.io.images import validate_image
-    from controlstack.training.data import image_to_tensor
+    from controlstack.io.images import validate_image  # local: heavy, only this path needs it
+    from controlstack.training.data import image_to_tensor  # local: heavy, only this path needs it
 
     return torch.stack([image_to_tensor(validate_image(im), size, signed) for im in images])
 
@@ -83,13 +93,7 @@ def measure_asym(pipe, controlnet, condition: str | None = None, data: str | Non
 
     ``mode``: the injection the ControlNet is used with (default: its folder's recommended mode,
     else ``sum``); Minimal Impact ControlNets are measured in ``mi``, as they were trained."""
-    from tqdm.auto import tqdm
-
-    from controlstack.injection import make_injection
-    from controlstack.io.settings import recommended_mode
-    from controlstack.training.conservativity import epsilon_part, hutchinson_traces, rademacher
-    from controlstack.training.controlnet import controlnet_eps
-    from controlstack.training.diffusion import add_noise, encode_latents, sd_noise_scheduler, tokenize
+    from controlstack.training.controlnet import controlnet_eps  # local: heavy, only this path needs it
 
     require(isinstance(batch, int) and batch >= 1, f"--batch must be a positive integer, got {batch}")
     require(isinstance(steps, int) and steps >= 1, f"--steps must be a positive integer, got {steps}")

@@ -34,10 +34,30 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from tqdm.auto import tqdm
 
+from controlstack import Control, Pipeline, assets
 from controlstack.errors import ControlstackError, require
+from controlstack.evaluation.asym import measure_asym
+from controlstack.evaluation.fidelity import FidelityMeter, supported
+from controlstack.evaluation.html import write_report
+from controlstack.evaluation.mi import brief_caption, total_variation
+from controlstack.evaluation.networks import ClipScorer, load_feature_extractor
+from controlstack.evaluation.quality import (
+    KID_NOTE,
+    FidKid,
+    clip_score,
+    fid_min_scenes,
+    reference,
+    small_sample_note,
+)
+from controlstack.injection import available, make_injection
+from controlstack.io.paths import output_folder
 from controlstack.models.tiers import TIERS
+from controlstack.prompting import project_prompts
+from controlstack.sampling.schedulers import SCHEDULERS
 from controlstack.training.config import check_keys, coerce_fields, read_yaml
+from controlstack.training.predictor import instances
 
 PROMPT_STYLES = ("empty", "brief", "full")
 MODEL_KINDS = ("plain", "mi", "omni")
@@ -70,9 +90,6 @@ class EvaluateConfig:
     extra: dict = field(default_factory=dict)         # free-form notes copied into metrics.json
 
     def __post_init__(self) -> None:
-        from controlstack.injection import available
-        from controlstack.sampling.schedulers import SCHEDULERS
-
         for name in ("controls", "models", "modes", "cfg", "prompt_styles"):
             v = getattr(self, name)
             if isinstance(v, (str, int, float)) and not isinstance(v, bool):
@@ -93,8 +110,6 @@ class EvaluateConfig:
             name, options = parse_mode(m)
             require(name == "auto" or name in available(), f"unknown mode '{name}'; choose from auto, {', '.join(available())}")
             if name != "auto":
-                from controlstack.injection import make_injection
-
                 try:  # unknown options fail here, before anything runs
                     make_injection(name, **options)
                 except TypeError:
@@ -152,8 +167,6 @@ def row_key(row: dict) -> str:
 
 
 def prompt_for(style: str, caption: str) -> str:
-    from controlstack.evaluation.mi import brief_caption
-
     return {"empty": "", "brief": brief_caption(caption), "full": caption}[style]
 
 
@@ -165,15 +178,18 @@ def controlnet_name(row: dict) -> str:
 
 def control_for(row: dict, condition: Image.Image):
     """The row's :class:`~controlstack.Control` for a condition image (Omni: with the type's task)."""
-    from controlstack import Control
-
     task = OMNI_TASK.get(row["control"], row["control"]) if row["model"] == "omni" else None
     return Control(controlnet_name(row), condition, task=task)
 
 
 def held_out_scenes(n: int, size: int, start: int = 0) -> list[dict]:
     """The renders (every column) of held-out world scenes ``[HELD_OUT_SEED, start + i]``, i < n."""
-    from controlstack.world import HELD_OUT_SEED, WorldConfig, render, sample_scene
+    from controlstack.world import (  # local: heavy, only this path needs it
+        HELD_OUT_SEED,
+        WorldConfig,
+        render,
+        sample_scene,
+    )
 
     return [render(sample_scene([HELD_OUT_SEED, start + i], WorldConfig(size=size)), size) for i in range(n)]
 
@@ -228,10 +244,6 @@ def generate_row(pipe, config: EvaluateConfig, row: dict, scenes: list[dict], fo
 
 def measure_row(row: dict, images, scenes, captions, fid_kid, scorer, config: EvaluateConfig, predictor) -> dict:
     """One row's numbers; ``fid_kid`` is a :class:`~controlstack.evaluation.quality.FidKid` of the real renders."""
-    from controlstack.evaluation.fidelity import FidelityMeter, supported
-    from controlstack.evaluation.quality import clip_score
-    from controlstack.training.predictor import instances
-
     out = {**row, **fid_kid(images), "clip_score": clip_score(scorer, images, captions)}
     types = [row["control"]] if row["control"] else [c for c in config.controls if c != NONE]
     fidelity: dict = {}
@@ -259,16 +271,6 @@ def run(config: EvaluateConfig, out_dir: str | Path, progress: bool = True) -> d
          "sample": {"feature_dim", "fid_min_scenes", "fid_reliable"}, "notes": [one-line caveats]}
 
     Below ``quality.fid_min_scenes`` scenes it logs one warning before generating (and notes it)."""
-    from tqdm.auto import tqdm
-
-    from controlstack import Pipeline, assets
-    from controlstack.evaluation.html import write_report
-    from controlstack.evaluation.mi import total_variation
-    from controlstack.evaluation.networks import ClipScorer, load_feature_extractor
-    from controlstack.evaluation.quality import KID_NOTE, FidKid, fid_min_scenes, reference, small_sample_note
-    from controlstack.io.paths import output_folder
-    from controlstack.prompting import project_prompts
-
     out = output_folder(out_dir)
     network = load_feature_extractor(config.features or None, allow_torchscript=config.trust_torchscript)
     scorer = ClipScorer.load(config.clip or None)
@@ -327,8 +329,6 @@ def _check_models(pipe, rows: list[dict]) -> None:
 
 
 def _add_asym(pipe, config: EvaluateConfig, measured: list[dict], progress: bool) -> None:
-    from controlstack.evaluation.asym import measure_asym
-
     done: dict = {}
     for row in measured:
         if row["control"] is None:

@@ -27,7 +27,10 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
+from controlstack import assets
 from controlstack.errors import require
+from controlstack.evaluation import omni as M
+from controlstack.evaluation.omni import align_scale_shift
 
 #: control type -> the metrics it reports (lower is better for the ``_rmse`` / ``_absrel`` / ``_angle`` ones)
 METRICS = {"canny": ("edge_f1",), "softedge": ("edge_f1",), "hed": ("edge_f1",), "scribble": ("edge_f1",),
@@ -49,8 +52,6 @@ def _gray(a: np.ndarray) -> np.ndarray:
 
 def depth_rmse_absrel(pred: np.ndarray, target: np.ndarray, min_target: float = 1e-3) -> tuple[float, float]:
     """(RMSE, AbsRel) of ``pred`` aligned by scale and shift to ``target`` on ``target > min_target``."""
-    from controlstack.evaluation.omni import align_scale_shift
-
     valid = target > min_target
     if valid.sum() < 2:
         return float("nan"), float("nan")
@@ -74,8 +75,6 @@ class FidelityMeter:
     @property
     def predictor(self):
         if self._predictor is None:
-            from controlstack import assets
-
             folder = assets.predictor_folder()
             require(folder is not None, "this checkout has no bundled predictor; depth / seg / pose / normal / "
                                         "soft-edge fidelity need it")
@@ -85,9 +84,8 @@ class FidelityMeter:
     def add(self, generated: np.ndarray, condition: np.ndarray, keypoints: list[np.ndarray] | None = None) -> dict:
         """One pair: ``generated`` uint8 (H, W, 3); ``condition`` the input condition image at the
         same size; ``keypoints`` the input's instances (K, 3) for pose. Returns its own numbers."""
-        from controlstack.evaluation import omni as M
-        from controlstack.evaluation.metrics import edge_f1, edges
-        from controlstack.evaluation.mi import total_variation
+        from controlstack.evaluation.metrics import edge_f1, edges  # local: heavy, only this path needs it
+        from controlstack.evaluation.mi import total_variation  # local: heavy, only this path needs it
 
         generated, condition = np.asarray(generated), np.asarray(condition)
         require(generated.shape[:2] == condition.shape[:2],
@@ -97,7 +95,6 @@ class FidelityMeter:
         if c == "canny":
             out["edge_f1"] = edge_f1(_gray(condition) > 127, edges(Image.fromarray(generated)))
             return self._keep(out)
-        from controlstack import assets
 
         task = PREDICTOR_TASK[c]
         pred = assets.run_predictor(self.predictor, generated, [task])[task]
@@ -105,7 +102,9 @@ class FidelityMeter:
         if c in ("softedge", "hed"):
             out["edge_f1"] = edge_f1(_gray(condition) > 127, pred[0] > 0.5)
         elif c == "scribble":
-            from controlstack.annotators.edges import strokes_from_soft_edge
+            from controlstack.annotators.edges import (  # local: heavy, only this path needs it
+                strokes_from_soft_edge,
+            )
 
             out["edge_f1"] = edge_f1(_gray(condition) > 127, strokes_from_soft_edge(pred[0], 0.5, 3) > 127)
         elif c == "depth":
@@ -114,8 +113,10 @@ class FidelityMeter:
         elif c == "normal":
             out["normal_angle"] = M.angular_error(pred, condition[..., :3].astype(np.float64).transpose(2, 0, 1) / 127.5 - 1)
         elif c == "seg":
-            from controlstack.models.predictor import N_CLASSES
-            from controlstack.training.predictor import seg_to_classes
+            from controlstack.models.predictor import N_CLASSES  # local: heavy, only this path needs it
+            from controlstack.training.predictor import (  # local: heavy, only this path needs it
+                seg_to_classes,
+            )
 
             conf = M.confusion(pred.argmax(0), seg_to_classes(condition[..., :3]), N_CLASSES)
             self.conf = conf if self.conf is None else self.conf + conf
@@ -136,8 +137,6 @@ class FidelityMeter:
 
     def result(self) -> dict[str, float]:
         """One number per metric over everything added, and the mean total variation ``tv``."""
-        from controlstack.evaluation import omni as M
-
         res = {k: float(np.nanmean(v)) if v and not np.all(np.isnan(v)) else float("nan")
                for k, v in self.values.items()}
         if self.control == "seg" and self.conf is not None:

@@ -33,7 +33,7 @@ def data_uri(image: Image.Image) -> str:
 def _figure_uri(fig) -> str:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # local: heavy, only this path needs it
 
     plt.close(fig)
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
@@ -77,10 +77,10 @@ def table(rows: list[dict]) -> str:
 
 def plots(report: dict) -> list[tuple[str, str]]:
     """(title, data URI) of each plot."""
-    import matplotlib
+    import matplotlib  # local: heavy, only this path needs it
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # local: heavy, only this path needs it
 
     rows, ref = report["rows"], report["reference"]
     out = []
@@ -139,7 +139,7 @@ def plots(report: dict) -> list[tuple[str, str]]:
 def grids(report: dict, scenes: list[dict], images: list, grid_scenes: int) -> list[tuple[str, str]]:
     """One grid per control type: scenes down, condition | real | each row's image across.
     ``images[i]`` are the generations of ``report["rows"][i]``, one per scene."""
-    from controlstack.io.png import make_labelled_grid
+    from controlstack.io.png import make_labelled_grid  # local: heavy, only this path needs it
 
     rows = report["rows"]
     n = min(grid_scenes, len(scenes))
@@ -161,7 +161,10 @@ def grids(report: dict, scenes: list[dict], images: list, grid_scenes: int) -> l
 def write_report(report: dict, scenes: list[dict], images: list, path, grid_scenes: int = 4) -> None:
     """``report.html``: notes, reference points, the rows' table, plots and grids. ``images[i]``: the
     generations of ``report["rows"][i]``, so this page needs nothing of ``evaluate`` but its report."""
-    from controlstack.evaluation.quality import FID_SCENES_PER_FEATURE, KID_NOTE
+    from controlstack.evaluation.quality import (  # local: heavy, only this path needs it
+        FID_SCENES_PER_FEATURE,
+        KID_NOTE,
+    )
 
     ref = report["reference"]
     cfg = report["config"]

@@ -42,7 +42,7 @@ def edge_f1(reference: np.ndarray, predicted: np.ndarray, tolerance: float = 2.0
 def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
     """Fréchet distance between Gaussian fits of two feature sets (N, D) -- the FID formula
     ``||μa − μb||² + tr(Σa + Σb − 2 (Σa Σb)^½)`` with the feature network left to the caller."""
-    from scipy import linalg
+    from scipy import linalg  # local: heavy, only this path needs it
 
     mu_a, mu_b = a.mean(0), b.mean(0)
     cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)

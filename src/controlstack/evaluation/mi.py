@@ -30,6 +30,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from controlstack.models.vae import encode
+from controlstack.training.diffusion import sd_noise_scheduler, tokenize
+
 CROP = 0.75                 # centre crop kept of each source condition (side fraction)
 SIDE_RANGE = (0.3, 0.5)     # the pasted square's side, as a fraction of the canvas, drawn uniformly
 RELATIONS = re.compile(r" (left of|right of|in front of|behind) ")
@@ -111,9 +114,6 @@ def denoising_loss(pipe, images: list[np.ndarray], prompts: list[str] | None = N
                    timesteps=(100, 300, 500, 700, 900), seed: int = 0) -> float:
     """The base model's mean denoising loss on ``images`` (its own parameterisation: ε or v), at
     fixed timesteps with fixed noise, prompted with ``prompts`` (None: the empty prompt)."""
-    from controlstack.models.vae import encode
-    from controlstack.training.diffusion import sd_noise_scheduler, tokenize
-
     sched = sd_noise_scheduler((pipe.scheduler_config or {}).get("prediction_type", "epsilon"))
     z0 = encode(pipe.vae, to_vae_input(images), sample=False).float()
     emb = pipe.text_encoder(tokenize(pipe.tokenizer, prompts or [""] * len(images), "cpu"))[0]
@@ -146,7 +146,7 @@ def half(image: np.ndarray, side: int) -> np.ndarray:
 
 def box_f1(generated: np.ndarray, reference_edges: np.ndarray, box: tuple[int, int, int]) -> float:
     """Edge F1 (2 px) inside ``box`` between canny of ``generated`` and ``reference_edges``."""
-    from controlstack.evaluation.metrics import edge_f1, edges
+    from controlstack.evaluation.metrics import edge_f1, edges  # local: heavy, only this path needs it
 
     x, y, s = box
     pred = edges(Image.fromarray(generated))[y:y + s, x:x + s]

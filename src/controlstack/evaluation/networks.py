@@ -32,8 +32,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
+from safetensors.torch import load_file, save_file
 from torch import nn
 
+from controlstack import assets
 from controlstack.errors import ControlstackError, require
 
 FEATURE_WEIGHTS, CONFIG = "model.safetensors", "config.json"
@@ -42,8 +45,6 @@ FEATURE_WEIGHTS, CONFIG = "model.safetensors", "config.json"
 def clean_resize(images: np.ndarray | torch.Tensor, size: int) -> torch.Tensor:
     """uint8 images ``(B, 3, H, W)`` -> float32 ``(B, 3, size, size)`` in [0, 255], clean-fid's rule:
     every channel resized as a float ("F" mode) PIL image with the bicubic filter, then clipped."""
-    from PIL import Image
-
     a = images.cpu().numpy() if torch.is_tensor(images) else np.asarray(images)
     require(a.ndim == 4 and a.shape[1] == 3, f"expected images (B, 3, H, W), got shape {tuple(a.shape)}")
     if a.shape[2:] == (size, size):
@@ -115,8 +116,6 @@ class FeatureNet(nn.Module):
 
 
 def save_feature_net(model: FeatureNet, folder: str | Path, dtype: torch.dtype = torch.float32) -> Path:
-    from safetensors.torch import save_file
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / CONFIG).write_text(json.dumps({"_class_name": "FeatureNet", **asdict(model.config)}, indent=2))
@@ -125,8 +124,6 @@ def save_feature_net(model: FeatureNet, folder: str | Path, dtype: torch.dtype =
 
 
 def load_feature_net(folder: str | Path) -> FeatureNet:
-    from safetensors.torch import load_file
-
     folder = Path(folder)
     require((folder / CONFIG).is_file() and (folder / FEATURE_WEIGHTS).is_file(),
             f"'{folder}' is not a feature network folder (config.json + model.safetensors)")
@@ -157,8 +154,6 @@ def load_feature_extractor(source: str | Path | None = None, allow_torchscript: 
     """The FID / KID feature network: the bundled one (``None``), a :class:`FeatureNet` folder, or
     (with ``allow_torchscript``) a TorchScript Inception file, or a folder holding one."""
     if source is None:
-        from controlstack import assets
-
         return load_feature_net(assets.evaluation_folder("features"))
     p = Path(source)
     require(p.exists(), f"feature network '{p}' not found")
@@ -191,7 +186,7 @@ class ClipNetConfig:
 
 def build_clip(config: ClipNetConfig, tokenizer):
     """A randomly initialised transformers ``CLIPModel`` for the world's tokenizer."""
-    from transformers import CLIPConfig, CLIPModel
+    from transformers import CLIPConfig, CLIPModel  # local: heavy, only this path needs it
 
     shared = dict(hidden_size=config.width, intermediate_size=4 * config.width, num_hidden_layers=config.layers,
                   num_attention_heads=config.heads)
@@ -230,16 +225,14 @@ class ClipScorer:
 
     @classmethod
     def load(cls, folder: str | Path | None = None) -> ClipScorer:
-        from transformers import CLIPModel, CLIPTokenizer
+        from transformers import CLIPModel, CLIPTokenizer  # local: heavy, only this path needs it
 
         if folder is None:
-            from controlstack import assets
-
             folder = assets.evaluation_folder("clip")
         p = Path(folder)
         require((p / "config.json").is_file() and (p / "preprocessor_config.json").is_file(),
                 f"'{p}' is not a CLIP folder (config.json, model weights, tokenizer, preprocessor_config.json)")
-        from transformers.utils import logging as hf_logging
+        from transformers.utils import logging as hf_logging  # local: heavy, only this path needs it
 
         hf_logging.disable_progress_bar()  # its "Loading weights" bar at every load: noise in a report run
         try:
@@ -252,8 +245,6 @@ class ClipScorer:
     def pixel_values(self, images) -> torch.Tensor:
         """PIL images or uint8 arrays (H, W, 3) -> CLIP's input: shortest edge resized (bicubic),
         centre-cropped, scaled and normalised as the folder's preprocessor_config.json says."""
-        from PIL import Image
-
         edge = self.pre["size"].get("shortest_edge", self.pre["crop_size"]["height"])
         ch, cw = self.pre["crop_size"]["height"], self.pre["crop_size"]["width"]
         out = []

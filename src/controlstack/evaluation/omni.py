@@ -40,7 +40,7 @@ def depth_errors(pred: np.ndarray, gt: np.ndarray, min_gt: float = 1e-3) -> tupl
 def edge_counts(pred: np.ndarray, gt: np.ndarray, tol: float = 2.0, thresholds=THRESHOLDS) -> np.ndarray:
     """Per threshold: (matched predicted, predicted, matched true, true) pixel counts of one image,
     summed over a set by the caller and turned into the ODS F-score by :func:`ods_f`."""
-    import cv2
+    import cv2  # local: heavy, only this path needs it
 
     true = gt.astype(bool)
     near_true = cv2.distanceTransform((~true).astype(np.uint8), cv2.DIST_L2, 3) <= tol

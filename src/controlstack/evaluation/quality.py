@@ -72,8 +72,8 @@ class FidKid:
     one real set, whose features are computed once (torchmetrics keeps them across ``reset``)."""
 
     def __init__(self, network, real, seed: int = 0):
-        from torchmetrics.image.fid import FrechetInceptionDistance
-        from torchmetrics.image.kid import KernelInceptionDistance
+        from torchmetrics.image.fid import FrechetInceptionDistance  # local: heavy, only this path needs it
+        from torchmetrics.image.kid import KernelInceptionDistance  # local: heavy, only this path needs it
 
         require(len(real) >= 2, f"FID / KID need >= 2 images per set, got {len(real)} real")
         self.n_real, self.seed = len(real), seed

@@ -175,7 +175,7 @@ def pixel_perfect_resolution(image_size: tuple[int, int], width: int, height: in
 
 def image_to_tensor(image: Image.Image):
     """PIL RGB -> float32 tensor (1, 3, H, W) in [0, 1] (the ControlNet hint convention)."""
-    import torch
+    import torch  # local: heavy, only this path needs it
 
     a = np.asarray(to_rgb(image), dtype=np.float32) / 255.0
     return torch.from_numpy(a).permute(2, 0, 1).unsqueeze(0).contiguous()

@@ -25,9 +25,12 @@ import os
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
 from controlstack.errors import ControlstackError
 from controlstack.io import original as orig
+from controlstack.io import sdxl_single_file as xl
+from controlstack.io.sdxl_single_file import SDXL_CONFIGS
 from controlstack.io.single_file_common import (
     SD15_CONFIGS,
     base_to_original,
@@ -64,7 +67,7 @@ def _load_folder_model(cls, folder: Path, allow_pickle: bool, dtype):
     use_safetensors = folder_uses_safetensors(folder, allow_pickle)
     # transformers 5 draws a "Loading weights" bar on stderr for every model, which would bury a
     # CLI's one-line error under progress lines; loading a local folder takes well under a second
-    from transformers.utils import logging as hf_logging
+    from transformers.utils import logging as hf_logging  # local: heavy, only this path needs it
 
     bar_was_on = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
@@ -84,8 +87,11 @@ def _load_folder_model(cls, folder: Path, allow_pickle: bool, dtype):
 def _load_base_folder(path: Path, allow_pickle: bool, dtype) -> SDComponents:
     """SD-1.x / 2.x, or SDXL when model_index.json names a second text encoder (text_encoder_2/,
     tokenizer_2/: StableDiffusionXLPipeline's layout)."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+    from diffusers import AutoencoderKL, UNet2DConditionModel  # local: heavy, only this path needs it
+    from transformers import (  # local: heavy, only this path needs it
+        CLIPTextModel,
+        CLIPTextModelWithProjection,
+    )
 
     require_base_folder(path)
     index = read_json(path / "model_index.json")
@@ -140,7 +146,7 @@ def _base_configs(state: dict, metadata: dict, config) -> tuple[dict, dict, dict
 
 def load_unet(source, *, allow_pickle: bool = False, config=None, torch_dtype=torch.float32):
     """Only the U-Net of a base (folder or single file): what ``transfer`` needs, no tokenizer."""
-    from diffusers import UNet2DConditionModel
+    from diffusers import UNet2DConditionModel  # local: heavy, only this path needs it
 
     path = existing_path(source, "base model")
     if path.is_dir():
@@ -153,8 +159,6 @@ def load_unet(source, *, allow_pickle: bool = False, config=None, torch_dtype=to
     elif METADATA_KEYS["unet"] in metadata:
         cfg = json.loads(metadata[METADATA_KEYS["unet"]])
     else:
-        from controlstack.io.sdxl_single_file import SDXL_CONFIGS
-
         inferred = orig.infer_unet_config(_shapes(strip_prefix(state, orig.UNET_PREFIX)))
         # the family's default configs (SDXL is told by its added embedding, with or without encoders)
         configs = {"sdxl": SDXL_CONFIGS}.get(family_of(inferred).name, SD15_CONFIGS)
@@ -163,13 +167,15 @@ def load_unet(source, *, allow_pickle: bool = False, config=None, torch_dtype=to
 
 
 def _load_base_file(path: Path, allow_pickle: bool, config, dtype) -> SDComponents:
-    from diffusers import AutoencoderKL
-    from diffusers.loaders.single_file_utils import convert_ldm_clip_checkpoint, convert_ldm_vae_checkpoint
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from diffusers import AutoencoderKL  # local: heavy, only this path needs it
+    from diffusers.loaders.single_file_utils import (  # local: heavy, only this path needs it
+        convert_ldm_clip_checkpoint,
+        convert_ldm_vae_checkpoint,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel  # local: heavy, only this path needs it
 
     state, metadata = read_tensors(path, allow_pickle=allow_pickle)
     _require_base_state(state)
-    from controlstack.io import sdxl_single_file as xl
 
     own = {"sdxl": xl.load_sdxl_state}.get(family_of_state(state).name)  # a family with its own layout
     if own is not None:
@@ -183,7 +189,7 @@ def _load_base_file(path: Path, allow_pickle: bool, config, dtype) -> SDComponen
             if not k.endswith("position_ids")}
     if not clip:
         orig.infer_clip_config({})  # raises the "no CLIP text encoder" error
-    from accelerate import init_empty_weights
+    from accelerate import init_empty_weights  # local: heavy, only this path needs it
 
     with init_empty_weights():
         text_encoder = CLIPTextModel(CLIPTextConfig.from_dict(text_cfg))
@@ -214,7 +220,7 @@ def _model_json(model) -> str:
 def _save_folder(components: SDComponents, folder: Path) -> None:
     """What ``StableDiffusionPipeline.save_pretrained`` writes, without importing the pipeline
     (whose import pulls in transformers' image processors and costs seconds)."""
-    import diffusers
+    import diffusers  # local: heavy, only this path needs it
 
     sched_cfg = dict(components.scheduler_config or scheduler_config(None))
     sched_name = str(sched_cfg.get("_class_name", "PNDMScheduler"))
@@ -255,8 +261,6 @@ def _save_folder(components: SDComponents, folder: Path) -> None:
 def save_base(components: SDComponents, dest: str | os.PathLike, *, format: str = "auto") -> Path:
     """Write a base model: a diffusers folder with model_index.json, or (``*.safetensors`` /
     ``format="original"``) an SD-1.x single file. The write is atomic."""
-    from safetensors.torch import save_file
-
     dest = Path(dest)
     if format == "auto":
         format = "original" if dest.suffix.lower() == ".safetensors" else "diffusers"
@@ -264,8 +268,6 @@ def save_base(components: SDComponents, dest: str | os.PathLike, *, format: str 
         raise ControlstackError(f"unknown checkpoint format '{format}'; use one of: diffusers, original")
     with atomic_output(dest) as tmp:
         if format == "original":
-            from controlstack.io import sdxl_single_file as xl
-
             xl_base = components.text_encoder_2 is not None
             metadata = {"format": "pt"}
             for part, key in (xl.METADATA_KEYS if xl_base else METADATA_KEYS).items():

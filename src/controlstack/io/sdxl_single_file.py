@@ -97,8 +97,8 @@ def _tokenizers(folder: Path | None, vocab_size: int):
 
 
 def _text_model(cls, cfg: dict, state: dict, what: str, dtype):
-    from accelerate import init_empty_weights
-    from transformers import CLIPTextConfig
+    from accelerate import init_empty_weights  # local: heavy, only this path needs it
+    from transformers import CLIPTextConfig  # local: heavy, only this path needs it
 
     cfg = {k: v for k, v in cfg.items() if k not in ("_name_or_path", "transformers_version", "architectures")}
     with init_empty_weights():
@@ -108,9 +108,15 @@ def _text_model(cls, cfg: dict, state: dict, what: str, dtype):
 
 
 def load_sdxl_state(state: dict, metadata: dict, config, dtype) -> SDComponents:
-    from diffusers import AutoencoderKL
-    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint, convert_open_clip_checkpoint
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+    from diffusers import AutoencoderKL  # local: heavy, only this path needs it
+    from diffusers.loaders.single_file_utils import (  # local: heavy, only this path needs it
+        convert_ldm_vae_checkpoint,
+        convert_open_clip_checkpoint,
+    )
+    from transformers import (  # local: heavy, only this path needs it
+        CLIPTextModel,
+        CLIPTextModelWithProjection,
+    )
 
     cfgs, folder = _configs(state, metadata, config)
     unet = unet_from_state(state, cfgs["unet"], dtype)

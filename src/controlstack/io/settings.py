@@ -31,8 +31,10 @@ base's (:func:`inherited`), so a ControlNet a user trains keeps the mode its par
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
+from controlstack import assets
 from controlstack.errors import ControlstackError
 
 SETTINGS = "controlstack.json"
@@ -55,8 +57,6 @@ def read_settings(folder: str | Path) -> dict:
 def controlnets_root(base: str | Path | None) -> Path:
     """Where a base's ControlNet names live: ``base/controlnets`` for a base folder in the bundle's
     layout (``Pipeline.from_pretrained`` loads those), else the bundle's own ``controlnets``."""
-    from controlstack import assets
-
     own = Path(base) / "controlnets" if base is not None else None
     return own if own is not None and own.is_dir() else assets.BUNDLE_DIR / "controlnets"
 
@@ -66,8 +66,6 @@ def model_folder(model, base: str | Path | None = None) -> Path | None:
     ControlNet name of the base (``base/controlnets/NAME`` for a base folder in the bundle's layout,
     else the bundled ControlNet of that name), else an existing folder; None for anything else (a
     single file, a model object, an unknown name)."""
-    import os
-
     if not isinstance(model, (str, os.PathLike)):
         return None
     root = controlnets_root(base)

@@ -39,7 +39,7 @@ def require_base_folder(path: Path) -> None:
 
 def tokenizer_from(folder: Path, sub: str = "tokenizer"):
     """The CLIP tokenizer in ``folder/sub`` (``tokenizer_2`` for SDXL's second one), offline."""
-    from transformers import CLIPTokenizer
+    from transformers import CLIPTokenizer  # local: heavy, only this path needs it
 
     if not (folder / sub).is_dir():
         raise ControlstackError(f"'{folder}' has no {sub}/ folder; pass a diffusers SD folder with its tokenizer(s) "
@@ -60,8 +60,10 @@ def strip_prefix(state: dict, prefix: str) -> dict:
 
 def unet_from_state(state: dict, cfg: dict, dtype):
     """The U-Net of an LDM single file (SD-1.x / 2.x / SDXL: one layout), through diffusers' converter."""
-    from diffusers import UNet2DConditionModel
-    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+    from diffusers import UNet2DConditionModel  # local: heavy, only this path needs it
+    from diffusers.loaders.single_file_utils import (  # local: heavy, only this path needs it
+        convert_ldm_unet_checkpoint,
+    )
 
     model = build_empty(UNet2DConditionModel, cfg, "U-Net")
     return cast_model(assign_exact(model, convert_ldm_unet_checkpoint(state, dict(model.config)), "U-Net"), dtype)
@@ -73,7 +75,7 @@ def single_file_tokenizer(folder: Path | None, vocab_size: int):
     if folder is not None:
         return tokenizer_from(folder)
     if vocab_size == 49408:  # CLIP ViT-L/14's vocabulary: SD-1.x's tokenizer, if the user has it cached
-        from transformers import CLIPTokenizer
+        from transformers import CLIPTokenizer  # local: heavy, only this path needs it
 
         with contextlib.suppress(OSError, ValueError):  # not in the local cache: the error below says what to do
             return CLIPTokenizer.from_pretrained(CLIP_L_TOKENIZER, local_files_only=True)

@@ -18,6 +18,7 @@ import uuid
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 
 from controlstack.errors import ControlstackError
 
@@ -46,8 +47,6 @@ def read_tensors(source: str | os.PathLike, *, allow_pickle: bool = False) -> tu
     path = existing_path(source)
     suffix = path.suffix.lower()
     if suffix in SAFETENSORS_SUFFIXES:
-        from safetensors import SafetensorError, safe_open
-
         try:
             with safe_open(str(path), framework="pt") as f:
                 return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})  # noqa: SIM118
@@ -121,7 +120,7 @@ def build_empty(cls, config: dict, what: str):
     """``cls.from_config(config)`` with empty (meta) parameters: a full-size model is built without a
     random initialisation and the checkpoint's tensors are then assigned (as diffusers' single-file
     loader does). Buffers stay real (``include_buffers=False``)."""
-    from accelerate import init_empty_weights
+    from accelerate import init_empty_weights  # local: heavy, only this path needs it
 
     try:
         with init_empty_weights():
@@ -134,7 +133,7 @@ def build_empty(cls, config: dict, what: str):
 def cast_model(model, dtype):
     """``model`` in ``dtype`` (None keeps the checkpoint's), cast only when needed."""
     if dtype is not None and any(p.dtype != dtype for p in model.parameters()):
-        from diffusers.utils import logging as dlogging
+        from diffusers.utils import logging as dlogging  # local: heavy, only this path needs it
 
         level = dlogging.get_verbosity()
         dlogging.set_verbosity_error()  # its "modules to keep in float32: []" note is noise for these models
@@ -162,8 +161,6 @@ def assign_exact(model, state: dict, what: str):
 
 def stored_dtype(folder: Path):
     """The floating dtype of a diffusers folder's safetensors weights (None when it cannot tell)."""
-    from safetensors import safe_open
-
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         return None

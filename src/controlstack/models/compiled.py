@@ -23,6 +23,7 @@ first such failure is logged once.
 
 from __future__ import annotations
 
+import copy
 import functools
 import hashlib
 import json
@@ -33,6 +34,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from controlstack.models import graphs, runner, token_downsampling  # what the compiled code comes from
 
 log = logging.getLogger("controlstack")
 
@@ -78,9 +81,7 @@ def _machine() -> str:
 
 @functools.cache
 def _environment() -> str:
-    import diffusers
-
-    from controlstack.models import graphs, runner, token_downsampling  # what the compiled code comes from
+    import diffusers  # local: heavy, only this path needs it
 
     sources = "".join(Path(m.__file__).read_text() for m in (graphs, runner, token_downsampling) if m.__file__) + Path(__file__).read_text()
     return "|".join([str(FORMAT), torch.__version__, diffusers.__version__, _machine(),
@@ -163,9 +164,7 @@ class CompiledGraph:
         return loaded
 
     def _compile(self, args, path: Path) -> None:
-        import copy
-
-        import torch._inductor.config as inductor_config
+        import torch._inductor.config as inductor_config  # local: heavy, only this path needs it
 
         dtype = PRECISIONS[self.precision]
         module = self.module

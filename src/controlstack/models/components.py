@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 import torch
 
+from controlstack.models.families import family_of
+
 
 @dataclass
 class SDComponents:
@@ -26,6 +28,4 @@ class SDComponents:
     @property
     def family(self):
         """The base's family (``models/families/``), told by its U-Net."""
-        from controlstack.models.families import family_of
-
         return family_of(self.unet)

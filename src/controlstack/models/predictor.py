@@ -35,6 +35,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from controlstack.errors import ControlstackError
@@ -68,7 +70,7 @@ class PredictorConfig:
 class MultiTaskPredictor(nn.Module):
     def __init__(self, config: PredictorConfig):
         super().__init__()
-        from transformers import SwinBackbone, SwinConfig
+        from transformers import SwinBackbone, SwinConfig  # local: heavy, only this path needs it
 
         self.config = config
         c = config
@@ -219,8 +221,6 @@ CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
 
 
 def save_predictor(model: MultiTaskPredictor, folder: str | Path, dtype=torch.float32) -> Path:
-    from safetensors.torch import save_file
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / CONFIG_FILE).write_text(json.dumps({"_class_name": "MultiTaskPredictor", **asdict(model.config)},
@@ -232,8 +232,6 @@ def save_predictor(model: MultiTaskPredictor, folder: str | Path, dtype=torch.fl
 
 def load_predictor(folder: str | Path) -> MultiTaskPredictor:
     """A predictor folder (config.json + model.safetensors) -> the float32 model in eval mode."""
-    from safetensors.torch import load_file
-
     folder = Path(folder)
     if not (folder / CONFIG_FILE).is_file() or not (folder / WEIGHTS_FILE).is_file():
         raise ControlstackError(f"'{folder}' is not a predictor folder (needs {CONFIG_FILE} and {WEIGHTS_FILE})")
@@ -272,8 +270,6 @@ def run_size(width: int, height: int, native: int) -> tuple[int, int]:
 def predict(model: MultiTaskPredictor, rgb: np.ndarray, tasks) -> dict[str, np.ndarray]:
     """RGB uint8 (H, W, 3) -> {task: activated output (C, H, W) float32 at the photo's size}; one
     backbone pass for all tasks."""
-    from PIL import Image
-
     h, w = rgb.shape[:2]
     rw, rh = run_size(w, h, model.config.image_size)
     small = np.asarray(Image.fromarray(rgb).resize((rw, rh), Image.Resampling.BICUBIC), np.float32) / 255.0

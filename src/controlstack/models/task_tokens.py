@@ -21,6 +21,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from controlstack.errors import ControlstackError
 
@@ -64,8 +65,6 @@ def with_task_token(ids: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
 
 
 def save_task_tokens(vectors: dict[str, torch.Tensor], folder: str | Path) -> Path:
-    from safetensors.torch import save_file
-
     path = Path(folder) / TOKENS_FILE
     save_file({token_name(t): v.detach().float().cpu().contiguous() for t, v in vectors.items()}, str(path))
     return path
@@ -73,8 +72,6 @@ def save_task_tokens(vectors: dict[str, torch.Tensor], folder: str | Path) -> Pa
 
 def load_task_tokens(folder: str | Path) -> dict[str, torch.Tensor]:
     """``{task: vector}`` from a model folder's ``task_tokens.safetensors``."""
-    from safetensors.torch import load_file
-
     path = Path(folder) / TOKENS_FILE
     if not path.is_file():
         raise ControlstackError(f"'{folder}' has no {TOKENS_FILE}: it is not an Omni ControlNet")

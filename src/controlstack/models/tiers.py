@@ -32,7 +32,9 @@ from controlstack.errors import ControlstackError
 from controlstack.models.compiled import CompiledGraph
 from controlstack.models.graphs import controlnet_graph, decode_graph, encode_graph, vae_decode_graph
 from controlstack.models.runner import ControlNetRunner, UNetContext, UNetRunner
+from controlstack.models.speed import bf16_is_fast
 from controlstack.models.token_downsampling import MIN_TOKENS
+from controlstack.models.union import UnionRunner, is_union
 from controlstack.residuals import Residuals
 from controlstack.sampling.loop import Step
 
@@ -89,8 +91,6 @@ def make_tier(name: str, precision: str | None = None) -> Tier:
     if name == "compiled":
         return Tier("compiled", compiled=True)
     if precision is None:
-        from controlstack.models.speed import bf16_is_fast
-
         precision = "bf16" if bf16_is_fast() else "fp32"
     return Tier("fast", compiled=True, precision=precision, reuse=FAST_REUSE,
                 token_downsampling=FAST_TOKEN_DOWNSAMPLING)
@@ -206,8 +206,6 @@ class Runners:
         self.fallback = _Once()
 
     def controlnet(self, controlnet) -> ControlNetRunner:
-        from controlstack.models.union import UnionRunner, is_union
-
         if is_union(controlnet):  # its fusion of a varying number of conditions is not compiled
             if self.tier.compiled:
                 self.fallback("ControlNet-Union models are not compiled")

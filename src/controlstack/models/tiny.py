@@ -48,7 +48,7 @@ def byte_level_tokenizer(max_length: int = 77, words: list[str] | None = None):
     is first tokenized with the merges so far, and merges are added that join what is left, left
     to right, until a pass over all the words adds none.
     """
-    from transformers import CLIPTokenizer
+    from transformers import CLIPTokenizer  # local: heavy, only this path needs it
 
     chars = list(bytes_to_unicode().values())
     vocab: dict[str, int] = {}
@@ -77,7 +77,7 @@ def tiny_unet(seed: int = 0, block_out_channels=(32, 64), cross_attention_dim: i
               in_channels: int = 4, **sdxl):
     """``in_channels=9``: an SD-inpainting-layout U-Net (latents + mask + masked-image latents).
     ``sdxl``: the SDXL layout's extra config (:func:`tiny_sdxl_unet`)."""
-    from diffusers import UNet2DConditionModel
+    from diffusers import UNet2DConditionModel  # local: heavy, only this path needs it
 
     torch.manual_seed(seed)
     n = len(block_out_channels)
@@ -117,7 +117,7 @@ def tiny_sdxl_unet(seed: int = 0, block_out_channels=(32, 64), text_dims=(32, 32
 
 def tiny_vae(seed: int = 0, block_out_channels=(8, 16, 16, 16)):
     """An ``AutoencoderKL`` with 2**(len(blocks)-1) downsampling (8x by default, as SD)."""
-    from diffusers import AutoencoderKL
+    from diffusers import AutoencoderKL  # local: heavy, only this path needs it
 
     torch.manual_seed(seed)
     n = len(block_out_channels)
@@ -138,7 +138,11 @@ def tiny_text_encoder(seed: int = 0, hidden_size: int = 32, vocab_size: int = 51
                       with_projection: bool = False):
     """A 2-layer CLIP text model; ``with_projection``: SDXL's second encoder, which also returns the
     projected pooled embedding (``CLIPTextModelWithProjection``)."""
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    from transformers import (  # local: heavy, only this path needs it
+        CLIPTextConfig,
+        CLIPTextModel,
+        CLIPTextModelWithProjection,
+    )
 
     torch.manual_seed(seed)
     config = CLIPTextConfig(
@@ -190,7 +194,7 @@ def tiny_controlnet(unet, seed: int = 0, randomize: bool = True, conditioning_ch
     ``conditioning_channels`` has one entry per hint-encoder stage: len(channels) - 1 stride-2
     convs, whose 2**(len - 1) downsampling must match the VAE's (four entries for an 8x VAE).
     """
-    from diffusers import ControlNetModel
+    from diffusers import ControlNetModel  # local: heavy, only this path needs it
 
     torch.manual_seed(seed)
     cn = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=tuple(conditioning_channels))
@@ -210,7 +214,7 @@ def tiny_union_controlnet(unet, seed: int = 0, num_control_type: int = 8, condit
     built as ``from_unet`` does but with the fusion transformer at the U-Net's first width
     (diffusers' default 320 is SDXL's; ``from_unet`` does not pass it on). Zero layers and the
     fusion's channel projection get small random weights so that the control acts."""
-    from diffusers import ControlNetUnionModel
+    from diffusers import ControlNetUnionModel  # local: heavy, only this path needs it
 
     torch.manual_seed(seed)
     c = unet.config

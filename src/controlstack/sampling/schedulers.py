@@ -68,7 +68,7 @@ def make_scheduler(name: str, base_config: dict | None = None):
     """A fresh diffusers scheduler named ``name``, configured from ``base_config``."""
     if name not in SCHEDULERS:
         raise ControlstackError(f"unknown scheduler '{name}'; choose one of {', '.join(SCHEDULERS)}")
-    import diffusers
+    import diffusers  # local: heavy, only this path needs it
 
     cls_name, overrides = SCHEDULERS[name]
     config = dict(SD_SCHEDULER_CONFIG if base_config is None else base_config)

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from controlstack.errors import ControlstackError, require
+from controlstack.io.checkpoints import load_base
 from controlstack.io.png import make_grid
 from controlstack.training.config import TrainConfig, list_field
 from controlstack.training.data import (
@@ -99,7 +100,7 @@ class BaseConfig(TrainConfig):
 
 
 def build_unet(config: BaseConfig, latent_size: int, latent_channels: int):
-    from diffusers import UNet2DConditionModel
+    from diffusers import UNet2DConditionModel  # local: heavy, only this path needs it
 
     n, a = len(config.block_out_channels), config.attention_levels
     return UNet2DConditionModel(
@@ -117,7 +118,7 @@ def build_unet(config: BaseConfig, latent_size: int, latent_channels: int):
 
 
 def build_text_encoder(config: BaseConfig, tokenizer):
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextConfig, CLIPTextModel  # local: heavy, only this path needs it
 
     return CLIPTextModel(CLIPTextConfig(
         vocab_size=len(tokenizer),
@@ -134,7 +135,7 @@ def build_text_encoder(config: BaseConfig, tokenizer):
 
 
 def load_vae(path: str):
-    from diffusers import AutoencoderKL
+    from diffusers import AutoencoderKL  # local: heavy, only this path needs it
 
     if not (Path(path) / "config.json").is_file():
         raise ControlstackError(f"no VAE at '{path}'; train one with `controlstack train vae` and point 'vae' at its model/")
@@ -168,7 +169,6 @@ def train(config: BaseConfig, resume: bool = False):
     require(config.resolution % factor == 0,
             f"config key 'resolution' must be a multiple of the VAE's downsampling ({factor})")
     if config.init_from:  # e.g. the bundle's ε-base, fine-tuned to v-prediction
-        from controlstack.io.checkpoints import load_base
 
         start = load_base(config.init_from)
         require(start.unet.config.in_channels == vae.config.latent_channels,
@@ -221,7 +221,7 @@ def train(config: BaseConfig, resume: bool = False):
 
 def export_pipeline(folder: Path, vae, text_encoder, tokenizer, unet, prediction_type: str = "epsilon") -> None:
     """A diffusers Stable Diffusion folder (safetensors), loadable by ``StableDiffusionPipeline``."""
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline  # local: heavy, only this path needs it
 
     StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,

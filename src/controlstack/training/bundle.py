@@ -25,20 +25,24 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import os
 import platform
 import shutil
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
+from controlstack import training
 from controlstack.assets import BUNDLE_DIR, write_checksums
 from controlstack.errors import ControlstackError
-from controlstack.io.settings import SETTINGS
+from controlstack.evaluation.report import fidelity_table
+from controlstack.io.settings import SETTINGS, read_settings, write_settings
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "bundle"
 REPO_ROOT = Path(__file__).resolve().parents[3]  # src/controlstack/training/bundle.py -> the checkout
@@ -99,7 +103,7 @@ def stages(bundle: Path = BUNDLE_DIR) -> list[Stage]:
 
 
 def machine() -> str:
-    import torch
+    import torch  # local: heavy, only this path needs it
 
     cpu = platform.processor() or "cpu"
     try:
@@ -153,11 +157,7 @@ def _timed_training(stage: Stage, config, work: Path) -> tuple[Path, float]:
     over every run of this stage (kept in the work folder across interruptions). The clock is
     also written every :data:`CLOCK_EVERY` seconds while training: a kill from outside stops the run
     without unwinding it, and its minutes would otherwise be missing from the record."""
-    import threading
-
-    from controlstack.training import recipe
-
-    _, train = recipe(stage.recipe)
+    _, train = training.recipe(stage.recipe)  # looked up per call: tests replace it
     work.mkdir(parents=True, exist_ok=True)
     clock = work / "wall_seconds.json"
     spent = json.loads(clock.read_text())["seconds"] if clock.is_file() else 0.0
@@ -181,8 +181,6 @@ def _forget_if_base_changed(work: Path, bundle: Path) -> None:
     """A ControlNet's checkpoints belong to the base they were trained on: when the bundled U-Net
     changed since (e.g. the base stage ran again), resuming would continue a ControlNet for another
     base, so the stage's work folder is cleared and the stage starts over."""
-    import hashlib
-
     digest = hashlib.sha256((bundle / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()).hexdigest()
     stamp = work / "base_unet.sha256"
     if work.is_dir() and (not stamp.is_file() or stamp.read_text().strip() != digest):
@@ -199,14 +197,13 @@ def _probe_rate(stage: Stage, config, work_root: Path) -> float:
     """Training images/s of this stage's ``config`` on this machine, from a :data:`PROBE_STEPS`-step
     run in a scratch folder (no validation, one checkpoint at the end; the folder is removed). The
     ControlNet stages share one config and differ only in their hint, so one probe serves them all."""
-    from controlstack.training import recipe
-    from controlstack.training.session import read_metric
+    from controlstack.training.session import read_metric  # local: heavy, only this path needs it
 
     key = (stage.recipe, config.batch_size)
     if key not in _RATES:
         probe = work_root / f".probe-{stage.name}"
         shutil.rmtree(probe, ignore_errors=True)
-        recipe(stage.recipe)[1](dataclasses.replace(
+        training.recipe(stage.recipe)[1](dataclasses.replace(
             config, output_dir=str(probe), max_steps=PROBE_STEPS, lr_warmup_steps=0, log_every=PROBE_STEPS,
             checkpoint_every=PROBE_STEPS, num_validation_images=0))
         _RATES[key] = read_metric(probe / "metrics.csv", "images_per_s")[1][-1]
@@ -222,18 +219,16 @@ def budget_for(stage: Stage, budgets: dict[str, float]) -> float | None:
 
 def run_stage(stage: Stage, work_root: Path, bundle: Path, configs: Path | None = None,
               budgets: dict[str, float] | None = None) -> None:
-    from controlstack.training import recipe
-
     world = work_root / "world"
     work = work_root / stage.name
     if stage.recipe == "world":
-        from controlstack.world import WorldConfig
-        from controlstack.world.export import export_dataset
+        from controlstack.world import WorldConfig  # local: heavy, only this path needs it
+        from controlstack.world.export import export_dataset  # local: heavy, only this path needs it
 
         export_dataset(world, scenes=WORLD_SCENES, seed=WORLD_SEED, config=WorldConfig(size=WORLD_SIZE),
                        workers=max(1, min(os.cpu_count() or 1, 16)))
         return
-    config_cls, _ = recipe(stage.recipe)
+    config_cls, _ = training.recipe(stage.recipe)
     overrides = {"data": str(world), "output_dir": str(work)}
     if stage.init_from is not None:
         overrides["init_from"] = str(stage.init_from)
@@ -260,11 +255,14 @@ def run_stage(stage: Stage, work_root: Path, bundle: Path, configs: Path | None 
 
     bundle.mkdir(parents=True, exist_ok=True)
     if stage.recipe == "vae":
-        from diffusers import AutoencoderKL
+        from diffusers import AutoencoderKL  # local: heavy, only this path needs it
 
         save_fp16(AutoencoderKL.from_pretrained(model_dir), bundle / "vae")
     elif stage.recipe == "predictor":
-        from controlstack.models.predictor import load_predictor, save_predictor
+        from controlstack.models.predictor import (  # local: heavy, only this path needs it
+            load_predictor,
+            save_predictor,
+        )
 
         tmp = bundle / ".predictor.partial"
         save_predictor(load_predictor(model_dir), tmp, dtype=__import__("torch").float16)
@@ -278,8 +276,8 @@ def run_stage(stage: Stage, work_root: Path, bundle: Path, configs: Path | None 
         stage.dest.parent.mkdir(parents=True, exist_ok=True)
         tmp.rename(stage.dest)
     elif stage.recipe == "base":
-        from diffusers import UNet2DConditionModel
-        from transformers import CLIPTextModel
+        from diffusers import UNet2DConditionModel  # local: heavy, only this path needs it
+        from transformers import CLIPTextModel  # local: heavy, only this path needs it
 
         save_fp16(UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet"), bundle / "unet")
         save_fp16(CLIPTextModel.from_pretrained(model_dir, subfolder="text_encoder"), bundle / "text_encoder")
@@ -288,17 +286,16 @@ def run_stage(stage: Stage, work_root: Path, bundle: Path, configs: Path | None 
             shutil.copytree(model_dir / part, bundle / part)
         shutil.copy(model_dir / "model_index.json", bundle / "model_index.json")
     else:
-        from diffusers import ControlNetModel
+        from diffusers import ControlNetModel  # local: heavy, only this path needs it
 
         dest = stage.dest or bundle / "controlnets" / stage.condition
         dest.parent.mkdir(parents=True, exist_ok=True)
         save_fp16(ControlNetModel.from_pretrained(model_dir), dest)
-        from controlstack.models.task_tokens import TOKENS_FILE
+        from controlstack.models.task_tokens import TOKENS_FILE  # local: heavy, only this path needs it
 
         for name in (SETTINGS, TOKENS_FILE):  # the recommended mode / Omni's task tokens travel with the weights
             if (model_dir / name).is_file():
                 shutil.copy(model_dir / name, dest / name)
-        from controlstack.io.settings import read_settings, write_settings
 
         settings = read_settings(dest)
         if "recommended" not in settings:  # the bundle's plain and Omni ControlNets: the measured best mode
@@ -349,8 +346,6 @@ def write_model_card(bundle: Path = BUNDLE_DIR) -> Path:
              "", (f"Data: {data}. Configs: `src/controlstack/configs/bundle/` (the exact values of each run are "
              "in `stages.json`). `SHA256SUMS` lists every model file's checksum.")]
     if fidelity is not None:
-        from controlstack.evaluation.report import fidelity_table
-
         lines += ["", "## Measured (`benchmarks/fidelity.py`)", "", *fidelity_table(fidelity)]
     path = bundle / "README.md"
     bundle.mkdir(parents=True, exist_ok=True)

@@ -40,19 +40,17 @@ averaged over the batch and the probes.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 
 def twice_differentiable(device: torch.device | str):
     """Context for a forward whose graph will be differentiated twice: the fused CPU attention
     kernel (``_scaled_dot_product_flash_attention_for_cpu``) has no double backward, the math
     kernel has; elsewhere nothing changes."""
-    import contextlib
-
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
     return sdpa_kernel(SDPBackend.MATH) if torch.device(device).type == "cpu" else contextlib.nullcontext()
 
 

@@ -30,11 +30,27 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
 from controlstack.errors import require
+from controlstack.injection import make_injection
+from controlstack.injection.mi import MinimalImpact
+from controlstack.io.checkpoints import check_compatible, load_controlnet
+from controlstack.io.checkpoints import load_base as load
 from controlstack.io.png import make_grid
+from controlstack.io.settings import inherited, write_settings
+from controlstack.models.runner import ControlNetRunner, UNetRunner
+from controlstack.models.task_tokens import (
+    TOKENS_FILE,
+    add_task_tokens,
+    initial_vectors,
+    load_task_tokens,
+    save_task_tokens,
+    swap_in_trainable,
+    with_task_token,
+)
 from controlstack.training.config import TrainConfig, list_field
 from controlstack.training.conservativity import conservativity_loss, epsilon_part, twice_differentiable
 from controlstack.training.data import (
@@ -50,7 +66,8 @@ from controlstack.training.data import (
 )
 from controlstack.training.diffusion import noisy_batch, sd_noise_scheduler
 from controlstack.training.latents import training_rows
-from controlstack.training.rebalance import blank_value, preview_grid, rebalance
+from controlstack.training.omni_tasks import pick_hints, validation_samples
+from controlstack.training.rebalance import REGION_SOURCES, blank_value, preview_grid, rebalance
 from controlstack.training.session import TrainingSession, make_lr_scheduler, make_optimizer
 from controlstack.training.validation import (
     condition_fidelity,
@@ -121,9 +138,6 @@ class ControlNetConfig(TrainConfig):
         self._check_mi()
 
     def _check_mi(self) -> None:
-        from controlstack.injection import make_injection
-        from controlstack.training.rebalance import REGION_SOURCES, blank_value
-
         require(0.0 <= self.rebalance_probability <= 1.0, "config key 'rebalance_probability' must be in [0, 1]")
         require(len(self.rebalance_keep) == 2 and 0.0 <= self.rebalance_keep[0] <= self.rebalance_keep[1] <= 1.0,
                 "config key 'rebalance_keep' must be [low, high] with 0 <= low <= high <= 1")
@@ -154,8 +168,6 @@ class ControlNetConfig(TrainConfig):
 def load_base(path: str):
     """The locked base (float32, gradients off): any base ``controlstack`` loads -- a diffusers
     folder (e.g. the fp16 bundle) or an SD-1.x single file."""
-    from controlstack.io.checkpoints import load_base as load
-
     base = load(path)
     for module in (base.unet, base.vae, base.text_encoder):
         module.eval().requires_grad_(False)  # locked: F(x; Θ) never changes
@@ -167,11 +179,9 @@ def build_controlnet(unet, vae, hint_channels, init: str = "", architecture: str
     With ``init`` (fine-tuning) the trained ControlNet there instead, checked against the base.
     ``architecture`` lite: ``LiteControlNetModel``; ``zero_init`` False: every zero convolution
     (the residual outputs and the hint encoder's last layer) re-initialised as nn.Conv2d does."""
-    from diffusers import ControlNetModel
+    from diffusers import ControlNetModel  # local: heavy, only this path needs it
 
     if init:
-        from controlstack.io.checkpoints import check_compatible, load_controlnet
-
         controlnet = load_controlnet(init)
         check_compatible(controlnet, unet)
         return controlnet.train()
@@ -181,7 +191,7 @@ def build_controlnet(unet, vae, hint_channels, init: str = "", architecture: str
             f"config key 'hint_channels' has {len(hint_channels)} entries ({2 ** (len(hint_channels) - 1)}x "
             f"downsampling) but the base's VAE downsamples {factor}x; give it {need} entries")
     if architecture == "lite":
-        from controlstack.models.lite import LiteControlNetModel
+        from controlstack.models.lite import LiteControlNetModel  # local: heavy, only this path needs it
 
         model = LiteControlNetModel.from_unet(unet, conditioning_embedding_out_channels=tuple(hint_channels))
     else:
@@ -200,9 +210,6 @@ def controlnet_eps(unet, controlnet, noisy, t, text_emb, hint, injection=None, c
     ``control_input``: what the ControlNet sees instead of ``noisy`` (the conservativity term
     differentiates along the ControlNet's path only; same values, another graph).
     ``control_text``: the ControlNet's own text embedding (Omni: the task token + caption)."""
-    from controlstack.injection import make_injection
-    from controlstack.models.runner import ControlNetRunner, UNetRunner
-
     unet_r, cn_r = UNetRunner(unet), ControlNetRunner(controlnet)
     hint_features = cn_r.embed_hint(hint)
     h, mid, ctx = unet_r.encode(noisy, t, text_emb)
@@ -265,7 +272,6 @@ def train(config: ControlNetConfig, resume: bool = False):
     val_set = load_image_dataset(config.validation_data, columns) if config.validation_data else dataset
     base = load_base(config.base)
     vae, text_encoder, tokenizer = base.vae.to(acc.device), base.text_encoder.to(acc.device), base.tokenizer
-    from controlstack.injection import make_injection
 
     task_tokens = task_ids = None
     if tasks:
@@ -294,7 +300,7 @@ def train(config: ControlNetConfig, resume: bool = False):
     lr_scheduler = make_lr_scheduler(optimizer, config, acc.num_processes)
     ema = None
     if config.use_ema:
-        from diffusers.training_utils import EMAModel
+        from diffusers.training_utils import EMAModel  # local: heavy, only this path needs it
 
         ema = EMAModel(model.controlnet.parameters(), decay=config.ema_decay)
         ema.to(acc.device)
@@ -312,8 +318,6 @@ def train(config: ControlNetConfig, resume: bool = False):
         objects = batch_objects(batch, config)
         control_ids = None
         if tasks:  # own random stream: a task per sample; the ControlNet reads "<task> caption"
-            from controlstack.models.task_tokens import with_task_token
-            from controlstack.training.omni_tasks import pick_hints
 
             hint, k = pick_hints(batch, tasks, session.step_generator(stream=3))
             control_ids = with_task_token(ids, task_ids[k])
@@ -354,16 +358,6 @@ def _trainable_task_tokens(tokenizer, text_encoder, tasks, config):
     """Omni: the task tokens added to the tokenizer and text encoder (started from ``init_from``'s
     tokens when it is an Omni model, else fresh) and swapped in as the embedding's one trainable
     part; returns (the TaskTokenEmbedding, the tasks' token ids in ``tasks`` order)."""
-    from pathlib import Path
-
-    from controlstack.models.task_tokens import (
-        TOKENS_FILE,
-        add_task_tokens,
-        initial_vectors,
-        load_task_tokens,
-        swap_in_trainable,
-    )
-
     start = initial_vectors(text_encoder, tasks, config.seed)
     if config.init_from and (Path(config.init_from) / TOKENS_FILE).is_file():
         start.update({t: v for t, v in load_task_tokens(config.init_from).items() if t in start})
@@ -379,15 +373,11 @@ def _save(controlnet, folder, config: ControlNetConfig, task_vectors=None) -> No
     it a ControlNet fine-tuned from a bundled one would fall back to ``balanced``, where the bundled
     model's small ControlNets barely act (README, "Control modes"). An Omni model also writes its task
     tokens (``task_tokens.safetensors``) and task list."""
-    from controlstack.io.settings import inherited, write_settings
-
     controlnet.save_pretrained(folder, safe_serialization=True)
     settings: dict = {}
     mi = {k: getattr(config, k) for k in ("injection", "injection_options", "rebalance_probability",
                                           "conservativity_weight")}
     if task_vectors is not None:
-        from controlstack.models.task_tokens import save_task_tokens
-
         save_task_tokens(task_vectors, folder)
         settings["omni"] = {"tasks": list(config.tasks)}
     if mi != {"injection": "sum", "injection_options": {}, "rebalance_probability": 0.0, "conservativity_weight": 0.0}:
@@ -423,8 +413,6 @@ def _mi_stage2_loss(model, noisy, t, text_emb, hint, target, objects, config, no
 def preview_rebalancing(session: TrainingSession, dataset, regions, rows: int = 8) -> None:
     """``rebalance.png`` in the output folder: image | condition | kept regions | rebalanced, for the
     first rows, with the recipe's own settings (drawn from a fixed generator)."""
-    from controlstack.training.data import RowTransform
-
     cfg = session.config
     transform = RowTransform(cfg.resolution, targets=("image",), hints=("hint",), regions=regions)
     batch = first_rows(dataset, rows, transform)
@@ -439,7 +427,6 @@ def _sampling_options(cfg: ControlNetConfig) -> dict:
     cap a model object it cannot look up at the inference-only value)."""
     if cfg.injection != "mi":
         return dict(cfg.injection_options)
-    from controlstack.injection.mi import MinimalImpact
 
     return {"lambda_max": MinimalImpact(**cfg.injection_options).lambda_max, **cfg.injection_options}
 
@@ -451,7 +438,6 @@ def validate(session: TrainingSession, net: ControlledUNet, base, vae, text_enco
     net.controlnet.eval()
     tasks = tuple(getattr(cfg, "tasks", ()))
     if tasks:  # Omni: row i shows task i mod K
-        from controlstack.training.omni_tasks import validation_samples
 
         hints, generated, fidelity = validation_samples(net, base, vae, text_encoder, val, cfg)
     else:

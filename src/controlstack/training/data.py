@@ -22,12 +22,13 @@ import torch
 
 from controlstack.errors import ControlstackError, require
 from controlstack.io.images import resize_image, to_rgb
+from controlstack.training.rebalance import region_labels
 
 
 def load_image_dataset(path: str, columns: dict[str, str]):
     """``datasets.load_from_disk`` with user-facing checks; keeps ``columns`` (dataset name ->
     the recipe's name) and renames them, so recipes always see ``image`` / ``text`` / ``hint``."""
-    import datasets
+    import datasets  # local: heavy, only this path needs it
 
     p = Path(path)
     if not p.exists():
@@ -87,8 +88,6 @@ class RowTransform:
         for name in self.passthrough:
             out[name] = list(batch[name])
         if self.regions is not None:
-            from controlstack.training.rebalance import region_labels
-
             source, column = self.regions
             images, maps = batch["image"], batch[column] if column else [None] * len(batch["image"])
             out["regions"] = [region_labels(source, im, m, self.resolution) for im, m in zip(images, maps)]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from controlstack.models.vae import encode
 from controlstack.sampling.schedulers import SD_SCHEDULER_CONFIG
 
 #: the noise schedule recipes train with: SD-1.x's, the one ``sampling/schedulers.py`` samples with
@@ -24,14 +25,14 @@ PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 
 def sd_noise_scheduler(prediction_type: str = "epsilon"):
-    from diffusers import DDPMScheduler
+    from diffusers import DDPMScheduler  # local: heavy, only this path needs it
 
     return DDPMScheduler(**SD_SCHEDULE, prediction_type=prediction_type)
 
 
 def sd_sampling_scheduler(prediction_type: str = "epsilon"):
     """What SD-1.5's ``scheduler/`` folder holds: PNDM (PLMS) with the training betas."""
-    from diffusers import PNDMScheduler
+    from diffusers import PNDMScheduler  # local: heavy, only this path needs it
 
     scheduler = PNDMScheduler(
         **{k: v for k, v in SD_SCHEDULE.items() if k != "clip_sample"}, prediction_type=prediction_type,
@@ -46,8 +47,6 @@ def sd_sampling_scheduler(prediction_type: str = "epsilon"):
 def encode_latents(vae, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Images in [-1, 1] -> scaled latents: one posterior sample (``models/vae.py``, the encoder
     inference uses too)."""
-    from controlstack.models.vae import encode
-
     return encode(vae, images, generator)
 
 

@@ -36,7 +36,9 @@ from controlstack.evaluation.networks import (
 )
 from controlstack.training.config import TrainConfig, list_field
 from controlstack.training.data import batches, image_to_tensor, load_image_dataset, make_dataloader
+from controlstack.training.predictor import seg_to_classes
 from controlstack.training.session import TrainingSession, make_lr_scheduler, make_optimizer
+from controlstack.training.tokenizer import build_tokenizer
 
 #: at least this share of the image (and 4 pixels) makes a thing visible: the captions' rule
 MIN_PIXELS_FRACTION = 0.002
@@ -45,7 +47,10 @@ SKY, FIRST_ENTITY = 0, 2
 
 def content_words() -> list[str]:
     """The caption vocabulary without function words: classes, colours, textures, poses, grounds."""
-    from controlstack.world.captions import FUNCTION_WORDS, VOCABULARY
+    from controlstack.world.captions import (  # local: heavy, only this path needs it
+        FUNCTION_WORDS,
+        VOCABULARY,
+    )
 
     return [w for w in VOCABULARY if w not in FUNCTION_WORDS and w.isalpha()]
 
@@ -53,8 +58,7 @@ def content_words() -> list[str]:
 def scene_labels(text: str, seg: np.ndarray, instances: np.ndarray, image: np.ndarray,
                  config: FeatureNetConfig) -> dict[str, np.ndarray]:
     """One row's targets: words (multi-hot), classes (sqrt area share), count, sky (RGB in [0, 1])."""
-    from controlstack.training.predictor import seg_to_classes
-    from controlstack.world.captions import caption_words
+    from controlstack.world.captions import caption_words  # local: heavy, only this path needs it
 
     said = set(caption_words(text))
     words = np.array([w in said for w in config.words], np.float32)
@@ -84,7 +88,7 @@ class FeatureNetTrainConfig(TrainConfig):
         require(self.num_features >= 2 and self.max_count >= 1, "config keys 'num_features' / 'max_count' must be >= 2 / >= 1")
 
     def model_config(self) -> FeatureNetConfig:
-        from controlstack.world.palette import CLASSES
+        from controlstack.world.palette import CLASSES  # local: heavy, only this path needs it
 
         return FeatureNetConfig(image_size=self.resolution, widths=list(self.widths), num_features=self.num_features,
                                 words=content_words(), classes=list(CLASSES), max_count=self.max_count)
@@ -209,8 +213,6 @@ class ClipRows:
 
 def train_clip(config: ClipTrainConfig, resume: bool = False):
     """Train and export the world CLIP; returns the exported folder."""
-    from controlstack.training.tokenizer import build_tokenizer
-
     session = TrainingSession(config, "clip", resume)
     tokenizer = build_tokenizer("world", config.max_length)
     pre = preprocessor_config(config.resolution)

@@ -18,6 +18,8 @@ import hashlib
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, safe_open, save_file
+from tqdm.auto import tqdm
 
 from controlstack.models.vae import scale
 from controlstack.training.data import RowTransform
@@ -49,8 +51,6 @@ class LatentCache:
     @classmethod
     @torch.no_grad()
     def build(cls, vae, dataset, resolution: int, batch_size: int = 64, desc: str = "encode latents") -> LatentCache:
-        from tqdm.auto import tqdm
-
         transform = RowTransform(resolution, targets=("image",))
         means, stds = [], []
         device = next(vae.parameters()).device
@@ -66,8 +66,6 @@ class LatentCache:
     @classmethod
     def load_or_build(cls, path: str | Path, vae, dataset, resolution: int) -> LatentCache:
         """Read ``path`` when its key matches this VAE and dataset, else encode and write it."""
-        from safetensors.torch import load_file, safe_open, save_file
-
         path = Path(path)
         rows_id = getattr(dataset, "source_fingerprint", getattr(dataset, "_fingerprint", ""))  # data.py sets it
         key = {"dataset": str(rows_id), "rows": str(len(dataset)), "resolution": str(resolution),

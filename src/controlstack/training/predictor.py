@@ -26,7 +26,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
+from controlstack import assets
+from controlstack.annotators.base import to_condition
 from controlstack.errors import require
 from controlstack.io.png import make_grid
 from controlstack.models.predictor import (
@@ -39,7 +42,13 @@ from controlstack.models.predictor import (
     save_predictor,
 )
 from controlstack.training.config import TrainConfig, list_field
-from controlstack.training.data import batches, first_rows, load_image_dataset, make_dataloader
+from controlstack.training.data import (
+    batches,
+    first_rows,
+    image_to_tensor,
+    load_image_dataset,
+    make_dataloader,
+)
 from controlstack.training.session import TrainingSession, make_lr_scheduler, make_optimizer
 
 #: the batch's name -> the world export's column
@@ -82,7 +91,7 @@ class PredictorTrainConfig(TrainConfig):
 
 def seg_to_classes(seg: np.ndarray) -> np.ndarray:
     """The world's seg colours (palette) -> class ids (H, W); unknown colours -> the nearest."""
-    from controlstack.world.palette import PALETTE
+    from controlstack.world.palette import PALETTE  # local: heavy, only this path needs it
 
     # exact palette colours by a packed-RGB lookup (the export's maps are lossless PNGs); only the
     # colours the palette lacks go through the nearest-colour search
@@ -115,8 +124,6 @@ class PredictorRows:
         self.resolution, self.tasks = resolution, tuple(tasks)
 
     def __call__(self, batch: dict) -> dict:
-        from controlstack.training.data import image_to_tensor
-
         r = self.resolution // 2
         out: dict = {"image": [image_to_tensor(im, self.resolution, False) for im in batch["image"]]}
         need = {NEEDS[t] for t in self.tasks}
@@ -201,7 +208,7 @@ def train(config: PredictorTrainConfig, resume: bool = False):
 @torch.no_grad()
 def validate(session: TrainingSession, model: MultiTaskPredictor, val: dict) -> None:
     """``samples/step-N.png``: per row the photo, then for every task prediction | ground truth."""
-    from controlstack.training.validation import tensor_to_pil
+    from controlstack.training.validation import tensor_to_pil  # local: heavy, only this path needs it
 
     model.eval()
     tasks = tuple(session.config.tasks)
@@ -220,11 +227,10 @@ def render_output(task: str, values: torch.Tensor, scale: int = 2):
     """An activated output (C, H, W) -> the condition image users get: the learned annotators' own
     conversion (``assets.predictor_condition``), keypoints through their decoder (``keypoints_at``)
     drawn ``scale`` x larger by the pose renderer."""
-    from PIL import Image
-
-    from controlstack import assets
-    from controlstack.annotators.base import to_condition
-    from controlstack.annotators.pose import render_animal, render_openpose
+    from controlstack.annotators.pose import (  # local: heavy, only this path needs it
+        render_animal,
+        render_openpose,
+    )
 
     v = values.float().cpu().numpy()
     if task not in KEYPOINTS:

@@ -27,6 +27,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+from skimage.segmentation import slic
 
 from controlstack.errors import ControlstackError
 
@@ -74,15 +75,13 @@ def labels_from_colours(seg: np.ndarray) -> np.ndarray:
 
 def labels_from_slic(image: np.ndarray, segments: int = SLIC_SEGMENTS) -> np.ndarray:
     """Superpixels of an RGB image (H, W, 3) -> int32 labels (deterministic for an image)."""
-    from skimage.segmentation import slic
-
     return slic(image, n_segments=segments, compactness=10.0, start_label=0).astype(np.int32)
 
 
 def region_labels(source: str, row_image, row_regions=None, resolution: int | None = None) -> torch.Tensor:
     """One training row's region labels as a (1, R, R) float tensor, cropped and resized like the
     row's images (``crop_and_resize``) but with nearest-neighbour sampling so ids stay ids."""
-    from controlstack.io.images import to_rgb
+    from controlstack.io.images import to_rgb  # local: heavy, only this path needs it
 
     if source not in REGION_SOURCES:
         raise ControlstackError(f"rebalance_regions '{source}' is unknown; choose one of {', '.join(REGION_SOURCES)}")
@@ -139,8 +138,8 @@ def rebalance(
 
 def preview_grid(images: torch.Tensor, hints: torch.Tensor, rebalanced: torch.Tensor, masks: torch.Tensor):
     """Rows of image | condition | kept regions | rebalanced condition (the start-of-training PNG)."""
-    from controlstack.io.png import make_labelled_grid
-    from controlstack.training.validation import tensor_to_pil
+    from controlstack.io.png import make_labelled_grid  # local: heavy, only this path needs it
+    from controlstack.training.validation import tensor_to_pil  # local: heavy, only this path needs it
 
     rows = []
     for i, (im, h, m, r) in enumerate(zip(tensor_to_pil(images, signed=True), tensor_to_pil(hints, signed=False),

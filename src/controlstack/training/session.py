@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from controlstack.errors import ControlstackError
 from controlstack.training.config import TrainConfig
@@ -94,7 +95,7 @@ def make_optimizer(params, config: TrainConfig) -> torch.optim.Optimizer:
 
 
 def make_lr_scheduler(optimizer, config: TrainConfig, num_processes: int):
-    from diffusers.optimization import get_scheduler
+    from diffusers.optimization import get_scheduler  # local: heavy, only this path needs it
 
     # accelerate steps a prepared scheduler once per process per optimiser step (diffusers' scripts
     # multiply by num_processes for the same reason), so the schedule is in those units.
@@ -110,8 +111,12 @@ class TrainingSession:
     """Accelerator + output folder + checkpoint/resume + metrics + progress bar for one run."""
 
     def __init__(self, config: TrainConfig, recipe: str, resume: bool = False):
-        from accelerate import Accelerator
-        from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin, ProjectConfiguration
+        from accelerate import Accelerator  # local: heavy, only this path needs it
+        from accelerate.utils import (  # local: heavy, only this path needs it
+            DataLoaderConfiguration,
+            GradientAccumulationPlugin,
+            ProjectConfiguration,
+        )
 
         self.config, self.recipe = config, recipe
         self.out = Path(config.output_dir)
@@ -133,7 +138,7 @@ class TrainingSession:
             dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=config.seed),
             project_config=ProjectConfiguration(project_dir=str(self.out)),
         )
-        from accelerate.utils import set_seed
+        from accelerate.utils import set_seed  # local: heavy, only this path needs it
 
         set_seed(config.seed)  # model initialisation; per-step randomness uses step_generator
         self.resume_from = existing[-1] if (resume and existing) else None
@@ -224,8 +229,6 @@ class TrainingSession:
     # -- the loop's bookkeeping ----------------------------------------------------------------
 
     def progress(self):
-        from tqdm.auto import tqdm
-
         return tqdm(
             total=self.config.max_steps, initial=self.step, desc=f"train {self.recipe}",
             unit="step", disable=not self.is_main, dynamic_ncols=True,

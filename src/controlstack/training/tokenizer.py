@@ -21,7 +21,7 @@ _WORD = re.compile(r"[a-z]+")
 
 def world_vocabulary() -> list[str]:
     try:
-        from controlstack.world.captions import VOCABULARY
+        from controlstack.world.captions import VOCABULARY  # local: optional dependency
     except ImportError:
         raise ControlstackError(
             "the world's caption vocabulary (controlstack.world.captions) is not available; "

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from controlstack.errors import require
 from controlstack.io.png import make_grid
+from controlstack.training.base import load_vae
 from controlstack.training.config import TrainConfig, list_field
 from controlstack.training.data import (
     RowTransform,
@@ -88,11 +89,9 @@ class VAEConfig(TrainConfig):
 
 
 def build_vae(config: VAEConfig):
-    from diffusers import AutoencoderKL
+    from diffusers import AutoencoderKL  # local: heavy, only this path needs it
 
     if config.init_from:
-        from controlstack.training.base import load_vae
-
         vae = load_vae(config.init_from)  # fp32 copy of e.g. the fp16 bundle
         vae.requires_grad_(True)
         if not config.train_encoder:

@@ -24,7 +24,11 @@ import numpy as np
 import torch
 from PIL import Image
 
+from controlstack.control import Control
 from controlstack.evaluation.metrics import edge_f1, edges
+from controlstack.models.components import SDComponents
+from controlstack.pipeline import Pipeline
+from controlstack.prompting import project_prompts
 
 
 def tensor_to_pil(x: torch.Tensor, signed: bool) -> list[Image.Image]:
@@ -47,12 +51,12 @@ def condition_fidelity(condition: str, hints: list[Image.Image], generated: list
 
 def plot_metric(csv_path: Path, metric: str, png_path: Path, title: str) -> None:
     """Line plot of one metric over steps (matplotlib, Agg backend: no display needed)."""
-    import matplotlib
+    import matplotlib  # local: heavy, only this path needs it
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # local: heavy, only this path needs it
 
-    from controlstack.training.session import read_metric
+    from controlstack.training.session import read_metric  # local: heavy, only this path needs it
 
     steps, values = read_metric(csv_path, metric)
     fig, ax = plt.subplots(figsize=(5, 3.2), dpi=100)
@@ -69,9 +73,6 @@ def plot_metric(csv_path: Path, metric: str, png_path: Path, title: str) -> None
 def validation_pipeline(vae, text_encoder, tokenizer, unet, scheduler_config):
     """The project's pipeline over the models being trained (nothing copied; its ``eval()`` calls are
     undone by the recipes, which switch their trainable parts back to ``train()``)."""
-    from controlstack.models.components import SDComponents
-    from controlstack.pipeline import Pipeline
-
     return Pipeline(SDComponents(unet, vae, text_encoder, tokenizer, scheduler_config))
 
 
@@ -79,8 +80,6 @@ def validation_pipeline(vae, text_encoder, tokenizer, unet, scheduler_config):
 def sample_text_to_image(vae, text_encoder, tokenizer, unet, scheduler_config, prompts: list[str],
                          size: int, steps: int, guidance_scale: float, seed: int) -> list[Image.Image]:
     """Prompt -> image (DDIM, seed ``seed + i`` for prompt ``i``)."""
-    from controlstack.prompting import project_prompts
-
     pipe = validation_pipeline(vae, text_encoder, tokenizer, unet, scheduler_config)
     with project_prompts():  # world captions: their length is the training's, not news
         return [pipe(p, [], steps=steps, cfg=guidance_scale, seed=seed + i, width=size, height=size,
@@ -94,9 +93,6 @@ def sample_controlnet(vae, text_encoder, tokenizer, unet, controlnet, scheduler_
                       mode_options: dict | None = None) -> list[Image.Image]:
     """Prompt + hint -> image with the injection the model is trained with (``sum``: diffusers'
     ControlNet; a model trained with ``mi`` is validated with ``mi``, as it will be used)."""
-    from controlstack.control import Control
-    from controlstack.prompting import project_prompts
-
     pipe = validation_pipeline(vae, text_encoder, tokenizer, unet, scheduler_config)
     with project_prompts():
         return [pipe(p, [Control(controlnet, h, weight=conditioning_scale)], steps=steps, cfg=guidance_scale,

@@ -43,7 +43,7 @@ MAX_WORKERS = 64
 
 def features():
     """The dataset's ``datasets.Features`` (column order = :data:`COLUMNS`)."""
-    from datasets import Features, Image, Value
+    from datasets import Features, Image, Value  # local: heavy, only this path needs it
 
     return Features({c: Value("string") if c in TEXT_COLUMNS else Image() for c in COLUMNS})
 
@@ -110,8 +110,8 @@ def export_dataset(
     require(workers <= MAX_WORKERS, f"--workers must be at most {MAX_WORKERS}, got {workers}")
     out = Path(out)
     _check_out(out, overwrite)
-    from datasets import Dataset, DatasetInfo
-    from datasets.arrow_writer import ArrowWriter
+    from datasets import Dataset, DatasetInfo  # local: heavy, only this path needs it
+    from datasets.arrow_writer import ArrowWriter  # local: heavy, only this path needs it
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"

@@ -19,6 +19,7 @@ from typing import Protocol
 import torch
 
 from controlstack.errors import ControlstackError
+from controlstack.models.families import sd, sdxl
 
 
 class BaseFamily(Protocol):
@@ -57,8 +58,6 @@ class BaseFamily(Protocol):
 
 
 def _families() -> tuple:
-    from controlstack.models.families import sd, sdxl
-
     return (sdxl.FAMILY, sd.FAMILY)  # in detection order: the specific before the fallback
 
 

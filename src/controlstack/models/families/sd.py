@@ -42,7 +42,7 @@ class SD:
         return [("text_encoder", pipe.text_encoder)]
 
     def lora_loader(self):
-        from diffusers.loaders import StableDiffusionLoraLoaderMixin
+        from diffusers.loaders import StableDiffusionLoraLoaderMixin  # local: heavy, only this path needs it
 
         return StableDiffusionLoraLoaderMixin
 

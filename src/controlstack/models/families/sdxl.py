@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from controlstack.errors import ControlstackError
+from controlstack.models import sdxl
 
 
 class SDXL:
@@ -33,14 +34,10 @@ class SDXL:
 
     @torch.no_grad()
     def encode_text(self, pipe, prompt: str, batch: int):
-        from controlstack.models import sdxl
-
         return sdxl.encode_prompt(prompt, [pipe.tokenizer, pipe.tokenizer_2], [pipe.text_encoder, pipe.text_encoder_2],
                                   batch)
 
     def text_conditions(self, pipe, prompt, negative_prompt, batch, do_cfg, size, micro):
-        from controlstack.models import sdxl
-
         given = {k: v for k, v in micro.items() if v is not None}
         cond, pooled = self.encode_text(pipe, prompt, batch)
         uncond = neg_pooled = None
@@ -60,7 +57,9 @@ class SDXL:
         return [("text_encoder", pipe.text_encoder), ("text_encoder_2", pipe.text_encoder_2)]
 
     def lora_loader(self):
-        from diffusers.loaders import StableDiffusionXLLoraLoaderMixin
+        from diffusers.loaders import (  # local: heavy, only this path needs it
+            StableDiffusionXLLoraLoaderMixin,
+        )
 
         return StableDiffusionXLLoraLoaderMixin
 
