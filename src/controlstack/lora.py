@@ -50,7 +50,7 @@ def short_hash(path: Path) -> str:
 
 def read(path, allow_pickle: bool = False) -> tuple[dict, dict]:
     """The file's tensors and :func:`describe` of them; every failure one line naming the file."""
-    from controlstack.io.tensors import read_tensors
+    from controlstack.io.tensors import read_tensors  # local: heavy, only this path needs it
 
     path = Path(path)
     if not path.is_file():
@@ -158,7 +158,9 @@ class Loras:
 
     def fuse_loras(self) -> None:
         """Merge the loaded LoRAs at their weights into the base's weights (as fast as no LoRA)."""
-        from diffusers.loaders.lora_base import fuse_text_encoder_lora
+        from diffusers.loaders.lora_base import (  # local: heavy, only this path needs it
+            fuse_text_encoder_lora,
+        )
 
         if not self.lora_state() or self._fused:
             return
@@ -170,7 +172,9 @@ class Loras:
         self.tier = self.tier  # compiled graphs are keyed by the weights: new runners read the fused ones
 
     def unfuse_loras(self) -> None:
-        from diffusers.loaders.lora_base import unfuse_text_encoder_lora
+        from diffusers.loaders.lora_base import (  # local: heavy, only this path needs it
+            unfuse_text_encoder_lora,
+        )
 
         if not self._fused:
             return
@@ -213,7 +217,9 @@ class Loras:
         return text, wanted
 
     def _apply_weights(self) -> None:
-        from diffusers.loaders.lora_base import set_adapters_for_text_encoder
+        from diffusers.loaders.lora_base import (  # local: heavy, only this path needs it
+            set_adapters_for_text_encoder,
+        )
 
         loras = self.lora_state()
         if not loras:
@@ -226,7 +232,7 @@ class Loras:
                 set_adapters_for_text_encoder(present, encoder, [loras[n].weight for n in present])
 
     def _drop(self, name: str) -> None:
-        from diffusers.loaders.lora_base import delete_adapter_layers
+        from diffusers.loaders.lora_base import delete_adapter_layers  # local: heavy, only this path needs it
 
         if name in (getattr(self.unet, "peft_config", None) or {}):
             self.unet.delete_adapters(name)

@@ -20,23 +20,27 @@ import numpy as np
 import torch
 from PIL import Image
 
+from controlstack import annotators, assets
 from controlstack.control import Control
 from controlstack.denoiser import ControlledDenoiser
 from controlstack.errors import ControlstackError
 from controlstack.hints import Hints
-from controlstack.hires import MAX_HIRES, hires_size  # noqa: F401 (re-exported: the server's and CLI's checks)
+from controlstack.hires import MAX_HIRES, check, hires_size, run_hires  # noqa: F401 (re-exported: the server's and CLI's checks)
 from controlstack.img2img import Img2Img
 from controlstack.injection import make_injection
-from controlstack.inpaint import InpaintOptions
+from controlstack.inpaint import InpaintOptions, run_inpaint
+from controlstack.io import checkpoints
 from controlstack.io.checkpoints import check_compatible
-from controlstack.io.images import resize_image, to_rgb
+from controlstack.io.images import pixel_perfect_resolution, resize_image, to_rgb, validate_image
+from controlstack.io.settings import read_settings, recommended
 from controlstack.ip_adapter import ImagePrompt, ImagePrompts
 from controlstack.limits import MAX_SIZE, check_memory, memory_needed  # noqa: F401 (re-exported: preflight, serve)
 from controlstack.limits import validate as _validate
-from controlstack.lora import Loras
+from controlstack.lora import Loras, available
 from controlstack.models.components import SDComponents
 from controlstack.models.families import family_of
 from controlstack.models.tiers import Runners, Tier, make_tier
+from controlstack.models.vae import unscale
 from controlstack.prompting import Prompting
 from controlstack.recommendations import (  # noqa: F401 (the constants are re-exported)
     INFERENCE_ONLY_LAMBDA_MAX,
@@ -196,13 +200,9 @@ class Pipeline(Prompting, Hints, Img2Img, Recommendations, Loras, ImagePrompts):
         """A diffusers SD / SDXL folder or single-file checkpoint; ``None`` = the bundled default model.
         ``torch_dtype``: the weights' dtype (``torch.bfloat16`` halves an SDXL U-Net's 10 GB; None
         keeps what is stored); ControlNets loaded by path follow the base's."""
-        from controlstack import assets
-
         if path is None:
             return assets.default_pipeline(cls)
-        from controlstack.io.checkpoints import load_base
-
-        components = load_base(path, allow_pickle=allow_pickle, config=config, torch_dtype=torch_dtype)
+        components = checkpoints.load_base(path, allow_pickle=allow_pickle, config=config, torch_dtype=torch_dtype)
         # a folder in the bundle's layout (the shipped bundle, or one being trained with some
         # ControlNets pending) brings its own ControlNets; a plain SD folder gets the bundled ones
         folder = Path(path)
@@ -217,8 +217,6 @@ class Pipeline(Prompting, Hints, Img2Img, Recommendations, Loras, ImagePrompts):
     def from_source(cls, components: SDComponents, controlnets: dict, name: str, source: Path) -> Pipeline:
         """A pipeline over ``components`` loaded from ``source`` (a folder or a single file), with
         what the folder's ``controlstack.json`` declares: recommended settings and vocabulary."""
-        from controlstack.io.settings import read_settings, recommended
-
         settings = read_settings(source) if source.is_dir() else {}
         pipe = cls(components, controlnets=controlnets, name=name, recommended=recommended(source),
                    vocabulary=settings.get("vocabulary"))
@@ -230,9 +228,7 @@ class Pipeline(Prompting, Hints, Img2Img, Recommendations, Loras, ImagePrompts):
         """sd-webui's "Model hash" of the base's file, computed on first use (hashing a multi-GB
         checkpoint at every load would slow start-up for nothing)."""
         if self._model_hash is None and self.source is not None:
-            from controlstack.io.checkpoints import model_hash
-
-            self._model_hash = model_hash(self.source)
+            self._model_hash = checkpoints.model_hash(self.source)
         return self._model_hash
 
     def controlnet(self, model: Any):
@@ -244,9 +240,7 @@ class Pipeline(Prompting, Hints, Img2Img, Recommendations, Loras, ImagePrompts):
             if callable(cn) and not isinstance(cn, torch.nn.Module):
                 cn = self.controlnets[str(model)] = cn()
         elif os.path.exists(model):
-            from controlstack.io.checkpoints import load_controlnet
-
-            cn = self.controlnets[str(model)] = load_controlnet(model, torch_dtype=self.unet.dtype)
+            cn = self.controlnets[str(model)] = checkpoints.load_controlnet(model, torch_dtype=self.unet.dtype)
         else:
             known = ", ".join(sorted(self.controlnets)) or "none bundled"
             raise ControlstackError(
@@ -264,9 +258,6 @@ class Pipeline(Prompting, Hints, Img2Img, Recommendations, Loras, ImagePrompts):
         ``model`` (one set of weights for every task). ``kwargs`` go to ``__call__`` (steps, cfg,
         seed, width, height, mode, ...). Returns images, or a :class:`GenerationResult` whose
         ``conditions`` hold the condition of each task."""
-        from controlstack import annotators
-        from controlstack.io.images import pixel_perfect_resolution, validate_image
-
         photo = to_rgb(validate_image(photo, "photo"))
         if isinstance(tasks, str) or not tasks or not all(isinstance(t, str) and t for t in tasks):
             raise ControlstackError(f"tasks must be a non-empty list of task names, got {tasks!r}")
@@ -293,8 +284,6 @@ class Pipeline(Prompting, Hints, Img2Img, Recommendations, Loras, ImagePrompts):
     def _hires(self, scale, hires_strength, prompt, controls, *, hires_steps, hires_upscaler, output_type,
                return_result, **kw):
         """The hires fix (``hires.py``): the first pass, the upscale, img2img at the larger size."""
-        from controlstack.hires import check, run_hires
-
         check(scale, hires_steps, hires_upscaler)
         w2, h2 = hires_size(kw["width"], kw["height"], scale, self.vae_scale_factor)
         _validate(prompt, hires_steps or kw["steps"], kw["cfg"], w2, h2, kw["batch"], self.vae_scale_factor)
@@ -306,8 +295,6 @@ class Pipeline(Prompting, Hints, Img2Img, Recommendations, Loras, ImagePrompts):
 
     def _inpaint(self, options: InpaintOptions, prompt, controls, *, output_type, return_result, **kw):
         """sd-webui's inpainting options (``inpaint.py``) around the pipeline's own inpainting."""
-        from controlstack.inpaint import run_inpaint
-
         images, params = run_inpaint(self, options, prompt, controls, output_type=output_type, **kw)
         if output_type == "pil":
             label(images, params)
@@ -316,8 +303,6 @@ class Pipeline(Prompting, Hints, Img2Img, Recommendations, Loras, ImagePrompts):
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, generator=None) -> np.ndarray:
         """VAE decode and diffusers' post-processing -> float array (B, H, W, 3) in [0, 1]."""
-        from controlstack.models.vae import unscale
-
         image = self.runners.decode_vae(unscale(latents, self.vae.config), generator)
         image = (image * 0.5 + 0.5).clamp(0, 1)
         return image.cpu().permute(0, 2, 3, 1).float().numpy()
@@ -508,8 +493,6 @@ class Pipeline(Prompting, Hints, Img2Img, Recommendations, Loras, ImagePrompts):
         """A call whose prompt names LoRAs (``<lora:NAME:WEIGHT>``, from :attr:`lora_dir`): each is
         loaded (or re-weighted) for this call only, the tags leave the text the encoder reads, and
         the infotext keeps them, as sd-webui's does."""
-        from controlstack.lora import available
-
         text, wanted = self.prompt_loras(prompt, self.lora_dir)
         negative, more = self.prompt_loras(negative_prompt, self.lora_dir)
         files, before, added = available(self.lora_dir), {n: lo.weight for n, lo in self.loras.items()}, []
@@ -540,7 +523,7 @@ class Pipeline(Prompting, Hints, Img2Img, Recommendations, Loras, ImagePrompts):
 
 def label(images: list, params: dict) -> list:
     """Each image's infotext, as sd-webui's images carry it (with its batch position past one image)."""
-    from controlstack.io.png import format_parameters
+    from controlstack.io.png import format_parameters  # local: heavy, only this path needs it
 
     for pos, im in enumerate(images):
         im.info["parameters"] = format_parameters({**params, **({"batch_pos": pos} if len(images) > 1 else {})})

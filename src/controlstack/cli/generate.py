@@ -19,16 +19,20 @@ import random
 import re
 from pathlib import Path
 
+from controlstack import annotators
+from controlstack.cli.annotate import parse_pairs
 from controlstack.cli.text import DefaultsFormatter
 from controlstack.errors import ControlstackError
+from controlstack.hires import UPSCALERS
+from controlstack.inpaint import FILLS, InpaintOptions
+from controlstack.io.images import load_image
+from controlstack.io.paths import output_folder
+from controlstack.lora import read
 
 MAX_SEED = 2**63  # torch.Generator.manual_seed takes a signed 64-bit seed
 
 
 def register(sub) -> None:
-    from controlstack.hires import UPSCALERS
-    from controlstack.inpaint import FILLS
-
     p = sub.add_parser("generate", help="generate images with controls",
                        description="Generate images from a prompt and any number of controls.",
                        formatter_class=DefaultsFormatter)
@@ -189,7 +193,7 @@ def parse_control(spec: str) -> tuple[str, str, float | tuple, float | None, flo
     # an unset START / END stays None: the pipeline gives it the ControlNet's recommended window
     weight, start, end = values + [1.0, None, None][len(values):]
     if isinstance(weight, tuple):
-        from controlstack.control import validate_weight
+        from controlstack.control import validate_weight  # local: keeps CLI start-up light
 
         try:
             weight = validate_weight(weight)
@@ -211,9 +215,6 @@ def split_task(model: str) -> tuple[str, str | None]:
 
 def parse_modules(specs: list[str], n_controls: int) -> dict[int, tuple[str, dict]]:
     """``I:NAME[,k=v...]`` -> {I: (NAME, typed params)}; names and parameters are checked now."""
-    from controlstack import annotators
-    from controlstack.cli.annotate import parse_pairs
-
     out: dict[int, tuple[str, dict]] = {}
     for spec in specs:
         index, _, rest = spec.partition(":")
@@ -247,10 +248,9 @@ def next_index(out: Path) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from controlstack import Control, Pipeline
-    from controlstack.injection import available as available_modes
-    from controlstack.io.images import load_image
-    from controlstack.sampling import SCHEDULERS
+    from controlstack import Control, Pipeline  # local: keeps CLI start-up light
+    from controlstack.injection import available as available_modes  # local: keeps CLI start-up light
+    from controlstack.sampling import SCHEDULERS  # local: keeps CLI start-up light
 
     # Validate everything cheap before loading any model.
     if args.scheduler not in SCHEDULERS:
@@ -272,8 +272,7 @@ def run(args: argparse.Namespace) -> int:
         raise ControlstackError("--from-image and --tasks go together: --from-image photo.png --tasks depth,canny")
     if args.from_image is not None and specs:
         raise ControlstackError("--from-image makes its own controls; drop --control (or --from-image)")
-    from controlstack.cli import preflight
-    from controlstack.io.paths import output_folder
+    from controlstack.cli import preflight  # local: keeps CLI start-up light
 
     preflight.check_sizes(args, preflight.base_configs(args.model, args.config))
     output_folder(args.out)  # a bad --out fails now, not after the generation
@@ -289,8 +288,6 @@ def run(args: argparse.Namespace) -> int:
     masks = parse_masks(args.mask, len(specs))
     modules = parse_modules(args.module, len(specs))
     if args.preprocess:  # the annotator follows each control's condition type (mi-canny -> canny)
-        from controlstack import annotators
-
         for i, (name, task) in enumerate(models):
             if i not in modules:
                 annotators.for_control(name, task, args.model)
@@ -307,8 +304,6 @@ def run(args: argparse.Namespace) -> int:
         img2img = {"init_image": load_image(args.init), "strength": args.strength,
                    "inpaint_mask": load_image(args.inpaint_mask) if args.inpaint_mask else None}
         if args.inpaint_mask:
-            from controlstack.inpaint import InpaintOptions
-
             img2img["inpaint"] = InpaintOptions(mask_blur=args.mask_blur, invert=args.mask_invert,
                                                 full_res=args.inpaint_full_res, padding=args.inpaint_padding,
                                                 fill=args.inpainting_fill, paste_back=not args.no_paste_back)
@@ -326,8 +321,6 @@ def run(args: argparse.Namespace) -> int:
 def parse_loras(args) -> list[tuple[str, float]]:
     """``--lora FILE[:WEIGHT]`` -> (file, weight), each file read and checked now (format, layout),
     before the model loads; ``--lora-dir`` must be a folder."""
-    from controlstack.lora import read
-
     out = []
     for spec in args.lora:
         path, _, tail = spec.rpartition(":")
@@ -353,8 +346,7 @@ def with_loras(pipe, args, loras) -> None:
 
 def image_prompts(args) -> list:
     """``--image-prompt IMAGE[:SCALE]`` -> ImagePrompts, checked before the model loads."""
-    from controlstack.io.images import load_image
-    from controlstack.ip_adapter import ImagePrompt
+    from controlstack.ip_adapter import ImagePrompt  # local: keeps CLI start-up light
 
     if len(args.image_prompt) != len(args.ip_adapter):
         raise ControlstackError(f"{len(args.image_prompt)} --image-prompt for {len(args.ip_adapter)} --ip-adapter; "
@@ -385,13 +377,12 @@ def sampling_options(args, seed: int) -> dict:
 
 def run_from_image(args, seed: int) -> int:
     """OmniControlNet's integrated path: photo -> conditions -> image, one call."""
-    from controlstack import Pipeline
-    from controlstack.io.images import load_image
+    from controlstack import Pipeline  # local: keeps CLI start-up light
 
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if not tasks:
         raise ControlstackError("--tasks is empty; name at least one task, e.g. --tasks depth")
-    from controlstack.cli.preflight import check_from_image
+    from controlstack.cli.preflight import check_from_image  # local: keeps CLI start-up light
 
     check_from_image(args.model, args.omni, tasks)
     photo = load_image(args.from_image)
@@ -405,7 +396,7 @@ def run_from_image(args, seed: int) -> int:
 
 
 def write_outputs(args, result, seed: int, photo=None) -> int:
-    from controlstack.io.png import atomic_save, make_grid
+    from controlstack.io.png import atomic_save, make_grid  # local: keeps CLI start-up light
 
     out = Path(args.out)
     index = next_index(out) if out.is_dir() else 0

@@ -26,16 +26,21 @@ tensors, the pickle policy, atomic writes) are :mod:`controlstack.io.tensors`, b
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
 from pathlib import Path
 
+import safetensors.torch
 import torch
 
 from controlstack.errors import ControlstackError
 from controlstack.io import original as orig
+from controlstack.io.inspect import inspect_checkpoint as _inspect
 from controlstack.io.original import infer_union_config
+from controlstack.io.sd_single_file import load_base as _load_base
+from controlstack.io.sd_single_file import save_base as _save_base
 from controlstack.io.tensors import (
     CONFIG_METADATA_KEY,
     assign_exact,
@@ -48,6 +53,9 @@ from controlstack.io.tensors import (
     read_tensors,
     stored_dtype,
 )
+from controlstack.models.adapter import is_adapter
+from controlstack.models.families import family_of
+from controlstack.models.task_tokens import TOKENS_FILE, load_task_tokens
 
 # parameter-name prefixes the ControlNet copies from the U-Net (trainable copy of the encoder)
 SHARED_PREFIXES = ("conv_in.", "time_embedding.", "class_embedding.", "add_embedding.", "down_blocks.", "mid_block.")
@@ -83,7 +91,7 @@ def resolve_controlnet_config(shapes: dict, metadata: dict | None = None, config
 def union_from_state_dict(state: dict, config=None, metadata: dict | None = None):
     """A ``ControlNetUnionModel`` from a diffusers-named single file (how xinsir's are shared): the
     config from ``config`` / our metadata, else the shapes (:func:`infer_union_config`)."""
-    from diffusers import ControlNetUnionModel
+    from diffusers import ControlNetUnionModel  # local: heavy, only this path needs it
 
     if config is not None or (metadata and CONFIG_METADATA_KEY in metadata):
         cfg = resolve_controlnet_config({}, metadata, config)
@@ -96,7 +104,7 @@ def union_from_state_dict(state: dict, config=None, metadata: dict | None = None
 
 def controlnet_from_state_dict(state: dict, *, config=None, metadata: dict | None = None,
                                torch_dtype=torch.float32):
-    from diffusers import ControlNetModel
+    from diffusers import ControlNetModel  # local: heavy, only this path needs it
 
     if "task_embedding" in state:
         return cast_model(union_from_state_dict(state, config, metadata), torch_dtype)
@@ -113,7 +121,7 @@ def load_controlnet(source: str | os.PathLike, *, allow_pickle: bool = False,
 
     ``config`` (a folder or config.json) applies to single files; a folder brings its own config.
     ``torch_dtype=None`` keeps the checkpoint's dtype."""
-    from diffusers import ControlNetModel
+    from diffusers import ControlNetModel  # local: heavy, only this path needs it
 
     path = existing_path(source, "ControlNet")
     if path.is_dir():
@@ -124,7 +132,7 @@ def load_controlnet(source: str | os.PathLike, *, allow_pickle: bool = False,
                                     "(config.json + diffusion_pytorch_model.safetensors) or a single file")
         cfg = config_file(path)
         if cfg.get("_class_name") == "LiteControlNetModel":  # the architecture ablation (models/lite.py)
-            from controlstack.models.lite import LiteControlNetModel
+            from controlstack.models.lite import LiteControlNetModel  # local: heavy, only this path needs it
 
             return LiteControlNetModel.from_pretrained(path, torch_dtype=torch_dtype or torch.float32).eval()
         cls_name = cfg.get("_class_name", "ControlNetModel")
@@ -132,9 +140,11 @@ def load_controlnet(source: str | os.PathLike, *, allow_pickle: bool = False,
             raise ControlstackError(f"'{source}' holds a {cfg['_class_name']}, not a ControlNetModel or T2IAdapter; "
                                     "pass a ControlNet or T2I-Adapter folder")
         if cls_name == "ControlNetUnionModel":  # xinsir's ControlNet-Union / ProMax (models/union.py)
-            from diffusers import ControlNetUnionModel as ControlNetModel
+            from diffusers import (  # local: heavy, only this path needs it
+                ControlNetUnionModel as ControlNetModel,
+            )
         if cls_name == "T2IAdapter":  # a control branch too, added inside the encoder (models/adapter.py)
-            from diffusers import T2IAdapter as ControlNetModel
+            from diffusers import T2IAdapter as ControlNetModel  # local: heavy, only this path needs it
         use_safetensors = folder_uses_safetensors(path, allow_pickle)
         if torch_dtype is None:  # keep the stored dtype (from_pretrained would load float32)
             torch_dtype = stored_dtype(path)
@@ -144,8 +154,6 @@ def load_controlnet(source: str | os.PathLike, *, allow_pickle: bool = False,
         except (OSError, ValueError, RuntimeError) as exc:
             raise ControlstackError(f"cannot load the ControlNet in '{path}' ({str(exc).splitlines()[0]}); "
                                     "check that its config.json matches its weights") from None
-        from controlstack.models.task_tokens import TOKENS_FILE, load_task_tokens
-
         if (path / TOKENS_FILE).is_file():  # an Omni ControlNet carries its task tokens
             model.task_tokens = load_task_tokens(path)
         return model.eval()
@@ -167,8 +175,6 @@ def _config_json(model) -> str:
 def save_controlnet(model, dest: str | os.PathLike, *, format: str = "auto") -> Path:
     """Write ``model``: ``format="auto"`` -> a ``*.safetensors`` path gets the original single-file
     format, anything else a diffusers folder. The write is atomic."""
-    from safetensors.torch import save_file
-
     dest = Path(dest)
     if format == "auto":
         format = "original" if dest.suffix.lower() == ".safetensors" else "diffusers"
@@ -183,7 +189,8 @@ def save_controlnet(model, dest: str | os.PathLike, *, format: str = "auto") -> 
         else:
             state = {k: v.detach().contiguous() for k, v in model.state_dict().items()} if union \
                 else controlnet_to_original(model)
-            save_file(state, str(tmp), metadata={"format": "pt", CONFIG_METADATA_KEY: _config_json(model)})
+            safetensors.torch.save_file(state, str(tmp),
+                                        metadata={"format": "pt", CONFIG_METADATA_KEY: _config_json(model)})
     return dest
 
 
@@ -191,9 +198,6 @@ def save_controlnet(model, dest: str | os.PathLike, *, format: str = "auto") -> 
 def check_compatible(controlnet, unet) -> None:
     """Raise unless ``controlnet``'s residuals fit ``unet`` (family, channels, layout, text width);
     a T2I-Adapter's feature maps must have the U-Net's block channels, one per block at most."""
-    from controlstack.models.adapter import is_adapter
-    from controlstack.models.families import family_of
-
     if is_adapter(controlnet):
         channels, blocks = list(controlnet.config.channels), list(unet.config.block_out_channels)
         if channels != blocks[:len(channels)]:
@@ -226,8 +230,6 @@ def check_compatible(controlnet, unet) -> None:
 def transfer_controlnet(controlnet, base_old_unet, base_new_unet):
     """``cn' = cn + (base' - base)`` on the parameters the ControlNet shares (by name) with the U-Net;
     the hint encoder and zero convolutions are unchanged. Returns a new model."""
-    import copy
-
     check_compatible(controlnet, base_old_unet)
     check_compatible(controlnet, base_new_unet)
     old, new = base_old_unet.state_dict(), base_new_unet.state_dict()
@@ -247,20 +249,14 @@ def transfer_controlnet(controlnet, base_old_unet, base_new_unet):
 
 # ----------------------------------------------------------------------------------- re-exports
 def load_base(source, *, allow_pickle: bool = False, config=None, torch_dtype=torch.float32):
-    from controlstack.io.sd_single_file import load_base as _load_base
-
     return _load_base(source, allow_pickle=allow_pickle, config=config, torch_dtype=torch_dtype)
 
 
 def save_base(components, dest, *, format: str = "auto"):
-    from controlstack.io.sd_single_file import save_base as _save_base
-
     return _save_base(components, dest, format=format)
 
 
 def inspect_checkpoint(source, *, allow_pickle: bool = False) -> dict:
-    from controlstack.io.inspect import inspect_checkpoint as _inspect
-
     return _inspect(source, allow_pickle=allow_pickle)
 
 

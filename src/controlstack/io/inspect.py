@@ -12,6 +12,8 @@ import os
 from collections import Counter
 from pathlib import Path
 
+from safetensors import SafetensorError, safe_open
+
 from controlstack.errors import ControlstackError
 from controlstack.io import original as orig
 from controlstack.io.lora_format import describe as describe_lora
@@ -29,8 +31,6 @@ _ARCH_FIELDS = ("in_channels", "out_channels", "block_out_channels", "layers_per
 def read_header(path: Path, allow_pickle: bool) -> tuple[dict, dict, dict]:
     """(name -> shape, name -> dtype name, metadata) of a weights file."""
     if path.suffix.lower() in SAFETENSORS_SUFFIXES:
-        from safetensors import SafetensorError, safe_open
-
         try:
             with safe_open(str(path), framework="pt") as f:
                 slices = {k: f.get_slice(k) for k in f.keys()}  # noqa: SIM118

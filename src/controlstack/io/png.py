@@ -16,10 +16,11 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import tempfile
 from pathlib import Path
 
-from PIL import Image, PngImagePlugin
+from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
 
 from controlstack.hires import UPSCALER_TABLE
 from controlstack.injection.modes import CONTROL_MODE_TABLE
@@ -127,8 +128,6 @@ def parse_parameters(text: str, typed: bool = True) -> dict:
     double quotes may hold commas; every earlier line is the prompt, then ``Negative prompt:``).
     Values stay strings except, where ``typed``, the numbers of Steps, CFG scale, Seed, and Size
     split into ``width`` / ``height``."""
-    import re
-
     lines = text.strip().split("\n") if isinstance(text, str) else []
     out: dict = {"prompt": "", "negative_prompt": ""}
     pairs = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
@@ -177,8 +176,6 @@ def make_grid(images: list[Image.Image], cols: int | None = None, pad: int = 2) 
 def make_labelled_grid(rows: list[tuple[str, list[Image.Image]]], columns: list[str], pad: int = 2) -> Image.Image:
     """Rows of equally sized tiles with a title above each column and a label left of each row
     (PIL's built-in font, so it works offline with no font files)."""
-    from PIL import ImageDraw, ImageFont
-
     w, h = rows[0][1][0].size
     font = ImageFont.load_default(size=max(10, h // 10))
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))

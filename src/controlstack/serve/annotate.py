@@ -13,10 +13,12 @@ from __future__ import annotations
 
 # at module level: FastAPI resolves the handlers' string annotations (``request: Request``) here
 from fastapi import Request
+from starlette.concurrency import run_in_threadpool
 
+from controlstack import annotators
 from controlstack.errors import ControlstackError
-from controlstack.serve.bodies import ClientError, parse_json
-from controlstack.serve.spec import Limits, decode_image, short
+from controlstack.serve.bodies import ClientError, parse_json, read_json
+from controlstack.serve.spec import Limits, decode_image, encode_png, number, short
 
 #: parameters that configure the server's own files or code: never from a client
 SERVER_ONLY = {"weights": "a folder on the server", "detector": "a class loaded from 'weights'",
@@ -43,8 +45,6 @@ def unset(value) -> bool:
 def slider_params(module: str, values, names) -> dict:
     """The annotator parameters a module's two slider values set (:data:`SLIDERS`); ``names``: the
     client's field names, for messages. A slider the module has no use for is typed, then unused."""
-    from controlstack.serve.spec import number
-
     out = {}
     for value, name, slot in zip(values, names, SLIDERS.get(module, (None, None))):
         if slot is None:
@@ -63,7 +63,7 @@ def slider_params(module: str, values, names) -> dict:
 def inline_pose(value, what: str):
     """A pose JSON given inline (an object, or its text) -> PoseData. A string that is not JSON is
     refused as it is -- it is never tried as a file name."""
-    from controlstack.annotators.pose import parse_openpose
+    from controlstack.annotators.pose import parse_openpose  # local: heavy, only this path needs it
 
     if isinstance(value, str):
         if not value.lstrip().startswith("{"):  # not echoed: the answer to a path is the same for every path
@@ -86,8 +86,6 @@ def inline_pose(value, what: str):
 def http_annotator(name, params, limits: Limits, where: str = "params"):
     """``(annotator, call keyword arguments)`` for an HTTP request's annotator name and parameters,
     content only (module docstring); a ClientError naming the field otherwise."""
-    from controlstack import annotators
-
     if not isinstance(name, str) or name not in annotators.available():
         raise ClientError(f"'annotator' {short(name)} is unknown; choose one of {', '.join(annotators.available())}")
     if not isinstance(params, dict):
@@ -144,12 +142,6 @@ def add_routes(app, limits: Limits, refused, max_body: int) -> None:
     front (serve/front.py): annotators need no diffusion model (the learned ones load the bundled
     predictor on first use, in the process that serves them), so a front runs them itself.
     ``refused(exc)``: the app's 4xx answer for a ControlstackError."""
-    from starlette.concurrency import run_in_threadpool
-
-    from controlstack import annotators
-    from controlstack.serve.bodies import read_json
-    from controlstack.serve.spec import encode_png, number
-
     @app.get("/controlnet/module_list")
     def module_list():
         return {"module_list": ["none", *annotators.available()]}

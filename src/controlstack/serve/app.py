@@ -15,19 +15,33 @@ problem -- 4xx for the client's, a bare 500 for a bug: never a traceback or a pa
 
 from __future__ import annotations
 
+import asyncio
+import atexit
 import json
+import shutil
+import tempfile
 import threading
+from collections import OrderedDict
 from collections.abc import Callable
 
+import torch
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, RedirectResponse
+from fastapi.responses import JSONResponse, RedirectResponse, StreamingResponse
+from fastapi.routing import APIRoute
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
 
 from controlstack.errors import ControlstackError
+from controlstack.hires import UPSCALER_TABLE
+from controlstack.io.settings import recommended
+from controlstack.lora import available
+from controlstack.sampling.schedulers import SAMPLER_TABLE
 from controlstack.serve import auth
+from controlstack.serve.annotate import add_routes
 from controlstack.serve.bodies import ClientError, read_json
-from controlstack.serve.jobs import Busy, deadline_check  # noqa: F401 (here for clients and tests, as before)
+from controlstack.serve.jobs import KEEP_DAYS, KEEP_JOBS, Busy, Jobs, deadline_check  # noqa: F401 (here for clients and tests, as before)
 from controlstack.serve.spec import JobSpec, Limits, short, spec_from_v1
+from controlstack.serve.store import Store
 from controlstack.serve.webui import SCHEDULER_ROWS, answer, parse_generation, png_info
 
 MAX_BODY = 64 * 2**20
@@ -74,8 +88,6 @@ def add_guard(app: FastAPI, token: str | None) -> None:
 
 def model_bytes(pipe) -> int:
     """The weights a loaded pipeline holds (base and the ControlNets it has loaded so far)."""
-    import torch
-
     modules = [pipe.unet, pipe.vae, pipe.text_encoder,
                *(c for c in pipe.controlnets.values() if isinstance(c, torch.nn.Module))]
     return sum(p.numel() * p.element_size() for m in modules for p in m.parameters())
@@ -85,9 +97,6 @@ def add_webui_routes(app: FastAPI, control, limits: Limits, refused, ui: bool) -
     """sd-webui's endpoints that differ between server shapes only in ``control``: the embedded
     server's :class:`EmbeddedControl`, a front's ``front.FrontControl`` (``interrupt()``, ``skip()``,
     ``current()`` -> (base name, hash), ``select(name)``, ``models()``); the rest is shared as it is."""
-    from controlstack.hires import UPSCALER_TABLE
-    from controlstack.sampling.schedulers import SAMPLER_TABLE
-
     @app.post("/sdapi/v1/interrupt")
     def interrupt():
         """sd-webui's "stop": running jobs stop after their current step and keep the images made so
@@ -99,8 +108,6 @@ def add_webui_routes(app: FastAPI, control, limits: Limits, refused, ui: bool) -
     def loras():
         """The LoRA files a prompt's ``<lora:NAME:WEIGHT>`` may name (``--lora-dir``), as sd-webui
         lists them; ``path`` relative to that folder (the server's own paths stay its own)."""
-        from controlstack.lora import available
-
         folder = control.lora_dir
         return [{"name": name, "alias": name, "path": str(path.relative_to(folder)), "metadata": {}}
                 for name, path in available(folder).items()]
@@ -195,15 +202,13 @@ def memory_report() -> dict:
     """``/sdapi/v1/memory`` in sd-webui's shape: this process's RAM (used: its resident size, total:
     the machine's), CUDA's when there is CUDA, else ``{"error": ...}`` in place."""
     try:
-        import psutil
+        import psutil  # local: optional dependency
 
         used, total = psutil.Process().memory_info().rss, psutil.virtual_memory().total
         ram = {"free": total - used, "used": used, "total": total}
     except Exception as exc:  # noqa: BLE001 (psutil missing or refused: said in place, as sd-webui does)
         ram = {"error": type(exc).__name__}
     try:
-        import torch
-
         if not torch.cuda.is_available():
             return {"ram": ram, "cuda": {"error": "unavailable"}}
         free, total = torch.cuda.mem_get_info()
@@ -226,9 +231,6 @@ def add_not_found(app: FastAPI) -> None:
     route: under the API prefixes a catch-all route does it (a web UI mounted at "/" would otherwise
     answer those paths), a path that exists with other methods answers 405; elsewhere (no web UI) the
     router's 404 does."""
-    from fastapi.routing import APIRoute
-    from starlette.exceptions import HTTPException
-
     def listing() -> list[str]:
         return sorted(f"{m} {r.path}" for r in app.routes if isinstance(r, APIRoute) and r.include_in_schema
                       and r.path.startswith(API_PREFIXES) for m in sorted(r.methods - {"HEAD"}))
@@ -295,8 +297,6 @@ class Worker:
 
     def __init__(self, pipeline_factory: Callable | dict, queue_size: int, job_seconds: float = 600.0,
                  memory_bytes: float = 8 * 2**30):
-        from collections import OrderedDict
-
         self.factories = pipeline_factory if isinstance(pipeline_factory, dict) else {"default": pipeline_factory}
         self.default = next(iter(self.factories))
         self.loaded: OrderedDict = OrderedDict()
@@ -342,17 +342,10 @@ def create_app(pipeline_factory: Callable | dict | None = None, token: str | Non
     (``store``; None: a temporary one, removed at exit -- nothing survives that process);
     ``keep_jobs`` / ``keep_days``: retention of finished jobs (None: ``jobs.KEEP_JOBS`` / ``KEEP_DAYS``)."""
     if pipeline_factory is None:
-        from controlstack import Pipeline
+        from controlstack import Pipeline  # local: heavy, only this path needs it
 
         pipeline_factory = Pipeline.from_pretrained
-    from controlstack.serve.jobs import KEEP_DAYS, KEEP_JOBS, Jobs
-    from controlstack.serve.store import Store
-
     if data is None:
-        import atexit
-        import shutil
-        import tempfile
-
         data = tempfile.mkdtemp(prefix="controlstack-serve-")
         atexit.register(shutil.rmtree, data, ignore_errors=True)
     limits = limits or Limits()
@@ -400,8 +393,6 @@ def create_app(pipeline_factory: Callable | dict | None = None, token: str | Non
     def model_list():
         return {"model_list": sorted(worker.pipe.controlnets)}
 
-    from controlstack.serve.annotate import add_routes
-
     add_routes(app, limits, refused, MAX_BODY)  # annotators: shared with a broker front (serve/front.py)
     add_webui_routes(app, EmbeddedControl(worker, jobs, lora_dir), limits, refused, ui)  # shared with a front too
 
@@ -426,10 +417,6 @@ def create_app(pipeline_factory: Callable | dict | None = None, token: str | Non
     @app.get("/v1/jobs/{job_id}/events")
     async def events(job_id: str):
         """Server-sent events: the job's record whenever it changes, until it ends."""
-        import asyncio
-
-        from fastapi.responses import StreamingResponse
-
         if jobs.get(job_id, images=False) is None:
             return error(404, f"no job '{job_id[:40]}'")
 
@@ -456,8 +443,6 @@ def create_app(pipeline_factory: Callable | dict | None = None, token: str | Non
     @app.get("/v1/models")
     def models():
         """Bases and ControlNets by name, each with its model card (README.md) where it has one."""
-        from controlstack.io.settings import recommended
-
         def card(folder) -> str | None:
             path = None if folder is None else folder / "README.md"
             return path.read_text() if path is not None and path.is_file() else None
@@ -470,9 +455,9 @@ def create_app(pipeline_factory: Callable | dict | None = None, token: str | Non
 
     add_not_found(app)  # after the last route, before the web UI's mount
     if ui:  # the web UI at "/", over the same worker and queue; mounted last (a mount at "/" matches all)
-        import gradio as gr
+        import gradio as gr  # local: heavy, only this path needs it
 
-        from controlstack.serve.ui import build
+        from controlstack.serve.ui import build  # local: heavy, only this path needs it
 
         app = gr.mount_gradio_app(app, build(jobs, limits), path="/")
     return app

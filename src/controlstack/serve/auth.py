@@ -15,6 +15,7 @@ import hmac
 from urllib.parse import parse_qs
 
 from fastapi import Request  # at module level: FastAPI resolves the handler's (string) annotation here
+from fastapi.responses import HTMLResponse, RedirectResponse
 
 COOKIE = "controlstack_session"
 LOGIN = "/login"
@@ -50,8 +51,6 @@ def wants_page(request) -> bool:
 
 def add_login(app, token: str) -> None:
     """``GET /login``: the form; ``POST /login``: the token -> the session cookie and back to ``/``."""
-    from fastapi.responses import HTMLResponse, RedirectResponse
-
     @app.get(LOGIN, include_in_schema=False)
     def login_page():
         return HTMLResponse(PAGE.format(error=""))

@@ -33,6 +33,7 @@ import os
 import socket
 import threading
 import time
+import uuid
 
 from controlstack.errors import ControlstackError
 from controlstack.serve.bodies import ClientError
@@ -54,7 +55,7 @@ def queue_of(base: str) -> str:
 
 
 def make_celery(broker: str, job_seconds: float, keep_days: float = 30.0):
-    from celery import Celery
+    from celery import Celery  # local: heavy, only this path needs it
 
     app = Celery("controlstack", broker=broker, backend=broker)
     app.conf.update(
@@ -73,7 +74,7 @@ def make_celery(broker: str, job_seconds: float, keep_days: float = 30.0):
 
 
 def redis_client(broker: str):
-    import redis
+    import redis  # local: heavy, only this path needs it
 
     return redis.Redis.from_url(broker, decode_responses=True)
 
@@ -132,10 +133,8 @@ class Cluster:
     def submit(self, spec, priority: int = 0) -> str:
         """Send ``spec`` to its base's queue; its job id. Raises ``Busy`` past the limit (all fronts).
         ``priority`` 1 (as :meth:`.jobs.Jobs.submit`): someone waits on it, it goes before batch jobs."""
-        import uuid
-
-        from controlstack.serve.jobs import Busy
-        from controlstack.serve.store import dump_spec
+        from controlstack.serve.jobs import Busy  # local: heavy, only this path needs it
+        from controlstack.serve.store import dump_spec  # local: heavy, only this path needs it
 
         job_id = f"job-{uuid.uuid4().hex[:16]}"
         active = f"{PREFIX}active"
@@ -236,7 +235,7 @@ def start_worker(broker: str, factories: dict, job_seconds: float = 600.0, concu
                  name: str | None = None, keep_days: float = 30.0, limits=None) -> None:
     """Load every base in ``factories`` (name -> loader), announce them, and consume their queues
     until stopped (a solo pool: one job at a time; threads past ``concurrency`` 1)."""
-    from controlstack.serve.spec import Limits
+    from controlstack.serve.spec import Limits  # local: heavy, only this path needs it
 
     limits = limits or Limits(job_seconds=job_seconds)
     loaded = {base: load() for base, load in factories.items()}  # loaded now: a worker holds what it announces
@@ -263,12 +262,16 @@ def start_worker(broker: str, factories: dict, job_seconds: float = 600.0, concu
 
 
 def register_task(app, r, loaded: dict, limits, name: str, ttl: int):
-    from PIL import Image
+    from PIL import Image  # local: heavy, only this path needs it
 
-    from controlstack.sampling.loop import StopSampling
-    from controlstack.serve.jobs import deadline_check, parameters
-    from controlstack.serve.spec import check_spec, encode_png, run_spec
-    from controlstack.serve.store import load_spec
+    from controlstack.sampling.loop import StopSampling  # local: heavy, only this path needs it
+    from controlstack.serve.jobs import deadline_check, parameters  # local: heavy, only this path needs it
+    from controlstack.serve.spec import (  # local: heavy, only this path needs it
+        check_spec,
+        encode_png,
+        run_spec,
+    )
+    from controlstack.serve.store import load_spec  # local: heavy, only this path needs it
 
     @app.task(bind=True, name=TASK, acks_late=True)
     def generate(self, data: dict, blobs: dict) -> dict:

@@ -10,10 +10,11 @@ over the same: Generate submits through the broker).
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from controlstack.errors import ControlstackError
@@ -105,10 +106,6 @@ def create_front_app(cluster: Cluster, token: str | None = None, limits: Limits 
 
     @app.get("/v1/jobs/{job_id}/events")
     async def events(job_id: str):
-        import asyncio
-
-        from fastapi.responses import StreamingResponse
-
         if await run_in_threadpool(cluster.get, job_id, False) is None:
             return error(404, f"no job '{job_id[:40]}'")
 
@@ -176,9 +173,9 @@ def create_front_app(cluster: Cluster, token: str | None = None, limits: Limits 
     add_webui_routes(app, control, limits, refused, ui)  # sd-webui's other endpoints: the embedded server's
     add_not_found(app)  # after the last route, before the web UI's mount
     if ui:  # mounted last (a mount at "/" matches all); Generate goes through the broker, at priority 1
-        import gradio as gr
+        import gradio as gr  # local: heavy, only this path needs it
 
-        from controlstack.serve.ui import build
+        from controlstack.serve.ui import build  # local: heavy, only this path needs it
 
         app = gr.mount_gradio_app(app, build(control, limits), path="/")  # the UI follows POST options too
     return app

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import sqlite3
 import threading
+import time
 
 from controlstack.errors import ControlstackError
 from controlstack.sampling.loop import StopSampling
@@ -38,8 +39,6 @@ class Busy(Exception):
 
 def deadline_check(seconds: float, report=None):
     """A ``step_callback`` that stops a generation (between steps) once it has run ``seconds``."""
-    import time
-
     start = time.monotonic()
 
     def check(done: int, total: int) -> None:
@@ -205,6 +204,6 @@ class Jobs:
 
 def parameters(p: dict) -> dict:
     """The result's parameters as JSON values (what the response showed before: ``controls`` left out)."""
-    from fastapi.encoders import jsonable_encoder
+    from fastapi.encoders import jsonable_encoder  # local: heavy, only this path needs it
 
     return jsonable_encoder({k: v for k, v in p.items() if k != "controls"})

@@ -17,16 +17,19 @@ from __future__ import annotations
 
 import base64
 import binascii
+import inspect
 import io
 import math
 import random
+import re
 from dataclasses import dataclass, field
 
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
 from controlstack.errors import ControlstackError
-from controlstack.inpaint import FILLS, InpaintOptions
-from controlstack.io.images import validate_image
+from controlstack.hires import MAX_HIRES, UPSCALERS, hires_size
+from controlstack.inpaint import FILLS, MAX_BLUR, MAX_PADDING, InpaintOptions
+from controlstack.io.images import RESIZE_MODES, validate_image
 from controlstack.serve.bodies import ClientError
 
 MAX_SEED = 2**63 - 1
@@ -78,8 +81,6 @@ def decode_image(data, what: str, limits: Limits) -> Image.Image:
 
 def encode_png(image: Image.Image) -> str:
     """PIL -> base64 PNG, the infotext in its ``parameters`` chunk (as sd-webui's API returns)."""
-    from PIL import PngImagePlugin
-
     info = PngImagePlugin.PngInfo()
     if "parameters" in image.info:
         info.add_text("parameters", image.info["parameters"])
@@ -90,8 +91,6 @@ def encode_png(image: Image.Image) -> str:
 
 def resolve_model(name, registered, what: str = "model") -> str:
     """A registered name from a client's model string (sd-webui sends file names with a hash)."""
-    import re
-
     if not isinstance(name, str) or not name.strip():
         raise ClientError(f"'{what}': give a model name, one of {', '.join(sorted(registered))}")
     text = name.strip()
@@ -148,7 +147,7 @@ def short(value) -> str:
 def weight(value, what: str):
     """A control weight: a number, or keyframes ``[[progress, weight], ...]`` (numbers only: the
     Python API's tuple unpacking would take the string "12" as the keyframe (1, 2))."""
-    from controlstack.control import validate_weight
+    from controlstack.control import validate_weight  # local: heavy, only this path needs it
 
     if isinstance(value, list):
         if not 0 < len(value) <= MAX_KEYFRAMES or not all(isinstance(k, list) and len(k) == 2 for k in value):
@@ -179,7 +178,7 @@ class ControlSpec:
     task: str | None = None
 
     def control(self):
-        from controlstack import Control
+        from controlstack import Control  # local: heavy, only this path needs it
 
         return Control(self.model, self.image, weight=self.weight, start=self.start, end=self.end, mask=self.mask,
                        resize_mode=self.resize_mode, preprocess=self.preprocess,
@@ -261,11 +260,9 @@ def draw_seed(value, what: str) -> int:
 def spec_from_v1(body: dict, base_of, limits: Limits) -> JobSpec:
     """``/v1/generate``'s body -> a :class:`JobSpec`, every field validated (:func:`check_spec`
     included). ``base_of(name)``: the pipeline of a registered base (None: the default)."""
-    from controlstack.annotators import available as annotator_names
-    from controlstack.hires import MAX_HIRES, UPSCALERS
-    from controlstack.injection.base import available as modes
-    from controlstack.io.images import RESIZE_MODES
-    from controlstack.sampling.schedulers import SCHEDULERS
+    from controlstack.annotators import available as annotator_names  # local: heavy, only this path needs it
+    from controlstack.injection.base import available as modes  # local: heavy, only this path needs it
+    from controlstack.sampling.schedulers import SCHEDULERS  # local: heavy, only this path needs it
 
     unknown = sorted(set(body) - V1_FIELDS)
     if unknown:
@@ -352,8 +349,6 @@ def spec_from_v1(body: dict, base_of, limits: Limits) -> JobSpec:
 
 def inpaint_options(value, what: str) -> InpaintOptions:
     """An object of :class:`~controlstack.inpaint.InpaintOptions` fields, each typed and ranged."""
-    from controlstack.inpaint import MAX_BLUR, MAX_PADDING
-
     if not isinstance(value, dict):
         raise ClientError(f"'{what}' must be an object, got {short(value)}")
     known = ("mask_blur", "invert", "full_res", "padding", "fill", "paste_back")
@@ -412,9 +407,7 @@ def _option(value, kind: str, what: str):
 
 def check_mode_options(mode: str, options, what: str = "mode_options") -> dict:
     """``options`` typed against the keyword arguments the mode's constructor takes."""
-    import inspect
-
-    from controlstack.injection.base import make_injection
+    from controlstack.injection.base import make_injection  # local: heavy, only this path needs it
 
     if not isinstance(options, dict):
         raise ClientError(f"'{what}' must be an object, got {short(options)}")
@@ -435,7 +428,7 @@ def check_mode_options(mode: str, options, what: str = "mode_options") -> dict:
 def check_task(controlnet, task: str | None, name: str) -> None:
     """The pipeline's rules for ``task``: a ControlNet-Union needs one of its types, an Omni ControlNet
     one of its task tokens, any other ControlNet none."""
-    from controlstack.models.union import control_id, is_union
+    from controlstack.models.union import control_id, is_union  # local: heavy, only this path needs it
 
     if is_union(controlnet):
         control_id(controlnet, task, name)
@@ -453,10 +446,9 @@ def check_spec(spec: JobSpec, pipe, limits: Limits, names: dict | None = None) -
     """What needs the base to check: sizes by its VAE factor, the hires size, the controls (windows,
     preprocessors) and the mode as the pipeline will resolve them, the scheduler rule, and memory.
     ``names``: the client's spelling of spec fields in messages (sd-webui's ``cfg_scale`` ...)."""
-    from controlstack import annotators
-    from controlstack.hires import hires_size
-    from controlstack.injection.base import make_injection
-    from controlstack.pipeline import MAX_CFG_HIGH_ORDER, speckles
+    from controlstack import annotators  # local: heavy, only this path needs it
+    from controlstack.injection.base import make_injection  # local: heavy, only this path needs it
+    from controlstack.pipeline import MAX_CFG_HIGH_ORDER, speckles  # local: heavy, only this path needs it
 
     def n(key: str) -> str:
         return (names or {}).get(key, key)

@@ -30,7 +30,8 @@ from pathlib import Path
 from PIL import Image
 
 from controlstack.errors import ControlstackError
-from controlstack.serve.spec import ControlSpec, JobSpec
+from controlstack.inpaint import InpaintOptions
+from controlstack.serve.spec import ControlSpec, JobSpec, encode_png
 
 FINISHED = ("done", "failed", "cancelled")
 SCHEMA = """
@@ -73,7 +74,7 @@ def lock_folder(root: Path):
     requeue (and run twice) the jobs the first is running."""
     f = open(root / "lock", "a+")  # noqa: SIM115 (held open: closing it releases the lock)
     try:
-        import fcntl
+        import fcntl  # local: optional dependency
     except ImportError:  # Windows: no flock; one server per folder is then the operator's to keep
         return f
     try:
@@ -97,8 +98,6 @@ def atomic_write(path: Path, data: bytes) -> None:
 
 def png_bytes(image: Image.Image) -> bytes:
     """The PNG ``encode_png`` sends, as bytes (the infotext in its ``parameters`` chunk)."""
-    from controlstack.serve.spec import encode_png
-
     return base64.b64decode(encode_png(image))
 
 
@@ -131,7 +130,7 @@ def dump_spec(spec: JobSpec) -> tuple[dict, dict[str, bytes]]:
 def load_spec(data: dict, blob) -> JobSpec:
     """The :class:`JobSpec` :func:`dump_spec` wrote (``blob(sha)``: the PNG's image). Not validated
     again: it was when it was accepted, and a restart must not refuse a job it promised to run."""
-    from controlstack.control import validate_weight
+    from controlstack.control import validate_weight  # local: heavy, only this path needs it
 
     data = dict(data)
     controls = []
@@ -147,8 +146,6 @@ def load_spec(data: dict, blob) -> JobSpec:
         if key in data:
             data[key] = blob(data[key]["blob"])
     if isinstance(data.get("inpaint"), dict):
-        from controlstack.inpaint import InpaintOptions
-
         data["inpaint"] = InpaintOptions(**data["inpaint"])
     return JobSpec(**data, controls=controls)
 

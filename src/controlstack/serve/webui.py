@@ -20,11 +20,19 @@ registered name it contains, and a path is never opened.
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import re
+import time
 
+from PIL import Image
+
+from controlstack import annotators
 from controlstack.errors import ControlstackError
+from controlstack.hires import MAX_HIRES, UPSCALER_BY_LABEL, UPSCALERS, hires_size
 from controlstack.injection.modes import CONTROL_MODE_TABLE
+from controlstack.inpaint import FILL_BY_INDEX, MAX_BLUR, MAX_PADDING, InpaintOptions
 from controlstack.io.images import RESIZE_TABLE, resize_image
 from controlstack.sampling.schedulers import SAMPLER_BY_LABEL, SCHEDULERS, WEBUI_SAMPLER_LABELS
 from controlstack.serve.bodies import ClientError
@@ -170,8 +178,7 @@ def base_name(payload: dict) -> str | None:
 def parse_unit(u: dict, i: int, registered, limits: Limits, modes: set, init=None) -> ControlSpec:
     """One unit. ``init``: img2img's ``(init image, its resize mode)``, the condition of a unit that
     sends no image (sd-webui-controlnet's rule: the img2img input)."""
-    from controlstack import annotators
-    from controlstack.serve.annotate import slider_params, unset
+    from controlstack.serve.annotate import slider_params, unset  # local: heavy, only this path needs it
 
     where = f"ControlNet unit {i}"
     check_types(u, IGNORED_UNIT_FIELDS, f"{where}.")
@@ -241,8 +248,6 @@ def parse_scheduler(payload: dict) -> str:
 def parse_hires(payload: dict, width: int, height: int, factor: int, limits: Limits) -> dict:
     """sd-webui's hires fix fields -> the JobSpec's ``hires*`` fields ({} when ``enable_hr`` is off;
     the fields are typed either way)."""
-    from controlstack.hires import MAX_HIRES, UPSCALER_BY_LABEL, UPSCALERS, hires_size
-
     on = flag(get(payload, "enable_hr", False), "enable_hr")
     scale = number(get(payload, "hr_scale", 2.0), "hr_scale", 1 if on else None, MAX_HIRES if on else None)
     rx, ry = (number(get(payload, k, 0), k, 0, limits.max_side * 2, integer=True) for k in ("hr_resize_x",
@@ -268,8 +273,6 @@ def parse_hires(payload: dict, width: int, height: int, factor: int, limits: Lim
 
 def parse_inpaint(payload: dict):
     """sd-webui's img2img inpainting fields (its API defaults) -> InpaintOptions."""
-    from controlstack.inpaint import FILL_BY_INDEX, MAX_BLUR, MAX_PADDING, InpaintOptions
-
     if payload.get("mask_blur") is not None:  # sd-webui: mask_blur, when given, sets both
         bx = by = number(payload["mask_blur"], "mask_blur", 0, MAX_BLUR, integer=True)
     else:
@@ -369,11 +372,6 @@ def echo(payload: dict, img2img: bool) -> dict:
 
 def infotext(png_b64: str) -> str:
     """The ``parameters`` text of a base64 PNG (PIL reads the text chunks before the pixels)."""
-    import base64
-    import io
-
-    from PIL import Image
-
     with Image.open(io.BytesIO(base64.b64decode(png_b64))) as im:
         return im.info.get("parameters", "")
 
@@ -382,8 +380,6 @@ def answer(record: dict, payload: dict, img2img: bool) -> dict:
     """sd-webui's txt2img / img2img answer for a finished job record and the request it ran: images,
     ``parameters`` (:func:`echo`) and ``info`` (``Processed.js()``'s fields, as JSON text). A job that
     did not end ``done`` raises a ClientError: 500 for a bug, 400 for the time limit or a cancel."""
-    import time
-
     if record["status"] != "done":
         if record.get("error") == "internal error":
             raise ClientError("internal error", status=500)
@@ -398,8 +394,6 @@ def answer(record: dict, payload: dict, img2img: bool) -> dict:
     width, height = hires["first_pass"] if hires else (p["width"], p["height"])  # sd-webui: the asked size
     extra = {}
     if hires:
-        from controlstack.hires import UPSCALERS
-
         extra = {"Hires upscale": hires["scale"], "Hires upscaler": UPSCALERS[hires["upscaler"]].webui,
                  **({"Hires steps": hires["steps"]} if hires.get("steps") else {})}
     info = {
@@ -426,7 +420,7 @@ _SIZE = re.compile(r"^(\d+)x(\d+)$")
 def parse_infotext(text_: str) -> dict:
     """An infotext -> sd-webui's PNG-info ``parameters``: ``Prompt``, ``Negative prompt`` and each
     key's value as text (``io.png.parse_parameters``' grammar; ``Size`` as ``Size-1`` / ``Size-2``)."""
-    from controlstack.io.png import parse_parameters
+    from controlstack.io.png import parse_parameters  # local: heavy, only this path needs it
 
     fields = parse_parameters(text_, typed=False)
     out = {"Prompt": fields.pop("prompt"), "Negative prompt": fields.pop("negative_prompt")}

@@ -7,7 +7,9 @@ import os
 from pathlib import Path
 
 from controlstack.errors import ControlstackError
+from controlstack.hires import UPSCALER_TABLE
 from controlstack.injection.modes import CONTROL_MODE_TABLE
+from controlstack.inpaint import FILL_TABLE
 from controlstack.io.images import RESIZE_TABLE
 from controlstack.sampling.schedulers import SAMPLER_TABLE
 from controlstack.serve.ui import pnginfo, units
@@ -50,11 +52,9 @@ def build(backend, limits, outputs=None):
     """The gradio Blocks over a ``backend`` (the package docstring: its base for the widgets, its queue
     for Generate, its interrupt / skip) and ``limits``; results are saved as PNGs with their parameters
     under ``outputs`` (None: :func:`default_outputs`)."""
-    import gradio as gr
+    import gradio as gr  # local: heavy, only this path needs it
 
-    from controlstack.hires import UPSCALER_TABLE
-    from controlstack.inpaint import FILL_TABLE
-    from controlstack.serve.spec import MAX_N_ITER
+    from controlstack.serve.spec import MAX_N_ITER  # local: heavy, only this path needs it
 
     outputs = Path(outputs) if outputs is not None else default_outputs(backend)
     pipe = units.current_base(backend)  # None: a front started before any worker; Generate says why
@@ -251,7 +251,7 @@ def send_to_txt2img(gr, fields: dict, samplers: list[str]):
 def safe(fn):
     """User errors as gradio's one-line error toast, not a traceback."""
     def wrapped(*args, **kwargs):
-        import gradio as gr
+        import gradio as gr  # local: heavy, only this path needs it
 
         try:
             return fn(*args, **kwargs)

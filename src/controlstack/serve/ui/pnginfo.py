@@ -6,16 +6,17 @@ from __future__ import annotations
 
 import json
 
+from PIL import Image, UnidentifiedImageError
+
 from controlstack.errors import ControlstackError
+from controlstack.hires import UPSCALER_BY_LABEL
 
 
 def read_info(path) -> tuple[str, dict]:
     """An image file -> (its parameters text, the fields :func:`~controlstack.io.png.parse_parameters`
     reads from it). An image without them (not made by controlstack or sd-webui, or re-encoded) is a
     one-line error."""
-    from PIL import Image, UnidentifiedImageError
-
-    from controlstack.io.png import parse_parameters, read_parameters
+    from controlstack.io.png import parse_parameters, read_parameters  # local: heavy, only this path needs it
 
     if not path:
         raise ControlstackError("drop a PNG made by controlstack or sd-webui")
@@ -37,8 +38,6 @@ def txt2img_values(fields: dict, samplers: list[str]) -> dict:
     Sampling method list has), cfg, seed, width, height, and the Hires. fix where the image had one
     (its Upscale by, Upscaler, Hires steps, Denoising strength; Size is the first pass's, as sd-webui
     writes it). A field the image lacks is left out (the widget keeps its value)."""
-    from controlstack.hires import UPSCALER_BY_LABEL
-
     out = {"prompt": fields.get("prompt", ""), "negative": fields.get("negative_prompt", "")}
     for name, key, kind in (("steps", "Steps", int), ("cfg", "CFG scale", float), ("seed", "Seed", int)):
         if isinstance(fields.get(key), (int, float)):

@@ -4,6 +4,12 @@ PNGs saved to the outputs folder (:func:`save_outputs`). Plain functions, tested
 
 from __future__ import annotations
 
+import base64
+import datetime
+import io
+import os
+import re
+import tempfile
 import threading
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -11,8 +17,11 @@ from typing import Any, NamedTuple
 import numpy as np
 from PIL import Image
 
+from controlstack import annotators
 from controlstack.errors import ControlstackError
+from controlstack.hires import MAX_HIRES, UPSCALER_BY_LABEL
 from controlstack.injection.modes import CONTROL_MODE_TABLE
+from controlstack.inpaint import FILL_BY_LABEL, MAX_BLUR, MAX_PADDING, InpaintOptions
 from controlstack.sampling.schedulers import SAMPLER_BY_LABEL
 from controlstack.serve.ui.units import RESIZE_BY_LABEL, omni_task, pixel_perfect
 
@@ -91,8 +100,6 @@ def unit_resolution(unit: Unit, image: Image.Image, width: int, height: int) -> 
 
 def preview(unit_image, preprocessor: str, resolution: int = 512, params: dict | None = None):
     """The condition a preprocessor makes from a unit's image (what the unit will use)."""
-    from controlstack import annotators
-
     image, _ = split_mask(unit_image)
     if image is None:
         raise ControlstackError("upload an image to the unit first")
@@ -111,7 +118,7 @@ LABELS = {"prompt": "Prompt", "negative_prompt": "Negative prompt", "steps": "Sa
 
 def control_spec(i: int, unit: Unit, base, limits, width, height):
     """One enabled unit -> its :class:`~..spec.ControlSpec` (messages name "ControlNet Unit i")."""
-    from controlstack.serve.spec import ControlSpec, number
+    from controlstack.serve.spec import ControlSpec, number  # local: heavy, only this path needs it
 
     image, mask = split_mask(unit.image)
     where = f"ControlNet Unit {i}"
@@ -142,7 +149,14 @@ def job_spec(backend, limits, prompt, negative, sampler, steps, cfg, seed, width
     same checks, the widgets' labels in messages). ``units``: :class:`Unit` values (or tuples of its
     first fields); ``hires``: the Hires. fix when enabled; ``img2img``: the img2img tab's values when
     it generates. The seed is drawn now (-1), so the job records the one used."""
-    from controlstack.serve.spec import MAX_N_ITER, JobSpec, check_spec, draw_seed, number, text
+    from controlstack.serve.spec import (  # local: heavy, only this path needs it
+        MAX_N_ITER,
+        JobSpec,
+        check_spec,
+        draw_seed,
+        number,
+        text,
+    )
 
     name, base = backend.ui_base()
     width = number(width, "Width", 8, limits.max_side, integer=True)
@@ -174,8 +188,7 @@ def job_spec(backend, limits, prompt, negative, sampler, steps, cfg, seed, width
 
 def hires_fields(h: Hires, limits) -> dict:
     """The Hires. fix accordion -> JobSpec's hires fields."""
-    from controlstack.hires import MAX_HIRES, UPSCALER_BY_LABEL
-    from controlstack.serve.spec import number
+    from controlstack.serve.spec import number  # local: heavy, only this path needs it
 
     if h.upscaler not in UPSCALER_BY_LABEL:
         raise ControlstackError(f"Upscaler {h.upscaler!r} is unknown; choose one of {', '.join(UPSCALER_BY_LABEL)}")
@@ -187,8 +200,7 @@ def hires_fields(h: Hires, limits) -> dict:
 def img2img_fields(v: Img2img, limits) -> dict:
     """The img2img / inpaint tab -> JobSpec's init_image, strength, inpaint_mask and inpaint (sd-webui's
     options, pasted back) -- the last two only where a mask is drawn."""
-    from controlstack.inpaint import FILL_BY_LABEL, MAX_BLUR, MAX_PADDING, InpaintOptions
-    from controlstack.serve.spec import number
+    from controlstack.serve.spec import number  # local: heavy, only this path needs it
 
     image, mask = split_mask(v.image)
     if image is None:
@@ -215,10 +227,7 @@ def generate(backend, limits, *values, progress=None, outputs=None, **options):
     its steps. Returns (gallery items, parameters text); with ``outputs`` the PNGs are saved there
     first (:func:`save_outputs`) and the gallery shows those files. The queue's bound, the time limit,
     cancelling, Interrupt / Skip and ``/sdapi/v1/progress`` apply as to ``/v1`` and sd-webui's jobs."""
-    import base64
-    import io
-
-    from controlstack.serve.jobs import Busy
+    from controlstack.serve.jobs import Busy  # local: heavy, only this path needs it
 
     spec = job_spec(backend, limits, *values, **options)
     try:
@@ -262,11 +271,6 @@ _numbering = threading.Lock()  # two Generate clicks finishing at once must not 
 def save_outputs(pngs: list[bytes], folder: Path, kind: str, seeds: list[int]) -> list[Path]:
     """The job's PNGs (their infotext as the server made them) as sd-webui names them:
     ``folder/{kind}-images/YYYY-MM-DD/NNNNN-SEED.png``, written atomically (temp file + rename)."""
-    import datetime
-    import os
-    import re
-    import tempfile
-
     day = folder / f"{kind}-images" / datetime.date.today().isoformat()
     try:
         day.mkdir(parents=True, exist_ok=True)

@@ -5,9 +5,14 @@ registry's parameter ranges), Pixel Perfect's resolution, the Omni task, the acc
 from __future__ import annotations
 
 import re
+import typing
 
+from controlstack import annotators
+from controlstack.annotators import FOR_TASK, condition_in_name
+from controlstack.annotators.base import _base_type
 from controlstack.errors import ControlstackError
-from controlstack.io.images import RESIZE_TABLE
+from controlstack.io.images import RESIZE_TABLE, pixel_perfect_resolution
+from controlstack.io.settings import controlnet_recommendation, read_settings
 
 ALL = "All"
 RESIZE_BY_LABEL = {r.webui: r.name for r in RESIZE_TABLE}
@@ -28,8 +33,6 @@ def is_mi(name: str) -> bool:
 def omni_tasks(base, model) -> list[str] | None:
     """An Omni ControlNet's task tokens (its folder's ``omni.tasks``; a front without the folders: the
     word "omni" in its name, any task), else None."""
-    from controlstack.io.settings import read_settings
-
     folder = base.folder_of(model) if base is not None and model else None
     if folder is not None:
         omni = read_settings(folder).get("omni")
@@ -41,8 +44,6 @@ def omni_tasks(base, model) -> list[str] | None:
 def omni_task(base, model, preprocessor: str | None, where: str) -> str | None:
     """The ``task`` a unit's control takes: for an Omni ControlNet, the condition its preprocessor
     makes (the Omni task of that name); None for any other ControlNet."""
-    from controlstack.annotators import FOR_TASK
-
     tasks = omni_tasks(base, model)
     if tasks is None:
         return None
@@ -55,8 +56,6 @@ def omni_task(base, model, preprocessor: str | None, where: str) -> str | None:
 
 
 def model_condition(name: str) -> str | None:
-    from controlstack.annotators import condition_in_name
-
     return condition_in_name(name)
 
 
@@ -76,8 +75,6 @@ def control_type_pair(label: str, controlnets) -> tuple[str, str | None, list[st
     """A Control Type -> (preprocessor, model, the preprocessors it lists, the models it lists): the
     annotator that makes the condition from a photo and the ControlNet taking it, as
     sd-webui-controlnet sets them. All: every preprocessor and model, none chosen."""
-    from controlstack import annotators
-
     names = sorted(controlnets)
     if label == ALL:
         return "none", None, ["none", *annotators.available()], names
@@ -104,8 +101,6 @@ def pixel_perfect(image_size, width: int, height: int, resize_label: str) -> int
     """sd-webui-controlnet's Pixel Perfect resolution: the image's short side at the scale its resize
     mode maps it onto the output with (cover for Crop and Resize / Just Resize, fit for Resize and
     Fill)."""
-    from controlstack.io.images import pixel_perfect_resolution
-
     return pixel_perfect_resolution(image_size, int(width), int(height), RESIZE_BY_LABEL[resize_label])
 
 
@@ -113,11 +108,6 @@ def param_slots(preprocessor: str | None) -> list[tuple[str, int, object]]:
     """The preprocessor's parameters the unit shows, as (kind, slot, dataclass field): numbers with a
     range on sliders, flags on checkboxes, a list of choices on a dropdown; free text (weights,
     pose JSON) and lists stay the server's (the HTTP API refuses them too)."""
-    import typing
-
-    from controlstack import annotators
-    from controlstack.annotators.base import _base_type
-
     if not preprocessor or preprocessor == "none":
         return []
     cls = annotators.annotator_class(preprocessor)
@@ -152,7 +142,7 @@ def annotator_values(preprocessor: str | None, sliders, checks, choices) -> dict
 def slot_updates(preprocessor: str | None) -> list[dict]:
     """gr.update()s for the unit's generic widgets (sliders, checkboxes, dropdown, in that order):
     the preprocessor's parameters labelled, ranged and at their defaults; the rest hidden."""
-    import gradio as gr
+    import gradio as gr  # local: heavy, only this path needs it
 
     shown = {(kind, slot): f for kind, slot, f in param_slots(preprocessor)}
     out = []
@@ -193,8 +183,6 @@ def unit_header(i: int, enabled: bool, preprocessor: str | None, model: str | No
 def recommended_window(pipe, model: str | None) -> tuple[float, float]:
     """The start / end a unit's sliders take when its model is chosen: the ControlNet's recommended
     window, else the base's, else 0 / 1 -- what the API gives a control that leaves them unset."""
-    from controlstack.io.settings import controlnet_recommendation
-
     if pipe is None:  # a front with no worker up yet: the API's own defaults
         return 0.0, 1.0
     rec = {k: pipe.recommended[k] for k in ("start", "end") if k in pipe.recommended}
@@ -206,8 +194,6 @@ def recommended_window(pipe, model: str | None) -> tuple[float, float]:
 def preprocessor_choices(names=None) -> list[tuple[str, str]]:
     """(label, annotator name) for the Preprocessor dropdown: a learned one's label says it is for
     world scenes (its one-line note, with what to use on photos, is in ``annotate --list``)."""
-    from controlstack import annotators
-
     names = ["none", *annotators.available()] if names is None else names
     return [(f"{n} (learned: world scenes, not photos)" if n in annotators.LEARNED else n, n) for n in names]
 
