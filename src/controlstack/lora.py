@@ -176,7 +176,7 @@ class Loras:
             unfuse_text_encoder_lora,
         )
 
-        if not self._fused:
+        if not self.lora_state() or not self._fused:
             return
         self.unet.unfuse_lora()
         for _, encoder in self.family.text_encoders(self):
