@@ -66,10 +66,27 @@ class ImagePrompts:
     def ip_state(self) -> list:
         if "_ip_adapters" not in self.__dict__:
             self._ip_adapters: list = []
+            self._ip_names: list[str] = []
             self.image_encoder = self.feature_extractor = None
         return self._ip_adapters
 
-    def load_ip_adapter(self, path: str | os.PathLike, image_encoder: Any = None, *, allow_pickle: bool = False) -> None:
+    @property
+    def ip_adapter_names(self) -> list[str]:
+        """The loaded IP-Adapters' names, in load order (an image prompt list follows it)."""
+        self.ip_state()
+        return list(self._ip_names)
+
+    def image_prompts_by_name(self, named: dict) -> list:
+        """``{adapter name: ImagePrompt}`` -> the list ``image_prompts`` takes (None for an adapter
+        without a prompt: it adds nothing); an unknown name is a one-line error."""
+        unknown = sorted(set(named) - set(self.ip_adapter_names))
+        if unknown:
+            raise ControlstackError(f"no IP-Adapter named {', '.join(unknown)}; loaded: "
+                                    f"{', '.join(self.ip_adapter_names) or 'none'}")
+        return [named.get(n) for n in self.ip_adapter_names]
+
+    def load_ip_adapter(self, path: str | os.PathLike, image_encoder: Any = None, *, allow_pickle: bool = False,
+                        name: str | None = None) -> None:
         """Add an IP-Adapter (several stay loaded: one image prompt each, in load order).
         ``image_encoder``: a ``CLIPVisionModelWithProjection`` or its folder (needed with the first)."""
         # local: heavy, only this path needs it
@@ -94,6 +111,7 @@ class ImagePrompts:
             raise ControlstackError(f"IP-Adapter '{path}' does not fit this base: "
                                     f"{str(exc).splitlines()[0][:200]}") from None
         adapters.append(state)
+        self._ip_names.append(name or Path(path).stem)
         self.tier = self.tier  # the U-Net's processors changed: fresh runners
 
     def unload_ip_adapter(self) -> None:
@@ -102,6 +120,7 @@ class ImagePrompts:
         from diffusers.models.attention_processor import AttnProcessor2_0, IPAdapterAttnProcessor2_0
 
         self.ip_state().clear()
+        self._ip_names.clear()
         self.unet.set_attn_processor({name: AttnProcessor2_0() if isinstance(p, IPAdapterAttnProcessor2_0)
                                       else p.__class__() for name, p in self.unet.attn_processors.items()})
         self.unet.encoder_hid_proj = None
@@ -122,13 +141,15 @@ class ImagePrompts:
             if prompts:
                 raise ControlstackError("image_prompts need an IP-Adapter: pipe.load_ip_adapter(path, image_encoder=...)")
             return None
+        if not any(p is not None for p in prompts):
+            prompts = []
         if prompts and len(prompts) != len(adapters):
             raise ControlstackError(f"{len(prompts)} image prompts for {len(adapters)} IP-Adapters; give one each")
         layers = self.unet.encoder_hid_proj.image_projection_layers
         scales, embeds = [], []
         for i, layer in enumerate(layers):
             hidden = not isinstance(layer, ImageProjection)  # the plus / full-face projections read hidden states
-            if prompts:
+            if prompts and prompts[i] is not None:
                 image = to_rgb(validate_image(prompts[i].image, f"image prompt {i}"))
                 pixels = self.feature_extractor(image, return_tensors="pt").pixel_values.to(
                     self.image_encoder.device, self.image_encoder.dtype)
@@ -151,12 +172,13 @@ class ImagePrompts:
         from diffusers.image_processor import IPAdapterMaskProcessor
 
         prompts = list(prompts or [])
-        if not any(p.mask is not None for p in prompts):
+        if not any(p is not None and p.mask is not None for p in prompts):
             return None
         processor = IPAdapterMaskProcessor()
         out = []
         for i, p in enumerate(prompts):
-            m = np.ones((height, width), np.float32) if p.mask is None else mask_to_array(p.mask, f"image prompt {i} mask")
+            m = (np.ones((height, width), np.float32) if p is None or p.mask is None else
+                 mask_to_array(p.mask, f"image prompt {i} mask"))
             out.append(processor.preprocess(Image.fromarray((m * 255).round().astype(np.uint8), "L"), height=height,
                                             width=width).to(self.unet.device))
         return out

@@ -531,7 +531,7 @@ def test_loras_are_listed_and_a_prompts_lora_tag_applies_to_that_job(tmp_path):
     from controlstack.serve.app import create_app
     from tests.core.test_lora import save_peft
 
-    fresh = lambda: tiny_sd(seed=0, max_length=16)  # noqa: E731
+    fresh = lambda: tiny_sd(seed=0, max_length=16)
     folder = tmp_path / "loras"
     folder.mkdir()
     save_peft(folder, fresh, 1, "ink")
@@ -549,3 +549,52 @@ def test_loras_are_listed_and_a_prompts_lora_tag_applies_to_that_job(tmp_path):
     assert plain != r.json()["images"][0] and pipe.loras == {}  # the LoRA applied to that job only
     r = client.post("/sdapi/v1/txt2img", json={**body, "prompt": "a cube <lora:nope:1>"})
     assert r.status_code == 400 and "<lora:nope> is not a LoRA file" in r.json()["error"]
+
+
+def test_an_ip_adapter_unit_is_an_image_prompt(tmp_path, tiny_controlnets, hint_images):
+    from fastapi.testclient import TestClient
+
+    from controlstack import Control, Pipeline
+    from controlstack.ip_adapter import ImagePrompt
+    from controlstack.models.tiny import tiny_sd
+    from controlstack.serve.app import create_app
+    from tests.core.test_ip_adapter import image_encoder, ip_adapter_file
+
+    pipe = Pipeline(tiny_sd(seed=0, max_length=16), controlnets={"canny": tiny_controlnets[0]}, name="tiny")
+    pipe.load_ip_adapter(ip_adapter_file(tmp_path, pipe.unet, 1, "ip-adapter_sd15"), image_encoder=image_encoder())
+    client = TestClient(create_app(lambda: pipe, data=tmp_path / "data"))
+    assert "ip-adapter_sd15" in client.get("/controlnet/model_list").json()["model_list"]
+    ip_unit = {"module": "ip-adapter_clip_sd15", "model": "ip-adapter_sd15 [1a2b3c4d]", "weight": 0.7,
+               "image": b64(Image.fromarray(np.asarray(hint_images[0])))}
+    cn_unit = {"module": "none", "model": "canny", "image": b64(Image.fromarray(np.asarray(hint_images[1])))}
+    body = {"prompt": "a cube", "steps": 2, "width": 64, "height": 64, "seed": 3, "cfg_scale": 7, "sampler_name": "UniPC",
+            "alwayson_scripts": {"ControlNet": {"args": [ip_unit, cn_unit]}}}
+    r = client.post("/sdapi/v1/txt2img", json=body)
+    assert r.status_code == 200, r.text
+    got = np.asarray(Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0]))))
+    want = pipe("a cube", [Control("canny", hint_images[1])], steps=2, cfg=7, seed=3, width=64, height=64,
+                scheduler="unipc", progress=False, image_prompts=[ImagePrompt(hint_images[0], 0.7)])[0]
+    assert np.array_equal(got, np.asarray(want))
+    r = client.post("/sdapi/v1/txt2img", json={**body, "alwayson_scripts": {"ControlNet": {"args": [
+        {**ip_unit, "model": "nope"}]}}})
+    assert r.status_code == 400 and "not a registered model" in r.json()["error"]
+
+
+def test_v1_takes_image_prompts_by_adapter_name(tmp_path, hint_images):
+    from fastapi.testclient import TestClient
+
+    from controlstack import Pipeline
+    from controlstack.models.tiny import tiny_sd
+    from controlstack.serve.app import create_app
+    from tests.core.test_ip_adapter import image_encoder, ip_adapter_file
+    from tests.serve.test_api import _wait
+
+    pipe = Pipeline(tiny_sd(seed=0, max_length=16), name="tiny")
+    pipe.load_ip_adapter(ip_adapter_file(tmp_path, pipe.unet, 1, "style"), image_encoder=image_encoder())
+    client = TestClient(create_app(lambda: pipe, data=tmp_path / "data"))
+    body = {"prompt": "a cube", "steps": 2, "width": 64, "height": 64, "seed": 1,
+            "image_prompts": [{"model": "style", "image": b64(Image.fromarray(np.asarray(hint_images[0]))), "scale": 0.5}]}
+    job = client.post("/v1/generate", json=body).json()["id"]
+    assert _wait(client, job)["status"] == "done"
+    r = client.post("/v1/generate", json={**body, "image_prompts": [{**body["image_prompts"][0], "model": "nope"}]})
+    assert r.status_code == 400 and "no IP-Adapter named nope" in r.json()["error"]

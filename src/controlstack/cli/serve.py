@@ -123,8 +123,14 @@ def with_controlnets(pipe, controlnets: dict[str, tuple[str, str]]):
 
 
 def add_lora_dir(p) -> None:
+    """The adapters a server or worker offers: LoRAs by prompt syntax, IP-Adapters by unit."""
     p.add_argument("--lora-dir", default=None, metavar="DIR",
                    help="LoRA files a prompt's <lora:NAME:WEIGHT> may name (listed at /sdapi/v1/loras)")
+    p.add_argument("--ip-adapters", nargs="+", default=[], metavar="FILE",
+                   help="IP-Adapters loaded into every base, named by file stem: an sd-webui unit with an "
+                        "ip-adapter_* module and one of them as model is an image prompt")
+    p.add_argument("--image-encoder", default=None, metavar="DIR",
+                   help="with --ip-adapters: their CLIP image encoder (a CLIPVisionModelWithProjection folder)")
 
 
 def base_factories(args, default: bool) -> dict:
@@ -139,8 +145,18 @@ def base_factories(args, default: bool) -> dict:
     if lora_dir is not None and not Path(lora_dir).is_dir():
         raise ControlstackError(f"--lora-dir '{lora_dir}' is not a folder")
 
+    ip_adapters = getattr(args, "ip_adapters", [])
+    if ip_adapters and getattr(args, "image_encoder", None) is None:
+        raise ControlstackError("--ip-adapters needs --image-encoder DIR (their CLIP image encoder)")
+    for f in ip_adapters:
+        if not Path(f).is_file():
+            raise ControlstackError(f"--ip-adapters: '{f}' does not exist")
+
     def load(path=None):
-        pipe = with_controlnets(Pipeline.from_pretrained(path), controlnets).optimize(args.optimize)
+        pipe = with_controlnets(Pipeline.from_pretrained(path), controlnets)
+        for i, f in enumerate(ip_adapters):
+            pipe.load_ip_adapter(f, image_encoder=args.image_encoder if i == 0 else None)
+        pipe.optimize(args.optimize)
         pipe.lora_dir = lora_dir
         return pipe
 

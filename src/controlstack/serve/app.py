@@ -391,7 +391,8 @@ def create_app(pipeline_factory: Callable | dict | None = None, token: str | Non
 
     @app.get("/controlnet/model_list")
     def model_list():
-        return {"model_list": sorted(worker.pipe.controlnets)}
+        """The ControlNets (and T2I-Adapters) and the IP-Adapters a unit may name."""
+        return {"model_list": sorted([*worker.pipe.controlnets, *worker.pipe.ip_adapter_names])}
 
     add_routes(app, limits, refused, MAX_BODY)  # annotators: shared with a broker front (serve/front.py)
     add_webui_routes(app, EmbeddedControl(worker, jobs, lora_dir), limits, refused, ui)  # shared with a front too

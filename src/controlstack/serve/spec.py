@@ -186,6 +186,17 @@ class ControlSpec:
 
 
 @dataclass
+class ImagePromptSpec:
+    """One image prompt, validated: the IP-Adapter by its registered name, the reference image, its
+    scale and region mask (``ip_adapter.ImagePrompt``'s arguments)."""
+
+    model: str
+    image: Image.Image
+    scale: float = 1.0
+    mask: Image.Image | None = None
+
+
+@dataclass
 class JobSpec:
     """A validated generation (what ``/v1/generate`` takes, field for field). None: the models'
     recommendation (steps, cfg, mode, a control's window) or the base's native size (width, height)."""
@@ -212,6 +223,7 @@ class JobSpec:
     hires_upscaler: str = "lanczos"
     inpaint: InpaintOptions | None = None  # sd-webui's inpainting options (with inpaint_mask)
     n_iter: int = 1                   # batch count: n_iter runs of ``batch`` images (seed + j * batch)
+    image_prompts: list[ImagePromptSpec] = field(default_factory=list)  # IP-Adapters, by name
 
     def call_args(self) -> tuple[str, list, dict]:
         """``(prompt, controls, kwargs)`` for one ``Pipeline.__call__`` (``base`` is the caller's to
@@ -233,18 +245,21 @@ class JobSpec:
                 return [value(x) for x in v]
             return v
 
-        unused = {"controls", *(["strength"] if self.init_image is None else []),
+        unused = {"controls", "image_prompts", *(["strength"] if self.init_image is None else []),
                   *(["hires_strength", "hires_upscaler"] if self.hires is None else [])}  # /v1 refuses them alone
         out = {k: value(v) for k, v in vars(self).items() if k not in unused and v is not None}
         out["controls"] = [{k: value(v) for k, v in vars(c).items() if v is not None and v != {}}
                            for c in self.controls]
+        if self.image_prompts:
+            out["image_prompts"] = [{k: value(v) for k, v in vars(p).items() if v is not None}
+                                    for p in self.image_prompts]
         return out
 
 
 # ---------------------------------------------------------------------------------------- /v1
 V1_FIELDS = {"prompt", "negative_prompt", "steps", "cfg", "seed", "width", "height", "scheduler", "mode",
              "mode_options", "batch", "controls", "init_image", "strength", "inpaint_mask", "hires",
-             "hires_strength", "hires_steps", "hires_upscaler", "inpaint", "n_iter", "base"}
+             "hires_strength", "hires_steps", "hires_upscaler", "inpaint", "n_iter", "image_prompts", "base"}
 MAX_N_ITER = 16
 V1_CONTROL_FIELDS = {"model", "image", "weight", "start", "end", "mask", "resize_mode", "preprocess", "task"}
 
@@ -343,6 +358,17 @@ def spec_from_v1(body: dict, base_of, limits: Limits) -> JobSpec:
             resize_mode=one_of(c.get("resize_mode", "just_resize"), f"{where}.resize_mode", list(RESIZE_MODES)),
             preprocess=preprocess,
             task=None if c.get("task") is None else text(c["task"], f"{where}.task", 64)))
+    prompts = body.get("image_prompts", [])
+    if not isinstance(prompts, list) or len(prompts) > limits.max_controls:
+        raise ClientError(f"'image_prompts' must be a list of at most {limits.max_controls} objects")
+    for i, p in enumerate(prompts):
+        where = f"image_prompts[{i}]"
+        if not isinstance(p, dict) or set(p) - {"model", "image", "scale", "mask"}:
+            raise ClientError(f"'{where}' must be an object with model, image, scale and mask")
+        spec.image_prompts.append(ImagePromptSpec(
+            model=text(p.get("model") or "", f"{where}.model", 200), image=decode_image(p.get("image"), f"{where}.image",
+                                                                                       limits),
+            scale=number(p.get("scale", 1.0), f"{where}.scale", -10, 10), mask=image(p.get("mask"), f"{where}.mask")))
     check_spec(spec, pipe, limits)
     return spec
 
@@ -378,6 +404,11 @@ def run_spec(pipe, spec: JobSpec, step_callback, interrupted=lambda: False) -> t
     ``(images, parameters)``, the first call's parameters with ``all_seeds``: each image's seed (its
     call's; image ``k`` of a batch is that seed at batch position ``k``, as its infotext says)."""
     prompt, controls, kw = spec.call_args()
+    if spec.image_prompts:  # by name -> one per loaded IP-Adapter, in its order
+        from controlstack.ip_adapter import ImagePrompt  # local: heavy, only this path needs it
+
+        kw["image_prompts"] = pipe.image_prompts_by_name({p.model: ImagePrompt(p.image, p.scale, p.mask)
+                                                          for p in spec.image_prompts})
     images, seeds, parameters = [], [], None
     for j in range(spec.n_iter):
         if j and interrupted():
@@ -455,6 +486,11 @@ def check_spec(spec: JobSpec, pipe, limits: Limits, names: dict | None = None) -
 
     if getattr(pipe, "weightless", False):  # a broker front (serve/distributed.py) holds no weights: the
         return                              # worker runs these checks before it generates, failing the job
+    if spec.image_prompts:  # IP-Adapters the server loaded, by name
+        try:
+            pipe.image_prompts_by_name({p.model: None for p in spec.image_prompts})
+        except ControlstackError as exc:
+            raise ClientError(str(exc)) from None
     for key in ("prompt", "negative_prompt"):  # sd-webui's <lora:NAME:WEIGHT>: a file of the server's --lora-dir
         if "<lora:" in getattr(spec, key):
             try:

@@ -31,7 +31,7 @@ from PIL import Image
 
 from controlstack.errors import ControlstackError
 from controlstack.inpaint import InpaintOptions
-from controlstack.serve.spec import ControlSpec, JobSpec, encode_png
+from controlstack.serve.spec import ControlSpec, ImagePromptSpec, JobSpec, encode_png
 
 FINISHED = ("done", "failed", "cancelled")
 SCHEMA = """
@@ -120,7 +120,7 @@ def dump_spec(spec: JobSpec) -> tuple[dict, dict[str, bytes]]:
     for key in IMAGE_FIELDS:
         if key in out:
             out[key] = ref(out[key])
-    for c in out["controls"]:
+    for c in out["controls"] + out.get("image_prompts", []):
         for key in CONTROL_IMAGE_FIELDS:
             if key in c:
                 c[key] = ref(c[key])
@@ -147,7 +147,9 @@ def load_spec(data: dict, blob) -> JobSpec:
             data[key] = blob(data[key]["blob"])
     if isinstance(data.get("inpaint"), dict):
         data["inpaint"] = InpaintOptions(**data["inpaint"])
-    return JobSpec(**data, controls=controls)
+    prompts = [ImagePromptSpec(**{k: blob(v["blob"]) if k in CONTROL_IMAGE_FIELDS else v for k, v in p.items()})
+               for p in data.pop("image_prompts", [])]
+    return JobSpec(**data, controls=controls, image_prompts=prompts)
 
 
 # ---------------------------------------------------------------------------------------- the store

@@ -36,9 +36,10 @@ from controlstack.inpaint import FILL_BY_INDEX, MAX_BLUR, MAX_PADDING, InpaintOp
 from controlstack.io.images import RESIZE_TABLE, resize_image
 from controlstack.sampling.schedulers import SAMPLER_BY_LABEL, SCHEDULERS, WEBUI_SAMPLER_LABELS
 from controlstack.serve.bodies import ClientError
-from controlstack.serve.spec import (  # noqa: F401  (Limits, decode_image, encode_png: this module's old API)
+from controlstack.serve.spec import (
     MAX_N_ITER,
     ControlSpec,
+    ImagePromptSpec,
     JobSpec,
     Limits,
     check_spec,
@@ -221,6 +222,33 @@ def parse_unit(u: dict, i: int, registered, limits: Limits, modes: set, init=Non
         mask=None if mask in (None, "") else decode_image(mask, f"{where}.mask", limits))
 
 
+def is_image_prompt(u: dict) -> bool:
+    """A unit with sd-webui-controlnet's ``ip-adapter_*`` preprocessor: an IP-Adapter image prompt."""
+    return isinstance(u.get("module"), str) and u["module"].startswith("ip-adapter")
+
+
+def parse_image_prompt(u: dict, i: int, names, limits: Limits) -> ImagePromptSpec:
+    """An IP-Adapter unit -> an :class:`~.spec.ImagePromptSpec`: its ``model`` one of the server's
+    ``--ip-adapters`` (``names``; None on a front: the worker checks), ``image`` the reference,
+    ``weight`` the adapter's scale, ``mask`` its region."""
+    where = f"ControlNet unit {i}"
+    check_types(u, IGNORED_UNIT_FIELDS, f"{where}.")
+    raw = u.get("image", u.get("input_image"))
+    raw = raw.get("image") if isinstance(raw, dict) else raw
+    if raw in (None, ""):
+        raise ClientError(f"'{where}.image' is missing (the image prompt's reference image)")
+    if names is not None:
+        model = resolve_model(u.get("model"), set(names), f"{where}.model")
+    else:
+        model = re.sub(r"\s*\[[0-9a-fA-F]+\]$", "", text(u.get("model") or "", f"{where}.model", 200)).strip()
+        if not model:
+            raise ClientError(f"'{where}.model': give the IP-Adapter's name")
+    mask = u.get("mask", u.get("mask_image"))
+    return ImagePromptSpec(model=model, image=decode_image(raw, f"{where}.image", limits),
+                           scale=number(get(u, "weight", 1.0), f"{where}.weight", -10, 10),
+                           mask=None if mask in (None, "") else decode_image(mask, f"{where}.mask", limits))
+
+
 def _bit(value, what: str) -> bool:
     """true / false, or sd-webui's 0 / 1 (its int fields that act as switches)."""
     if isinstance(value, bool) or value in (0, 1):
@@ -344,6 +372,9 @@ def parse_generation(payload: dict, base_of, limits: Limits, img2img: bool = Fal
         raise ClientError(f"{len(us)} ControlNet units; at most {limits.max_controls}")
     modes: set = set()
     registered = set(pipe.controlnets)
+    names = getattr(pipe, "ip_adapter_names", None)  # a front's weightless base has none: the worker checks
+    spec.image_prompts = [parse_image_prompt(u, i, names, limits) for i, u in us if is_image_prompt(u)]
+    us = [(i, u) for i, u in us if not is_image_prompt(u)]
     spec.controls = [parse_unit(u, i, registered, limits, modes, init) for i, u in us]
     if len(modes) > 1:
         raise ClientError(f"ControlNet units ask for different control modes ({', '.join(sorted(modes))}); "
