@@ -424,3 +424,25 @@ def test_the_page_has_png_outputs_a_bright_brush_and_short_labels(tiny_pipe, tmp
     assert max(len(b.label) for b in blocks if isinstance(b, (gr.Image, gr.ImageMask))) < 24
     buttons = {b.value for b in blocks if isinstance(b, gr.Button)}
     assert {"Generate", "Interrupt", "Skip", "Send to txt2img", "Send to img2img"} <= buttons
+
+
+def test_a_unit_with_an_ip_adapter_model_is_an_image_prompt(tmp_path, tiny_components):
+    import copy
+    import dataclasses
+
+    from controlstack import Pipeline
+    from controlstack.serve.app import create_app
+    from controlstack.serve.spec import Limits
+    from controlstack.serve.ui import Unit, job_spec
+    from controlstack.serve.ui.units import controlnet_names
+    from tests.core.test_ip_adapter import image_encoder, ip_adapter_file
+
+    # a copy of the shared tiny U-Net: loading the adapter changes its attention processors
+    pipe = Pipeline(dataclasses.replace(tiny_components, unet=copy.deepcopy(tiny_components.unet)))
+    pipe.load_ip_adapter(ip_adapter_file(tmp_path, pipe.unet, 1, "style"), image_encoder=image_encoder())
+    jobs = create_app(lambda: pipe, data=tmp_path / "data").state.jobs
+    assert "style" in controlnet_names(jobs)
+    photo = np.full((64, 64, 3), 120, np.uint8)
+    spec = job_spec(jobs, Limits(), "a box", "", "Euler a", 2, 5, 7, 64, 64, 1, "Balanced",
+                    [Unit(True, photo, "none", "style", 0.6)])
+    assert spec.controls == [] and [(p.model, p.scale) for p in spec.image_prompts] == [("style", 0.6)]

@@ -143,6 +143,18 @@ def control_spec(i: int, unit: Unit, base, limits, width, height):
         preprocess=pre or False, annotator_params=params, task=omni_task(base, unit.model, pre, where))
 
 
+def image_prompt_spec(i: int, unit: Unit):
+    """A unit whose model is an IP-Adapter -> an image prompt: its image the reference, its weight the
+    adapter's scale, its drawn mask the region (sd-webui-controlnet's ip-adapter units)."""
+    from controlstack.serve.spec import ImagePromptSpec, number  # local: heavy, only this path needs it
+
+    image, mask = split_mask(unit.image)
+    if image is None:
+        raise ControlstackError(f"ControlNet Unit {i} is enabled but has no image")
+    return ImagePromptSpec(unit.model, image, scale=number(unit.weight, f"ControlNet Unit {i} Control Weight", -10, 10),
+                           mask=None if mask is None else mask_image(mask))
+
+
 def job_spec(backend, limits, prompt, negative, sampler, steps, cfg, seed, width, height, batch, control_mode, units,
              *, n_iter=1, hires: Hires | None = None, img2img: Img2img | None = None):
     """The widgets' values -> the validated :class:`~..spec.JobSpec` ``/v1/generate`` would build (the
@@ -161,9 +173,12 @@ def job_spec(backend, limits, prompt, negative, sampler, steps, cfg, seed, width
     name, base = backend.ui_base()
     width = number(width, "Width", 8, limits.max_side, integer=True)
     height = number(height, "Height", 8, limits.max_side, integer=True)
-    controls, names = [], {}
+    controls, names, prompts = [], {}, []
+    ip_names = getattr(base, "ip_adapter_names", [])  # a unit whose model is an IP-Adapter: an image prompt
     for i, unit in enumerate(Unit(*u) if not isinstance(u, Unit) else u for u in units):
-        if unit.enabled:
+        if unit.enabled and unit.model in ip_names:
+            prompts.append(image_prompt_spec(i, unit))
+        elif unit.enabled:
             names[f"controls[{len(controls)}]"] = f"ControlNet Unit {i}"
             controls.append(control_spec(i, unit, base, limits, width, height))
     if len(controls) > limits.max_controls:
@@ -179,7 +194,7 @@ def job_spec(backend, limits, prompt, negative, sampler, steps, cfg, seed, width
         steps=number(steps, "Sampling steps", 1, limits.max_steps, integer=True),
         cfg=number(cfg, "CFG Scale", 0, 30), seed=draw_seed(int(seed) if seed is not None else -1, "Seed"),
         width=width, height=height, batch=number(batch, "Batch size", 1, limits.max_batch, integer=True),
-        scheduler=SAMPLER_BY_LABEL[sampler], controls=controls,
+        scheduler=SAMPLER_BY_LABEL[sampler], controls=controls, image_prompts=prompts,
         mode=None if control_mode == RECOMMENDED else {m.webui: m.name for m in CONTROL_MODE_TABLE}[control_mode],
         base=name, **extra)
     check_spec(spec, base, limits, {**LABELS, **names})

@@ -207,5 +207,5 @@ def current_base(backend):
 
 
 def controlnet_names(backend) -> list[str]:
-    base = current_base(backend)
-    return sorted(base.controlnets) if base is not None else []
+    base = current_base(backend)  # the ControlNets, T2I-Adapters and IP-Adapters a unit may use
+    return sorted([*base.controlnets, *getattr(base, "ip_adapter_names", [])]) if base is not None else []
