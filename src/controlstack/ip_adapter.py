@@ -43,7 +43,12 @@ class ImagePrompt:
 
 
 def read_ip_adapter(path, allow_pickle: bool = False) -> dict:
-    """An IP-Adapter file -> ``{"image_proj": {...}, "ip_adapter": {...}}`` (diffusers' layout)."""
+    """An IP-Adapter file -> ``{"image_proj": {...}, "ip_adapter": {...}}`` (diffusers' layout); such a
+    dict (a recipe's adapter in training) is taken as it is."""
+    if isinstance(path, dict):
+        if set(path) != {"image_proj", "ip_adapter"}:
+            raise ControlstackError("an IP-Adapter state must be {'image_proj': {...}, 'ip_adapter': {...}}")
+        return path
     path = Path(path)
     if not path.is_file():
         raise ControlstackError(f"IP-Adapter '{path}' does not exist; check the path")
@@ -85,23 +90,28 @@ class ImagePrompts:
                                     f"{', '.join(self.ip_adapter_names) or 'none'}")
         return [named.get(n) for n in self.ip_adapter_names]
 
-    def load_ip_adapter(self, path: str | os.PathLike, image_encoder: Any = None, *, allow_pickle: bool = False,
+    def load_ip_adapter(self, path: str | os.PathLike | dict, image_encoder: Any = None, *, allow_pickle: bool = False,
                         name: str | None = None) -> None:
-        """Add an IP-Adapter (several stay loaded: one image prompt each, in load order).
-        ``image_encoder``: a ``CLIPVisionModelWithProjection`` or its folder (needed with the first)."""
+        """Add an IP-Adapter (several stay loaded: one image prompt each, in load order): a file, or a
+        state dict in diffusers' layout (then give ``name``). ``image_encoder``: a
+        ``CLIPVisionModelWithProjection`` or its folder (needed with the first)."""
         # local: heavy, only this path needs it
         from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
         adapters = self.ip_state()
         state = read_ip_adapter(path, allow_pickle)
         if image_encoder is not None:
-            if isinstance(image_encoder, (str, os.PathLike)):
+            folder = Path(image_encoder) if isinstance(image_encoder, (str, os.PathLike)) else None
+            if folder is not None:
                 image_encoder = CLIPVisionModelWithProjection.from_pretrained(
-                    image_encoder, local_files_only=True, use_safetensors=not allow_pickle)
+                    folder, local_files_only=True, use_safetensors=not allow_pickle)
             size = image_encoder.config.image_size
             self.image_encoder = image_encoder.to(self.unet.device, self.unet.dtype).eval()
-            self.feature_extractor = CLIPImageProcessor(size={"shortest_edge": size},
-                                                        crop_size={"height": size, "width": size})
+            if folder is not None and (folder / "preprocessor_config.json").is_file():  # its own normalisation
+                self.feature_extractor = CLIPImageProcessor.from_pretrained(folder)
+            else:
+                self.feature_extractor = CLIPImageProcessor(size={"shortest_edge": size},
+                                                            crop_size={"height": size, "width": size})
         if self.image_encoder is None:
             raise ControlstackError("an IP-Adapter needs its image encoder: load_ip_adapter(path, image_encoder=...)")
         try:
@@ -111,7 +121,7 @@ class ImagePrompts:
             raise ControlstackError(f"IP-Adapter '{path}' does not fit this base: "
                                     f"{str(exc).splitlines()[0][:200]}") from None
         adapters.append(state)
-        self._ip_names.append(name or Path(path).stem)
+        self._ip_names.append(name or ("ip-adapter" if isinstance(path, dict) else Path(path).stem))
         self.tier = self.tier  # the U-Net's processors changed: fresh runners
 
     def unload_ip_adapter(self) -> None:

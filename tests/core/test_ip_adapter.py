@@ -178,3 +178,22 @@ def test_a_region_mask_keeps_the_image_prompt_to_its_region(tmp_path, fresh, tin
     assert_same_image(ours, theirs)
     unmasked = pipe("a cube", control, mode="sum", image_prompts=[ImagePrompt(hint_images[0], 0.9)], **KW)
     assert np.abs(ours - unmasked).max() > 1e-3
+
+
+def test_cli_image_prompt_on_the_bundled_base_takes_the_bundled_adapter(tmp_path, monkeypatch, hint_images):
+    """``--image-prompt`` without ``--ip-adapter``: the bundled base's own IP-Adapter and encoder; with
+    another ``--model`` there is none to take, so the count mismatch is the one line."""
+    import argparse
+
+    from controlstack import assets
+    from controlstack.cli import generate
+
+    Image.fromarray(np.asarray(hint_images[0])).save(tmp_path / "ref.png")
+    monkeypatch.setattr(assets, "ip_adapter_files", lambda *a: (tmp_path / "ip.safetensors", tmp_path / "enc"))
+    args = argparse.Namespace(model=None, ip_adapter=[], image_encoder=None, image_prompt=[f"{tmp_path / 'ref.png'}:0.5"])
+    (prompt,) = generate.image_prompts(args)
+    assert args.ip_adapter == [str(tmp_path / "ip.safetensors")] and args.image_encoder == str(tmp_path / "enc")
+    assert prompt.scale == 0.5 and prompt.image.size == (64, 64)
+    args = argparse.Namespace(model="mine/", ip_adapter=[], image_encoder=None, image_prompt=[str(tmp_path / "ref.png")])
+    with pytest.raises(ControlstackError, match="1 --image-prompt for 0 --ip-adapter"):
+        generate.image_prompts(args)

@@ -118,3 +118,34 @@ def test_an_adapter_folder_is_a_control_model_by_path(tmp_path, hint_images):
     pipe = Pipeline(c)
     by_path = pipe("a cube", [Control(str(tmp_path / "sketch"), hint_images[0])], **KW)
     assert_same_image(by_path, pipe("a cube", [Control(adapter, hint_images[0])], **KW))
+
+
+def test_an_sdxl_adapter_gives_diffusers_image(hint_images):
+    """A ``full_adapter_xl`` on the SDXL layout (first down block without cross-attention: its
+    features join after the block's downsampler) gives ``StableDiffusionXLAdapterPipeline``'s image."""
+    from diffusers import StableDiffusionXLAdapterPipeline, T2IAdapter
+
+    from controlstack import Control, Pipeline
+    from controlstack.models.tiny import tiny_sdxl
+    from controlstack.sampling import make_scheduler
+
+    xl = tiny_sdxl(seed=0)
+    assert xl.unet.config.down_block_types[0] == "DownBlock2D"
+    torch.manual_seed(2)
+    adapter = T2IAdapter(in_channels=3, channels=[32, 64], num_res_blocks=1, downscale_factor=16,
+                         adapter_type="full_adapter_xl")
+    with torch.no_grad():
+        for p in adapter.parameters():
+            p.mul_(3.0)
+    adapter.eval()
+    ref = StableDiffusionXLAdapterPipeline(
+        vae=xl.vae, text_encoder=xl.text_encoder, text_encoder_2=xl.text_encoder_2, tokenizer=xl.tokenizer,
+        tokenizer_2=xl.tokenizer_2, unet=xl.unet, adapter=adapter, scheduler=make_scheduler("unipc", None))
+    ref.set_progress_bar_config(disable=True)
+    expected = ref("a cube", image=hint_images[0], num_inference_steps=3, height=64, width=64, guidance_scale=7.5,
+                   generator=torch.Generator().manual_seed(1), output_type="np", adapter_conditioning_scale=0.8,
+                   adapter_conditioning_factor=2 / 3).images
+    pipe = Pipeline(xl)
+    ours = pipe("a cube", [Control(adapter, hint_images[0], weight=0.8, end=2 / 3)], **KW)
+    assert_same_image(ours, expected)
+    assert np.abs(ours - pipe("a cube", **KW)).max() > 1e-2

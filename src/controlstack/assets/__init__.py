@@ -131,6 +131,13 @@ def evaluation_folder(name: str, bundle: Path = BUNDLE_DIR) -> Path:
     return folder
 
 
+def ip_adapter_files(bundle: Path = BUNDLE_DIR) -> tuple[Path, Path] | None:
+    """(adapter file, image encoder folder) of the bundled IP-Adapter, None when this checkout has none."""
+    folder = bundle / "ip_adapter"
+    f, encoder = folder / "ip-adapter.safetensors", folder / "image_encoder"
+    return (f, encoder) if f.is_file() and (encoder / "config.json").is_file() else None
+
+
 # -- the multi-task dense predictor behind the learned annotators (OmniControlNet stage 1) -------
 
 def predictor_folder(bundle: Path = BUNDLE_DIR) -> Path | None:

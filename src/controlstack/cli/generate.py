@@ -19,7 +19,7 @@ import random
 import re
 from pathlib import Path
 
-from controlstack import annotators
+from controlstack import annotators, assets
 from controlstack.cli.annotate import parse_pairs
 from controlstack.cli.text import DefaultsFormatter
 from controlstack.errors import ControlstackError
@@ -94,7 +94,8 @@ def register(sub) -> None:
     p.add_argument("--image-encoder", default=None, metavar="DIR",
                    help="with --ip-adapter: its CLIP image encoder (a transformers CLIPVisionModelWithProjection folder)")
     p.add_argument("--image-prompt", action="append", default=[], metavar="IMAGE[:SCALE]",
-                   help="with --ip-adapter: a reference image at SCALE (default 1), one per adapter, in order")
+                   help="a reference image at SCALE (default 1), one per --ip-adapter, in order; without "
+                        "--ip-adapter on the bundled base: the bundled IP-Adapter")
     p.add_argument("--mask-blur", type=int, default=4, help="with --inpaint-mask: blur the mask by this radius (px)")
     p.add_argument("--mask-invert", action="store_true", help="with --inpaint-mask: repaint where it is black")
     p.add_argument("--inpaint-full-res", action="store_true",
@@ -348,6 +349,9 @@ def image_prompts(args) -> list:
     """``--image-prompt IMAGE[:SCALE]`` -> ImagePrompts, checked before the model loads."""
     from controlstack.ip_adapter import ImagePrompt  # local: keeps CLI start-up light
 
+    bundled = assets.ip_adapter_files() if args.model is None else None
+    if args.image_prompt and not args.ip_adapter and bundled is not None:  # the bundled base's own adapter
+        args.ip_adapter, args.image_encoder = [str(bundled[0])], str(bundled[1])
     if len(args.image_prompt) != len(args.ip_adapter):
         raise ControlstackError(f"{len(args.image_prompt)} --image-prompt for {len(args.ip_adapter)} --ip-adapter; "
                                 "give one image per adapter")

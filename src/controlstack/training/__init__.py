@@ -36,6 +36,7 @@ RECIPES = {
     "controlnet": ("controlstack.training.controlnet", "ControlNetConfig"),
     "omni": ("controlstack.training.omni", "OmniConfig"),
     "predictor": ("controlstack.training.predictor", "PredictorTrainConfig"),
+    "ip_adapter": ("controlstack.training.ip_adapter", "IPAdapterConfig"),
     # the evaluation networks (FID / KID features, CLIP score): two recipes of one file
     "features": ("controlstack.training.evaluators", "FeatureNetTrainConfig", "train_features"),
     "clip": ("controlstack.training.evaluators", "ClipTrainConfig", "train_clip"),

@@ -99,6 +99,9 @@ def stages(bundle: Path = BUNDLE_DIR) -> list[Stage]:
     for name, target in (("features", "model.safetensors"), ("clip", "model.safetensors")):
         dest = bundle / "evaluation" / name
         out.append(Stage(name, name, dest / target, dest=dest))
+    # an IP-Adapter for the base, its image encoder the world CLIP's vision tower (docs/adapters.md)
+    ip = bundle / "ip_adapter"
+    out.append(Stage("ip-adapter", "ip_adapter", ip / "ip-adapter.safetensors", dest=ip))
     return out
 
 
@@ -232,11 +235,14 @@ def run_stage(stage: Stage, work_root: Path, bundle: Path, configs: Path | None 
     overrides = {"data": str(world), "output_dir": str(work)}
     if stage.init_from is not None:
         overrides["init_from"] = str(stage.init_from)
-    if stage.recipe in ("base", "controlnet", "omni"):
+    if stage.recipe in ("base", "controlnet", "omni", "ip_adapter"):
         # one cache of the (locked, bundled) VAE's posteriors serves the base and every ControlNet
         overrides["latent_cache"] = str(work_root / "latents.safetensors")
     if stage.recipe == "base":
         overrides["vae"] = str(bundle / "vae")
+    if stage.recipe == "ip_adapter":
+        overrides.update(base=str(bundle), image_encoder=str(bundle / "evaluation" / "clip"))
+        _forget_if_base_changed(work, bundle)
     if stage.recipe in ("controlnet", "omni"):
         overrides.update(base=str(bundle), **({"condition": stage.condition} if stage.recipe == "controlnet" else {}))
         _forget_if_base_changed(work, bundle)
@@ -274,6 +280,16 @@ def run_stage(stage: Stage, work_root: Path, bundle: Path, configs: Path | None 
         shutil.copytree(model_dir, tmp)
         shutil.rmtree(stage.dest, ignore_errors=True)
         stage.dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp.rename(stage.dest)
+    elif stage.recipe == "ip_adapter":  # the adapter in fp16 as every bundled weight; its encoder as trained
+        from safetensors.torch import load_file, save_file  # local: heavy, only this path needs it
+
+        tmp = bundle / ".ip-adapter.partial"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(model_dir, tmp)
+        state = load_file(str(model_dir / "ip-adapter.safetensors"))
+        save_file({k: v.half() for k, v in state.items()}, str(tmp / "ip-adapter.safetensors"))
+        shutil.rmtree(stage.dest, ignore_errors=True)
         tmp.rename(stage.dest)
     elif stage.recipe == "base":
         from diffusers import UNet2DConditionModel  # local: heavy, only this path needs it
