@@ -25,6 +25,7 @@ from controlstack.io.images import (
     resize_image,
     to_rgb,
 )
+from controlstack.mmdit import MMDiTBranch, attach, control_latents, is_mmdit_controlnet
 from controlstack.models.adapter import adapter_features, is_adapter
 from controlstack.models.union import control_id
 
@@ -76,6 +77,12 @@ class Hints:
         an :class:`~controlstack.control.AdapterBranch` (``models/adapter.py``)."""
         branches = []
         for item in group_unions(controls, self.controlnet):
+            if isinstance(item, Control) and is_mmdit_controlnet(self.controlnet(item.model)):
+                cn = attach(self.controlnet(item.model), self.unet)  # it reads the condition's latents
+                hint = self.prepare_hint(item, width, height, inpaint_mask)
+                latents = control_latents(self.vae, cn, hint).repeat(batch * (2 if do_cfg else 1), 1, 1, 1)
+                branches.append(MMDiTBranch(cn, latents, item.weight, item.start, item.end))
+                continue
             if isinstance(item, Control) and is_adapter(self.controlnet(item.model)):
                 hint = self.prepare_hint(item, width, height, inpaint_mask).to(self.unet.device)
                 # computed once at batch 1, then copied to the U-Net's batch (both CFG halves), as diffusers does

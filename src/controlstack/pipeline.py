@@ -37,6 +37,7 @@ from controlstack.ip_adapter import ImagePrompt, ImagePrompts
 from controlstack.limits import MAX_SIZE, check_memory, memory_needed  # noqa: F401 (re-exported: preflight, serve)
 from controlstack.limits import validate as _validate
 from controlstack.lora import Loras, available
+from controlstack.mmdit import MMDiTDenoiser
 from controlstack.models.components import SDComponents
 from controlstack.models.families import family_of
 from controlstack.models.tiers import Runners, Tier, make_tier
@@ -144,6 +145,8 @@ class Pipeline(Prompting, Hints, Img2Img, Recommendations, Loras, ImagePrompts):
         self.tokenizer = components.tokenizer
         self.text_encoder_2 = components.text_encoder_2.eval() if components.text_encoder_2 is not None else None
         self.tokenizer_2 = components.tokenizer_2
+        self.text_encoder_3 = components.text_encoder_3.eval() if components.text_encoder_3 is not None else None
+        self.tokenizer_3 = components.tokenizer_3
         self.family = family_of(self.unet)  # the base's family (models/families/): its text conditioning, ...
         self.family.check_components(components)
         self.force_zeros_for_empty_prompt = components.force_zeros_for_empty_prompt
@@ -317,7 +320,7 @@ class Pipeline(Prompting, Hints, Img2Img, Recommendations, Loras, ImagePrompts):
         seed: int | None = 0,
         width: int | None = None,
         height: int | None = None,
-        scheduler: str = "unipc",
+        scheduler: str | None = None,
         mode: str | None = None,
         negative_prompt: str = "",
         batch: int = 1,
@@ -403,6 +406,7 @@ class Pipeline(Prompting, Hints, Img2Img, Recommendations, Loras, ImagePrompts):
         """A call's arguments with the models' recommendations filled in and checked: steps, CFG,
         mode and its options (:meth:`settings`), the native size, each control's window
         (:meth:`with_windows`), the sizes, memory and the weak-ControlNet warning."""
+        rest["scheduler"] = rest["scheduler"] or self.family.default_scheduler  # unipc; euler for flow matching
         width = self.native_size if width is None else width
         height = self.native_size if height is None else height
         controls = list(controls)
@@ -437,14 +441,18 @@ class Pipeline(Prompting, Hints, Img2Img, Recommendations, Loras, ImagePrompts):
                 f"control acts on the conditional half only, guidance multiplies it by {g.cfg:g}, and {g.scheduler}'s "
                 f"4th-order extrapolation amplifies that term; use unipc, dpmpp_2m, euler or ddim, mode balanced, or "
                 f"CFG <= {MAX_CFG_HIGH_ORDER:g}")
-        sched = make_scheduler(g.scheduler, self.scheduler_config)
-        do_cfg = g.cfg > 1 and self.unet.config.time_cond_proj_dim is None
+        sched = make_scheduler(g.scheduler, self.scheduler_config, flow=self.family.flow)
+        do_cfg = g.cfg > 1 and self.unet.config.get("time_cond_proj_dim") is None
         cond, uncond, added = self.text_conditions(g.prompt, g.negative_prompt, g.batch, do_cfg, (g.height, g.width),
                                                    g.micro)
         hint_batch = g.batch * (2 if do_cfg and not injection.cond_only else 1)
         branches = self.make_branches(g.controls, g.width, g.height, (g.prompt, g.negative_prompt or ""), g.batch,
                                       do_cfg, g.inpaint_mask, hint_batch)
         start = self.start(g, sched, generator, do_cfg)
+        if self.family.network == "mmdit":  # a transformer base: its ControlNets add block residuals (mmdit.py)
+            denoiser = MMDiTDenoiser(self.unet, branches, injection, cond, uncond, g.cfg, added)
+            return sample(denoiser, sched, start.latents, g.steps, generator=generator, eta=g.eta, progress=progress,
+                          start=start.start, callback=after_each_step(start.blend, step_callback))
         denoiser = ControlledDenoiser(self.runners.unet, branches, injection, cond, uncond, g.cfg,
                                       unet_extra=start.unet_extra, reuse=self.tier.reuse, added=added,
                                       image_embeds=self.image_embeds(g.image_prompts, g.batch, do_cfg),
@@ -515,7 +523,10 @@ class Pipeline(Prompting, Hints, Img2Img, Recommendations, Loras, ImagePrompts):
 
     def memory_needed(self, batch: int, width: int, height: int) -> int:
         """:func:`memory_needed` of this pipeline's U-Net and VAE."""
-        return memory_needed(self.unet.config.block_out_channels[0], self.vae.config.block_out_channels[0],
+        c = self.unet.config  # a U-Net's first level, or a transformer's width per latent pixel
+        width = c["block_out_channels"][0] if "block_out_channels" in c else \
+            c["num_attention_heads"] * c["attention_head_dim"] // c["patch_size"] ** 2
+        return memory_needed(width, self.vae.config.block_out_channels[0],
                              self.vae_scale_factor, batch, width, height)
 
     def check_memory(self, batch: int, width: int, height: int) -> None:

@@ -14,7 +14,8 @@ from controlstack.models.families import family_of
 @dataclass
 class SDComponents:
     """The parts of a Stable Diffusion base model: SD-1.x / 2.x have one text encoder, SDXL two
-    (``text_encoder_2`` gives the pooled embedding its U-Net adds to the time embedding)."""
+    (``text_encoder_2`` gives the pooled embedding its U-Net adds to the time embedding), SD3 three
+    (CLIP-L, CLIP-G, T5); ``unet`` is the denoising network, an SD3 base's MMDiT transformer too."""
 
     unet: torch.nn.Module
     vae: torch.nn.Module
@@ -24,6 +25,8 @@ class SDComponents:
     text_encoder_2: torch.nn.Module | None = None  # SDXL: CLIPTextModelWithProjection (OpenCLIP bigG)
     tokenizer_2: object | None = None
     force_zeros_for_empty_prompt: bool = True  # SDXL: an empty negative prompt is zeros (diffusers' default)
+    text_encoder_3: torch.nn.Module | None = None  # SD3: T5 (optional: its states are zeros without it)
+    tokenizer_3: object | None = None
 
     @property
     def family(self):

@@ -30,6 +30,7 @@ import torch
 
 from controlstack.errors import ControlstackError
 from controlstack.models.compiled import CompiledGraph
+from controlstack.models.families import family_of
 from controlstack.models.graphs import controlnet_graph, decode_graph, encode_graph, vae_decode_graph
 from controlstack.models.runner import ControlNetRunner, UNetContext, UNetRunner
 from controlstack.models.speed import bf16_is_fast
@@ -200,7 +201,13 @@ class Runners:
     def __init__(self, unet, vae, tier: Tier):
         self.tier, self.vae = tier, vae
         pool = tier.token_downsampling
-        self.unet = CompiledUNetRunner(unet, tier.precision, pool) if tier.compiled else UNetRunner(unet)
+        if family_of(unet).network != "unet":  # a transformer base: its denoiser calls the model (mmdit.py)
+            if tier.compiled:
+                raise ControlstackError(f"the {tier.name} tier compiles U-Net bases; this "
+                                        f"{family_of(unet).label} base runs in the parity tier")
+            self.unet = None
+        else:
+            self.unet = CompiledUNetRunner(unet, tier.precision, pool) if tier.compiled else UNetRunner(unet)
         self.vae_decoder = CompiledVAEDecoder(vae, tier.precision) if tier.compiled else None
         self._controlnets: dict[int, CompiledControlNetRunner] = {}  # id(ControlNet) -> its runner
         self.fallback = _Once()

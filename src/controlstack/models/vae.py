@@ -3,8 +3,9 @@
 Latent Diffusion (Rombach et al., CVPR 2022, Sec. 3) trains the U-Net on ``z * scaling_factor``,
 ``z`` a sample of the VAE encoder's posterior, so the latents have about unit variance. VAEs whose
 config carries per-channel ``latents_mean`` / ``latents_std`` (diffusers' SDXL rule) standardise
-first: ``(z - mean) * scaling_factor / std``; without them the mean is 0 and the std 1, which
-leave every value bit for bit as it is. Every encoder of images into latents goes through
+first: ``(z - mean) * scaling_factor / std``; SD3's and Flux's shift by one ``shift_factor``
+(``(z - shift) * scaling_factor``); without either the mean is 0 and the std 1, which leave every
+value bit for bit as it is. Every encoder of images into latents goes through
 :func:`encode` (img2img, inpainting, training batches, the MI evaluations), every decoder through
 :func:`unscale`.
 """
@@ -15,10 +16,11 @@ import torch
 
 
 def latent_stats(config, like: torch.Tensor) -> tuple:
-    """The VAE config's per-channel ``(mean, std)`` as tensors like ``like``, else ``(0.0, 1.0)``."""
+    """The VAE config's per-channel ``(mean, std)`` as tensors like ``like``; else its ``shift_factor``
+    (SD3 / Flux: ``(z - shift) * scaling_factor``) as the mean; else ``(0.0, 1.0)``."""
     config = dict(config)
     if config.get("latents_mean") is None or config.get("latents_std") is None:
-        return 0.0, 1.0
+        return (float(config["shift_factor"]) if config.get("shift_factor") is not None else 0.0), 1.0
     return tuple(torch.tensor(config[k]).view(1, -1, 1, 1).to(like) for k in ("latents_mean", "latents_std"))
 
 

@@ -80,14 +80,15 @@ def sample(
     scheduler.set_timesteps(steps, device=latents.device)
     if start is None:
         timesteps = scheduler.timesteps
-        latents = latents * scheduler.init_noise_sigma
+        latents = latents * getattr(scheduler, "init_noise_sigma", 1.0)  # flow matching's have none: 1
     else:
         latents, timesteps = start(scheduler, steps, latents)
     extra = step_kwargs(scheduler, generator, eta)
     n = len(timesteps)
+    scale_input = getattr(scheduler, "scale_model_input", lambda x, t: x)  # flow matching: the input as it is
     for i, t in enumerate(tqdm(timesteps, desc="sampling", disable=not progress, leave=False)):
         step = Step(i, n, t, timesteps[i + 1] if i + 1 < n else None)
-        x = scheduler.scale_model_input(latents, t)
+        x = scale_input(latents, t)
         eps = denoiser(x, t, step)
         latents = scheduler.step(eps, t, latents, **extra, return_dict=False)[0]
         if callback is not None:

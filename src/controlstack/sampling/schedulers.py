@@ -32,13 +32,14 @@ class Sampler:
     cls: str
     overrides: dict = field(hash=False)
     webui: str
+    flow_cls: str | None = None  # its class on a flow-matching base (SD3, Flux); None: not available there
 
 
 #: THE sampler table; every other view (SCHEDULERS, io.png.SAMPLERS, the server's label -> name)
 #: derives from it.
 SAMPLER_TABLE: tuple[Sampler, ...] = (
     Sampler("ddim", "DDIMScheduler", {}, "DDIM"),
-    Sampler("euler", "EulerDiscreteScheduler", {}, "Euler"),
+    Sampler("euler", "EulerDiscreteScheduler", {}, "Euler", "FlowMatchEulerDiscreteScheduler"),
     Sampler("euler_a", "EulerAncestralDiscreteScheduler", {}, "Euler a"),
     Sampler(
         "dpmpp_2m", "DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}, "DPM++ 2M"
@@ -64,11 +65,22 @@ WEBUI_SAMPLER_LABELS: dict[str, str] = {s.name: s.webui for s in SAMPLER_TABLE}
 SAMPLER_BY_LABEL: dict[str, str] = {s.webui: s.name for s in SAMPLER_TABLE}
 
 
-def make_scheduler(name: str, base_config: dict | None = None):
-    """A fresh diffusers scheduler named ``name``, configured from ``base_config``."""
+#: name -> its class on a flow-matching base, for the samplers that have one
+FLOW_SCHEDULERS: dict[str, str] = {s.name: s.flow_cls for s in SAMPLER_TABLE if s.flow_cls}
+
+
+def make_scheduler(name: str, base_config: dict | None = None, flow: bool = False):
+    """A fresh diffusers scheduler named ``name``, configured from ``base_config``; ``flow``: for a
+    flow-matching base (its config holds the shift), where ``name`` picks the flow variant."""
     if name not in SCHEDULERS:
         raise ControlstackError(f"unknown scheduler '{name}'; choose one of {', '.join(SCHEDULERS)}")
     import diffusers  # local: heavy, only this path needs it
+
+    if flow:
+        if name not in FLOW_SCHEDULERS:
+            raise ControlstackError(f"scheduler '{name}' samples noise-prediction bases; this flow-matching base "
+                                    f"samples with {', '.join(FLOW_SCHEDULERS)}")
+        return getattr(diffusers, FLOW_SCHEDULERS[name]).from_config(dict(base_config or {}))
 
     cls_name, overrides = SCHEDULERS[name]
     config = dict(SD_SCHEDULER_CONFIG if base_config is None else base_config)

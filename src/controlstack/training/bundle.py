@@ -373,6 +373,8 @@ def write_model_card(bundle: Path = BUNDLE_DIR) -> Path:
             (folder / "README.md").write_text("\n".join(_predictor_card(bundle, name, info)) + "\n")
         if info.get("recipe") in ("features", "clip") and folder.is_dir():
             (folder / "README.md").write_text("\n".join(_evaluation_card(bundle, name, info)) + "\n")
+        if info.get("recipe") == "ip_adapter" and folder.is_dir():
+            (folder / "README.md").write_text("\n".join(_ip_adapter_card(bundle, name, info)) + "\n")
         if info.get("recipe") not in ("controlnet", "omni") or not folder.is_dir():
             continue
         lineage = _lineage(name, stages_info)
@@ -398,6 +400,23 @@ def write_model_card(bundle: Path = BUNDLE_DIR) -> Path:
         card += _mi_numbers(bundle, name, info) + _omni_numbers(bundle, info)
         (folder / "README.md").write_text("\n".join(card) + "\n")
     return path
+
+
+def _ip_adapter_card(bundle: Path, name: str, info: dict) -> list[str]:
+    """The bundled IP-Adapter's card: its stage, config and, once measured, ``ip_adapter.json``."""
+    card = ["# IP-Adapter (plus) for the bundled base", "", f"Trained by `make bundle` (stage `{name}`) on the locked "
+            "bundled base: `ip-adapter.safetensors` (the IP-Adapter file layout) and `image_encoder/` (the world "
+            "CLIP's vision tower, frozen). `controlstack generate --image-prompt ref.png` uses it; see "
+            "docs/adapters.md.", "", *_stage_rows({name: info}), "", f"Data: {info['data']}.", "", "Config:", "",
+            "```yaml", yaml.safe_dump(info["config"], sort_keys=False).strip(), "```"]
+    measured = bundle / "ip_adapter.json"
+    if measured.is_file():
+        m = json.loads(measured.read_text())
+        card += ["", f"Measured on {m['scenes']} held-out scenes (`benchmarks/ip_adapter.py`, {m['objects']} objects):",
+                 "", "| row | colour | structure F1 | CLIP score |", "| --- | ---: | ---: | ---: |",
+                 *[f"| {r} | {v['colour']:.1%} | {v['structure_f1']:.3f} | {v['clip_score']:.2f} |"
+                   for r, v in m["rows"].items()]]
+    return card
 
 
 def _evaluation_card(bundle: Path, name: str, info: dict) -> list[str]:

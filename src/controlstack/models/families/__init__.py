@@ -7,7 +7,8 @@ whether the bundled ControlNets fit it. Everything below the Pipeline asks the f
 was given (``pipe.family``, ``components.family``) instead of comparing names. Families today:
 
 * ``sd``   -- Stable Diffusion 1.x / 2.x (``sd.py``);
-* ``sdxl`` -- Stable Diffusion XL (``sdxl.py``).
+* ``sdxl`` -- Stable Diffusion XL (``sdxl.py``);
+* ``sd3``  -- Stable Diffusion 3 / 3.5, an MMDiT transformer with flow matching (``sd3.py``).
 
 A new family is one module here plus its loader (docs/design.md, "Adding a base family").
 """
@@ -19,7 +20,7 @@ from typing import Protocol
 import torch
 
 from controlstack.errors import ControlstackError
-from controlstack.models.families import sd, sdxl
+from controlstack.models.families import sd, sd3, sdxl
 
 
 class BaseFamily(Protocol):
@@ -28,6 +29,9 @@ class BaseFamily(Protocol):
     name: str                   # "sd", "sdxl": recorded, and the key of FAMILIES
     label: str                  # for messages: "Stable Diffusion XL"
     bundled_controlnets: bool   # whether the bundled (SD-1.x-layout) ControlNets run on its bases
+    network: str                # the denoiser kind: "unet" (encode / decode around the skips) | "mmdit"
+    default_scheduler: str      # the sampler a call without one gets
+    flow: bool                  # flow matching (velocity on a sigma schedule) rather than DDPM noise prediction
 
     def detect(self, config: dict) -> bool:
         """Whether a U-Net / ControlNet config is of this family (a ControlNet copies its base's
@@ -58,7 +62,7 @@ class BaseFamily(Protocol):
 
 
 def _families() -> tuple:
-    return (sdxl.FAMILY, sd.FAMILY)  # in detection order: the specific before the fallback
+    return (sd3.FAMILY, sdxl.FAMILY, sd.FAMILY)  # in detection order: the specific before the fallback
 
 
 def family_of(model) -> BaseFamily:

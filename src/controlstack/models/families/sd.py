@@ -14,6 +14,9 @@ class SD:
     name = "sd"
     label = "Stable Diffusion 1.x/2.x"
     bundled_controlnets = True  # the bundled ControlNets are SD-1.x-layout
+    network = "unet"             # the denoiser kind (the pipeline's table)
+    default_scheduler = "unipc"
+    flow = False                 # noise prediction on the DDPM schedule, not flow matching
 
     def detect(self, config: dict) -> bool:
         return True  # the fallback: every other family detects itself first

@@ -1,0 +1,118 @@
+"""SD3 / SD3.5 bases (``models/families/sd3.py``) and their ControlNets (``mmdit.py``) in the one loop:
+diffusers' ``StableDiffusion3Pipeline`` / ``StableDiffusion3ControlNetPipeline`` images on tiny seeded
+models built as diffusers' fast tests build them (with and without T5; one and two ControlNets;
+SD3.5's ControlNet without text and with the transformer's position embedding)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from controlstack.errors import ControlstackError
+from tests.parity import assert_same_image
+
+SIZE = 32
+KW = {"steps": 3, "seed": 1, "width": SIZE, "height": SIZE, "progress": False, "output_type": "np", "cfg": 5.0}
+
+
+@pytest.fixture(scope="module")
+def sd3():
+    from controlstack.models.tiny_mmdit import tiny_sd3
+
+    return tiny_sd3(seed=0)
+
+
+@pytest.fixture(scope="module")
+def hints():
+    rng = np.random.default_rng(0)
+    return [rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8) for _ in range(2)]
+
+
+def reference(c, controlnet=None, **kw):
+    from diffusers import (
+        FlowMatchEulerDiscreteScheduler,
+        StableDiffusion3ControlNetPipeline,
+        StableDiffusion3Pipeline,
+    )
+
+    parts = dict(transformer=c.unet, vae=c.vae, text_encoder=c.text_encoder, tokenizer=c.tokenizer,
+                 text_encoder_2=c.text_encoder_2, tokenizer_2=c.tokenizer_2, text_encoder_3=c.text_encoder_3,
+                 tokenizer_3=c.tokenizer_3, scheduler=FlowMatchEulerDiscreteScheduler.from_config(c.scheduler_config))
+    pipe = (StableDiffusion3Pipeline(**parts) if controlnet is None else
+            StableDiffusion3ControlNetPipeline(**parts, controlnet=controlnet))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe("a red cube", num_inference_steps=3, guidance_scale=5.0, height=SIZE, width=SIZE,
+                generator=torch.Generator().manual_seed(1), output_type="np", **kw).images
+
+
+def test_the_family_is_told_by_the_transformer(sd3):
+    from controlstack import Pipeline
+    from controlstack.models.families import family_of
+
+    assert family_of(sd3.unet).name == "sd3" and Pipeline(sd3).native_size == SIZE
+    assert family_of(dict(sd3.unet.config)).display(dict(sd3.unet.config)) == "SD3 (4 joint blocks)"
+
+
+@pytest.mark.parametrize("with_t5", [True, False])
+def test_text_to_image_is_diffusers_image(with_t5):
+    from controlstack import Pipeline
+    from controlstack.models.tiny_mmdit import tiny_sd3
+
+    c = tiny_sd3(seed=0, with_t5=with_t5)
+    assert_same_image(Pipeline(c)("a red cube", **KW), reference(c))
+
+
+def test_a_controlnet_is_diffusers_controlnet_image(sd3, hints):
+    from PIL import Image
+
+    from controlstack import Control, Pipeline
+    from controlstack.models.tiny_mmdit import tiny_sd3_controlnet
+
+    cn = tiny_sd3_controlnet(sd3.unet, seed=5)
+    pipe = Pipeline(sd3)
+    ours = pipe("a red cube", [Control(cn, hints[0], weight=0.7, start=0.0, end=2 / 3)], **KW)
+    theirs = reference(sd3, cn, control_image=Image.fromarray(hints[0]), controlnet_conditioning_scale=0.7,
+                       control_guidance_end=2 / 3)
+    assert_same_image(ours, theirs)
+    assert np.abs(ours - pipe("a red cube", **KW)).max() > 1e-3  # the control changed the image
+
+
+def test_two_controlnets_are_diffusers_multicontrolnet(sd3, hints):
+    from diffusers import SD3MultiControlNetModel
+    from PIL import Image
+
+    from controlstack import Control, Pipeline
+    from controlstack.models.tiny_mmdit import tiny_sd3_controlnet
+
+    a, b = tiny_sd3_controlnet(sd3.unet, seed=5), tiny_sd3_controlnet(sd3.unet, seed=6, num_layers=1)
+    ours = Pipeline(sd3)("a red cube", [Control(a, hints[0], weight=0.6), Control(b, hints[1], weight=0.9)], **KW)
+    theirs = reference(sd3, SD3MultiControlNetModel([a, b]),
+                       control_image=[Image.fromarray(h) for h in hints], controlnet_conditioning_scale=[0.6, 0.9])
+    assert_same_image(ours, theirs)
+
+
+def test_an_sd35_controlnet_reads_no_text_and_shares_the_position_embedding(hints):
+    """SD3.5's own ControlNets: no joint attention width (no text), no position embedding of their own
+    (the transformer's, set by the pipeline), and qk-norm in the transformer."""
+    from PIL import Image
+
+    from controlstack import Control, Pipeline
+    from controlstack.models.tiny_mmdit import tiny_sd3, tiny_sd3_controlnet
+
+    c = tiny_sd3(seed=1, qk_norm="rms_norm")
+    cn = tiny_sd3_controlnet(c.unet, seed=7, joint_attention_dim=None, use_pos_embed=False)
+    ours = Pipeline(c)("a red cube", [Control(cn, hints[0], weight=0.8)], **KW)
+    theirs = reference(c, cn, control_image=Image.fromarray(hints[0]), controlnet_conditioning_scale=0.8)
+    assert_same_image(ours, theirs)
+
+
+def test_modes_for_unet_skips_and_noise_samplers_are_refused(sd3, hints):
+    from controlstack import Control, Pipeline
+    from controlstack.models.tiny_mmdit import tiny_sd3_controlnet
+
+    pipe = Pipeline(sd3)
+    with pytest.raises(ControlstackError, match="mode 'controlnet' is for U-Net bases"):
+        pipe("a", [Control(tiny_sd3_controlnet(sd3.unet), hints[0])], mode="controlnet", **KW)
+    with pytest.raises(ControlstackError, match="this flow-matching base samples with euler"):
+        pipe("a", scheduler="unipc", **KW)
