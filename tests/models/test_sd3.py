@@ -116,3 +116,35 @@ def test_modes_for_unet_skips_and_noise_samplers_are_refused(sd3, hints):
         pipe("a", [Control(tiny_sd3_controlnet(sd3.unet), hints[0])], mode="controlnet", **KW)
     with pytest.raises(ControlstackError, match="this flow-matching base samples with euler"):
         pipe("a", scheduler="unipc", **KW)
+
+
+def test_folders_load_and_the_cli_generates_diffusers_image(tmp_path, sd3, hints):
+    """An SD3 pipeline folder and an SD3 ControlNet folder (as diffusers saves them) load by path:
+    ``Pipeline.from_pretrained`` and ``controlstack generate --model DIR --control CN_DIR:IMAGE`` give
+    ``StableDiffusion3ControlNetPipeline``'s image (the CLI's default sampler on SD3: euler)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+    from PIL import Image
+
+    from controlstack import Control, Pipeline
+    from controlstack.cli.main import main
+    from controlstack.models.tiny_mmdit import tiny_sd3_controlnet
+
+    c, cn = sd3, tiny_sd3_controlnet(sd3.unet, seed=5)
+    StableDiffusion3Pipeline(transformer=c.unet, vae=c.vae, text_encoder=c.text_encoder, tokenizer=c.tokenizer,
+                             text_encoder_2=c.text_encoder_2, tokenizer_2=c.tokenizer_2,
+                             text_encoder_3=c.text_encoder_3, tokenizer_3=c.tokenizer_3,
+                             scheduler=FlowMatchEulerDiscreteScheduler.from_config(c.scheduler_config)
+                             ).save_pretrained(tmp_path / "base")
+    cn.save_pretrained(tmp_path / "cn")
+    Image.fromarray(hints[0]).save(tmp_path / "hint.png")
+    theirs = reference(sd3, cn, control_image=Image.fromarray(hints[0]), controlnet_conditioning_scale=0.7)
+
+    pipe = Pipeline.from_pretrained(tmp_path / "base")
+    assert pipe.family.name == "sd3" and pipe.text_encoder_3 is not None
+    assert_same_image(pipe("a red cube", [Control(str(tmp_path / "cn"), hints[0], weight=0.7)], **KW), theirs)
+    assert main(["generate", "--model", str(tmp_path / "base"), "--prompt", "a red cube", "--control",
+                 f"{tmp_path / 'cn'}:{tmp_path / 'hint.png'}:0.7", "--steps", "3", "--cfg", "5", "--seed", "1",
+                 "--width", str(SIZE), "--height", str(SIZE), "--no-progress", "--out", str(tmp_path / "out")]) == 0
+    (png,) = (tmp_path / "out").glob("*.png")
+    assert_same_image(np.asarray(Image.open(png))[None], (theirs * 255).round().astype(np.uint8))
+    assert "Sampler: Euler" in Image.open(png).info["parameters"]

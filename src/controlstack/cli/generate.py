@@ -45,7 +45,8 @@ def register(sub) -> None:
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's recommendation, else 20)")
     p.add_argument("--cfg", type=float, default=None,
                    help="classifier-free guidance scale (default: the model's recommendation, else 7.5)")
-    p.add_argument("--scheduler", default="unipc", help="ddim, euler, euler_a, dpmpp_2m, unipc, ...")
+    p.add_argument("--scheduler", default=None,
+                   help="ddim, euler, euler_a, dpmpp_2m, unipc, ... (default: unipc; euler on a flow-matching base, SD3)")
     p.add_argument("--seed", type=int, default=-1, help="seed (-1: random, recorded in the PNG)")
     p.add_argument("--width", type=int, default=None, help="default: the model's native size")
     p.add_argument("--height", type=int, default=None, help="default: the model's native size")
@@ -254,7 +255,7 @@ def run(args: argparse.Namespace) -> int:
     from controlstack.sampling import SCHEDULERS  # local: keeps CLI start-up light
 
     # Validate everything cheap before loading any model.
-    if args.scheduler not in SCHEDULERS:
+    if args.scheduler is not None and args.scheduler not in SCHEDULERS:
         raise ControlstackError(f"unknown scheduler '{args.scheduler}'; choose one of {', '.join(SCHEDULERS)}")
     if args.mode is not None and args.mode not in available_modes():
         raise ControlstackError(f"unknown mode '{args.mode}'; choose one of {', '.join(available_modes())}")

@@ -115,14 +115,17 @@ def controlnet_from_state_dict(state: dict, *, config=None, metadata: dict | Non
     return cast_model(assign_exact(model, {back.get(k, k): v for k, v in ldm.items()}, "ControlNet"), torch_dtype)
 
 
+#: the control models a folder may hold (its config's ``_class_name``): ControlNets, xinsir's ControlNet-Union
+#: (models/union.py), T2I-Adapters (models/adapter.py, added inside the encoder), SD3 ControlNets (mmdit.py)
+CONTROL_CLASSES = ("ControlNetModel", "ControlNetUnionModel", "T2IAdapter", "SD3ControlNetModel")
+
+
 def load_controlnet(source: str | os.PathLike, *, allow_pickle: bool = False,
                     config: str | os.PathLike | None = None, torch_dtype=torch.float32):
     """A ``diffusers.ControlNetModel`` from a diffusers folder or an original/diffusers single file.
 
     ``config`` (a folder or config.json) applies to single files; a folder brings its own config.
     ``torch_dtype=None`` keeps the checkpoint's dtype."""
-    from diffusers import ControlNetModel  # local: heavy, only this path needs it
-
     path = existing_path(source, "ControlNet")
     if path.is_dir():
         if not (path / "config.json").is_file() and (path / "controlnet" / "config.json").is_file():
@@ -136,21 +139,18 @@ def load_controlnet(source: str | os.PathLike, *, allow_pickle: bool = False,
 
             return LiteControlNetModel.from_pretrained(path, torch_dtype=torch_dtype or torch.float32).eval()
         cls_name = cfg.get("_class_name", "ControlNetModel")
-        if cls_name not in ("ControlNetModel", "ControlNetUnionModel", "T2IAdapter"):
-            raise ControlstackError(f"'{source}' holds a {cfg['_class_name']}, not a ControlNetModel or T2IAdapter; "
-                                    "pass a ControlNet or T2I-Adapter folder")
-        if cls_name == "ControlNetUnionModel":  # xinsir's ControlNet-Union / ProMax (models/union.py)
-            from diffusers import (  # local: heavy, only this path needs it
-                ControlNetUnionModel as ControlNetModel,
-            )
-        if cls_name == "T2IAdapter":  # a control branch too, added inside the encoder (models/adapter.py)
-            from diffusers import T2IAdapter as ControlNetModel  # local: heavy, only this path needs it
+        if cls_name not in CONTROL_CLASSES:
+            raise ControlstackError(f"'{source}' holds a {cfg['_class_name']}, not a control model; pass a folder of "
+                                    f"one of {', '.join(CONTROL_CLASSES)}")
+        import diffusers  # local: heavy, only this path needs it
+
+        model_cls = getattr(diffusers, cls_name)
         use_safetensors = folder_uses_safetensors(path, allow_pickle)
         if torch_dtype is None:  # keep the stored dtype (from_pretrained would load float32)
             torch_dtype = stored_dtype(path)
         try:
-            model = ControlNetModel.from_pretrained(path, use_safetensors=use_safetensors, local_files_only=True,
-                                                    torch_dtype=torch_dtype)
+            model = model_cls.from_pretrained(path, use_safetensors=use_safetensors, local_files_only=True,
+                                              torch_dtype=torch_dtype)
         except (OSError, ValueError, RuntimeError) as exc:
             raise ControlstackError(f"cannot load the ControlNet in '{path}' ({str(exc).splitlines()[0]}); "
                                     "check that its config.json matches its weights") from None

@@ -95,6 +95,8 @@ def _load_base_folder(path: Path, allow_pickle: bool, dtype) -> SDComponents:
 
     require_base_folder(path)
     index = read_json(path / "model_index.json")
+    if (index.get("transformer") or [None])[0] is not None:
+        return _load_sd3_folder(path, index, allow_pickle, dtype)
     xl = (index.get("text_encoder_2") or [None])[0] is not None
     if xl and not (path / "text_encoder_2").is_dir():
         raise ControlstackError(f"'{path}' is an SDXL folder without text_encoder_2/; the folder is incomplete")
@@ -108,6 +110,33 @@ def _load_base_folder(path: Path, allow_pickle: bool, dtype) -> SDComponents:
         if xl else None,
         tokenizer_2=tokenizer_from(path, "tokenizer_2") if xl else None,
         force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", True)),
+    )
+
+
+def _load_sd3_folder(path: Path, index: dict, allow_pickle: bool, dtype) -> SDComponents:
+    """An SD3 / SD3.5 folder (``StableDiffusion3Pipeline``'s layout: transformer/, two CLIP encoders with
+    projection, T5 in text_encoder_3/ when the index names it)."""
+    # local: heavy, only this path needs it
+    from diffusers import AutoencoderKL, SD3Transformer2DModel
+    from transformers import AutoTokenizer, CLIPTextModelWithProjection, T5EncoderModel
+
+    if not index.get("_class_name", "").startswith("StableDiffusion3"):
+        raise ControlstackError(f"'{path}' holds a {index.get('_class_name')} (a transformer base); this project reads "
+                                "Stable Diffusion 3 / 3.5 transformer folders")
+    t5 = (index.get("text_encoder_3") or [None])[0] is not None
+    for part in ("transformer", "vae", "text_encoder", "text_encoder_2", *(("text_encoder_3",) if t5 else ())):
+        if not (path / part).is_dir():
+            raise ControlstackError(f"'{path}' is an SD3 folder without {part}/; the folder is incomplete")
+    return SDComponents(
+        unet=_load_folder_model(SD3Transformer2DModel, path / "transformer", allow_pickle, dtype),
+        vae=_load_folder_model(AutoencoderKL, path / "vae", allow_pickle, dtype),
+        text_encoder=_load_folder_model(CLIPTextModelWithProjection, path / "text_encoder", allow_pickle, dtype),
+        tokenizer=tokenizer_from(path),
+        scheduler_config=read_json(path / "scheduler" / "scheduler_config.json"),
+        text_encoder_2=_load_folder_model(CLIPTextModelWithProjection, path / "text_encoder_2", allow_pickle, dtype),
+        tokenizer_2=tokenizer_from(path, "tokenizer_2"),
+        text_encoder_3=_load_folder_model(T5EncoderModel, path / "text_encoder_3", allow_pickle, dtype) if t5 else None,
+        tokenizer_3=AutoTokenizer.from_pretrained(path / "tokenizer_3", local_files_only=True) if t5 else None,
     )
 
 
