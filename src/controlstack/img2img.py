@@ -59,7 +59,7 @@ class Img2Img:
                              self.encode_latents(init, generator)).repeat(batch, 1, 1, 1)
         noise = torch.randn(shape, generator=generator, dtype=self.unet.dtype).to(self.unet.device)
         out = Start(noise, Img2ImgStart(noise if image_latents is None else image_latents, float(strength),
-                                        pure_noise_at_full=inpaint))
+                                        pure_noise_at_full=inpaint, flow=self.family.flow))
         if inpaint:
             masks = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor, do_normalize=False, do_binarize=True,
                                       do_convert_grayscale=True)

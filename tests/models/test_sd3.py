@@ -148,3 +148,25 @@ def test_folders_load_and_the_cli_generates_diffusers_image(tmp_path, sd3, hints
     (png,) = (tmp_path / "out").glob("*.png")
     assert_same_image(np.asarray(Image.open(png))[None], (theirs * 255).round().astype(np.uint8))
     assert "Sampler: Euler" in Image.open(png).info["parameters"]
+
+
+@pytest.mark.parametrize("strength", [0.5, 1.0])
+def test_img2img_is_diffusers_sd3_img2img(sd3, hints, strength):
+    """SDEdit on the flow path, ``(1 - σ) z_0 + σ ε`` from the init image's latents (shift and scale),
+    with the flow pipelines' step rounding (strength 0.5 of 3 steps runs 2)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Img2ImgPipeline
+    from PIL import Image
+
+    from controlstack import Pipeline
+
+    c = sd3
+    ref = StableDiffusion3Img2ImgPipeline(
+        transformer=c.unet, vae=c.vae, text_encoder=c.text_encoder, tokenizer=c.tokenizer,
+        text_encoder_2=c.text_encoder_2, tokenizer_2=c.tokenizer_2, text_encoder_3=c.text_encoder_3,
+        tokenizer_3=c.tokenizer_3, scheduler=FlowMatchEulerDiscreteScheduler.from_config(c.scheduler_config))
+    ref.set_progress_bar_config(disable=True)
+    init = Image.fromarray(hints[1])
+    theirs = ref("a red cube", image=init, strength=strength, num_inference_steps=3, guidance_scale=5.0,
+                 generator=torch.Generator().manual_seed(1), output_type="np").images
+    ours = Pipeline(c)("a red cube", init_image=init, strength=strength, **KW)
+    assert_same_image(ours, theirs)

@@ -36,11 +36,20 @@ class Start:
     unet_extra: torch.Tensor | None = None
 
 
-def truncated_timesteps(scheduler, steps: int, strength: float) -> torch.Tensor:
+def noised(scheduler, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """``latents`` moved to timestep ``t`` of the forward process: ``q(z_t | z_0)`` (``add_noise``), or
+    on a flow-matching schedule the straight path ``(1 - σ) z_0 + σ ε`` (``scale_noise``)."""
+    if hasattr(scheduler, "scale_noise"):
+        return scheduler.scale_noise(latents, t, noise)
+    return scheduler.add_noise(latents, noise, t)
+
+
+def truncated_timesteps(scheduler, steps: int, strength: float, flow: bool = False) -> torch.Tensor:
     """diffusers' ``get_timesteps``: the last ``int(steps * strength)`` steps of the schedule (the
-    scheduler's begin index is set so multistep schedulers count from there)."""
-    init_timestep = min(int(steps * strength), steps)
-    t_start = max(steps - init_timestep, 0)
+    scheduler's begin index is set so multistep schedulers count from there). The flow-matching
+    pipelines (SD3, Flux) round the other way: they skip ``int(steps - steps * strength)`` steps."""
+    init_timestep = min(steps * strength if flow else int(steps * strength), steps)
+    t_start = int(max(steps - init_timestep, 0))
     if hasattr(scheduler, "set_begin_index"):
         scheduler.set_begin_index(t_start * scheduler.order)
     return scheduler.timesteps[t_start * scheduler.order:]
@@ -51,15 +60,16 @@ class Img2ImgStart:
     init_latents: torch.Tensor          # the init image's scaled VAE latents, (B, C, h, w)
     strength: float                     # 0: return the init image; 1: all steps
     pure_noise_at_full: bool = False    # inpainting: strength 1 starts from noise alone
+    flow: bool = False                  # a flow-matching base (its pipelines' step rounding)
 
     def __call__(self, scheduler, steps: int, noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        timesteps = truncated_timesteps(scheduler, steps, self.strength)
+        timesteps = truncated_timesteps(scheduler, steps, self.strength, self.flow)
         if len(timesteps) == 0:
             return self.init_latents, timesteps
         if self.pure_noise_at_full and self.strength == 1.0:
-            return noise * scheduler.init_noise_sigma, timesteps
+            return noise * getattr(scheduler, "init_noise_sigma", 1.0), timesteps
         t0 = timesteps[:1].repeat(noise.shape[0])
-        return scheduler.add_noise(self.init_latents, noise, t0), timesteps
+        return noised(scheduler, self.init_latents, noise, t0), timesteps
 
 
 @dataclass
@@ -72,5 +82,5 @@ class InpaintBlend:
     def __call__(self, step, latents: torch.Tensor) -> torch.Tensor:
         known = self.image_latents
         if step.next_timestep is not None:
-            known = self.scheduler.add_noise(known, self.noise, torch.tensor([step.next_timestep]))
+            known = noised(self.scheduler, known, self.noise, torch.tensor([step.next_timestep]))
         return (1 - self.mask) * known + self.mask * latents
