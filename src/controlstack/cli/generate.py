@@ -46,7 +46,8 @@ def register(sub) -> None:
     p.add_argument("--cfg", type=float, default=None,
                    help="classifier-free guidance scale (default: the model's recommendation, else 7.5)")
     p.add_argument("--scheduler", default=None,
-                   help="ddim, euler, euler_a, dpmpp_2m, unipc, ... (default: unipc; euler on a flow-matching base, SD3)")
+                   help="ddim, euler, euler_a, dpmpp_2m, unipc, ... (default: unipc) -- on a flow-matching base "
+                        "(SD3): euler, its default")
     p.add_argument("--seed", type=int, default=-1, help="seed (-1: random, recorded in the PNG)")
     p.add_argument("--width", type=int, default=None, help="default: the model's native size")
     p.add_argument("--height", type=int, default=None, help="default: the model's native size")
