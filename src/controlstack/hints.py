@@ -25,7 +25,16 @@ from controlstack.io.images import (
     resize_image,
     to_rgb,
 )
-from controlstack.mmdit import MMDiTBranch, attach, control_latents, is_mmdit_controlnet
+from controlstack.mmdit import (
+    FluxBranch,
+    MMDiTBranch,
+    attach,
+    control_latents,
+    flux_control_input,
+    flux_mode,
+    is_flux_controlnet,
+    is_mmdit_controlnet,
+)
 from controlstack.models.adapter import adapter_features, is_adapter
 from controlstack.models.union import control_id
 
@@ -71,12 +80,18 @@ class Hints:
         return Branch(runner, features, control.weight, control.start, control.end, control.mask, text)
 
     def make_branches(self, controls: Sequence[Control], width: int, height: int, prompts: tuple[str, str], batch: int,
-                      do_cfg: bool, inpaint_mask: Any, hint_batch: int) -> list:
+                      do_cfg: bool, inpaint_mask: Any, hint_batch: int, generator=None) -> list:
         """One branch per control, except that the controls of one ControlNet-Union model make one
         fused branch (``models/union.py``), at the place of the first of them; a T2I-Adapter makes
         an :class:`~controlstack.control.AdapterBranch` (``models/adapter.py``)."""
         branches = []
         for item in group_unions(controls, self.controlnet):
+            if isinstance(item, Control) and is_flux_controlnet(self.controlnet(item.model)):
+                cn = self.controlnet(item.model)
+                hint = self.prepare_hint(item, width, height, inpaint_mask)
+                cond = flux_control_input(self, cn, hint, batch, generator)
+                branches.append(FluxBranch(cn, cond, item.weight, item.start, item.end, flux_mode(cn, item)))
+                continue
             if isinstance(item, Control) and is_mmdit_controlnet(self.controlnet(item.model)):
                 cn = attach(self.controlnet(item.model), self.unet)  # it reads the condition's latents
                 hint = self.prepare_hint(item, width, height, inpaint_mask)

@@ -27,6 +27,12 @@ from controlstack.sampling.loop import Step
 MODES = ("balanced",)
 
 
+def check_mode(injection) -> None:
+    if injection.name != "sum":
+        raise ControlstackError("on a transformer base the controls act in diffusers' balanced mode; "
+                                f"mode '{injection.name}' is for U-Net bases")
+
+
 def is_mmdit_controlnet(model) -> bool:
     """Whether a control model is an SD3 ControlNet (diffusers' ``SD3ControlNetModel``)."""
     return type(model).__name__ == "SD3ControlNetModel"
@@ -83,11 +89,9 @@ class MMDiTDenoiser:
     """The denoiser of a transformer base: ``v`` from the transformer with the active ControlNets'
     block residuals summed in, then classifier-free guidance."""
 
-    def __init__(self, transformer, branches, injection, cond, uncond, guidance_scale: float, added):
-        if injection.name not in ("sum", "balanced"):
-            raise ControlstackError("on a transformer base the controls act in diffusers' balanced mode; "
-                                    f"mode '{injection.name}' is for U-Net bases")
-        self.transformer, self.branches = transformer, branches
+    def __init__(self, pipe, branches, injection, cond, uncond, guidance_scale: float, added, latent_size):
+        check_mode(injection)
+        self.transformer, self.branches = pipe.unet, branches
         self.cfg = uncond is not None
         self.guidance_scale = guidance_scale
         self.hidden = torch.cat([uncond, cond]) if self.cfg else cond
@@ -109,3 +113,97 @@ class MMDiTDenoiser:
             v_uncond, v_cond = v.chunk(2)
             v = v_uncond + self.guidance_scale * (v_cond - v_uncond)
         return v
+
+
+# -- Flux ------------------------------------------------------------------------------------------
+
+def is_flux_controlnet(model) -> bool:
+    """Whether a control model is a Flux ControlNet (diffusers' ``FluxControlNetModel``: InstantX's,
+    Shakker's Union, XLabs')."""
+    return type(model).__name__ == "FluxControlNetModel"
+
+
+def flux_control_input(pipe, controlnet, hint: torch.Tensor, batch: int, generator) -> torch.Tensor:
+    """What a Flux ControlNet reads: the condition image in [-1, 1] for one with its own hint encoder
+    (XLabs' ``input_hint_block``), else its VAE latents -- a posterior *sample* drawn from the call's
+    generator, before the noise, as diffusers' ``FluxControlNetPipeline`` draws it -- shifted, scaled
+    and packed into 2x2 patches."""
+    image = (hint * 2 - 1).to(pipe.vae.device, pipe.vae.dtype).repeat(batch, 1, 1, 1)
+    if controlnet.input_hint_block is not None:
+        return image
+    z = pipe.vae.encode(image).latent_dist.sample(generator)
+    return pipe.family.pack((z - pipe.vae.config.shift_factor) * pipe.vae.config.scaling_factor)
+
+
+#: InstantX / Shakker's Flux ControlNet-Union: condition type -> its control mode id (their model card)
+FLUX_UNION_MODES = {"canny": 0, "tile": 1, "depth": 2, "blur": 3, "pose": 4, "gray": 5, "lq": 6}
+
+
+def flux_mode(controlnet, control) -> int | None:
+    """A Union model's mode id for ``control.task`` (None for a single-condition ControlNet)."""
+    if controlnet.config.get("num_mode") is None:
+        if control.task is not None:
+            raise ControlstackError(f"this Flux ControlNet takes one condition type; task='{control.task}' is for "
+                                    "a ControlNet-Union")
+        return None
+    if control.task not in FLUX_UNION_MODES:
+        raise ControlstackError(f"a Flux ControlNet-Union needs task= one of {', '.join(FLUX_UNION_MODES)}, got "
+                                f"{control.task!r}")
+    return FLUX_UNION_MODES[control.task]
+
+
+class FluxBranch:
+    """One Flux ControlNet: its input, weight, window and (a Union model's) control mode."""
+
+    point = "blocks"
+
+    def __init__(self, controlnet, cond: torch.Tensor, weight, start: float, end: float, mode: int | None = None):
+        self.controlnet, self.cond, self.mode = controlnet, cond, mode
+        self.weight, self.start, self.end = weight, start, end
+        self.last = None
+
+    def active(self, step: Step) -> bool:
+        return in_window(self.start, self.end, step)
+
+    def __call__(self, x, timestep, kw: dict, guidance_scale: float, step: Step):
+        guidance = (torch.full([x.shape[0]], guidance_scale, device=x.device)
+                    if self.controlnet.config.guidance_embeds else None)
+        mode = None if self.mode is None else torch.tensor([[self.mode]] * x.shape[0], device=x.device)
+        return self.controlnet(hidden_states=x, controlnet_cond=self.cond.to(x.dtype), controlnet_mode=mode,
+                               conditioning_scale=weight_at(self.weight, step.progress), timestep=timestep,
+                               guidance=guidance, return_dict=False, **kw)
+
+
+class FluxDenoiser:
+    """The denoiser of a Flux base: the transformer on packed latents with its position ids, the
+    guidance embedded (no CFG batch), the active ControlNets' double- and single-block residuals
+    summed in (diffusers' ``FluxMultiControlNetModel``)."""
+
+    def __init__(self, pipe, branches, injection, cond, uncond, guidance_scale: float, added, latent_size):
+        check_mode(injection)
+        self.transformer, self.branches = pipe.unet, branches
+        self.guidance_scale = guidance_scale
+        self.kw = {"pooled_projections": added[1]["pooled"], "encoder_hidden_states": cond,
+                   "txt_ids": torch.zeros(cond.shape[1], 3, device=cond.device, dtype=cond.dtype),
+                   "img_ids": pipe.family.image_ids(*latent_size, cond)}
+        # XLabs' ControlNets (own hint encoder) have few blocks that repeat over the transformer's
+        self.repeat = any(b.controlnet.input_hint_block is not None for b in branches)
+        self.calls = 0
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, step: Step) -> torch.Tensor:
+        timestep = t.expand(x.shape[0]).to(x.dtype) / 1000
+        double = single = None
+        for branch in (b for b in self.branches if b.active(step)):
+            self.calls += 1
+            d, s = branch(x, timestep, self.kw, self.guidance_scale, step)
+            double = d if double is None else [a + b for a, b in zip(double, d)]
+            single = s if single is None else [a + b for a, b in zip(single, s)] if s is not None else single
+        guidance = (torch.full([x.shape[0]], self.guidance_scale, device=x.device)
+                    if self.transformer.config.guidance_embeds else None)
+        return self.transformer(hidden_states=x, timestep=timestep, guidance=guidance, controlnet_block_samples=double,
+                                controlnet_single_block_samples=single, controlnet_blocks_repeat=self.repeat,
+                                return_dict=False, **self.kw)[0]
+
+
+#: the pipeline's denoiser per transformer network kind (``BaseFamily.network``)
+TRANSFORMER_DENOISERS = {"mmdit": MMDiTDenoiser, "flux": FluxDenoiser}

@@ -37,7 +37,7 @@ from controlstack.ip_adapter import ImagePrompt, ImagePrompts
 from controlstack.limits import MAX_SIZE, check_memory, memory_needed  # noqa: F401 (re-exported: preflight, serve)
 from controlstack.limits import validate as _validate
 from controlstack.lora import Loras, available
-from controlstack.mmdit import MMDiTDenoiser
+from controlstack.mmdit import TRANSFORMER_DENOISERS
 from controlstack.models.components import SDComponents
 from controlstack.models.families import family_of
 from controlstack.models.tiers import Runners, Tier, make_tier
@@ -189,12 +189,13 @@ class Pipeline(Prompting, Hints, Img2Img, Recommendations, Loras, ImagePrompts):
     @property
     def inpainting_unet(self) -> bool:
         """An SD inpainting U-Net: its extra input channels read the mask and the masked image."""
-        return self.unet.config.in_channels != self.unet.config.out_channels
+        c = self.unet.config  # a transformer without out_channels outputs what it reads
+        return self.family.network == "unet" and c.in_channels != c.out_channels
 
     @property
     def native_size(self) -> int:
         """The image size the base was trained at (U-Net sample size times the VAE factor)."""
-        return int(self.unet.config.sample_size) * self.vae_scale_factor
+        return self.family.native_size(self)
 
     # ----------------------------------------------------------------------------- loading
     @classmethod
@@ -442,17 +443,21 @@ class Pipeline(Prompting, Hints, Img2Img, Recommendations, Loras, ImagePrompts):
                 f"4th-order extrapolation amplifies that term; use unipc, dpmpp_2m, euler or ddim, mode balanced, or "
                 f"CFG <= {MAX_CFG_HIGH_ORDER:g}")
         sched = make_scheduler(g.scheduler, self.scheduler_config, flow=self.family.flow)
-        do_cfg = g.cfg > 1 and self.unet.config.get("time_cond_proj_dim") is None
+        do_cfg = self.family.cfg_batch and g.cfg > 1 and self.unet.config.get("time_cond_proj_dim") is None
         cond, uncond, added = self.text_conditions(g.prompt, g.negative_prompt, g.batch, do_cfg, (g.height, g.width),
                                                    g.micro)
         hint_batch = g.batch * (2 if do_cfg and not injection.cond_only else 1)
         branches = self.make_branches(g.controls, g.width, g.height, (g.prompt, g.negative_prompt or ""), g.batch,
-                                      do_cfg, g.inpaint_mask, hint_batch)
+                                      do_cfg, g.inpaint_mask, hint_batch, generator)
         start = self.start(g, sched, generator, do_cfg)
-        if self.family.network == "mmdit":  # a transformer base: its ControlNets add block residuals (mmdit.py)
-            denoiser = MMDiTDenoiser(self.unet, branches, injection, cond, uncond, g.cfg, added)
-            return sample(denoiser, sched, start.latents, g.steps, generator=generator, eta=g.eta, progress=progress,
-                          start=start.start, callback=after_each_step(start.blend, step_callback))
+        if self.family.network != "unet":  # a transformer base: its ControlNets add block residuals (mmdit.py)
+            h, w = g.height // self.vae_scale_factor, g.width // self.vae_scale_factor
+            denoiser = TRANSFORMER_DENOISERS[self.family.network](self, branches, injection, cond, uncond, g.cfg,
+                                                                    added, (h, w))
+            latents = sample(denoiser, sched, start.latents, g.steps, generator=generator, eta=g.eta,
+                             progress=progress, start=start.start, callback=after_each_step(start.blend, step_callback),
+                             schedule=lambda sc, n, x: self.family.set_timesteps(sc, n, x, x.device))
+            return self.family.unpack(latents, *start.latent_size) if start.latent_size else latents
         denoiser = ControlledDenoiser(self.runners.unet, branches, injection, cond, uncond, g.cfg,
                                       unet_extra=start.unet_extra, reuse=self.tier.reuse, added=added,
                                       image_embeds=self.image_embeds(g.image_prompts, g.batch, do_cfg),
@@ -463,8 +468,7 @@ class Pipeline(Prompting, Hints, Img2Img, Recommendations, Loras, ImagePrompts):
     def start(self, g: Generation, scheduler, generator, do_cfg: bool) -> Start:
         """Where the loop starts: pure noise (txt2img), or the init image's latents noised to the
         strength's timestep with inpainting's blend or extra input (:meth:`img2img_start`)."""
-        shape = (g.batch, self.unet.config.out_channels, g.height // self.vae_scale_factor,
-                 g.width // self.vae_scale_factor)
+        shape = self.family.noise_shape(self, g.batch, g.height, g.width)
         if g.init_image is not None:
             return self.img2img_start(g.init_image, g.inpaint_mask, g.strength, shape, scheduler, generator, do_cfg,
                                       fill=g.inpaint.fill if g.inpaint is not None else "original")
@@ -473,7 +477,8 @@ class Pipeline(Prompting, Hints, Img2Img, Recommendations, Loras, ImagePrompts):
         if self.inpainting_unet:
             raise ControlstackError("this is an inpainting U-Net: pass init_image and inpaint_mask")
         # drawn on the CPU generator, then moved (diffusers' randn_tensor): the same image on any device
-        return Start(torch.randn(shape, generator=generator, dtype=self.unet.dtype).to(self.unet.device))
+        noise = torch.randn(shape, generator=generator, dtype=self.unet.dtype).to(self.unet.device)
+        return Start(self.family.pack(noise), latent_size=tuple(shape[-2:]))
 
     def record(self, g: Generation) -> dict:
         """What produced the images: the PNG's parameters (``io/png.py`` writes sd-webui's infotext)."""

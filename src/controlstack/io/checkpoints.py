@@ -211,13 +211,17 @@ def check_compatible(controlnet, unet) -> None:
     problems = []
     # the latents' channels are the U-Net's *output* channels: an SD inpainting U-Net takes 9 (latents,
     # mask, masked-image latents) while the ControlNet beside it reads the 4 latent channels
-    for field, label, ufield in [("in_channels", "latent channels", "out_channels"),
-                                 ("block_out_channels", "block channels", "block_out_channels"),
-                                 ("layers_per_block", "layers per block", "layers_per_block"),
-                                 ("cross_attention_dim", "cross-attention dim", "cross_attention_dim"),
-                                 ("addition_time_embed_dim", "size-id embedding", "addition_time_embed_dim"),
-                                 ("projection_class_embeddings_input_dim", "added-embedding width",
-                                  "projection_class_embeddings_input_dim")]:
+    fields = [("in_channels", "latent channels", "out_channels"),
+              ("block_out_channels", "block channels", "block_out_channels"),
+              ("layers_per_block", "layers per block", "layers_per_block"),
+              ("cross_attention_dim", "cross-attention dim", "cross_attention_dim"),
+              ("addition_time_embed_dim", "size-id embedding", "addition_time_embed_dim"),
+              ("projection_class_embeddings_input_dim", "added-embedding width",
+               "projection_class_embeddings_input_dim")]
+    if family_of(unet).network != "unet":  # a transformer's ControlNet: its token width and inputs
+        fields = [(f, f.replace("_", " "), f) for f in ("in_channels", "patch_size", "num_attention_heads",
+                                                        "attention_head_dim", "pooled_projection_dim")]
+    for field, label, ufield in fields:
         cv, uv = c.get(field), u.get(ufield)
         cv, uv = (list(cv), list(uv)) if isinstance(cv, (list, tuple)) else (cv, uv)
         if cv != uv:

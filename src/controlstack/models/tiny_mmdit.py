@@ -79,3 +79,48 @@ def tiny_sd3_controlnet(transformer, seed: int = 0, num_layers: int = 2, **confi
             layer.weight.copy_(torch.randn(layer.weight.shape, generator=g) * 0.3)
         cn.pos_embed_input.proj.weight.copy_(torch.randn(cn.pos_embed_input.proj.weight.shape, generator=g) * 0.3)
     return cn.eval()
+
+
+#: the tiny Flux layout (diffusers' fast tests): one double and one single block, 4 latent channels
+#: packed to 16, rotary axes 4 + 4 + 8 = the head width
+TINY_FLUX = {"patch_size": 1, "in_channels": 16, "num_layers": 1, "num_single_layers": 1, "attention_head_dim": 16,
+             "num_attention_heads": 2, "joint_attention_dim": 32, "pooled_projection_dim": 32,
+             "axes_dims_rope": [4, 4, 8]}
+
+
+def tiny_flux(seed: int = 0, max_length: int = 16, guidance_embeds: bool = True, **config) -> SDComponents:
+    """A complete tiny Flux-layout model: transformer, CLIP (pooled), T5, 1-level VAE with 4 latent
+    channels and a shift, and Flux's flow schedule (dynamic shifting)."""
+    from diffusers import FluxTransformer2DModel  # local: heavy, only this path needs it
+
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(guidance_embeds=guidance_embeds, **{**TINY_FLUX, **config}).eval()
+    tokenizer = byte_level_tokenizer(max_length=max_length)
+    return SDComponents(
+        unet=transformer,
+        vae=tiny_sd3_vae(seed + 1, transformer.config.in_channels // 4),
+        text_encoder=tiny_text_encoder(seed + 2, 32, len(tokenizer), max_length),
+        tokenizer=tokenizer,
+        text_encoder_2=tiny_t5(seed + 3, transformer.config.joint_attention_dim, len(tokenizer)),
+        tokenizer_2=byte_level_tokenizer(max_length=max_length),
+        scheduler_config={"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000,
+                          "shift": 3.0, "use_dynamic_shifting": True, "base_image_seq_len": 256,
+                          "max_image_seq_len": 4096, "base_shift": 0.5, "max_shift": 1.15},
+    )
+
+
+def tiny_flux_controlnet(transformer, seed: int = 0, num_mode: int | None = None, **config):
+    """A ``FluxControlNetModel`` for ``transformer``'s layout (``num_mode``: a ControlNet-Union); its
+    zero-initialised output layers get small random weights so the control changes the image."""
+    from diffusers import FluxControlNetModel  # local: heavy, only this path needs it
+
+    torch.manual_seed(seed)
+    keys = ("patch_size", "in_channels", "attention_head_dim", "num_attention_heads", "joint_attention_dim",
+            "pooled_projection_dim", "axes_dims_rope", "guidance_embeds")
+    cn = FluxControlNetModel(num_layers=1, num_single_layers=1, num_mode=num_mode,
+                             **{**{k: transformer.config[k] for k in keys}, **config})
+    g = torch.Generator().manual_seed(seed + 1000)
+    with torch.no_grad():
+        for layer in [*cn.controlnet_blocks, *cn.controlnet_single_blocks, cn.controlnet_x_embedder]:
+            layer.weight.copy_(torch.randn(layer.weight.shape, generator=g) * 0.3)
+    return cn.eval()

@@ -34,6 +34,7 @@ class Start:
     start: Callable | None = None
     blend: Callable | None = None
     unet_extra: torch.Tensor | None = None
+    latent_size: tuple[int, int] | None = None  # (h, w) of latents the network reads packed (Flux)
 
 
 def noised(scheduler, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

@@ -68,6 +68,7 @@ def sample(
     progress: bool = True,
     callback: Callable[[Step, torch.Tensor], torch.Tensor | None] | None = None,
     start: Callable[[object, int, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
+    schedule: Callable[[object, int, torch.Tensor], None] | None = None,
 ) -> torch.Tensor:
     """Denoise ``latents`` (pure noise, *not* yet scaled by ``init_noise_sigma``) in ``steps`` steps.
 
@@ -76,8 +77,13 @@ def sample(
     ``start(scheduler, steps, noise) -> (latents, timesteps)`` moves where the loop starts (img2img:
     the init image's latents noised to a later timestep, ``sampling.img2img.Img2ImgStart``);
     ``callback(step, latents)`` runs after every step and may return new latents (inpainting's blend).
+    ``schedule(scheduler, steps, latents)`` lays out the timesteps where ``set_timesteps(steps)`` does
+    not (Flux: its sigmas and resolution shift).
     """
-    scheduler.set_timesteps(steps, device=latents.device)
+    if schedule is None:
+        scheduler.set_timesteps(steps, device=latents.device)
+    else:
+        schedule(scheduler, steps, latents)
     if start is None:
         timesteps = scheduler.timesteps
         latents = latents * getattr(scheduler, "init_noise_sigma", 1.0)  # flow matching's have none: 1

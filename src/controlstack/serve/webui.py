@@ -45,7 +45,6 @@ from controlstack.serve.spec import (
     check_spec,
     decode_image,
     draw_seed,
-    encode_png,
     flag,
     number,
     resolve_model,

@@ -8,7 +8,11 @@ was given (``pipe.family``, ``components.family``) instead of comparing names. F
 
 * ``sd``   -- Stable Diffusion 1.x / 2.x (``sd.py``);
 * ``sdxl`` -- Stable Diffusion XL (``sdxl.py``);
-* ``sd3``  -- Stable Diffusion 3 / 3.5, an MMDiT transformer with flow matching (``sd3.py``).
+* ``sd3``  -- Stable Diffusion 3 / 3.5, an MMDiT transformer with flow matching (``sd3.py``);
+* ``flux`` -- Flux.1, an MMDiT with packed latents and embedded guidance (``flux.py``).
+
+Each derives from ``base.Family`` (a U-Net on unpacked latents, DDPM sampling, CFG as a batch of
+two) and overrides what differs.
 
 A new family is one module here plus its loader (docs/design.md, "Adding a base family").
 """
@@ -20,7 +24,7 @@ from typing import Protocol
 import torch
 
 from controlstack.errors import ControlstackError
-from controlstack.models.families import sd, sd3, sdxl
+from controlstack.models.families import flux, sd, sd3, sdxl
 
 
 class BaseFamily(Protocol):
@@ -29,9 +33,14 @@ class BaseFamily(Protocol):
     name: str                   # "sd", "sdxl": recorded, and the key of FAMILIES
     label: str                  # for messages: "Stable Diffusion XL"
     bundled_controlnets: bool   # whether the bundled (SD-1.x-layout) ControlNets run on its bases
-    network: str                # the denoiser kind: "unet" (encode / decode around the skips) | "mmdit"
+    network: str                # the denoiser kind: "unet" (encode / decode around the skips) | "mmdit" | "flux"
     default_scheduler: str      # the sampler a call without one gets
     flow: bool                  # flow matching (velocity on a sigma schedule) rather than DDPM noise prediction
+    cfg_batch: bool             # classifier-free guidance as a batch of two (Flux embeds its guidance instead)
+
+    def noise_shape(self, pipe, batch: int, height: int, width: int) -> tuple[int, ...]:
+        """The starting noise's shape; ``pack`` / ``unpack`` turn such latents into the network's
+        input and back (Flux's 2x2 patches); ``set_timesteps`` lays out the schedule (``base.py``)."""
 
     def detect(self, config: dict) -> bool:
         """Whether a U-Net / ControlNet config is of this family (a ControlNet copies its base's
@@ -62,7 +71,7 @@ class BaseFamily(Protocol):
 
 
 def _families() -> tuple:
-    return (sd3.FAMILY, sdxl.FAMILY, sd.FAMILY)  # in detection order: the specific before the fallback
+    return (flux.FAMILY, sd3.FAMILY, sdxl.FAMILY, sd.FAMILY)  # in detection order: the specific before the fallback
 
 
 def family_of(model) -> BaseFamily:

@@ -6,17 +6,15 @@ to, and a time embedding alone (no added conditions). The text embedding is diff
 from __future__ import annotations
 
 from controlstack.errors import ControlstackError
+from controlstack.models.families.base import Family
 
 WIDTHS = {768: "SD-1.x", 1024: "SD-2.x"}  # by cross-attention (text) width
 
 
-class SD:
+class SD(Family):
     name = "sd"
     label = "Stable Diffusion 1.x/2.x"
     bundled_controlnets = True  # the bundled ControlNets are SD-1.x-layout
-    network = "unet"             # the denoiser kind (the pipeline's table)
-    default_scheduler = "unipc"
-    flow = False                 # noise prediction on the DDPM schedule, not flow matching
 
     def detect(self, config: dict) -> bool:
         return True  # the fallback: every other family detects itself first

@@ -20,14 +20,14 @@ import torch
 import torch.nn.functional as F
 
 from controlstack.errors import ControlstackError
+from controlstack.models.families.base import Family
 
 T5_TOKENS = 256  # diffusers' max_sequence_length default for SD3
 
 
-class SD3:
+class SD3(Family):
     name = "sd3"
     label = "Stable Diffusion 3"
-    bundled_controlnets = False
     network = "mmdit"           # the denoiser kind (the pipeline's table): an MMDiT transformer
     default_scheduler = "euler"  # flow matching: FlowMatchEulerDiscreteScheduler
     flow = True

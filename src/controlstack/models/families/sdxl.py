@@ -10,15 +10,13 @@ import torch
 
 from controlstack.errors import ControlstackError
 from controlstack.models import sdxl
+from controlstack.models.families.base import Family
 
 
-class SDXL:
+class SDXL(Family):
     name = "sdxl"
     label = "Stable Diffusion XL"
     bundled_controlnets = False  # the bundled ControlNets are SD-1.x-layout: none would run
-    network = "unet"             # the denoiser kind (the pipeline's table)
-    default_scheduler = "unipc"
-    flow = False                 # noise prediction on the DDPM schedule, not flow matching
 
     def detect(self, config: dict) -> bool:
         return config.get("addition_embed_type") == "text_time"

@@ -1,0 +1,92 @@
+"""Flux.1 bases (``models/families/flux.py``) and their ControlNets (``mmdit.py``) in the one loop:
+diffusers' ``FluxPipeline`` / ``FluxControlNetPipeline`` images on tiny seeded models built as
+diffusers' fast tests build them -- guidance-distilled and not, one ControlNet with a window, two
+(``FluxMultiControlNetModel``), a ControlNet-Union with its modes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from controlstack.errors import ControlstackError
+from tests.parity import assert_same_image
+
+SIZE = 32
+KW = {"steps": 3, "seed": 1, "width": SIZE, "height": SIZE, "progress": False, "output_type": "np", "cfg": 3.5}
+
+
+@pytest.fixture(scope="module")
+def flux():
+    from controlstack.models.tiny_mmdit import tiny_flux
+
+    return tiny_flux(seed=0)
+
+
+@pytest.fixture(scope="module")
+def hints():
+    rng = np.random.default_rng(1)
+    return [rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8) for _ in range(2)]
+
+
+def reference(c, controlnet=None, **kw):
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxControlNetPipeline, FluxPipeline
+
+    parts = dict(transformer=c.unet, vae=c.vae, text_encoder=c.text_encoder, tokenizer=c.tokenizer,
+                 text_encoder_2=c.text_encoder_2, tokenizer_2=c.tokenizer_2,
+                 scheduler=FlowMatchEulerDiscreteScheduler.from_config(c.scheduler_config))
+    pipe = FluxPipeline(**parts) if controlnet is None else FluxControlNetPipeline(**parts, controlnet=controlnet)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe("a red cube", num_inference_steps=3, guidance_scale=3.5, height=SIZE, width=SIZE,
+                generator=torch.Generator().manual_seed(1), output_type="np", **kw).images
+
+
+@pytest.mark.parametrize("guidance_embeds", [True, False])
+def test_text_to_image_is_diffusers_image(guidance_embeds):
+    from controlstack import Pipeline
+    from controlstack.models.families import family_of
+    from controlstack.models.tiny_mmdit import tiny_flux
+
+    c = tiny_flux(seed=0, guidance_embeds=guidance_embeds)
+    assert family_of(c.unet).name == "flux"
+    assert_same_image(Pipeline(c)("a red cube", **KW), reference(c))
+
+
+def test_a_controlnet_is_diffusers_controlnet_image(flux, hints):
+    from PIL import Image
+
+    from controlstack import Control, Pipeline
+    from controlstack.models.tiny_mmdit import tiny_flux_controlnet
+
+    cn = tiny_flux_controlnet(flux.unet, seed=5)
+    pipe = Pipeline(flux)
+    ours = pipe("a red cube", [Control(cn, hints[0], weight=0.7, end=2 / 3)], **KW)
+    theirs = reference(flux, cn, control_image=Image.fromarray(hints[0]), controlnet_conditioning_scale=0.7,
+                       control_guidance_end=2 / 3)
+    assert_same_image(ours, theirs)
+    assert np.abs(ours - pipe("a red cube", **KW)).max() > 1e-3
+
+
+def test_two_controlnets_and_a_union_are_diffusers_images(flux, hints):
+    """``FluxMultiControlNetModel`` of a plain ControlNet and a ControlNet-Union (mode: depth = 2)."""
+    from diffusers import FluxMultiControlNetModel
+    from PIL import Image
+
+    from controlstack import Control, Pipeline
+    from controlstack.models.tiny_mmdit import tiny_flux_controlnet
+
+    a, union = tiny_flux_controlnet(flux.unet, seed=5), tiny_flux_controlnet(flux.unet, seed=6, num_mode=10)
+    ours = Pipeline(flux)("a red cube", [Control(a, hints[0], weight=0.6),
+                                         Control(union, hints[1], weight=0.9, task="depth")], **KW)
+    theirs = reference(flux, FluxMultiControlNetModel([a, union]), control_image=[Image.fromarray(h) for h in hints],
+                       controlnet_conditioning_scale=[0.6, 0.9], control_mode=[None, 2])
+    assert_same_image(ours, theirs)
+    with pytest.raises(ControlstackError, match="needs task= one of canny, tile, depth"):
+        Pipeline(flux)("a", [Control(union, hints[1])], **KW)
+
+
+def test_a_negative_prompt_and_unet_modes_are_refused(flux):
+    from controlstack import Pipeline
+
+    with pytest.raises(ControlstackError, match="takes no negative prompt"):
+        Pipeline(flux)("a", negative_prompt="blurry", **KW)
