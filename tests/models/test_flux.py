@@ -90,3 +90,28 @@ def test_a_negative_prompt_and_unet_modes_are_refused(flux):
 
     with pytest.raises(ControlstackError, match="takes no negative prompt"):
         Pipeline(flux)("a", negative_prompt="blurry", **KW)
+
+
+def test_folders_load_and_the_cli_generates_diffusers_image(tmp_path, flux, hints):
+    """A Flux pipeline folder and a Flux ControlNet folder (as diffusers saves them) load by path:
+    ``controlstack generate --model DIR --control CN_DIR:IMAGE`` gives ``FluxControlNetPipeline``'s image."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+    from PIL import Image
+
+    from controlstack import Pipeline
+    from controlstack.cli.main import main
+    from controlstack.models.tiny_mmdit import tiny_flux_controlnet
+
+    c, cn = flux, tiny_flux_controlnet(flux.unet, seed=5)
+    FluxPipeline(transformer=c.unet, vae=c.vae, text_encoder=c.text_encoder, tokenizer=c.tokenizer,
+                 text_encoder_2=c.text_encoder_2, tokenizer_2=c.tokenizer_2,
+                 scheduler=FlowMatchEulerDiscreteScheduler.from_config(c.scheduler_config)).save_pretrained(tmp_path / "b")
+    cn.save_pretrained(tmp_path / "cn")
+    Image.fromarray(hints[0]).save(tmp_path / "hint.png")
+    theirs = reference(flux, cn, control_image=Image.fromarray(hints[0]), controlnet_conditioning_scale=0.7)
+    assert Pipeline.from_pretrained(tmp_path / "b").family.name == "flux"
+    assert main(["generate", "--model", str(tmp_path / "b"), "--prompt", "a red cube", "--control",
+                 f"{tmp_path / 'cn'}:{tmp_path / 'hint.png'}:0.7", "--steps", "3", "--cfg", "3.5", "--seed", "1",
+                 "--width", str(SIZE), "--height", str(SIZE), "--no-progress", "--out", str(tmp_path / "out")]) == 0
+    (png,) = (tmp_path / "out").glob("*.png")
+    assert_same_image(np.asarray(Image.open(png))[None], (theirs * 255).round().astype(np.uint8))

@@ -116,8 +116,8 @@ def controlnet_from_state_dict(state: dict, *, config=None, metadata: dict | Non
 
 
 #: the control models a folder may hold (its config's ``_class_name``): ControlNets, xinsir's ControlNet-Union
-#: (models/union.py), T2I-Adapters (models/adapter.py, added inside the encoder), SD3 ControlNets (mmdit.py)
-CONTROL_CLASSES = ("ControlNetModel", "ControlNetUnionModel", "T2IAdapter", "SD3ControlNetModel")
+#: (models/union.py), T2I-Adapters (models/adapter.py, added inside the encoder), SD3 / Flux ControlNets (mmdit.py)
+CONTROL_CLASSES = ("ControlNetModel", "ControlNetUnionModel", "T2IAdapter", "SD3ControlNetModel", "FluxControlNetModel")
 
 
 def load_controlnet(source: str | os.PathLike, *, allow_pickle: bool = False,

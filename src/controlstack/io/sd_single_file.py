@@ -96,7 +96,7 @@ def _load_base_folder(path: Path, allow_pickle: bool, dtype) -> SDComponents:
     require_base_folder(path)
     index = read_json(path / "model_index.json")
     if (index.get("transformer") or [None])[0] is not None:
-        return _load_sd3_folder(path, index, allow_pickle, dtype)
+        return _load_transformer_folder(path, index, allow_pickle, dtype)
     xl = (index.get("text_encoder_2") or [None])[0] is not None
     if xl and not (path / "text_encoder_2").is_dir():
         raise ControlstackError(f"'{path}' is an SDXL folder without text_encoder_2/; the folder is incomplete")
@@ -113,30 +113,47 @@ def _load_base_folder(path: Path, allow_pickle: bool, dtype) -> SDComponents:
     )
 
 
-def _load_sd3_folder(path: Path, index: dict, allow_pickle: bool, dtype) -> SDComponents:
-    """An SD3 / SD3.5 folder (``StableDiffusion3Pipeline``'s layout: transformer/, two CLIP encoders with
-    projection, T5 in text_encoder_3/ when the index names it)."""
-    # local: heavy, only this path needs it
-    from diffusers import AutoencoderKL, SD3Transformer2DModel
-    from transformers import AutoTokenizer, CLIPTextModelWithProjection, T5EncoderModel
+#: a transformer base folder's layout by its pipeline class: the parts, their classes, T5's slot
+TRANSFORMER_LAYOUTS = {
+    "StableDiffusion3": {"transformer": "SD3Transformer2DModel", "text_encoder": "CLIPTextModelWithProjection",
+                         "text_encoder_2": "CLIPTextModelWithProjection", "text_encoder_3": "T5EncoderModel"},
+    "Flux": {"transformer": "FluxTransformer2DModel", "text_encoder": "CLIPTextModel",
+             "text_encoder_2": "T5EncoderModel"},
+}
 
-    if not index.get("_class_name", "").startswith("StableDiffusion3"):
-        raise ControlstackError(f"'{path}' holds a {index.get('_class_name')} (a transformer base); this project reads "
-                                "Stable Diffusion 3 / 3.5 transformer folders")
-    t5 = (index.get("text_encoder_3") or [None])[0] is not None
-    for part in ("transformer", "vae", "text_encoder", "text_encoder_2", *(("text_encoder_3",) if t5 else ())):
+
+def _load_transformer_folder(path: Path, index: dict, allow_pickle: bool, dtype) -> SDComponents:
+    """An SD3 / SD3.5 folder (``StableDiffusion3Pipeline``'s layout: two CLIP encoders with projection,
+    T5 in text_encoder_3/ when the index names it) or a Flux.1 one (``FluxPipeline``'s: CLIP, T5)."""
+    import diffusers  # local: heavy, only this path needs it
+    import transformers  # local: heavy, only this path needs it
+
+    kind = next((k for k in TRANSFORMER_LAYOUTS if index.get("_class_name", "").startswith(k)), None)
+    if kind is None:
+        raise ControlstackError(f"'{path}' holds a {index.get('_class_name')} (a transformer base); this project "
+                                f"reads the transformer folders of {', '.join(TRANSFORMER_LAYOUTS)}")
+    layout = TRANSFORMER_LAYOUTS[kind]
+    parts = {k: c for k, c in layout.items() if (index.get(k) or [None])[0] is not None}
+    for part in parts:
         if not (path / part).is_dir():
-            raise ControlstackError(f"'{path}' is an SD3 folder without {part}/; the folder is incomplete")
+            raise ControlstackError(f"'{path}' is a {kind} folder without {part}/; the folder is incomplete")
+    models = {k: _load_folder_model(getattr(diffusers if k == "transformer" else transformers, c), path / k,
+                                    allow_pickle, dtype) for k, c in parts.items()}
+
+    def tokenizer(sub: str):  # CLIP's own class for CLIP, T5's from its folder
+        if sub not in ("tokenizer_2", "tokenizer_3") or "T5" not in layout.get(sub.replace("tokenizer", "text_encoder")):
+            return tokenizer_from(path, sub)
+        return transformers.AutoTokenizer.from_pretrained(path / sub, local_files_only=True)
+
     return SDComponents(
-        unet=_load_folder_model(SD3Transformer2DModel, path / "transformer", allow_pickle, dtype),
-        vae=_load_folder_model(AutoencoderKL, path / "vae", allow_pickle, dtype),
-        text_encoder=_load_folder_model(CLIPTextModelWithProjection, path / "text_encoder", allow_pickle, dtype),
-        tokenizer=tokenizer_from(path),
+        unet=models["transformer"],
+        vae=_load_folder_model(diffusers.AutoencoderKL, path / "vae", allow_pickle, dtype),
+        text_encoder=models["text_encoder"], tokenizer=tokenizer("tokenizer"),
         scheduler_config=read_json(path / "scheduler" / "scheduler_config.json"),
-        text_encoder_2=_load_folder_model(CLIPTextModelWithProjection, path / "text_encoder_2", allow_pickle, dtype),
-        tokenizer_2=tokenizer_from(path, "tokenizer_2"),
-        text_encoder_3=_load_folder_model(T5EncoderModel, path / "text_encoder_3", allow_pickle, dtype) if t5 else None,
-        tokenizer_3=AutoTokenizer.from_pretrained(path / "tokenizer_3", local_files_only=True) if t5 else None,
+        text_encoder_2=models.get("text_encoder_2"), tokenizer_2=tokenizer("tokenizer_2") if "text_encoder_2" in models
+        else None,
+        text_encoder_3=models.get("text_encoder_3"), tokenizer_3=tokenizer("tokenizer_3") if "text_encoder_3" in models
+        else None,
     )
 
 
