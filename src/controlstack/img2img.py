@@ -58,8 +58,11 @@ class Img2Img:
             image_latents = (init_image.to(self.unet.dtype) if given else
                              self.encode_latents(init, generator)).repeat(batch, 1, 1, 1)
         noise = torch.randn(shape, generator=generator, dtype=self.unet.dtype).to(self.unet.device)
-        out = Start(noise, Img2ImgStart(noise if image_latents is None else image_latents, float(strength),
-                                        pure_noise_at_full=inpaint, flow=self.family.flow))
+        pack = self.family.pack  # Flux reads 2x2 patches of tokens; the others the latents as they are
+        if inpaint and pack(noise) is not noise:
+            raise ControlstackError(f"inpainting a {self.family.label} base is not supported yet; img2img is")
+        out = Start(pack(noise), Img2ImgStart(pack(noise if image_latents is None else image_latents), float(strength),
+                                              pure_noise_at_full=inpaint, flow=self.family.flow), latent_size=(h, w))
         if inpaint:
             masks = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor, do_normalize=False, do_binarize=True,
                                       do_convert_grayscale=True)
