@@ -11,8 +11,10 @@ add their residuals (diffusers' ``SD3MultiControlNetModel``).
 
 What carries over from the U-Net's controls: the weight (a number or a schedule, diffusers'
 ``controlnet_conditioning_scale``), the window (start / end: outside it the branch is skipped, as
-diffusers' ``controlnet_keep``). The mode is diffusers' ``balanced`` (both CFG halves); the U-Net's
-other modes and the Minimal Impact injection act on skip residuals and are refused here.
+diffusers' ``controlnet_keep``). The modes keep their meaning on the
+list of block residuals (:func:`block_weights`: ``prompt`` weakens the early blocks, ``controlnet`` /
+``guess`` act on the conditional CFG half only); Minimal Impact's balancing is built on a U-Net's
+skips and is refused here.
 """
 
 from __future__ import annotations
@@ -24,13 +26,33 @@ from controlstack.errors import ControlstackError
 from controlstack.models.vae import latent_stats
 from controlstack.sampling.loop import Step
 
-MODES = ("balanced",)
-
-
 def check_mode(injection) -> None:
-    if injection.name != "sum":
-        raise ControlstackError("on a transformer base the controls act in diffusers' balanced mode; "
-                                f"mode '{injection.name}' is for U-Net bases")
+    """The modes that have a meaning on per-block residuals; Minimal Impact's balancing is built on a
+    U-Net's skips and is refused."""
+    if not (injection.name == "sum" or hasattr(injection, "layer_weights")):
+        raise ControlstackError(f"mode '{injection.name}' acts on a U-Net's skip residuals; on a transformer base "
+                                "use balanced, prompt, controlnet or guess")
+
+
+def block_weights(injection, residuals: list[torch.Tensor]) -> list:
+    """The mode's weight per block residual, as its per-layer weights over a U-Net's skips + middle
+    (``injection/modes.py``): balanced 1; prompt ``0.825 ** (N - 1 - i)``; controlnet's
+    ``resolution`` weighting is 1 everywhere here (every block works at one token resolution),
+    its ``soft`` the prompt curve; guess diffusers' logspace 0.1 -> 1."""
+    if not hasattr(injection, "layer_weights"):
+        return [1.0] * len(residuals)
+    return list(injection.layer_weights(residuals[:-1], residuals[-1]))
+
+
+def weighted(injection, residuals, cfg: bool):
+    """The residuals with the mode applied: its block weights, and for the modes that act on the
+    conditional CFG half only (controlnet, guess), zeros on the unconditional half."""
+    if residuals is None:
+        return None
+    out = [r * w for r, w in zip(residuals, block_weights(injection, residuals))]
+    if injection.cond_only and cfg:
+        out = [torch.cat([torch.zeros_like(r[: len(r) // 2]), r[len(r) // 2:]]) for r in out]
+    return out
 
 
 def is_mmdit_controlnet(model) -> bool:
@@ -91,7 +113,7 @@ class MMDiTDenoiser:
 
     def __init__(self, pipe, branches, injection, cond, uncond, guidance_scale: float, added, latent_size):
         check_mode(injection)
-        self.transformer, self.branches = pipe.unet, branches
+        self.transformer, self.branches, self.injection = pipe.unet, branches, injection
         self.cfg = uncond is not None
         self.guidance_scale = guidance_scale
         self.hidden = torch.cat([uncond, cond]) if self.cfg else cond
@@ -107,7 +129,8 @@ class MMDiTDenoiser:
             out = branch(x_in, timestep, self.hidden, self.pooled, step)
             residuals = list(out) if residuals is None else [a + b for a, b in zip(residuals, out)]
         v = self.transformer(hidden_states=x_in, timestep=timestep, encoder_hidden_states=self.hidden,
-                             pooled_projections=self.pooled, block_controlnet_hidden_states=residuals,
+                             pooled_projections=self.pooled,
+                             block_controlnet_hidden_states=weighted(self.injection, residuals, self.cfg),
                              return_dict=False)[0]
         if self.cfg:
             v_uncond, v_cond = v.chunk(2)
@@ -180,8 +203,8 @@ class FluxDenoiser:
     summed in (diffusers' ``FluxMultiControlNetModel``)."""
 
     def __init__(self, pipe, branches, injection, cond, uncond, guidance_scale: float, added, latent_size):
-        check_mode(injection)
-        self.transformer, self.branches = pipe.unet, branches
+        check_mode(injection)  # no CFG batch: the cond-half modes differ from the others by their weights alone
+        self.transformer, self.branches, self.injection = pipe.unet, branches, injection
         self.guidance_scale = guidance_scale
         self.kw = {"pooled_projections": added[1]["pooled"], "encoder_hidden_states": cond,
                    "txt_ids": torch.zeros(cond.shape[1], 3, device=cond.device, dtype=cond.dtype),
@@ -200,8 +223,9 @@ class FluxDenoiser:
             single = s if single is None else [a + b for a, b in zip(single, s)] if s is not None else single
         guidance = (torch.full([x.shape[0]], self.guidance_scale, device=x.device)
                     if self.transformer.config.guidance_embeds else None)
-        return self.transformer(hidden_states=x, timestep=timestep, guidance=guidance, controlnet_block_samples=double,
-                                controlnet_single_block_samples=single, controlnet_blocks_repeat=self.repeat,
+        return self.transformer(hidden_states=x, timestep=timestep, guidance=guidance,
+                                controlnet_block_samples=weighted(self.injection, double, False),
+                                controlnet_single_block_samples=weighted(self.injection, single, False), controlnet_blocks_repeat=self.repeat,
                                 return_dict=False, **self.kw)[0]
 
 

@@ -107,13 +107,43 @@ def test_an_sd35_controlnet_reads_no_text_and_shares_the_position_embedding(hint
     assert_same_image(ours, theirs)
 
 
-def test_modes_for_unet_skips_and_noise_samplers_are_refused(sd3, hints):
+def test_modes_weight_the_block_residuals_and_cond_half_modes_leave_the_uncond_half(sd3, hints):
+    """What the transformer receives per block at the first step (the same input in every mode):
+    prompt = balanced's residuals
+    times ``0.825 ** (N - 1 - i)``; controlnet (uniform) = balanced's on the conditional half and zeros
+    on the unconditional one; Minimal Impact and the noise-prediction samplers are one-line errors."""
     from controlstack import Control, Pipeline
     from controlstack.models.tiny_mmdit import tiny_sd3_controlnet
 
     pipe = Pipeline(sd3)
-    with pytest.raises(ControlstackError, match="mode 'controlnet' is for U-Net bases"):
-        pipe("a", [Control(tiny_sd3_controlnet(sd3.unet), hints[0])], mode="controlnet", **KW)
+    control = [Control(tiny_sd3_controlnet(sd3.unet, seed=5, num_layers=3), hints[0])]
+    seen: dict[str, list] = {}
+    forward = type(sd3.unet).forward
+
+    def capture(mode, **options):
+        seen[mode] = []
+
+        def hook(self, *a, **k):
+            seen[mode].append([r.clone() for r in k["block_controlnet_hidden_states"]])
+            return forward(self, *a, **k)
+
+        type(sd3.unet).forward = hook
+        try:
+            pipe("a red cube", control, mode=mode, mode_options=options or None, **KW)
+        finally:
+            type(sd3.unet).forward = forward
+
+    capture("balanced")
+    capture("prompt")
+    capture("controlnet", layer_weights="uniform")
+    base, prompt, cond = seen["balanced"][0], seen["prompt"][0], seen["controlnet"][0]
+    assert len(base) == 3 and all(len(seen[m]) == 3 for m in seen)
+    for i, (b, p, c) in enumerate(zip(base, prompt, cond)):
+        torch.testing.assert_close(p, b * 0.825 ** (2 - i))
+        assert torch.equal(c[:1], torch.zeros_like(c[:1])) and b[:1].abs().max() > 0
+        torch.testing.assert_close(c[1:], b[1:])
+    with pytest.raises(ControlstackError, match="mode 'mi' acts on a U-Net's skip residuals"):
+        pipe("a", control, mode="mi", **KW)
     with pytest.raises(ControlstackError, match="this flow-matching base samples with euler"):
         pipe("a", scheduler="unipc", **KW)
 
