@@ -90,13 +90,15 @@ class Hints:
                 cn = self.controlnet(item.model)
                 hint = self.prepare_hint(item, width, height, inpaint_mask)
                 cond = flux_control_input(self, cn, hint, batch, generator)
-                branches.append(FluxBranch(cn, cond, item.weight, item.start, item.end, flux_mode(cn, item)))
+                size = (height // self.vae_scale_factor, width // self.vae_scale_factor)
+                branches.append(FluxBranch(cn, cond, item.weight, item.start, item.end, flux_mode(cn, item), item.mask,
+                                           size))
                 continue
             if isinstance(item, Control) and is_mmdit_controlnet(self.controlnet(item.model)):
                 cn = attach(self.controlnet(item.model), self.unet)  # it reads the condition's latents
                 hint = self.prepare_hint(item, width, height, inpaint_mask)
                 latents = control_latents(self.vae, cn, hint).repeat(batch * (2 if do_cfg else 1), 1, 1, 1)
-                branches.append(MMDiTBranch(cn, latents, item.weight, item.start, item.end))
+                branches.append(MMDiTBranch(cn, latents, item.weight, item.start, item.end, item.mask))
                 continue
             if isinstance(item, Control) and is_adapter(self.controlnet(item.model)):
                 hint = self.prepare_hint(item, width, height, inpaint_mask).to(self.unet.device)

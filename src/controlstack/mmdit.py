@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from controlstack.control import in_window, weight_at
+from controlstack.control import RegionMask, in_window, weight_at
 from controlstack.errors import ControlstackError
 from controlstack.models.vae import latent_stats
 from controlstack.sampling.loop import Step
@@ -60,6 +60,19 @@ def is_mmdit_controlnet(model) -> bool:
     return type(model).__name__ == "SD3ControlNetModel"
 
 
+def token_mask(mask, rows: int, cols: int) -> torch.Tensor | None:
+    """A control's region mask on the token grid (``rows`` x ``cols`` patches, row-major as the
+    transformers flatten them), area-averaged as the U-Net's residuals get it: ``(1, tokens, 1)``."""
+    region = RegionMask(mask)
+    if region.mask is None:
+        return None
+    return region.at(torch.zeros(1, 1, rows, cols)).reshape(1, rows * cols, 1)
+
+
+def masked(residuals, mask: torch.Tensor | None):
+    return residuals if mask is None or residuals is None else [r * mask.to(r) for r in residuals]
+
+
 def attach(controlnet, transformer):
     """SD3.5's own ControlNets have no position embedding: they share the transformer's (set once,
     as diffusers' pipeline constructor does)."""
@@ -88,9 +101,11 @@ class MMDiTBranch:
 
     point = "blocks"
 
-    def __init__(self, controlnet, latents: torch.Tensor, weight, start: float, end: float):
+    def __init__(self, controlnet, latents: torch.Tensor, weight, start: float, end: float, mask=None):
         self.controlnet, self.latents = controlnet, latents
         self.weight, self.start, self.end = weight, start, end
+        self.mask = token_mask(mask, latents.shape[-2] // controlnet.config.patch_size,
+                               latents.shape[-1] // controlnet.config.patch_size)
         self.last = None
 
     def active(self, step: Step) -> bool:
@@ -102,9 +117,10 @@ class MMDiTBranch:
             pooled = torch.zeros_like(pooled)
         if config.get("joint_attention_dim") is None:  # SD3.5's official ControlNets read no text
             hidden = None
-        return self.controlnet(hidden_states=x, timestep=timestep, encoder_hidden_states=hidden, pooled_projections=pooled,
-                               controlnet_cond=self.latents.to(x.dtype),
-                               conditioning_scale=weight_at(self.weight, step.progress), return_dict=False)[0]
+        out = self.controlnet(hidden_states=x, timestep=timestep, encoder_hidden_states=hidden, pooled_projections=pooled,
+                              controlnet_cond=self.latents.to(x.dtype),
+                              conditioning_scale=weight_at(self.weight, step.progress), return_dict=False)[0]
+        return masked(out, self.mask)
 
 
 class MMDiTDenoiser:
@@ -180,9 +196,11 @@ class FluxBranch:
 
     point = "blocks"
 
-    def __init__(self, controlnet, cond: torch.Tensor, weight, start: float, end: float, mode: int | None = None):
+    def __init__(self, controlnet, cond: torch.Tensor, weight, start: float, end: float, mode: int | None = None,
+                 mask=None, latent_size: tuple[int, int] = (2, 2)):
         self.controlnet, self.cond, self.mode = controlnet, cond, mode
         self.weight, self.start, self.end = weight, start, end
+        self.mask = token_mask(mask, latent_size[0] // 2, latent_size[1] // 2)  # 2x2 patches
         self.last = None
 
     def active(self, step: Step) -> bool:
@@ -192,9 +210,10 @@ class FluxBranch:
         guidance = (torch.full([x.shape[0]], guidance_scale, device=x.device)
                     if self.controlnet.config.guidance_embeds else None)
         mode = None if self.mode is None else torch.tensor([[self.mode]] * x.shape[0], device=x.device)
-        return self.controlnet(hidden_states=x, controlnet_cond=self.cond.to(x.dtype), controlnet_mode=mode,
-                               conditioning_scale=weight_at(self.weight, step.progress), timestep=timestep,
-                               guidance=guidance, return_dict=False, **kw)
+        double, single = self.controlnet(hidden_states=x, controlnet_cond=self.cond.to(x.dtype), controlnet_mode=mode,
+                                         conditioning_scale=weight_at(self.weight, step.progress), timestep=timestep,
+                                         guidance=guidance, return_dict=False, **kw)
+        return masked(double, self.mask), masked(single, self.mask)
 
 
 class FluxDenoiser:

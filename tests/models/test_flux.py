@@ -141,3 +141,35 @@ def test_img2img_with_a_controlnet_is_diffusers_controlnet_img2img(flux, hints):
     ours = Pipeline(c)("a red cube", [Control(cn, hints[0], weight=0.8)], init_image=Image.fromarray(hints[1]),
                        strength=0.5, **KW)
     assert_same_image(ours, theirs)
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_a_region_mask_keeps_the_residuals_to_its_tokens(family, flux, hints):
+    """A control's mask on the token grid (row-major patches): with the top half white, every block
+    residual the transformer receives is zero on the bottom half's tokens and not on the top's; an
+    all-black mask gives the image of the control at weight 0, bit for bit."""
+    from controlstack import Control, Pipeline
+    from controlstack.models.tiny_mmdit import tiny_flux_controlnet, tiny_sd3, tiny_sd3_controlnet
+
+    base = flux if family == "flux" else tiny_sd3(seed=0)
+    cn = tiny_flux_controlnet(base.unet, seed=5) if family == "flux" else tiny_sd3_controlnet(base.unet, seed=5)
+    key = "controlnet_block_samples" if family == "flux" else "block_controlnet_hidden_states"
+    rows = SIZE // 2 if family == "flux" else SIZE  # Flux: 2x2 patches; the tiny SD3: patch size 1
+    mask = np.zeros((SIZE, SIZE), np.float32)
+    mask[: SIZE // 2] = 1.0
+    pipe, seen, forward = Pipeline(base), [], type(base.unet).forward
+
+    def hook(self, *a, **k):
+        seen.extend(r.clone() for r in k[key])
+        return forward(self, *a, **k)
+
+    type(base.unet).forward = hook
+    try:
+        pipe("a red cube", [Control(cn, hints[0], mask=mask)], **KW)
+    finally:
+        type(base.unet).forward = forward
+    for r in seen:
+        grid = r.reshape(r.shape[0], rows, -1, r.shape[-1])
+        assert grid[:, rows // 2:].abs().max() == 0 and grid[:, : rows // 2].abs().max() > 0
+    off = pipe("a red cube", [Control(cn, hints[0], weight=0.0)], **KW)  # (Flux draws its control latents first)
+    assert np.array_equal(pipe("a red cube", [Control(cn, hints[0], mask=np.zeros((SIZE, SIZE)))], **KW), off)
