@@ -32,11 +32,13 @@ from controlstack.mmdit import (
     control_latents,
     flux_control_input,
     flux_mode,
+    input_condition,
     is_flux_controlnet,
     is_mmdit_controlnet,
 )
 from controlstack.models.adapter import adapter_features, is_adapter
 from controlstack.models.union import control_id
+from controlstack.tasks import BASE_CONDITION
 
 
 class Hints:
@@ -85,7 +87,11 @@ class Hints:
         fused branch (``models/union.py``), at the place of the first of them; a T2I-Adapter makes
         an :class:`~controlstack.control.AdapterBranch` (``models/adapter.py``)."""
         branches = []
-        for item in group_unions(controls, self.controlnet):
+        for item in group_unions(controls, lambda m: None if m == BASE_CONDITION else self.controlnet(m)):
+            if isinstance(item, Control) and item.model == BASE_CONDITION:  # a base that reads it (Flux Control)
+                hint = self.prepare_hint(item, width, height, inpaint_mask)
+                branches.append(input_condition(self, item, hint, batch, generator))
+                continue
             if isinstance(item, Control) and is_flux_controlnet(self.controlnet(item.model)):
                 cn = self.controlnet(item.model)
                 hint = self.prepare_hint(item, width, height, inpaint_mask)

@@ -25,6 +25,8 @@ from controlstack.control import RegionMask, in_window, weight_at
 from controlstack.errors import ControlstackError
 from controlstack.models.vae import latent_stats
 from controlstack.sampling.loop import Step
+from controlstack.tasks import BASE_CONDITION
+
 
 def check_mode(injection) -> None:
     """The modes that have a meaning on per-block residuals; Minimal Impact's balancing is built on a
@@ -191,6 +193,40 @@ def flux_mode(controlnet, control) -> int | None:
     return FLUX_UNION_MODES[control.task]
 
 
+
+
+def reads_condition(transformer) -> bool:
+    """A Flux Control base: it reads twice the channels it writes (latents + the condition's latents)."""
+    c = transformer.config
+    return bool(c.get("out_channels")) and c.in_channels == 2 * c.out_channels
+
+
+class InputCondition:
+    """The condition of a Flux Control base, packed and concatenated to the latents at every step
+    (diffusers' ``FluxControlPipeline``); it has no weight or window: the model was trained with it
+    in its input."""
+
+    point = "input"
+
+    def __init__(self, latents: torch.Tensor):
+        self.latents = latents
+
+    def active(self, step: Step) -> bool:
+        return False  # not a residual branch
+
+
+def input_condition(pipe, control, hint: torch.Tensor, batch: int, generator) -> InputCondition:
+    if not reads_condition(pipe.unet):
+        raise ControlstackError(f"Control('{BASE_CONDITION}', image) is for a Flux Control base (Canny-dev, "
+                                "Depth-dev), which reads the condition itself; this base does not")
+    if control.weight != 1.0 or control.start not in (None, 0.0) or control.end not in (None, 1.0):
+        raise ControlstackError("a Flux Control base reads its condition at every step at weight 1 (it is part "
+                                "of its input); leave weight, start and end unset")
+    image = (hint * 2 - 1).to(pipe.vae.device, pipe.vae.dtype).repeat(batch, 1, 1, 1)
+    z = pipe.vae.encode(image).latent_dist.sample(generator)
+    return InputCondition(pipe.family.pack((z - pipe.vae.config.shift_factor) * pipe.vae.config.scaling_factor))
+
+
 class FluxBranch:
     """One Flux ControlNet: its input, weight, window and (a Union model's) control mode."""
 
@@ -223,6 +259,9 @@ class FluxDenoiser:
 
     def __init__(self, pipe, branches, injection, cond, uncond, guidance_scale: float, added, latent_size):
         check_mode(injection)  # no CFG batch: the cond-half modes differ from the others by their weights alone
+        inputs = [b.latents for b in branches if b.point == "input"]
+        self.extra = inputs[0] if inputs else None  # a Flux Control base's condition (concatenated)
+        branches = [b for b in branches if b.point != "input"]
         self.transformer, self.branches, self.injection = pipe.unet, branches, injection
         self.guidance_scale = guidance_scale
         self.kw = {"pooled_projections": added[1]["pooled"], "encoder_hidden_states": cond,
@@ -242,7 +281,8 @@ class FluxDenoiser:
             single = s if single is None else [a + b for a, b in zip(single, s)] if s is not None else single
         guidance = (torch.full([x.shape[0]], self.guidance_scale, device=x.device)
                     if self.transformer.config.guidance_embeds else None)
-        return self.transformer(hidden_states=x, timestep=timestep, guidance=guidance,
+        x_in = x if self.extra is None else torch.cat([x, self.extra.to(x)], dim=2)
+        return self.transformer(hidden_states=x_in, timestep=timestep, guidance=guidance,
                                 controlnet_block_samples=weighted(self.injection, double, False),
                                 controlnet_single_block_samples=weighted(self.injection, single, False), controlnet_blocks_repeat=self.repeat,
                                 return_dict=False, **self.kw)[0]

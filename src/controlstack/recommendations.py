@@ -18,6 +18,7 @@ from controlstack.control import Control
 from controlstack.errors import ControlstackError
 from controlstack.io.settings import CONTROLNET_KEYS, controlnet_recommendation, model_folder, read_settings
 from controlstack.models.adapter import is_adapter
+from controlstack.tasks import BASE_CONDITION
 
 #: ControlNets with fewer parameters than this (a tenth of SD-1.5's 361M) that declare no mode get a
 #: one-time warning when sampled in the ``balanced`` fallback (:meth:`Pipeline.warn_if_weak`).
@@ -114,8 +115,8 @@ class Recommendations:
         if self._warned_weak or not controls or self.recommended_mode(controls) is not None:
             return
         for c, rec in zip(controls, self.control_recommendations(controls)):
-            if "mode" in rec or is_adapter(self.controlnet(c.model)):  # modes act on ControlNets' residuals only
-                continue
+            if c.model == BASE_CONDITION or "mode" in rec or is_adapter(self.controlnet(c.model)):
+                continue  # modes act on ControlNets' residuals only
             n = sum(p.numel() for p in self.controlnet(c.model).parameters())
             if n < SMALL_CONTROLNET:
                 self._warned_weak = True

@@ -43,3 +43,8 @@ FOR_TASK = {t.name: t.annotator for t in TASK_TABLE if t.annotator}
 TASK_COLUMNS = {t.name: t.column for t in TASK_TABLE if t.column}
 #: by control id, the common name first within an id
 UNION_TASKS = {t.name: t.union for t in sorted((t for t in TASK_TABLE if t.union is not None), key=lambda t: t.union)}
+
+
+#: ``Control(BASE_CONDITION, image)`` / ``--control base:IMAGE``: the condition of a base that reads it
+#: itself -- Flux's Control models (Canny-dev, Depth-dev), whose input concatenates the condition's latents
+BASE_CONDITION = "base"

@@ -173,3 +173,28 @@ def test_a_region_mask_keeps_the_residuals_to_its_tokens(family, flux, hints):
         assert grid[:, rows // 2:].abs().max() == 0 and grid[:, : rows // 2].abs().max() > 0
     off = pipe("a red cube", [Control(cn, hints[0], weight=0.0)], **KW)  # (Flux draws its control latents first)
     assert np.array_equal(pipe("a red cube", [Control(cn, hints[0], mask=np.zeros((SIZE, SIZE)))], **KW), off)
+
+
+def test_a_flux_control_base_reads_its_condition(hints):
+    """A Flux Control base (Canny-dev / Depth-dev: it reads twice the channels it writes) takes
+    ``Control("base", image)``: the condition's latents concatenated to the latents' channels, as
+    ``FluxControlPipeline``; a weight or window on it, or the condition on a plain base, is one line."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxControlPipeline
+    from PIL import Image
+
+    from controlstack import Control, Pipeline
+    from controlstack.models.tiny_mmdit import tiny_flux
+
+    c = tiny_flux(seed=2, in_channels=32, out_channels=16)
+    ref = FluxControlPipeline(transformer=c.unet, vae=c.vae, text_encoder=c.text_encoder, tokenizer=c.tokenizer,
+                              text_encoder_2=c.text_encoder_2, tokenizer_2=c.tokenizer_2,
+                              scheduler=FlowMatchEulerDiscreteScheduler.from_config(c.scheduler_config))
+    ref.set_progress_bar_config(disable=True)
+    theirs = ref("a red cube", control_image=Image.fromarray(hints[0]), num_inference_steps=3, guidance_scale=3.5,
+                 height=SIZE, width=SIZE, generator=torch.Generator().manual_seed(1), output_type="np").images
+    pipe = Pipeline(c)
+    assert_same_image(pipe("a red cube", [Control("base", hints[0])], **KW), theirs)
+    with pytest.raises(ControlstackError, match="at weight 1"):
+        pipe("a", [Control("base", hints[0], weight=0.5)], **KW)
+    with pytest.raises(ControlstackError, match="is for a Flux Control base"):
+        Pipeline(tiny_flux(seed=0))("a", [Control("base", hints[0])], **KW)

@@ -17,6 +17,7 @@ from safetensors import safe_open
 from controlstack import annotators, assets
 from controlstack.errors import ControlstackError
 from controlstack.io.settings import controlnets_root, read_settings
+from controlstack.tasks import BASE_CONDITION
 
 VAE_FACTOR = 8  # every supported family's (SD-1.x / 2.x, SDXL), where no VAE config says otherwise
 
@@ -62,6 +63,8 @@ def resolve(base: str | None, model: str) -> tuple[Path | None, bool]:
 
 def check_control(base: str | None, model: str, task: str | None) -> None:
     """``--control MODEL[/TASK]:...`` names a ControlNet that exists and, for an Omni one, a task it has."""
+    if model == BASE_CONDITION:  # the base reads it (a Flux Control model): the pipeline checks the base
+        return
     folder, bundled = resolve(base, model)
     tasks = omni_tasks(folder) if folder is not None else None
     if tasks is None:

@@ -98,7 +98,7 @@ def tiny_flux(seed: int = 0, max_length: int = 16, guidance_embeds: bool = True,
     tokenizer = byte_level_tokenizer(max_length=max_length)
     return SDComponents(
         unet=transformer,
-        vae=tiny_sd3_vae(seed + 1, transformer.config.in_channels // 4),
+        vae=tiny_sd3_vae(seed + 1, (transformer.config.out_channels or transformer.config.in_channels) // 4),
         text_encoder=tiny_text_encoder(seed + 2, 32, len(tokenizer), max_length),
         tokenizer=tokenizer,
         text_encoder_2=tiny_t5(seed + 3, transformer.config.joint_attention_dim, len(tokenizer)),

@@ -80,7 +80,8 @@ class Flux(Family):
 
     def noise_shape(self, pipe, batch: int, height: int, width: int) -> tuple[int, ...]:
         f = pipe.vae_scale_factor
-        return batch, pipe.unet.config.in_channels // 4, 2 * (height // (f * 2)), 2 * (width // (f * 2))
+        c = pipe.unet.config  # a Control base reads twice the channels it writes
+        return batch, (c.get("out_channels") or c.in_channels) // 4, 2 * (height // (f * 2)), 2 * (width // (f * 2))
 
     @staticmethod
     def pack(latents: torch.Tensor) -> torch.Tensor:
