@@ -32,9 +32,11 @@ from controlstack.mmdit import (
     control_latents,
     flux_control_input,
     flux_mode,
+    inpaint_latents,
     input_condition,
     is_flux_controlnet,
     is_mmdit_controlnet,
+    reads_mask,
 )
 from controlstack.models.adapter import adapter_features, is_adapter
 from controlstack.models.union import control_id
@@ -103,7 +105,13 @@ class Hints:
             if isinstance(item, Control) and is_mmdit_controlnet(self.controlnet(item.model)):
                 cn = attach(self.controlnet(item.model), self.unet)  # it reads the condition's latents
                 hint = self.prepare_hint(item, width, height, inpaint_mask)
-                latents = control_latents(self.vae, cn, hint).repeat(batch * (2 if do_cfg else 1), 1, 1, 1)
+                if reads_mask(cn):  # an inpainting ControlNet: the call's inpaint_mask goes into its input
+                    if inpaint_mask is None:
+                        raise ControlstackError("this is an inpainting ControlNet: pass inpaint_mask (white = repaint)")
+                    latents = inpaint_latents(self.vae, hint, self.mask_tensor(inpaint_mask, width, height))
+                else:
+                    latents = control_latents(self.vae, cn, hint)
+                latents = latents.repeat(batch * (2 if do_cfg else 1), 1, 1, 1)
                 branches.append(MMDiTBranch(cn, latents, item.weight, item.start, item.end, item.mask))
                 continue
             if isinstance(item, Control) and is_adapter(self.controlnet(item.model)):
@@ -136,6 +144,16 @@ class Hints:
                 f"are {expected}; the ControlNet was trained for a VAE with another downsampling"
             )
         return features
+
+    def mask_tensor(self, mask: Any, width: int, height: int) -> torch.Tensor:
+        """An inpainting mask -> (1, 1, H, W) in {0, 1} at the output size (diffusers' mask processor:
+        grey, resized, binarised at 0.5)."""
+        from diffusers.image_processor import VaeImageProcessor  # local: heavy, only this path needs it
+
+        m = Image.fromarray((mask_to_array(mask, "inpaint mask") * 255).round().astype(np.uint8))
+        processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor, do_normalize=False, do_binarize=True,
+                                      do_convert_grayscale=True)
+        return processor.preprocess(m, height=height, width=width)
 
     def module_name(self, control: Control) -> str:
         """The annotator a control's image goes through ('none' without preprocessing)."""

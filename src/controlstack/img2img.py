@@ -10,6 +10,8 @@ latents. Every draw follows diffusers' ``StableDiffusionControlNetImg2ImgPipelin
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import torch
 from PIL import Image
@@ -58,11 +60,8 @@ class Img2Img:
             image_latents = (init_image.to(self.unet.dtype) if given else
                              self.encode_latents(init, generator)).repeat(batch, 1, 1, 1)
         noise = torch.randn(shape, generator=generator, dtype=self.unet.dtype).to(self.unet.device)
-        pack = self.family.pack  # Flux reads 2x2 patches of tokens; the others the latents as they are
-        if inpaint and pack(noise) is not noise:
-            raise ControlstackError(f"inpainting a {self.family.label} base is not supported yet; img2img is")
-        out = Start(pack(noise), Img2ImgStart(pack(noise if image_latents is None else image_latents), float(strength),
-                                              pure_noise_at_full=inpaint, flow=self.family.flow), latent_size=(h, w))
+        out = Start(noise, Img2ImgStart(noise if image_latents is None else image_latents, float(strength),
+                                        pure_noise_at_full=inpaint, flow=self.family.flow), latent_size=(h, w))
         if inpaint:
             masks = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor, do_normalize=False, do_binarize=True,
                                       do_convert_grayscale=True)
@@ -75,12 +74,20 @@ class Img2Img:
                           if fill == "latent_noise"
                           else torch.zeros_like(image_latents))
                 image_latents = image_latents * (1 - mask) + filler * mask
-                out.start = Img2ImgStart(image_latents, float(strength), pure_noise_at_full=inpaint)
+                out.start = Img2ImgStart(image_latents, float(strength), pure_noise_at_full=inpaint,
+                                         flow=self.family.flow)
             if nine:
                 extra = torch.cat([mask, masked_latents], 1)
                 out.unet_extra = torch.cat([extra, extra]) if do_cfg else extra
             else:
                 out.blend = InpaintBlend(scheduler, image_latents, noise, mask)
+        pack = self.family.pack
+        if pack(noise) is not noise:  # Flux: the loop runs on 2x2 patches of tokens, the mask packed per channel
+            out.latents = pack(noise)
+            out.start = replace(out.start, init_latents=pack(out.start.init_latents))
+            if out.blend is not None:
+                out.blend = InpaintBlend(scheduler, pack(out.blend.image_latents), out.latents,
+                                         pack(out.blend.mask.repeat(1, noise.shape[1], 1, 1)))
         return out
 
     def encode_latents(self, image: torch.Tensor, generator) -> torch.Tensor:

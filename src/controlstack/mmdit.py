@@ -84,6 +84,26 @@ def attach(controlnet, transformer):
     return controlnet
 
 
+def reads_mask(controlnet) -> bool:
+    """An inpainting ControlNet (Alimama's SD3 one): its input is the masked image's latents plus
+    the mask, one extra channel."""
+    return controlnet.config.get("extra_conditioning_channels", 0) == 1
+
+
+@torch.no_grad()
+def inpaint_latents(vae, hint: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """An inpainting ControlNet's input, as ``StableDiffusion3ControlNetInpaintingPipeline`` makes it: the
+    image with the masked pixels (``mask`` > 0.5, binarised at the output size) at -1, its VAE latents
+    (posterior mean, shifted and scaled), and ``1 - mask`` at the latent size (nearest)."""
+    image = (hint * 2 - 1).to(vae.device, vae.dtype)
+    mask = mask.to(image)
+    image = torch.where(mask > 0.5, torch.full_like(image, -1.0), image)
+    z = vae.encode(image).latent_dist.mean
+    z = (z - latent_stats(vae.config, z)[0]) * vae.config.scaling_factor
+    small = torch.nn.functional.interpolate(mask, size=tuple(z.shape[-2:]))
+    return torch.cat([z, 1 - small], dim=1)
+
+
 @torch.no_grad()
 def control_latents(vae, controlnet, hint: torch.Tensor) -> torch.Tensor:
     """The condition image (``hint`` in [0, 1]) as the ControlNet reads it: the VAE posterior's mean,
@@ -108,6 +128,7 @@ class MMDiTBranch:
         self.weight, self.start, self.end = weight, start, end
         self.mask = token_mask(mask, latents.shape[-2] // controlnet.config.patch_size,
                                latents.shape[-1] // controlnet.config.patch_size)
+        self.reads_mask = reads_mask(controlnet)
         self.last = None
 
     def active(self, step: Step) -> bool:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -449,6 +449,8 @@ class Pipeline(Prompting, Hints, Img2Img, Recommendations, Loras, ImagePrompts):
         hint_batch = g.batch * (2 if do_cfg and not injection.cond_only else 1)
         branches = self.make_branches(g.controls, g.width, g.height, (g.prompt, g.negative_prompt or ""), g.batch,
                                       do_cfg, g.inpaint_mask, hint_batch, generator)
+        if g.init_image is None and any(getattr(b, "reads_mask", False) for b in branches):
+            g = replace(g, inpaint_mask=None)  # an inpainting ControlNet took the mask: a txt2img run around it
         start = self.start(g, sched, generator, do_cfg)
         if self.family.network != "unet":  # a transformer base: its ControlNets add block residuals (mmdit.py)
             h, w = g.height // self.vae_scale_factor, g.width // self.vae_scale_factor

@@ -198,3 +198,30 @@ def test_a_flux_control_base_reads_its_condition(hints):
         pipe("a", [Control("base", hints[0], weight=0.5)], **KW)
     with pytest.raises(ControlstackError, match="is for a Flux Control base"):
         Pipeline(tiny_flux(seed=0))("a", [Control("base", hints[0])], **KW)
+
+
+@pytest.mark.parametrize("strength", [0.6, 1.0])
+def test_inpainting_with_a_controlnet_is_diffusers_controlnet_inpaint(flux, hints, strength):
+    """``FluxControlNetInpaintPipeline``: the known region blended back at each step on packed tokens
+    (the mask packed per channel), the generator drawn in diffusers' order."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxControlNetInpaintPipeline
+    from PIL import Image
+
+    from controlstack import Control, Pipeline
+    from controlstack.models.tiny_mmdit import tiny_flux_controlnet
+
+    c, cn = flux, tiny_flux_controlnet(flux.unet, seed=5)
+    mask = np.zeros((SIZE, SIZE), np.uint8)
+    mask[4:20, 10:30] = 255
+    ref = FluxControlNetInpaintPipeline(
+        transformer=c.unet, vae=c.vae, text_encoder=c.text_encoder, tokenizer=c.tokenizer,
+        text_encoder_2=c.text_encoder_2, tokenizer_2=c.tokenizer_2, controlnet=cn,
+        scheduler=FlowMatchEulerDiscreteScheduler.from_config(c.scheduler_config))
+    ref.set_progress_bar_config(disable=True)
+    theirs = ref("a red cube", image=Image.fromarray(hints[1]), mask_image=Image.fromarray(mask),
+                 control_image=Image.fromarray(hints[0]), strength=strength, num_inference_steps=3,
+                 guidance_scale=3.5, controlnet_conditioning_scale=0.8, height=SIZE, width=SIZE,
+                 generator=torch.Generator().manual_seed(1), output_type="np").images
+    ours = Pipeline(c)("a red cube", [Control(cn, hints[0], weight=0.8)], init_image=Image.fromarray(hints[1]),
+                       inpaint_mask=mask, strength=strength, **KW)
+    assert_same_image(ours, theirs)

@@ -200,3 +200,32 @@ def test_img2img_is_diffusers_sd3_img2img(sd3, hints, strength):
                  generator=torch.Generator().manual_seed(1), output_type="np").images
     ours = Pipeline(c)("a red cube", init_image=init, strength=strength, **KW)
     assert_same_image(ours, theirs)
+
+
+def test_an_inpainting_controlnet_is_diffusers_controlnet_inpainting(sd3, hints):
+    """An SD3 inpainting ControlNet (one extra channel: the mask) reads the call's ``inpaint_mask``:
+    ``StableDiffusion3ControlNetInpaintingPipeline``'s image (a txt2img run around the ControlNet)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3ControlNetInpaintingPipeline
+    from PIL import Image
+
+    from controlstack import Control, Pipeline
+    from controlstack.models.tiny_mmdit import tiny_sd3_controlnet
+
+    c = sd3
+    cn = tiny_sd3_controlnet(c.unet, seed=8, extra_conditioning_channels=1)
+    mask = np.zeros((SIZE, SIZE), np.uint8)
+    mask[8:24, 8:24] = 255
+    ref = StableDiffusion3ControlNetInpaintingPipeline(
+        transformer=c.unet, vae=c.vae, text_encoder=c.text_encoder, tokenizer=c.tokenizer,
+        text_encoder_2=c.text_encoder_2, tokenizer_2=c.tokenizer_2, text_encoder_3=c.text_encoder_3,
+        tokenizer_3=c.tokenizer_3, controlnet=cn,
+        scheduler=FlowMatchEulerDiscreteScheduler.from_config(c.scheduler_config))
+    ref.set_progress_bar_config(disable=True)
+    theirs = ref("a red cube", control_image=Image.fromarray(hints[0]), control_mask=Image.fromarray(mask),
+                 controlnet_conditioning_scale=0.9, num_inference_steps=3, guidance_scale=5.0, height=SIZE,
+                 width=SIZE, generator=torch.Generator().manual_seed(1), output_type="np").images
+    pipe = Pipeline(c)
+    ours = pipe("a red cube", [Control(cn, hints[0], weight=0.9)], inpaint_mask=mask, **KW)
+    assert_same_image(ours, theirs)
+    with pytest.raises(ControlstackError, match="this is an inpainting ControlNet: pass inpaint_mask"):
+        pipe("a red cube", [Control(cn, hints[0])], **KW)
