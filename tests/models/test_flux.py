@@ -113,6 +113,10 @@ def test_folders_load_and_the_cli_generates_diffusers_image(tmp_path, flux, hint
     Image.fromarray(hints[0]).save(tmp_path / "hint.png")
     theirs = reference(flux, cn, control_image=Image.fromarray(hints[0]), controlnet_conditioning_scale=0.7)
     assert Pipeline.from_pretrained(tmp_path / "b").family.name == "flux"
+    from controlstack.io.checkpoints import inspect_checkpoint
+
+    base, control = inspect_checkpoint(tmp_path / "b"), inspect_checkpoint(tmp_path / "cn")
+    assert (base["kind"], base["arch"]["family"], control["kind"]) == ("base", "Flux.1-dev", "controlnet")
     assert main(["generate", "--model", str(tmp_path / "b"), "--prompt", "a red cube", "--control",
                  f"{tmp_path / 'cn'}:{tmp_path / 'hint.png'}:0.7", "--steps", "3", "--cfg", "3.5", "--seed", "1",
                  "--width", str(SIZE), "--height", str(SIZE), "--no-progress", "--out", str(tmp_path / "out")]) == 0
@@ -225,3 +229,18 @@ def test_inpainting_with_a_controlnet_is_diffusers_controlnet_inpaint(flux, hint
     ours = Pipeline(c)("a red cube", [Control(cn, hints[0], weight=0.8)], init_image=Image.fromarray(hints[1]),
                        inpaint_mask=mask, strength=strength, **KW)
     assert_same_image(ours, theirs)
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_the_hires_fix_runs_on_transformer_bases(family):
+    """sd-webui's hires fix (generate, upscale, img2img at twice the size) through the flow img2img path,
+    with a pixel and a latent upscaler (Flux's latents are unpacked between the passes)."""
+    from controlstack import Pipeline
+    from controlstack.models.tiny_mmdit import tiny_flux, tiny_sd3
+
+    pipe = Pipeline((tiny_flux if family == "flux" else tiny_sd3)(seed=0))
+    first = pipe("a red cube", **{**KW, "steps": 2})
+    for upscaler in ("lanczos", "latent"):
+        out = pipe("a red cube", hires=2, hires_upscaler=upscaler, hires_strength=0.5, **{**KW, "steps": 2})
+        assert out.shape == (1, 2 * SIZE, 2 * SIZE, 3)
+        assert np.abs(out[:, ::2, ::2] - first).mean() > 1e-3  # the second pass changed the image

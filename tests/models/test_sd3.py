@@ -178,6 +178,11 @@ def test_folders_load_and_the_cli_generates_diffusers_image(tmp_path, sd3, hints
     (png,) = (tmp_path / "out").glob("*.png")
     assert_same_image(np.asarray(Image.open(png))[None], (theirs * 255).round().astype(np.uint8))
     assert "Sampler: Euler" in Image.open(png).info["parameters"]
+    from controlstack.io.checkpoints import inspect_checkpoint
+
+    base, control = inspect_checkpoint(tmp_path / "base"), inspect_checkpoint(tmp_path / "cn")
+    assert (base["kind"], base["arch"]["family_name"], base["arch"]["family"]) == ("base", "sd3", "SD3 (4 joint blocks)")
+    assert (control["kind"], control["arch"]["family_name"]) == ("controlnet", "sd3")
 
 
 @pytest.mark.parametrize("strength", [0.5, 1.0])

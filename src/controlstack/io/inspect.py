@@ -88,19 +88,23 @@ def _inspect_folder(path: Path, allow_pickle: bool) -> dict:
     if (path / "model_index.json").is_file():
         index = json.loads((path / "model_index.json").read_text())
         shapes, dtypes = {}, {}
-        for part in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        denoiser = "transformer" if (path / "transformer").is_dir() else "unet"  # SD3 / Flux: an MMDiT
+        for part in (denoiser, "vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
             if (path / part).is_dir():
                 s, d = _folder_weights(path / part, allow_pickle)
                 shapes.update({f"{part}.{k}": v for k, v in s.items()})
                 dtypes.update({f"{part}.{k}": v for k, v in d.items()})
-        unet_cfg = json.loads((path / "unet" / "config.json").read_text()) if (path / "unet" / "config.json").is_file() else {}
+        cfg_file = path / denoiser / "config.json"
+        unet_cfg = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}
         return {"format": "diffusers", "container": "folder", "kind": "base",
                 "pipeline": index.get("_class_name"), "arch": _arch(unet_cfg, "config.json"), **_summary(shapes, dtypes)}
     if (path / "config.json").is_file():
         cfg = json.loads((path / "config.json").read_text())
         name = cfg.get("_class_name", "unknown")
         kind = {"ControlNetModel": "controlnet", "ControlNetUnionModel": "controlnet", "UNet2DConditionModel": "unet",
-                "AutoencoderKL": "vae", "T2IAdapter": "t2i-adapter"}.get(name, name)
+                "AutoencoderKL": "vae", "T2IAdapter": "t2i-adapter", "SD3ControlNetModel": "controlnet",
+                "FluxControlNetModel": "controlnet", "SD3Transformer2DModel": "transformer",
+                "FluxTransformer2DModel": "transformer"}.get(name, name)
         shapes, dtypes = _folder_weights(path, allow_pickle)
         return {"format": "diffusers", "container": "folder", "kind": kind, "arch": _arch(cfg, "config.json"),
                 **_summary(shapes, dtypes)}
