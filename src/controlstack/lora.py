@@ -116,7 +116,7 @@ class Loras:
         name = re.sub(r"[^\w\-]", "_", name or Path(path).stem)
         if name in loras:
             raise ControlstackError(f"a LoRA named '{name}' is loaded already; unload_lora('{name}') or give a name")
-        width = self.unet.config.cross_attention_dim
+        width = self.unet.config.get("cross_attention_dim")  # a U-Net's text width (a transformer: none)
         if info["text_width"] is not None and info["text_width"] != width:
             raise ControlstackError(f"LoRA '{path}' is for a base with {info['text_width']}-wide text "
                                     f"(SD-1.x: 768, SD-2.x: 1024, SDXL: 2048), this base's is {width} "
@@ -126,12 +126,8 @@ class Loras:
         was_fused = self._fused
         if was_fused:
             self.unfuse_loras()
-        loader = self.family.lora_loader()
         try:
-            converted, alphas = loader.lora_state_dict(state, unet_config=self.unet.config)
-            loader.load_lora_into_unet(converted, alphas, self.unet, adapter_name=name)
-            for prefix, encoder in self.family.text_encoders(self):
-                loader.load_lora_into_text_encoder(converted, alphas, encoder, prefix=prefix, adapter_name=name)
+            self.family.load_lora(self, state, name)  # diffusers' loader for the family, PEFT's layers
         except (ValueError, RuntimeError, KeyError) as exc:  # a shape mismatch, keys diffusers cannot place
             self._drop(name)
             raise ControlstackError(f"LoRA '{path}' does not fit this base: {str(exc).splitlines()[0][:200]}") from None

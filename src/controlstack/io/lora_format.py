@@ -27,7 +27,7 @@ def describe(state: dict) -> dict:
     downs = [v for k, v in state.items() if k.endswith(("lora_down.weight", "lora_A.weight", "lora.down.weight",
                                                          "lora_linear_layer.down.weight"))]
     ranks = sorted({shape(v)[0] for v in downs})
-    targets = tuple(t for t, marks in (("unet", ("lora_unet_", "unet.")),
+    targets = tuple(t for t, marks in (("unet", ("lora_unet_", "unet.", "transformer.")),  # a transformer base: its denoiser
                                        ("text_encoder", ("lora_te_", "lora_te1_", "text_encoder.")),
                                        ("text_encoder_2", ("lora_te2_", "text_encoder_2.")))
                     if any(k.startswith(marks) for k in keys))

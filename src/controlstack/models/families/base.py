@@ -29,3 +29,13 @@ class Family:
 
     def set_timesteps(self, scheduler, steps: int, latents, device) -> None:
         scheduler.set_timesteps(steps, device=device)
+
+    def load_lora(self, pipe, state: dict, name: str) -> None:
+        """Put a LoRA ``state`` (any layout diffusers' loader for this family reads) into the base's
+        denoiser and text encoders as PEFT adapter ``name``."""
+        loader = self.lora_loader()
+        converted, alphas = loader.lora_state_dict(state, unet_config=pipe.unet.config)
+        loader.load_lora_into_unet(converted, alphas, pipe.unet, adapter_name=name)
+        for prefix, encoder in self.text_encoders(pipe):
+            loader.load_lora_into_text_encoder(converted, alphas, encoder, prefix=prefix, adapter_name=name)
+

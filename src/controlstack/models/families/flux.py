@@ -112,6 +112,18 @@ class Flux(Family):
         mu = latents.shape[1] * m + (lo - m * base)
         scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), device=device, mu=mu)
 
+    def load_lora(self, pipe, state: dict, name: str) -> None:
+        loader = self.lora_loader()
+        wide = [k for k, v in state.items() if "x_embedder" in k and k.endswith(("lora_A.weight", "lora_down.weight"))
+                and v.shape[1] != pipe.unet.config.in_channels]
+        if wide:  # a Flux Control LoRA (Canny-dev-lora): it widens the input layer to read the condition
+            raise ControlstackError("Flux Control LoRAs (which widen the input layer) are not supported yet; load "
+                                    "the full Control model (Canny-dev / Depth-dev) instead")
+        converted, alphas = loader.lora_state_dict(dict(state), return_alphas=True)
+        loader.load_lora_into_transformer(converted, alphas, pipe.unet, adapter_name=name)
+        for prefix, encoder in self.text_encoders(pipe):
+            loader.load_lora_into_text_encoder(converted, alphas, encoder, prefix=prefix, adapter_name=name)
+
     def __repr__(self) -> str:
         return "<family flux>"
 

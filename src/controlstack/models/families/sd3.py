@@ -90,6 +90,13 @@ class SD3(Family):
 
         return SD3LoraLoaderMixin
 
+    def load_lora(self, pipe, state: dict, name: str) -> None:
+        loader = self.lora_loader()  # SD3's files carry no alphas
+        converted = loader.lora_state_dict(dict(state))
+        loader.load_lora_into_transformer(converted, transformer=pipe.unet, adapter_name=name)
+        for prefix, encoder in self.text_encoders(pipe):
+            loader.load_lora_into_text_encoder(converted, None, encoder, prefix=prefix, adapter_name=name)
+
     def __repr__(self) -> str:
         return "<family sd3>"
 

@@ -1,0 +1,73 @@
+"""LoRAs on transformer bases (``lora.py`` through ``BaseFamily.load_lora``): a diffusers-format file
+adapting the transformer and the CLIP encoder(s) gives the image of diffusers' ``load_lora_weights`` +
+``set_adapters`` on ``StableDiffusion3Pipeline`` / ``FluxPipeline``, unfused and fused."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.parity import assert_same_image
+
+SIZE = 32
+KW = {"steps": 3, "seed": 1, "width": SIZE, "height": SIZE, "progress": False, "output_type": "np", "cfg": 4.0}
+
+
+def lora_file(tmp_path, components, family: str):
+    """Random PEFT LoRA layers on the transformer's attention and the CLIP encoders, saved as diffusers does."""
+    from diffusers import FluxPipeline, StableDiffusion3Pipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
+
+    torch.manual_seed(3)
+    cfg = LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=["to_k", "to_q", "to_v", "to_out.0"])
+    text_cfg = LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
+                          target_modules=["q_proj", "k_proj", "v_proj", "out_proj"])
+    models = {"transformer": inject_adapter_in_model(cfg, components.unet),
+              "text_encoder": inject_adapter_in_model(text_cfg, components.text_encoder)}
+    if family == "sd3":
+        models["text_encoder_2"] = inject_adapter_in_model(text_cfg, components.text_encoder_2)
+    with torch.no_grad():
+        for m in models.values():
+            for n, p in m.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.3)
+    layers = {f"{k}_lora_layers": convert_state_dict_to_diffusers(get_peft_model_state_dict(m)) for k, m in models.items()}
+    (StableDiffusion3Pipeline if family == "sd3" else FluxPipeline).save_lora_weights(tmp_path / "lora", **layers)
+    return tmp_path / "lora" / "pytorch_lora_weights.safetensors"
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_a_lora_is_diffusers_load_lora_weights(tmp_path, family):
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, StableDiffusion3Pipeline
+
+    from controlstack import Pipeline
+    from controlstack.models.tiny_mmdit import tiny_flux, tiny_sd3
+
+    make = tiny_sd3 if family == "sd3" else tiny_flux
+    path = lora_file(tmp_path, make(seed=0), family)
+    c = make(seed=0)
+    parts = dict(transformer=c.unet, vae=c.vae, text_encoder=c.text_encoder, tokenizer=c.tokenizer,
+                 text_encoder_2=c.text_encoder_2, tokenizer_2=c.tokenizer_2,
+                 scheduler=FlowMatchEulerDiscreteScheduler.from_config(c.scheduler_config))
+    if family == "sd3":
+        ref = StableDiffusion3Pipeline(**parts, text_encoder_3=c.text_encoder_3, tokenizer_3=c.tokenizer_3)
+    else:
+        ref = FluxPipeline(**parts)
+    ref.set_progress_bar_config(disable=True)
+    call = dict(num_inference_steps=3, guidance_scale=4.0, height=SIZE, width=SIZE, output_type="np")
+    plain = ref("a red cube", generator=torch.Generator().manual_seed(1), **call).images
+    ref.load_lora_weights(str(path), adapter_name="ink")
+    ref.set_adapters(["ink"], [0.7])
+    theirs = ref("a red cube", generator=torch.Generator().manual_seed(1), **call).images
+    ref.unload_lora_weights()
+
+    pipe = Pipeline(make(seed=0))
+    pipe.load_lora(path, 0.7, name="ink")
+    ours = pipe("a red cube", **KW)
+    assert_same_image(ours, theirs)
+    assert abs(ours - plain).max() > 1e-3  # the LoRA changed the image
+    pipe.fuse_loras()
+    assert_same_image(pipe("a red cube", **KW), theirs)
+    pipe.unload_lora()
+    assert_same_image(pipe("a red cube", **KW), plain)
