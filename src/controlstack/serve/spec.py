@@ -209,7 +209,7 @@ class JobSpec:
     width: int | None = None
     height: int | None = None
     batch: int = 1
-    scheduler: str = "unipc"
+    scheduler: str | None = None      # None: the base family's (unipc; euler on a flow-matching base)
     mode: str | None = None
     mode_options: dict | None = None
     base: str | None = None           # a registered base name; None: the default
@@ -312,7 +312,7 @@ def spec_from_v1(body: dict, base_of, limits: Limits) -> JobSpec:
         width=opt("width", lambda v: number(v, "width", 8, limits.max_side, integer=True)),
         height=opt("height", lambda v: number(v, "height", 8, limits.max_side, integer=True)),
         batch=number(body.get("batch", 1), "batch", 1, limits.max_batch, integer=True),
-        scheduler=one_of(body.get("scheduler", "unipc"), "scheduler", list(SCHEDULERS)),
+        scheduler=opt("scheduler", lambda v: one_of(v, "scheduler", list(SCHEDULERS))),
         mode=opt("mode", lambda v: one_of(v, "mode", modes())),
         mode_options=opt("mode_options", lambda v: v),  # typed against the mode in check_spec
         base=base,
@@ -538,6 +538,12 @@ def check_spec(spec: JobSpec, pipe, limits: Limits, names: dict | None = None) -
     if spec.mode_options is not None:  # the client's options, typed against the mode they will apply to
         spec.mode_options = check_mode_options(used["mode"], spec.mode_options, n("mode_options"))
         used["mode_options"] = spec.mode_options or None
+    from controlstack.sampling.schedulers import FLOW_SCHEDULERS  # local: heavy, only this path needs it
+
+    family = getattr(pipe, "family", None)  # a front's weightless base has none: the worker checks
+    if spec.scheduler is not None and family is not None and family.flow and spec.scheduler not in FLOW_SCHEDULERS:
+        raise ClientError(f"'{n('scheduler')}' {spec.scheduler} samples noise-prediction bases; this "
+                          f"{family.label} base samples with {', '.join(FLOW_SCHEDULERS)}")
     injection = make_injection(used["mode"], **(pipe.mi_options(used["mode"], used["mode_options"], controls) or {}))
     if speckles(spec.scheduler, injection, bool(controls), used["cfg"]):
         raise ClientError(f"'{n('scheduler')}' {spec.scheduler} with mode '{used['mode']}' above CFG "
