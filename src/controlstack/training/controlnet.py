@@ -51,6 +51,7 @@ from controlstack.models.task_tokens import (
     swap_in_trainable,
     with_task_token,
 )
+from controlstack.training import controlnet_transformer
 from controlstack.training.config import TrainConfig, list_field
 from controlstack.training.conservativity import conservativity_loss, epsilon_part, twice_differentiable
 from controlstack.training.data import (
@@ -116,6 +117,8 @@ class ControlNetConfig(TrainConfig):
     num_inference_steps: int = 20
     guidance_scale: float = 5.0
     conditioning_scale: float = 1.0
+    # a transformer base (SD3, Flux; controlnet_transformer.py): the blocks the ControlNet copies (0: a quarter)
+    controlnet_layers: int = 0
     output_dir: str = "outputs/train/controlnet"
 
     def __post_init__(self) -> None:
@@ -130,6 +133,7 @@ class ControlNetConfig(TrainConfig):
         require(0.0 < self.ema_decay < 1.0, "config key 'ema_decay' must be in (0, 1)")
         require(self.num_inference_steps >= 1, "config key 'num_inference_steps' must be >= 1")
         require(self.max_rows >= 0, "config key 'max_rows' must be >= 0 (0: every row)")
+        require(self.controlnet_layers >= 0, "config key 'controlnet_layers' must be >= 0 (0: a quarter of the blocks)")
         require(self.architecture in ARCHITECTURES,
                 f"config key 'architecture' is '{self.architecture}'; choose one of {', '.join(ARCHITECTURES)}")
         require(not self.init_from or (self.architecture == "copy" and self.zero_init),
@@ -255,6 +259,9 @@ def assert_locked(model: ControlledUNet, optimizer, *frozen) -> None:
 
 def train(config: ControlNetConfig, resume: bool = False):
     """Train and export the ControlNet; returns the path of the exported ControlNetModel folder."""
+    base = load_base(config.base)
+    if base.family.network != "unet":  # SD3 / Flux: their blocks, the flow-matching loss
+        return controlnet_transformer.train(config, base, resume)
     session = TrainingSession(config, "controlnet", resume)
     acc = session.accelerator
 
@@ -270,7 +277,6 @@ def train(config: ControlNetConfig, resume: bool = False):
     hints = (*hint_columns.values(), *object_hints(config))
     dataset = load_image_dataset(config.data, columns)
     val_set = load_image_dataset(config.validation_data, columns) if config.validation_data else dataset
-    base = load_base(config.base)
     vae, text_encoder, tokenizer = base.vae.to(acc.device), base.text_encoder.to(acc.device), base.tokenizer
 
     task_tokens = task_ids = None
