@@ -33,6 +33,7 @@ logging.getLogger("transformers.utils.import_utils").addFilter(_TorchvisionFallb
 RECIPES = {
     "vae": ("controlstack.training.vae", "VAEConfig"),
     "base": ("controlstack.training.base", "BaseConfig"),
+    "base_sd3": ("controlstack.training.base_sd3", "SD3BaseConfig"),
     "controlnet": ("controlstack.training.controlnet", "ControlNetConfig"),
     "omni": ("controlstack.training.omni", "OmniConfig"),
     "predictor": ("controlstack.training.predictor", "PredictorTrainConfig"),

@@ -25,6 +25,14 @@ from controlstack.models.families.base import Family
 T5_TOKENS = 256  # diffusers' max_sequence_length default for SD3
 
 
+def join_text(clip_states: list, clip_pooled: list, t5: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """SD3's text conditioning from its encoders' outputs: the CLIP states side by side, zero-padded to
+    T5's width, then T5's tokens; the pooled embeddings side by side (the base recipe trains through it)."""
+    clip = torch.cat(clip_states, dim=-1)
+    clip = F.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
+    return torch.cat([clip, t5.to(clip).expand(clip.shape[0], -1, -1)], dim=-2), torch.cat(clip_pooled, dim=-1)
+
+
 class SD3(Family):
     name = "sd3"
     label = "Stable Diffusion 3"
@@ -57,11 +65,7 @@ class SD3(Family):
             out = encoder(ids, output_hidden_states=True)
             pooled.append(out[0])
             states.append(out.hidden_states[-2])
-        clip = torch.cat(states, dim=-1)
-        t5 = self.t5_states(pipe, prompt)
-        clip = F.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
-        hidden = torch.cat([clip, t5.to(clip)], dim=-2)
-        pooled_all = torch.cat(pooled, dim=-1)
+        hidden, pooled_all = join_text(states, pooled, self.t5_states(pipe, prompt))
         return hidden.repeat(batch, 1, 1), pooled_all.repeat(batch, 1)
 
     def t5_states(self, pipe, prompt: str) -> torch.Tensor:
