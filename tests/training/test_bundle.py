@@ -33,6 +33,14 @@ TINY |= {"predictor": dict(max_steps=1, batch_size=2, embed_dim=8, num_heads=[1,
 TINY |= {"features": dict(max_steps=1, batch_size=2, widths=[8, 16], num_features=4, checkpoint_every=1, log_every=1),
          "clip": dict(max_steps=1, batch_size=2, width=16, layers=1, heads=2, projection_dim=8, checkpoint_every=1,
                       log_every=1)}
+# the IP-Adapter (its encoder: the world CLIP above) and the SD3-layout base with its canny ControlNet
+TINY |= {"ip_adapter": dict(max_steps=1, batch_size=2, num_tokens=4, resampler_width=64, checkpoint_every=1,
+                            validate_every=1, log_every=1, num_validation_images=1, num_inference_steps=2),
+         "base_sd3": dict(max_steps=1, batch_size=2, layers=2, heads=2, head_dim=8, text_hidden_size=32, text_layers=1,
+                          text_heads=2, max_length=16, checkpoint_every=1, validate_every=1, log_every=1,
+                          num_validation_images=1, num_inference_steps=2),
+         "controlnet_sd3": dict(max_steps=1, batch_size=2, controlnet_layers=1, checkpoint_every=1, validate_every=1,
+                                log_every=1, num_validation_images=1, num_inference_steps=2)}
 
 
 def test_bundle_stages_end_to_end(tmp_path, monkeypatch):
@@ -83,6 +91,18 @@ def test_bundle_stages_end_to_end(tmp_path, monkeypatch):
     assert load_feature_net(out / "evaluation" / "features").config.feature_scale > 0
     assert ClipScorer.load(out / "evaluation" / "clip").model.config.projection_dim == 8
     assert "World CLIP (evaluation)" in (out / "evaluation" / "clip" / "README.md").read_text()
+    b.run(["ip-adapter", "sd3-base", "sd3-controlnet-canny"], work, out)
+    assert (out / "ip_adapter" / "image_encoder" / "config.json").is_file()
+    assert "IP-Adapter (plus)" in (out / "ip_adapter" / "README.md").read_text()
+    from controlstack import Control, Pipeline
+
+    sd3 = Pipeline.from_pretrained(out / "sd3")
+    assert sd3.family.name == "sd3"
+    # the U-Net bundle's measured mode is not written into the transformer's ControlNet
+    assert "recommended" not in json.loads((out / "sd3" / "controlnets" / "canny" / "controlstack.json").read_text())
+    edges = np.zeros((64, 64, 3), np.uint8)
+    assert sd3("a cube", [Control(str(out / "sd3" / "controlnets" / "canny"), edges)], steps=1,
+               output_type="np", progress=False).shape == (1, 64, 64, 3)
     stages = json.loads((out / "stages.json").read_text())
     assert stages["vae"]["steps"] == 1 and stages["controlnet-canny"]["condition"] == "canny"
     assert all(b.is_done(s, work) for s in b.stages(out))

@@ -26,6 +26,9 @@ from controlstack.errors import require
 from controlstack.io.png import make_grid
 from controlstack.models.components import SDComponents
 from controlstack.models.families.sd3 import T5_TOKENS, join_text
+from controlstack.models.vae import encode
+from controlstack.pipeline import Pipeline
+from controlstack.prompting import project_prompts
 from controlstack.training.base import load_vae
 from controlstack.training.config import TrainConfig, list_field
 from controlstack.training.controlnet_transformer import flow_batch
@@ -88,7 +91,10 @@ def build_transformer(config: SD3BaseConfig, latent_size: int, latent_channels: 
 
 def build_text_encoder(config: SD3BaseConfig, tokenizer):
     """One of the two CLIP encoders (with projection: its pooled embedding), half the text width."""
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection  # local: heavy, only this path needs it
+    from transformers import (  # local: heavy, only this path needs it
+        CLIPTextConfig,
+        CLIPTextModelWithProjection,
+    )
 
     half = config.text_hidden_size // 2
     return CLIPTextModelWithProjection(CLIPTextConfig(
@@ -145,8 +151,6 @@ def train(config: SD3BaseConfig, resume: bool = False):
             if cache is not None:
                 latents = cache.sample(batch["row"].cpu(), g, acc.device)
             else:
-                from controlstack.models.vae import encode  # local: only without a latent cache
-
                 latents = encode(vae, batch["image"], g)
         ids = tokenize(tokenizer, drop_captions(batch["text"], config.caption_dropout, g), acc.device)
         noisy, target, t = flow_batch(latents, g)
@@ -174,7 +178,10 @@ def components(net: SD3TextToImage, vae, tokenizer, shift: float) -> SDComponent
 
 def export_pipeline(folder, net: SD3TextToImage, vae, tokenizer, shift: float) -> None:
     """A ``StableDiffusion3Pipeline`` folder (safetensors; no T5: its tokens are zeros)."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline  # local: heavy, only this path needs it
+    from diffusers import (  # local: heavy, only this path needs it
+        FlowMatchEulerDiscreteScheduler,
+        StableDiffusion3Pipeline,
+    )
 
     StableDiffusion3Pipeline(
         transformer=net.transformer, vae=vae, text_encoder=net.text_encoder, tokenizer=tokenizer,
@@ -186,9 +193,6 @@ def export_pipeline(folder, net: SD3TextToImage, vae, tokenizer, shift: float) -
 @torch.no_grad()
 def validate(session: TrainingSession, net: SD3TextToImage, vae, tokenizer, prompts: list[str], val: dict) -> None:
     """Prompt samples through the project's Pipeline (row 1) above the real images (row 2)."""
-    from controlstack.pipeline import Pipeline  # local: the pipeline is for validation only
-    from controlstack.prompting import project_prompts  # local: the pipeline is for validation only
-
     cfg = session.config
     net.eval()
     pipe = Pipeline(components(net, vae, tokenizer, cfg.shift))

@@ -36,13 +36,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
 from controlstack import training
 from controlstack.assets import BUNDLE_DIR, write_checksums
 from controlstack.errors import ControlstackError
-from controlstack.evaluation.report import fidelity_table
 from controlstack.io.settings import SETTINGS, read_settings, write_settings
+from controlstack.training.bundle_cards import write_model_card
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "bundle"
 REPO_ROOT = Path(__file__).resolve().parents[3]  # src/controlstack/training/bundle.py -> the checkout
@@ -68,6 +66,7 @@ class Stage:
     init_from: Path | None = None  # a refining stage starts from this bundled model
     config: str = ""            # config file name (default: the recipe's, or the stage's)
     dest: Path | None = None    # ControlNet stages: the folder the fp16 model goes to
+    base: Path | None = None    # ControlNet stages: the base they train for (None: the bundle's U-Net base)
 
 
 def stages(bundle: Path = BUNDLE_DIR) -> list[Stage]:
@@ -102,6 +101,12 @@ def stages(bundle: Path = BUNDLE_DIR) -> list[Stage]:
     # an IP-Adapter for the base, its image encoder the world CLIP's vision tower (docs/adapters.md)
     ip = bundle / "ip_adapter"
     out.append(Stage("ip-adapter", "ip_adapter", ip / "ip-adapter.safetensors", dest=ip))
+    # a transformer base in SD3's layout and its canny ControlNet (docs/transformers.md), beside the U-Net one
+    sd3 = bundle / "sd3"
+    out.append(Stage("sd3-base", "base_sd3", sd3 / "transformer" / weights, config="base_sd3", dest=sd3))
+    cn = sd3 / "controlnets" / "canny"
+    out.append(Stage("sd3-controlnet-canny", "controlnet", cn / weights, "canny", config="controlnet_sd3", dest=cn,
+                     base=sd3))
     return out
 
 
@@ -127,6 +132,18 @@ def save_fp16(model, dest: Path) -> None:
     model.to(dtype=__import__("torch").float16).save_pretrained(tmp, safe_serialization=True)
     shutil.rmtree(dest, ignore_errors=True)
     tmp.rename(dest)
+
+
+def halve_folder(folder: Path) -> None:
+    """Every floating tensor of every ``.safetensors`` file under ``folder`` in fp16, in place."""
+    from safetensors import safe_open  # local: heavy, only this path needs it
+    from safetensors.torch import load_file, save_file  # local: heavy, only this path needs it
+
+    for f in folder.rglob("*.safetensors"):
+        with safe_open(str(f), framework="pt") as handle:
+            metadata = handle.metadata()
+        state = {k: v.half() if v.is_floating_point() else v for k, v in load_file(str(f)).items()}
+        save_file({k: v.contiguous() for k, v in state.items()}, str(f), metadata=metadata)
 
 
 def _portable(value):
@@ -182,9 +199,10 @@ def _timed_training(stage: Stage, config, work: Path) -> tuple[Path, float]:
 
 def _forget_if_base_changed(work: Path, bundle: Path) -> None:
     """A ControlNet's checkpoints belong to the base they were trained on: when the bundled U-Net
-    changed since (e.g. the base stage ran again), resuming would continue a ControlNet for another
-    base, so the stage's work folder is cleared and the stage starts over."""
-    digest = hashlib.sha256((bundle / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()).hexdigest()
+    (or transformer) changed since (e.g. the base stage ran again), resuming would continue a
+    ControlNet for another base, so the stage's work folder is cleared and the stage starts over."""
+    net = bundle / ("transformer" if (bundle / "transformer").is_dir() else "unet")
+    digest = hashlib.sha256((net / "diffusion_pytorch_model.safetensors").read_bytes()).hexdigest()
     stamp = work / "base_unet.sha256"
     if work.is_dir() and (not stamp.is_file() or stamp.read_text().strip() != digest):
         print(f"{work}: checkpoints of another base; starting this stage over", flush=True)
@@ -235,17 +253,18 @@ def run_stage(stage: Stage, work_root: Path, bundle: Path, configs: Path | None 
     overrides = {"data": str(world), "output_dir": str(work)}
     if stage.init_from is not None:
         overrides["init_from"] = str(stage.init_from)
-    if stage.recipe in ("base", "controlnet", "omni", "ip_adapter"):
+    if stage.recipe in ("base", "base_sd3", "controlnet", "omni", "ip_adapter"):
         # one cache of the (locked, bundled) VAE's posteriors serves the base and every ControlNet
         overrides["latent_cache"] = str(work_root / "latents.safetensors")
-    if stage.recipe == "base":
+    if stage.recipe in ("base", "base_sd3"):
         overrides["vae"] = str(bundle / "vae")
     if stage.recipe == "ip_adapter":
         overrides.update(base=str(bundle), image_encoder=str(bundle / "evaluation" / "clip"))
         _forget_if_base_changed(work, bundle)
     if stage.recipe in ("controlnet", "omni"):
-        overrides.update(base=str(bundle), **({"condition": stage.condition} if stage.recipe == "controlnet" else {}))
-        _forget_if_base_changed(work, bundle)
+        base = stage.base or bundle
+        overrides.update(base=str(base), **({"condition": stage.condition} if stage.recipe == "controlnet" else {}))
+        _forget_if_base_changed(work, base)
     yaml_name = stage.config or ("controlnet" if stage.recipe == "controlnet" else stage.name.replace("-", "_"))
     config = config_cls.from_yaml(Path(configs or CONFIGS) / f"{yaml_name}.yaml", resolution=WORLD_SIZE,
                                   **overrides)
@@ -291,6 +310,18 @@ def run_stage(stage: Stage, work_root: Path, bundle: Path, configs: Path | None 
         save_file({k: v.half() for k, v in state.items()}, str(tmp / "ip-adapter.safetensors"))
         shutil.rmtree(stage.dest, ignore_errors=True)
         tmp.rename(stage.dest)
+    elif stage.recipe == "base_sd3":  # the pipeline folder as exported, every weight in fp16
+        tmp = bundle / ".sd3.partial"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(model_dir, tmp)
+        halve_folder(tmp)
+        stage.dest.mkdir(parents=True, exist_ok=True)
+        for part in tmp.iterdir():  # part by part: the ControlNets trained for it (sd3/controlnets/) stay
+            target = stage.dest / part.name
+            if target.is_dir():
+                shutil.rmtree(target)
+            shutil.move(str(part), target)
+        shutil.rmtree(tmp)
     elif stage.recipe == "base":
         from diffusers import UNet2DConditionModel  # local: heavy, only this path needs it
         from transformers import CLIPTextModel  # local: heavy, only this path needs it
@@ -302,11 +333,11 @@ def run_stage(stage: Stage, work_root: Path, bundle: Path, configs: Path | None 
             shutil.copytree(model_dir / part, bundle / part)
         shutil.copy(model_dir / "model_index.json", bundle / "model_index.json")
     else:
-        from diffusers import ControlNetModel  # local: heavy, only this path needs it
+        from controlstack.io.checkpoints import load_controlnet  # local: heavy, only this path needs it
 
         dest = stage.dest or bundle / "controlnets" / stage.condition
         dest.parent.mkdir(parents=True, exist_ok=True)
-        save_fp16(ControlNetModel.from_pretrained(model_dir), dest)
+        save_fp16(load_controlnet(model_dir), dest)
         from controlstack.models.task_tokens import TOKENS_FILE  # local: heavy, only this path needs it
 
         for name in (SETTINGS, TOKENS_FILE):  # the recommended mode / Omni's task tokens travel with the weights
@@ -314,7 +345,7 @@ def run_stage(stage: Stage, work_root: Path, bundle: Path, configs: Path | None 
                 shutil.copy(model_dir / name, dest / name)
 
         settings = read_settings(dest)
-        if "recommended" not in settings:  # the bundle's plain and Omni ControlNets: the measured best mode
+        if "recommended" not in settings and stage.base is None:  # the U-Net bundle's: the measured best mode
             write_settings(dest, {**settings, "recommended": BUNDLE_RECOMMENDED})
     _record(bundle, stage.name, {
         "recipe": stage.recipe, "condition": stage.condition or None, "steps": config.max_steps,
@@ -324,186 +355,6 @@ def run_stage(stage: Stage, work_root: Path, bundle: Path, configs: Path | None 
         "config": _portable(config.to_dict()), "data": f"world export: {WORLD_SCENES} scenes, seed {WORLD_SEED}, "
                                            f"{WORLD_SIZE}x{WORLD_SIZE}", **sized,
     })
-
-
-def _stage_rows(stages_info: dict) -> list[str]:
-    rows = ["| stage | steps x batch | resolution | wall time | machine | finished |",
-            "| --- | ---: | ---: | ---: | --- | --- |"]
-    for name, info in stages_info.items():
-        rows.append(f"| {name} | {info['steps']} x {info['batch_size']} | {info['resolution']} | "
-                    f"{info['wall_seconds'] / 60:.0f} min | {info['machine']} | {info['finished']} |")
-    return rows
-
-
-def _lineage(name: str, stages_info: dict) -> list[str]:
-    """The stage and the bundle stages it was fine-tuned from (by ``init_from``), oldest first."""
-    out = [name]
-    while True:
-        init = str(stages_info[out[-1]].get("config", {}).get("init_from", ""))
-        parent = next((n for n, i in stages_info.items() if n not in out and init
-                       and init.endswith("/" + i.get("dest", f"controlnets/{i.get('condition')}"))), None)
-        if parent is None:
-            return out[::-1]
-        out.append(parent)
-
-
-def write_model_card(bundle: Path = BUNDLE_DIR) -> Path:
-    """``bundle/README.md`` from ``stages.json`` (data, config, steps, wall time, machine) and, when
-    ``benchmarks/fidelity.py --json bundle/fidelity.json`` has been run, its measured numbers; and
-    one card per ControlNet (``controlnets/<name>/README.md``) with its own stage and numbers."""
-    stages_info = json.loads((bundle / "stages.json").read_text()) if (bundle / "stages.json").is_file() else {}
-    fidelity_path = bundle / "fidelity.json"
-    fidelity = json.loads(fidelity_path.read_text()) if fidelity_path.is_file() else None
-    data = next((i["data"] for i in stages_info.values()), "")
-    lines = ["# controlstack bundled default model", "",
-             "Trained from scratch by `make bundle` on the procedural world (no external data or weights).",
-             "fp16 safetensors; loaded by `controlstack.Pipeline.from_pretrained()`.", "",
-             *_stage_rows(stages_info),
-             "", (f"Data: {data}. Configs: `src/controlstack/configs/bundle/` (the exact values of each run are "
-             "in `stages.json`). `SHA256SUMS` lists every model file's checksum.")]
-    if fidelity is not None:
-        lines += ["", "## Measured (`benchmarks/fidelity.py`)", "", *fidelity_table(fidelity)]
-    path = bundle / "README.md"
-    bundle.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines) + "\n")
-
-    for name, info in stages_info.items():
-        folder = bundle / info.get("dest", f"controlnets/{info.get('condition')}")
-        if info.get("recipe") == "predictor" and folder.is_dir():
-            (folder / "README.md").write_text("\n".join(_predictor_card(bundle, name, info)) + "\n")
-        if info.get("recipe") in ("features", "clip") and folder.is_dir():
-            (folder / "README.md").write_text("\n".join(_evaluation_card(bundle, name, info)) + "\n")
-        if info.get("recipe") == "ip_adapter" and folder.is_dir():
-            (folder / "README.md").write_text("\n".join(_ip_adapter_card(bundle, name, info)) + "\n")
-        if info.get("recipe") not in ("controlnet", "omni") or not folder.is_dir():
-            continue
-        lineage = _lineage(name, stages_info)
-        kind = {"omni": "Omni ControlNet"}.get(info["recipe"], "Minimal Impact ControlNet" if name.startswith("mi-")
-                                                              else "ControlNet")
-        named = f" (`{folder.name}`)" if folder.name != info["condition"] else ""
-        what = (f"condition column `{info['condition']}` of the world export." if info["recipe"] != "omni" else
-                f"tasks {', '.join(info['config'].get('tasks', []))} mixed per sample, each a learned token "
-                "(`task_tokens.safetensors`) prefixed to the ControlNet's prompt. Fine-tuned from the bundled canny "
-                "ControlNet; use `Control(model=\"omni\", task=...)`; see docs/omni.md.")
-        card = [f"# {kind}: {info['condition']}{named}", "",
-                f"Trained by `make bundle` (stage `{name}`) on the locked bundled base, {what}"
-                + (" Fine-tuned from the bundled plain ControlNet; see docs/mi.md." if name.startswith("mi-") else ""),
-                "", *_stage_rows({n: stages_info[n] for n in lineage}), "",
-                f"Data: {info['data']}.", "", "Config:", "", "```yaml",
-                yaml.safe_dump(info["config"], sort_keys=False).strip(), "```"]
-        if fidelity is not None and info["condition"] in fidelity.get("f1", {}) and not name.startswith("mi-"):
-            f1 = fidelity["f1"][info["condition"]]
-            card += ["", (f"Measured on {fidelity['scenes']} held-out scenes (`benchmarks/fidelity.py`): "
-                         f"F1 {f1['control']:.3f} with control vs {f1['no_control']:.3f} without "
-                         f"({f1['control'] / max(f1['no_control'], 1e-9):.2f}x); "
-                         f"FID {fidelity.get('fid', {}).get(info['condition'], float('nan')):.3f}.")]
-        card += _mi_numbers(bundle, name, info) + _omni_numbers(bundle, info)
-        (folder / "README.md").write_text("\n".join(card) + "\n")
-    return path
-
-
-def _ip_adapter_card(bundle: Path, name: str, info: dict) -> list[str]:
-    """The bundled IP-Adapter's card: its stage, config and, once measured, ``ip_adapter.json``."""
-    card = ["# IP-Adapter (plus) for the bundled base", "", f"Trained by `make bundle` (stage `{name}`) on the locked "
-            "bundled base: `ip-adapter.safetensors` (the IP-Adapter file layout) and `image_encoder/` (the world "
-            "CLIP's vision tower, frozen). `controlstack generate --image-prompt ref.png` uses it; see "
-            "docs/adapters.md.", "", *_stage_rows({name: info}), "", f"Data: {info['data']}.", "", "Config:", "",
-            "```yaml", yaml.safe_dump(info["config"], sort_keys=False).strip(), "```"]
-    measured = bundle / "ip_adapter.json"
-    if measured.is_file():
-        m = json.loads(measured.read_text())
-        card += ["", f"Measured on {m['scenes']} held-out scenes (`benchmarks/ip_adapter.py`, {m['objects']} objects):",
-                 "", "| row | colour | structure F1 | CLIP score |", "| --- | ---: | ---: | ---: |",
-                 *[f"| {r} | {v['colour']:.1%} | {v['structure_f1']:.3f} | {v['clip_score']:.2f} |"
-                   for r, v in m["rows"].items()]]
-    return card
-
-
-def _evaluation_card(bundle: Path, name: str, info: dict) -> list[str]:
-    """An evaluation network's card (docs/evaluation.md): its stage, config and measured numbers."""
-    what = {"features": ("FID / KID feature network", "a 4-stage CNN whose 64-wide embedding is the FID / KID "
-                         "feature; trained to predict the scene graph's content (caption words, seg class areas, "
-                         "the number of visible things, the sky's colour). Load with "
-                         "`controlstack.evaluation.networks.load_feature_net`."),
-            "clip": ("World CLIP", "transformers' `CLIPModel` (ViT 128 px / patch 16, width 128, 4 layers per "
-                     "tower, 64-d joint space) trained contrastively on world photos and captions; a standard "
-                     "CLIP folder (`CLIPModel.from_pretrained`). CLIP score = 100 * max(cos, 0).")}[name]
-    card = [f"# {what[0]} (evaluation)", "", f"Trained by `make bundle` (stage `{name}`) from random initialisation "
-            f"on the world export: {what[1]} See docs/evaluation.md.", "", *_stage_rows({name: info}), "",
-            f"Data: {info['data']}.", "", "Config:", "", "```yaml",
-            yaml.safe_dump(info["config"], sort_keys=False).strip(), "```"]
-    metrics = bundle / "evaluation.json"
-    if metrics.is_file():
-        m = json.loads(metrics.read_text())
-        if name == "clip":
-            r = m["clip"]["retrieval"]
-            card += ["", f"Measured on {m['scenes']} held-out scenes (`benchmarks/evaluation_networks.py`): caption "
-                         f"retrieval top-1 {r['image_to_text']:.1%} image -> caption, {r['text_to_image']:.1%} caption "
-                         f"-> image (chance {1 / m['clip']['candidates']:.1%}); CLIP score of real renders "
-                         f"{m['clip']['clip_real_matched']:.1f} with their captions, {m['clip']['clip_real_shuffled']:.1f} "
-                         f"with shuffled ones; the true caption beats a one-colour swap in {m['clip']['binding']:.1%}."]
-        else:
-            t = m["features"]["fid_table"]
-            card += ["", f"Measured on {m['scenes']} held-out scenes (`benchmarks/evaluation_networks.py`), FID "
-                         "against half of the real renders:", "", "| set | FID | KID |", "| --- | ---: | ---: |"]
-            card += [f"| {k} | {v['fid']:.3f} | {v['kid']:.4f} |" for k, v in t.items()]
-    return card
-
-
-def _predictor_card(bundle: Path, name: str, info: dict) -> list[str]:
-    """The multi-task dense predictor's card: its stage, config and (when measured) its numbers."""
-    card = ["# Multi-task dense predictor (OmniControlNet stage 1)", "",
-            "Trained by `make bundle` (stage `predictor`) from random initialisation on the world's exact ground "
-            "truth: depth, soft edge (hed), normals, segmentation, human and animal keypoints. The learned "
-            "annotators (`depth`, `hed`, `scribble_hed`, `normal_estimate`, `seg_estimate`, `pose_estimate`) run it "
-            "by default; see docs/omni.md.", "", *_stage_rows({name: info}), "", f"Data: {info['data']}.", "",
-            "Config:", "", "```yaml", yaml.safe_dump(info["config"], sort_keys=False).strip(), "```"]
-    path = bundle / "omni.json"
-    if path.is_file():
-        report = json.loads(path.read_text())
-        joint = report.get("predictor", {}).get("joint", {})
-        card += ["", f"Measured on {report['scenes']} held-out scenes (`benchmarks/omni_tables.py`): "
-                     + ", ".join(f"{t} {k} {v}" for t, m in joint.items() for k, v in m.items()
-                                 if k not in ("threshold", "keypoints")) + "."]
-    return card
-
-
-def _omni_numbers(bundle: Path, info: dict) -> list[str]:
-    """The Omni ControlNet card's measured numbers from ``bundle/omni.json``; [] for other models."""
-    path = bundle / "omni.json"
-    if info.get("recipe") != "omni" or not path.is_file():
-        return []
-    report = json.loads(path.read_text())
-    lines = ["", f"Measured on {report['scenes']} held-out scenes (`benchmarks/omni_tables.py`, docs/omni.md):"]
-    for task, r in report.get("controlnet", {}).items():
-        if task == "no control":
-            continue
-        sp = r.get("specialised")
-        lines.append(f"- {task}: F1 {r['omni']['f1']:.3f}, FID {r['omni']['fid']:.2f}"
-                     + (f" (specialised ControlNet: F1 {sp['f1']:.3f}, FID {sp['fid']:.2f})" if sp else ""))
-    return lines
-
-
-def _mi_numbers(bundle: Path, name: str, info: dict) -> list[str]:
-    """A Minimal Impact model card's measured numbers, from ``bundle/mi.json``
-    (``benchmarks/mi_tables.py --json``); [] when not measured yet."""
-    path = bundle / "mi.json"
-    if not name.startswith("mi-") or not path.is_file():
-        return []
-    report = json.loads(path.read_text())
-    cond = info["condition"]
-    stage = "stage 1" if name.endswith("-stage1") else "stage 2" if name == f"mi-{cond}" else None
-    lines = ["", "Measured by `benchmarks/mi_tables.py` on held-out scenes (docs/mi.md):"]
-    asym = {r["model"]: r for r in report.get("asym", []) if r["condition"] == cond}
-    if stage in asym and "plain" in asym:
-        lines.append(f"- Asym {asym[stage]['asym']:.4g} (NAsym {asym[stage]['nasym']:.3g}); the plain ControlNet: "
-                     f"{asym['plain']['asym']:.4g} (NAsym {asym['plain']['nasym']:.3g}).")
-    label = {"stage 1": "MI stage 1", "stage 2": "MI stage 2"}.get(stage or "", "")
-    for r in report.get("texture", []):
-        if r["condition"] == cond and r["prompt"] == "full" and r["variant"] in (label, "plain", "real renders"):
-            lines.append(f"- silent half, full caption, {r['variant']}: TV {r['tv_silent']:.4f}, denoising loss "
-                         f"{r['denoising_loss']:.3f}" + (f", FID {r['fid']:.2f}" if r.get("fid") is not None else ""))
-    return lines if len(lines) > 2 else []
 
 
 def is_done(stage: Stage, work_root: Path) -> bool:

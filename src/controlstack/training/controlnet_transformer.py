@@ -22,10 +22,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from controlstack.control import Control
 from controlstack.errors import require
-from controlstack.io.settings import write_settings
 from controlstack.io.png import make_grid
+from controlstack.io.settings import write_settings
 from controlstack.mmdit import control_latents
+from controlstack.models.vae import encode
+from controlstack.pipeline import Pipeline
 from controlstack.training.data import RowTransform, batches, first_rows, load_image_dataset, make_dataloader
 from controlstack.training.diffusion import drop_captions
 from controlstack.training.latents import training_rows
@@ -54,6 +57,9 @@ def build(transformer, family, layers: int):
             transformer, num_layers=n, num_single_layers=max(1, n // 2), attention_head_dim=c.attention_head_dim,
             num_attention_heads=c.num_attention_heads)
     n = layers or max(1, c.num_layers // 4)
+    # SD3's last joint block updates no text tokens (context_pre_only): a ControlNet's blocks all do
+    require(n < c.num_layers, f"config key 'controlnet_layers' ({n}) must be below the base's {c.num_layers} joint "
+                              "blocks (its last one is text-read-only)")
     cn = diffusers.SD3ControlNetModel.from_config({**dict(c), "num_layers": n, "extra_conditioning_channels": 0})
     for part in ("pos_embed", "time_text_embed", "context_embedder"):  # diffusers' from_transformer, unmutated
         getattr(cn, part).load_state_dict(getattr(transformer, part).state_dict())
@@ -137,8 +143,6 @@ def train(config, base, resume: bool = False):
             if cache is not None:
                 latents = cache.sample(batch["row"].cpu(), g, acc.device)
             else:
-                from controlstack.models.vae import encode  # local: only without a latent cache
-
                 latents = encode(base.vae, batch["image"], g)
             cond = control_latents(base.vae, controlnet, batch["hint"])
             hidden, pooled = encode_captions(base, drop_captions(batch["text"], config.caption_dropout, g))
@@ -168,9 +172,6 @@ def train(config, base, resume: bool = False):
 @torch.no_grad()
 def validate(session: TrainingSession, base, controlnet, val: dict) -> None:
     """Grid rows condition | generated | real through the project's Pipeline, and the fidelity curve."""
-    from controlstack.control import Control  # local: the pipeline is for validation only
-    from controlstack.pipeline import Pipeline  # local: the pipeline is for validation only
-
     cfg = session.config
     controlnet.eval()
     hints = tensor_to_pil(val["hint"], signed=False)
