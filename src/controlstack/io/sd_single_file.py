@@ -223,7 +223,11 @@ def _load_base_file(path: Path, allow_pickle: bool, config, dtype) -> SDComponen
     state, metadata = read_tensors(path, allow_pickle=allow_pickle)
     _require_base_state(state)
 
-    own = {"sdxl": xl.load_sdxl_state}.get(family_of_state(state).name)  # a family with its own layout
+    family = family_of_state(state)
+    if family.network != "unet":  # SD3 / Flux files: their diffusers folders load (docs/transformers.md)
+        raise ControlstackError(f"'{path.name}' is a {family.label} single-file checkpoint; this project loads "
+                                f"{family.label} as a diffusers folder (the pipeline's save_pretrained layout)")
+    own = {"sdxl": xl.load_sdxl_state}.get(family.name)  # a family with its own layout
     if own is not None:
         return own(state, metadata, config, dtype)
     unet_cfg, vae_cfg, text_cfg, folder = _base_configs(state, metadata, config)
@@ -271,6 +275,15 @@ def _save_folder(components: SDComponents, folder: Path) -> None:
     sched_cfg = dict(components.scheduler_config or scheduler_config(None))
     sched_name = str(sched_cfg.get("_class_name", "PNDMScheduler"))
     sched_cls = getattr(diffusers, sched_name, None) or diffusers.PNDMScheduler
+    family = components.family
+    if family.network != "unet":  # SD3 / Flux: their pipeline's own layout (transformer/, T5 in its slot)
+        pipeline = {"sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline"}[family.name]
+        parts = {k: getattr(components, k) for k in ("vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")}
+        if family.name == "sd3":
+            parts.update(text_encoder_3=components.text_encoder_3, tokenizer_3=components.tokenizer_3)
+        getattr(diffusers, pipeline)(transformer=components.unet, scheduler=sched_cls.from_config(sched_cfg),
+                                     **parts).save_pretrained(folder, safe_serialization=True)
+        return
     folder.mkdir(parents=True)
     components.unet.save_pretrained(folder / "unet", safe_serialization=True)
     components.vae.save_pretrained(folder / "vae", safe_serialization=True)
