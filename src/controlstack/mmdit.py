@@ -1,5 +1,6 @@
-"""Controls on a transformer (MMDiT) base: the SD3 ControlNet branch and the denoiser the one loop
-calls for such a base (the U-Net's is ``denoiser.ControlledDenoiser``).
+"""Controls on transformer (MMDiT) bases -- SD3 / SD3.5 and Flux.1: their ControlNet branches and
+the denoisers the one loop calls for such a base (the U-Net's is ``denoiser.ControlledDenoiser``;
+:data:`TRANSFORMER_DENOISERS` is the pipeline's table by ``BaseFamily.network``).
 
 An SD3 ControlNet (diffusers' ``SD3ControlNetModel``; InstantX's and Stability's SD3 / SD3.5
 ControlNets) is a copy of the first joint blocks of the transformer that reads the noisy latents
@@ -15,6 +16,10 @@ diffusers' ``controlnet_keep``). The modes keep their meaning on the
 list of block residuals (:func:`block_weights`: ``prompt`` weakens the early blocks, ``controlnet`` /
 ``guess`` act on the conditional CFG half only); Minimal Impact's balancing is built on a U-Net's
 skips and is refused here.
+
+A Flux ControlNet (InstantX's, Shakker's Union, XLabs') returns residuals for the double- and the
+single-stream blocks; a Flux *Control* base (Canny-dev / Depth-dev) reads its condition's latents
+concatenated to its input instead (:class:`InputCondition`).
 """
 
 from __future__ import annotations
