@@ -23,7 +23,7 @@ BUNDLED_NAMES = ("canny", "depth", "seg", "pose", "scribble", "softedge")
 REQUIRED_CONTROLNETS = ("canny", "depth", "seg", "pose")  # the bundle is the default once all exist
 CHECKSUMS = "SHA256SUMS"  # `sha256sum -c` format, over every weight and config file of the bundle
 _MODEL_PARTS = ("model_index.json", "controlstack.json", "vae", "unet", "text_encoder", "tokenizer", "scheduler",
-                "controlnets", "mi", "predictor", "evaluation")
+                "controlnets", "mi", "predictor", "evaluation", "ip_adapter", "sd3")
 
 
 def has_trained_base(bundle: Path | None = None) -> bool:
