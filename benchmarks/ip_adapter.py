@@ -108,7 +108,7 @@ def main() -> None:
             "clip_score": round(float(scorer.scores(images, texts).mean()), 3)}
     report["real"] = {"colour": round(colour_hits(objects, rows, real, prototypes), 4),
                       "clip_score": round(float(scorer.scores(real, texts).mean()), 3)}
-    report["reference"] = {"clip_score": round(float(scorer.scores(refs, texts).mean()), 3)}
+    report["reference_clip_score"] = round(float(scorer.scores(refs, texts).mean()), 3)
     n = len(real)
     report["chance"] = {"colour": round(1 / len(prototypes), 4),
                         "structure_f1": round(float(np.mean([edge_f1(real_edges[i], real_edges[(i + 1) % n])
