@@ -26,7 +26,6 @@ from controlstack.errors import require
 from controlstack.io.png import make_grid
 from controlstack.models.components import SDComponents
 from controlstack.models.families.sd3 import T5_TOKENS, join_text
-from controlstack.models.vae import encode
 from controlstack.pipeline import Pipeline
 from controlstack.prompting import project_prompts
 from controlstack.training.base import load_vae
@@ -34,7 +33,7 @@ from controlstack.training.config import TrainConfig, list_field
 from controlstack.training.controlnet_transformer import flow_batch
 from controlstack.training.data import RowTransform, batches, first_rows, load_image_dataset, make_dataloader
 from controlstack.training.diffusion import drop_captions, tokenize
-from controlstack.training.latents import training_rows
+from controlstack.training.latents import batch_latents, training_rows
 from controlstack.training.session import TrainingSession, make_lr_scheduler, make_optimizer
 from controlstack.training.tokenizer import VOCABULARY_SOURCES, build_tokenizer
 from controlstack.training.validation import tensor_to_pil
@@ -148,10 +147,7 @@ def train(config: SD3BaseConfig, resume: bool = False):
     for batch in batches(acc, loader, session.micro) if not session.done else ():
         g = session.step_generator()
         with torch.no_grad():
-            if cache is not None:
-                latents = cache.sample(batch["row"].cpu(), g, acc.device)
-            else:
-                latents = encode(vae, batch["image"], g)
+            latents = batch_latents(vae, batch, g, acc.device, cache)
         ids = tokenize(tokenizer, drop_captions(batch["text"], config.caption_dropout, g), acc.device)
         noisy, target, t = flow_batch(latents, g)
         with acc.accumulate(model), acc.autocast():

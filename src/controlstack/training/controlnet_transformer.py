@@ -27,11 +27,10 @@ from controlstack.errors import require
 from controlstack.io.png import make_grid
 from controlstack.io.settings import write_settings
 from controlstack.mmdit import control_latents
-from controlstack.models.vae import encode
 from controlstack.pipeline import Pipeline
 from controlstack.training.data import RowTransform, batches, first_rows, load_image_dataset, make_dataloader
 from controlstack.training.diffusion import drop_captions
-from controlstack.training.latents import training_rows
+from controlstack.training.latents import batch_latents, training_rows
 from controlstack.training.session import TrainingSession, make_lr_scheduler, make_optimizer
 from controlstack.training.validation import condition_fidelity, plot_metric, tensor_to_pil
 
@@ -140,10 +139,7 @@ def train(config, base, resume: bool = False):
     for batch in batches(acc, loader, session.micro) if not session.done else ():
         g = session.step_generator()
         with torch.no_grad():
-            if cache is not None:
-                latents = cache.sample(batch["row"].cpu(), g, acc.device)
-            else:
-                latents = encode(base.vae, batch["image"], g)
+            latents = batch_latents(base.vae, batch, g, acc.device, cache)
             cond = control_latents(base.vae, controlnet, batch["hint"])
             hidden, pooled = encode_captions(base, drop_captions(batch["text"], config.caption_dropout, g))
         noisy, target, t = flow_batch(latents, g)

@@ -17,6 +17,7 @@ import torch
 
 from controlstack.models.vae import encode
 from controlstack.sampling.schedulers import SD_SCHEDULER_CONFIG
+from controlstack.training.latents import batch_latents
 
 #: the noise schedule recipes train with: SD-1.x's, the one ``sampling/schedulers.py`` samples with
 SD_SCHEDULE = {k: SD_SCHEDULER_CONFIG[k] for k in ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule",
@@ -78,10 +79,7 @@ def noisy_batch(vae, noise_scheduler, tokenizer, batch: dict, caption_dropout: f
     the empty prompt) as token ids. Returns (noisy, target, t, ids).
     With a :class:`~controlstack.training.latents.LatentCache` the posterior comes from the cache
     (rows ``batch["row"]``) instead of the encoder; the draws from ``generator`` are the same."""
-    if cache is not None:
-        latents = cache.sample(batch["row"].cpu(), generator, device)
-    else:
-        latents = encode_latents(vae, batch["image"], generator)
+    latents = batch_latents(vae, batch, generator, device, cache)
     noisy, noise, t = add_noise(noise_scheduler, latents, generator)
     ids = tokenize(tokenizer, drop_captions(batch["text"], caption_dropout, generator), device)
     if noise_scheduler.config.prediction_type == "v_prediction":

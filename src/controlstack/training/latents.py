@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file, safe_open, save_file
 from tqdm.auto import tqdm
 
-from controlstack.models.vae import scale
+from controlstack.models.vae import encode, scale
 from controlstack.training.data import RowTransform
 
 ROW = "row"  # the column the recipes add so a batch knows which cached rows it holds
@@ -84,6 +84,14 @@ class LatentCache:
                   metadata={**key, "scaling_factor": repr(cache.scaling_factor)})
         tmp.replace(path)  # atomic: an interrupted build never leaves a half file under the real name
         return cache
+
+
+def batch_latents(vae, batch: dict, generator: torch.Generator, device, cache: LatentCache | None = None):
+    """A batch's scaled latents: drawn from the cache's posteriors (rows ``batch["row"]``), else one
+    posterior sample of the encoder; the same draws from ``generator`` either way."""
+    if cache is not None:
+        return cache.sample(batch["row"].cpu(), generator, device)
+    return encode(vae, batch["image"], generator)
 
 
 def with_rows(dataset):
