@@ -25,6 +25,7 @@ COMMANDS = (
     "inspect",
     "annotate",
     "world",
+    "dataset",
     "train",
     "asym",
     "evaluate",
