@@ -140,3 +140,37 @@ def test_the_fid_sample_threshold_is_twice_the_feature_dimension():
     assert small_sample_note(128, 64) is None
     note = small_sample_note(127, 64)
     assert note.startswith("127 scenes is below the 128 FID needs") and "\n" not in note
+
+
+def test_evaluate_on_a_users_dataset(tiny_networks, tmp_path):
+    """``--data DIR``: a datasets folder of the user's (here one ``controlstack dataset build`` made from
+    photos) replaces the world's held-out scenes; its captions, images and conditions are what the rows
+    read; a control type it lacks is one line naming its columns."""
+    from PIL import Image
+
+    from controlstack.cli.main import main
+    from controlstack.evaluation.evaluate import EvaluateConfig, dataset_scenes
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(3):
+        a = np.full((96, 80, 3), 40 * i, np.uint8)
+        a[20:60, 20 + 5 * i:50] = (200, 60, 30)
+        Image.fromarray(a).save(photos / f"p{i}.png")
+        (photos / f"p{i}.txt").write_text(f"a red box {i}")
+    assert main(["dataset", "build", str(photos), "--annotators", "canny", "--out", str(tmp_path / "d"),
+                 "--quiet"]) == 0
+    scenes = dataset_scenes(str(tmp_path / "d"), 2, 64, 1, ("canny",))
+    assert [s["text"] for s in scenes] == ["a red box 1", "a red box 2"]
+    assert scenes[0]["image"].shape == scenes[0]["canny"].shape == (64, 64, 3)
+    out = tmp_path / "ev"
+    assert main(["evaluate", "--data", str(tmp_path / "d"), "--scenes", "2", "--controls", "canny", "--steps", "1",
+                 "--out", str(out), "--features", str(tiny_networks / "features"),
+                 "--clip", str(tiny_networks / "clip")]) == 0
+    report = json.loads((out / "metrics.json").read_text())
+    assert report["config"]["data"] == str(tmp_path / "d") and set(report["rows"][0]["fidelity"]) == {"edge_f1", "tv"}
+    with pytest.raises(ControlstackError, match="has no column depth"):
+        dataset_scenes(str(tmp_path / "d"), 2, 64, 0, ("depth",))
+    with pytest.raises(ControlstackError, match="has 3 rows"):
+        dataset_scenes(str(tmp_path / "d"), 3, 64, 1, ("canny",))
+    assert EvaluateConfig(data=str(tmp_path / "d")).data

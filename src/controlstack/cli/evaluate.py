@@ -38,6 +38,9 @@ def register(subparsers) -> None:
     p.add_argument("--scenes", type=int, default=None, help="held-out world scenes per row (default 8)")
     p.add_argument("--seed", type=int, default=None, help="sampling seed of scene i is seed + i (default 0)")
     p.add_argument("--start", type=int, default=None, help="first held-out scene index (default 0)")
+    p.add_argument("--data", default=None, metavar="DIR",
+                   help="your own datasets folder (image, text, a column per control type: controlstack dataset "
+                        "build makes one) instead of the world's held-out scenes")
     p.add_argument("--base", default=None, help="base model folder or file (default: the bundled model)")
     p.add_argument("--controls", type=_names, default=None,
                    help="control types, comma-separated: canny,depth,seg,pose,normal,softedge,scribble; none = no "
@@ -68,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
     from controlstack.evaluation.evaluate import EvaluateConfig  # local: keeps CLI start-up light
     from controlstack.evaluation.evaluate import run as evaluate  # local: keeps CLI start-up light
 
-    flags = {"scenes": args.scenes, "seed": args.seed, "start": args.start, "base": args.base,
+    flags = {"scenes": args.scenes, "seed": args.seed, "start": args.start, "data": args.data, "base": args.base,
              "controls": args.controls, "models": args.models, "modes": args.modes, "cfg": args.cfg,
              "prompt_styles": args.prompt_styles, "steps": args.steps, "scheduler": args.scheduler,
              "size": args.size, "features": args.features, "trust_torchscript": args.trust_torchscript,

@@ -52,11 +52,13 @@ from controlstack.evaluation.quality import (
     small_sample_note,
 )
 from controlstack.injection import available, make_injection
+from controlstack.io.images import resize_image
 from controlstack.io.paths import output_folder
 from controlstack.models.tiers import TIERS
 from controlstack.prompting import project_prompts
 from controlstack.sampling.schedulers import SCHEDULERS
 from controlstack.training.config import check_keys, coerce_fields, read_yaml
+from controlstack.training.data import load_image_dataset
 from controlstack.training.predictor import instances
 
 PROMPT_STYLES = ("empty", "brief", "full")
@@ -69,7 +71,8 @@ OMNI_TASK = {"softedge": "hed"}
 
 @dataclass
 class EvaluateConfig:
-    scenes: int = 8                                   # held-out world scenes per row
+    scenes: int = 8                                   # held-out world scenes (or --data rows) per row
+    data: str = ""                                    # a datasets folder of the user's (image, text, conditions); "" = the world
     seed: int = 0                                     # sampling seed of scene i: seed + i
     start: int = 0                                    # first held-out scene index
     base: str = ""                                    # SD folder / file; "" = the bundle
@@ -182,6 +185,34 @@ def control_for(row: dict, condition: Image.Image):
     return Control(controlnet_name(row), condition, task=task)
 
 
+def dataset_scenes(path: str, n: int, size: int, start: int, controls) -> list[dict]:
+    """Rows ``start .. start + n`` of a user's ``datasets`` folder as scenes: ``image`` and ``text``, and a
+    column per control type evaluated (``controlstack dataset build`` makes such folders); each image
+    crop-and-resized to ``size``. A ``keypoints`` column (OpenPose JSON) enables pose PCK."""
+    need = ["image", "text", *[c for c in controls if c != NONE]]
+    try:
+        from datasets import load_from_disk  # local: heavy, only this path needs it
+
+        names = load_from_disk(path).column_names
+    except (FileNotFoundError, ValueError):
+        raise ControlstackError(f"--data '{path}' is not a datasets folder (save_to_disk); build one with "
+                                "`controlstack dataset build`") from None
+    missing = [c for c in need if c not in names]
+    require(not missing, f"--data '{path}' has no column {', '.join(missing)} (it has {', '.join(names)}); "
+                         "evaluate the control types it holds")
+    columns = {c: c for c in need + (["keypoints"] if "keypoints" in names else [])}
+    rows = load_image_dataset(path, columns)
+    require(len(rows) >= start + n, f"--data '{path}' has {len(rows)} rows; --start {start} + --scenes {n} is more")
+    out = []
+    for i in range(start, start + n):
+        row = rows[i]
+        scene = {"text": str(row["text"]), **({"keypoints": row["keypoints"]} if "keypoints" in row else {})}
+        for c in need[:1] + need[2:]:
+            scene[c] = np.asarray(resize_image(row[c].convert("RGB"), size, size, "crop_and_resize"))
+        out.append(scene)
+    return out
+
+
 def held_out_scenes(n: int, size: int, start: int = 0) -> list[dict]:
     """The renders (every column) of held-out world scenes ``[HELD_OUT_SEED, start + i]``, i < n."""
     from controlstack.world import (  # local: heavy, only this path needs it
@@ -210,7 +241,7 @@ def _settings(config: EvaluateConfig, pipe, row: dict, size: int) -> dict:
     resolved = pipe.settings(probe, config.steps, row["cfg"], mode, options)
     probe = pipe.with_windows(probe)
     return {"row": row, "steps": config.steps, "scheduler": config.scheduler, "size": size, "seed": config.seed,
-            "start": config.start, "base": config.base or "bundle", "model_hash": pipe.model_hash,
+            "start": config.start, "data": config.data or "world", "base": config.base or "bundle", "model_hash": pipe.model_hash,
             **({"optimize": pipe.tier.describe()} if pipe.tier.name != "parity" else {}),
             "resolved": {"mode": resolved["mode"], "mode_options": resolved["mode_options"],
                          **({"window": [probe[0].start, probe[0].end]} if probe else {})}}
@@ -251,6 +282,8 @@ def measure_row(row: dict, images, scenes, captions, fid_kid, scorer, config: Ev
         if not supported(c):
             continue
         meter = FidelityMeter(c, predictor)
+        if c == "pose" and "keypoints" not in scenes[0]:  # a user's data without keypoints: no PCK
+            continue
         for g, s in zip(images, scenes):
             meter.add(g, s[c], instances(s["keypoints"], "pose") if c == "pose" else None)
         res = meter.result()
@@ -278,7 +311,8 @@ def run(config: EvaluateConfig, out_dir: str | Path, progress: bool = True) -> d
     rows = config.rows()
     _check_models(pipe, rows)
     size = config.size or pipe.native_size
-    scenes = held_out_scenes(config.scenes, size, config.start)
+    scenes = (dataset_scenes(config.data, config.scenes, size, config.start, config.controls) if config.data
+              else held_out_scenes(config.scenes, size, config.start))
     small = small_sample_note(len(scenes), network.num_features)
     if small:  # before the long part, so a user can stop and ask for more scenes
         logging.getLogger("controlstack").warning(small)
