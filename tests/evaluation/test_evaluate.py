@@ -174,3 +174,20 @@ def test_evaluate_on_a_users_dataset(tiny_networks, tmp_path):
     with pytest.raises(ControlstackError, match="has 3 rows"):
         dataset_scenes(str(tmp_path / "d"), 3, 64, 1, ("canny",))
     assert EvaluateConfig(data=str(tmp_path / "d")).data
+
+
+def test_the_controlnet_plus_plus_preset_end_to_end(tiny_networks, tmp_path):
+    """``--preset controlnet++``: its settings (20 UniPC steps, CFG 7.5, balanced, 4 images per scene, each
+    its own seed) and its measures in metrics.json; the reference set holds each real image once."""
+    from controlstack.cli.main import main
+
+    out = tmp_path / "cnpp"
+    assert main(["evaluate", "--preset", "controlnet++", "--scenes", "2", "--controls", "canny", "--out", str(out),
+                 "--features", str(tiny_networks / "features"), "--clip", str(tiny_networks / "clip")]) == 0
+    report = json.loads((out / "metrics.json").read_text())
+    assert (report["scenes"], report["images"]) == (2, 8)
+    (row,) = report["rows"]
+    assert (row["mode"], row["cfg"]) == ("balanced", 7.5) and set(row["fidelity"]) == {"f1", "tv"}
+    assert report["config"]["steps"] == 20 and report["config"]["protocol"] == "controlnet++"
+    pngs = sorted((out / "images").rglob("*.png"))
+    assert len(pngs) == 8 and len({p.read_bytes() for p in pngs}) == 8  # 4 seeds per scene: 8 different images

@@ -69,3 +69,43 @@ def test_unknown_types_and_size_mismatch_are_one_line_errors():
         FidelityMeter("mlsd")
     with pytest.raises(ControlstackError, match="differ in size"):
         FidelityMeter("canny").add(np.zeros((8, 8, 3), np.uint8), np.zeros((16, 16, 3), np.uint8))
+
+
+def test_the_controlnet_plus_plus_measures_by_hand():
+    """ControlNet++'s protocol: canny F1 pixel by pixel, SSIM of soft edges, depth RMSE on 0-255 maps."""
+    from controlstack.evaluation.fidelity import pixel_f1, rmse_255, ssim
+
+    ref = np.zeros((4, 4), bool)
+    ref[1, :] = True                                   # 4 edge pixels
+    pred = np.zeros((4, 4), bool)
+    pred[1, :2] = True                                 # 2 hits
+    pred[2, 0] = True                                  # 1 false positive, 2 misses
+    assert pixel_f1(ref, pred) == pytest.approx(2 * 2 / (2 * 2 + 1 + 2))
+    assert pixel_f1(ref, np.zeros_like(ref)) == 0.0 and pixel_f1(np.zeros_like(ref), np.zeros_like(ref)) == 1.0
+    x = np.random.default_rng(0).random((16, 16))
+    assert ssim(x, x) == pytest.approx(1.0) and ssim(x, 1 - x) < 0
+    depth = np.linspace(0, 1, 16).reshape(4, 4)
+    assert rmse_255(depth * 3 + 2, depth * 255) == pytest.approx(0.0, abs=1e-9)  # min-max scaled first
+    assert rmse_255(depth, np.full((4, 4), 255.0)) == pytest.approx(np.sqrt(np.mean((depth * 255 - 255) ** 2)))
+
+
+def test_a_meter_by_the_protocol_and_the_preset():
+    from controlstack.errors import ControlstackError
+    from controlstack.evaluation.evaluate import EvaluateConfig
+    from controlstack.evaluation.fidelity import FidelityMeter
+
+    cond = np.zeros((32, 32, 3), np.uint8)
+    cond[8:24, 16] = 255
+    gen = np.zeros((32, 32, 3), np.uint8)
+    gen[8:24, 17] = 255                                # one pixel over: canny finds its sides at 16 and 18
+    project, strict = FidelityMeter("canny"), FidelityMeter("canny", protocol="controlnet++")
+    assert project.add(gen, cond)["edge_f1"] == 1.0    # every edge within 2 px
+    assert strict.add(gen, cond)["f1"] == pytest.approx(0.64)  # pixel by pixel: 16 hits, 18 beside
+    assert set(strict.result()) == {"f1", "tv"}
+    cfg = EvaluateConfig(preset="controlnet++", steps=3, cfg=(2.0,))
+    assert (cfg.steps, cfg.cfg, cfg.scheduler, cfg.images_per_condition, cfg.protocol, cfg.modes) == \
+        (20, (7.5,), "unipc", 4, "controlnet++", ("balanced",))  # the protocol's settings win
+    with pytest.raises(ControlstackError, match="unknown preset 'cn'"):
+        EvaluateConfig(preset="cn")
+    with pytest.raises(ControlstackError, match="unknown protocol"):
+        FidelityMeter("canny", protocol="x")

@@ -63,6 +63,10 @@ def register(subparsers) -> None:
     p.add_argument("--clip", default=None, help="CLIP folder (CLIPModel + tokenizer + preprocessor; default: bundled)")
     p.add_argument("--optimize", default=None, choices=("parity", "compiled", "fast"),
                    help="speed tier the images are made in (default parity; docs/speed.md)")
+    p.add_argument("--preset", default=None,
+                   help="a published protocol's settings and measures: controlnet++ (UniPC 20 steps, CFG 7.5, "
+                        "balanced, 4 images per condition; canny F1 pixel by pixel, soft-edge SSIM, depth RMSE on "
+                        "0-255 maps, seg mIoU)")
     p.add_argument("--out", required=True, help="output folder (metrics.json, report.html, images/)")
     p.set_defaults(func=run)
 
@@ -75,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
              "controls": args.controls, "models": args.models, "modes": args.modes, "cfg": args.cfg,
              "prompt_styles": args.prompt_styles, "steps": args.steps, "scheduler": args.scheduler,
              "size": args.size, "features": args.features, "trust_torchscript": args.trust_torchscript,
-             "clip": args.clip, "optimize": args.optimize}
+             "clip": args.clip, "optimize": args.optimize, "preset": args.preset}
     try:
         config = (EvaluateConfig.from_yaml(args.config, **flags) if args.config else
                   EvaluateConfig(**{k: v for k, v in flags.items() if v is not None}))

@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 from controlstack import Control, Pipeline, assets
 from controlstack.errors import ControlstackError, require
 from controlstack.evaluation.asym import measure_asym
-from controlstack.evaluation.fidelity import FidelityMeter, supported
+from controlstack.evaluation.fidelity import PROTOCOLS, FidelityMeter, supported
 from controlstack.evaluation.html import write_report
 from controlstack.evaluation.mi import brief_caption, total_variation
 from controlstack.evaluation.networks import ClipScorer, load_feature_extractor
@@ -69,6 +69,13 @@ CONTROL_TYPES = ("canny", "depth", "seg", "pose", "normal", "softedge", "scribbl
 OMNI_TASK = {"softedge": "hed"}
 
 
+#: presets that fix a published protocol's settings. ``controlnet++``: ControlNet++'s controllability
+#: evaluation (Li et al., ECCV 2024, Sec. 4.1; UniControl and Uni-ControlNet report the same measures):
+#: UniPC 20 steps, CFG 7.5, diffusers' balanced mode, fixed seeds, 4 images per condition, its metrics
+PRESETS = {"controlnet++": {"steps": 20, "scheduler": "unipc", "cfg": (7.5,), "modes": ("balanced",),
+                            "prompt_styles": ("full",), "images_per_condition": 4, "protocol": "controlnet++"}}
+
+
 @dataclass
 class EvaluateConfig:
     scenes: int = 8                                   # held-out world scenes (or --data rows) per row
@@ -90,9 +97,16 @@ class EvaluateConfig:
     asym_steps: int = 0                               # > 0: Asym / NAsym of each ControlNet on this many batches of 4
     grid_scenes: int = 4                              # scenes shown per grid in the report
     optimize: str = "parity"                          # speed tier the images are made in (models/tiers.py)
+    preset: str = ""                                  # a published protocol's settings (PRESETS); they win
+    protocol: str = "project"                         # fidelity measures: project | controlnet++ (fidelity.py)
+    images_per_condition: int = 1                     # images per scene, seeds seed + i (i over the repeats)
     extra: dict = field(default_factory=dict)         # free-form notes copied into metrics.json
 
     def __post_init__(self) -> None:
+        if self.preset:
+            require(self.preset in PRESETS, f"unknown preset '{self.preset}'; choose one of {', '.join(PRESETS)}")
+            for key, value in PRESETS[self.preset].items():
+                setattr(self, key, value)
         for name in ("controls", "models", "modes", "cfg", "prompt_styles"):
             v = getattr(self, name)
             if isinstance(v, (str, int, float)) and not isinstance(v, bool):
@@ -102,7 +116,9 @@ class EvaluateConfig:
         require(self.steps >= 1 and self.start >= 0 and self.seed >= 0 and self.size >= 0 and self.asym_steps >= 0,
                 "--steps must be >= 1; --start, --seed, --size and asym_steps >= 0")
         require(self.size == 0 or self.size % 8 == 0, f"--size must be a multiple of 8, got {self.size}")
-        require(self.grid_scenes >= 1, "grid_scenes must be >= 1")
+        require(self.grid_scenes >= 1 and self.images_per_condition >= 1,
+                "grid_scenes and images_per_condition must be >= 1")
+        require(self.protocol in PROTOCOLS, f"unknown protocol '{self.protocol}'; choose one of {', '.join(PROTOCOLS)}")
         require(self.optimize in TIERS, f"unknown optimize tier '{self.optimize}'; choose from {', '.join(TIERS)}")
         for c in self.controls:
             require(c == NONE or c in CONTROL_TYPES, f"unknown control type '{c}'; choose from {NONE}, "
@@ -281,7 +297,7 @@ def measure_row(row: dict, images, scenes, captions, fid_kid, scorer, config: Ev
     for c in types:
         if not supported(c):
             continue
-        meter = FidelityMeter(c, predictor)
+        meter = FidelityMeter(c, predictor, config.protocol)
         if c == "pose" and "keypoints" not in scenes[0]:  # a user's data without keypoints: no PCK
             continue
         for g, s in zip(images, scenes):
@@ -316,7 +332,9 @@ def run(config: EvaluateConfig, out_dir: str | Path, progress: bool = True) -> d
     small = small_sample_note(len(scenes), network.num_features)
     if small:  # before the long part, so a user can stop and ask for more scenes
         logging.getLogger("controlstack").warning(small)
-    real = [np.asarray(s["image"]) for s in scenes]
+    real = [np.asarray(s["image"]) for s in scenes]  # the reference set: each real image once
+    real_captions = [s["text"] for s in scenes]
+    scenes = [s for s in scenes for _ in range(config.images_per_condition)]  # image k of scene i: its own seed
     captions = [s["text"] for s in scenes]
     folder = assets.predictor_folder()
     predictor = assets.load_predictor(folder) if folder is not None else None
@@ -334,11 +352,12 @@ def run(config: EvaluateConfig, out_dir: str | Path, progress: bool = True) -> d
                 for row in tqdm(rows, desc="measure", unit="row", disable=not progress)]
     if config.asym_steps:
         _add_asym(pipe, config, measured, progress)
-    ref = reference(network, scorer, real, captions)
+    ref = reference(network, scorer, real, real_captions)
     ref["tv_real"] = float(np.mean([total_variation(r) for r in real]))
     kids = [r["kid"] for r in measured] + [ref["kid_real_split"]]
     notes = [n for n in (small, KID_NOTE if any(k < 0 for k in kids) else None) if n]
-    report = {"rows": measured, "reference": ref, "config": _portable(asdict(config)), "scenes": len(scenes),
+    report = {"rows": measured, "reference": ref, "config": _portable(asdict(config)), "scenes": len(real),
+              "images": len(scenes),
               "size": size, "networks": {"features": config.features or "bundled", "clip": config.clip or "bundled"},
               "sample": {"feature_dim": int(network.num_features), "fid_min_scenes": fid_min_scenes(network.num_features),
                          "fid_reliable": small is None},

@@ -36,7 +36,13 @@ from controlstack.evaluation.omni import align_scale_shift
 METRICS = {"canny": ("edge_f1",), "softedge": ("edge_f1",), "hed": ("edge_f1",), "scribble": ("edge_f1",),
            "depth": ("depth_rmse", "depth_absrel"), "seg": ("seg_miou",), "pose": ("pose_pck",),
            "normal": ("normal_angle",)}
-LOWER_IS_BETTER = ("depth_rmse", "depth_absrel", "normal_angle", "fid", "kid")
+#: ControlNet++'s controllability protocol (Li et al., ECCV 2024, Sec. 4.1 and Table 1; used by UniControl
+#: and Uni-ControlNet too): canny F1 pixel by pixel, soft-edge SSIM, depth RMSE on 0-255 maps, seg mIoU
+#: (pose: PCK, the project's, as the protocol has none)
+PROTOCOL_METRICS = {"canny": ("f1",), "softedge": ("ssim",), "hed": ("ssim",), "scribble": ("ssim",),
+                    "depth": ("rmse_255",), "seg": ("seg_miou",), "pose": ("pose_pck",), "normal": ("normal_angle",)}
+PROTOCOLS = ("project", "controlnet++")
+LOWER_IS_BETTER = ("depth_rmse", "depth_absrel", "normal_angle", "fid", "kid", "rmse_255")
 PREDICTOR_TASK = {"softedge": "hed", "hed": "hed", "scribble": "hed", "depth": "depth", "seg": "seg",
                   "pose": "pose", "normal": "normal"}
 
@@ -60,14 +66,41 @@ def depth_rmse_absrel(pred: np.ndarray, target: np.ndarray, min_target: float = 
     return float(np.sqrt(np.mean((d - t) ** 2))), float(np.mean(np.abs(np.clip(d, min_target, None) - t) / t))
 
 
-class FidelityMeter:
-    """Accumulates one control type's fidelity over a set of (generated, input) pairs."""
+def pixel_f1(reference: np.ndarray, predicted: np.ndarray) -> float:
+    """F1 of two boolean maps pixel by pixel (no distance tolerance: ControlNet++'s canny measure)."""
+    tp = float(np.logical_and(reference, predicted).sum())
+    fp, fn = float(np.logical_and(~reference, predicted).sum()), float(np.logical_and(reference, ~predicted).sum())
+    if tp + fp + fn == 0:
+        return 1.0
+    return 2 * tp / (2 * tp + fp + fn)
 
-    def __init__(self, control: str, predictor=None):
+
+def ssim(a: np.ndarray, b: np.ndarray) -> float:
+    """Structural similarity of two maps in [0, 1] (skimage's, 7x7 Gaussian-free windows, data range 1)."""
+    from skimage.metrics import structural_similarity  # local: heavy, only this path needs it
+
+    return float(structural_similarity(a.astype(np.float64), b.astype(np.float64), data_range=1.0))
+
+
+def rmse_255(pred: np.ndarray, target: np.ndarray) -> float:
+    """RMSE of a predicted relative depth, min-max scaled to [0, 255] per image, against the input depth
+    map's 0-255 values (ControlNet++'s depth measure)."""
+    lo, hi = float(pred.min()), float(pred.max())
+    scaled = (pred - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(pred, dtype=np.float64)
+    return float(np.sqrt(np.mean((scaled - target.astype(np.float64)) ** 2)))
+
+
+class FidelityMeter:
+    """Accumulates one control type's fidelity over a set of (generated, input) pairs, by the project's
+    measures (``protocol="project"``, the table above) or ControlNet++'s (:data:`PROTOCOL_METRICS`)."""
+
+    def __init__(self, control: str, predictor=None, protocol: str = "project"):
         require(supported(control), f"no fidelity measure for control type '{control}'; "
                                     f"measured types: {', '.join(METRICS)}")
-        self.control, self._predictor = control, predictor
-        self.values: dict[str, list[float]] = {m: [] for m in METRICS[control]}
+        require(protocol in PROTOCOLS, f"unknown protocol '{protocol}'; choose one of {', '.join(PROTOCOLS)}")
+        self.control, self._predictor, self.protocol = control, predictor, protocol
+        table = PROTOCOL_METRICS if protocol == "controlnet++" else METRICS
+        self.values: dict[str, list[float]] = {m: [] for m in table[control]}
         self.tv: list[float] = []
         self.conf = None
         self.pck = [0, 0]
@@ -92,14 +125,20 @@ class FidelityMeter:
                 f"generated image {generated.shape[:2]} and condition {condition.shape[:2]} differ in size")
         self.tv.append(total_variation(generated))
         c, out = self.control, {}
+        strict = self.protocol == "controlnet++"
         if c == "canny":
-            out["edge_f1"] = edge_f1(_gray(condition) > 127, edges(Image.fromarray(generated)))
+            found = edges(Image.fromarray(generated))
+            out["f1" if strict else "edge_f1"] = (pixel_f1 if strict else edge_f1)(_gray(condition) > 127, found)
             return self._keep(out)
 
         task = PREDICTOR_TASK[c]
         pred = assets.run_predictor(self.predictor, generated, [task])[task]
         h, w = generated.shape[:2]
-        if c in ("softedge", "hed"):
+        if strict and c in ("softedge", "hed", "scribble"):
+            out["ssim"] = ssim(pred[0].clip(0, 1), _gray(condition) / 255.0)
+        elif strict and c == "depth":
+            out["rmse_255"] = rmse_255(pred[0].astype(np.float64), _gray(condition))
+        elif c in ("softedge", "hed"):
             out["edge_f1"] = edge_f1(_gray(condition) > 127, pred[0] > 0.5)
         elif c == "scribble":
             from controlstack.annotators.edges import (  # local: heavy, only this path needs it
