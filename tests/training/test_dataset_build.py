@@ -75,6 +75,11 @@ def test_a_killed_build_resumes_and_two_ranks_equal_one(photos, tmp_path):
     assert b.build_dataset(photos, tmp_path / "r", ["canny"], chunk=2, rank=1, world=2, progress=False) is None
     merged = b.build_dataset(photos, tmp_path / "r", ["canny"], chunk=2, rank=0, world=2, progress=False)
     assert rows(merged) == rows(one)
+    # a resume of another build (other annotators) is refused rather than mixed in
+    (tmp_path / ".x.parts").mkdir()
+    (tmp_path / ".x.parts" / "build.json").write_text("{}")
+    with pytest.raises(ControlstackError, match="holds the parts of another build"):
+        b.build_dataset(photos, tmp_path / "x", ["canny"], chunk=2, progress=False)
     # local worker processes share the chunks the same way
     assert rows(b.build_dataset(photos, tmp_path / "w", ["canny"], chunk=2, workers=2, progress=False)) == rows(one)
 

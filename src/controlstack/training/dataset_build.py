@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import multiprocessing
 import os
 import shutil
@@ -142,6 +143,13 @@ def build_dataset(photos: str | os.PathLike, out: str | os.PathLike, names: list
     require(not (out.exists() and any(out.iterdir())), f"--out '{out}' is not empty; choose another directory")
     parts = out.parent / f".{out.name}.parts"
     parts.mkdir(parents=True, exist_ok=True)
+    manifest = json.dumps({"photos": [p.relative_to(folder).as_posix() for p in paths], "annotators": list(names),
+                           "size": size, "chunk": chunk, "captions": texts}, sort_keys=True)
+    stamp = parts / "build.json"
+    if stamp.is_file() and stamp.read_text() != manifest:  # a resume must be the same build, or parts would mix
+        raise ControlstackError(f"'{parts}' holds the parts of another build (other photos, annotators, size or "
+                                f"captions); delete it to start over, or rerun that build")
+    stamp.write_text(manifest)
     chunks = [(i, paths[s:s + chunk], texts[s:s + chunk]) for i, s in enumerate(range(0, len(paths), chunk))]
     mine = [c for c in chunks if c[0] % world == rank and not (parts / f"chunk-{c[0]:06d}").is_dir()]
     jobs = [([str(p) for p in ps], ts, list(names), size) for _, ps, ts in mine]
