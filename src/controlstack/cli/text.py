@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from controlstack.errors import ControlstackError
+
 
 def plain(text: str) -> str:
     return text.replace("``", "")
@@ -20,3 +22,12 @@ class DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
         if nothing or "default" in (action.help or "").lower():
             return action.help
         return super()._get_help_string(action)
+
+
+def int_flag(name: str, text: str) -> int:
+    """A flag's integer, parsed here rather than by argparse so a bad value is one line and exit 2."""
+    try:
+        return int(text)
+    except (TypeError, ValueError):
+        raise ControlstackError(f"--{name} must be an integer, got {text!r}") from None
+

@@ -8,15 +8,8 @@ from __future__ import annotations
 
 import argparse
 
-from controlstack.errors import ControlstackError
+from controlstack.cli.text import int_flag as _int
 from controlstack.io.paths import output_parent
-
-
-def _int(name: str, text: str) -> int:
-    try:
-        return int(text)
-    except (TypeError, ValueError):
-        raise ControlstackError(f"--{name} must be an integer, got {text!r}") from None
 
 
 def register(subparsers) -> None:
