@@ -452,20 +452,19 @@ class Pipeline(Prompting, Hints, Img2Img, Recommendations, Loras, ImagePrompts):
         if g.init_image is None and any(getattr(b, "reads_mask", False) for b in branches):
             g = replace(g, inpaint_mask=None)  # an inpainting ControlNet took the mask: a txt2img run around it
         start = self.start(g, sched, generator, do_cfg)
-        if self.family.network != "unet":  # a transformer base: its ControlNets add block residuals (mmdit.py)
+        if self.family.network == "unet":
+            denoiser = ControlledDenoiser(self.runners.unet, branches, injection, cond, uncond, g.cfg,
+                                          unet_extra=start.unet_extra, reuse=self.tier.reuse, added=added,
+                                          image_embeds=self.image_embeds(g.image_prompts, g.batch, do_cfg),
+                                          ip_masks=self.ip_masks(g.image_prompts, g.height, g.width))
+        else:  # a transformer base: its ControlNets add block residuals (mmdit.py)
             h, w = g.height // self.vae_scale_factor, g.width // self.vae_scale_factor
             denoiser = TRANSFORMER_DENOISERS[self.family.network](self, branches, injection, cond, uncond, g.cfg,
                                                                     added, (h, w))
-            latents = sample(denoiser, sched, start.latents, g.steps, generator=generator, eta=g.eta,
-                             progress=progress, start=start.start, callback=after_each_step(start.blend, step_callback),
-                             schedule=lambda sc, n, x: self.family.set_timesteps(sc, n, x, x.device))
-            return self.family.unpack(latents, *start.latent_size) if start.latent_size else latents
-        denoiser = ControlledDenoiser(self.runners.unet, branches, injection, cond, uncond, g.cfg,
-                                      unet_extra=start.unet_extra, reuse=self.tier.reuse, added=added,
-                                      image_embeds=self.image_embeds(g.image_prompts, g.batch, do_cfg),
-                                      ip_masks=self.ip_masks(g.image_prompts, g.height, g.width))
-        return sample(denoiser, sched, start.latents, g.steps, generator=generator, eta=g.eta, progress=progress,
-                      start=start.start, callback=after_each_step(start.blend, step_callback))
+        latents = sample(denoiser, sched, start.latents, g.steps, generator=generator, eta=g.eta, progress=progress,
+                         start=start.start, callback=after_each_step(start.blend, step_callback),
+                         schedule=lambda sc, n, x: self.family.set_timesteps(sc, n, x, x.device))
+        return self.family.unpack(latents, *start.latent_size) if start.latent_size else latents
 
     def start(self, g: Generation, scheduler, generator, do_cfg: bool) -> Start:
         """Where the loop starts: pure noise (txt2img), or the init image's latents noised to the
@@ -531,9 +530,9 @@ class Pipeline(Prompting, Hints, Img2Img, Recommendations, Loras, ImagePrompts):
     def memory_needed(self, batch: int, width: int, height: int) -> int:
         """:func:`memory_needed` of this pipeline's U-Net and VAE."""
         c = self.unet.config  # a U-Net's first level, or a transformer's width per latent pixel
-        width = c["block_out_channels"][0] if "block_out_channels" in c else \
+        net_width = c["block_out_channels"][0] if "block_out_channels" in c else \
             c["num_attention_heads"] * c["attention_head_dim"] // c["patch_size"] ** 2
-        return memory_needed(width, self.vae.config.block_out_channels[0],
+        return memory_needed(net_width, self.vae.config.block_out_channels[0],
                              self.vae_scale_factor, batch, width, height)
 
     def check_memory(self, batch: int, width: int, height: int) -> None:

@@ -261,3 +261,18 @@ def test_convert_keeps_a_transformer_base_a_diffusers_folder(tmp_path, sd3):
     assert main(["convert", str(tmp_path / "a"), str(tmp_path / "b"), "--to", "diffusers"]) == 0
     assert_same_image(Pipeline.from_pretrained(tmp_path / "b")("a red cube", **KW), Pipeline(sd3)("a red cube", **KW))
     assert main(["convert", str(tmp_path / "a"), str(tmp_path / "c.safetensors")]) == 2
+
+
+def test_the_memory_guard_reads_the_image_size_and_the_networks_width(sd3):
+    """``Pipeline.memory_needed``: the network's width per latent pixel (a U-Net's first level, a
+    transformer's heads x head width / patch area) with the call's image size, never one for the other."""
+    from controlstack import Pipeline
+    from controlstack.limits import memory_needed
+    from controlstack.models.tiny import tiny_sd
+
+    sd = Pipeline(tiny_sd(seed=0))
+    assert sd.memory_needed(2, 96, 64) == memory_needed(sd.unet.config.block_out_channels[0],
+                                                        sd.vae.config.block_out_channels[0], 8, 2, 96, 64)
+    pipe, c = Pipeline(sd3), sd3.unet.config
+    assert pipe.memory_needed(1, 64, 32) == memory_needed(c.num_attention_heads * c.attention_head_dim,
+                                                          sd3.vae.config.block_out_channels[0], 1, 1, 64, 32)
