@@ -94,16 +94,16 @@ class Hints:
                 hint = self.prepare_hint(item, width, height, inpaint_mask)
                 branches.append(input_condition(self, item, hint, batch, generator))
                 continue
-            if isinstance(item, Control) and is_flux_controlnet(self.controlnet(item.model)):
-                cn = self.controlnet(item.model)
+            cn = self.controlnet(item.model if isinstance(item, Control) else item[0].model)  # resolved once
+            if isinstance(item, Control) and is_flux_controlnet(cn):
                 hint = self.prepare_hint(item, width, height, inpaint_mask)
                 cond = flux_control_input(self, cn, hint, batch, generator)
                 size = (height // self.vae_scale_factor, width // self.vae_scale_factor)
                 branches.append(FluxBranch(cn, cond, item.weight, item.start, item.end, flux_mode(cn, item), item.mask,
                                            size))
                 continue
-            if isinstance(item, Control) and is_mmdit_controlnet(self.controlnet(item.model)):
-                cn = attach(self.controlnet(item.model), self.unet)  # it reads the condition's latents
+            if isinstance(item, Control) and is_mmdit_controlnet(cn):
+                cn = attach(cn, self.unet)  # it reads the condition's latents
                 hint = self.prepare_hint(item, width, height, inpaint_mask)
                 if reads_mask(cn):  # an inpainting ControlNet: the call's inpaint_mask goes into its input
                     if inpaint_mask is None:
@@ -114,17 +114,15 @@ class Hints:
                 latents = latents.repeat(batch * (2 if do_cfg else 1), 1, 1, 1)
                 branches.append(MMDiTBranch(cn, latents, item.weight, item.start, item.end, item.mask))
                 continue
-            if isinstance(item, Control) and is_adapter(self.controlnet(item.model)):
+            if isinstance(item, Control) and is_adapter(cn):
                 hint = self.prepare_hint(item, width, height, inpaint_mask).to(self.unet.device)
                 # computed once at batch 1, then copied to the U-Net's batch (both CFG halves), as diffusers does
-                features = [f.repeat(batch * (2 if do_cfg else 1), 1, 1, 1)
-                            for f in adapter_features(self.controlnet(item.model), hint)]
+                features = [f.repeat(batch * (2 if do_cfg else 1), 1, 1, 1) for f in adapter_features(cn, hint)]
                 branches.append(AdapterBranch(features, item.weight, item.start, item.end))
                 continue
             if isinstance(item, Control):
                 branches.append(self.make_branch(item, width, height, prompts, batch, do_cfg, inpaint_mask, hint_batch))
                 continue
-            cn = self.controlnet(item[0].model)
             name = item[0].model if isinstance(item[0].model, (str, os.PathLike)) else type(cn).__name__
             ids = [control_id(cn, c.task, str(name)) for c in item]
             runner = self.runners.controlnet(cn)

@@ -12,12 +12,10 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-import numpy as np
 import torch
-from PIL import Image
 
 from controlstack.errors import ControlstackError
-from controlstack.io.images import mask_to_array, to_rgb, validate_image
+from controlstack.io.images import to_rgb, validate_image
 from controlstack.models import vae
 from controlstack.sampling.img2img import Img2ImgStart, InpaintBlend, Start
 
@@ -63,10 +61,7 @@ class Img2Img:
         out = Start(noise, Img2ImgStart(noise if image_latents is None else image_latents, float(strength),
                                         pure_noise_at_full=inpaint, flow=self.family.flow), latent_size=(h, w))
         if inpaint:
-            masks = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor, do_normalize=False, do_binarize=True,
-                                      do_convert_grayscale=True)
-            m = Image.fromarray((mask_to_array(inpaint_mask, "inpaint mask") * 255).round().astype(np.uint8))
-            mask = masks.preprocess(m, height=height, width=width).to(init.device)
+            mask = self.mask_tensor(inpaint_mask, width, height).to(init.device)
             masked_latents = self.encode_latents(init * (mask < 0.5), generator).repeat(batch, 1, 1, 1)
             mask = torch.nn.functional.interpolate(mask, size=(h, w)).to(self.unet.dtype).repeat(batch, 1, 1, 1)
             if fill != "original" and image_latents is not None:  # sd-webui's "latent noise" / "latent nothing"
