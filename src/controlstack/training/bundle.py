@@ -146,6 +146,16 @@ def halve_folder(folder: Path) -> None:
         save_file({k: v.contiguous() for k, v in state.items()}, str(f), metadata=metadata)
 
 
+def portable_configs(folder: Path) -> None:
+    """Every ``config.json`` under ``folder`` with the checkout's absolute paths made relative (a saved
+    model records where it was loaded from in ``_name_or_path``; the bundle is committed)."""
+    for f in folder.rglob("config.json"):
+        config = json.loads(f.read_text())
+        portable = _portable(config)
+        if portable != config:
+            f.write_text(json.dumps(portable, indent=2, sort_keys=True) + "\n")
+
+
 def _portable(value):
     """A config's absolute paths inside the checkout, made relative to it: the record is committed
     and read on other machines."""
@@ -315,6 +325,7 @@ def run_stage(stage: Stage, work_root: Path, bundle: Path, configs: Path | None 
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.copytree(model_dir, tmp)
         halve_folder(tmp)
+        portable_configs(tmp)
         stage.dest.mkdir(parents=True, exist_ok=True)
         for part in tmp.iterdir():  # part by part: the ControlNets trained for it (sd3/controlnets/) stay
             target = stage.dest / part.name
