@@ -100,7 +100,7 @@ class Hints:
                 cond = flux_control_input(self, cn, hint, batch, generator)
                 size = (height // self.vae_scale_factor, width // self.vae_scale_factor)
                 branches.append(FluxBranch(cn, cond, item.weight, item.start, item.end, flux_mode(cn, item), item.mask,
-                                           size))
+                                           size, self.runners.transformer_controlnet(cn)))
                 continue
             if isinstance(item, Control) and is_mmdit_controlnet(cn):
                 cn = attach(cn, self.unet)  # it reads the condition's latents
@@ -112,7 +112,8 @@ class Hints:
                 else:
                     latents = control_latents(self.vae, cn, hint)
                 latents = latents.repeat(batch * (2 if do_cfg else 1), 1, 1, 1)
-                branches.append(MMDiTBranch(cn, latents, item.weight, item.start, item.end, item.mask))
+                branches.append(MMDiTBranch(cn, latents, item.weight, item.start, item.end, item.mask,
+                                            self.runners.transformer_controlnet(cn)))
                 continue
             if isinstance(item, Control) and is_adapter(cn):
                 hint = self.prepare_hint(item, width, height, inpaint_mask).to(self.unet.device)

@@ -124,40 +124,47 @@ def control_latents(vae, controlnet, hint: torch.Tensor) -> torch.Tensor:
 
 
 class MMDiTBranch:
-    """One SD3 ControlNet with its condition latents (CFG-batched), weight and window."""
+    """One SD3 ControlNet with its condition latents (CFG-batched), weight and window. ``call`` is the
+    ControlNet's call in the pipeline's tier (``models/tiers.py``): run at weight 1, the weight applied
+    after, so the fast tier can reuse the unweighted residuals of its last key step."""
 
     point = "blocks"
 
-    def __init__(self, controlnet, latents: torch.Tensor, weight, start: float, end: float, mask=None):
+    def __init__(self, controlnet, latents: torch.Tensor, weight, start: float, end: float, mask=None, call=None):
         self.controlnet, self.latents = controlnet, latents
+        self.call = call or controlnet
         self.weight, self.start, self.end = weight, start, end
         self.mask = token_mask(mask, latents.shape[-2] // controlnet.config.patch_size,
                                latents.shape[-1] // controlnet.config.patch_size)
         self.reads_mask = reads_mask(controlnet)
-        self.last = None
+        self.last = None  # the last residuals, unweighted (models.tiers.Reuse)
 
     def active(self, step: Step) -> bool:
         return in_window(self.start, self.end, step)
 
-    def __call__(self, x, timestep, hidden, pooled, step: Step) -> list[torch.Tensor]:
-        config = self.controlnet.config
-        if config.get("force_zeros_for_pooled_projection"):
-            pooled = torch.zeros_like(pooled)
-        if config.get("joint_attention_dim") is None:  # SD3.5's official ControlNets read no text
-            hidden = None
-        out = self.controlnet(hidden_states=x, timestep=timestep, encoder_hidden_states=hidden, pooled_projections=pooled,
-                              controlnet_cond=self.latents.to(x.dtype),
-                              conditioning_scale=weight_at(self.weight, step.progress), return_dict=False)[0]
-        return masked(out, self.mask)
+    def __call__(self, x, timestep, hidden, pooled, step: Step, reuse: bool = False) -> list[torch.Tensor]:
+        if not (reuse and self.last is not None):
+            config = self.controlnet.config
+            if config.get("force_zeros_for_pooled_projection"):
+                pooled = torch.zeros_like(pooled)
+            if config.get("joint_attention_dim") is None:  # SD3.5's official ControlNets read no text
+                hidden = None
+            self.last = self.call(hidden_states=x, timestep=timestep, encoder_hidden_states=hidden,
+                                  pooled_projections=pooled, controlnet_cond=self.latents.to(x.dtype),
+                                  conditioning_scale=1.0)[0]
+        w = weight_at(self.weight, step.progress)
+        return masked([r * w for r in self.last], self.mask)
 
 
 class MMDiTDenoiser:
     """The denoiser of a transformer base: ``v`` from the transformer with the active ControlNets'
-    block residuals summed in, then classifier-free guidance."""
+    block residuals summed in, then classifier-free guidance. The fast tier's reuse runs the
+    ControlNets at its key steps only (``models.tiers.Reuse``)."""
 
     def __init__(self, pipe, branches, injection, cond, uncond, guidance_scale: float, added, latent_size):
         check_mode(injection)
-        self.transformer, self.branches, self.injection = pipe.unet, branches, injection
+        self.transformer, self.branches, self.injection = pipe.runners.transformer, branches, injection
+        self.reuse = pipe.tier.reuse
         self.cfg = uncond is not None
         self.guidance_scale = guidance_scale
         self.hidden = torch.cat([uncond, cond]) if self.cfg else cond
@@ -169,17 +176,22 @@ class MMDiTDenoiser:
         timestep = t.expand(x_in.shape[0])
         residuals = None
         for branch in (b for b in self.branches if b.active(step)):
-            self.calls += 1
-            out = branch(x_in, timestep, self.hidden, self.pooled, step)
+            reuse = reused(self.reuse, step, branch)
+            self.calls += not reuse
+            out = branch(x_in, timestep, self.hidden, self.pooled, step, reuse)
             residuals = list(out) if residuals is None else [a + b for a, b in zip(residuals, out)]
         v = self.transformer(hidden_states=x_in, timestep=timestep, encoder_hidden_states=self.hidden,
                              pooled_projections=self.pooled,
-                             block_controlnet_hidden_states=weighted(self.injection, residuals, self.cfg),
-                             return_dict=False)[0]
+                             block_controlnet_hidden_states=weighted(self.injection, residuals, self.cfg))[0]
         if self.cfg:
             v_uncond, v_cond = v.chunk(2)
             v = v_uncond + self.guidance_scale * (v_cond - v_uncond)
         return v
+
+
+def reused(reuse, step: Step, branch) -> bool:
+    """Whether a branch takes its last residuals at this step: the fast tier, between key steps."""
+    return reuse is not None and not reuse.fresh(step) and branch.last is not None
 
 
 # -- Flux ------------------------------------------------------------------------------------------
@@ -254,27 +266,31 @@ def input_condition(pipe, control, hint: torch.Tensor, batch: int, generator) ->
 
 
 class FluxBranch:
-    """One Flux ControlNet: its input, weight, window and (a Union model's) control mode."""
+    """One Flux ControlNet: its input, weight, window and (a Union model's) control mode; run at
+    weight 1 through ``call`` (its tier's), the weight applied after, as :class:`MMDiTBranch`."""
 
     point = "blocks"
 
     def __init__(self, controlnet, cond: torch.Tensor, weight, start: float, end: float, mode: int | None = None,
-                 mask=None, latent_size: tuple[int, int] = (2, 2)):
+                 mask=None, latent_size: tuple[int, int] = (2, 2), call=None):
         self.controlnet, self.cond, self.mode = controlnet, cond, mode
+        self.call = call or controlnet
         self.weight, self.start, self.end = weight, start, end
         self.mask = token_mask(mask, latent_size[0] // 2, latent_size[1] // 2)  # 2x2 patches
-        self.last = None
+        self.last = None  # the last (double, single) residuals, unweighted
 
     def active(self, step: Step) -> bool:
         return in_window(self.start, self.end, step)
 
-    def __call__(self, x, timestep, kw: dict, guidance_scale: float, step: Step):
-        guidance = (torch.full([x.shape[0]], guidance_scale, device=x.device)
-                    if self.controlnet.config.guidance_embeds else None)
-        mode = None if self.mode is None else torch.tensor([[self.mode]] * x.shape[0], device=x.device)
-        double, single = self.controlnet(hidden_states=x, controlnet_cond=self.cond.to(x.dtype), controlnet_mode=mode,
-                                         conditioning_scale=weight_at(self.weight, step.progress), timestep=timestep,
-                                         guidance=guidance, return_dict=False, **kw)
+    def __call__(self, x, timestep, kw: dict, guidance_scale: float, step: Step, reuse: bool = False):
+        if not (reuse and self.last is not None):
+            guidance = (torch.full([x.shape[0]], guidance_scale, device=x.device)
+                        if self.controlnet.config.guidance_embeds else None)
+            mode = None if self.mode is None else torch.tensor([[self.mode]] * x.shape[0], device=x.device)
+            self.last = self.call(hidden_states=x, controlnet_cond=self.cond.to(x.dtype), controlnet_mode=mode,
+                                  conditioning_scale=1.0, timestep=timestep, guidance=guidance, **kw)
+        w = weight_at(self.weight, step.progress)
+        double, single = ([r * w for r in rs] if rs is not None else None for rs in self.last)
         return masked(double, self.mask), masked(single, self.mask)
 
 
@@ -288,7 +304,9 @@ class FluxDenoiser:
         inputs = [b.latents for b in branches if b.point == "input"]
         self.extra = inputs[0] if inputs else None  # a Flux Control base's condition (concatenated)
         branches = [b for b in branches if b.point != "input"]
-        self.transformer, self.branches, self.injection = pipe.unet, branches, injection
+        self.transformer, self.branches, self.injection = pipe.runners.transformer, branches, injection
+        self.reuse = pipe.tier.reuse
+        self.guidance_embeds = pipe.unet.config.guidance_embeds
         self.guidance_scale = guidance_scale
         self.kw = {"pooled_projections": added[1]["pooled"], "encoder_hidden_states": cond,
                    "txt_ids": torch.zeros(cond.shape[1], 3, device=cond.device, dtype=cond.dtype),
@@ -301,17 +319,17 @@ class FluxDenoiser:
         timestep = t.expand(x.shape[0]).to(x.dtype) / 1000
         double = single = None
         for branch in (b for b in self.branches if b.active(step)):
-            self.calls += 1
-            d, s = branch(x, timestep, self.kw, self.guidance_scale, step)
+            reuse = reused(self.reuse, step, branch)
+            self.calls += not reuse
+            d, s = branch(x, timestep, self.kw, self.guidance_scale, step, reuse)
             double = d if double is None else [a + b for a, b in zip(double, d)]
             single = s if single is None else [a + b for a, b in zip(single, s)] if s is not None else single
-        guidance = (torch.full([x.shape[0]], self.guidance_scale, device=x.device)
-                    if self.transformer.config.guidance_embeds else None)
+        guidance = torch.full([x.shape[0]], self.guidance_scale, device=x.device) if self.guidance_embeds else None
         x_in = x if self.extra is None else torch.cat([x, self.extra.to(x)], dim=2)
         return self.transformer(hidden_states=x_in, timestep=timestep, guidance=guidance,
                                 controlnet_block_samples=weighted(self.injection, double, False),
-                                controlnet_single_block_samples=weighted(self.injection, single, False), controlnet_blocks_repeat=self.repeat,
-                                return_dict=False, **self.kw)[0]
+                                controlnet_single_block_samples=weighted(self.injection, single, False),
+                                controlnet_blocks_repeat=self.repeat, **self.kw)[0]
 
 
 #: the pipeline's denoiser per transformer network kind (``BaseFamily.network``)

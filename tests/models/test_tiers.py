@@ -17,9 +17,8 @@ import pytest
 import torch
 
 from controlstack import Control, ControlstackError, Pipeline
-from controlstack.models.tiers import Reuse
 from controlstack.models import compiled
-from controlstack.models.tiers import CompiledUNetRunner, Tier, make_tier
+from controlstack.models.tiers import CompiledUNetRunner, Reuse, Tier, make_tier
 from controlstack.sampling import Step
 from tests.parity import assert_same_image
 

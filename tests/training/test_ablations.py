@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tests.training.conftest import tiny_controlnet_config
 
 from controlstack.errors import ControlstackError
+from tests.training.conftest import tiny_controlnet_config
 
 
 def test_lite_trains_saves_loads_and_samples(world_dir, tiny_base_dir, tmp_path):

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from tests.training.conftest import tiny_controlnet_config
 
 from controlstack.errors import ControlstackError
+from tests.training.conftest import tiny_controlnet_config
 
 
 def _metric(out: Path, name: str) -> list[float]:

@@ -10,6 +10,8 @@ compiled runners from these functions.
 
 from __future__ import annotations
 
+import torch
+
 from controlstack.models.runner import ControlNetRunner, UNetContext, UNetRunner
 from controlstack.models.token_downsampling import downsampled
 
@@ -45,3 +47,52 @@ def controlnet_graph(controlnet, sample, timestep, text, features, *added, pool=
 def vae_decode_graph(vae, latents):
     """The VAE decoder: ``(image,)``."""
     return (vae.decode(latents, return_dict=False)[0],)
+
+
+# -- transformer bases: a module called with keyword arguments ----------------------------------------
+#: keyword inputs kept in float32 in a bf16 graph: times and positions, embedded sinusoidally / as rotary angles
+EXACT_KEYWORDS = ("timestep", "guidance", "img_ids", "txt_ids")
+
+
+def call_structure(kw: dict) -> tuple[tuple, list]:
+    """A keyword call split into its structure and its tensors: each argument, sorted by name, is
+    ``(name, "tensor")``, ``(name, "list", n)`` (n tensors), or ``(name, "const", value)`` (None, a
+    flag, a number). The structure is what a graph is compiled for; the tensors are its inputs."""
+    structure, tensors = [], []
+    for name in sorted(kw):
+        value = kw[name]
+        if isinstance(value, torch.Tensor):
+            structure.append((name, "tensor"))
+            tensors.append(value)
+        elif isinstance(value, (list, tuple)) and value and all(isinstance(v, torch.Tensor) for v in value):
+            structure.append((name, "list", len(value)))
+            tensors.extend(value)
+        else:
+            structure.append((name, "const", value))
+    return tuple(structure), tensors
+
+
+def exact_positions(structure: tuple) -> tuple[int, ...]:
+    """The positions of :data:`EXACT_KEYWORDS` among a structure's tensor inputs."""
+    out, i = [], 0
+    for item in structure:
+        n = 1 if item[1] == "tensor" else item[2] if item[1] == "list" else 0
+        if item[0] in EXACT_KEYWORDS:
+            out += range(i, i + n)
+        i += n
+    return tuple(out)
+
+
+def call_graph(module, *tensors, structure: tuple):
+    """``module(**kw, return_dict=False)`` rebuilt from :func:`call_structure`'s tensors, its output
+    flattened to a tuple of tensors (None leaves dropped; the caller keeps the output's layout)."""
+    kw, i = {}, 0
+    for item in structure:
+        if item[1] == "tensor":
+            kw[item[0]], i = tensors[i], i + 1
+        elif item[1] == "list":
+            kw[item[0]], i = list(tensors[i:i + item[2]]), i + item[2]
+        else:
+            kw[item[0]] = item[2]
+    out = module(**kw, return_dict=False)
+    return tuple(t for t in torch.utils._pytree.tree_leaves(out) if t is not None)

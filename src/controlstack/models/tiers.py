@@ -22,6 +22,7 @@ conditions (pooled text, size ids) are two more graph inputs.
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import math
 from dataclasses import dataclass
@@ -31,7 +32,15 @@ import torch
 from controlstack.errors import ControlstackError
 from controlstack.models.compiled import CompiledGraph
 from controlstack.models.families import family_of
-from controlstack.models.graphs import controlnet_graph, decode_graph, encode_graph, vae_decode_graph
+from controlstack.models.graphs import (
+    call_graph,
+    call_structure,
+    controlnet_graph,
+    decode_graph,
+    encode_graph,
+    exact_positions,
+    vae_decode_graph,
+)
 from controlstack.models.runner import ControlNetRunner, UNetContext, UNetRunner
 from controlstack.models.speed import bf16_is_fast
 from controlstack.models.token_downsampling import MIN_TOKENS
@@ -194,6 +203,51 @@ class CompiledVAEDecoder:
         return self.graph(latents)[0]
 
 
+class ModelCall:
+    """A transformer or its ControlNet called with keyword arguments (parity: the module itself)."""
+
+    def __init__(self, module):
+        self.module = module
+
+    def __call__(self, **kw):
+        return self.module(**kw, return_dict=False)
+
+    def graphs(self) -> list[CompiledGraph]:
+        return []
+
+
+class CompiledModelCall(ModelCall):
+    """The same call through one :class:`CompiledGraph` per call structure (which arguments are
+    tensors, lists of n tensors, or constants: :func:`~controlstack.models.graphs.call_structure`).
+    Its output's layout (diffusers' tuples of lists, None where a ControlNet has no single blocks) is
+    taken from the first call of each structure, which runs eagerly."""
+
+    def __init__(self, kind: str, label: str, module, precision: str = "fp32"):
+        super().__init__(module)
+        self.kind, self.label, self.precision = kind, label, precision
+        self._graphs: dict[tuple, CompiledGraph] = {}
+        self._layouts: dict[tuple, object] = {}
+        self._first: CompiledGraph | None = None  # the graph that hashes the weights (once for all structures)
+
+    def __call__(self, **kw):
+        structure, tensors = call_structure(kw)
+        if structure not in self._layouts:
+            out = super().__call__(**kw)
+            self._layouts[structure] = torch.utils._pytree.tree_flatten(out)[1]
+            return out
+        graph = self._graphs.get(structure)
+        if graph is None:
+            tag = hashlib.sha256(repr(structure).encode()).hexdigest()[:8]
+            graph = self._graphs[structure] = CompiledGraph(
+                f"{self.kind}-{tag}", self.label, self.module, functools.partial(call_graph, structure=structure),
+                self.precision, self._first, exact=exact_positions(structure))
+            self._first = self._first or graph
+        return torch.utils._pytree.tree_unflatten(list(graph(*tensors)), self._layouts[structure])
+
+    def graphs(self) -> list[CompiledGraph]:
+        return list(self._graphs.values())
+
+
 class Runners:
     """What a pipeline calls in one tier: the U-Net's runner, each ControlNet's (kept per model: a
     compiled one holds its loaded graphs) and the VAE decoder."""
@@ -201,16 +255,27 @@ class Runners:
     def __init__(self, unet, vae, tier: Tier):
         self.tier, self.vae = tier, vae
         pool = tier.token_downsampling
-        if family_of(unet).network != "unet":  # a transformer base: its denoiser calls the model (mmdit.py)
-            if tier.compiled:
-                raise ControlstackError(f"the {tier.name} tier compiles U-Net bases; this "
-                                        f"{family_of(unet).label} base runs in the parity tier")
+        self.transformer = None  # a transformer base's call (mmdit.py's denoisers); None for a U-Net
+        if family_of(unet).network != "unet":
             self.unet = None
+            self.transformer = self._call("transformer", "transformer", unet)
         else:
             self.unet = CompiledUNetRunner(unet, tier.precision, pool) if tier.compiled else UNetRunner(unet)
         self.vae_decoder = CompiledVAEDecoder(vae, tier.precision) if tier.compiled else None
         self._controlnets: dict[int, CompiledControlNetRunner] = {}  # id(ControlNet) -> its runner
+        self._calls: dict[int, ModelCall] = {}  # id(transformer ControlNet) -> its call
         self.fallback = _Once()
+
+    def _call(self, kind: str, label: str, module) -> ModelCall:
+        if not self.tier.compiled:
+            return ModelCall(module)
+        return CompiledModelCall(kind, label, module, self.tier.precision)
+
+    def transformer_controlnet(self, controlnet) -> ModelCall:
+        """An SD3 / Flux ControlNet's call (kept per model: a compiled one holds its graphs)."""
+        if id(controlnet) not in self._calls:
+            self._calls[id(controlnet)] = self._call("controlnet-mmdit", "transformer ControlNet", controlnet)
+        return self._calls[id(controlnet)]
 
     def controlnet(self, controlnet) -> ControlNetRunner:
         if is_union(controlnet):  # its fusion of a varying number of conditions is not compiled
@@ -233,7 +298,12 @@ class Runners:
         """Every compiled graph (their ``seconds`` say how long compiling / loading took)."""
         if not self.tier.compiled:
             return []
-        graphs = [self.unet.encoder, self.unet.decoder, *self.unet.pooled, self.vae_decoder.graph]
+        if self.transformer is not None:
+            graphs = [*self.transformer.graphs(), self.vae_decoder.graph]
+        else:
+            graphs = [self.unet.encoder, self.unet.decoder, *self.unet.pooled, self.vae_decoder.graph]
+        for call in self._calls.values():
+            graphs += call.graphs()
         for r in self._controlnets.values():
             graphs += [r.graph] + ([r.pooled] if r.pooled else [])
         return graphs
