@@ -235,3 +235,4 @@ class Loras:
         for _, encoder in self.family.text_encoders(self):
             if name in (getattr(encoder, "peft_config", None) or {}):
                 delete_adapter_layers(encoder, name)
+        self.family.drop_lora(self, name)

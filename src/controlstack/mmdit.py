@@ -28,6 +28,7 @@ import torch
 
 from controlstack.control import RegionMask, in_window, weight_at
 from controlstack.errors import ControlstackError
+from controlstack.models.families.flux import written
 from controlstack.models.vae import latent_stats
 from controlstack.sampling.loop import Step
 from controlstack.tasks import BASE_CONDITION
@@ -235,8 +236,7 @@ def flux_mode(controlnet, control) -> int | None:
 
 def reads_condition(transformer) -> bool:
     """A Flux Control base: it reads twice the channels it writes (latents + the condition's latents)."""
-    c = transformer.config
-    return bool(c.get("out_channels")) and c.in_channels == 2 * c.out_channels
+    return transformer.config.in_channels == 2 * written(transformer)
 
 
 class InputCondition:

@@ -71,3 +71,57 @@ def test_a_lora_is_diffusers_load_lora_weights(tmp_path, family):
     assert_same_image(pipe("a red cube", **KW), theirs)
     pipe.unload_lora()
     assert_same_image(pipe("a red cube", **KW), plain)
+
+
+def control_lora_file(tmp_path, transformer):
+    """A Flux Control LoRA as Canny-dev-lora is laid out: ``x_embedder``'s LoRA reads twice the
+    channels (image + condition latents), LoRAs on the attention, and replaced RMS norms."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(4)
+    out_features, in_features = transformer.x_embedder.weight.shape
+    state = {"transformer.x_embedder.lora_A.weight": torch.randn(4, 2 * in_features, generator=g) * 0.3,
+             "transformer.x_embedder.lora_B.weight": torch.randn(out_features, 4, generator=g) * 0.3}
+    for name, module in transformer.named_modules():
+        if name.endswith(("attn.to_q", "attn.to_v")):
+            o, i = module.weight.shape
+            state[f"transformer.{name}.lora_A.weight"] = torch.randn(4, i, generator=g) * 0.3
+            state[f"transformer.{name}.lora_B.weight"] = torch.randn(o, 4, generator=g) * 0.3
+        if name.endswith("attn.norm_k"):
+            state[f"transformer.{name}.weight"] = 1 + torch.randn(module.weight.shape, generator=g) * 0.2
+    save_file({k: v.contiguous() for k, v in state.items()}, tmp_path / "canny-lora.safetensors")
+    return tmp_path / "canny-lora.safetensors"
+
+
+def test_a_flux_control_lora_widens_the_input_as_diffusers_and_unloads_back(tmp_path):
+    """diffusers' ``FluxControlPipeline`` + ``load_lora_weights`` of a Control LoRA on a plain base;
+    unloading it gives the plain base back (its narrow input layer, its norms)."""
+    import numpy as np
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxControlPipeline
+    from PIL import Image
+
+    from controlstack import Control, ControlstackError, Pipeline
+    from controlstack.models.tiny_mmdit import tiny_flux
+
+    hint = np.random.default_rng(1).integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)
+    path = control_lora_file(tmp_path, tiny_flux(seed=0).unet)
+    c = tiny_flux(seed=0)
+    ref = FluxControlPipeline(transformer=c.unet, vae=c.vae, text_encoder=c.text_encoder, tokenizer=c.tokenizer,
+                              text_encoder_2=c.text_encoder_2, tokenizer_2=c.tokenizer_2,
+                              scheduler=FlowMatchEulerDiscreteScheduler.from_config(c.scheduler_config))
+    ref.set_progress_bar_config(disable=True)
+    ref.load_lora_weights(str(path), adapter_name="canny")
+    theirs = ref("a red cube", control_image=Image.fromarray(hint), num_inference_steps=3, guidance_scale=4.0,
+                 height=SIZE, width=SIZE, generator=torch.Generator().manual_seed(1), output_type="np").images
+
+    pipe = Pipeline(tiny_flux(seed=0))
+    plain = pipe("a red cube", **KW)
+    pipe.load_lora(path, name="canny")
+    assert pipe.unet.config.in_channels == 2 * pipe.unet.out_channels
+    ours = pipe("a red cube", [Control("base", hint)], **KW)
+    assert_same_image(ours, theirs)
+    pipe.unload_lora("canny")
+    assert pipe.unet.config.in_channels == pipe.unet.out_channels
+    assert_same_image(pipe("a red cube", **KW), plain)
+    with pytest.raises(ControlstackError, match="is for a Flux Control base"):
+        pipe("a red cube", [Control("base", hint)], **KW)

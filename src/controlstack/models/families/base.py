@@ -39,3 +39,5 @@ class Family:
         for prefix, encoder in self.text_encoders(pipe):
             loader.load_lora_into_text_encoder(converted, alphas, encoder, prefix=prefix, adapter_name=name)
 
+    def drop_lora(self, pipe, name: str) -> None:
+        """After LoRA ``name``'s adapter layers are deleted: undo what else it changed in the base."""

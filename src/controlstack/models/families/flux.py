@@ -24,6 +24,13 @@ from controlstack.models.families.base import Family
 T5_TOKENS = 512  # diffusers' max_sequence_length default for Flux
 
 
+def written(transformer) -> int:
+    """The channels a Flux transformer writes (its packed latents' width). A config without
+    ``out_channels`` writes what it read when built -- still so after a Control LoRA widened its input."""
+    c = transformer.config
+    return getattr(transformer, "out_channels", None) or c.get("out_channels") or c.in_channels
+
+
 class Flux(Family):
     name = "flux"
     label = "Flux.1"
@@ -80,8 +87,7 @@ class Flux(Family):
 
     def noise_shape(self, pipe, batch: int, height: int, width: int) -> tuple[int, ...]:
         f = pipe.vae_scale_factor
-        c = pipe.unet.config  # a Control base reads twice the channels it writes
-        return batch, (c.get("out_channels") or c.in_channels) // 4, 2 * (height // (f * 2)), 2 * (width // (f * 2))
+        return batch, written(pipe.unet) // 4, 2 * (height // (f * 2)), 2 * (width // (f * 2))
 
     @staticmethod
     def pack(latents: torch.Tensor) -> torch.Tensor:
@@ -113,16 +119,51 @@ class Flux(Family):
         scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), device=device, mu=mu)
 
     def load_lora(self, pipe, state: dict, name: str) -> None:
+        """diffusers' ``FluxLoraLoaderMixin.load_lora_weights``, step by step: a Flux Control LoRA
+        (Canny-dev-lora, Depth-dev-lora) widens the input layer to read the condition's latents beside
+        the image's (``x_embedder``'s weight zero-padded, then its LoRA on the wider input) and
+        replaces the attention's RMS norms; afterwards the base reads ``Control("base", image)`` as the
+        full Control model does. What it replaced is kept to put back when it is unloaded."""
         loader = self.lora_loader()
-        wide = [k for k, v in state.items() if "x_embedder" in k and k.endswith(("lora_A.weight", "lora_down.weight"))
-                and v.shape[1] != pipe.unet.config.in_channels]
-        if wide:  # a Flux Control LoRA (Canny-dev-lora): it widens the input layer to read the condition
-            raise ControlstackError("Flux Control LoRAs (which widen the input layer) are not supported yet; load "
-                                    "the full Control model (Canny-dev / Depth-dev) instead")
         converted, alphas = loader.lora_state_dict(dict(state), return_alphas=True)
+        lora = {k: v for k, v in converted.items() if k.startswith("transformer.") and "lora" in k}
+        norms = {k: converted.pop(k) for k in list(converted) if k.startswith("transformer.")
+                 and any(n in k for n in loader._control_lora_supported_norm_keys)}
+        before = pipe.unet.config.in_channels
+        if lora:
+            loader._maybe_expand_transformer_param_shape_or_error_(pipe.unet, lora, norms)
+            converted.update(loader._maybe_expand_lora_state_dict(transformer=pipe.unet, lora_state_dict=lora))
         loader.load_lora_into_transformer(converted, alphas, pipe.unet, adapter_name=name)
+        if norms:
+            kept = loader._load_norm_into_transformer(norms, transformer=pipe.unet, discard_original_layers=False)
+            pipe.unet._transformer_norm_layers = {**kept, **(getattr(pipe.unet, "_transformer_norm_layers", None) or {})}
+        if pipe.unet.config.in_channels != before or norms:
+            pipe.unet._control_lora = name  # the LoRA whose unloading puts the input layer and norms back
         for prefix, encoder in self.text_encoders(pipe):
             loader.load_lora_into_text_encoder(converted, alphas, encoder, prefix=prefix, adapter_name=name)
+
+    def drop_lora(self, pipe, name: str) -> None:
+        """Unloading a Control LoRA puts back the norms and the narrow input layer (diffusers'
+        ``unload_lora_weights(reset_to_overwritten_params=True)``)."""
+        t = pipe.unet
+        if getattr(t, "_control_lora", None) != name:
+            return
+        if getattr(t, "_transformer_norm_layers", None):
+            t.load_state_dict(t._transformer_norm_layers, strict=False)
+            t._transformer_norm_layers = None
+        original = getattr(t, "_overwritten_params", None) or {}
+        if "x_embedder.weight" in original:
+            weight, bias = original["x_embedder.weight"], original.get("x_embedder.bias")
+            layer = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, dtype=weight.dtype,
+                                    device=weight.device)
+            with torch.no_grad():
+                layer.weight.copy_(weight)
+                if bias is not None:
+                    layer.bias.copy_(bias)
+            t.x_embedder = layer
+            t.register_to_config(in_channels=int(weight.shape[1]))
+            t._overwritten_params = None
+        t._control_lora = None
 
     def __repr__(self) -> str:
         return "<family flux>"
