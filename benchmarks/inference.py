@@ -18,6 +18,10 @@ process) and peak memory (max RSS).
 320/640/1280) with no attention at the first level and 1/2/2 transformer layers (SDXL: 1/2/10),
 two text encoders (hidden 128 + 128, the second with the pooled projection) and the text-time
 added embedding (size ids embedded at 32 each; SDXL: 256).
+
+``--family sd3`` / ``--family flux`` build the transformer layouts at reduced width (transformer.py
+beside this file): against ``StableDiffusion3ControlNetPipeline`` / ``FluxControlNetPipeline``, with
+the flow Euler sampler; the FLOP count there is measured on one step of our parity pipeline.
 """
 
 from __future__ import annotations
@@ -35,9 +39,16 @@ from controlstack.models.components import SDComponents
 from controlstack.models.tiny import byte_level_tokenizer, tiny_text_encoder, tiny_vae
 from controlstack.sampling import make_scheduler
 
+TRANSFORMERS = ("sd3", "flux")
+
 
 def build(seed: int = 0, family: str = "sd") -> tuple[SDComponents, list]:
     from diffusers import ControlNetModel, UNet2DConditionModel
+
+    if family in TRANSFORMERS:
+        from transformer import build_transformer  # this folder's module
+
+        return build_transformer(seed, family)
 
     torch.manual_seed(seed)
     tok = byte_level_tokenizer(max_length=77)
@@ -75,8 +86,12 @@ def build(seed: int = 0, family: str = "sd") -> tuple[SDComponents, list]:
     return comps, cns
 
 
-def reference_pipeline(comps, controlnet):
+def reference_pipeline(comps, controlnet, family: str = "sd"):
     """diffusers' ControlNet pipeline of the model's family, on the same weights."""
+    if family in TRANSFORMERS:
+        from transformer import reference_transformer_pipeline  # this folder's module
+
+        return reference_transformer_pipeline(comps, controlnet, family)
     if comps.text_encoder_2 is not None:
         from diffusers import StableDiffusionXLControlNetPipeline
 
@@ -198,18 +213,48 @@ def child(args) -> None:
     reset_peak()  # the peak of the generation, not of building the models
     t = time.perf_counter()
     if args.child == "diffusers":
-        ref = reference_pipeline(comps, cns[0])
-        ref.set_progress_bar_config(disable=True)
-        ref("a photo", image=image, num_inference_steps=args.steps, guidance_scale=7.5, width=args.size,
-            height=args.size, generator=torch.Generator("cpu").manual_seed(0), output_type="np")
+        theirs(args, comps, cns, [image], 1)()
         seconds = {}
     else:
         pipe = tier_pipeline(comps, args.child)
-        pipe("a photo", controls=[Control(cns[0], image)], steps=args.steps, cfg=7.5, seed=0, width=args.size,
-             height=args.size, output_type="np", progress=False)
+        ours(args, pipe, cns, [image], 1)()
         graphs = pipe.runners.graphs()
         seconds = {k: sum(g.seconds[k] for g in graphs) for k in ("compile", "load")}
     print(json.dumps({"first_image_s": time.perf_counter() - t, **seconds, "peak_mib": peak_mib()}))
+
+
+def sampler(family: str) -> tuple[str, float]:
+    """The sampler and guidance scale a family's benchmark uses (flow Euler on the transformers)."""
+    return ("euler", 3.5 if family == "flux" else 5.0) if family in TRANSFORMERS else ("unipc", 7.5)
+
+
+def theirs(args, comps, cns, hints, n, end=1.0):
+    """diffusers' pipeline for ``n`` controls with window 0-``end``: a zero-argument generation."""
+    from diffusers import MultiControlNetModel
+
+    if args.family in TRANSFORMERS:
+        from transformer import multi_controlnet  # this folder's module
+
+        cn = cns[0] if n == 1 else multi_controlnet(args.family, cns[:n])
+    else:
+        cn = cns[0] if n == 1 else MultiControlNetModel(cns[:n])
+    ref = reference_pipeline(comps, cn, args.family)
+    ref.set_progress_bar_config(disable=True)
+    image = hints[0] if n == 1 else hints[:n]
+    key = "control_image" if args.family in TRANSFORMERS else "image"
+    scale = {} if n == 1 or args.family not in TRANSFORMERS else {"controlnet_conditioning_scale": [1.0] * n}
+    cfg = sampler(args.family)[1]
+    return lambda: ref("a photo", **{key: image}, num_inference_steps=args.steps, guidance_scale=cfg,
+                       control_guidance_end=end,
+                       generator=torch.Generator("cpu").manual_seed(0), output_type="np", width=args.size,
+                       height=args.size, **scale).images
+
+
+def ours(args, pipe, cns, hints, n, end=1.0):
+    controls = [Control(cns[i], hints[i], end=end) for i in range(n)]
+    name, cfg = sampler(args.family)
+    return lambda: pipe("a photo", controls=controls, steps=args.steps, cfg=cfg, seed=0, scheduler=name,
+                        output_type="np", progress=False, width=args.size, height=args.size)
 
 
 def peak_mib() -> float:
@@ -256,8 +301,8 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=256)
     ap.add_argument("--quick", action="store_true", help="4 steps, 1 run, no start-up table")
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--family", default="sd", choices=("sd", "sdxl"),
-                    help="the model layout: SD-1.5's (default) or SDXL's, both at reduced width")
+    ap.add_argument("--family", default="sd", choices=("sd", "sdxl", *TRANSFORMERS),
+                    help="the model layout: SD-1.5's (default), SDXL's, SD3's or Flux's, all at reduced width")
     ap.add_argument("--no-startup", action="store_true", help="skip the start-up / peak-memory table")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -267,28 +312,12 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     if args.child:
         return child(args)
-    from diffusers import MultiControlNetModel
-
     comps, cns = build(family=args.family)
     pipes = {name: tier_pipeline(comps, name) for name in TIER_NAMES}
     hints = [hint(args.size, k) for k in range(3)]
-    common = dict(width=args.size, height=args.size)
-    print(f"# {args.family} layout, {args.size}x{args.size}, {args.steps} steps, unipc, cfg 7.5, median of {args.runs}, "
-          f"{torch.get_num_threads()} threads; fast = {pipes['fast'].tier.describe()}")
-
-    def theirs(n, end=1.0):
-        cn = cns[0] if n == 1 else MultiControlNetModel(cns[:n])
-        ref = reference_pipeline(comps, cn)
-        ref.set_progress_bar_config(disable=True)
-        image = hints[0] if n == 1 else hints[:n]
-        return lambda: ref("a photo", image=image, num_inference_steps=args.steps, guidance_scale=7.5,
-                           control_guidance_end=end, generator=torch.Generator("cpu").manual_seed(0),
-                           output_type="np", **common).images
-
-    def ours(n, pipe, end=1.0):
-        controls = [Control(cns[i], hints[i], end=end) for i in range(n)]
-        return lambda: pipe("a photo", controls=controls, steps=args.steps, cfg=7.5, seed=0, scheduler="unipc",
-                            output_type="np", progress=False, **common)
+    name, cfg = sampler(args.family)
+    print(f"# {args.family} layout, {args.size}x{args.size}, {args.steps} steps, {name}, cfg {cfg:g}, median of "
+          f"{args.runs}, {torch.get_num_threads()} threads; fast = {pipes['fast'].tier.describe()}")
 
     rate = gemm_rate()
     print(f"measured fp32 GEMM rate: {rate / 1e9:.1f} GFLOP/s")
@@ -296,9 +325,15 @@ def main() -> None:
           f" {'% of limit':>10s} {'+MiB':>6s}")
     for n, end in ((1, 1.0), (3, 1.0), (1, 0.5), (3, 0.5)):
         label = f"{n} control{'s' if n > 1 else ''}" + (f", window 0-{end:g}" if end < 1 else "")
-        fns = {"diffusers": theirs(n, end), **{name: ours(n, p, end) for name, p in pipes.items()}}
+        fns = {"diffusers": theirs(args, comps, cns, hints, n, end),
+               **{name: ours(args, p, cns, hints, n, end) for name, p in pipes.items()}}
         times, outs, extra = timed(fns, args.runs)
-        flops = flops_per_image(comps, cns, n, args.steps, args.size, end)
+        if args.family in TRANSFORMERS:
+            from transformer import measured_flops  # this folder's module
+
+            flops = measured_flops(args, pipes["parity"], cns, hints, n, end, ours)
+        else:
+            flops = flops_per_image(comps, cns, n, args.steps, args.size, end)
         for name, t in times.items():
             quality = "" if name == "diffusers" else f"{psnr(outs[name], outs['diffusers']):8.1f}"
             print(f"{label:26s} {name:10s} {1 / t:8.4f} {times['diffusers'] / t:6.2f} {quality:>8s} "
