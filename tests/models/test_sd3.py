@@ -239,19 +239,19 @@ def test_an_inpainting_controlnet_is_diffusers_controlnet_inpainting(sd3, hints)
 @pytest.mark.parametrize("key, label", [("model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight",
                                          "Stable Diffusion 3"),
                                         ("model.diffusion_model.double_blocks.0.img_attn.qkv.weight", "Flux.1")])
-def test_a_transformer_single_file_is_a_one_line_error(tmp_path, key, label):
+def test_a_transformer_single_file_without_its_encoders_folder_is_a_one_line_error(tmp_path, key, label):
     from safetensors.torch import save_file
 
     from controlstack import Pipeline
 
     save_file({key: torch.zeros(2, 2)}, str(tmp_path / "m.safetensors"))
-    with pytest.raises(ControlstackError, match=f"is a {label} single-file checkpoint"):
+    with pytest.raises(ControlstackError, match=f"is a {label} single file: it carries no text encoders"):
         Pipeline.from_pretrained(tmp_path / "m.safetensors")
 
 
 def test_convert_keeps_a_transformer_base_a_diffusers_folder(tmp_path, sd3):
     """``save_base`` / ``convert --to diffusers`` write the SD3 pipeline's own layout (the same images
-    after the round trip); a single-file target is a one-line error."""
+    after the round trip; single files: tests/io/test_transformer_single_file.py)."""
     from controlstack import Pipeline
     from controlstack.cli.main import main
     from controlstack.io.checkpoints import save_base
@@ -260,7 +260,6 @@ def test_convert_keeps_a_transformer_base_a_diffusers_folder(tmp_path, sd3):
     assert (tmp_path / "a" / "transformer" / "config.json").is_file() and (tmp_path / "a" / "text_encoder_3").is_dir()
     assert main(["convert", str(tmp_path / "a"), str(tmp_path / "b"), "--to", "diffusers"]) == 0
     assert_same_image(Pipeline.from_pretrained(tmp_path / "b")("a red cube", **KW), Pipeline(sd3)("a red cube", **KW))
-    assert main(["convert", str(tmp_path / "a"), str(tmp_path / "c.safetensors")]) == 2
 
 
 def test_the_memory_guard_reads_the_image_size_and_the_networks_width(sd3):

@@ -60,9 +60,9 @@ def run(args) -> int:
     kind = inspect_checkpoint(args.src, allow_pickle=args.allow_pickle)["kind"]
     dtype = torch.float16 if args.half else None
     family = inspect_checkpoint(args.src, allow_pickle=args.allow_pickle).get("arch", {}).get("family_name")
-    if family in ("sd3", "flux") and to != "diffusers":  # the original layouts convert writes are the U-Net ones'
-        raise ControlstackError(f"'{args.src}' is an SD3 / Flux model; convert writes the SD-1.x / SDXL single-file "
-                                "layouts -- keep it a diffusers folder (--to diffusers copies it)")
+    if family in ("sd3", "flux") and kind == "controlnet" and to != "diffusers":  # their makers ship diffusers folders
+        raise ControlstackError(f"'{args.src}' is an SD3 / Flux ControlNet; they are kept as diffusers folders "
+                                "(--to diffusers copies it); bases convert both ways")
     if kind == "controlnet":
         model = load_controlnet(args.src, allow_pickle=args.allow_pickle, config=args.config, torch_dtype=dtype)
         save_controlnet(model, dst, format=to)

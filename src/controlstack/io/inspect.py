@@ -18,7 +18,7 @@ from controlstack.errors import ControlstackError
 from controlstack.io import original as orig
 from controlstack.io.lora_format import describe as describe_lora
 from controlstack.io.tensors import CONFIG_METADATA_KEY, SAFETENSORS_SUFFIXES, existing_path, read_tensors
-from controlstack.models.families import family_of
+from controlstack.models.families import family_of, family_of_state
 
 _SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
                        "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
@@ -137,6 +137,16 @@ def _inspect_file(path: Path, allow_pickle: bool) -> dict:
         arch = _arch(orig.infer_controlnet_config({table[k]: v for k, v in shapes.items()}), "inferred from tensors")
         return {"format": "diffusers (single file)", "container": container, "kind": "controlnet", "arch": arch,
                 **summary}
+    family = family_of_state(shapes)
+    if family.network != "unet":  # an SD3 / Flux single file (io/transformer_single_file.py)
+        from controlstack.io import transformer_single_file as tsf  # local: only this kind of file needs it
+
+        embedded = tsf.metadata_config(metadata, "unet")
+        arch = _arch(embedded, "embedded config") if embedded else _arch(
+            tsf.infer_config(tsf.transformer_state(shapes), family.name, {}), "inferred from tensors")
+        arch["vae"] = any(k.startswith(orig.VAE_PREFIX) for k in shapes)
+        arch["text_encoder"] = any(k.startswith("text_encoders.") for k in shapes)
+        return {"format": "original", "container": container, "kind": "base", "arch": arch, **summary}
     if any(k.startswith(orig.UNET_PREFIX) for k in shapes):
         unet = {k.removeprefix(orig.UNET_PREFIX): v for k, v in shapes.items() if k.startswith(orig.UNET_PREFIX)}
         if "controlstack.unet_config" in metadata:

@@ -20,6 +20,7 @@ diffusers' ``scripts/convert_diffusers_to_original_stable_diffusion.py``), so th
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -30,6 +31,7 @@ from safetensors.torch import save_file
 from controlstack.errors import ControlstackError
 from controlstack.io import original as orig
 from controlstack.io import sdxl_single_file as xl
+from controlstack.io import transformer_single_file as tsf
 from controlstack.io.sdxl_single_file import SDXL_CONFIGS
 from controlstack.io.single_file_common import (
     SD15_CONFIGS,
@@ -221,12 +223,11 @@ def _load_base_file(path: Path, allow_pickle: bool, config, dtype) -> SDComponen
     from transformers import CLIPTextConfig, CLIPTextModel  # local: heavy, only this path needs it
 
     state, metadata = read_tensors(path, allow_pickle=allow_pickle)
+    family = next((f for f in (family_of_state(state),) if f.network != "unet"), None)
+    if family is not None:  # SD3 / Flux: the transformer (and VAE) from the file, the text encoders from a folder
+        return _load_transformer_file(path, state, metadata, family, config, dtype)
     _require_base_state(state)
-
     family = family_of_state(state)
-    if family.network != "unet":  # SD3 / Flux files: their diffusers folders load (docs/transformers.md)
-        raise ControlstackError(f"'{path.name}' is a {family.label} single-file checkpoint; this project loads "
-                                f"{family.label} as a diffusers folder (the pipeline's save_pretrained layout)")
     own = {"sdxl": xl.load_sdxl_state}.get(family.name)  # a family with its own layout
     if own is not None:
         return own(state, metadata, config, dtype)
@@ -247,6 +248,36 @@ def _load_base_file(path: Path, allow_pickle: bool, config, dtype) -> SDComponen
     tokenizer = single_file_tokenizer(folder, text_encoder.config.vocab_size)
     return SDComponents(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
                         scheduler_config=scheduler_config(folder))
+
+
+def _load_transformer_file(path: Path, state: dict, metadata: dict, family, config, dtype) -> SDComponents:
+    """An SD3 / Flux single file (:mod:`controlstack.io.transformer_single_file`): its transformer,
+    its VAE where it holds one, and the rest from ``config``, a diffusers folder of the family."""
+    import diffusers  # local: heavy, only this path needs it
+    from diffusers.loaders.single_file_utils import (  # local: heavy, only this path needs it
+        convert_ldm_vae_checkpoint,
+    )
+
+    if config is None:
+        raise ControlstackError(f"'{path.name}' is a {family.label} single file: it carries no text encoders or "
+                                f"tokenizers; pass --config DIR (config=DIR), a diffusers {family.label} folder")
+    folder = existing_path(config, "config")
+    folder_parts = _load_transformer_folder(folder, read_json(folder / "model_index.json"), False, dtype)
+    if family_of(folder_parts.unet).name != family.name:
+        raise ControlstackError(f"--config '{folder}' is a {folder_parts.family.label} folder; '{path.name}' is "
+                                f"{family.label}: give a folder of the same family")
+    inner = tsf.transformer_state(state)
+    cfg = tsf.metadata_config(metadata, "unet") or tsf.infer_config(inner, family.name, dict(folder_parts.unet.config))
+    cls = type(folder_parts.unet)
+    transformer = build_empty(cls, {k: v for k, v in cfg.items() if not k.startswith("_")}, "transformer")
+    transformer = cast_model(assign_exact(transformer, tsf.to_diffusers(inner, family.name), "transformer"), dtype)
+    vae = folder_parts.vae
+    ldm_vae = strip_prefix(state, orig.VAE_PREFIX)
+    if ldm_vae:
+        vae_cfg = tsf.metadata_config(metadata, "vae") or dict(folder_parts.vae.config)
+        vae = build_empty(diffusers.AutoencoderKL, {k: v for k, v in vae_cfg.items() if not k.startswith("_")}, "VAE")
+        vae = cast_model(assign_exact(vae, convert_ldm_vae_checkpoint(state, dict(vae.config)), "VAE"), dtype)
+    return dataclasses.replace(folder_parts, unet=transformer, vae=vae)
 
 
 def load_base(source: str | os.PathLike, *, allow_pickle: bool = False, config: str | os.PathLike | None = None,
@@ -317,6 +348,18 @@ def _save_folder(components: SDComponents, folder: Path) -> None:
     (folder / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
+def _transformer_to_original(components: SDComponents) -> dict:
+    """An SD3 / Flux base as a single file: the transformer in its original layout under
+    ``model.diffusion_model.`` and the VAE in LDM's under ``first_stage_model.`` (the text encoders
+    are not written: they load from a folder, as ComfyUI's do)."""
+    out = {tsf.PREFIX + k: v for k, v in tsf.to_original(components.unet.state_dict(), components.family.name).items()}
+    vae = components.vae.state_dict()
+    for k, new in orig.vae_table(vae, len(components.vae.config.block_out_channels)).items():
+        t = vae[k]
+        out[orig.VAE_PREFIX + new] = t[:, :, None, None] if orig.is_vae_attention_matrix(new) else t
+    return {k: v.detach().contiguous() for k, v in out.items()}
+
+
 def save_base(components: SDComponents, dest: str | os.PathLike, *, format: str = "auto") -> Path:
     """Write a base model: a diffusers folder with model_index.json, or (``*.safetensors`` /
     ``format="original"``) an SD-1.x single file. The write is atomic."""
@@ -326,7 +369,10 @@ def save_base(components: SDComponents, dest: str | os.PathLike, *, format: str 
     if format not in ("diffusers", "original"):
         raise ControlstackError(f"unknown checkpoint format '{format}'; use one of: diffusers, original")
     with atomic_output(dest) as tmp:
-        if format == "original":
+        if format == "original" and components.family.network != "unet":
+            save_file(_transformer_to_original(components), str(tmp), metadata={
+                "format": "pt", **{key: _model_json(getattr(components, part)) for part, key in tsf.METADATA_KEYS.items()}})
+        elif format == "original":
             xl_base = components.text_encoder_2 is not None
             metadata = {"format": "pt"}
             for part, key in (xl.METADATA_KEYS if xl_base else METADATA_KEYS).items():
