@@ -60,6 +60,7 @@ class ControlledDenoiser:
         added: tuple[dict | None, dict] | None = None,  # SDXL: (uncond, cond) added conditions; None: SD-1.x
         image_embeds: list[torch.Tensor] | None = None,  # IP-Adapters: the U-Net's alone, CFG-batched
         ip_masks: list[torch.Tensor] | None = None,      # ... and their region masks, one per adapter
+        timestep_cond: torch.Tensor | None = None,       # a guidance-embedded U-Net's (LCM student's) w embedding
     ):
         self.unet = unet
         # T2I-Adapters add inside the encoder; every other branch to the skips (its ``point``)
@@ -76,6 +77,8 @@ class ControlledDenoiser:
         self.unet_kw = {"added_cond_kwargs": self.added} if self.added else {}
         if image_embeds is not None:  # the ControlNets keep reading the text alone (diffusers' pipelines)
             self.unet_kw = {"added_cond_kwargs": {**(self.added or {}), "image_embeds": image_embeds}}
+        if timestep_cond is not None:  # the U-Net's alone: diffusers' ControlNet pipelines give the ControlNets none
+            self.unet_kw = {**self.unet_kw, "timestep_cond": timestep_cond}
         # the encoder's alone: the decoder reads them from its context, the time embedding never
         self.encode_kw = {"cross_attention_kwargs": {"ip_adapter_masks": ip_masks}} if ip_masks else {}
         self.unet_extra = unet_extra

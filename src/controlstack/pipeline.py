@@ -40,6 +40,7 @@ from controlstack.lora import Loras, available
 from controlstack.mmdit import TRANSFORMER_DENOISERS
 from controlstack.models.components import SDComponents
 from controlstack.models.families import family_of
+from controlstack.models.lcm import guidance_scale_embedding
 from controlstack.models.tiers import Runners, Tier, make_tier
 from controlstack.models.vae import unscale
 from controlstack.prompting import Prompting
@@ -456,7 +457,8 @@ class Pipeline(Prompting, Hints, Img2Img, Recommendations, Loras, ImagePrompts):
             denoiser = ControlledDenoiser(self.runners.unet, branches, injection, cond, uncond, g.cfg,
                                           unet_extra=start.unet_extra, reuse=self.tier.reuse, added=added,
                                           image_embeds=self.image_embeds(g.image_prompts, g.batch, do_cfg),
-                                          ip_masks=self.ip_masks(g.image_prompts, g.height, g.width))
+                                          ip_masks=self.ip_masks(g.image_prompts, g.height, g.width),
+                                          timestep_cond=self.guidance_embedding(g.cfg, g.batch))
         else:  # a transformer base: its ControlNets add block residuals (mmdit.py)
             h, w = g.height // self.vae_scale_factor, g.width // self.vae_scale_factor
             denoiser = TRANSFORMER_DENOISERS[self.family.network](self, branches, injection, cond, uncond, g.cfg,
@@ -465,6 +467,15 @@ class Pipeline(Prompting, Hints, Img2Img, Recommendations, Loras, ImagePrompts):
                          start=start.start, callback=after_each_step(start.blend, step_callback),
                          schedule=lambda sc, n, x: self.family.set_timesteps(sc, n, x, x.device))
         return self.family.unpack(latents, *start.latent_size) if start.latent_size else latents
+
+    def guidance_embedding(self, cfg: float, batch: int) -> torch.Tensor | None:
+        """A guidance-embedded U-Net's (an LCM student's: ``time_cond_proj_dim``) condition: the
+        sinusoidal embedding of ``w = cfg - 1`` (Luo et al., 2023, "Latent Consistency Models", Sec. 4.2;
+        diffusers' ``get_guidance_scale_embedding``); None for any other U-Net."""
+        dim = self.unet.config.get("time_cond_proj_dim")
+        if dim is None:
+            return None
+        return guidance_scale_embedding(torch.full((batch,), cfg - 1.0), dim).to(self.unet.device, self.unet.dtype)
 
     def start(self, g: Generation, scheduler, generator, do_cfg: bool) -> Start:
         """Where the loop starts: pure noise (txt2img), or the init image's latents noised to the

@@ -143,3 +143,33 @@ def test_runner_matches_diffusers_forward(tiny_components, tiny_controlnets):
         res = cnr(x, t, emb, cnr.embed_hint(hint))
         assert all(torch.equal(a, b) for a, b in zip(res.downs, downs)) and torch.equal(res.mid, mid)
         assert torch.equal(UNetRunner(unet)(x, t, emb, res), ref)
+
+
+def test_a_guidance_embedded_student_reads_w_as_diffusers(tiny_components, tiny_controlnets, hint_images):
+    """An LCM student (a U-Net with ``time_cond_proj_dim``) gets ``w = cfg - 1`` embedded, no CFG batch:
+    diffusers' ControlNet pipeline with the LCM sampler on the same weights."""
+    import dataclasses
+
+    from diffusers.pipelines.latent_consistency_models.pipeline_latent_consistency_text2img import (
+        LatentConsistencyModelPipeline,
+    )
+
+    from controlstack import Pipeline
+    from controlstack.models.lcm import guidance_scale_embedding
+    from controlstack.models.tiny import tiny_unet
+
+    w = torch.tensor([0.5, 3.0])
+    want = LatentConsistencyModelPipeline.get_guidance_scale_embedding(None, w, embedding_dim=32)
+    torch.testing.assert_close(guidance_scale_embedding(w, 32), want, rtol=0, atol=1e-6)
+
+    student = tiny_unet(0, time_cond_proj_dim=32)
+    with torch.no_grad():
+        student.time_embedding.cond_proj.weight.normal_(0, 0.5)
+    c = dataclasses.replace(tiny_components, unet=student)
+    cn = tiny_controlnets[0]
+    expected = reference(c, cn, hint_images[0], "lcm")
+    got = ours(Pipeline(c, name="student"), [Control(cn, hint_images[0])], "lcm")
+    assert_same_image(got, expected)
+    other_w = Pipeline(c, name="student")("a red box", [Control(cn, hint_images[0])], steps=STEPS, cfg=2.0, seed=SEED,
+                                          width=SIZE, height=SIZE, scheduler="lcm", output_type="np", progress=False)
+    assert np.abs(got - other_w).max() > 1e-3  # the embedded w changes the image
