@@ -408,7 +408,8 @@ class Pipeline(Prompting, Hints, Img2Img, Recommendations, Loras, ImagePrompts):
         """A call's arguments with the models' recommendations filled in and checked: steps, CFG,
         mode and its options (:meth:`settings`), the native size, each control's window
         (:meth:`with_windows`), the sizes, memory and the weak-ControlNet warning."""
-        rest["scheduler"] = rest["scheduler"] or self.family.default_scheduler  # unipc; euler for flow matching
+        # the call's, else the base's recommendation (an LCM student: lcm), else the family's (unipc; euler on flow)
+        rest["scheduler"] = rest["scheduler"] or self.recommended.get("scheduler") or self.family.default_scheduler
         width = self.native_size if width is None else width
         height = self.native_size if height is None else height
         controls = list(controls)

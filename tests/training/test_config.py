@@ -10,6 +10,7 @@ import yaml
 from controlstack.errors import ControlstackError
 from controlstack.training.base import BaseConfig
 from controlstack.training.controlnet import ControlNetConfig
+from controlstack.training.lcm import LCMConfig
 from controlstack.training.vae import VAEConfig
 
 CONFIGS = Path(__file__).resolve().parents[2] / "src" / "controlstack" / "configs" / "train"
@@ -55,7 +56,8 @@ def test_values_are_coerced_and_round_trip(tmp_path):
     assert VAEConfig.from_yaml(tmp_path / "c.yaml", max_steps=7, output_dir=None).max_steps == 7
 
 
-@pytest.mark.parametrize("recipe, cls", [("vae", VAEConfig), ("base", BaseConfig), ("controlnet", ControlNetConfig)])
+@pytest.mark.parametrize("recipe, cls", [("vae", VAEConfig), ("base", BaseConfig), ("controlnet", ControlNetConfig),
+                                         ("lcm", LCMConfig)])
 def test_shipped_default_configs_validate(recipe, cls):
     cfg = cls.from_yaml(CONFIGS / f"{recipe}.yaml")
     assert cfg.resolution == 128 and cfg.mixed_precision == "auto"

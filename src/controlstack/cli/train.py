@@ -1,4 +1,4 @@
-"""``controlstack train vae|base|controlnet --config FILE [--resume] [--output DIR] [--max-steps N]``.
+"""``controlstack train vae|base|controlnet|lcm|... --config FILE [--resume] [--output DIR] [--max-steps N]``.
 
 A thin shell over ``controlstack.training``: the YAML file becomes the recipe's typed config
 (unknown keys and bad values raise ``ControlstackError`` -> one line, exit 2), ``--output`` and
@@ -15,7 +15,7 @@ from controlstack.training import RECIPES, recipe
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("train", help="train a model: VAE, base, ControlNet, Omni, predictor, or an evaluation network (features, clip)",
+    p = subparsers.add_parser("train", help="train a model: VAE, base, ControlNet, Omni, predictor, IP-Adapter, LCM student, or an evaluation network (features, clip)",
                               description=plain(__doc__.splitlines()[0]))
     p.add_argument("recipe", choices=list(RECIPES), help="what to train")
     p.add_argument("--config", required=True, help="YAML config (see src/controlstack/configs/train/)")

@@ -3,7 +3,7 @@
 Schema (every key optional)::
 
     {"recommended": {"mode": "mi", "mode_options": {"reduce": "layer"}, "start": 0.0, "end": 1.0,
-                     "cfg": 7.0, "steps": 20},
+                     "cfg": 7.0, "steps": 20, "scheduler": "lcm"},
      "training": {...the recipe options that made the model (injection, rebalancing, conservativity)...},
      "omni": {"tasks": [...]}}
 
@@ -104,6 +104,8 @@ RECOMMENDED = {"mode": (lambda v: isinstance(v, str) and v != "", "a mode name")
                "end": (_number_01, "a number in [0, 1]"),
                "cfg": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0, "a number >= 0"),
                "steps": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "an integer >= 1"),
+               # a base's sampler (a consistency-distilled student: lcm), where the call names none
+               "scheduler": (lambda v: isinstance(v, str) and v != "", "a sampler name"),
                # the fast tier's graph precision for this model (docs/speed.md), where measured to matter
                "precision": (lambda v: v in ("fp32", "bf16"), "fp32 or bf16")}
 #: the recommended keys that describe how a ControlNet is sampled (a base's stand in for its ControlNets')

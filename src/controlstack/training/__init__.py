@@ -38,6 +38,7 @@ RECIPES = {
     "omni": ("controlstack.training.omni", "OmniConfig"),
     "predictor": ("controlstack.training.predictor", "PredictorTrainConfig"),
     "ip_adapter": ("controlstack.training.ip_adapter", "IPAdapterConfig"),
+    "lcm": ("controlstack.training.lcm", "LCMConfig"),
     # the evaluation networks (FID / KID features, CLIP score): two recipes of one file
     "features": ("controlstack.training.evaluators", "FeatureNetTrainConfig", "train_features"),
     "clip": ("controlstack.training.evaluators", "ClipTrainConfig", "train_clip"),
