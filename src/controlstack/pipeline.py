@@ -202,11 +202,16 @@ class Pipeline(Prompting, Hints, Img2Img, Recommendations, Loras, ImagePrompts):
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike | None = None, *, allow_pickle: bool = False,
                         config: str | os.PathLike | None = None, torch_dtype=torch.float32) -> Pipeline:
-        """A diffusers SD / SDXL folder or single-file checkpoint; ``None`` = the bundled default model.
+        """A diffusers SD / SDXL / SD3 / Flux folder or single-file checkpoint, or a bundled base by name
+        (``assets.BUNDLED_BASES``: ``"lcm"``, ``"sd3"``); ``None`` = the bundled default model.
         ``torch_dtype``: the weights' dtype (``torch.bfloat16`` halves an SDXL U-Net's 10 GB; None
         keeps what is stored); ControlNets loaded by path follow the base's."""
         if path is None:
             return assets.default_pipeline(cls)
+        named = assets.bundled_base(str(path)) if not Path(path).exists() else None
+        if named is not None and (named / "unet").is_dir():  # a bundled student of the base (lcm)
+            return cls.from_source(assets.load_student(named), assets.bundled_controlnets(), str(path), named)
+        path = named or path  # a bundled base by name (sd3), else the folder / file given
         components = checkpoints.load_base(path, allow_pickle=allow_pickle, config=config, torch_dtype=torch_dtype)
         # a folder in the bundle's layout (the shipped bundle, or one being trained with some
         # ControlNets pending) brings its own ControlNets; a plain SD folder gets the bundled ones

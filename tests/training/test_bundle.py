@@ -41,6 +41,9 @@ TINY |= {"ip_adapter": dict(max_steps=1, batch_size=2, num_tokens=4, resampler_w
                           num_validation_images=1, num_inference_steps=2),
          "controlnet_sd3": dict(max_steps=1, batch_size=2, controlnet_layers=1, checkpoint_every=1, validate_every=1,
                                 log_every=1, num_validation_images=1, num_inference_steps=2)}
+# the few-step student of the base (LCM)
+TINY |= {"lcm": dict(max_steps=1, batch_size=2, time_cond_proj_dim=8, checkpoint_every=1, validate_every=1, log_every=1,
+                     num_validation_images=1, num_inference_steps=2)}
 
 
 def test_bundle_stages_end_to_end(tmp_path, monkeypatch):
@@ -94,7 +97,7 @@ def test_bundle_stages_end_to_end(tmp_path, monkeypatch):
     b.run(["ip-adapter", "sd3-base", "sd3-controlnet-canny"], work, out)
     assert (out / "ip_adapter" / "image_encoder" / "config.json").is_file()
     assert "IP-Adapter (plus)" in (out / "ip_adapter" / "README.md").read_text()
-    from controlstack import Control, Pipeline
+    from controlstack import Control, Pipeline, assets
 
     sd3 = Pipeline.from_pretrained(out / "sd3")
     assert sd3.family.name == "sd3"
@@ -103,6 +106,18 @@ def test_bundle_stages_end_to_end(tmp_path, monkeypatch):
     edges = np.zeros((64, 64, 3), np.uint8)
     assert sd3("a cube", [Control(str(out / "sd3" / "controlnets" / "canny"), edges)], steps=1,
                output_type="np", progress=False).shape == (1, 64, 64, 3)
+    # the LCM student: its U-Net and sampler, the base's recommended mode with the student's sampler and steps
+    from controlstack.io.settings import write_settings
+
+    write_settings(out, {"recommended": {"mode": "controlnet", "cfg": 5.0}})  # the base's, as the real bundle's
+    b.run(["lcm"], work, out)
+    monkeypatch.setattr(assets, "BUNDLE_DIR", out)
+    lcm = Pipeline.from_pretrained("lcm")
+    assert lcm.unet.config.time_cond_proj_dim == 8 and lcm.text_encoder is not None
+    assert {k: lcm.recommended[k] for k in ("scheduler", "steps")} == {"scheduler": "lcm", "steps": 2}
+    assert lcm.recommended["mode"] == "controlnet" and lcm.recommended["cfg"] == 7.0  # the student's CFG wins
+    canny = str(out / "controlnets" / "canny")  # by path: this toy bundle lacks the ControlNets that make it the default
+    assert lcm("a cube", [Control(canny, edges)], output_type="np", progress=False).shape == (1, 64, 64, 3)
     stages = json.loads((out / "stages.json").read_text())
     assert stages["vae"]["steps"] == 1 and stages["controlnet-canny"]["condition"] == "canny"
     assert all(b.is_done(s, work) for s in b.stages(out))
@@ -113,8 +128,6 @@ def test_bundle_stages_end_to_end(tmp_path, monkeypatch):
 
     weights = load_file(out / "controlnets" / "canny" / "diffusion_pytorch_model.safetensors")
     assert {t.dtype for t in weights.values()} == {__import__("torch").float16}
-
-    from controlstack import assets
 
     assert assets.verify_checksums(out) == []
     assert "steps x batch" in (out / "controlnets" / "canny" / "README.md").read_text()

@@ -23,7 +23,10 @@ BUNDLED_NAMES = ("canny", "depth", "seg", "pose", "scribble", "softedge")
 REQUIRED_CONTROLNETS = ("canny", "depth", "seg", "pose")  # the bundle is the default once all exist
 CHECKSUMS = "SHA256SUMS"  # `sha256sum -c` format, over every weight and config file of the bundle
 _MODEL_PARTS = ("model_index.json", "controlstack.json", "vae", "unet", "text_encoder", "tokenizer", "scheduler",
-                "controlnets", "mi", "predictor", "evaluation", "ip_adapter", "sd3")
+                "controlnets", "mi", "predictor", "evaluation", "ip_adapter", "sd3", "lcm")
+#: the bundled bases reached by name (``--model NAME``, ``Pipeline.from_pretrained(NAME)``): their folders
+#: in the bundle. ``lcm`` holds a U-Net and scheduler only: the rest is the bundled base's (a student of it).
+BUNDLED_BASES = {"lcm": "lcm", "sd3": "sd3"}
 
 
 def has_trained_base(bundle: Path | None = None) -> bool:
@@ -83,6 +86,33 @@ def _placeholder_controlnet(name: str):
         # building only it avoids a whole VAE + text encoder per ControlNet
         _PLACEHOLDER_CN[name] = tiny_controlnet(tiny_unet(0), seed=seed)
     return _PLACEHOLDER_CN[name]
+
+
+def bundled_base(name: str, bundle: Path | None = None) -> Path | None:
+    """The folder of the bundled base called ``name`` (``lcm``, ``sd3``), None for any other string;
+    a one-line error when this checkout lacks it."""
+    if name not in BUNDLED_BASES:
+        return None
+    folder = (bundle or BUNDLE_DIR) / BUNDLED_BASES[name]
+    require((folder / "unet").is_dir() or (folder / "transformer").is_dir(),
+            f"this checkout has no bundled '{name}' model ({folder}); train it with `make bundle STAGES={name}`")
+    return folder
+
+
+def load_student(folder: Path, bundle: Path | None = None):
+    """A bundled student (``lcm``: its U-Net and scheduler) with the bundled base's VAE, text encoder
+    and tokenizer: the components of a whole base."""
+    import dataclasses  # local: only this path needs it
+    import json  # local: only this path needs it
+
+    from diffusers import UNet2DConditionModel  # local: heavy, only this path needs it
+
+    from controlstack.io.checkpoints import load_base  # local: heavy, only this path needs it
+
+    base = load_base(bundle or BUNDLE_DIR)
+    unet = UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=base.unet.dtype).eval()
+    scheduler = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    return dataclasses.replace(base, unet=unet, scheduler_config=scheduler)
 
 
 def file_digests(bundle: Path = BUNDLE_DIR) -> dict[str, str]:

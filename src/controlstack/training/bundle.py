@@ -107,6 +107,8 @@ def stages(bundle: Path = BUNDLE_DIR) -> list[Stage]:
     cn = sd3 / "controlnets" / "canny"
     out.append(Stage("sd3-controlnet-canny", "controlnet", cn / weights, "canny", config="controlnet_sd3", dest=cn,
                      base=sd3))
+    # the base distilled into a few-step student (docs/speed.md): --model lcm
+    out.append(Stage("lcm", "lcm", bundle / "lcm" / "unet" / weights, config="lcm", dest=bundle / "lcm"))
     return out
 
 
@@ -263,13 +265,16 @@ def run_stage(stage: Stage, work_root: Path, bundle: Path, configs: Path | None 
     overrides = {"data": str(world), "output_dir": str(work)}
     if stage.init_from is not None:
         overrides["init_from"] = str(stage.init_from)
-    if stage.recipe in ("base", "base_sd3", "controlnet", "omni", "ip_adapter"):
+    if stage.recipe in ("base", "base_sd3", "controlnet", "omni", "ip_adapter", "lcm"):
         # one cache of the (locked, bundled) VAE's posteriors serves the base and every ControlNet
         overrides["latent_cache"] = str(work_root / "latents.safetensors")
     if stage.recipe in ("base", "base_sd3"):
         overrides["vae"] = str(bundle / "vae")
     if stage.recipe == "ip_adapter":
         overrides.update(base=str(bundle), image_encoder=str(bundle / "evaluation" / "clip"))
+        _forget_if_base_changed(work, bundle)
+    if stage.recipe == "lcm":
+        overrides["teacher"] = str(bundle)
         _forget_if_base_changed(work, bundle)
     if stage.recipe in ("controlnet", "omni"):
         base = stage.base or bundle
@@ -333,6 +338,19 @@ def run_stage(stage: Stage, work_root: Path, bundle: Path, configs: Path | None 
                 shutil.rmtree(target)
             shutil.move(str(part), target)
         shutil.rmtree(tmp)
+    elif stage.recipe == "lcm":  # the student's U-Net (fp16) and sampler; the rest is the bundled base's
+        from diffusers import UNet2DConditionModel  # local: heavy, only this path needs it
+
+        tmp = bundle / ".lcm.partial"
+        shutil.rmtree(tmp, ignore_errors=True)
+        save_fp16(UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet"), tmp / "unet")
+        shutil.copytree(model_dir / "scheduler", tmp / "scheduler")
+        student = read_settings(model_dir)
+        # the base's recommendations (its ControlNets' mode) with the student's sampler, steps and CFG
+        write_settings(tmp, {**student, "recommended": {**read_settings(bundle).get("recommended", {}),
+                                                        **student["recommended"]}})
+        shutil.rmtree(stage.dest, ignore_errors=True)
+        tmp.rename(stage.dest)
     elif stage.recipe == "base":
         from diffusers import UNet2DConditionModel  # local: heavy, only this path needs it
         from transformers import CLIPTextModel  # local: heavy, only this path needs it
