@@ -244,3 +244,26 @@ def test_sdxl_added_conditions_are_graph_inputs(cache, hint_images, caplog, xl, 
     assert [r.message for r in caplog.records if "runs in parity" in r.message] == \
         ["this call runs in parity: ControlNet-Union models are not compiled"]
     assert_same_image(out, Pipeline(xl)("a red box", both, **KW))
+
+
+@needs_compiler
+def test_an_lcm_students_guidance_embedding_is_a_graph_input(cache, tiny_components, tiny_controlnets, hint_images,
+                                                              caplog):
+    # a guidance-embedded U-Net (an LCM student) takes its w embedding as one more encoder input: no
+    # fallback to parity, the same image up to rounding
+    import dataclasses
+
+    from controlstack.models.tiny import tiny_unet
+
+    student = tiny_unet(0, time_cond_proj_dim=8)
+    with torch.no_grad():
+        student.time_embedding.cond_proj.weight.normal_(0, 0.5)
+    c = dataclasses.replace(tiny_components, unet=student)
+    controls = [Control(tiny_controlnets[0], hint_images[0])]
+    kw = {**KW, "steps": 4, "scheduler": "lcm", "cfg": 3.0}
+    parity = Pipeline(c, name="student")("a red box", controls, **kw)
+    with caplog.at_level(logging.WARNING, "controlstack"):
+        got = Pipeline(c, name="student").optimize("compiled")("a red box", controls, **kw)
+    assert float(np.abs(got - parity).max()) > 0
+    assert_same_image(got, parity)
+    assert not [r for r in caplog.records if "runs in parity" in r.message]

@@ -21,10 +21,19 @@ def added_kw(added: tuple) -> dict:
     return {"added_cond_kwargs": {"text_embeds": added[0], "time_ids": added[1]}} if added else {}
 
 
-def encode_graph(unet, sample, timestep, text, *added, pool=1):
+def split_extra(unet, extra: tuple) -> tuple[tuple, dict]:
+    """The encoder graph's extra inputs: SDXL's added conditions, then a guidance-embedded U-Net's
+    (an LCM student's) ``timestep_cond`` -- the model's config says whether it has one."""
+    if unet.config.get("time_cond_proj_dim") is not None:
+        return extra[:-1], {"timestep_cond": extra[-1]}
+    return extra, {}
+
+
+def encode_graph(unet, sample, timestep, text, *extra, pool=1):
     """The U-Net's encoder: ``(*h, mid, time embedding, text embedding)``."""
+    added, cond = split_extra(unet, extra)
     with downsampled(unet, sample.shape[-2:], pool):
-        h, mid, ctx = UNetRunner(unet).encode(sample, timestep, text, **added_kw(added))
+        h, mid, ctx = UNetRunner(unet).encode(sample, timestep, text, **added_kw(added), **cond)
     return (*h, mid, ctx.emb, ctx.encoder_hidden_states)
 
 

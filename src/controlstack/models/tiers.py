@@ -126,15 +126,19 @@ def _pooled(size, pool: int) -> bool:
 
 
 def _split(kw: dict) -> tuple[tuple, str | None]:
-    """The graph's extra inputs from keyword arguments -- SDXL's added conditions -- and why the
-    rest keeps a call off the graph (None: nothing does)."""
+    """The graph's extra inputs from keyword arguments -- SDXL's added conditions, then an LCM
+    student's ``timestep_cond`` (``graphs.split_extra``) -- and why the rest keeps a call off the
+    graph (None: nothing does)."""
     kw = {k: v for k, v in kw.items() if v is not None}
     added = kw.pop("added_cond_kwargs", None)
+    cond = kw.pop("timestep_cond", None)
     extra = ()
     if added is not None and set(added) == {"text_embeds", "time_ids"}:
         extra = (added["text_embeds"], added["time_ids"])
     elif added is not None:
         kw["added_cond_kwargs"] = added
+    if cond is not None:
+        extra += (cond,)
     return extra, (f"{', '.join(kw)} are not compiled" if kw else None)
 
 
