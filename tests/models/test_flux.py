@@ -244,3 +244,11 @@ def test_the_hires_fix_runs_on_transformer_bases(family):
         out = pipe("a red cube", hires=2, hires_upscaler=upscaler, hires_strength=0.5, **{**KW, "steps": 2})
         assert out.shape == (1, 2 * SIZE, 2 * SIZE, 3)
         assert np.abs(out[:, ::2, ::2] - first).mean() > 1e-3  # the second pass changed the image
+
+
+def test_a_flux_fill_transformer_is_refused_in_one_line():
+    from controlstack import Pipeline
+    from controlstack.models.tiny_mmdit import tiny_flux
+
+    with pytest.raises(ControlstackError, match="Flux Fill"):
+        Pipeline(tiny_flux(seed=0, in_channels=16 * 6, out_channels=16))  # Fill-dev's 384 = 64 x 6 at tiny scale

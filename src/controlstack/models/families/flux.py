@@ -51,6 +51,11 @@ class Flux(Family):
     def check_components(self, components) -> None:
         if components.text_encoder_2 is None or components.tokenizer_2 is None:
             raise ControlstackError("a Flux transformer needs its T5 encoder and tokenizer (text_encoder_2, tokenizer_2)")
+        reads, writes = components.unet.config.in_channels, written(components.unet)
+        if reads not in (writes, 2 * writes):  # Flux Fill: latents + masked image + the 8x8-packed mask
+            raise ControlstackError(f"this Flux transformer reads {reads} channels and writes {writes}: a Flux Fill "
+                                    "(inpainting) model, which is not supported; use a Flux base with an inpainting "
+                                    "ControlNet")
 
     @torch.no_grad()
     def encode_text(self, pipe, prompt: str, batch: int):
