@@ -210,7 +210,8 @@ class Pipeline(Prompting, Hints, Img2Img, Recommendations, Loras, ImagePrompts):
             return assets.default_pipeline(cls)
         named = assets.bundled_base(str(path)) if not Path(path).exists() else None
         if named is not None and (named / "unet").is_dir():  # a bundled student of the base (lcm)
-            return cls.from_source(assets.load_student(named), assets.bundled_controlnets(), str(path), named)
+            return cls.from_source(assets.load_student(named, torch_dtype=torch_dtype),
+                                   assets.trained_controlnets(assets.BUNDLE_DIR), str(path), named)
         path = named or path  # a bundled base by name (sd3), else the folder / file given
         components = checkpoints.load_base(path, allow_pickle=allow_pickle, config=config, torch_dtype=torch_dtype)
         # a folder in the bundle's layout (the shipped bundle, or one being trained with some

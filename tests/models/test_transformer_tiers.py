@@ -90,3 +90,21 @@ def test_fast_tier_runs_the_controlnets_at_key_steps_only(family, bases, hint, m
         calls[tier] = len(seen)
     # Reuse(every=2, after=0.25) over 8 steps: steps 0, 1 and then every other one -> 0 1 2 4 6
     assert calls == {"parity": 8, "fast": 5}
+
+
+def test_a_none_in_the_output_comes_back_where_it_was(monkeypatch):
+    """A Flux ControlNet without single blocks returns ``(double, None)``: the graph cannot return
+    None, so the call puts it back into the layout the eager call had."""
+    from controlstack.models.compiled import CompiledGraph
+
+    monkeypatch.setattr(CompiledGraph, "__call__", lambda self, *args: self.eager(*args))  # the graph's own output
+
+    class XLabsLike(torch.nn.Module):
+        def forward(self, hidden_states, return_dict=False):
+            return ([hidden_states + 1, hidden_states * 2], None)
+
+    call = CompiledModelCall("controlnet-mmdit", "ControlNet", XLabsLike())
+    x = torch.ones(2)
+    first, second = call(hidden_states=x), call(hidden_states=x)  # eager (learns the layout), then the graph
+    assert second[1] is None and len(second[0]) == 2
+    torch.testing.assert_close(second[0][1], first[0][1])

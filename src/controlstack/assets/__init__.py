@@ -99,7 +99,7 @@ def bundled_base(name: str, bundle: Path | None = None) -> Path | None:
     return folder
 
 
-def load_student(folder: Path, bundle: Path | None = None):
+def load_student(folder: Path, bundle: Path | None = None, torch_dtype=None):
     """A bundled student (``lcm``: its U-Net and scheduler) with the bundled base's VAE, text encoder
     and tokenizer: the components of a whole base."""
     import dataclasses  # local: only this path needs it
@@ -109,7 +109,7 @@ def load_student(folder: Path, bundle: Path | None = None):
 
     from controlstack.io.checkpoints import load_base  # local: heavy, only this path needs it
 
-    base = load_base(bundle or BUNDLE_DIR)
+    base = load_base(bundle or BUNDLE_DIR, **({"torch_dtype": torch_dtype} if torch_dtype is not None else {}))
     unet = UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=base.unet.dtype).eval()
     scheduler = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
     return dataclasses.replace(base, unet=unet, scheduler_config=scheduler)

@@ -124,7 +124,7 @@ TRANSFORMER_LAYOUTS = {
 }
 
 
-def _load_transformer_folder(path: Path, index: dict, allow_pickle: bool, dtype) -> SDComponents:
+def _load_transformer_folder(path: Path, index: dict, allow_pickle: bool, dtype, transformer=None) -> SDComponents:
     """An SD3 / SD3.5 folder (``StableDiffusion3Pipeline``'s layout: two CLIP encoders with projection,
     T5 in text_encoder_3/ when the index names it) or a Flux.1 one (``FluxPipeline``'s: CLIP, T5)."""
     import diffusers  # local: heavy, only this path needs it
@@ -135,7 +135,8 @@ def _load_transformer_folder(path: Path, index: dict, allow_pickle: bool, dtype)
         raise ControlstackError(f"'{path}' holds a {index.get('_class_name')} (a transformer base); this project "
                                 f"reads the transformer folders of {', '.join(TRANSFORMER_LAYOUTS)}")
     layout = TRANSFORMER_LAYOUTS[kind]
-    parts = {k: c for k, c in layout.items() if (index.get(k) or [None])[0] is not None}
+    parts = {k: c for k, c in layout.items() if (index.get(k) or [None])[0] is not None
+             and not (k == "transformer" and transformer is not None)}  # a single file's transformer is given
     for part in parts:
         if not (path / part).is_dir():
             raise ControlstackError(f"'{path}' is a {kind} folder without {part}/; the folder is incomplete")
@@ -148,7 +149,7 @@ def _load_transformer_folder(path: Path, index: dict, allow_pickle: bool, dtype)
         return transformers.AutoTokenizer.from_pretrained(path / sub, local_files_only=True)
 
     return SDComponents(
-        unet=models["transformer"],
+        unet=models["transformer"] if transformer is None else transformer,
         vae=_load_folder_model(diffusers.AutoencoderKL, path / "vae", allow_pickle, dtype),
         text_encoder=models["text_encoder"], tokenizer=tokenizer("tokenizer"),
         scheduler_config=read_json(path / "scheduler" / "scheduler_config.json"),
@@ -262,22 +263,26 @@ def _load_transformer_file(path: Path, state: dict, metadata: dict, family, conf
         raise ControlstackError(f"'{path.name}' is a {family.label} single file: it carries no text encoders or "
                                 f"tokenizers; pass --config DIR (config=DIR), a diffusers {family.label} folder")
     folder = existing_path(config, "config")
-    folder_parts = _load_transformer_folder(folder, read_json(folder / "model_index.json"), False, dtype)
-    if family_of(folder_parts.unet).name != family.name:
-        raise ControlstackError(f"--config '{folder}' is a {folder_parts.family.label} folder; '{path.name}' is "
+    require_base_folder(folder)
+    index = read_json(folder / "model_index.json")
+    folder_config = config_file(folder / "transformer")
+    if family_of(folder_config).name != family.name:
+        raise ControlstackError(f"--config '{folder}' is a {family_of(folder_config).label} folder; '{path.name}' is "
                                 f"{family.label}: give a folder of the same family")
     inner = tsf.transformer_state(state)
-    cfg = tsf.metadata_config(metadata, "unet") or tsf.infer_config(inner, family.name, dict(folder_parts.unet.config))
-    cls = type(folder_parts.unet)
+    cfg = tsf.metadata_config(metadata, "unet") or tsf.infer_config(inner, family.name, folder_config)
+    cls = getattr(diffusers, index["transformer"][1])
     transformer = build_empty(cls, {k: v for k, v in cfg.items() if not k.startswith("_")}, "transformer")
     transformer = cast_model(assign_exact(transformer, tsf.to_diffusers(inner, family.name), "transformer"), dtype)
+    # the folder's encoders, tokenizers, VAE and scheduler; its own transformer is never loaded
+    folder_parts = _load_transformer_folder(folder, index, False, dtype, transformer=transformer)
     vae = folder_parts.vae
     ldm_vae = strip_prefix(state, orig.VAE_PREFIX)
     if ldm_vae:
         vae_cfg = tsf.metadata_config(metadata, "vae") or dict(folder_parts.vae.config)
         vae = build_empty(diffusers.AutoencoderKL, {k: v for k, v in vae_cfg.items() if not k.startswith("_")}, "VAE")
         vae = cast_model(assign_exact(vae, convert_ldm_vae_checkpoint(state, dict(vae.config)), "VAE"), dtype)
-    return dataclasses.replace(folder_parts, unet=transformer, vae=vae)
+    return dataclasses.replace(folder_parts, vae=vae)
 
 
 def load_base(source: str | os.PathLike, *, allow_pickle: bool = False, config: str | os.PathLike | None = None,

@@ -16,7 +16,7 @@ def guidance_scale_embedding(w: torch.Tensor, dim: int, dtype=torch.float32) -> 
     ``get_guidance_scale_embedding``, which the students of its LCM scripts are trained with. The
     pipelines feed ``w = cfg - 1`` (their guidance ``cond + w (cond - uncond)``)."""
     half = dim // 2
-    freqs = torch.exp(torch.arange(half, dtype=dtype) * -(math.log(10000.0) / (half - 1)))
+    freqs = torch.exp(torch.arange(half, dtype=dtype, device=w.device) * -(math.log(10000.0) / (half - 1)))
     angles = (w.to(dtype) * 1000.0)[:, None] * freqs[None, :]
     emb = torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
     return torch.nn.functional.pad(emb, (0, 1)) if dim % 2 else emb

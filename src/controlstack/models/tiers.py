@@ -237,7 +237,8 @@ class CompiledModelCall(ModelCall):
         structure, tensors = call_structure(kw)
         if structure not in self._layouts:
             out = super().__call__(**kw)
-            self._layouts[structure] = torch.utils._pytree.tree_flatten(out)[1]
+            leaves, layout = torch.utils._pytree.tree_flatten(out)  # None is a leaf: a graph cannot return it
+            self._layouts[structure] = layout, [i for i, leaf in enumerate(leaves) if leaf is None]
             return out
         graph = self._graphs.get(structure)
         if graph is None:
@@ -246,7 +247,11 @@ class CompiledModelCall(ModelCall):
                 f"{self.kind}-{tag}", self.label, self.module, functools.partial(call_graph, structure=structure),
                 self.precision, self._first, exact=exact_positions(structure))
             self._first = self._first or graph
-        return torch.utils._pytree.tree_unflatten(list(graph(*tensors)), self._layouts[structure])
+        layout, nones = self._layouts[structure]
+        leaves = list(graph(*tensors))
+        for i in nones:  # in increasing order: each lands where the eager output had it
+            leaves.insert(i, None)
+        return torch.utils._pytree.tree_unflatten(leaves, layout)
 
     def graphs(self) -> list[CompiledGraph]:
         return list(self._graphs.values())

@@ -46,7 +46,7 @@ from controlstack.models.lcm import guidance_scale_embedding
 from controlstack.training.config import TrainConfig
 from controlstack.training.controlnet import load_base
 from controlstack.training.data import RowTransform, batches, first_rows, load_image_dataset, make_dataloader
-from controlstack.training.diffusion import sd_noise_scheduler, tokenize
+from controlstack.training.diffusion import tokenize
 from controlstack.training.latents import batch_latents, training_rows
 from controlstack.training.session import TrainingSession, make_lr_scheduler, make_optimizer
 from controlstack.training.validation import tensor_to_pil, validation_pipeline
@@ -123,6 +123,13 @@ class DDIMSolver:
         return a.sqrt() * x0 + (1 - a).sqrt() * eps
 
 
+def teacher_schedule(config: dict):
+    """The teacher's own noise schedule (its scheduler config's betas), as a ``DDPMScheduler``."""
+    from diffusers import DDPMScheduler  # local: heavy, only this path needs it
+
+    return DDPMScheduler.from_config({k: v for k, v in config.items() if not k.startswith("_")})
+
+
 def pseudo_huber(a: torch.Tensor, b: torch.Tensor, c: float) -> torch.Tensor:
     return (torch.sqrt((a.float() - b.float()) ** 2 + c**2) - c).mean()
 
@@ -169,7 +176,7 @@ def train(config: LCMConfig, resume: bool = False) -> Path:
     base = load_base(config.teacher)
     vae, text_encoder, teacher = base.vae.to(acc.device), base.text_encoder.to(acc.device), base.unet.to(acc.device)
     prediction = base.scheduler_config.get("prediction_type", "epsilon")
-    alphas = sd_noise_scheduler(prediction).alphas_cumprod.to(acc.device)
+    alphas = teacher_schedule(base.scheduler_config).alphas_cumprod.to(acc.device)
     solver = DDIMSolver(alphas, config.num_ddim_timesteps)
     full = config.student == "full"
     model = Student(build_student(teacher, config).to(acc.device), embed=full)
@@ -245,7 +252,10 @@ def export(folder: Path, student, base, config: LCMConfig) -> None:
         StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=get_peft_model_state_dict(student),
                                                   safe_serialization=True)
         return
-    scheduler = LCMScheduler.from_config({k: v for k, v in base.scheduler_config.items() if not k.startswith("_")})
+    # the sampler keeps the run's solver schedule and boundary scalings (LCMScheduler's own defaults otherwise)
+    scheduler = LCMScheduler.from_config({k: v for k, v in base.scheduler_config.items() if not k.startswith("_")},
+                                         original_inference_steps=config.num_ddim_timesteps,
+                                         timestep_scaling=config.timestep_scaling)
     StableDiffusionPipeline(vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer, unet=student,
                             scheduler=scheduler, safety_checker=None, feature_extractor=None,
                             requires_safety_checker=False).save_pretrained(folder, safe_serialization=True)

@@ -135,6 +135,13 @@ class Flux(Family):
         norms = {k: converted.pop(k) for k in list(converted) if k.startswith("transformer.")
                  and any(n in k for n in loader._control_lora_supported_norm_keys)}
         before = pipe.unet.config.in_channels
+        widens = lora and any(k.startswith("transformer.x_embedder.") and v.shape[1] != before
+                              for k, v in lora.items() if k.endswith(("lora_A.weight", "lora_down.weight")))
+        if widens and getattr(pipe.unet, "_control_lora", None) is not None:
+            raise ControlstackError(f"a Flux Control LoRA ('{pipe.unet._control_lora}') is loaded already; unload it "
+                                    "first (one Control LoRA widens the input layer at a time)")
+        if widens or norms:  # set before anything changes: a failed load is undone by drop_lora
+            pipe.unet._control_lora = name
         if lora:
             loader._maybe_expand_transformer_param_shape_or_error_(pipe.unet, lora, norms)
             converted.update(loader._maybe_expand_lora_state_dict(transformer=pipe.unet, lora_state_dict=lora))
@@ -142,8 +149,6 @@ class Flux(Family):
         if norms:
             kept = loader._load_norm_into_transformer(norms, transformer=pipe.unet, discard_original_layers=False)
             pipe.unet._transformer_norm_layers = {**kept, **(getattr(pipe.unet, "_transformer_norm_layers", None) or {})}
-        if pipe.unet.config.in_channels != before or norms:
-            pipe.unet._control_lora = name  # the LoRA whose unloading puts the input layer and norms back
         for prefix, encoder in self.text_encoders(pipe):
             loader.load_lora_into_text_encoder(converted, alphas, encoder, prefix=prefix, adapter_name=name)
 
