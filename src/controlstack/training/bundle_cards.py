@@ -73,13 +73,21 @@ def write_model_card(bundle: Path = BUNDLE_DIR) -> Path:
                 f"tasks {', '.join(info['config'].get('tasks', []))} mixed per sample, each a learned token "
                 "(`task_tokens.safetensors`) prefixed to the ControlNet's prompt. Fine-tuned from the bundled canny "
                 "ControlNet; use `Control(model=\"omni\", task=...)`; see docs/omni.md.")
+        transformer = name.startswith("sd3-")  # a ControlNet of the SD3-layout base, measured on its own
+        on = "the locked bundled SD3-layout base (`sd3/`)" if transformer else "the locked bundled base"
         card = [f"# {kind}: {info['condition']}{named}", "",
-                f"Trained by `make bundle` (stage `{name}`) on the locked bundled base, {what}"
+                f"Trained by `make bundle` (stage `{name}`) on {on}, {what}"
                 + (" Fine-tuned from the bundled plain ControlNet; see docs/mi.md." if name.startswith("mi-") else ""),
                 "", *_stage_rows({n: stages_info[n] for n in lineage}), "",
                 f"Data: {info['data']}.", "", "Config:", "", "```yaml",
                 yaml.safe_dump(info["config"], sort_keys=False).strip(), "```"]
-        if fidelity is not None and info["condition"] in fidelity.get("f1", {}) and not name.startswith("mi-"):
+        if transformer and (bundle / "sd3_fidelity.json").is_file():
+            f1 = json.loads((bundle / "sd3_fidelity.json").read_text())
+            card += ["", (f"Measured on {f1['scenes']} held-out scenes (`benchmarks/sd3_fidelity.py`): edge F1 "
+                          f"{f1['f1']['controlnet']:.3f} in controlnet mode, {f1['f1']['balanced']:.3f} balanced, vs "
+                          f"{f1['f1']['no_control']:.3f} without "
+                          f"({f1['f1']['controlnet'] / max(f1['f1']['no_control'], 1e-9):.2f}x).")]
+        elif fidelity is not None and info["condition"] in fidelity.get("f1", {}) and not name.startswith("mi-"):
             f1 = fidelity["f1"][info["condition"]]
             card += ["", (f"Measured on {fidelity['scenes']} held-out scenes (`benchmarks/fidelity.py`): "
                          f"F1 {f1['control']:.3f} with control vs {f1['no_control']:.3f} without "
