@@ -24,6 +24,9 @@ concatenated to its input instead (:class:`InputCondition`).
 
 from __future__ import annotations
 
+import contextlib
+
+import numpy as np
 import torch
 
 from controlstack.control import RegionMask, in_window, weight_at
@@ -35,11 +38,11 @@ from controlstack.tasks import BASE_CONDITION
 
 
 def check_mode(injection) -> None:
-    """The modes that have a meaning on per-block residuals; Minimal Impact's balancing is built on a
-    U-Net's skips and is refused."""
-    if not (injection.name == "sum" or hasattr(injection, "layer_weights")):
+    """The modes that have a meaning on per-block residuals: the weighted sums and Minimal Impact's
+    balancing (:class:`Balanced`)."""
+    if not (injection.name in ("sum", "mi") or hasattr(injection, "layer_weights")):
         raise ControlstackError(f"mode '{injection.name}' acts on a U-Net's skip residuals; on a transformer base "
-                                "use balanced, prompt, controlnet or guess")
+                                "use balanced, prompt, controlnet, guess or mi")
 
 
 def block_weights(injection, residuals: list[torch.Tensor]) -> list:
@@ -61,6 +64,89 @@ def weighted(injection, residuals, cfg: bool):
     if injection.cond_only and cfg:
         out = [torch.cat([torch.zeros_like(r[: len(r) // 2]), r[len(r) // 2:]]) for r in out]
     return out
+
+
+def _as_channels_first(x: torch.Tensor) -> torch.Tensor:
+    """Tokens ``(B, N, D)`` as ``(B, D, N)``: the MI helpers reduce over dim 1 for ``position``."""
+    return x.transpose(1, 2)
+
+
+class Balanced:
+    """Minimal Impact ControlNet's balancing on a transformer's block residuals (``injection/mi.py``,
+    MIControlNet Sec. 4.2): the *combination* of several ControlNets' residuals for one block
+    (eq. 11-12: min-norm weights instead of their sum), then the *injection* ``h + λ c`` with
+    ``λ = clip((1 - γ*) / γ*, 0, λ_max)``, ``γ* = MGDA(h, c)`` (eq. 8-10), where ``h`` is the image
+    tokens the block wrote -- the feature the residual is added to, as a U-Net skip is the feature
+    its residual joins. ``reduce="layer"``: one λ per sample and block; ``"position"``: per token.
+
+    The injection needs ``h``, which exists only inside the transformer's forward: forward hooks on
+    the blocks add ``λ c`` where diffusers' transformers add ``c`` (the same block-to-residual
+    mapping), so the transformer runs eagerly under this mode (the compiled graphs never see hooks)."""
+
+    def __init__(self, injection):
+        self.mi = injection
+
+    def _tokens(self, fn, xs: list[torch.Tensor], *args):
+        if self.mi.reduce == "position":  # per token: the helpers' channel dim must be the width
+            out = fn([_as_channels_first(x) for x in xs], *args)
+            return _as_channels_first(out)
+        return fn(xs, *args)
+
+    def combine(self, per_branch: list[list[torch.Tensor]]) -> list[torch.Tensor]:
+        """One residual per block from every branch's (eq. 11-12, or their sum with ``combine=False``)."""
+        from controlstack.injection.mi import balanced_combination  # local: only this mode needs it
+
+        out = []
+        for cs in zip(*per_branch):
+            if self.mi.combine and len(cs) > 1:
+                out.append(self._tokens(lambda xs: balanced_combination(xs, self.mi.reduce, False), list(cs)))
+            else:
+                out.append(summed([[c] for c in cs])[0])
+        return out
+
+    def lam(self, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        from controlstack.injection.mi import balanced_lambda  # local: only this mode needs it
+
+        if self.mi.reduce == "position":
+            lam = balanced_lambda(_as_channels_first(h), _as_channels_first(c), "position", self.mi.lambda_max,
+                                  self.mi.saturated_lambda)
+            return _as_channels_first(lam)
+        return balanced_lambda(h, c, "layer", self.mi.lambda_max, self.mi.saturated_lambda)
+
+    @contextlib.contextmanager
+    def injected(self, plan: list[tuple[torch.nn.Module, torch.Tensor]]):
+        """Hooks adding ``λ c`` to each planned block's image tokens for the duration of one call."""
+        def hook(c):
+            def add(module, args, output):
+                encoder, hidden = output
+                return encoder, hidden + self.lam(hidden, c).to(hidden.dtype) * c
+            return add
+
+        handles = [block.register_forward_hook(hook(c)) for block, c in plan]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+
+def sd3_plan(transformer, residuals: list[torch.Tensor]) -> list:
+    """(block, residual) pairs as ``SD3Transformer2DModel.forward`` adds them: residual
+    ``int(i / interval)`` after block ``i``, except after a block whose context stream ends there."""
+    blocks = transformer.transformer_blocks
+    interval = len(blocks) / len(residuals)
+    return [(b, residuals[int(i / interval)]) for i, b in enumerate(blocks) if b.context_pre_only is False]
+
+
+def flux_plan(transformer, double: list | None, single: list | None, repeat: bool) -> list:
+    """(block, residual) pairs as ``FluxTransformer2DModel.forward`` adds them (XLabs' repeat too)."""
+    plan = []
+    for blocks, res in ((transformer.transformer_blocks, double), (transformer.single_transformer_blocks, single)):
+        if not res:
+            continue
+        interval = int(np.ceil(len(blocks) / len(res)))
+        plan += [(b, res[i % len(res)] if repeat and res is double else res[i // interval]) for i, b in enumerate(blocks)]
+    return plan
 
 
 def is_mmdit_controlnet(model) -> bool:
@@ -165,6 +251,7 @@ class MMDiTDenoiser:
     def __init__(self, pipe, branches, injection, cond, uncond, guidance_scale: float, added, latent_size):
         check_mode(injection)
         self.transformer, self.branches, self.injection = pipe.runners.transformer, branches, injection
+        self.balanced = Balanced(injection) if injection.name == "mi" else None
         self.reuse = pipe.tier.reuse
         self.cfg = uncond is not None
         self.guidance_scale = guidance_scale
@@ -175,19 +262,36 @@ class MMDiTDenoiser:
     def __call__(self, x: torch.Tensor, t: torch.Tensor, step: Step) -> torch.Tensor:
         x_in = torch.cat([x, x]) if self.cfg else x
         timestep = t.expand(x_in.shape[0])
-        residuals = None
+        outs = []
         for branch in (b for b in self.branches if b.active(step)):
             reuse = reused(self.reuse, step, branch)
             self.calls += not reuse
-            out = branch(x_in, timestep, self.hidden, self.pooled, step, reuse)
-            residuals = list(out) if residuals is None else [a + b for a, b in zip(residuals, out)]
-        v = self.transformer(hidden_states=x_in, timestep=timestep, encoder_hidden_states=self.hidden,
-                             pooled_projections=self.pooled,
-                             block_controlnet_hidden_states=weighted(self.injection, residuals, self.cfg))[0]
+            outs.append(weighted(self.injection, branch(x_in, timestep, self.hidden, self.pooled, step, reuse), self.cfg))
+        kw = dict(hidden_states=x_in, timestep=timestep, encoder_hidden_states=self.hidden,
+                  pooled_projections=self.pooled)
+        if self.balanced is not None and outs:
+            combined = self.balanced.combine(outs)
+            if self.injection.inject:
+                module = self.transformer.module  # hooks: eager (Balanced)
+                with self.balanced.injected(sd3_plan(module, combined)):
+                    v = module(**kw, block_controlnet_hidden_states=None, return_dict=False)[0]
+            else:
+                v = self.transformer(**kw, block_controlnet_hidden_states=combined)[0]
+        else:
+            v = self.transformer(**kw, block_controlnet_hidden_states=summed(outs))[0]
         if self.cfg:
             v_uncond, v_cond = v.chunk(2)
             v = v_uncond + self.guidance_scale * (v_cond - v_uncond)
         return v
+
+
+def summed(outs: list[list[torch.Tensor]]) -> list[torch.Tensor] | None:
+    """Several branches' residual lists added block by block, in branch order (diffusers' Multi
+    ControlNets add them one after the other: the same rounding)."""
+    total = None
+    for out in outs:
+        total = list(out) if total is None else [a + b for a, b in zip(total, out)]
+    return total
 
 
 def reused(reuse, step: Step, branch) -> bool:
@@ -305,6 +409,7 @@ class FluxDenoiser:
         self.extra = inputs[0] if inputs else None  # a Flux Control base's condition (concatenated)
         branches = [b for b in branches if b.point != "input"]
         self.transformer, self.branches, self.injection = pipe.runners.transformer, branches, injection
+        self.balanced = Balanced(injection) if injection.name == "mi" else None
         self.reuse = pipe.tier.reuse
         self.guidance_embeds = pipe.unet.config.guidance_embeds
         self.guidance_scale = guidance_scale
@@ -317,19 +422,29 @@ class FluxDenoiser:
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, step: Step) -> torch.Tensor:
         timestep = t.expand(x.shape[0]).to(x.dtype) / 1000
-        double = single = None
+        doubles, singles = [], []
         for branch in (b for b in self.branches if b.active(step)):
             reuse = reused(self.reuse, step, branch)
             self.calls += not reuse
             d, s = branch(x, timestep, self.kw, self.guidance_scale, step, reuse)
-            double = d if double is None else [a + b for a, b in zip(double, d)]
-            single = s if single is None else [a + b for a, b in zip(single, s)] if s is not None else single
+            doubles.append(weighted(self.injection, d, False))
+            if s is not None:
+                singles.append(weighted(self.injection, s, False))
         guidance = torch.full([x.shape[0]], self.guidance_scale, device=x.device) if self.guidance_embeds else None
         x_in = x if self.extra is None else torch.cat([x, self.extra.to(x)], dim=2)
-        return self.transformer(hidden_states=x_in, timestep=timestep, guidance=guidance,
-                                controlnet_block_samples=weighted(self.injection, double, False),
-                                controlnet_single_block_samples=weighted(self.injection, single, False),
-                                controlnet_blocks_repeat=self.repeat, **self.kw)[0]
+        kw = dict(hidden_states=x_in, timestep=timestep, guidance=guidance, controlnet_blocks_repeat=self.repeat,
+                  **self.kw)
+        if self.balanced is not None and doubles:
+            double = self.balanced.combine(doubles)
+            single = self.balanced.combine(singles) if singles else None
+            if self.injection.inject:
+                module = self.transformer.module  # hooks: eager (Balanced)
+                with self.balanced.injected(flux_plan(module, double, single, self.repeat)):
+                    return module(**kw, controlnet_block_samples=None, controlnet_single_block_samples=None,
+                                  return_dict=False)[0]
+        else:
+            double, single = summed(doubles), summed(singles)
+        return self.transformer(**kw, controlnet_block_samples=double, controlnet_single_block_samples=single)[0]
 
 
 #: the pipeline's denoiser per transformer network kind (``BaseFamily.network``)

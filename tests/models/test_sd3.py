@@ -111,7 +111,8 @@ def test_modes_weight_the_block_residuals_and_cond_half_modes_leave_the_uncond_h
     """What the transformer receives per block at the first step (the same input in every mode):
     prompt = balanced's residuals
     times ``0.825 ** (N - 1 - i)``; controlnet (uniform) = balanced's on the conditional half and zeros
-    on the unconditional one; Minimal Impact and the noise-prediction samplers are one-line errors."""
+    on the unconditional one; the noise-prediction samplers are one-line errors (Minimal Impact:
+    tests/models/test_transformer_mi.py)."""
     from controlstack import Control, Pipeline
     from controlstack.models.tiny_mmdit import tiny_sd3_controlnet
 
@@ -142,8 +143,6 @@ def test_modes_weight_the_block_residuals_and_cond_half_modes_leave_the_uncond_h
         torch.testing.assert_close(p, b * 0.825 ** (2 - i))
         assert torch.equal(c[:1], torch.zeros_like(c[:1])) and b[:1].abs().max() > 0
         torch.testing.assert_close(c[1:], b[1:])
-    with pytest.raises(ControlstackError, match="mode 'mi' acts on a U-Net's skip residuals"):
-        pipe("a", control, mode="mi", **KW)
     with pytest.raises(ControlstackError, match="this flow-matching base samples with euler"):
         pipe("a", scheduler="unipc", **KW)
 
