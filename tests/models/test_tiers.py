@@ -34,14 +34,6 @@ def psnr(a, b) -> float:
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("compiled-cache")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("CONTROLSTACK_CACHE", str(folder))
-        yield folder
-
-
-@pytest.fixture(scope="module")
 def runs(cache, tiny_components, tiny_controlnets, hint_images):
     """One control, 6 UniPC steps, CFG: parity, compiled, and fast with fp32 graphs (machine-independent)."""
     controls = [Control(tiny_controlnets[0], hint_images[0])]

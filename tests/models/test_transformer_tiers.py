@@ -19,14 +19,6 @@ KW = {"steps": 4, "seed": 1, "width": SIZE, "height": SIZE, "progress": False, "
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("compiled-cache")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("CONTROLSTACK_CACHE", str(folder))
-        yield folder
-
-
-@pytest.fixture(scope="module")
 def bases():
     from controlstack.models.tiny_mmdit import tiny_flux, tiny_flux_controlnet, tiny_sd3, tiny_sd3_controlnet
 
