@@ -345,7 +345,7 @@ def run_stage(stage: Stage, work_root: Path, bundle: Path, configs: Path | None 
         shutil.rmtree(tmp, ignore_errors=True)
         save_fp16(UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet"), tmp / "unet")
         shutil.copytree(model_dir / "scheduler", tmp / "scheduler")
-        student = read_settings(model_dir)
+        student = _portable(read_settings(model_dir))  # its record names the teacher inside the checkout
         # the base's recommendations (its ControlNets' mode) with the student's sampler, steps and CFG
         write_settings(tmp, {**student, "recommended": {**read_settings(bundle).get("recommended", {}),
                                                         **student["recommended"]}})
