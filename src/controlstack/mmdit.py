@@ -31,6 +31,7 @@ import torch
 
 from controlstack.control import RegionMask, in_window, weight_at
 from controlstack.errors import ControlstackError
+from controlstack.injection.mi import balanced_combination, balanced_lambda
 from controlstack.models.families.flux import written
 from controlstack.models.vae import latent_stats
 from controlstack.sampling.loop import Step
@@ -94,8 +95,6 @@ class Balanced:
 
     def combine(self, per_branch: list[list[torch.Tensor]]) -> list[torch.Tensor]:
         """One residual per block from every branch's (eq. 11-12, or their sum with ``combine=False``)."""
-        from controlstack.injection.mi import balanced_combination  # local: only this mode needs it
-
         out = []
         for cs in zip(*per_branch):
             if self.mi.combine and len(cs) > 1:
@@ -105,8 +104,6 @@ class Balanced:
         return out
 
     def lam(self, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        from controlstack.injection.mi import balanced_lambda  # local: only this mode needs it
-
         if self.mi.reduce == "position":
             lam = balanced_lambda(_as_channels_first(h), _as_channels_first(c), "position", self.mi.lambda_max,
                                   self.mi.saturated_lambda)

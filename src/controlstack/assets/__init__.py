@@ -12,7 +12,9 @@ end and shows the plumbing, but the images are noise-like. ``is_placeholder()`` 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import json
 import logging
 from pathlib import Path
 
@@ -102,9 +104,6 @@ def bundled_base(name: str, bundle: Path | None = None) -> Path | None:
 def load_student(folder: Path, bundle: Path | None = None, torch_dtype=None):
     """A bundled student (``lcm``: its U-Net and scheduler) with the bundled base's VAE, text encoder
     and tokenizer: the components of a whole base."""
-    import dataclasses  # local: only this path needs it
-    import json  # local: only this path needs it
-
     from diffusers import UNet2DConditionModel  # local: heavy, only this path needs it
 
     from controlstack.io.checkpoints import load_base  # local: heavy, only this path needs it

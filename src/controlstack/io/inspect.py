@@ -139,7 +139,7 @@ def _inspect_file(path: Path, allow_pickle: bool) -> dict:
                 **summary}
     family = family_of_state(shapes)
     if family.network != "unet":  # an SD3 / Flux single file (io/transformer_single_file.py)
-        from controlstack.io import transformer_single_file as tsf  # local: only this kind of file needs it
+        from controlstack.io import transformer_single_file as tsf  # local: heavy, only this path needs it
 
         embedded = tsf.metadata_config(metadata, "unet")
         arch = _arch(embedded, "embedded config") if embedded else _arch(
