@@ -101,8 +101,9 @@ def test_bundle_stages_end_to_end(tmp_path, monkeypatch):
 
     sd3 = Pipeline.from_pretrained(out / "sd3")
     assert sd3.family.name == "sd3"
-    # the U-Net bundle's measured mode is not written into the transformer's ControlNet
-    assert "recommended" not in json.loads((out / "sd3" / "controlnets" / "canny" / "controlstack.json").read_text())
+    # the mode measured best on both bundles travels with the transformer's ControlNet too
+    settings = json.loads((out / "sd3" / "controlnets" / "canny" / "controlstack.json").read_text())
+    assert settings["recommended"]["mode"] == "controlnet"
     edges = np.zeros((64, 64, 3), np.uint8)
     assert sd3("a cube", [Control(str(out / "sd3" / "controlnets" / "canny"), edges)], steps=1,
                output_type="np", progress=False).shape == (1, 64, 64, 3)
