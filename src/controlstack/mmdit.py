@@ -25,6 +25,7 @@ concatenated to its input instead (:class:`InputCondition`).
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import numpy as np
 import torch
@@ -87,28 +88,23 @@ class Balanced:
     def __init__(self, injection):
         self.mi = injection
 
-    def _tokens(self, fn, xs: list[torch.Tensor], *args):
-        if self.mi.reduce == "position":  # per token: the helpers' channel dim must be the width
-            out = fn([_as_channels_first(x) for x in xs], *args)
-            return _as_channels_first(out)
-        return fn(xs, *args)
+    def _tokens(self, fn, xs: list[torch.Tensor]) -> torch.Tensor:
+        """``fn(xs)`` with the tokens as the MI helpers read them: for ``position`` the width must be
+        their channel dim (dim 1), so ``(B, N, D)`` goes in and comes back as ``(B, D, N)``."""
+        if self.mi.reduce == "position":
+            return _as_channels_first(fn([_as_channels_first(x) for x in xs]))
+        return fn(xs)
 
     def combine(self, per_branch: list[list[torch.Tensor]]) -> list[torch.Tensor]:
         """One residual per block from every branch's (eq. 11-12, or their sum with ``combine=False``)."""
-        out = []
-        for cs in zip(*per_branch):
-            if self.mi.combine and len(cs) > 1:
-                out.append(self._tokens(lambda xs: balanced_combination(xs, self.mi.reduce, False), list(cs)))
-            else:
-                out.append(summed([[c] for c in cs])[0])
-        return out
+        if not self.mi.combine or len(per_branch) == 1:
+            return summed(per_branch)
+        return [self._tokens(lambda xs: balanced_combination(xs, self.mi.reduce, False), list(cs))
+                for cs in zip(*per_branch)]
 
     def lam(self, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        if self.mi.reduce == "position":
-            lam = balanced_lambda(_as_channels_first(h), _as_channels_first(c), "position", self.mi.lambda_max,
-                                  self.mi.saturated_lambda)
-            return _as_channels_first(lam)
-        return balanced_lambda(h, c, "layer", self.mi.lambda_max, self.mi.saturated_lambda)
+        return self._tokens(lambda hc: balanced_lambda(*hc, self.mi.reduce, self.mi.lambda_max,
+                                                       self.mi.saturated_lambda), [h, c])
 
     @contextlib.contextmanager
     def injected(self, plan: list[tuple[torch.nn.Module, torch.Tensor]]):
@@ -125,6 +121,21 @@ class Balanced:
         finally:
             for h in handles:
                 h.remove()
+
+
+def run_transformer(transformer, balanced: Balanced | None, kw: dict, per_branch: dict[str, list], plan):
+    """The transformer's call (its tier's ``ModelCall``) with the active branches' residuals under
+    each keyword (``per_branch``: keyword -> one residual list per branch): summed in branch order as
+    diffusers' Multi ControlNets add them, or under ``mi`` combined (:meth:`Balanced.combine`) and,
+    with its injection, added as ``h + λ c`` by hooks placed by ``plan(module, *residual lists)``."""
+    if balanced is None or not any(per_branch.values()):
+        return transformer(**kw, **{k: summed(v) for k, v in per_branch.items()})[0]
+    combined = {k: balanced.combine(v) if v else None for k, v in per_branch.items()}
+    if not balanced.mi.inject:
+        return transformer(**kw, **combined)[0]
+    module = transformer.module  # hooks: eager (Balanced)
+    with balanced.injected(plan(module, *combined.values())):
+        return module(**kw, **dict.fromkeys(combined), return_dict=False)[0]
 
 
 def sd3_plan(transformer, residuals: list[torch.Tensor]) -> list:
@@ -266,16 +277,7 @@ class MMDiTDenoiser:
             outs.append(weighted(self.injection, branch(x_in, timestep, self.hidden, self.pooled, step, reuse), self.cfg))
         kw = dict(hidden_states=x_in, timestep=timestep, encoder_hidden_states=self.hidden,
                   pooled_projections=self.pooled)
-        if self.balanced is not None and outs:
-            combined = self.balanced.combine(outs)
-            if self.injection.inject:
-                module = self.transformer.module  # hooks: eager (Balanced)
-                with self.balanced.injected(sd3_plan(module, combined)):
-                    v = module(**kw, block_controlnet_hidden_states=None, return_dict=False)[0]
-            else:
-                v = self.transformer(**kw, block_controlnet_hidden_states=combined)[0]
-        else:
-            v = self.transformer(**kw, block_controlnet_hidden_states=summed(outs))[0]
+        v = run_transformer(self.transformer, self.balanced, kw, {"block_controlnet_hidden_states": outs}, sd3_plan)
         if self.cfg:
             v_uncond, v_cond = v.chunk(2)
             v = v_uncond + self.guidance_scale * (v_cond - v_uncond)
@@ -431,17 +433,9 @@ class FluxDenoiser:
         x_in = x if self.extra is None else torch.cat([x, self.extra.to(x)], dim=2)
         kw = dict(hidden_states=x_in, timestep=timestep, guidance=guidance, controlnet_blocks_repeat=self.repeat,
                   **self.kw)
-        if self.balanced is not None and doubles:
-            double = self.balanced.combine(doubles)
-            single = self.balanced.combine(singles) if singles else None
-            if self.injection.inject:
-                module = self.transformer.module  # hooks: eager (Balanced)
-                with self.balanced.injected(flux_plan(module, double, single, self.repeat)):
-                    return module(**kw, controlnet_block_samples=None, controlnet_single_block_samples=None,
-                                  return_dict=False)[0]
-        else:
-            double, single = summed(doubles), summed(singles)
-        return self.transformer(**kw, controlnet_block_samples=double, controlnet_single_block_samples=single)[0]
+        return run_transformer(self.transformer, self.balanced, kw, {"controlnet_block_samples": doubles,
+                                                                     "controlnet_single_block_samples": singles},
+                               functools.partial(flux_plan, repeat=self.repeat))
 
 
 #: the pipeline's denoiser per transformer network kind (``BaseFamily.network``)

@@ -101,14 +101,14 @@ def bundled_base(name: str, bundle: Path | None = None) -> Path | None:
     return folder
 
 
-def load_student(folder: Path, bundle: Path | None = None, torch_dtype=None):
+def load_student(folder: Path, torch_dtype, bundle: Path | None = None):
     """A bundled student (``lcm``: its U-Net and scheduler) with the bundled base's VAE, text encoder
     and tokenizer: the components of a whole base."""
     from diffusers import UNet2DConditionModel  # local: heavy, only this path needs it
 
     from controlstack.io.checkpoints import load_base  # local: heavy, only this path needs it
 
-    base = load_base(bundle or BUNDLE_DIR, **({"torch_dtype": torch_dtype} if torch_dtype is not None else {}))
+    base = load_base(bundle or BUNDLE_DIR, torch_dtype=torch_dtype)
     unet = UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=base.unet.dtype).eval()
     scheduler = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
     return dataclasses.replace(base, unet=unet, scheduler_config=scheduler)

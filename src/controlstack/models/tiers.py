@@ -231,7 +231,6 @@ class CompiledModelCall(ModelCall):
         self.kind, self.label, self.precision = kind, label, precision
         self._graphs: dict[tuple, CompiledGraph] = {}
         self._layouts: dict[tuple, object] = {}
-        self._first: CompiledGraph | None = None  # the graph that hashes the weights (once for all structures)
 
     def __call__(self, **kw):
         structure, tensors = call_structure(kw)
@@ -243,10 +242,10 @@ class CompiledModelCall(ModelCall):
         graph = self._graphs.get(structure)
         if graph is None:
             tag = hashlib.sha256(repr(structure).encode()).hexdigest()[:8]
+            first = next(iter(self._graphs.values()), None)  # hashes the weights once for every structure
             graph = self._graphs[structure] = CompiledGraph(
                 f"{self.kind}-{tag}", self.label, self.module, functools.partial(call_graph, structure=structure),
-                self.precision, self._first, exact=exact_positions(structure))
-            self._first = self._first or graph
+                self.precision, first, exact=exact_positions(structure))
         layout, nones = self._layouts[structure]
         leaves = list(graph(*tensors))
         for i in nones:  # in increasing order: each lands where the eager output had it
