@@ -20,7 +20,6 @@ diffusers' ``scripts/convert_diffusers_to_original_stable_diffusion.py``), so th
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from pathlib import Path
@@ -43,6 +42,8 @@ from controlstack.io.single_file_common import (
     strip_prefix,
     tokenizer_from,
     unet_from_state,
+    vae_from_state,
+    vae_to_original,
 )
 from controlstack.io.tensors import (
     assign_exact,
@@ -124,7 +125,8 @@ TRANSFORMER_LAYOUTS = {
 }
 
 
-def _load_transformer_folder(path: Path, index: dict, allow_pickle: bool, dtype, transformer=None) -> SDComponents:
+def _load_transformer_folder(path: Path, index: dict, allow_pickle: bool, dtype, transformer=None,
+                             vae=None) -> SDComponents:
     """An SD3 / SD3.5 folder (``StableDiffusion3Pipeline``'s layout: two CLIP encoders with projection,
     T5 in text_encoder_3/ when the index names it) or a Flux.1 one (``FluxPipeline``'s: CLIP, T5)."""
     import diffusers  # local: heavy, only this path needs it
@@ -150,7 +152,7 @@ def _load_transformer_folder(path: Path, index: dict, allow_pickle: bool, dtype,
 
     return SDComponents(
         unet=models["transformer"] if transformer is None else transformer,
-        vae=_load_folder_model(diffusers.AutoencoderKL, path / "vae", allow_pickle, dtype),
+        vae=vae if vae is not None else _load_folder_model(diffusers.AutoencoderKL, path / "vae", allow_pickle, dtype),
         text_encoder=models["text_encoder"], tokenizer=tokenizer("tokenizer"),
         scheduler_config=read_json(path / "scheduler" / "scheduler_config.json"),
         text_encoder_2=models.get("text_encoder_2"), tokenizer_2=tokenizer("tokenizer_2") if "text_encoder_2" in models
@@ -216,10 +218,8 @@ def load_unet(source, *, allow_pickle: bool = False, config=None, torch_dtype=to
 
 
 def _load_base_file(path: Path, allow_pickle: bool, config, dtype) -> SDComponents:
-    from diffusers import AutoencoderKL  # local: heavy, only this path needs it
     from diffusers.loaders.single_file_utils import (  # local: heavy, only this path needs it
         convert_ldm_clip_checkpoint,
-        convert_ldm_vae_checkpoint,
     )
     from transformers import CLIPTextConfig, CLIPTextModel  # local: heavy, only this path needs it
 
@@ -234,8 +234,7 @@ def _load_base_file(path: Path, allow_pickle: bool, config, dtype) -> SDComponen
         return own(state, metadata, config, dtype)
     unet_cfg, vae_cfg, text_cfg, folder = _base_configs(state, metadata, config)
     unet = unet_from_state(state, unet_cfg, dtype)
-    vae = build_empty(AutoencoderKL, vae_cfg, "VAE")
-    vae = cast_model(assign_exact(vae, convert_ldm_vae_checkpoint(state, dict(vae.config)), "VAE"), dtype)
+    vae = vae_from_state(state, vae_cfg, dtype)
     # transformers >= 5.6 flattened CLIPTextModel (no ``text_model.`` level); position_ids is a buffer
     clip = {k.removeprefix("text_model."): v for k, v in convert_ldm_clip_checkpoint(state).items()
             if not k.endswith("position_ids")}
@@ -255,9 +254,6 @@ def _load_transformer_file(path: Path, state: dict, metadata: dict, family, conf
     """An SD3 / Flux single file (:mod:`controlstack.io.transformer_single_file`): its transformer,
     its VAE where it holds one, and the rest from ``config``, a diffusers folder of the family."""
     import diffusers  # local: heavy, only this path needs it
-    from diffusers.loaders.single_file_utils import (  # local: heavy, only this path needs it
-        convert_ldm_vae_checkpoint,
-    )
 
     if config is None:
         raise ControlstackError(f"'{path.name}' is a {family.label} single file: it carries no text encoders or "
@@ -274,15 +270,11 @@ def _load_transformer_file(path: Path, state: dict, metadata: dict, family, conf
     cls = getattr(diffusers, index["transformer"][1])
     transformer = build_empty(cls, {k: v for k, v in cfg.items() if not k.startswith("_")}, "transformer")
     transformer = cast_model(assign_exact(transformer, tsf.to_diffusers(inner, family.name), "transformer"), dtype)
-    # the folder's encoders, tokenizers, VAE and scheduler; its own transformer is never loaded
-    folder_parts = _load_transformer_folder(folder, index, False, dtype, transformer=transformer)
-    vae = folder_parts.vae
-    ldm_vae = strip_prefix(state, orig.VAE_PREFIX)
-    if ldm_vae:
-        vae_cfg = tsf.metadata_config(metadata, "vae") or dict(folder_parts.vae.config)
-        vae = build_empty(diffusers.AutoencoderKL, {k: v for k, v in vae_cfg.items() if not k.startswith("_")}, "VAE")
-        vae = cast_model(assign_exact(vae, convert_ldm_vae_checkpoint(state, dict(vae.config)), "VAE"), dtype)
-    return dataclasses.replace(folder_parts, vae=vae)
+    vae = None
+    if any(k.startswith(orig.VAE_PREFIX) for k in state):  # SD3's files carry their VAE
+        vae = vae_from_state(state, tsf.metadata_config(metadata, "vae") or config_file(folder / "vae"), dtype)
+    # the folder's encoders, tokenizers and scheduler; its own transformer (and VAE) are not loaded
+    return _load_transformer_folder(folder, index, False, dtype, transformer=transformer, vae=vae)
 
 
 def load_base(source: str | os.PathLike, *, allow_pickle: bool = False, config: str | os.PathLike | None = None,
@@ -358,10 +350,7 @@ def _transformer_to_original(components: SDComponents) -> dict:
     ``model.diffusion_model.`` and the VAE in LDM's under ``first_stage_model.`` (the text encoders
     are not written: they load from a folder, as ComfyUI's do)."""
     out = {tsf.PREFIX + k: v for k, v in tsf.to_original(components.unet.state_dict(), components.family.name).items()}
-    vae = components.vae.state_dict()
-    for k, new in orig.vae_table(vae, len(components.vae.config.block_out_channels)).items():
-        t = vae[k]
-        out[orig.VAE_PREFIX + new] = t[:, :, None, None] if orig.is_vae_attention_matrix(new) else t
+    out.update(vae_to_original(components.vae))
     return {k: v.detach().contiguous() for k, v in out.items()}
 
 

@@ -38,8 +38,9 @@ from controlstack.io.single_file_common import (
     strip_prefix,
     tokenizer_from,
     unet_from_state,
+    vae_from_state,
 )
-from controlstack.io.tensors import assign_exact, build_empty, cast_model, config_file, existing_path
+from controlstack.io.tensors import assign_exact, cast_model, config_file, existing_path
 from controlstack.models.components import SDComponents
 
 SDXL_CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "sdxl"
@@ -108,9 +109,7 @@ def _text_model(cls, cfg: dict, state: dict, what: str, dtype):
 
 
 def load_sdxl_state(state: dict, metadata: dict, config, dtype) -> SDComponents:
-    from diffusers import AutoencoderKL  # local: heavy, only this path needs it
     from diffusers.loaders.single_file_utils import (  # local: heavy, only this path needs it
-        convert_ldm_vae_checkpoint,
         convert_open_clip_checkpoint,
     )
     from transformers import (  # local: heavy, only this path needs it
@@ -120,8 +119,7 @@ def load_sdxl_state(state: dict, metadata: dict, config, dtype) -> SDComponents:
 
     cfgs, folder = _configs(state, metadata, config)
     unet = unet_from_state(state, cfgs["unet"], dtype)
-    vae = build_empty(AutoencoderKL, cfgs["vae"], "VAE")
-    vae = cast_model(assign_exact(vae, convert_ldm_vae_checkpoint(state, dict(vae.config)), "VAE"), dtype)
+    vae = vae_from_state(state, cfgs["vae"], dtype)
     te1 = _text_model(CLIPTextModel, cfgs["text_encoder"], strip_prefix(state, TE1_PREFIX), "first text encoder", dtype)
     width = SimpleNamespace(config=SimpleNamespace(hidden_size=cfgs["text_encoder_2"]["hidden_size"]))
     te2_state = convert_open_clip_checkpoint(width, state, prefix=TE2_PREFIX)

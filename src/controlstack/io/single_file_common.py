@@ -69,6 +69,17 @@ def unet_from_state(state: dict, cfg: dict, dtype):
     return cast_model(assign_exact(model, convert_ldm_unet_checkpoint(state, dict(model.config)), "U-Net"), dtype)
 
 
+def vae_from_state(state: dict, cfg: dict, dtype):
+    """The VAE of a single file (LDM's layout under ``first_stage_model.``), through diffusers' converter."""
+    from diffusers import AutoencoderKL  # local: heavy, only this path needs it
+    from diffusers.loaders.single_file_utils import (  # local: heavy, only this path needs it
+        convert_ldm_vae_checkpoint,
+    )
+
+    vae = build_empty(AutoencoderKL, cfg, "VAE")
+    return cast_model(assign_exact(vae, convert_ldm_vae_checkpoint(state, dict(vae.config)), "VAE"), dtype)
+
+
 def single_file_tokenizer(folder: Path | None, vocab_size: int):
     """A single file's tokenizer: ``folder``'s (``--config``), else a cached CLIP ViT-L/14 one when
     the vocabulary fits, else a one-line error asking for ``--config``."""
@@ -83,6 +94,16 @@ def single_file_tokenizer(folder: Path | None, vocab_size: int):
                             "diffusers Stable Diffusion folder of the same model with a tokenizer/ folder")
 
 
+def vae_to_original(vae) -> dict:
+    """A diffusers ``AutoencoderKL``'s tensors in LDM's layout under ``first_stage_model.`` (its mid
+    attention's linear weights as LDM's 1x1 convolutions)."""
+    state, out = vae.state_dict(), {}
+    for k, new in orig.vae_table(state, len(vae.config.block_out_channels)).items():
+        t = state[k]
+        out[orig.VAE_PREFIX + new] = t[:, :, None, None] if orig.is_vae_attention_matrix(new) else t
+    return out
+
+
 def base_to_original(components: SDComponents, clip_prefix: str | None = orig.CLIP_PREFIX) -> dict:
     """The LDM single-file state dict of ``components`` (U-Net, VAE, and under ``clip_prefix`` the
     CLIP text encoder; SDXL's encoders go elsewhere: :mod:`controlstack.io.sdxl_single_file`)."""
@@ -90,10 +111,7 @@ def base_to_original(components: SDComponents, clip_prefix: str | None = orig.CL
     unet = components.unet.state_dict()
     for k, new in orig.unet_table(unet, components.unet.config.layers_per_block).items():
         out[orig.UNET_PREFIX + new] = unet[k]
-    vae = components.vae.state_dict()
-    for k, new in orig.vae_table(vae, len(components.vae.config.block_out_channels)).items():
-        t = vae[k]
-        out[orig.VAE_PREFIX + new] = t[:, :, None, None] if orig.is_vae_attention_matrix(new) else t
+    out.update(vae_to_original(components.vae))
     for k, t in (components.text_encoder.state_dict().items() if clip_prefix else ()):
         out[clip_prefix + k.removeprefix("text_model.")] = t
     return {k: v.detach().contiguous() for k, v in out.items()}
