@@ -50,12 +50,15 @@ class Recommendations:
     def control_recommendations(self, controls: Sequence[Control]) -> list[dict]:
         """Each control's recommended ControlNet settings (``io/settings.py``): its folder's mode with its
         options, else the mode the base declares for its ControlNets; its folder's ``start`` / ``end``,
-        else the base's, key by key."""
+        else the base's, key by key; a base's ``control_window`` over every folder's window."""
         base = {k: self.recommended[k] for k in CONTROLNET_KEYS if k in self.recommended}
+        window = self.recommended.get("control_window")
         recs = []
         for c in controls:
             own = controlnet_recommendation(self.folder_of(c.model))
             rec = {**{k: v for k, v in base.items() if k in ("start", "end")}, **own}
+            if window is not None:
+                rec.update(start=float(window[0]), end=float(window[1]))
             if "mode" not in own and "mode" in base:  # a mode's options belong to it: never mixed across folders
                 rec.update({k: base[k] for k in ("mode", "mode_options") if k in base})
             recs.append(rec)

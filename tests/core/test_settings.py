@@ -63,6 +63,9 @@ def test_bad_recommendations_are_one_line(tmp_path):
     (tmp_path / "controlstack.json").write_text(json.dumps({"recommended": {"sampler": "x"}}))
     with pytest.raises(ControlstackError, match="unknown recommended key 'sampler'"):
         recommended(tmp_path)
+    (tmp_path / "controlstack.json").write_text(json.dumps({"recommended": {"control_window": [0.8, 0.2]}}))
+    with pytest.raises(ControlstackError, match=r"recommended control_window must be \[start, end\]"):
+        recommended(tmp_path)
 
 
 def test_the_bundle_declares_its_settings():
@@ -164,6 +167,12 @@ def test_unset_windows_resolve_to_the_recommendation_else_the_whole_run(tiny_com
         [(0.1, 0.9), (0.25, 0.5)]
     with pytest.raises(ControlstackError, match="window start=0.6, end=0.5 .* set both start and end"):
         pipe.with_windows([Control(folders["window"], hint_images[0], start=0.6)])
+    # a few-step student's control_window wins over every ControlNet's own; an explicit one over it
+    student = Pipeline(tiny_components, recommended={"control_window": [0.0, 1.0], "start": 0.1})
+    assert [(w.start, w.end) for w in student.with_windows([c, Control(folders["plain"], hint_images[0])])] == \
+        [(0.0, 1.0), (0.0, 1.0)]
+    assert [(w.start, w.end) for w in student.with_windows([Control(folders["window"], hint_images[0], start=0.5)])] \
+        == [(0.5, 1.0)]
 
 
 def test_the_resolved_window_runs_and_is_recorded(tiny_components, folders, hint_images):

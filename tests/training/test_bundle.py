@@ -43,7 +43,7 @@ TINY |= {"ip_adapter": dict(max_steps=1, batch_size=2, num_tokens=4, resampler_w
                                 log_every=1, num_validation_images=1, num_inference_steps=2)}
 # the few-step student of the base (LCM)
 TINY |= {"lcm": dict(max_steps=1, batch_size=2, time_cond_proj_dim=8, checkpoint_every=1, validate_every=1, log_every=1,
-                     num_validation_images=1, num_inference_steps=2)}
+                     num_validation_images=1, num_inference_steps=2, controls=["canny"], control_probability=1.0)}
 
 
 def test_bundle_stages_end_to_end(tmp_path, monkeypatch):
@@ -117,6 +117,9 @@ def test_bundle_stages_end_to_end(tmp_path, monkeypatch):
     assert lcm.unet.config.time_cond_proj_dim == 8 and lcm.text_encoder is not None
     assert {k: lcm.recommended[k] for k in ("scheduler", "steps")} == {"scheduler": "lcm", "steps": 2}
     assert lcm.recommended["mode"] == "controlnet" and lcm.recommended["cfg"] == 7.0  # the student's CFG wins
+    # distilled under the bundle's canny ControlNet, whose window it replaces with the whole run
+    assert lcm.recommended["control_window"] == [0.0, 1.0]
+    assert json.loads((out / "lcm" / "controlstack.json").read_text())["training"]["controls"] == ["canny"]
     canny = str(out / "controlnets" / "canny")  # by path: this toy bundle lacks the ControlNets that make it the default
     assert lcm("a cube", [Control(canny, edges)], output_type="np", progress=False).shape == (1, 64, 64, 3)
     stages = json.loads((out / "stages.json").read_text())

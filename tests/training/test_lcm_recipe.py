@@ -94,7 +94,46 @@ def test_resume_continues_bit_exact(world_dir, tiny_base_dir, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.parametrize("bad, says", [({"student": "distilled"}, "choose one of full, lora"),
+@pytest.fixture(scope="module")
+def teacher_controlnet(tiny_base_dir, tmp_path_factory):
+    """A ControlNet of the tiny teacher whose zero convolutions are not zero, so its residuals act."""
+    from controlstack.training.controlnet import build_controlnet, load_base
+
+    base = load_base(tiny_base_dir)
+    torch.manual_seed(0)
+    net = build_controlnet(base.unet, base.vae, (8, 8, 8, 8), zero_init=False)
+    path = tmp_path_factory.mktemp("controlnet") / "canny"
+    net.save_pretrained(path, safe_serialization=True)
+    return str(path)
+
+
+def test_control_aware_distillation_sees_the_teachers_controlnet(world_dir, tiny_base_dir, teacher_controlnet,
+                                                                 tmp_path):
+    from controlstack.io.settings import read_settings
+    from controlstack.training.lcm import pick_control, train
+
+    kw = dict(controls=("canny",), controlnets=(teacher_controlnet,), num_validation_images=0)
+    with_control = train(config(world_dir, tiny_base_dir, tmp_path / "on", control_probability=1.0, **kw))
+    without = train(config(world_dir, tiny_base_dir, tmp_path / "off", control_probability=0.0, **kw))
+    plain = train(config(world_dir, tiny_base_dir, tmp_path / "plain", num_validation_images=0))
+    weights = [load_file(str(Path(d) / "unet" / "diffusion_pytorch_model.safetensors")) for d in
+               (with_control, without, plain)]
+    # probability 0 draws the same batches and noise as a run without controls: the same student
+    assert all(torch.equal(weights[1][k], weights[2][k]) for k in weights[2])
+    assert any(not torch.equal(weights[0][k], weights[2][k]) for k in weights[2])  # the residuals were distilled
+    settings = read_settings(with_control)
+    assert settings["recommended"]["control_window"] == [0.0, 1.0]
+    assert settings["training"]["controls"] == ["canny"]
+    g = torch.Generator().manual_seed(0)
+    cfg = config(world_dir, tiny_base_dir, tmp_path, control_probability=0.5, **kw)
+    picks = [pick_control(cfg, ["a", "b", "c"], g) for _ in range(400)]
+    assert 0.4 < picks.count(None) / 400 < 0.6 and {p for p in picks if p is not None} == {0, 1, 2}
+    assert pick_control(cfg, [], g) is None
+
+
+@pytest.mark.parametrize("bad, says", [({"controls": ("canny",)}, "one ControlNet folder per condition column"),
+                                       ({"control_probability": 1.5}, "'control_probability' must be in"),
+({"student": "distilled"}, "choose one of full, lora"),
                                        ({"num_ddim_timesteps": 30}, "must divide"),
                                        ({"w_min": 5.0, "w_max": 2.0}, "'w_min' <= 'w_max'"),
                                        ({"teacher": ""}, "'teacher' is missing")])

@@ -3,7 +3,7 @@
 Schema (every key optional)::
 
     {"recommended": {"mode": "mi", "mode_options": {"reduce": "layer"}, "start": 0.0, "end": 1.0,
-                     "cfg": 7.0, "steps": 20, "scheduler": "lcm"},
+                     "cfg": 7.0, "steps": 20, "scheduler": "lcm", "control_window": [0.0, 1.0]},
      "training": {...the recipe options that made the model (injection, rebalancing, conservativity)...},
      "omni": {"tasks": [...]}}
 
@@ -21,6 +21,9 @@ leaves a value unset (``None``); an explicit value always wins:
   same mode on the bundled base, and the call's mode is the one they all recommend (``balanced``,
   diffusers' default, when they disagree or nothing declares one; a small ControlNet left there
   warns, ``recommendations.py``).
+* A base's ``control_window`` ``[start, end]`` is the window of every Control that sets none, over
+  the ControlNets' own: a ControlNet's window is measured on its base's schedule, and a few-step
+  student distilled under those ControlNets over the whole run (``training/lcm.py``) has another.
 
 ``training`` is a record for people and tools (``controlstack asym`` reads the mode from it when
 none is given). The ControlNet recipe writes ``recommended`` into what it exports: the mode it
@@ -106,6 +109,10 @@ RECOMMENDED = {"mode": (lambda v: isinstance(v, str) and v != "", "a mode name")
                "steps": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "an integer >= 1"),
                # a base's sampler (a consistency-distilled student: lcm), where the call names none
                "scheduler": (lambda v: isinstance(v, str) and v != "", "a sampler name"),
+               # a base's control window for every ControlNet, over their own: a few-step student
+               # distilled under its ControlNets over the whole run, whose windows fit the teacher's schedule
+               "control_window": (lambda v: isinstance(v, (list, tuple)) and len(v) == 2 and all(map(_number_01, v))
+                                  and v[0] <= v[1], "[start, end] in [0, 1] with start <= end"),
                # the fast tier's graph precision for this model (docs/speed.md), where measured to matter
                "precision": (lambda v: v in ("fp32", "bf16"), "fp32 or bf16")}
 #: the recommended keys that describe how a ControlNet is sampled (a base's stand in for its ControlNets')

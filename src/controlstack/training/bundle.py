@@ -41,6 +41,7 @@ from controlstack.assets import BUNDLE_DIR, write_checksums
 from controlstack.errors import ControlstackError
 from controlstack.io.settings import SETTINGS, read_settings, write_settings
 from controlstack.training.bundle_cards import write_model_card
+from controlstack.training.config import read_yaml
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "bundle"
 REPO_ROOT = Path(__file__).resolve().parents[3]  # src/controlstack/training/bundle.py -> the checkout
@@ -273,15 +274,17 @@ def run_stage(stage: Stage, work_root: Path, bundle: Path, configs: Path | None 
     if stage.recipe == "ip_adapter":
         overrides.update(base=str(bundle), image_encoder=str(bundle / "evaluation" / "clip"))
         _forget_if_base_changed(work, bundle)
-    if stage.recipe == "lcm":
-        overrides["teacher"] = str(bundle)
+    yaml_name = stage.config or ("controlnet" if stage.recipe == "controlnet" else stage.name.replace("-", "_"))
+    yaml_path = Path(configs or CONFIGS) / f"{yaml_name}.yaml"
+    if stage.recipe == "lcm":  # distilled under the bundled ControlNets its config names (training/lcm.py)
+        controls = read_yaml(yaml_path).get("controls") or ()
+        overrides.update(teacher=str(bundle), controlnets=[str(bundle / "controlnets" / c) for c in controls])
         _forget_if_base_changed(work, bundle)
     if stage.recipe in ("controlnet", "omni"):
         base = stage.base or bundle
         overrides.update(base=str(base), **({"condition": stage.condition} if stage.recipe == "controlnet" else {}))
         _forget_if_base_changed(work, base)
-    yaml_name = stage.config or ("controlnet" if stage.recipe == "controlnet" else stage.name.replace("-", "_"))
-    config = config_cls.from_yaml(Path(configs or CONFIGS) / f"{yaml_name}.yaml", resolution=WORLD_SIZE,
+    config = config_cls.from_yaml(yaml_path, resolution=WORLD_SIZE,
                                   **overrides)
     sized = {}
     budget = budget_for(stage, budgets or {})

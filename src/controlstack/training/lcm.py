@@ -16,6 +16,14 @@ Inference", Algorithm 1 (LCD), as diffusers' ``train_lcm_distill_sd_wds.py`` (fu
    student, as diffusers does;
 5. the pseudo-Huber loss ``sqrt((f - f⁻)² + c²) - c`` (the LCM scripts' ``huber_c``).
 
+**Control-aware distillation** (``controls`` / ``controlnets``): with probability
+``control_probability`` a batch is distilled under one of the teacher's own ControlNets (drawn
+uniformly, frozen, weight 1, the whole window): the teacher's guided step, the target and the student
+all receive that ControlNet's residuals for the batch's condition images. The student then learns the
+consistency map of the *controlled* probability-flow ODE, so the unchanged ControlNets keep their
+structure on it; distilled on text alone, the student's blocks drift from the features the
+ControlNets were trained to add to (docs/speed.md measures both).
+
 A **full** student is the teacher's U-Net with a guidance embedding (``time_cond_proj_dim``:
 ``w`` embedded sinusoidally, ``models/lcm.py``), so one forward pass gives the guided prediction;
 its new projection starts at zero, so step 0 is the teacher. A **LoRA** student adds PEFT LoRA
@@ -40,6 +48,7 @@ import numpy as np
 import torch
 
 from controlstack.errors import require
+from controlstack.io.checkpoints import check_compatible, load_controlnet
 from controlstack.io.png import make_grid
 from controlstack.io.settings import SETTINGS
 from controlstack.models.lcm import guidance_scale_embedding
@@ -72,6 +81,9 @@ class LCMConfig(TrainConfig):
     time_cond_proj_dim: int = 256      # full student: the guidance embedding's width
     lora_rank: int = 64
     lora_alpha: int = 64
+    controls: tuple[str, ...] = ()     # dataset condition columns distilled under the teacher's ControlNets
+    controlnets: tuple[str, ...] = ()  # ... one ControlNet folder (trained on the teacher) per control
+    control_probability: float = 0.75  # chance a batch is distilled under one of them (else text alone)
     num_inference_steps: int = 4       # validation samples, and the exported recommendation
     guidance_scale: float = 7.0        # ... their CFG (w + 1)
     output_dir: str = "outputs/train/lcm"
@@ -87,6 +99,12 @@ class LCMConfig(TrainConfig):
         require(self.huber_c > 0 and self.timestep_scaling > 0, "config keys 'huber_c' and 'timestep_scaling' must be > 0")
         require(self.time_cond_proj_dim >= 2 and self.lora_rank >= 1 and self.num_inference_steps >= 1,
                 "config keys 'time_cond_proj_dim' (>= 2), 'lora_rank' and 'num_inference_steps' (>= 1)")
+        require(len(self.controls) == len(self.controlnets),
+                f"config keys 'controls' ({len(self.controls)}) and 'controlnets' ({len(self.controlnets)}) "
+                "need one ControlNet folder per condition column")
+        require(0.0 <= self.control_probability <= 1.0, "config key 'control_probability' must be in [0, 1]")
+        require(not set(self.controls) & {"image", "text"}, "config key 'controls' names dataset condition columns, "
+                                                            "not 'image' or 'text'")
 
 
 # -- the consistency parametrisation and the solver ----------------------------------------------------
@@ -161,30 +179,59 @@ class Student(torch.nn.Module):
         super().__init__()
         self.unet, self.embed = unet, embed
 
-    def forward(self, z, t, text, w) -> torch.Tensor:
+    def forward(self, z, t, text, w, control: dict | None = None) -> torch.Tensor:
         cond = guidance_scale_embedding(w, self.unet.config.time_cond_proj_dim).to(z) if self.embed else None
-        return self.unet(z, t, text, timestep_cond=cond).sample
+        return self.unet(z, t, text, timestep_cond=cond, **(control or {})).sample
+
+
+def load_controlnets(config: LCMConfig, teacher, device) -> list:
+    """The teacher's ControlNets, frozen, each checked against it."""
+    nets = []
+    for path in config.controlnets:
+        net = load_controlnet(path)
+        check_compatible(net, teacher)
+        nets.append(net.to(device).eval().requires_grad_(False))
+    return nets
+
+
+def control_residuals(controlnet, z, t, text, hint) -> dict:
+    """A ControlNet's residuals (weight 1) as the U-Net's keyword arguments; None: no control."""
+    if controlnet is None:
+        return {}
+    down, mid = controlnet(z, t, encoder_hidden_states=text, controlnet_cond=hint.to(z), return_dict=False)
+    return {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
+
+
+def pick_control(config: LCMConfig, nets: list, g: torch.Generator) -> int | None:
+    """The batch's ControlNet index (drawn from the step's generator, so resume repeats it), or None."""
+    if not nets:
+        return None
+    use, which = torch.rand(1, generator=g).item(), int(torch.randint(len(nets), (1,), generator=g))
+    return which if use < config.control_probability else None
 
 
 def train(config: LCMConfig, resume: bool = False) -> Path:
     """Distil and export the student; returns the output ``model`` folder."""
     session = TrainingSession(config, "lcm", resume)
     acc = session.accelerator
-    columns = {config.image_column: "image", config.caption_column: "text"}
+    columns = {config.image_column: "image", config.caption_column: "text", **{c: c for c in config.controls}}
     dataset = load_image_dataset(config.data, columns)
-    val_set = load_image_dataset(config.validation_data, columns) if config.validation_data else dataset
+    val_columns = {config.image_column: "image", config.caption_column: "text"}
+    val_set = load_image_dataset(config.validation_data or config.data, val_columns)
     base = load_base(config.teacher)
     vae, text_encoder, teacher = base.vae.to(acc.device), base.text_encoder.to(acc.device), base.unet.to(acc.device)
     prediction = base.scheduler_config.get("prediction_type", "epsilon")
     alphas = teacher_schedule(base.scheduler_config).alphas_cumprod.to(acc.device)
     solver = DDIMSolver(alphas, config.num_ddim_timesteps)
+    nets = load_controlnets(config, teacher, acc.device)
     full = config.student == "full"
     model = Student(build_student(teacher, config).to(acc.device), embed=full)
     target = copy.deepcopy(model).requires_grad_(False).eval() if full else None  # the EMA target network
     if target is not None:
         acc.register_for_checkpointing(target)
 
-    cache, dataset, transform = training_rows(config.latent_cache, acc, vae, dataset, config.resolution)
+    cache, dataset, transform = training_rows(config.latent_cache, acc, vae, dataset, config.resolution,
+                                                hints=tuple(config.controls))
     loader = make_dataloader(dataset, transform, config.batch_size, config.num_workers)
     val = first_rows(val_set, config.num_validation_images, RowTransform(config.resolution, targets=("image",), caption="text"))
     with torch.no_grad():
@@ -207,21 +254,27 @@ def train(config: LCMConfig, resume: bool = False) -> Path:
         a = alphas[start].view(-1, 1, 1, 1)
         z = a.sqrt() * latents + (1 - a).sqrt() * noise
         w = (config.w_max - config.w_min) * torch.rand(n, generator=g).to(acc.device) + config.w_min
+        which = pick_control(config, nets, session.step_generator(stream=1))  # its own stream: same noise
+        net, hint = (None, None) if which is None else (nets[which], batch[config.controls[which]])
         with torch.no_grad():
             text = text_encoder(tokenize(base.tokenizer, batch["text"], acc.device))[0]
-            # the teacher's guided DDIM step t_{n+k} -> t_n (Eq. 9)
-            out = teacher(torch.cat([z, z]), torch.cat([start, start]), torch.cat([text, empty.expand_as(text)])).sample
+            # the teacher's guided DDIM step t_{n+k} -> t_n (Eq. 9); a ControlNet acts on both halves
+            zz, tt, texts = torch.cat([z, z]), torch.cat([start, start]), torch.cat([text, empty.expand_as(text)])
+            out = teacher(zz, tt, texts, **control_residuals(net, zz, tt, texts, None if hint is None else
+                                                               torch.cat([hint, hint]))).sample
             (x0_c, e_c), (x0_u, e_u) = (x0_and_noise(o, start, z, prediction, alphas) for o in out.chunk(2))
             ww = w.view(-1, 1, 1, 1)
             z_prev = solver.step(x0_c + ww * (x0_c - x0_u), e_c + ww * (e_c - e_u), index)
             # the target f-(z_n, t_n)
             tgt_net = target if target is not None else model
-            tgt_x0, _ = x0_and_noise(tgt_net(z_prev, end, text, w), end, z_prev, prediction, alphas)
+            control = control_residuals(net, z_prev, end, text, hint)
+            tgt_x0, _ = x0_and_noise(tgt_net(z_prev, end, text, w, control), end, z_prev, prediction, alphas)
+            control = control_residuals(net, z, start, text, hint)
             c_skip, c_out = (c.view(-1, 1, 1, 1) for c in boundary_scalings(end, config.timestep_scaling))
             goal = c_skip * z_prev + c_out * tgt_x0
         c_skip, c_out = (c.view(-1, 1, 1, 1) for c in boundary_scalings(start, config.timestep_scaling))
         with acc.accumulate(model), acc.autocast():
-            pred_x0, _ = x0_and_noise(model(z, start, text, w), start, z, prediction, alphas)
+            pred_x0, _ = x0_and_noise(model(z, start, text, w, control), start, z, prediction, alphas)
             loss = pseudo_huber(c_skip * z + c_out * pred_x0, goal, config.huber_c)
             session.optimize(model, loss, optimizer, lr_scheduler)
         if not acc.sync_gradients:
@@ -259,9 +312,13 @@ def export(folder: Path, student, base, config: LCMConfig) -> None:
     StableDiffusionPipeline(vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer, unet=student,
                             scheduler=scheduler, safety_checker=None, feature_extractor=None,
                             requires_safety_checker=False).save_pretrained(folder, safe_serialization=True)
-    settings = {"recommended": {"scheduler": "lcm", "steps": config.num_inference_steps, "cfg": config.guidance_scale},
+    recommended = {"scheduler": "lcm", "steps": config.num_inference_steps, "cfg": config.guidance_scale}
+    if config.controls:  # distilled under its ControlNets over the whole window: their own windows were
+        recommended["control_window"] = [0.0, 1.0]  # measured on the teacher's 20-step schedule
+    settings = {"recommended": recommended,
                 "training": {"recipe": "lcm", "teacher": str(config.teacher), "w": [config.w_min, config.w_max],
-                             "num_ddim_timesteps": config.num_ddim_timesteps}}
+                             "num_ddim_timesteps": config.num_ddim_timesteps, "controls": list(config.controls),
+                             "control_probability": config.control_probability}}
     (folder / SETTINGS).write_text(json.dumps(settings, indent=2) + "\n")
 
 
