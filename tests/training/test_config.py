@@ -87,7 +87,7 @@ BUNDLE_CONFIGS = CONFIGS.parent / "bundle"
     ("vae_decoder", VAEConfig, {"init_from": "v"}),
     ("base", BaseConfig, {"vae": "v"}),
     ("controlnet", ControlNetConfig, {"base": "b", "condition": "canny"}),
-    ("lcm", LCMConfig, {"teacher": "b"}),
+    ("lcm", LCMConfig, {"teacher": "b", "controlnets": ["c"] * 4}),  # one per bundled control
 ])
 def test_bundle_configs_validate_with_the_paths_make_bundle_sets(name, cls, overrides):
     cfg = cls.from_yaml(BUNDLE_CONFIGS / f"{name}.yaml", data="d", output_dir="o", resolution=128, **overrides)
