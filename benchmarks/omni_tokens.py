@@ -63,10 +63,10 @@ def main() -> None:
         hints = [Image.fromarray(np.asarray(r[task_column(cond_task)])).convert("RGB") for r in rows]
         make = lambda i, token, seed: u8(pipe(rows[i]["text"], [Control("omni", hints[i], task=token)],
                                               seed=seed, **kw)[0])
+        ref = [edges(h, is_edge_map=True) for h in hints] if cond_task == "canny" else real_edges
         own = None
         for token in tokens:
             images = [make(i, token, i) for i in tqdm(range(len(rows)), desc=f"{cond_task} hint, <{token}>")]
-            ref = [edges(h, is_edge_map=True) for h in hints] if cond_task == "canny" else real_edges
             row = {"condition": cond_task, "token": token,
                    "f1": float(np.mean([edge_f1(ref[i], edges(Image.fromarray(g))) for i, g in enumerate(images)])),
                    "fid": float(frechet_distance(vae_features(pipe, images), real_f))}

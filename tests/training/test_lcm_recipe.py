@@ -133,7 +133,7 @@ def test_control_aware_distillation_sees_the_teachers_controlnet(world_dir, tiny
 
 @pytest.mark.parametrize("bad, says", [({"controls": ("canny",)}, "one ControlNet folder per condition column"),
                                        ({"control_probability": 1.5}, "'control_probability' must be in"),
-({"student": "distilled"}, "choose one of full, lora"),
+                                       ({"student": "distilled"}, "choose one of full, lora"),
                                        ({"num_ddim_timesteps": 30}, "must divide"),
                                        ({"w_min": 5.0, "w_max": 2.0}, "'w_min' <= 'w_max'"),
                                        ({"teacher": ""}, "'teacher' is missing")])

@@ -284,8 +284,7 @@ def run_stage(stage: Stage, work_root: Path, bundle: Path, configs: Path | None 
         base = stage.base or bundle
         overrides.update(base=str(base), **({"condition": stage.condition} if stage.recipe == "controlnet" else {}))
         _forget_if_base_changed(work, base)
-    config = config_cls.from_yaml(yaml_path, resolution=WORLD_SIZE,
-                                  **overrides)
+    config = config_cls.from_yaml(yaml_path, resolution=WORLD_SIZE, **overrides)
     sized = {}
     budget = budget_for(stage, budgets or {})
     if budget is not None and not (work / "checkpoints").is_dir():  # a resumed stage keeps its step count
